@@ -1,0 +1,1 @@
+"""attnseg.kernels."""

@@ -1,0 +1,480 @@
+"""Op (a): class-token cross-attention maps, head mean, upsample and weighted accumulate.
+
+For one cross-attention layer call the conditional-half queries ``q [B, H, N, D]`` (``N = h*w``)
+and the text keys ``k [B, H, L, D]`` give ``P = softmax(scale * q @ k^T)`` over the L tokens.
+The head mean of P, multiplied by ``token_weights [B, L, C]``, is a map per class; it is resized
+to the accumulator's spatial size, optionally clamped at zero, and added (times ``weight``) into
+``out [B, C, R_h, R_w]``. The fused kernels never materialise the ``[B, H, N, L]`` probabilities.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._dispatch import numba_module, resolve_impl, triton_interpreting, triton_modules
+from .interp import MODES, interp_matrix, interp_taps_np, resize
+
+__all__ = [
+    "accumulate_class_attention",
+    "accumulate_class_attention_numba",
+    "accumulate_class_attention_ref",
+    "accumulate_class_attention_triton",
+]
+
+# Widest map the triton resize kernel holds in one tile; wider maps resize in torch.
+_TRITON_MAX_SIDE = 128
+
+
+def _next_pow2(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def _check_args(q, k, token_weights, out, hw, mode):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q and k must be 4-D [B, H, *, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    b, heads, n, d = q.shape
+    if k.shape[0] != b or k.shape[1] != heads or k.shape[3] != d:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    h, w = int(hw[0]), int(hw[1])
+    if h * w != n:
+        raise ValueError(f"hw={tuple(hw)} does not match N={n}")
+    l_tokens = k.shape[2]
+    if token_weights.dim() != 3 or token_weights.shape[:2] != (b, l_tokens):
+        raise ValueError(
+            f"token_weights must be [B={b}, L={l_tokens}, C], got {tuple(token_weights.shape)}")
+    c = token_weights.shape[2]
+    if out.dim() != 4 or out.shape[:2] != (b, c):
+        raise ValueError(f"out must be [B={b}, C={c}, R_h, R_w], got {tuple(out.shape)}")
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("out must be a contiguous float32 tensor")
+    if out.device != q.device or k.device != q.device:
+        raise ValueError("q, k and out must be on the same device")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode == "none" and (h, w) != tuple(out.shape[2:]):
+        raise ValueError(
+            f"mode 'none' needs hw == out's size, got {(h, w)} vs {tuple(out.shape[2:])}")
+    return b, heads, n, d, l_tokens, c, h, w
+
+
+def accumulate_class_attention_ref(q, k, token_weights, out, *, hw, scale, weight=1.0,
+                                   mode="none", clamp=False):
+    """Reference (plain torch) version of :func:`accumulate_class_attention`; the definition."""
+    b, _, _, _, _, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    probs = scores.softmax(dim=-1)
+    mean = probs.mean(dim=1)  # [B, N, L]
+    maps = torch.matmul(mean, token_weights.to(device=q.device, dtype=torch.float32))
+    maps = maps.transpose(1, 2).reshape(b, c, h, w)
+    maps = resize(maps, tuple(out.shape[2:]), mode)
+    if clamp:
+        maps = maps.clamp_min(0.0)
+    out.add_(maps, alpha=weight)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# numba (CPU)
+# --------------------------------------------------------------------------------------------
+
+# Constants of the float32 exp used by the numba kernel (Cephes' expf: Cody-Waite reduction by
+# ln 2 split in two parts, degree-6 polynomial; <= 2 ulp on the range a softmax needs).
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_P0 = np.float32(1.9875691500e-4)
+_EXP_P1 = np.float32(1.3981999507e-3)
+_EXP_P2 = np.float32(8.3334519073e-3)
+_EXP_P3 = np.float32(4.1665795894e-2)
+_EXP_P4 = np.float32(1.6666665459e-1)
+_EXP_P5 = np.float32(5.0000001201e-1)
+# exp(x) for x below this is < 2^-125; clamping keeps the exponent bits valid and the error
+# absolute (<= 2e-38), which is irrelevant next to the row maximum's exp(0) = 1.
+_EXP_MIN = np.float32(-87.0)
+
+_nb = numba_module()
+
+if _nb is not None:
+    @_nb.njit(parallel=True, fastmath=False, cache=True)
+    def _class_maps_nb(q, k, tw, scale, weight, clamp, direct, dst, tile):
+        """q [B,H,N,D], k [B,H,L,D], tw [B,L,C] (float32); dst [B,C,N] is written, or
+        accumulated into as ``dst += weight * clamp?(maps)`` when ``direct``. ``tile`` query
+        rows form one parallel work item."""
+        n_b, n_h, n_q, n_d = q.shape
+        n_l = k.shape[2]
+        n_c = tw.shape[2]
+        n_tiles = (n_q + tile - 1) // tile
+        zero = np.float32(0.0)
+        heads = np.float32(n_h)
+        l4 = n_l - n_l % 4
+        d4 = n_d - n_d % 4
+        for job in _nb.prange(n_b * n_tiles):
+            b = job // n_tiles
+            n0 = (job - b * n_tiles) * tile
+            t = min(tile, n_q - n0)
+            # Everything is laid out [token, row] so that every inner loop runs over the
+            # contiguous rows: softmax max/sum become element-wise across rows, and nothing needs
+            # the re-association that fastmath=False forbids.
+            qs = np.empty((n_d, t), np.float32)
+            s = np.empty((n_l, t), np.float32)
+            acc = np.zeros((n_l, t), np.float32)
+            mx = np.empty(t, np.float32)
+            tot = np.empty(t, np.float32)
+            bits = np.empty(t, np.int32)
+            pow2 = bits.view(np.float32)
+            for hd in range(n_h):
+                for i in range(t):
+                    for dd in range(n_d):
+                        qs[dd, i] = q[b, hd, n0 + i, dd]
+                # Scores, 4 tokens x 4 dims per pass: each dot product is still summed in
+                # order d = 0, 1, 2, ... (bitwise the naive loop), with 4x fewer loads/stores.
+                for j in range(0, l4, 4):
+                    for i in range(t):
+                        s[j, i] = zero
+                        s[j + 1, i] = zero
+                        s[j + 2, i] = zero
+                        s[j + 3, i] = zero
+                    for dd in range(0, d4, 4):
+                        a0 = k[b, hd, j, dd]
+                        a1 = k[b, hd, j, dd + 1]
+                        a2 = k[b, hd, j, dd + 2]
+                        a3 = k[b, hd, j, dd + 3]
+                        b0 = k[b, hd, j + 1, dd]
+                        b1 = k[b, hd, j + 1, dd + 1]
+                        b2 = k[b, hd, j + 1, dd + 2]
+                        b3 = k[b, hd, j + 1, dd + 3]
+                        c0 = k[b, hd, j + 2, dd]
+                        c1 = k[b, hd, j + 2, dd + 1]
+                        c2 = k[b, hd, j + 2, dd + 2]
+                        c3 = k[b, hd, j + 2, dd + 3]
+                        e0 = k[b, hd, j + 3, dd]
+                        e1 = k[b, hd, j + 3, dd + 1]
+                        e2 = k[b, hd, j + 3, dd + 2]
+                        e3 = k[b, hd, j + 3, dd + 3]
+                        for i in range(t):
+                            x0 = qs[dd, i]
+                            x1 = qs[dd + 1, i]
+                            x2 = qs[dd + 2, i]
+                            x3 = qs[dd + 3, i]
+                            s[j, i] = (((s[j, i] + x0 * a0) + x1 * a1) + x2 * a2) + x3 * a3
+                            s[j + 1, i] = (((s[j + 1, i] + x0 * b0) + x1 * b1) + x2 * b2) + x3 * b3
+                            s[j + 2, i] = (((s[j + 2, i] + x0 * c0) + x1 * c1) + x2 * c2) + x3 * c3
+                            s[j + 3, i] = (((s[j + 3, i] + x0 * e0) + x1 * e1) + x2 * e2) + x3 * e3
+                    for dd in range(d4, n_d):
+                        a0 = k[b, hd, j, dd]
+                        b0 = k[b, hd, j + 1, dd]
+                        c0 = k[b, hd, j + 2, dd]
+                        e0 = k[b, hd, j + 3, dd]
+                        for i in range(t):
+                            x0 = qs[dd, i]
+                            s[j, i] += x0 * a0
+                            s[j + 1, i] += x0 * b0
+                            s[j + 2, i] += x0 * c0
+                            s[j + 3, i] += x0 * e0
+                for j in range(l4, n_l):
+                    for i in range(t):
+                        s[j, i] = zero
+                    for dd in range(n_d):
+                        a0 = k[b, hd, j, dd]
+                        for i in range(t):
+                            s[j, i] += qs[dd, i] * a0
+                # Softmax over tokens, per row.
+                for i in range(t):
+                    mx[i] = np.float32(-np.inf)
+                    tot[i] = zero
+                for j in range(n_l):
+                    for i in range(t):
+                        v = s[j, i] * scale
+                        s[j, i] = v
+                        mx[i] = max(mx[i], v)
+                for j in range(n_l):
+                    # exp(v) = 2^n * p(r): libm's expf is a call per element that blocks
+                    # vectorisation; this polynomial vectorises and stays within ~2 ulp.
+                    for i in range(t):
+                        v = max(s[j, i] - mx[i], _EXP_MIN)
+                        n = np.floor(v * _LOG2E + np.float32(0.5))
+                        r = (v - n * _LN2_HI) - n * _LN2_LO
+                        p = _EXP_P0
+                        p = p * r + _EXP_P1
+                        p = p * r + _EXP_P2
+                        p = p * r + _EXP_P3
+                        p = p * r + _EXP_P4
+                        p = p * r + _EXP_P5
+                        s[j, i] = (p * r * r + r) + np.float32(1.0)
+                        bits[i] = (np.int32(n) + np.int32(127)) << np.int32(23)
+                    for i in range(t):
+                        e = s[j, i] * pow2[i]
+                        s[j, i] = e
+                        tot[i] += e
+                for j in range(n_l):
+                    for i in range(t):
+                        acc[j, i] += s[j, i] / tot[i]
+            # Head mean, then the class columns.
+            for cc in range(n_c):
+                for i in range(t):
+                    mx[i] = zero
+                for j in range(n_l):
+                    wj = tw[b, j, cc]
+                    for i in range(t):
+                        mx[i] += (acc[j, i] / heads) * wj
+                if direct:
+                    for i in range(t):
+                        v = mx[i]
+                        if clamp and v < zero:
+                            v = zero
+                        dst[b, cc, n0 + i] += weight * v
+                else:
+                    for i in range(t):
+                        dst[b, cc, n0 + i] = mx[i]
+
+    @_nb.njit(parallel=True, fastmath=False, cache=True)
+    def _resize_acc_nb(maps, iy, wy, ix, wx, weight, clamp, out):
+        """out[b,c] += weight * clamp?(Wy @ maps[b,c] @ Wx^T), with the matrices as sparse taps."""
+        n_b, n_c, _, n_w = maps.shape
+        out_h = out.shape[2]
+        out_w = out.shape[3]
+        ky = iy.shape[1]
+        kx = ix.shape[1]
+        zero = np.float32(0.0)
+        for job in _nb.prange(n_b * n_c * out_h):
+            bc = job // out_h
+            y = job - bc * out_h
+            b = bc // n_c
+            c = bc - b * n_c
+            row = np.zeros(n_w, np.float32)
+            for a in range(ky):
+                src = iy[y, a]
+                wa = wy[y, a]
+                for j in range(n_w):
+                    row[j] += wa * maps[b, c, src, j]
+            for x in range(out_w):
+                v = zero
+                for tap in range(kx):
+                    v += wx[x, tap] * row[ix[x, tap]]
+                if clamp and v < zero:
+                    v = zero
+                out[b, c, y, x] += weight * v
+
+
+def accumulate_class_attention_numba(q, k, token_weights, out, *, hw, scale, weight=1.0,
+                                     mode="none", clamp=False):
+    """numba (CPU, parallel) version of :func:`accumulate_class_attention`.
+
+    CUDA tensors are copied to the host and the result copied back (slow; for testing).
+    """
+    if _nb is None:
+        raise RuntimeError("numba is not available")
+    b, heads, n, d, l_tokens, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
+    out_h, out_w = out.shape[2], out.shape[3]
+    host_out = out if out.device.type == "cpu" else out.cpu()
+    qn = q.detach().to("cpu", torch.float32).contiguous().numpy()
+    kn = k.detach().to("cpu", torch.float32).contiguous().numpy()
+    twn = token_weights.detach().to("cpu", torch.float32).contiguous().numpy()
+    out_np = host_out.numpy()
+    f_scale = np.float32(scale)
+    f_weight = np.float32(weight)
+    # The kernel vectorises along the query rows of a tile, so tiles should fill several SIMD
+    # registers; halve them when that leaves a core idle (8x8 and 16x16 layers).
+    tile = 64
+    if b * -(-n // tile) < 2 * _nb.get_num_threads():
+        tile = 32
+    if mode == "none":
+        _class_maps_nb(qn, kn, twn, f_scale, f_weight, bool(clamp), True,
+                       out_np.reshape(b, c, n), tile)
+    else:
+        maps = np.empty((b, c, n), np.float32)
+        _class_maps_nb(qn, kn, twn, f_scale, f_weight, bool(clamp), False, maps, tile)
+        iy, wy = interp_taps_np(h, out_h, mode)
+        ix, wx = interp_taps_np(w, out_w, mode)
+        _resize_acc_nb(maps.reshape(b, c, h, w), iy, wy, ix, wx, f_weight, bool(clamp), out_np)
+    if host_out is not out:
+        out.copy_(host_out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# triton (GPU; CPU tensors under TRITON_INTERPRET=1)
+# --------------------------------------------------------------------------------------------
+
+_tr = triton_modules()
+
+if _tr is not None:
+    triton, tl = _tr
+
+    @triton.jit
+    def _class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, scale, weight,
+                           BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr, DIRECT: tl.constexpr,
+                           CLAMP: tl.constexpr):
+        # One program: one sample b, BLOCK_N query rows, all heads, all classes. The head dim
+        # is walked in BLOCK_D chunks (one chunk for D <= BLOCK_D).
+        b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_l = tl.arange(0, BLOCK_L)
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_n = offs_n < N
+        mask_l = offs_l < L
+        mask_c = offs_c < C
+        acc = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
+        for hd in range(H):
+            bh = b * H + hd
+            s = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                q = tl.load(q_ptr + (bh * N + offs_n[:, None]) * D + offs_d[None, :],
+                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                k = tl.load(k_ptr + (bh * L + offs_l[:, None]) * D + offs_d[None, :],
+                            mask=mask_l[:, None] & mask_d[None, :], other=0.0)
+                if F32_DOT:
+                    # "ieee": tf32 would cost ~1e-3 relative error in the scores.
+                    s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
+                                input_precision="ieee")
+                else:
+                    # fp16/bf16 products are exact in fp32 and the tensor cores accumulate in
+                    # fp32, so this equals the fp32 reference up to summation order.
+                    s += tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+            s = s * scale
+            s = tl.where(mask_l[None, :], s, float("-inf"))
+            mx = tl.max(s, axis=1)
+            p = tl.exp(s - mx[:, None])
+            den = tl.sum(p, axis=1)
+            acc += p / den[:, None]
+        acc = acc / H
+        tw = tl.load(tw_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :],
+                     mask=mask_l[:, None] & mask_c[None, :], other=0.0)
+        m = tl.dot(acc, tw, input_precision="ieee")  # [BLOCK_N, BLOCK_C]
+        dst = dst_ptr + (b * C + offs_c[None, :]) * N + offs_n[:, None]
+        mask = mask_n[:, None] & mask_c[None, :]
+        if DIRECT:
+            if CLAMP:
+                m = tl.maximum(m, 0.0)
+            old = tl.load(dst, mask=mask, other=0.0)
+            tl.store(dst, old + weight * m, mask=mask)
+        else:
+            tl.store(dst, m, mask=mask)
+
+    @triton.jit
+    def _resize_acc_kernel(src_ptr, wy_ptr, wx_ptr, out_ptr, h, w, RH, RW, weight,
+                           BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_W: tl.constexpr, CLAMP: tl.constexpr):
+        # One program: one (b, c) map, a BLOCK_R x BLOCK_Q tile of output pixels:
+        # tile = (Wy[rows, :] @ map) @ Wx[cols, :]^T, the first product summed over BLOCK_K
+        # chunks of source rows (exact-fp32 dots unroll per chunk, so chunks bound the code).
+        bc = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_w = tl.arange(0, BLOCK_W)
+        mask_r = rows < RH
+        mask_q = cols < RW
+        mask_w = offs_w < w
+        t = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
+        for k0 in range(0, h, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < h
+            wy = tl.load(wy_ptr + rows[:, None] * h + offs_k[None, :],
+                         mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            mp = tl.load(src_ptr + bc * h * w + offs_k[:, None] * w + offs_w[None, :],
+                         mask=mask_k[:, None] & mask_w[None, :], other=0.0)
+            t += tl.dot(wy, mp, input_precision="ieee")
+        wx = tl.load(wx_ptr + cols[:, None] * w + offs_w[None, :],
+                     mask=mask_q[:, None] & mask_w[None, :], other=0.0)
+        v = tl.dot(t, tl.trans(wx), input_precision="ieee")  # [BLOCK_R, BLOCK_Q]
+        if CLAMP:
+            v = tl.maximum(v, 0.0)
+        dst = out_ptr + bc * RH * RW + rows[:, None] * RW + cols[None, :]
+        mask = mask_r[:, None] & mask_q[None, :]
+        old = tl.load(dst, mask=mask, other=0.0)
+        tl.store(dst, old + weight * v, mask=mask)
+
+
+def _attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and dot flavour of ``_class_attn_kernel`` for these shapes."""
+    # fp16/bf16 scores use the tensor cores directly. fp32 inputs need exact-fp32 (FMA) dots;
+    # so does bf16 in the interpreter, whose dot multiplies the raw uint16 bits of bf16 data.
+    f32_dot = dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreting())
+    # FMA dots unroll into code that grows with the tile, hence the smaller tiles for them.
+    return {
+        "BLOCK_N": 32 if f32_dot else 64,
+        "BLOCK_L": _next_pow2(l_tokens),
+        # D = 40/64 -> one chunk; D = 80/160 -> 2/3 chunks of 64 (less padding than 128/256).
+        "BLOCK_D": min(_next_pow2(d), 32 if f32_dot else 64),
+        "BLOCK_C": _next_pow2(c),
+        "F32_DOT": f32_dot,
+    }
+
+
+def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, weight=1.0,
+                                      mode="none", clamp=False):
+    """Triton version of :func:`accumulate_class_attention` (CUDA, or CPU tensors under
+    ``TRITON_INTERPRET=1``). Needs L <= 256."""
+    if _tr is None:
+        raise RuntimeError("triton is not available")
+    b, heads, n, d, l_tokens, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
+    if l_tokens > 256:
+        raise ValueError(f"the triton kernel supports L <= 256 tokens, got {l_tokens}")
+    out_h, out_w = out.shape[2], out.shape[3]
+    if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        q, k = q.float(), k.float()
+    q = q.contiguous()
+    k = k.contiguous()
+    tw = token_weights.to(device=q.device, dtype=torch.float32).contiguous()
+    direct = mode == "none"
+    dst = out if direct else torch.empty((b, c, h, w), device=q.device, dtype=torch.float32)
+    blocks = _attn_blocks(l_tokens, d, c, q.dtype)
+    grid = (b, triton.cdiv(n, blocks["BLOCK_N"]))
+    _class_attn_kernel[grid](q, k, tw, dst, n, l_tokens, d, c, heads, float(scale),
+                             float(weight), DIRECT=direct, CLAMP=bool(clamp), **blocks)
+    if direct:
+        return out
+    if w > _TRITON_MAX_SIDE:
+        # The kernel keeps a full row of the map in one tile; wider maps resize in torch.
+        maps = resize(dst, (out_h, out_w), mode)
+        if clamp:
+            maps = maps.clamp_min(0.0)
+        out.add_(maps, alpha=weight)
+        return out
+    wy = interp_matrix(h, out_h, mode, device=q.device)
+    wx = interp_matrix(w, out_w, mode, device=q.device)
+    block_r, block_q = 32, 32
+    grid2 = (b * c, triton.cdiv(out_h, block_r), triton.cdiv(out_w, block_q))
+    _resize_acc_kernel[grid2](dst, wy, wx, out, h, w, out_h, out_w, float(weight),
+                              BLOCK_R=block_r, BLOCK_Q=block_q, BLOCK_K=32,
+                              BLOCK_W=_next_pow2(w), CLAMP=bool(clamp))
+    return out
+
+
+_IMPLS = {
+    "ref": accumulate_class_attention_ref,
+    "numba": accumulate_class_attention_numba,
+    "triton": accumulate_class_attention_triton,
+}
+
+
+def accumulate_class_attention(q, k, token_weights, out, *, hw, scale, weight=1.0, mode="none",
+                               clamp=False, impl=None):
+    """Add the class-token attention maps of one attention call into ``out`` (in place).
+
+    Args:
+        q: ``[B, H, N, D]`` queries (conditional half), ``N = hw[0] * hw[1]``; fp32/fp16/bf16.
+        k: ``[B, H, L, D]`` text keys.
+        token_weights: ``[B, L, C]`` float32; column c weights the tokens of class c.
+        out: ``[B, C, R_h, R_w]`` contiguous float32 accumulator.
+        hw: ``(h, w)`` of the query grid.
+        scale: softmax scale (usually ``D ** -0.5``).
+        weight: factor applied to this call's maps before accumulation.
+        mode: ``"none"`` (needs ``hw == (R_h, R_w)``), ``"nearest"``, ``"bilinear"`` or
+            ``"bicubic"`` (``F.interpolate`` semantics, ``align_corners=False``).
+        clamp: clamp the resized maps at zero before accumulating.
+        impl: ``None`` (``ATTNSEG_KERNEL_IMPL`` or by device), ``"ref"``, ``"triton"``,
+            ``"numba"``.
+
+    Computes ``out += weight * [clamp](resize(mean_h(softmax(scale * q k^T)) @ token_weights))``
+    with the softmax in float32, and returns ``out``.
+    """
+    which = resolve_impl(impl, q.device)
+    return _IMPLS[which](q, k, token_weights, out, hw=hw, scale=scale, weight=weight, mode=mode,
+                         clamp=clamp)

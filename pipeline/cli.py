@@ -1,0 +1,161 @@
+"""The `attnseg` command line: `synth`, `demo`, `presets`.
+
+Bad input is reported as one line, `attnseg: error: ...`, with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import UserError
+
+
+def _add_synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON or TOML file with synth settings (flags override it)")
+    p.add_argument("--model", help="'tiny' (built-in random model), a hub id, a diffusers "
+                   "folder or one .safetensors file (default: tiny)")
+    p.add_argument("--classes", help="'voc', a file with one class per line, or 'a,b,c' "
+                   "(default: voc)")
+    p.add_argument("--num-per-class", type=int, help="images per class (default: 1)")
+    p.add_argument("--out", help="output folder (default: out/synth)")
+    p.add_argument("--preset", help="harvesting recipe, see `attnseg presets` (default: attnseg)")
+    p.add_argument("--prompts", help="prompts JSONL file (prompt + labelled class words)")
+    p.add_argument("--batch-size", type=int, help="images per generation call (default: 4)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, help="image height, multiple of 8 "
+                   "(default: 128 for tiny, else 512)")
+    p.add_argument("--width", type=int, help="image width, multiple of 8")
+    p.add_argument("--seed", type=int, help="base seed; sample i's seed depends on (seed, i)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a preset setting, e.g. --set harvest.strides=[16,32] "
+                   "--set mask.bg_const=0.4 (VALUE is JSON)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_sets(items: list[str]) -> dict:
+    overrides: dict = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not dot or not name:
+            raise UserError(f"--set {item!r} is not of the form SECTION.KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare string such as bicubic
+        overrides.setdefault(section, {})[name] = value
+    return overrides
+
+
+def _synth_config(args):
+    from .config import load_config_file, synth_config_from
+
+    values = load_config_file(args.config) if args.config else {}
+    for name in ("model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size",
+                 "steps", "guidance", "height", "width", "seed", "device", "dtype"):
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    sets = _parse_sets(args.set)
+    if sets:
+        merged = dict(values.get("overrides", {}))
+        for section, kv in sets.items():
+            merged[section] = {**merged.get(section, {}), **kv}
+        values["overrides"] = merged
+    return synth_config_from(values)
+
+
+def _print_summary(summary: dict, tiny_notice: str | None) -> None:
+    rate = summary["images_per_s"]
+    print(
+        f"wrote {summary['samples']} samples to {summary['out']} "
+        f"({summary['new']} new, {summary['already_present']} already present) in "
+        f"{summary['seconds']:.1f} s" + (f", {rate:.2f} images/s" if rate else "")
+    )
+    print(f"model {summary['model']}, preset {summary['preset']}, {summary['steps']} steps, "
+          f"{summary['size'][0]}x{summary['size'][1]}, {summary['device']} {summary['dtype']}")
+    if tiny_notice:
+        print(f"note: {tiny_notice}")
+
+
+def cmd_synth(args) -> int:
+    from .synth import TINY_NOTICE, run_synth
+
+    cfg = _synth_config(args)
+    summary = run_synth(cfg, progress=not args.no_progress)
+    _print_summary(summary, TINY_NOTICE if cfg.model == "tiny" else None)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import SynthConfig
+    from .report import write_report
+    from .synth import TINY_NOTICE, run_synth
+
+    t0 = time.perf_counter()
+    cfg = SynthConfig(model="tiny", classes="voc", num_per_class=2, out=args.out, batch_size=8,
+                      steps=10, height=128, width=128, seed=0, device="cpu")
+    summary = run_synth(cfg, progress=not args.no_progress)
+    page = write_report(cfg.out, max_samples=40, notice=TINY_NOTICE)
+    _print_summary(summary, TINY_NOTICE)
+    print(f"report: {page} and {page.parent / 'contact_sheet.png'}")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from dataclasses import asdict
+
+    from .config import PRESETS, get_preset
+
+    for name in PRESETS:
+        p = get_preset(name)
+        print(f"{name}: {p.source}")
+        if args.verbose:
+            print(json.dumps({"harvest": asdict(p.harvest), "mask": asdict(p.mask),
+                              "steps": p.steps, "guidance": p.guidance}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnseg",
+        description="Semantic-segmentation datasets from Stable Diffusion cross-attention.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="generate images with pseudo-masks into a VOC-layout folder")
+    _add_synth_args(p)
+    p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("demo", help="offline demo on the built-in tiny model (< 2 min on CPU)")
+    p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("presets", help="list the harvesting recipes and their sources")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every setting")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"attnseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnseg: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Typed configuration: harvesting, mask finalisation, synthesis jobs, and the recipe presets.
+
+Every knob is a dataclass field. A config can be read from a JSON or TOML file and then
+overridden from the command line; presets are plain functions that return configured
+dataclasses, so a user can see and change exactly what a recipe does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import UserError
+
+BLOCKS = ("down", "mid", "up")
+NORMALIZATIONS = ("minmax", "max", "none")
+INTERP_MODES = ("none", "nearest", "bilinear", "bicubic")
+
+
+@dataclass
+class HarvestConfig:
+    """What cross-attention is harvested and how it is aggregated into per-class maps.
+
+    Strides are image pixels per attention-map pixel, so a recipe means the same at any image
+    size: at 512x512, stride 8 is the 64x64 maps, 16 is 32x32, 32 is 16x16 and 64 is 8x8.
+    """
+
+    # Which cross-attention layers contribute.
+    strides: tuple[int, ...] = (8, 16, 32)
+    blocks: tuple[str, ...] = ("down", "mid", "up")
+    # Fractions [lo, hi) of the denoising steps that contribute; lo == hi picks one step.
+    step_window: tuple[float, float] = (0.0, 1.0)
+    # Weight of each stride when the per-stride means are combined (missing strides: 1.0).
+    stride_weights: dict[int, float] = field(default_factory=dict)
+    # How the sub-tokens of one class word are merged: "sum" or "mean" of their columns.
+    token_merge: str = "sum"
+    # Where per-step maps are accumulated: "native" keeps one running mean per stride
+    # (cheapest: resizing is linear, so it is done once at the end); "common" resizes every
+    # step's map to `combine_stride` first, which recipes that clamp each resized map need.
+    accumulate: str = "native"
+    accumulate_mode: str = "bicubic"
+    clamp_each_step: bool = False
+    # Per-stride normalisation applied to each stride's mean before combining.
+    stride_normalize: str = "none"
+    # Stride of the combined map, and how per-stride maps are resized to it.
+    combine_stride: int = 8
+    combine_mode: str = "bicubic"
+    # Self-attention refinement: map <- A^k . map at `refine_stride` (0 turns it off).
+    refine_power: int = 0
+    refine_stride: int = 16
+    refine_mode: str = "bicubic"
+
+    def validate(self) -> None:
+        for s in self.strides:
+            if s < 8 or s & (s - 1):
+                raise UserError(f"harvest stride {s} is not a power of two >= 8")
+        bad = [b for b in self.blocks if b not in BLOCKS]
+        if bad:
+            raise UserError(f"unknown UNet block(s) {bad}; choose from {list(BLOCKS)}")
+        lo, hi = self.step_window
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise UserError(f"step_window {self.step_window} must satisfy 0 <= lo <= hi <= 1")
+        if self.token_merge not in ("sum", "mean"):
+            raise UserError(f"token_merge must be 'sum' or 'mean', not {self.token_merge!r}")
+        if self.accumulate not in ("native", "common"):
+            raise UserError(f"accumulate must be 'native' or 'common', not {self.accumulate!r}")
+        for name in ("accumulate_mode", "combine_mode", "refine_mode"):
+            if getattr(self, name) not in INTERP_MODES:
+                raise UserError(f"{name} must be one of {list(INTERP_MODES)}")
+        if self.stride_normalize not in NORMALIZATIONS:
+            raise UserError(f"stride_normalize must be one of {list(NORMALIZATIONS)}")
+        if self.refine_power < 0:
+            raise UserError("refine_power must be >= 0")
+
+    def step_range(self, num_steps: int) -> range:
+        """The denoising step indices that contribute, out of `num_steps` (never empty)."""
+        lo, hi = self.step_window
+        first = min(int(lo * num_steps), num_steps - 1)
+        last = max(first + 1, min(num_steps, math.ceil(hi * num_steps)))
+        return range(first, last)
+
+
+@dataclass
+class MaskConfig:
+    """How combined maps become a label map and a reliability map (see kernels.finalize)."""
+
+    normalize: str = "minmax"
+    # Background score = bg_const + bg_slope * (max foreground score).
+    bg_const: float = 0.45
+    bg_slope: float = 0.0
+    # Pixels whose max foreground score lies in [ignore_low, ignore_high) are labelled 255.
+    ignore_low: float = 0.35
+    ignore_high: float = 0.45
+    upsample_mode: str = "bicubic"
+
+    def validate(self) -> None:
+        if self.normalize not in NORMALIZATIONS:
+            raise UserError(f"mask normalize must be one of {list(NORMALIZATIONS)}")
+        if self.upsample_mode not in INTERP_MODES:
+            raise UserError(f"mask upsample_mode must be one of {list(INTERP_MODES)}")
+        if self.ignore_low > self.ignore_high:
+            raise UserError("mask ignore_low must be <= ignore_high")
+
+
+@dataclass
+class Preset:
+    """A named recipe: harvesting and mask settings plus where the recipe comes from."""
+
+    name: str
+    source: str
+    harvest: HarvestConfig
+    mask: MaskConfig
+    # Recipe defaults for generation that the CLI uses unless the user overrides them.
+    steps: int | None = None
+    guidance: float | None = None
+
+
+def _preset_attnseg() -> Preset:
+    return Preset(
+        name="attnseg",
+        source="attnseg default: every cross-attention layer at strides 8-32, all steps, "
+        "per-stride means combined at stride 8, min-max, bg 0.45, ignore band [0.35, 0.45).",
+        harvest=HarvestConfig(),
+        mask=MaskConfig(),
+    )
+
+
+def _preset_diffumask() -> Preset:
+    # DiffuMask: conditional half, mean over steps/heads/layers per resolution (16, 32, 64 at
+    # 512), each resized bicubically to image size and divided by its max, averaged; a constant
+    # background threshold (swept 0.35-0.54 in the paper; 0.45 here). CRF/AffinityNet omitted.
+    return Preset(
+        name="diffumask",
+        source="DiffuMask (Wu et al., 2023), public code: per-resolution mean, bicubic to image, "
+        "/max, average over resolutions, constant background 0.45.",
+        harvest=HarvestConfig(
+            strides=(8, 16, 32), stride_normalize="max", combine_stride=1,
+            combine_mode="bicubic", stride_weights={8: 1 / 3, 16: 1 / 3, 32: 1 / 3},
+        ),
+        mask=MaskConfig(normalize="none", bg_const=0.45, ignore_low=1.0, ignore_high=1.0,
+                        upsample_mode="none"),
+        steps=50, guidance=7.0,
+    )
+
+
+def _preset_dataset_diffusion() -> Preset:
+    # Dataset Diffusion: 16x16 cross-attention (32 stride at 512), mean over heads/layers/steps,
+    # bicubic to 32x32, times the 32x32 self-attention matrix to the 4th power, min-max per
+    # class, bicubic to image size; background where max < 0.5 and 255 where 0.5 <= max < 0.6.
+    return Preset(
+        name="dataset-diffusion",
+        source="Dataset Diffusion (Nguyen et al., 2023): 16x16 cross-attn, bicubic to 32x32, "
+        "self-attention^4 refinement, min-max, bg < 0.5, ignore [0.5, 0.6).",
+        harvest=HarvestConfig(
+            strides=(32,), combine_stride=16, combine_mode="bicubic",
+            refine_power=4, refine_stride=16,
+        ),
+        mask=MaskConfig(normalize="minmax", bg_const=0.5, ignore_low=0.5, ignore_high=0.6,
+                        upsample_mode="bicubic"),
+        steps=100, guidance=7.5,
+    )
+
+
+def _preset_daam() -> Preset:
+    # DAAM: up and down blocks (no mid), all heads and steps, conditional half; every map
+    # resized bicubically to 64x64 (stride 8), clamped >= 0 and summed; per-word min-max;
+    # threshold 0.4.
+    return Preset(
+        name="daam",
+        source="DAAM (Tang et al., 2023): up+down blocks, every map bicubic to 64x64, "
+        "clamp >= 0, summed; min-max; threshold 0.4.",
+        harvest=HarvestConfig(
+            strides=(8, 16, 32, 64), blocks=("down", "up"), accumulate="common",
+            accumulate_mode="bicubic", clamp_each_step=True, combine_stride=8,
+        ),
+        mask=MaskConfig(normalize="minmax", bg_const=0.4, ignore_low=1.0, ignore_high=1.0,
+                        upsample_mode="bicubic"),
+    )
+
+
+def _preset_attn2mask() -> Preset:
+    # attn2mask as replicated by others: heat map at one step (50 of 100), min-max,
+    # background = 1 - max - 0.2, argmax. Dense CRF omitted.
+    return Preset(
+        name="attn2mask",
+        source="attn2mask (Yoshihashi et al.), as replicated publicly: one step (50/100), "
+        "min-max, background 1 - max - 0.2, argmax.",
+        harvest=HarvestConfig(strides=(8, 16, 32), step_window=(0.5, 0.5)),
+        mask=MaskConfig(normalize="minmax", bg_const=0.8, bg_slope=-1.0, ignore_low=1.0,
+                        ignore_high=1.0),
+        steps=100,
+    )
+
+
+PRESETS = {
+    "attnseg": _preset_attnseg,
+    "diffumask": _preset_diffumask,
+    "dataset-diffusion": _preset_dataset_diffusion,
+    "daam": _preset_daam,
+    "attn2mask": _preset_attn2mask,
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Return a fresh copy of the named preset."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+@dataclass
+class SynthConfig:
+    """One dataset-synthesis job (`attnseg synth`)."""
+
+    model: str = "tiny"
+    classes: str = "voc"
+    num_per_class: int = 1
+    out: str = "out/synth"
+    preset: str = "attnseg"
+    prompts: str | None = None
+    batch_size: int = 4
+    steps: int | None = None  # None: the preset's, else 20
+    guidance: float | None = None  # None: the preset's, else 7.5
+    height: int | None = None  # None: 128 for the tiny model, else 512
+    width: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    # Overrides on top of the preset, e.g. {"harvest": {"strides": [16]}, "mask": {...}}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 8):
+                raise UserError(f"--{name} {v} is not a positive multiple of 8")
+        if self.num_per_class < 1:
+            raise UserError("--num-per-class must be >= 1")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise UserError("--steps must be >= 1")
+        if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
+            raise UserError(f"--dtype must be auto, fp32, fp16 or bf16, not {self.dtype!r}")
+
+    def resolve_preset(self) -> Preset:
+        """The preset with this job's overrides applied, validated."""
+        preset = get_preset(self.preset)
+        for section in ("harvest", "mask"):
+            values = dict(self.overrides.get(section, {}))
+            target = getattr(preset, section)
+            names = {f.name for f in dataclasses.fields(target)}
+            for key, value in values.items():
+                if key not in names:
+                    raise UserError(f"unknown {section} setting {key!r}")
+                current = getattr(target, key)
+                if isinstance(current, tuple) and isinstance(value, list):
+                    value = tuple(value)
+                if isinstance(current, dict) and isinstance(value, dict):
+                    value = {int(k): float(v) for k, v in value.items()}
+                setattr(target, key, value)
+        unknown = set(self.overrides) - {"harvest", "mask"}
+        if unknown:
+            raise UserError(f"unknown config section(s) {sorted(unknown)}")
+        preset.harvest.validate()
+        preset.mask.validate()
+        return preset
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a dict; a clear error if it is malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        if p.suffix == ".toml":
+            return tomllib.loads(p.read_text())
+        return json.loads(p.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"config file {p} is malformed: {e}") from None
+
+
+def synth_config_from(values: dict[str, Any]) -> SynthConfig:
+    """Build a SynthConfig from a dict (a config file merged with CLI flags)."""
+    names = {f.name for f in dataclasses.fields(SynthConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown synth setting(s) {unknown}")
+    return SynthConfig(**values)

@@ -1,0 +1,162 @@
+"""The synthetic dataset on disk: VOC layout plus reliability maps and a manifest.
+
+    OUT/JPEGImages/<name>.jpg                 generated image
+    OUT/SegmentationClass/<name>.png          palette PNG: 0 background, class ids, 255 ignore
+    OUT/Reliability/<name>.png                8-bit reliability (255 = most reliable)
+    OUT/ImageSets/Segmentation/train.txt      sample names, one per line
+    OUT/manifest.jsonl                        one JSON record per finished sample
+    OUT/job.json                              the job's settings (a resume must match them)
+    OUT/classes.json                          class ids and names
+
+Crash safety: every file is written to a temporary name and renamed into place; a sample's
+manifest line is appended (and fsynced) only after its three files are in place, so the
+manifest is the list of finished samples. A run killed at any point and started again with the
+same arguments skips the finished samples, rewrites any unfinished one, and ends with the same
+dataset as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+
+_TMP_TAG = ".tmp-attnseg-"
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB triples, flattened): bits of the id spread over RGB."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    tmp = path.with_name(f"{path.name}{_TMP_TAG}{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def encode_png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
+    img = Image.fromarray(array)
+    if palette is not None:
+        img = img.convert("P")
+        img.putpalette(palette)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail early, with one line, if `out` cannot be created or written."""
+    probe_parent = out
+    while not probe_parent.exists():
+        if probe_parent.parent == probe_parent:
+            break
+        probe_parent = probe_parent.parent
+    if probe_parent.exists() and not probe_parent.is_dir():
+        raise UserError(f"output folder {out} cannot be created: {probe_parent} is a file")
+    if not os.access(probe_parent, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {out} is not writable")
+
+
+class DatasetWriter:
+    """Writes samples into the VOC layout atomically; knows which samples are already done."""
+
+    def __init__(self, root: str | Path, job: dict, classes):
+        self.root = Path(root)
+        self.job = job = json.loads(json.dumps(job))  # as it reads back (tuples -> lists, ...)
+        try:
+            for sub in ("JPEGImages", "SegmentationClass", "Reliability",
+                        "ImageSets/Segmentation"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"output folder {self.root} cannot be written: {e.strerror}") from None
+        self._remove_stale_temporaries()
+        job_file = self.root / "job.json"
+        if job_file.exists():
+            try:
+                previous = json.loads(job_file.read_text())
+            except ValueError:
+                previous = None
+            if previous != job:
+                raise UserError(
+                    f"output folder {self.root} holds a different job (its job.json differs "
+                    "from these settings); use another --out"
+                )
+        else:  # job.json last: its presence means the folder's metadata is complete
+            classes_doc = {"0": "background", "255": "ignore"}
+            classes_doc.update({str(c.id): c.name for c in classes})
+            atomic_write_bytes(self.root / "classes.json", json.dumps(classes_doc).encode())
+            atomic_write_bytes(job_file, json.dumps(job, indent=1, sort_keys=True).encode())
+        self.manifest = self.root / "manifest.jsonl"
+        self.records = self._read_manifest()
+        self.done = {r["index"] for r in self.records}
+        self._palette = voc_palette()
+
+    def _remove_stale_temporaries(self) -> None:
+        for path in self.root.rglob(f"*{_TMP_TAG}*"):
+            path.unlink(missing_ok=True)
+
+    def _read_manifest(self) -> list[dict]:
+        """Finished samples; a torn last line (killed mid-append) is cut off."""
+        if not self.manifest.exists():
+            return []
+        data = self.manifest.read_bytes()
+        keep = data[: data.rfind(b"\n") + 1]
+        if len(keep) != len(data):
+            with open(self.manifest, "r+b") as f:
+                f.truncate(len(keep))
+        records = []
+        for line in keep.decode().splitlines():
+            if line.strip():
+                records.append(json.loads(line))
+        return records
+
+    def write(self, index: int, name: str, image: np.ndarray, label: np.ndarray,
+              reliability: np.ndarray, record: dict) -> None:
+        """Write one finished sample (its files, then its manifest line)."""
+        atomic_write_bytes(self.root / "JPEGImages" / f"{name}.jpg", encode_jpeg(image))
+        atomic_write_bytes(self.root / "SegmentationClass" / f"{name}.png",
+                           encode_png(label, self._palette))
+        atomic_write_bytes(self.root / "Reliability" / f"{name}.png", encode_png(reliability))
+        entry = {"index": index, "name": name, **record, "model": self.job["model"],
+                 "model_hash": self.job["model_hash"], "preset": self.job["preset"],
+                 "thresholds": self.job["mask"]}
+        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        with open(self.manifest, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(entry)
+        self.done.add(index)
+
+    def finish(self) -> None:
+        """Write the split file listing every finished sample in index order."""
+        names = [r["name"] for r in sorted(self.records, key=lambda r: r["index"])]
+        atomic_write_bytes(self.root / "ImageSets" / "Segmentation" / "train.txt",
+                           "".join(n + "\n" for n in names).encode())

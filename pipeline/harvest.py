@@ -1,0 +1,308 @@
+"""Harvest per-class cross-attention maps from a diffusers UNet while it denoises.
+
+`AttentionHarvester` installs small attention processors (diffusers' `set_attn_processor`
+mechanism) on the UNet's cross-attention modules. Each processor computes the module's output
+exactly as the stock fused processor does (one `scaled_dot_product_attention`), so images are
+unchanged, and additionally hands the conditional half's queries and the text keys to the
+`accumulate_class_attention` kernel, which recomputes softmax(Q.K_text^T/sqrt(d)) over the text
+keys only, keeps the class-token columns, averages heads and adds the result into one running
+buffer per stride. Nothing is stored per step or per layer: memory is independent of the number
+of denoising steps.
+
+Usage on any diffusers Stable Diffusion pipeline::
+
+    harvester = AttentionHarvester(pipe.unet, HarvestConfig())
+    weights = class_token_weights(pipe.tokenizer, prompts, class_words)
+    with harvester.capture(weights, image_size=(512, 512), num_steps=50) as maps:
+        images = pipe(prompts, num_inference_steps=50).images
+    result = maps.result  # HarvestResult: per-stride means (+ self-attention if refining)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.class_attention import accumulate_class_attention
+from .config import HarvestConfig
+from .errors import UserError
+
+
+@dataclass
+class HarvestResult:
+    """What one generation call harvested, already averaged over steps and layers.
+
+    maps: stride -> [B, C, h, w] mean class-token attention (for accumulate="common" a single
+        entry at `combine_stride`).
+    self_attention: [B, N, N] mean self-attention at `refine_stride` (None unless refining).
+    image_size: (H, W) of the generated images.
+    """
+
+    maps: dict[int, torch.Tensor]
+    self_attention: torch.Tensor | None
+    image_size: tuple[int, int]
+
+
+def _block_of(name: str) -> str:
+    if name.startswith("down_blocks"):
+        return "down"
+    if name.startswith("mid_block"):
+        return "mid"
+    if name.startswith("up_blocks"):
+        return "up"
+    return "other"
+
+
+def _grid(n: int, latent_hw: tuple[int, int], image_size: tuple[int, int]):
+    """(stride, h, w) of an attention layer with `n` queries.
+
+    UNet levels halve the latent with rounding up, so a level f levels down has
+    ceil(latent / 2^f) rows; its stride is image pixels per latent pixel times 2^f.
+    """
+    lh, lw = latent_hw
+    h, w, f = lh, lw, 1
+    while h * w > n:
+        h, w, f = -(-h // 2), -(-w // 2), f * 2
+    if h * w != n:
+        raise RuntimeError(f"cannot place {n} queries on a {lh}x{lw} latent grid")
+    return image_size[0] // lh * f, h, w
+
+
+def grid_size(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Map size at `stride`: UNet levels round up, so ceil(H / stride) x ceil(W / stride)."""
+    return -(-image_size[0] // stride), -(-image_size[1] // stride)
+
+
+class _Capture:
+    """Per-generation state: the running buffers, reset by `AttentionHarvester.capture`."""
+
+    def __init__(self, token_weights, image_size, num_steps, steps):
+        self.token_weights = token_weights
+        self.image_size = image_size
+        self.num_steps = num_steps
+        self.steps = steps
+        self.step = -1
+        self.latent_hw = (0, 0)
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, float] = {}
+        self.self_sum: torch.Tensor | None = None
+        self.self_count = 0
+        self.result: HarvestResult | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.token_weights.shape[0]
+
+    def active(self) -> bool:
+        return self.step in self.steps
+
+    def nbytes(self) -> int:
+        """Bytes held by the running buffers (the harvester's extra memory)."""
+        total = sum(t.numel() * t.element_size() for t in self.sums.values())
+        if self.self_sum is not None:
+            total += self.self_sum.numel() * self.self_sum.element_size()
+        return total
+
+
+def _stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    """The computation of diffusers' AttnProcessor2_0, returning the output and the q/k used.
+
+    Kept operation-for-operation equal to the stock processor so outputs match bitwise.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    )
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    inner_dim = key.shape[-1]
+    head_dim = inner_dim // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+    )
+    out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+    out = out.to(query.dtype)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        out = out + residual
+    out = out / attn.rescale_output_factor
+    return out, query, key
+
+
+class HarvestingAttnProcessor:
+    """Attention processor that computes the stock output and reports q/k to the harvester."""
+
+    def __init__(self, harvester: AttentionHarvester, name: str, cross: bool):
+        self.harvester = harvester
+        self.name = name
+        self.block = _block_of(name)
+        self.cross = cross
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        out, query, key = _stock_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb
+        )
+        capture = self.harvester._capture
+        if capture is not None and capture.active():
+            self.harvester._observe(self, attn, query, key, capture)
+        return out
+
+
+class AttentionHarvester:
+    """Accumulates class-token cross-attention maps of a UNet into per-stride running means.
+
+    Install once per UNet (`AttentionHarvester(unet, config)`); wrap every generation call in
+    `capture(...)`. `remove()` restores the UNet's previous attention processors.
+    """
+
+    def __init__(self, unet, config: HarvestConfig):
+        config.validate()
+        self.unet = unet
+        self.config = config
+        self._capture: _Capture | None = None
+        self._previous = dict(unet.attn_processors)
+        processors = {}
+        for name, proc in self._previous.items():
+            module_name = name.rsplit(".processor", 1)[0]
+            kind = module_name.rsplit(".", 1)[-1]
+            if kind == "attn2" or (kind == "attn1" and config.refine_power > 0):
+                processors[name] = HarvestingAttnProcessor(self, module_name, kind == "attn2")
+            else:
+                processors[name] = proc
+        unet.set_attn_processor(processors)
+        self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
+
+    def remove(self) -> None:
+        """Uninstall: the UNet gets back the processors it had before."""
+        self._hook.remove()
+        self.unet.set_attn_processor(self._previous)
+
+    def _on_unet_call(self, module, args, kwargs):
+        if self._capture is not None:
+            self._capture.step += 1
+            sample = args[0] if args else kwargs["sample"]
+            self._capture.latent_hw = tuple(sample.shape[-2:])
+
+    @contextlib.contextmanager
+    def capture(self, token_weights: torch.Tensor, image_size: tuple[int, int], num_steps: int):
+        """Harvest during the UNet calls made inside this block.
+
+        token_weights: [B, L, C] from `class_token_weights` (B = images in the call).
+        image_size: (H, W) of the images being generated.
+        num_steps: denoising steps of the call; each UNet forward counts as one step.
+        Yields the capture; after the block `capture.result` holds the HarvestResult.
+        """
+        if self._capture is not None:
+            raise RuntimeError("AttentionHarvester.capture is not re-entrant")
+        device = self.unet.device
+        capture = _Capture(
+            token_weights.to(device=device, dtype=torch.float32),
+            tuple(image_size), num_steps, self.config.step_range(num_steps),
+        )
+        self._capture = capture
+        try:
+            yield capture
+        finally:
+            self._capture = None
+        capture.result = self._finish(capture)
+
+    def _observe(self, proc, attn, query, key, capture: _Capture) -> None:
+        cfg = self.config
+        b = capture.batch
+        total = query.shape[0]
+        if total == 2 * b:  # classifier-free guidance: [uncond, cond]; keep the cond half
+            query, key = query[b:], key[b:]
+        elif total != b:
+            raise RuntimeError(
+                f"attention batch {total} is neither the harvested batch {b} nor twice it"
+            )
+        stride, h, w = _grid(query.shape[2], capture.latent_hw, capture.image_size)
+        if not proc.cross:
+            if stride == cfg.refine_stride:
+                self._observe_self(query, key, attn.scale, capture)
+            return
+        if stride not in cfg.strides or proc.block not in cfg.blocks:
+            return
+        weights = capture.token_weights
+        if cfg.accumulate == "native":
+            out = capture.sums.get(stride)
+            if out is None:
+                out = capture.sums[stride] = query.new_zeros(
+                    (b, weights.shape[2], h, w), dtype=torch.float32
+                )
+            accumulate_class_attention(query, key, weights, out, hw=(h, w), scale=attn.scale)
+            capture.counts[stride] = capture.counts.get(stride, 0.0) + 1.0
+        else:
+            cs = cfg.combine_stride
+            size = grid_size(capture.image_size, cs)
+            out = capture.sums.get(cs)
+            if out is None:
+                out = capture.sums[cs] = query.new_zeros(
+                    (b, weights.shape[2], *size), dtype=torch.float32
+                )
+            wgt = cfg.stride_weights.get(stride, 1.0)
+            mode = "none" if (h, w) == size else cfg.accumulate_mode
+            accumulate_class_attention(
+                query, key, weights, out, hw=(h, w), scale=attn.scale, weight=wgt,
+                mode=mode, clamp=cfg.clamp_each_step,
+            )
+            capture.counts[cs] = capture.counts.get(cs, 0.0) + wgt
+
+    def _observe_self(self, query, key, scale, capture: _Capture) -> None:
+        # Self-attention probabilities of the cond half, mean over heads; one [B, N, N] buffer.
+        probs = torch.softmax(
+            torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale, dim=-1
+        ).mean(dim=1)
+        if capture.self_sum is None:
+            capture.self_sum = probs
+        else:
+            capture.self_sum += probs
+        capture.self_count += 1
+
+    def _finish(self, capture: _Capture) -> HarvestResult:
+        if not capture.sums:
+            raise UserError(
+                "no cross-attention was harvested: the UNet has no cross-attention layer at "
+                f"strides {list(self.config.strides)} in blocks {list(self.config.blocks)} "
+                "during the selected steps"
+            )
+        maps = {s: t / capture.counts[s] for s, t in capture.sums.items()}
+        self_attn = None
+        if self.config.refine_power > 0:
+            if capture.self_sum is None:
+                raise UserError(
+                    f"refinement asked for self-attention at stride {self.config.refine_stride},"
+                    " but the UNet has no self-attention layer there"
+                )
+            self_attn = capture.self_sum / capture.self_count
+        return HarvestResult(maps=maps, self_attention=self_attn, image_size=capture.image_size)

@@ -1,0 +1,188 @@
+"""Class sets, prompts, and locating each class word's tokens in a tokenised prompt."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+# PASCAL VOC 2012 classes in label-id order (1..20); the second item is the word used in prompts.
+VOC_CLASSES = [
+    ("aeroplane", "aeroplane"), ("bicycle", "bicycle"), ("bird", "bird"), ("boat", "boat"),
+    ("bottle", "bottle"), ("bus", "bus"), ("car", "car"), ("cat", "cat"), ("chair", "chair"),
+    ("cow", "cow"), ("diningtable", "dining table"), ("dog", "dog"), ("horse", "horse"),
+    ("motorbike", "motorbike"), ("person", "person"), ("pottedplant", "potted plant"),
+    ("sheep", "sheep"), ("sofa", "sofa"), ("train", "train"), ("tvmonitor", "tv monitor"),
+]
+
+CLASS_SETS = {"voc": VOC_CLASSES}
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}",
+    "a realistic photo of a {}",
+    "a close up photo of a {}",
+    "a high quality picture of a {}",
+)
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One label class: its id in label maps (1..254), its name and the word used in prompts."""
+
+    id: int
+    name: str
+    word: str
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt and, per labelled class, the exact word in the text that stands for it."""
+
+    text: str
+    labels: tuple[tuple[ClassInfo, str], ...]  # (class, word as written in `text`)
+
+
+def load_classes(spec: str) -> list[ClassInfo]:
+    """Resolve `--classes`: a built-in set name, a file (one class per line), or 'a,b,c'.
+
+    A list needs at least one comma ("dog," for one class), so a mistyped set name is an error.
+
+    A file line may be `name` or `name: prompt word`.
+    """
+    if spec in CLASS_SETS:
+        pairs = CLASS_SETS[spec]
+    elif Path(spec).is_file():
+        pairs = []
+        for i, line in enumerate(Path(spec).read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, _, word = line.partition(":")
+            name, word = name.strip(), (word.strip() or name.strip())
+            if not name:
+                raise UserError(f"class file {spec}, line {i}: empty class name")
+            pairs.append((name, word))
+    elif "," in spec:  # a single class is written "dog,"
+        pairs = [(w.strip(), w.strip()) for w in spec.split(",") if w.strip()]
+    else:
+        raise UserError(
+            f"unknown class set {spec!r}: give one of {sorted(CLASS_SETS)}, a file, "
+            "or a comma-separated list"
+        )
+    if not pairs:
+        raise UserError(f"class set {spec!r} is empty")
+    if len(pairs) > 254:
+        raise UserError(f"class set {spec!r} has {len(pairs)} classes; at most 254 fit in a mask")
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise UserError(f"class set {spec!r} names a class twice")
+    return [ClassInfo(i + 1, n, w) for i, (n, w) in enumerate(pairs)]
+
+
+def default_prompts(classes: list[ClassInfo]) -> dict[str, list[PromptSpec]]:
+    """Template prompts per class name."""
+    return {
+        c.name: [PromptSpec(t.format(c.word), ((c, c.word),)) for t in DEFAULT_TEMPLATES]
+        for c in classes
+    }
+
+
+def load_prompt_file(path: str, classes: list[ClassInfo]) -> dict[str, list[PromptSpec]]:
+    """Read a prompts JSONL file into prompts per class (keyed by the first label's class).
+
+    Each line: {"prompt": "a puppy on grass", "labels": [{"class": "dog", "word": "puppy"}]};
+    "word" defaults to the class's prompt word and must occur in the prompt.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts file {path} does not exist")
+    by_name = {c.name: c for c in classes}
+    out: dict[str, list[PromptSpec]] = {c.name: [] for c in classes}
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"prompts file {path}, line {i}"
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise UserError(f"{where}: needs a string field 'prompt'")
+        labels = rec.get("labels")
+        if not isinstance(labels, list) or not labels:
+            raise UserError(f"{where}: needs a non-empty list field 'labels'")
+        pairs = []
+        for lab in labels:
+            if not isinstance(lab, dict) or not isinstance(lab.get("class"), str):
+                raise UserError(f"{where}: each label needs a string field 'class'")
+            cls = by_name.get(lab["class"])
+            if cls is None:
+                raise UserError(f"{where}: class {lab['class']!r} is not in the class set")
+            word = lab.get("word", cls.word)
+            if not isinstance(word, str) or find_word(rec["prompt"], word) < 0:
+                raise UserError(f"{where}: word {word!r} does not occur in the prompt")
+            pairs.append((cls, word))
+        out[pairs[0][0].name].append(PromptSpec(rec["prompt"], tuple(pairs)))
+    missing = [n for n, v in out.items() if not v]
+    if missing:
+        raise UserError(f"prompts file {path} has no prompt for class(es) {missing[:5]}")
+    return out
+
+
+def find_word(text: str, word: str) -> int:
+    """Start of the first whole-word, case-insensitive occurrence of `word` in `text`, or -1."""
+    m = re.search(r"(?<!\w)" + re.escape(word) + r"(?!\w)", text, flags=re.IGNORECASE)
+    return m.start() if m else -1
+
+
+def find_word_tokens(tokenizer, prompt: str, word: str) -> list[int]:
+    """Positions (in the padded, BOS-prefixed token sequence) of `word`'s tokens in `prompt`.
+
+    CLIP tokenisers split text into words before BPE, so the tokens of a prefix that ends at a
+    word boundary are a prefix of the prompt's tokens: the word's tokens are those between the
+    prefix before it and the prefix through it. Raises UserError naming the prompt when the word
+    is absent, vanishes in tokenisation, or falls beyond the text encoder's context.
+    """
+    start = find_word(prompt, word)
+    if start < 0:
+        raise UserError(f"class word {word!r} does not occur in prompt {prompt!r}")
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+
+    before = ids(prompt[:start])
+    through = ids(prompt[: start + len(word)])
+    full = ids(prompt)
+    pos = list(range(len(before), len(through)))
+    if not pos or full[: len(through)] != through:
+        raise UserError(f"class word {word!r} does not survive tokenisation in prompt {prompt!r}")
+    limit = tokenizer.model_max_length - 2  # BOS and EOS take two places
+    if pos[-1] >= limit:
+        raise UserError(
+            f"class word {word!r} lies beyond the {tokenizer.model_max_length}-token context "
+            f"in prompt {prompt!r}"
+        )
+    return [p + 1 for p in pos]  # shift past BOS
+
+
+def class_token_weights(tokenizer, specs: list[PromptSpec], merge: str = "sum"):
+    """[B, L, C] token-to-class weights and [B, C] class ids for a batch of prompts.
+
+    Column c of sample b has weight 1 (merge="sum") or 1/n (merge="mean") on each of the n
+    tokens of that sample's c-th labelled word; unused columns are zero with class id 0.
+    """
+    length = tokenizer.model_max_length
+    width = max(len(s.labels) for s in specs)
+    weights = torch.zeros(len(specs), length, width)
+    ids = torch.zeros(len(specs), width, dtype=torch.int64)
+    for b, spec in enumerate(specs):
+        for c, (cls, word) in enumerate(spec.labels):
+            pos = find_word_tokens(tokenizer, spec.text, word)
+            weights[b, pos, c] = 1.0 if merge == "sum" else 1.0 / len(pos)
+            ids[b, c] = cls.id
+    return weights, ids

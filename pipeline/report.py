@@ -1,0 +1,89 @@
+"""A human-readable view of a synthetic dataset: PNG contact sheet and an HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .dataset import atomic_write_bytes, encode_png, voc_palette
+
+
+def _colour_mask(label: np.ndarray) -> np.ndarray:
+    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    return pal[label]
+
+
+def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """The image with its label map blended on top (background and ignore left unblended)."""
+    colour = _colour_mask(label).astype(np.float32)
+    out = image.astype(np.float32)
+    fg = ((label != 0) & (label != 255))[..., None]
+    out = np.where(fg, (1 - alpha) * out + alpha * colour, out)
+    out[label == 255] = 0.5 * out[label == 255] + 0.5 * 255.0  # ignore band: washed out
+    return out.round().astype(np.uint8)
+
+
+def _load(root: Path, name: str):
+    image = np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg").convert("RGB"))
+    label = np.asarray(Image.open(root / "SegmentationClass" / f"{name}.png"))
+    rel = np.asarray(Image.open(root / "Reliability" / f"{name}.png"))
+    return image, label, rel
+
+
+def write_report(root: str | Path, max_samples: int = 24, notice: str | None = None) -> Path:
+    """Write `report/contact_sheet.png`, per-sample overlays and `report/index.html` under root.
+
+    Each contact-sheet row is one sample: image | mask overlay | reliability.
+    """
+    root = Path(root)
+    records = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()
+               if line.strip()]
+    records = sorted(records, key=lambda r: r["index"])[:max_samples]
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    rows = []
+    cells = []
+    for rec in records:
+        image, label, rel = _load(root, rec["name"])
+        over = overlay(image, label)
+        atomic_write_bytes(out / f"{rec['name']}_overlay.png", encode_png(over))
+        rel_rgb = np.repeat(rel[..., None], 3, axis=2)
+        cells.append(np.concatenate([image, over, rel_rgb], axis=1))
+        words = ", ".join(f"{c['name']} ({c['word']})" for c in rec["classes"])
+        rows.append(
+            f"<tr><td>{rec['name']}</td><td>{html.escape(rec['prompt'])}</td>"
+            f"<td>{html.escape(words)}</td>"
+            f"<td><img src='../JPEGImages/{rec['name']}.jpg'></td>"
+            f"<td><img src='{rec['name']}_overlay.png'></td>"
+            f"<td><img src='../Reliability/{rec['name']}.png'></td></tr>"
+        )
+    if cells:
+        width = max(c.shape[1] for c in cells)
+        padded = [np.pad(c, ((0, 0), (0, width - c.shape[1]), (0, 0))) for c in cells]
+        sheet = Image.fromarray(np.concatenate(padded, axis=0))
+        header = Image.new("RGB", (sheet.width, 18), (255, 255, 255))
+        ImageDraw.Draw(header).text((4, 3), "image | mask overlay | reliability", fill=(0, 0, 0))
+        full = Image.new("RGB", (sheet.width, sheet.height + 18))
+        full.paste(header, (0, 0))
+        full.paste(sheet, (0, 18))
+        atomic_write_bytes(out / "contact_sheet.png", encode_png(np.asarray(full)))
+    banner = f"<p class='notice'><b>Note:</b> {html.escape(notice)}</p>" if notice else ""
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>attnseg dataset: {html.escape(root.name)}</title>
+<style>body{{font-family:sans-serif}} img{{width:160px;image-rendering:pixelated}}
+td{{padding:4px;vertical-align:middle}} .notice{{background:#fff3cd;padding:8px}}</style>
+</head><body><h1>attnseg synthetic dataset</h1>{banner}
+<p>{len(records)} samples shown. Mask colours follow the PASCAL VOC palette; white-washed
+pixels are the ignore band (255). Reliability: brighter is more reliable.</p>
+<p><img src="contact_sheet.png" style="width:auto;max-width:100%"></p>
+<table><tr><th>name</th><th>prompt</th><th>classes (word)</th><th>image</th><th>mask</th>
+<th>reliability</th></tr>
+{"".join(rows)}
+</table></body></html>
+"""
+    atomic_write_bytes(out / "index.html", page.encode())
+    return out / "index.html"

@@ -1,0 +1,123 @@
+"""The built-in tiny Stable Diffusion: random weights, SD 1.x layout, no download.
+
+It has the same component types and the same attention geometry as SD 1.5 (latent stride 8;
+cross-attention at strides 8, 16 and 32 in down and up blocks, and 64 in the mid block), so
+every code path of harvesting, masks and engines runs on it in seconds on a CPU. Its images are
+noise and its masks carry no meaning: it exists for tests, demos and benchmarks of the code.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Words that become single tokens of the tiny tokenizer; any other word still tokenises,
+# into several sub-tokens, which exercises multi-token class words (e.g. "aeroplane").
+_WORDS = """a an the of in on at with and photo picture image view close up scene street road
+high quality realistic background two one small large
+person bird cat cow dog horse sheep bottle chair table plant sofa train monitor boat bus car
+bicycle motorbike motorcycle building sky tree grass water""".split()
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins that byte-level BPE (GPT-2/CLIP) uses for raw bytes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    extra = 0
+    chars = []
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tiny_tokenizer(folder: str | Path) -> Path:
+    """Write a CLIP-style BPE vocabulary and merge list (a few KB) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab: list[str] = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    seen = set(vocab)
+    for word in _WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = parts[0]
+        for nxt in parts[1:]:
+            merged = cur + nxt
+            if merged not in seen:
+                merges.append((cur, nxt))
+                vocab.append(merged)
+                seen.add(merged)
+            cur = merged
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A StableDiffusionPipeline with tiny random components, identical for a given seed."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(tmp)
+        tokenizer = CLIPTokenizer(
+            f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77,
+            pad_token="<|endoftext|>",
+        )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

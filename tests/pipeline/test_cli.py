@@ -1,0 +1,170 @@
+"""`attnseg` end to end through the CLI on the tiny model, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnseg.pipeline.cli import main
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+SMALL = ["--model", "tiny", "--classes", "aeroplane,dog,cat", "--num-per-class", "2",
+         "--steps", "3", "--height", "64", "--width", "64", "--batch-size", "4",
+         "--no-progress"]
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "attnseg.pipeline.cli", *args], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _dataset_files(root: Path) -> dict[str, bytes]:
+    files = {}
+    for sub in ("JPEGImages", "SegmentationClass", "Reliability"):
+        for p in sorted((root / sub).iterdir()):
+            files[f"{sub}/{p.name}"] = p.read_bytes()
+    return files
+
+
+def _check_dataset(root: Path, n: int, class_ids: set[int]):
+    names = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    assert names == [f"{i:08d}" for i in range(n)]
+    records = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == list(range(n))
+    for r in records:
+        assert {"prompt", "classes", "seed", "model", "model_hash", "preset",
+                "thresholds"} <= set(r)
+        img = Image.open(root / "JPEGImages" / f"{r['name']}.jpg")
+        lab = Image.open(root / "SegmentationClass" / f"{r['name']}.png")
+        rel = Image.open(root / "Reliability" / f"{r['name']}.png")
+        assert img.size == lab.size == rel.size
+        assert lab.mode == "P" and rel.mode == "L"
+        values = set(np.unique(np.asarray(lab)).tolist())
+        assert values <= {0, 255} | {c["id"] for c in r["classes"]} <= {0, 255} | class_ids
+
+
+def test_synth_end_to_end_and_rerun_is_noop(tmp_path):
+    out = tmp_path / "ds"
+    r = _cli("synth", *SMALL, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "wrote 6 samples" in r.stdout and "noise" in r.stdout
+    _check_dataset(out, 6, {1, 2, 3})
+    before = _dataset_files(out)
+    r = _cli("synth", *SMALL, "--out", str(out))
+    assert r.returncode == 0 and "0 new, 6 already present" in r.stdout
+    assert _dataset_files(out) == before
+
+
+def test_batch_size_does_not_change_samples(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["synth", *SMALL, "--out", str(a)]) == 0
+    assert main(["synth", *SMALL, "--batch-size", "1", "--out", str(b)]) == 0
+    fa, fb = _dataset_files(a), _dataset_files(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        if key.startswith("JPEG"):
+            x = np.asarray(Image.open(a / key), dtype=np.int16)
+            y = np.asarray(Image.open(b / key), dtype=np.int16)
+            # Batched and single convolutions round differently; JPEG magnifies a little of it.
+            assert np.abs(x - y).mean() <= 0.5
+        else:
+            x, y = np.asarray(Image.open(a / key)), np.asarray(Image.open(b / key))
+            assert (x == y).mean() >= 0.99
+
+
+def test_resume_after_kill(tmp_path):
+    out = tmp_path / "ds"
+    args = [*SMALL, "--num-per-class", "6", "--batch-size", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "attnseg.pipeline.cli", "synth", *args],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = out / "manifest.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if manifest.exists() and manifest.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = manifest.read_text().count("\n")
+    assert 3 <= done_before < 18, "the run was not interrupted mid-way"
+    r = _cli("synth", *args)
+    assert r.returncode == 0, r.stderr
+    _check_dataset(out, 18, {1, 2, 3})
+    assert not list(out.rglob("*.tmp-attnseg-*"))
+    ref = tmp_path / "ref"
+    assert main(["synth", *args[:-1], str(ref)]) == 0
+    assert _dataset_files(out) == _dataset_files(ref)
+
+
+def test_demo_writes_report(tmp_path):
+    out = tmp_path / "demo"
+    t0 = time.time()
+    r = _cli("demo", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert time.time() - t0 < 120
+    assert (out / "report/index.html").exists() and (out / "report/contact_sheet.png").exists()
+    assert "noise" in (out / "report/index.html").read_text()
+    _check_dataset(out, 40, set(range(1, 21)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--classes", "vocc"], "unknown class set 'vocc'"),
+    (["--height", "100"], "--height 100 is not a positive multiple of 8"),
+    (["--model", "./no/such/model"], "model path ./no/such/model does not exist"),
+    (["--model", "weights.ckpt"], "pickle checkpoints are not loaded"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--set", "harvest.strides=[12]"], "harvest stride 12"),
+    (["--device", "cuda:7"], "no CUDA device"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+    out = tmp_path / "ds"
+    r = _cli("synth", *SMALL, "--out", str(out), *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attnseg: error:"), r.stderr
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_bad_prompt_file_and_class_word(tmp_path):
+    out = tmp_path / "ds"
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"prompt": "a dog", "labels": [{"class": "dog"}]}\n{oops\n')
+    r = _cli("synth", *SMALL, "--classes", "dog,", "--prompts", str(bad_json), "--out", str(out))
+    assert r.returncode == 2 and "line 2: not valid JSON" in r.stderr
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"prompt": "a photo of a puppy", "labels": [{"class": "dog"}]}\n')
+    r = _cli("synth", *SMALL, "--classes", "dog,", "--prompts", str(missing), "--out", str(out))
+    assert r.returncode == 2 and "word 'dog' does not occur" in r.stderr
+    # A class word beyond the text encoder's 77-token context does not survive tokenisation.
+    long = tmp_path / "long.jsonl"
+    text = "a photo of " + "very " * 80 + "big dog"
+    long.write_text(json.dumps({"prompt": text, "labels": [{"class": "dog"}]}) + "\n")
+    r = _cli("synth", *SMALL, "--classes", "dog,", "--prompts", str(long), "--out", str(out))
+    assert r.returncode == 2 and "beyond the 77-token context" in r.stderr
+    assert text[:30] in r.stderr
+    assert not out.exists()
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _cli("synth", *SMALL, "--out", str(blocker / "ds"))
+    assert r.returncode == 2 and "cannot be created" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_different_job_in_same_folder_is_refused(tmp_path):
+    out = tmp_path / "ds"
+    assert main(["synth", *SMALL, "--num-per-class", "1", "--out", str(out)]) == 0
+    r = _cli("synth", *SMALL, "--num-per-class", "1", "--seed", "5", "--out", str(out))
+    assert r.returncode == 2 and "holds a different job" in r.stderr

@@ -1,0 +1,217 @@
+"""Harvesting against the stock pipeline and against a naive store-everything reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.harvest import AttentionHarvester
+from attnseg.pipeline.masks import combine_maps, refine_maps
+from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes
+
+SIZE = (128, 96)  # non-square on purpose
+PROMPTS = ["a photo of a dog and a cat", "an aeroplane over a street"]
+
+
+def _specs(classes):
+    by = {c.name: c for c in classes}
+    return [
+        PromptSpec(PROMPTS[0], ((by["dog"], "dog"), (by["cat"], "cat"))),
+        PromptSpec(PROMPTS[1], ((by["aeroplane"], "aeroplane"),)),
+    ]
+
+
+def _latents(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, SIZE[0] // 8, SIZE[1] // 8, generator=g)
+
+
+def _run(pipe, latents, steps, guidance=7.5):
+    return pipe(PROMPTS, height=SIZE[0], width=SIZE[1], num_inference_steps=steps,
+                guidance_scale=guidance, latents=latents.clone(), output_type="pt").images
+
+
+class _StoreEverything:
+    """The older tools' pattern: explicit attention, every probability map of every step kept."""
+
+    def __init__(self, store, name):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        b, n, _ = hidden_states.shape
+        heads = attn.heads
+        q = attn.to_q(hidden_states).view(b, n, heads, -1).transpose(1, 2)
+        k = attn.to_k(ctx).view(b, ctx.shape[1], heads, -1).transpose(1, 2)
+        v = attn.to_v(ctx).view(b, ctx.shape[1], heads, -1).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+        self.store.append((self.name, self.store.step, probs.detach().clone()))
+        out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class _Store(list):
+    step = -1
+
+
+def _naive_maps(store, preset, token_weights, num_steps):
+    """Aggregate the stored maps afterwards, straight from each recipe's description."""
+    cfg = preset.harvest
+    steps = set(cfg.step_range(num_steps))
+    H, W = SIZE
+    B = token_weights.shape[0]
+    per_stride: dict[int, list] = {}
+    common = []
+    self_maps = []
+    for name, step, probs in store:
+        if step not in steps:
+            continue
+        cond = probs[B:]  # [B, heads, N, L]
+        n = cond.shape[2]
+        h, w, stride = H // 8, W // 8, 8  # walk down the UNet levels (they round up)
+        while h * w != n:
+            h, w, stride = -(-h // 2), -(-w // 2), stride * 2
+        block = name.split(".")[0].split("_")[0]
+        if name.endswith("attn1"):
+            if stride == cfg.refine_stride:
+                self_maps.append(cond.mean(1))
+            continue
+        if stride not in cfg.strides or block not in cfg.blocks:
+            continue
+        cls = torch.einsum("bnl,blc->bcn", cond.mean(1), token_weights).reshape(B, -1, h, w)
+        if cfg.accumulate == "native":
+            per_stride.setdefault(stride, []).append(cls)
+        else:
+            cs = cfg.combine_stride
+            size = (-(-H // cs), -(-W // cs))
+            up = cls if (h, w) == size else F.interpolate(
+                cls, size=size, mode=cfg.accumulate_mode, align_corners=False)
+            if cfg.clamp_each_step:
+                up = up.clamp_min(0)
+            wgt = cfg.stride_weights.get(stride, 1.0)
+            common.append((wgt * up, wgt))
+    if cfg.accumulate == "common":
+        combined = sum(m for m, _ in common) / sum(w for _, w in common)
+    else:
+        size = (-(-H // cfg.combine_stride), -(-W // cfg.combine_stride))
+        total, wsum = 0.0, 0.0
+        for stride, maps in sorted(per_stride.items()):
+            m = torch.stack(maps).mean(0)
+            if cfg.stride_normalize == "max":  # padded all-zero columns stay zero
+                m = torch.nan_to_num(m / m.amax(dim=(2, 3), keepdim=True))
+            if tuple(m.shape[-2:]) != size:
+                m = F.interpolate(m, size=size, mode=cfg.combine_mode, align_corners=False)
+            wgt = cfg.stride_weights.get(stride, 1.0)
+            total, wsum = total + wgt * m, wsum + wgt
+        combined = total / wsum
+    if cfg.refine_power:
+        size = (-(-H // cfg.refine_stride), -(-W // cfg.refine_stride))
+        if tuple(combined.shape[-2:]) != size:
+            combined = F.interpolate(combined, size=size, mode=cfg.refine_mode,
+                                     align_corners=False)
+        a = torch.stack(self_maps).mean(0)
+        flat = combined.flatten(2).transpose(1, 2)
+        flat = torch.linalg.matrix_power(a, cfg.refine_power) @ flat
+        combined = flat.transpose(1, 2).reshape(combined.shape)
+    return combined
+
+
+@pytest.fixture(scope="module")
+def classes():
+    return load_classes("voc")
+
+
+def test_images_equal_stock_pipeline(tiny_pipe):
+    latents = _latents(tiny_pipe)
+    stock = _run(tiny_pipe, latents, steps=3)
+    classes = load_classes("voc")
+    weights, _ = class_token_weights(tiny_pipe.tokenizer, _specs(classes))
+    harvester = AttentionHarvester(tiny_pipe.unet, get_preset("attnseg").harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=3) as cap:
+            ours = _run(tiny_pipe, latents, steps=3)
+    finally:
+        harvester.remove()
+    assert (ours - stock).abs().max().item() <= 1e-5
+    assert cap.result.maps, "nothing was harvested"
+    # remove() restores the stock processors
+    assert all(isinstance(p, AttnProcessor2_0) for p in tiny_pipe.unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "dataset-diffusion", "daam",
+                                         "attn2mask"])
+def test_maps_equal_naive_reference(tiny_pipe, classes, preset_name):
+    preset = get_preset(preset_name)
+    steps = 4
+    specs = _specs(classes)
+    weights, ids = class_token_weights(tiny_pipe.tokenizer, specs, preset.harvest.token_merge)
+    latents = _latents(tiny_pipe, seed=1)
+    harvester = AttentionHarvester(tiny_pipe.unet, preset.harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+            _run(tiny_pipe, latents, steps)
+    finally:
+        harvester.remove()
+    ours = combine_maps(cap.result, preset.harvest)
+    if preset.harvest.refine_power:
+        ours = refine_maps(ours, cap.result.self_attention, preset.harvest, SIZE)
+
+    store = _Store()
+    procs = {name: _StoreEverything(store, name.rsplit(".processor", 1)[0])
+             for name in tiny_pipe.unet.attn_processors}
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda *a: setattr(store, "step",
+                                                                       store.step + 1))
+    tiny_pipe.unet.set_attn_processor(procs)
+    try:
+        _run(tiny_pipe, latents, steps)
+    finally:
+        hook.remove()
+        tiny_pipe.unet.set_attn_processor(AttnProcessor2_0())
+    ref = _naive_maps(store, preset, weights, steps)
+    assert ours.shape == ref.shape
+    scale = ref.abs().max().item()
+    assert scale > 0
+    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+def test_memory_does_not_grow_with_steps(tiny_pipe, classes):
+    weights, _ = class_token_weights(tiny_pipe.tokenizer, _specs(classes))
+    preset = get_preset("dataset-diffusion")  # also holds a self-attention buffer
+    harvester = AttentionHarvester(tiny_pipe.unet, preset.harvest)
+    sizes = {}
+    try:
+        for steps in (2, 7):
+            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+                _run(tiny_pipe, _latents(tiny_pipe), steps)
+            sizes[steps] = (cap.nbytes(), len(cap.sums), cap.self_count == steps * 2)
+    finally:
+        harvester.remove()
+    assert sizes[2][0] == sizes[7][0] > 0
+    assert sizes[2][1] == sizes[7][1]
+
+
+def test_step_window_selects_steps():
+    cfg = get_preset("attn2mask").harvest
+    assert list(cfg.step_range(100)) == [50]
+    assert list(cfg.step_range(10)) == [5]
+    full = get_preset("attnseg").harvest
+    assert list(full.step_range(7)) == list(range(7))
+
+
+def test_no_cfg_batch_is_harvested(tiny_pipe, classes):
+    """guidance <= 1 runs the UNet on the conditional batch only; harvesting still works."""
+    weights, _ = class_token_weights(tiny_pipe.tokenizer, _specs(classes))
+    harvester = AttentionHarvester(tiny_pipe.unet, get_preset("attnseg").harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=2) as cap:
+            _run(tiny_pipe, _latents(tiny_pipe), 2, guidance=1.0)
+    finally:
+        harvester.remove()
+    for m in cap.result.maps.values():
+        assert m.shape[:2] == (2, 2)
+        assert torch.isfinite(m).all() and m[0, 0].sum() > 0
+        assert m[1, 1].abs().sum() == 0  # the second prompt has one class: padded column
