@@ -103,7 +103,8 @@ def cmd_demo(args) -> int:
     cfg = SynthConfig(model="tiny", classes="voc", num_per_class=2, out=args.out, batch_size=8,
                       steps=10, height=128, width=128, seed=0, device="cpu")
     summary = run_synth(cfg, progress=not args.no_progress)
-    page = write_report(cfg.out, max_samples=40, notice=TINY_NOTICE)
+    page = write_report(cfg.out, max_samples=40,
+                        notice="tiny random model: images are noise, masks carry no meaning")
     _print_summary(summary, TINY_NOTICE)
     print(f"report: {page} and {page.parent / 'contact_sheet.png'}")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")

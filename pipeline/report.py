@@ -34,10 +34,28 @@ def _load(root: Path, name: str):
     return image, label, rel
 
 
+def _write_sheet(path: Path, cells: list[np.ndarray], captions: list[str], title: str,
+                 per_row: int = 4) -> None:
+    """Grid of (image | overlay | reliability) triplets, `per_row` per row, captioned."""
+    cap_h, gap = 14, 6
+    ch = max(c.shape[0] for c in cells) + cap_h
+    cw = max(c.shape[1] for c in cells) + gap
+    rows = -(-len(cells) // per_row)
+    header = 18
+    sheet = Image.new("RGB", (per_row * cw, header + rows * ch), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 3), title, fill=(0, 0, 0))
+    for i, (cell, caption) in enumerate(zip(cells, captions, strict=True)):
+        x, y = (i % per_row) * cw, header + (i // per_row) * ch
+        draw.text((x + 2, y), caption, fill=(0, 0, 0))
+        sheet.paste(Image.fromarray(cell), (x, y + cap_h))
+    atomic_write_bytes(path, encode_png(np.asarray(sheet)))
+
+
 def write_report(root: str | Path, max_samples: int = 24, notice: str | None = None) -> Path:
     """Write `report/contact_sheet.png`, per-sample overlays and `report/index.html` under root.
 
-    Each contact-sheet row is one sample: image | mask overlay | reliability.
+    Each contact-sheet cell is one sample: image | mask overlay | reliability.
     """
     root = Path(root)
     records = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()
@@ -62,15 +80,9 @@ def write_report(root: str | Path, max_samples: int = 24, notice: str | None = N
             f"<td><img src='../Reliability/{rec['name']}.png'></td></tr>"
         )
     if cells:
-        width = max(c.shape[1] for c in cells)
-        padded = [np.pad(c, ((0, 0), (0, width - c.shape[1]), (0, 0))) for c in cells]
-        sheet = Image.fromarray(np.concatenate(padded, axis=0))
-        header = Image.new("RGB", (sheet.width, 18), (255, 255, 255))
-        ImageDraw.Draw(header).text((4, 3), "image | mask overlay | reliability", fill=(0, 0, 0))
-        full = Image.new("RGB", (sheet.width, sheet.height + 18))
-        full.paste(header, (0, 0))
-        full.paste(sheet, (0, 18))
-        atomic_write_bytes(out / "contact_sheet.png", encode_png(np.asarray(full)))
+        title = "image | mask overlay | reliability" + (f"   ({notice})" if notice else "")
+        captions = [r["classes"][0]["name"] for r in records]
+        _write_sheet(out / "contact_sheet.png", cells, captions, title)
     banner = f"<p class='notice'><b>Note:</b> {html.escape(notice)}</p>" if notice else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>attnseg dataset: {html.escape(root.name)}</title>

@@ -168,3 +168,30 @@ def test_different_job_in_same_folder_is_refused(tmp_path):
     assert main(["synth", *SMALL, "--num-per-class", "1", "--out", str(out)]) == 0
     r = _cli("synth", *SMALL, "--num-per-class", "1", "--seed", "5", "--out", str(out))
     assert r.returncode == 2 and "holds a different job" in r.stderr
+
+
+def test_config_file_set_overrides_and_presets(tmp_path, capsys):
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('model = "tiny"\nclasses = "dog,cat"\nsteps = 2\nheight = 64\nwidth = 64\n'
+                   'preset = "daam"\n[overrides.mask]\nbg_const = 0.3\n')
+    out = tmp_path / "ds"
+    assert main(["synth", "--config", str(cfg), "--set", "harvest.strides=[8,16]",
+                 "--out", str(out), "--no-progress"]) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["preset"] == "daam" and job["mask"]["bg_const"] == 0.3
+    assert job["harvest"]["strides"] == [8, 16] and job["steps"] == 2
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("attnseg", "diffumask", "dataset-diffusion", "daam", "attn2mask"):
+        assert f"{name}:" in listed
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = [\n")
+    assert main(["synth", "--config", str(bad)]) == 2
+    assert "is malformed" in capsys.readouterr().err
+
+
+def test_help_lists_subcommands():
+    r = _cli("--help")
+    assert r.returncode == 0
+    for sub in ("synth", "demo", "presets"):
+        assert sub in r.stdout
