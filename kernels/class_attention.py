@@ -24,6 +24,9 @@ __all__ = [
 
 # Widest map the triton resize kernel holds in one tile; wider maps resize in torch.
 _TRITON_MAX_SIDE = 128
+# Warps per program of both triton kernels: with 4, the fp32 score/probability tiles spill
+# registers on sm_90 (checked with cuobjdump --dump-resource-usage on AOT builds).
+_TRITON_NUM_WARPS = 8
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
@@ -276,7 +279,7 @@ def accumulate_class_attention_numba(q, k, token_weights, out, *, hw, scale, wei
     f_scale = np.float32(scale)
     f_weight = np.float32(weight)
     # The kernel vectorises along the query rows of a tile, so tiles should fill several SIMD
-    # registers; halve them when that leaves a core idle (8x8 and 16x16 layers).
+    # registers; halve them when that would leave a core idle (e.g. the 8x8 layers).
     tile = 64
     if b * -(-n // tile) < 2 * _nb.get_num_threads():
         tile = 32
@@ -396,10 +399,12 @@ def _attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
     # fp16/bf16 scores use the tensor cores directly. fp32 inputs need exact-fp32 (FMA) dots;
     # so does bf16 in the interpreter, whose dot multiplies the raw uint16 bits of bf16 data.
     f32_dot = dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreting())
-    # FMA dots unroll into code that grows with the tile, hence the smaller tiles for them.
+    block_l = _next_pow2(l_tokens)
+    # FMA dots unroll into code that grows with the tile, hence the smaller tiles for them;
+    # more than 128 tokens also needs the smaller tile to keep the score rows in registers.
     return {
-        "BLOCK_N": 32 if f32_dot else 64,
-        "BLOCK_L": _next_pow2(l_tokens),
+        "BLOCK_N": 32 if f32_dot or block_l > 128 else 64,
+        "BLOCK_L": block_l,
         # D = 40/64 -> one chunk; D = 80/160 -> 2/3 chunks of 64 (less padding than 128/256).
         "BLOCK_D": min(_next_pow2(d), 32 if f32_dot else 64),
         "BLOCK_C": _next_pow2(c),
@@ -427,7 +432,8 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     blocks = _attn_blocks(l_tokens, d, c, q.dtype)
     grid = (b, triton.cdiv(n, blocks["BLOCK_N"]))
     _class_attn_kernel[grid](q, k, tw, dst, n, l_tokens, d, c, heads, float(scale),
-                             float(weight), DIRECT=direct, CLAMP=bool(clamp), **blocks)
+                             float(weight), DIRECT=direct, CLAMP=bool(clamp),
+                             num_warps=_TRITON_NUM_WARPS, **blocks)
     if direct:
         return out
     if w > _TRITON_MAX_SIDE:
@@ -443,7 +449,8 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     grid2 = (b * c, triton.cdiv(out_h, block_r), triton.cdiv(out_w, block_q))
     _resize_acc_kernel[grid2](dst, wy, wx, out, h, w, out_h, out_w, float(weight),
                               BLOCK_R=block_r, BLOCK_Q=block_q, BLOCK_K=32,
-                              BLOCK_W=_next_pow2(w), CLAMP=bool(clamp))
+                              BLOCK_W=_next_pow2(w), CLAMP=bool(clamp),
+                              num_warps=_TRITON_NUM_WARPS)
     return out
 
 

@@ -1,0 +1,251 @@
+"""accumulate_class_attention: definition, numba and triton against the torch reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnseg.kernels import _dispatch
+from attnseg.kernels.class_attention import (
+    accumulate_class_attention,
+    accumulate_class_attention_numba,
+    accumulate_class_attention_ref,
+    accumulate_class_attention_triton,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+needs_numba = pytest.mark.skipif(_dispatch.numba_module() is None, reason="numba not installed")
+needs_triton = pytest.mark.skipif(
+    _dispatch.triton_modules() is None or not (HAS_CUDA or _dispatch.triton_interpreting()),
+    reason="triton missing, or no GPU and TRITON_INTERPRET was not set before triton's import")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    b: int
+    h: int
+    hw: tuple
+    d: int
+    l: int
+    c: int
+    out: tuple
+    mode: str = "none"
+    clamp: bool = False
+    weight: float = 1.0
+    dtype: torch.dtype = torch.float32
+    negative: bool = False  # a negative token weight, so that clamping matters
+
+    def __str__(self):
+        dt = str(self.dtype).replace("torch.", "")
+        return (f"B{self.b}H{self.h}_{self.hw[0]}x{self.hw[1]}_D{self.d}L{self.l}C{self.c}"
+                f"_to{self.out[0]}x{self.out[1]}_{self.mode}_clamp{int(self.clamp)}"
+                f"_w{self.weight}_{dt}{'_neg' if self.negative else ''}")
+
+
+def make_inputs(case: Case, seed: int = 0, device="cpu"):
+    """Queries/keys in the case's dtype, token weights with a multi-token class (column 0 sums
+    tokens 1..3), single/partial-token classes, and an all-zero column when C >= 3."""
+    g = torch.Generator().manual_seed(seed)
+    n = case.hw[0] * case.hw[1]
+    # Scaled so that the softmax is neither flat nor one-hot.
+    q = (2.0 * torch.randn(case.b, case.h, n, case.d, generator=g)).to(case.dtype)
+    k = torch.randn(case.b, case.h, case.l, case.d, generator=g).to(case.dtype)
+    tw = torch.zeros(case.b, case.l, case.c)
+    tw[:, 1:4, 0] = 1.0
+    for cc in range(1, case.c):
+        tw[:, (2 + 2 * cc) % case.l, cc] = 1.0
+        tw[:, (3 + 2 * cc) % case.l, cc] = 0.5
+    if case.c >= 3:
+        tw[:, :, case.c - 1] = 0.0  # absent / padded class
+    if case.negative:
+        tw[:, 0, 0] = -3.0
+    out = torch.randn(case.b, case.c, *case.out, generator=g)
+    return q.to(device), k.to(device), tw.to(device), out.to(device)
+
+
+def run(fn, case: Case, q, k, tw, out):
+    res = fn(q, k, tw, out, hw=case.hw, scale=case.d ** -0.5, weight=case.weight,
+             mode=case.mode, clamp=case.clamp)
+    assert res is out
+    return out
+
+
+def assert_close_to_ref(case: Case, fn, seed=0, device="cpu"):
+    q, k, tw, out0 = make_inputs(case, seed, device)
+    # Same (possibly fp16/bf16-rounded) inputs for both: the kernels must agree with the
+    # fp32 reference evaluated on those inputs up to fp32 rounding.
+    want = run(accumulate_class_attention_ref, case, q, k, tw, out0.clone())
+    got = run(fn, case, q, k, tw, out0.clone())
+    scale = max(1.0, want.abs().max().item())
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * scale, f"max abs err {err:.3g} (scale {scale:.3g})"
+    # The accumulation really added something.
+    assert (want - out0).abs().max().item() > 1e-3
+
+
+NUMBA_CASES = [
+    Case(1, 8, (32, 32), 40, 77, 3, (32, 32)),
+    Case(1, 8, (32, 32), 40, 77, 2, (32, 32), clamp=True, negative=True),
+    Case(2, 8, (16, 16), 160, 77, 1, (64, 48), "bicubic", clamp=True, weight=0.37),
+    Case(2, 8, (16, 16), 160, 77, 3, (64, 48), "bicubic", negative=True),
+    Case(2, 5, (8, 12), 64, 77, 3, (40, 24), "bilinear", weight=2.5, dtype=torch.float16),
+    Case(1, 4, (16, 16), 80, 77, 2, (512, 512), "bilinear", clamp=True, dtype=torch.bfloat16,
+         negative=True),
+    Case(1, 2, (7, 9), 40, 33, 3, (13, 20), "nearest", weight=-0.5),
+    Case(3, 3, (8, 8), 22, 10, 2, (8, 8), clamp=True, negative=True),  # D, L not multiples of 4
+    Case(1, 8, (64, 64), 40, 77, 2, (64, 64), dtype=torch.float16),
+    Case(1, 10, (32, 32), 64, 77, 3, (16, 16), "bicubic", clamp=True, negative=True),
+    Case(1, 1, (8, 8), 160, 256, 3, (8, 8), dtype=torch.bfloat16),
+]
+
+TRITON_CASES = [
+    Case(1, 2, (8, 8), 40, 77, 3, (8, 8), clamp=True, negative=True),
+    Case(2, 1, (16, 8), 160, 77, 1, (24, 40), "bicubic", weight=0.5, dtype=torch.float16),
+    Case(1, 2, (8, 16), 64, 77, 3, (16, 32), "bilinear", clamp=True, dtype=torch.bfloat16,
+         negative=True),
+    Case(1, 2, (16, 16), 80, 20, 2, (12, 12), "nearest", weight=1.7),
+    Case(1, 1, (8, 8), 40, 77, 3, (8, 8), weight=0.25, dtype=torch.float16),
+]
+
+
+@needs_numba
+@pytest.mark.parametrize("case", NUMBA_CASES, ids=str)
+def test_numba_matches_ref(case):
+    assert_close_to_ref(case, accumulate_class_attention_numba)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_matches_ref(case):
+    device = "cuda" if HAS_CUDA else "cpu"
+    assert_close_to_ref(case, accumulate_class_attention_triton, device=device)
+
+
+def _naive(case: Case, q, k, tw, out):
+    """The definition spelled out in float64, with F.interpolate for the resize."""
+    qd, kd = q.double(), k.double()
+    probs = torch.stack([torch.softmax(case.d ** -0.5 * qd[:, hd] @ kd[:, hd].transpose(1, 2),
+                                       dim=-1) for hd in range(case.h)], dim=1)
+    maps = probs.mean(dim=1) @ tw.double()  # [B, N, C]
+    maps = maps.transpose(1, 2).reshape(case.b, case.c, *case.hw)
+    if case.mode != "none":
+        extra = {} if case.mode == "nearest" else {"align_corners": False}
+        maps = F.interpolate(maps, size=case.out, mode=case.mode, **extra)
+    if case.clamp:
+        maps = maps.clamp_min(0.0)
+    return out.double() + case.weight * maps
+
+
+@pytest.mark.parametrize("case", [NUMBA_CASES[2], NUMBA_CASES[5], NUMBA_CASES[6],
+                                  NUMBA_CASES[7]], ids=str)
+def test_ref_matches_definition(case):
+    q, k, tw, out0 = make_inputs(case, seed=3)
+    want = _naive(case, q, k, tw, out0)
+    got = run(accumulate_class_attention_ref, case, q, k, tw, out0.clone())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", [
+    "ref",
+    pytest.param("numba", marks=needs_numba),
+    pytest.param("triton", marks=needs_triton),
+])
+def test_noncontiguous_views(impl):
+    # Attention code produces q/k as transposed views of [B, N, H, D] projections.
+    case = Case(2, 2, (8, 8), 40, 77, 3, (16, 16), "bilinear", clamp=True, negative=True)
+    q, k, tw, out0 = make_inputs(case, seed=5)
+    qv = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kv = torch.cat([k, k], dim=-1)[..., : case.d]
+    assert not qv.is_contiguous() and not kv.is_contiguous()
+    want = run(accumulate_class_attention_ref, case, q, k, tw, out0.clone())
+    got = out0.clone()
+    accumulate_class_attention(qv, kv, tw, got, hw=case.hw, scale=case.d ** -0.5, mode=case.mode,
+                               clamp=case.clamp, impl=impl)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+
+
+def test_accumulates_across_calls():
+    case = Case(1, 2, (8, 8), 40, 20, 2, (8, 8))
+    q, k, tw, _ = make_inputs(case)
+    out = torch.zeros(1, 2, 8, 8)
+    for _ in range(3):
+        accumulate_class_attention(q, k, tw, out, hw=(8, 8), scale=0.2, weight=0.5, impl="ref")
+    once = accumulate_class_attention_ref(q, k, tw, torch.zeros(1, 2, 8, 8), hw=(8, 8),
+                                          scale=0.2)
+    torch.testing.assert_close(out, 1.5 * once)
+    # Column 0 sums three tokens' probabilities; a softmax row sums to 1.
+    assert out[:, 0].max() <= 1.5 + 1e-6 and out.min() >= 0
+
+
+def test_argument_checks():
+    case = Case(1, 2, (8, 8), 40, 20, 2, (8, 8))
+    q, k, tw, out = make_inputs(case)
+    with pytest.raises(ValueError, match="mode 'none'"):
+        accumulate_class_attention(q, k, tw, torch.zeros(1, 2, 16, 16), hw=(8, 8), scale=1.0,
+                                   impl="ref")
+    with pytest.raises(ValueError, match="hw"):
+        accumulate_class_attention(q, k, tw, out, hw=(4, 8), scale=1.0, impl="ref")
+    with pytest.raises(ValueError, match="contiguous float32"):
+        accumulate_class_attention(q, k, tw, out.double(), hw=(8, 8), scale=1.0, impl="ref")
+    with pytest.raises(ValueError, match="token_weights"):
+        accumulate_class_attention(q, k, tw[:, :5], out, hw=(8, 8), scale=1.0, impl="ref")
+    with pytest.raises(ValueError, match="unknown kernel impl"):
+        accumulate_class_attention(q, k, tw, out, hw=(8, 8), scale=1.0, impl="cuda")
+
+
+def test_dispatch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    expected = "numba" if _dispatch.numba_module() is not None else "ref"
+    assert _dispatch.resolve_impl(None, cpu) == expected
+    assert _dispatch.resolve_impl("ref", cpu) == "ref"
+    if _dispatch.triton_modules() is not None:
+        assert _dispatch.resolve_impl(None, torch.device("cuda")) == "triton"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "ref")
+    assert _dispatch.resolve_impl(None, cpu) == "ref"
+    assert _dispatch.resolve_impl("numba", cpu) == "numba"  # explicit beats the variable
+    monkeypatch.setenv(_dispatch.ENV_VAR, "bogus")
+    with pytest.raises(ValueError):
+        _dispatch.resolve_impl(None, cpu)
+
+
+@needs_numba
+def test_default_impl_on_cpu_is_numba(monkeypatch):
+    monkeypatch.delenv(_dispatch.ENV_VAR, raising=False)
+    case = NUMBA_CASES[4]
+    q, k, tw, out0 = make_inputs(case)
+    a = run(accumulate_class_attention_numba, case, q, k, tw, out0.clone())
+    b = out0.clone()
+    accumulate_class_attention(q, k, tw, b, hw=case.hw, scale=case.d ** -0.5,
+                               weight=case.weight, mode=case.mode, clamp=case.clamp)
+    assert torch.equal(a, b)
+
+
+def test_aot_compile_for_hopper(aot_compile):
+    """Both kernels lower to an sm_90 cubin with the NVIDIA backend, no GPU needed."""
+    out = aot_compile("""
+        from attnseg.kernels import class_attention as ca
+        attn_sig = {"q_ptr": "*fp16", "k_ptr": "*fp16", "tw_ptr": "*fp32", "dst_ptr": "*fp32",
+                    "N": "i32", "L": "i32", "D": "i32", "C": "i32", "H": "i32",
+                    "scale": "fp32", "weight": "fp32"}
+        import torch
+        blocks = ca._attn_blocks(77, 40, 3, torch.float16)
+        warps = ca._TRITON_NUM_WARPS
+        aot(ca._class_attn_kernel, attn_sig, dict(blocks, DIRECT=False, CLAMP=False), warps)
+        resize_sig = {"src_ptr": "*fp32", "wy_ptr": "*fp32", "wx_ptr": "*fp32",
+                      "out_ptr": "*fp32", "h": "i32", "w": "i32", "RH": "i32", "RW": "i32",
+                      "weight": "fp32"}
+        aot(ca._resize_acc_kernel, resize_sig,
+            {"BLOCK_R": 32, "BLOCK_Q": 32, "BLOCK_K": 32, "BLOCK_W": 64, "CLAMP": True}, warps)
+    """)
+    assert "_class_attn_kernel cubin bytes" in out and "_resize_acc_kernel cubin bytes" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("case", NUMBA_CASES, ids=str)
+def test_triton_cuda_matches_ref(case):
+    assert_close_to_ref(case, accumulate_class_attention_triton, device="cuda")
