@@ -17,7 +17,8 @@ import torch
 from ._dispatch import numba_module, resolve_impl, triton_modules
 from .interp import MODES, interp_taps, interp_taps_np, resize
 
-__all__ = ["finalize_masks", "finalize_masks_numba", "finalize_masks_ref", "finalize_masks_triton"]
+__all__ = ["finalize_masks", "finalize_masks_numba", "finalize_masks_ref", "finalize_masks_triton",
+           "normalize_maps"]
 
 NORMALIZE = ("minmax", "max", "none")
 IGNORE_LABEL = 255
@@ -49,8 +50,9 @@ def _check_args(maps, class_ids, size, normalize, mode):
     return b, c, mh, mw, out_h, out_w
 
 
-def _normalize_torch(maps: torch.Tensor, normalize: str) -> torch.Tensor:
-    """Per-(b, c) normalisation over the map's pixels, in float32."""
+def normalize_maps(maps: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Per-(b, c) normalisation over the map's pixels, in float32 ("minmax", "max", "none");
+    flat maps become zeros."""
     x = maps.float()
     if normalize == "none":
         return x
@@ -70,7 +72,7 @@ def finalize_masks_ref(maps, class_ids, *, size, normalize="minmax", bg_const=0.
     """Reference (plain torch) version of :func:`finalize_masks`; the definition."""
     b, c, _, _, out_h, out_w = _check_args(maps, class_ids, size, normalize, mode)
     ids = class_ids.to(device=maps.device, dtype=torch.int64)
-    scores = resize(_normalize_torch(maps, normalize), (out_h, out_w), mode)  # [B, C, H, W]
+    scores = resize(normalize_maps(maps, normalize), (out_h, out_w), mode)  # [B, C, H, W]
     valid = (ids != 0)[:, :, None, None]
     neg_inf = torch.tensor(float("-inf"), device=maps.device)
     scores = torch.where(valid, scores, neg_inf)
@@ -300,7 +302,7 @@ def finalize_masks_triton(maps, class_ids, *, size, normalize="minmax", bg_const
         raise RuntimeError("triton is not available")
     b, c, mh, mw, out_h, out_w = _check_args(maps, class_ids, size, normalize, mode)
     dev = maps.device
-    norm = _normalize_torch(maps, normalize).contiguous()
+    norm = normalize_maps(maps, normalize).contiguous()
     ids = class_ids.to(device=dev, dtype=torch.int64).contiguous()
     iy, wy = interp_taps(mh, out_h, mode, device=dev)
     ix, wx = interp_taps(mw, out_w, mode, device=dev)

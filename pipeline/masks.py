@@ -10,22 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.finalize import finalize_masks
+from ..kernels.finalize import finalize_masks, normalize_maps
 from ..kernels.interp import resize
 from .config import HarvestConfig, MaskConfig
 from .harvest import HarvestResult, grid_size
-
-
-def _normalize(x: torch.Tensor, how: str) -> torch.Tensor:
-    """Per-(sample, class) normalisation over the spatial dims."""
-    if how == "none":
-        return x
-    flat = x.flatten(2)
-    hi = flat.amax(dim=2, keepdim=True)
-    if how == "max":
-        return (flat / hi.clamp_min(1e-12)).view_as(x)
-    lo = flat.amin(dim=2, keepdim=True)
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(x)
 
 
 def combine_maps(result: HarvestResult, cfg: HarvestConfig) -> torch.Tensor:
@@ -37,7 +25,7 @@ def combine_maps(result: HarvestResult, cfg: HarvestConfig) -> torch.Tensor:
     total = None
     weight_sum = 0.0
     for stride in sorted(result.maps):
-        m = _normalize(result.maps[stride], cfg.stride_normalize)
+        m = normalize_maps(result.maps[stride], cfg.stride_normalize)
         mode = "none" if tuple(m.shape[-2:]) == size else cfg.combine_mode
         w = cfg.stride_weights.get(stride, 1.0)
         term = w * resize(m, size, mode)

@@ -7,10 +7,10 @@ import torch
 
 from attnseg.kernels import _dispatch
 from attnseg.kernels.finalize import (
-    _normalize_torch,
     finalize_masks,
     finalize_masks_numba,
     finalize_masks_ref,
+    normalize_maps,
 )
 from attnseg.kernels.interp import resize
 
@@ -50,7 +50,7 @@ def _margins(maps, ids, *, size, normalize, bg_const, bg_slope, ignore_low, igno
     """Float64 view of the reference decision at each pixel: which pixels sit within
     DECISION_EPS of a tie or a band edge (labels may flip), and which sit that close to a
     reliability rounding point (reliability may move by 1)."""
-    scores = resize(_normalize_torch(maps, normalize).double(), size, mode)
+    scores = resize(normalize_maps(maps, normalize).double(), size, mode)
     valid = (ids != 0)[:, :, None, None]
     scores = torch.where(valid, scores, torch.tensor(float("-inf"), dtype=torch.float64))
     best = scores.amax(dim=1)
