@@ -5,7 +5,7 @@ VAE) at 256x256, in one process, interleaving the three variants over several re
 machine noise hits them alike. Reports the median seconds per image, the overhead ratio against
 stock, the bytes each variant's attention state holds, and the peak resident memory growth.
 
-    python -m attnseg.bench.harvest_overhead --steps 10 --repeats 3
+    python -m attnseg.bench.harvest_overhead --steps 10 --repeats 5
 
 Results go to bench/results/harvest_overhead.{json,md}.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import threading
@@ -24,6 +25,7 @@ import psutil
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from attnseg.kernels._dispatch import ENV_VAR
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.harvest import AttentionHarvester, _stock_attention
 from attnseg.pipeline.masks import masks_from_harvest
@@ -113,7 +115,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "harvest_overhead"))
     args = ap.parse_args(argv)
@@ -141,13 +143,15 @@ def main(argv=None):
         generate()
         return 0
 
-    def run_harvest():
+    def run_harvest(impl):
+        os.environ[ENV_VAR] = impl
         harvester = AttentionHarvester(pipe.unet, preset.harvest)
         with harvester.capture(weights, size, args.steps) as cap:
             generate()
         masks_from_harvest(cap.result, ids, preset.harvest, preset.mask)
         held = cap.nbytes()
         harvester.remove()
+        del os.environ[ENV_VAR]
         return held
 
     def run_store_all():
@@ -165,7 +169,12 @@ def main(argv=None):
         pipe.unet.set_attn_processor(AttnProcessor2_0())
         return held
 
-    variants = {"stock": run_stock, "harvest": run_harvest, "store_every_map": run_store_all}
+    variants = {
+        "stock": run_stock,
+        "harvest (numba kernels)": lambda: run_harvest("numba"),
+        "harvest (torch kernels)": lambda: run_harvest("ref"),
+        "store_every_map": run_store_all,
+    }
     for fn in variants.values():  # warm-up: kernels compiled, allocator primed
         fn()
     times = {k: [] for k in variants}

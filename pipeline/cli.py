@@ -125,12 +125,8 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="attnseg",
-        description="Semantic-segmentation datasets from Stable Diffusion cross-attention.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub) -> None:
+    """Add this module's subcommands (synth, demo, presets) to the `attnseg` parser."""
     p = sub.add_parser("synth", help="generate images with pseudo-masks into a VOC-layout folder")
     _add_synth_args(p)
     p.set_defaults(func=cmd_synth)
@@ -141,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the harvesting recipes and their sources")
     p.add_argument("-v", "--verbose", action="store_true", help="print every setting")
     p.set_defaults(func=cmd_presets)
+
+
+# Each feature module exposes `register(subparsers)`; the command line is their union.
+REGISTRARS = [register]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnseg",
+        description="Semantic-segmentation datasets from Stable Diffusion cross-attention.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in REGISTRARS:
+        add(sub)
     return parser
 
 

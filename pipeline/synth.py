@@ -7,8 +7,8 @@ were already written, so a resumed or differently batched run yields the same sa
 from __future__ import annotations
 
 import hashlib
-import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,6 +58,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny', a hub id, a folder or one
     .safetensors file. Hub ids resolve from the local cache when HF_HUB_OFFLINE=1."""
+    import diffusers
     from diffusers import StableDiffusionPipeline
 
     from .tiny import build_tiny_pipeline
@@ -74,18 +75,20 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
             )
         if looks_like_path and not path.exists():
             raise UserError(f"model path {model} does not exist")
+        if path.is_file() and path.suffix != ".safetensors":
+            raise UserError(f"model file {model} is not a .safetensors checkpoint")
         kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        diffusers.utils.logging.disable_progress_bar()
         try:
-            if path.is_file():
-                if path.suffix != ".safetensors":
-                    raise UserError(f"model file {model} is not a .safetensors checkpoint")
-                pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-            else:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    str(path) if path.exists() else model, **kwargs
-                )
-        except UserError:
-            raise
+            with warnings.catch_warnings():
+                # Newer diffusers renamed torch_dtype; the old name works across versions.
+                warnings.simplefilter("ignore", FutureWarning)
+                if path.is_file():
+                    pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+                else:
+                    pipe = StableDiffusionPipeline.from_pretrained(
+                        str(path) if path.exists() else model, **kwargs
+                    )
         except Exception as e:  # diffusers/hub raise many types; report them on one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load model {model!r}: {first}") from None
@@ -94,18 +97,14 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
 
 
 def model_fingerprint(pipe) -> str:
-    """A short content hash of the UNet and text encoder (configs plus a strided weight sample)."""
+    """A short content hash of the UNet and text encoder weights (names, shapes and a strided
+    sample of values). Configs are left out: libraries add bookkeeping keys to them on save."""
     h = hashlib.sha256()
-    for part in (pipe.unet, pipe.text_encoder):
-        cfg = part.config
-        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        # Library bookkeeping (versions, source paths) is not part of the model's identity.
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and "version" not in k}
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-        with torch.no_grad():
+    with torch.no_grad():
+        for part in (pipe.unet, pipe.text_encoder):
             for name, p in part.named_parameters():
                 sample = p.detach().flatten()[::997].double().cpu()
-                h.update(name.encode())
+                h.update(f"{name}:{tuple(p.shape)}".encode())
                 h.update(np.float64(sample.sum().item()).tobytes())
     return h.hexdigest()[:16]
 
