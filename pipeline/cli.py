@@ -33,6 +33,8 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="base seed; sample i's seed depends on (seed, i)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    p.add_argument("--shard", help="do part i/n of the job (0-based), or 'auto' for the "
+                   "launcher's rank (torchrun/accelerate RANK/WORLD_SIZE, Slurm array)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset setting, e.g. --set harvest.strides=[16,32] "
                    "--set mask.bg_const=0.4 (VALUE is JSON)")
@@ -59,7 +61,7 @@ def _synth_config(args):
 
     values = load_config_file(args.config) if args.config else {}
     for name in ("model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size",
-                 "steps", "guidance", "height", "width", "seed", "device", "dtype"):
+                 "steps", "guidance", "height", "width", "seed", "device", "dtype", "shard"):
         v = getattr(args, name)
         if v is not None:
             values[name] = v
@@ -74,8 +76,9 @@ def _synth_config(args):
 
 def _print_summary(summary: dict, tiny_notice: str | None) -> None:
     rate = summary["images_per_s"]
+    part = "" if summary["shard"] == "0/1" else f" (shard {summary['shard']})"
     print(
-        f"wrote {summary['samples']} samples to {summary['out']} "
+        f"wrote {summary['samples']} samples{part} to {summary['out']} "
         f"({summary['new']} new, {summary['already_present']} already present) in "
         f"{summary['seconds']:.1f} s" + (f", {rate:.2f} images/s" if rate else "")
     )

@@ -233,6 +233,8 @@ class SynthConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    # Which part of the job this process does: "i/n", "auto" (launcher's rank), None: all.
+    shard: str | None = None
     # Overrides on top of the preset, e.g. {"harvest": {"strides": [16]}, "mask": {...}}.
     overrides: dict[str, Any] = field(default_factory=dict)
 

@@ -5,6 +5,7 @@
     OUT/Reliability/<name>.png                8-bit reliability (255 = most reliable)
     OUT/ImageSets/Segmentation/train.txt      sample names, one per line
     OUT/manifest.jsonl                        one JSON record per finished sample
+                                              (shard i of n: manifest.shard-IIIII-of-NNNNN.jsonl)
     OUT/job.json                              the job's settings (a resume must match them)
     OUT/classes.json                          class ids and names
 
@@ -28,6 +29,49 @@ from PIL import Image
 from .errors import UserError
 
 _TMP_TAG = ".tmp-attnseg-"
+_MANIFEST_GLOB = "manifest*.jsonl"
+
+
+def manifest_name(shard: tuple[int, int]) -> str:
+    """Each shard appends to its own manifest, so concurrent shards never share a file
+    (appends from several hosts to one file are not atomic on network filesystems)."""
+    i, n = shard
+    return "manifest.jsonl" if n == 1 else f"manifest.shard-{i:05d}-of-{n:05d}.jsonl"
+
+
+def _complete_lines(data: bytes) -> list[dict]:
+    """The records of a manifest's complete lines (a torn last line is left out)."""
+    keep = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
+
+
+def read_manifest_records(root: str | Path) -> list[dict]:
+    """Every finished sample of a dataset folder, from all its manifests, in index order."""
+    by_index = {}
+    for path in sorted(Path(root).glob(_MANIFEST_GLOB)):
+        for rec in _complete_lines(path.read_bytes()):
+            by_index[rec["index"]] = rec
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def finished_indices(root: str | Path, job: dict) -> set[int]:
+    """Indices already written for `job` in `root` (empty if the folder holds another job).
+
+    `job` is compared without its model hash, which needs the model loaded: this lets a
+    finished shard return without loading the model; a hash mismatch is caught by the writer.
+    """
+    job_file = Path(root) / "job.json"
+    if not job_file.exists():
+        return set()
+    try:
+        previous = json.loads(job_file.read_text())
+    except ValueError:
+        return set()
+    previous.pop("model_hash", None)
+    mine = {k: v for k, v in json.loads(json.dumps(job)).items() if k != "model_hash"}
+    if previous != mine:
+        return set()
+    return {rec["index"] for rec in read_manifest_records(root)}
 
 
 def voc_palette() -> list[int]:
@@ -87,7 +131,7 @@ def check_output_dir(out: Path) -> None:
 class DatasetWriter:
     """Writes samples into the VOC layout atomically; knows which samples are already done."""
 
-    def __init__(self, root: str | Path, job: dict, classes):
+    def __init__(self, root: str | Path, job: dict, classes, shard: tuple[int, int] = (0, 1)):
         self.root = Path(root)
         self.job = job = json.loads(json.dumps(job))  # as it reads back (tuples -> lists, ...)
         try:
@@ -113,29 +157,24 @@ class DatasetWriter:
             classes_doc.update({str(c.id): c.name for c in classes})
             atomic_write_bytes(self.root / "classes.json", json.dumps(classes_doc).encode())
             atomic_write_bytes(job_file, json.dumps(job, indent=1, sort_keys=True).encode())
-        self.manifest = self.root / "manifest.jsonl"
-        self.records = self._read_manifest()
-        self.done = {r["index"] for r in self.records}
+        self.manifest = self.root / manifest_name(shard)
+        self._repair_manifest()
+        self.done = {r["index"] for r in read_manifest_records(self.root)}
         self._palette = voc_palette()
 
     def _remove_stale_temporaries(self) -> None:
         for path in self.root.rglob(f"*{_TMP_TAG}*"):
             path.unlink(missing_ok=True)
 
-    def _read_manifest(self) -> list[dict]:
-        """Finished samples; a torn last line (killed mid-append) is cut off."""
+    def _repair_manifest(self) -> None:
+        """Cut a torn last line (a kill mid-append) off this writer's own manifest."""
         if not self.manifest.exists():
-            return []
+            return
         data = self.manifest.read_bytes()
-        keep = data[: data.rfind(b"\n") + 1]
-        if len(keep) != len(data):
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
             with open(self.manifest, "r+b") as f:
-                f.truncate(len(keep))
-        records = []
-        for line in keep.decode().splitlines():
-            if line.strip():
-                records.append(json.loads(line))
-        return records
+                f.truncate(keep)
 
     def write(self, index: int, name: str, image: np.ndarray, label: np.ndarray,
               reliability: np.ndarray, record: dict) -> None:
@@ -152,11 +191,10 @@ class DatasetWriter:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self.records.append(entry)
         self.done.add(index)
 
     def finish(self) -> None:
-        """Write the split file listing every finished sample in index order."""
-        names = [r["name"] for r in sorted(self.records, key=lambda r: r["index"])]
+        """Write the split file listing every finished sample (all shards) in index order."""
+        names = [r["name"] for r in read_manifest_records(self.root)]
         atomic_write_bytes(self.root / "ImageSets" / "Segmentation" / "train.txt",
                            "".join(n + "\n" for n in names).encode())

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .dataset import atomic_write_bytes, encode_png, voc_palette
+from .dataset import atomic_write_bytes, encode_png, read_manifest_records, voc_palette
 
 
 def _colour_mask(label: np.ndarray) -> np.ndarray:
@@ -58,9 +57,7 @@ def write_report(root: str | Path, max_samples: int = 24, notice: str | None = N
     Each contact-sheet cell is one sample: image | mask overlay | reliability.
     """
     root = Path(root)
-    records = [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()
-               if line.strip()]
-    records = sorted(records, key=lambda r: r["index"])[:max_samples]
+    records = read_manifest_records(root)[:max_samples]
     out = root / "report"
     out.mkdir(exist_ok=True)
     rows = []

@@ -7,16 +7,17 @@ were already written, so a resumed or differently batched run yields the same sa
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import Preset, SynthConfig
-from .dataset import DatasetWriter, check_output_dir
+from .dataset import DatasetWriter, check_output_dir, finished_indices
 from .errors import UserError
 from .harvest import AttentionHarvester
 from .masks import masks_from_harvest
@@ -38,7 +39,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun/accelerate each process takes the GPU of its local rank.
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -197,11 +201,45 @@ def default_size(model: str) -> int:
     return 128 if model == "tiny" else 512
 
 
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """`--shard`: "i/n" (0-based), or "auto" for the launcher's rank (torchrun/accelerate set
+    RANK and WORLD_SIZE; Slurm arrays SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT)."""
+    if spec is None:
+        return 0, 1
+    if spec == "auto":
+        for rank, size in (("RANK", "WORLD_SIZE"),
+                           ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+            if rank in os.environ and size in os.environ:
+                return parse_shard(f"{os.environ[rank]}/{os.environ[size]}")
+        return 0, 1
+    i, slash, n = spec.partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not slash or count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {spec!r} is not of the form i/n with 0 <= i < n, or auto")
+    return index, count
+
+
+def plan_batches(samples: list[Sample], batch_size: int, shard: tuple[int, int]):
+    """This shard's batches. Batches are fixed runs of `batch_size` consecutive global indices
+    and are dealt round-robin to shards, so every batch is generated with the same companions
+    under any sharding and on any resume: batched kernels round alike, samples are identical."""
+    index, count = shard
+    batches = [samples[k : k + batch_size] for k in range(0, len(samples), batch_size)]
+    return batches[index::count]
+
+
 def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
-    """Run a synthesis job end to end; returns a summary dict. Resumes an interrupted job."""
+    """Run a synthesis job (or one shard of it) end to end; returns a summary dict.
+
+    Resumes an interrupted job; a shard whose samples are all written returns at once.
+    """
     cfg.validate()
-    cfg.height = cfg.height or default_size(cfg.model)
-    cfg.width = cfg.width or default_size(cfg.model)
+    cfg = replace(cfg, height=cfg.height or default_size(cfg.model),
+                  width=cfg.width or default_size(cfg.model))
+    shard = parse_shard(cfg.shard)
     preset = cfg.resolve_preset()
     steps = cfg.steps or preset.steps or 20
     guidance = cfg.guidance if cfg.guidance is not None else (preset.guidance or 7.5)
@@ -214,51 +252,61 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
     if device.type == "cpu" and dtype == torch.float16:
         raise UserError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
     samples = plan_samples(classes, prompts, cfg.num_per_class, cfg.seed)
-    pipe = load_pipeline(cfg.model, device, dtype)
-    synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance)
-    synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
+    batches = plan_batches(samples, cfg.batch_size, shard)
+    mine = sum(len(b) for b in batches)
     job = {
-        "model": cfg.model, "model_hash": model_fingerprint(pipe), "classes": cfg.classes,
+        "model": cfg.model, "classes": cfg.classes,
         "class_names": [c.name for c in classes], "num_per_class": cfg.num_per_class,
         "preset": cfg.preset, "harvest": asdict(preset.harvest), "mask": asdict(preset.mask),
         "prompts": cfg.prompts, "steps": steps, "guidance": guidance,
         "size": [cfg.height, cfg.width], "seed": cfg.seed, "dtype": str(dtype),
+        "batch_size": cfg.batch_size,
     }
-    writer = DatasetWriter(out, job, classes)
-    todo = [s for s in samples if s.index not in writer.done]
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(samples), initial=len(samples) - len(todo), unit="img",
-                   desc="synth", dynamic_ncols=True)
+    done = finished_indices(out, job)
+    todo = [b for b in batches if any(s.index not in done for s in b)]
+    synth = None
     written = 0
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start : start + cfg.batch_size]
-        images, labels, reliability = synth.generate(batch)
-        for j, s in enumerate(batch):
-            writer.write(s.index, s.name, images[j], labels[j], reliability[j], {
-                "prompt": s.spec.text,
-                "classes": [{"id": c.id, "name": c.name, "word": w} for c, w in s.spec.labels],
-                "seed": s.seed,
-            })
-        written += len(batch)
+    if todo:
+        pipe = load_pipeline(cfg.model, device, dtype)
+        synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance)
+        synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
+        job["model_hash"] = model_fingerprint(pipe)
+        writer = DatasetWriter(out, job, classes, shard=shard)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            left = sum(s.index not in writer.done for b in todo for s in b)
+            bar = tqdm(total=mine, initial=mine - left, unit="img", dynamic_ncols=True,
+                       desc="synth" if shard[1] == 1 else f"synth {shard[0]}/{shard[1]}")
+        for batch in todo:
+            images, labels, reliability = synth.generate(batch)
+            for j, s in enumerate(batch):
+                if s.index in writer.done:
+                    continue  # written before an interruption; regenerated only as a companion
+                writer.write(s.index, s.name, images[j], labels[j], reliability[j], {
+                    "prompt": s.spec.text,
+                    "classes": [{"id": c.id, "name": c.name, "word": w}
+                                for c, w in s.spec.labels],
+                    "seed": s.seed,
+                })
+                written += 1
+            if bar is not None:
+                rate = written / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{rate:.2f} img/s")
+                bar.n = mine - sum(s.index not in writer.done for b in todo for s in b)
+                bar.refresh()
         if bar is not None:
-            rate = written / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{rate:.2f} img/s")
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    writer.finish()
+            bar.close()
+        writer.finish()
+        synth.harvester.remove()
     elapsed = time.perf_counter() - t0
-    summary = {
-        "out": str(out), "samples": len(samples), "new": written,
-        "already_present": len(samples) - written, "seconds": round(elapsed, 3),
+    return {
+        "out": str(out), "samples": mine, "new": written, "already_present": mine - written,
+        "shard": f"{shard[0]}/{shard[1]}", "seconds": round(elapsed, 3),
         "images_per_s": round(written / elapsed, 3) if written and elapsed > 0 else None,
         "model": cfg.model, "preset": cfg.preset, "steps": steps, "size": [cfg.height, cfg.width],
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "timings_s": {k: round(v, 3) for k, v in synth.timings.items()},
+        "timings_s": {k: round(v, 3) for k, v in (synth.timings if synth else {}).items()},
     }
-    synth.harvester.remove()
-    return summary

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 from attnseg.pipeline.cli import main
+from attnseg.pipeline.config import SynthConfig
+from attnseg.pipeline.synth import run_synth
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
 SMALL = ["--model", "tiny", "--classes", "aeroplane,dog,cat", "--num-per-class", "2",
@@ -83,7 +85,7 @@ def test_batch_size_does_not_change_samples(tmp_path):
 
 def test_resume_after_kill(tmp_path):
     out = tmp_path / "ds"
-    args = [*SMALL, "--num-per-class", "6", "--batch-size", "1", "--out", str(out)]
+    args = [*SMALL, "--num-per-class", "6", "--batch-size", "2", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "attnseg.pipeline.cli", "synth", *args],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "manifest.jsonl"
@@ -213,3 +215,28 @@ def test_model_from_local_folder(tmp_path, tiny_pipe):
     la = np.asarray(Image.open(a / "SegmentationClass/00000000.png"))
     lb = np.asarray(Image.open(b / "SegmentationClass/00000000.png"))
     assert (la == lb).all()
+
+
+def test_shardings_give_byte_identical_samples(tmp_path):
+    args = [*SMALL, "--batch-size", "2"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(["synth", *args, "--out", str(whole)]) == 0
+    for i in (2, 0, 1):  # any order
+        assert main(["synth", *args, "--shard", f"{i}/3", "--out", str(split)]) == 0
+    assert _dataset_files(whole) == _dataset_files(split)
+    assert (whole / "ImageSets/Segmentation/train.txt").read_text() == \
+        (split / "ImageSets/Segmentation/train.txt").read_text()
+    assert len(list(split.glob("manifest.shard-*-of-00003.jsonl"))) == 3
+    # A finished shard returns without loading the model or writing anything.
+    r = _cli("synth", *args, "--shard", "1/3", "--out", str(split))
+    assert r.returncode == 0 and "0 new, 2 already present" in r.stdout
+    summary = run_synth(SynthConfig(model="tiny", classes="aeroplane,dog,cat", num_per_class=2,
+                                    steps=3, height=64, width=64, batch_size=2, shard="1/3",
+                                    out=str(split)), progress=False)
+    assert summary["new"] == 0 and summary["timings_s"] == {}  # the model was never loaded
+    assert _dataset_files(whole) == _dataset_files(split)
+
+
+def test_bad_shard_spec(tmp_path):
+    r = _cli("synth", *SMALL, "--shard", "3/3", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--shard '3/3' is not of the form i/n" in r.stderr
