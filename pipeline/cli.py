@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from ..bench import cli as bench_cli
 from .errors import UserError
 
 
@@ -143,7 +144,7 @@ def register(sub) -> None:
 
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
-REGISTRARS = [register]
+REGISTRARS = [register, bench_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ Usage on any diffusers Stable Diffusion pipeline::
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,12 @@ class HarvestResult:
     maps: dict[int, torch.Tensor]
     self_attention: torch.Tensor | None
     image_size: tuple[int, int]
+
+
+def _synced_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _block_of(name: str) -> str:
@@ -172,9 +179,15 @@ class HarvestingAttnProcessor:
         out, query, key = _stock_attention(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb
         )
-        capture = self.harvester._capture
+        harvester = self.harvester
+        capture = harvester._capture
         if capture is not None and capture.active():
-            self.harvester._observe(self, attn, query, key, capture)
+            if harvester.timed:  # benchmarks attribute time to harvesting (syncs the GPU)
+                t0 = _synced_clock(query.device)
+                harvester._observe(self, attn, query, key, capture)
+                harvester.observe_seconds += _synced_clock(query.device) - t0
+            else:
+                harvester._observe(self, attn, query, key, capture)
         return out
 
 
@@ -190,6 +203,9 @@ class AttentionHarvester:
         self.unet = unet
         self.config = config
         self._capture: _Capture | None = None
+        # Set `timed` to accumulate the seconds spent harvesting in `observe_seconds`.
+        self.timed = False
+        self.observe_seconds = 0.0
         self._previous = dict(unet.attn_processors)
         processors = {}
         for name, proc in self._previous.items():

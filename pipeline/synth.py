@@ -60,15 +60,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
-    """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny', a hub id, a folder or one
-    .safetensors file. Hub ids resolve from the local cache when HF_HUB_OFFLINE=1."""
+    """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny' or 'sd15-random' (built-in
+    random weights), a hub id, a folder or one .safetensors file. Hub ids resolve from the local
+    cache when HF_HUB_OFFLINE=1."""
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    from .tiny import build_tiny_pipeline
+    from .tiny import build_sd15_random_pipeline, build_tiny_pipeline
 
     if model == "tiny":
         pipe = build_tiny_pipeline(dtype=dtype)
+    elif model == "sd15-random":
+        pipe = build_sd15_random_pipeline(dtype=dtype)
     else:
         path = Path(model).expanduser()
         looks_like_path = model.startswith((".", "/", "~")) or path.suffix != "" or path.exists()
@@ -195,6 +198,9 @@ class Synthesizer:
         self.timings["masks"] += t2 - t1
         images = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         return images, labels.cpu().numpy(), reliability.cpu().numpy()
+
+
+RANDOM_MODELS = ("tiny", "sd15-random")
 
 
 def default_size(model: str) -> int:

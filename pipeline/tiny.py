@@ -1,9 +1,14 @@
-"""The built-in tiny Stable Diffusion: random weights, SD 1.x layout, no download.
+"""Built-in random-weight Stable Diffusion pipelines that need no download.
+
+`tiny`: the built-in tiny Stable Diffusion: random weights, SD 1.x layout.
 
 It has the same component types and the same attention geometry as SD 1.5 (latent stride 8;
 cross-attention at strides 8, 16 and 32 in down and up blocks, and 64 in the mid block), so
 every code path of harvesting, masks and engines runs on it in seconds on a CPU. Its images are
 noise and its masks carry no meaning: it exists for tests, demos and benchmarks of the code.
+
+`sd15-random`: Stable Diffusion 1.5's exact architecture (UNet 860 M parameters, CLIP ViT-L/14
+text encoder, SD VAE) with random weights, for timing and memory benchmarks.
 """
 
 from __future__ import annotations
@@ -114,6 +119,45 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Stable Diffusion 1.5's architecture with random weights (the tiny tokenizer's ids)."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(tmp)
+        tokenizer = CLIPTokenizer(
+            f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77,
+            pad_token="<|endoftext|>",
+        )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    ))
+    # UNet2DConditionModel's defaults are SD 1.x's layout; SD 1.5 cross-attends to 768-d text.
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512,
+    )
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None,

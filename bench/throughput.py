@@ -1,0 +1,431 @@
+"""`attnseg bench throughput`: generation speed and memory, with and without harvesting.
+
+For each backend and batch size, three variants run interleaved over the repeats (so machine
+noise hits them alike), after warm-up:
+
+- `stock`: the diffusers pipeline with its stock attention, no masks;
+- `harvest`: attnseg harvesting + mask finalisation + writing the samples;
+- `store_every_map`: the older tools' pattern (DiffuMask/DAAM-style attention stores): explicit
+  softmax of every cross-attention call, both guidance halves, kept for every step and
+  aggregated afterwards.
+
+Per run it records seconds per batch split into text encoder / UNet / harvesting / VAE /
+masks / writing, denoising steps/s, images/s, the bytes held in attention state, peak host RSS
+growth and peak device memory. Output: JSON, a markdown table and PNG plots; the machine and
+library versions are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
+from attnseg.pipeline.errors import UserError
+from attnseg.pipeline.harvest import AttentionHarvester, _stock_attention
+from attnseg.pipeline.masks import masks_from_harvest
+from attnseg.pipeline.prompts import class_token_weights, default_prompts, load_classes
+from attnseg.pipeline.synth import (
+    RANDOM_MODELS,
+    default_size,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+)
+
+VARIANTS = ("stock", "harvest", "store_every_map")
+COMPONENTS = ("text_encoder", "unet", "harvest", "vae", "masks", "write")
+BACKENDS = ("torch",)
+
+
+@dataclass
+class ThroughputConfig:
+    """One `attnseg bench throughput` run."""
+
+    model: str = "tiny"
+    backends: tuple[str, ...] = ("torch",)
+    batch_sizes: tuple[int, ...] = (1, 2)
+    size: int | None = None  # None: 128 for tiny, else 512
+    steps: int = 10
+    guidance: float = 7.5
+    repeats: int = 3
+    warmup: int = 1
+    preset: str = "attnseg"
+    variants: tuple[str, ...] = VARIANTS
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = "bench/results/throughput"
+    plots: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class StoreEveryMapProcessor:
+    """Explicit cross-attention softmax of every call kept in a list (the older tools' way)."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        out, query, key = _stock_attention(attn, hidden_states, encoder_hidden_states,
+                                           attention_mask, temb)
+        if encoder_hidden_states is not None:
+            self.store.append(torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1))
+        return out
+
+
+class PeakRSS:
+    """Samples the process's resident memory in a thread; `growth` is the peak over the start."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.growth = self.peak - self.start
+
+
+class _ComponentClock:
+    """Forward hooks that add each component's wall time (GPU-synchronised) to `seconds`."""
+
+    def __init__(self, pipe, device: torch.device):
+        self.device = device
+        self.seconds = dict.fromkeys(COMPONENTS, 0.0)
+        self._handles = []
+        self._starts: dict[str, float] = {}
+        for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet)):
+            self._handles.append(module.register_forward_pre_hook(self._start(name)))
+            self._handles.append(module.register_forward_hook(self._stop(name)))
+        self._pipe = pipe
+        self._decode = pipe.vae.decode
+        clock = self
+
+        def timed_decode(*args, **kwargs):
+            t0 = clock.now()
+            try:
+                return clock._decode(*args, **kwargs)
+            finally:
+                clock.seconds["vae"] += clock.now() - t0
+
+        pipe.vae.decode = timed_decode
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _start(self, name):
+        def hook(module, args):
+            self._starts[name] = self.now()
+        return hook
+
+    def _stop(self, name):
+        def hook(module, args, output):
+            self.seconds[name] += self.now() - self._starts.pop(name)
+        return hook
+
+    def reset(self):
+        self.seconds = dict.fromkeys(COMPONENTS, 0.0)
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._pipe.vae.decode = self._decode
+
+
+def machine_info(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    info = {
+        "platform": platform.platform(), "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(), "cpu_count": psutil.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "memory_gib": round(
+            psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+@dataclass
+class _Case:
+    """One (backend, batch size) cell of the sweep and its fixed inputs."""
+
+    backend: str
+    batch_size: int
+    prompts: list[str]
+    weights: torch.Tensor
+    class_ids: torch.Tensor
+    latents: torch.Tensor
+    writer: DatasetWriter
+
+
+class _Bench:
+    """The pipeline instrumented for the three variants."""
+
+    def __init__(self, cfg: ThroughputConfig, pipe, device: torch.device, size: int):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.cfg, self.pipe, self.device, self.size = cfg, pipe, device, size
+        self.preset = get_preset(cfg.preset)
+        self.clock = _ComponentClock(pipe, device)
+        self.stock_processor = AttnProcessor2_0()
+        self.harvester = AttentionHarvester(pipe.unet, self.preset.harvest)
+        self.harvester.timed = True
+        self.harvest_processors = dict(pipe.unet.attn_processors)
+        self.store: list = []
+        self.store_processors = {
+            n: StoreEveryMapProcessor(self.store) if ".attn2." in n else p
+            for n, p in self.harvest_processors.items()
+        }
+
+    def close(self) -> None:
+        self.clock.close()
+        self.harvester.remove()
+
+    def _generate(self, case: _Case):
+        return self.pipe(case.prompts, height=self.size, width=self.size,
+                         num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance,
+                         latents=case.latents.clone(), output_type="np").images
+
+    def _harvest(self, case: _Case) -> int:
+        clock, preset = self.clock, self.preset
+        self.pipe.unet.set_attn_processor(dict(self.harvest_processors))  # it pops entries
+        self.harvester.observe_seconds = 0.0
+        with self.harvester.capture(case.weights, (self.size, self.size), self.cfg.steps) as cap:
+            images = self._generate(case)
+        t = clock.now()
+        labels, rel = masks_from_harvest(cap.result, case.class_ids, preset.harvest, preset.mask)
+        labels, rel = labels.cpu().numpy(), rel.cpu().numpy()
+        clock.seconds["masks"] += clock.now() - t
+        t = clock.now()
+        images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        for j in range(case.batch_size):
+            case.writer.write(j, f"{j:08d}", images[j], labels[j], rel[j], {})
+        clock.seconds["write"] += clock.now() - t
+        # The harvesting ran inside the UNet's forward: move its time out of the UNet's.
+        clock.seconds["harvest"] = self.harvester.observe_seconds
+        clock.seconds["unet"] -= self.harvester.observe_seconds
+        return cap.nbytes()
+
+    def _store_every_map(self, case: _Case) -> int:
+        self.pipe.unet.set_attn_processor(dict(self.store_processors))
+        self.store.clear()
+        self._generate(case)
+        held = sum(p.numel() * p.element_size() for p in self.store)
+        t = self.clock.now()
+        # Aggregated afterwards, as those tools do: cond half, mean over heads/steps/layers.
+        maps = [p[case.batch_size:].mean(1) for p in self.store]
+        del maps
+        self.store.clear()
+        self.clock.seconds["masks"] += self.clock.now() - t
+        return held
+
+    def run(self, variant: str, case: _Case) -> dict:
+        self.clock.reset()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with PeakRSS() as mem:
+            start = self.clock.now()
+            if variant == "stock":
+                self.pipe.unet.set_attn_processor(self.stock_processor)
+                self._generate(case)
+                held = 0
+            elif variant == "harvest":
+                held = self._harvest(case)
+            else:
+                held = self._store_every_map(case)
+            total = self.clock.now() - start
+        return {
+            "backend": case.backend, "batch_size": case.batch_size, "variant": variant,
+            "seconds": total, "components_s": dict(self.clock.seconds),
+            "attention_state_bytes": held, "peak_rss_growth_bytes": mem.growth,
+            "peak_device_bytes": (torch.cuda.max_memory_allocated(self.device)
+                                  if self.device.type == "cuda" else None),
+        }
+
+
+def run_throughput(cfg: ThroughputConfig) -> dict:
+    """Run the benchmark; writes `cfg.out`.{json,md} (+ .png plots) and returns the result."""
+    unknown = [b for b in cfg.backends if b not in BACKENDS]
+    if unknown:
+        raise UserError(f"backend(s) {unknown} not available; choose from {list(BACKENDS)}")
+    bad = [v for v in cfg.variants if v not in VARIANTS]
+    if bad:
+        raise UserError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    if "stock" not in cfg.variants:
+        raise UserError("the 'stock' variant is the baseline and must be included")
+    if cfg.repeats < 1 or cfg.steps < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise UserError("repeats, steps and batch sizes must be >= 1")
+    size = cfg.size or default_size(cfg.model)
+    if size % 8:
+        raise UserError(f"--size {size} is not a multiple of 8")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(cfg.model, device, dtype)
+    load_s = time.perf_counter() - t0
+    classes = load_classes("voc")
+    prompts = default_prompts(classes)
+    bench = _Bench(cfg, pipe, device, size)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in cfg.backends:
+            for bs in cfg.batch_sizes:
+                specs = [prompts[classes[i % len(classes)].name][0] for i in range(bs)]
+                weights, ids = class_token_weights(pipe.tokenizer, specs)
+                writer = DatasetWriter(Path(tmp) / f"{backend}-{bs}", {
+                    "model": cfg.model, "model_hash": "", "preset": cfg.preset, "mask": {}},
+                    classes)
+                latents = torch.randn(bs, pipe.unet.config.in_channels, size // 8, size // 8,
+                                      generator=torch.Generator().manual_seed(0))
+                case = _Case(backend, bs, [s.text for s in specs], weights, ids, latents, writer)
+                for _ in range(cfg.warmup):
+                    for v in cfg.variants:
+                        bench.run(v, case)
+                for r in range(cfg.repeats):
+                    for v in cfg.variants:
+                        runs.append({**bench.run(v, case), "repeat": r})
+    bench.close()
+    result = {
+        "benchmark": "throughput", "config": asdict(cfg), "size": [size, size],
+        "model_note": ("built-in random weights: timings are real, images are noise"
+                       if cfg.model in RANDOM_MODELS else "real weights"),
+        "load_seconds": round(load_s, 2), "machine": machine_info(device),
+        "dtype": str(dtype).replace("torch.", ""), "runs": runs,
+        "summary": summarise(runs, cfg.steps),
+    }
+    write_outputs(result, Path(cfg.out), plots=cfg.plots)
+    return result
+
+
+def summarise(runs: list[dict], steps: int) -> list[dict]:
+    """Median and spread per (backend, batch size, variant); ratios against stock."""
+    rows = []
+    keys = sorted({(r["backend"], r["batch_size"], r["variant"]) for r in runs},
+                  key=lambda k: (k[0], k[1], VARIANTS.index(k[2])))
+    medians = {}
+    for key in keys:
+        sel = [r for r in runs if (r["backend"], r["batch_size"], r["variant"]) == key]
+        secs = [r["seconds"] for r in sel]
+        med = statistics.median(secs)
+        medians[key] = med
+        bs = key[1]
+        rows.append({
+            "backend": key[0], "batch_size": bs, "variant": key[2],
+            "seconds_per_batch": _spread(secs),
+            "images_per_s": bs / med,
+            "denoising_steps_per_s": steps / med,
+            "seconds_per_image": {c: statistics.median(r["components_s"][c] for r in sel) / bs
+                                  for c in COMPONENTS},
+            "attention_state_bytes": max(r["attention_state_bytes"] for r in sel),
+            "peak_rss_growth_bytes": max(r["peak_rss_growth_bytes"] for r in sel),
+            "peak_device_bytes": (max(r["peak_device_bytes"] for r in sel)
+                                  if sel[0]["peak_device_bytes"] is not None else None),
+        })
+    for row in rows:
+        base = medians[(row["backend"], row["batch_size"], "stock")]
+        row["time_vs_stock"] = row["seconds_per_batch"]["median"] / base
+    return rows
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _table(result: dict) -> str:
+    m = result["machine"]
+    cfg = result["config"]
+    head = (f"{cfg['model']} ({result['model_note']}), {result['size'][0]}x{result['size'][1]},"
+            f" {cfg['steps']} steps, {result['dtype']} on {m.get('gpu', m['device'])} "
+            f"({m['cpu_count']} CPU cores), median of {cfg['repeats']} (min-max)")
+    lines = [head, "",
+             "| backend | batch | variant | s/batch | images/s | steps/s | vs stock | UNet s/img"
+             " | harvest s/img | VAE s/img | masks+write s/img | attn state | peak RSS + |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["summary"]:
+        s = r["seconds_per_batch"]
+        c = r["seconds_per_image"]
+        lines.append(
+            f"| {r['backend']} | {r['batch_size']} | {r['variant']} | {s['median']:.3f} "
+            f"({s['min']:.3f}-{s['max']:.3f}) | {r['images_per_s']:.3f} | "
+            f"{r['denoising_steps_per_s']:.2f} | {r['time_vs_stock']:.3f}x | {c['unet']:.3f} | "
+            f"{c['harvest']:.4f} | {c['vae']:.3f} | {c['masks'] + c['write']:.4f} | "
+            f"{_bytes(r['attention_state_bytes'])} | {_bytes(r['peak_rss_growth_bytes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, out: Path, plots: bool = True) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write_bytes(out.with_suffix(".md"), _table(result).encode())
+    if plots:
+        _plot(result, out.with_suffix(".png"))
+
+
+def _plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install 'attnseg[bench]'") from None
+    rows = result["summary"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for (backend, variant) in sorted({(r["backend"], r["variant"]) for r in rows}):
+        sel = [r for r in rows if r["backend"] == backend and r["variant"] == variant]
+        ax1.plot([r["batch_size"] for r in sel], [r["images_per_s"] for r in sel], marker="o",
+                 label=f"{backend} {variant}")
+    ax1.set_xlabel("batch size")
+    ax1.set_ylabel("images / s")
+    ax1.set_title("throughput")
+    ax1.legend(fontsize=8)
+    labels = [f"{r['backend']}\nb{r['batch_size']}\n{r['variant']}" for r in rows]
+    bottom = np.zeros(len(rows))
+    for comp in COMPONENTS:
+        vals = np.array([r["seconds_per_image"][comp] for r in rows])
+        ax2.bar(range(len(rows)), vals, bottom=bottom, label=comp)
+        bottom += vals
+    ax2.set_xticks(range(len(rows)), labels, fontsize=6)
+    ax2.set_ylabel("seconds / image")
+    ax2.set_title("where the time goes")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"attnseg bench throughput: {result['config']['model']}, "
+                 f"{result['size'][0]}px, {result['config']['steps']} steps", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,53 @@
+"""`attnseg bench throughput` on the tiny model: every field present and consistent."""
+
+from __future__ import annotations
+
+import json
+
+from attnseg.bench.throughput import COMPONENTS, VARIANTS
+from attnseg.pipeline.cli import main
+
+
+def test_throughput_json_has_every_field(tmp_path, capsys):
+    out = tmp_path / "tp"
+    assert main(["bench", "throughput", "--model", "tiny", "--size", "64", "--steps", "2",
+                 "--repeats", "2", "--warmup", "0", "--batch-sizes", "1,2",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| torch | 2 | harvest |" in printed and "random weights" in printed
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".md").exists()
+    for key in ("platform", "cpu_count", "torch", "diffusers", "transformers", "device"):
+        assert key in result["machine"]
+    assert len(result["runs"]) == 2 * 2 * len(VARIANTS)
+    rows = {(r["batch_size"], r["variant"]): r for r in result["summary"]}
+    assert set(rows) == {(b, v) for b in (1, 2) for v in VARIANTS}
+    for (bs, variant), r in rows.items():
+        s = r["seconds_per_batch"]
+        assert 0 < s["min"] <= s["median"] <= s["max"]
+        assert abs(r["images_per_s"] - bs / s["median"]) < 1e-9
+        assert abs(r["denoising_steps_per_s"] - 2 / s["median"]) < 1e-9
+        assert set(r["seconds_per_image"]) == set(COMPONENTS)
+        assert r["seconds_per_image"]["unet"] > 0 and r["seconds_per_image"]["vae"] > 0
+        assert r["peak_device_bytes"] is None  # CPU run
+        if variant == "stock":
+            assert r["time_vs_stock"] == 1.0 and r["attention_state_bytes"] == 0
+    for bs in (1, 2):
+        harvest, store = rows[(bs, "harvest")], rows[(bs, "store_every_map")]
+        assert harvest["seconds_per_image"]["harvest"] > 0
+        assert harvest["seconds_per_image"]["write"] > 0
+        # The running buffers are far smaller than every stored map.
+        assert 0 < harvest["attention_state_bytes"] * 20 < store["attention_state_bytes"]
+    # The store-every-map state grows with the step count; attnseg's does not.
+    out2 = tmp_path / "tp4"
+    assert main(["bench", "throughput", "--size", "64", "--steps", "4", "--repeats", "1",
+                 "--warmup", "0", "--batch-sizes", "1", "--no-plots", "--out", str(out2)]) == 0
+    rows4 = {r["variant"]: r for r in json.loads(out2.with_suffix(".json").read_text())["summary"]}
+    held = {v: rows[(1, v)]["attention_state_bytes"] for v in ("harvest", "store_every_map")}
+    assert rows4["harvest"]["attention_state_bytes"] == held["harvest"]
+    assert rows4["store_every_map"]["attention_state_bytes"] == 2 * held["store_every_map"]
+
+
+def test_unknown_backend_is_a_clear_error(capsys):
+    assert main(["bench", "throughput", "--backends", "nope", "--no-plots"]) == 2
+    assert "backend(s) ['nope'] not available" in capsys.readouterr().err
