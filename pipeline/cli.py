@@ -34,6 +34,10 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="base seed; sample i's seed depends on (seed, i)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    p.add_argument("--format", help="voc (default: files + manifest) or webdataset "
+                   "(tar chunks + parquet, for millions of samples)")
+    p.add_argument("--samples-per-tar", type=int, help="WebDataset chunk size, a multiple of "
+                   "--batch-size (default: 1000)")
     p.add_argument("--shard", help="do part i/n of the job (0-based), or 'auto' for the "
                    "launcher's rank (torchrun/accelerate RANK/WORLD_SIZE, Slurm array)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -62,7 +66,8 @@ def _synth_config(args):
 
     values = load_config_file(args.config) if args.config else {}
     for name in ("model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size",
-                 "steps", "guidance", "height", "width", "seed", "device", "dtype", "shard"):
+                 "steps", "guidance", "height", "width", "seed", "device", "dtype", "shard",
+                 "format", "samples_per_tar"):
         v = getattr(args, name)
         if v is not None:
             values[name] = v

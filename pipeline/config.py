@@ -233,6 +233,9 @@ class SynthConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    # Output layout: "voc" (files + manifest) or "webdataset" (tar chunks + parquet).
+    format: str = "voc"
+    samples_per_tar: int = 1000  # a multiple of batch_size
     # Which part of the job this process does: "i/n", "auto" (launcher's rank), None: all.
     shard: str | None = None
     # Overrides on top of the preset, e.g. {"harvest": {"strides": [16]}, "mask": {...}}.
@@ -249,6 +252,12 @@ class SynthConfig:
             raise UserError("--batch-size must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise UserError("--steps must be >= 1")
+        if self.format not in ("voc", "webdataset"):
+            raise UserError(f"--format must be voc or webdataset, not {self.format!r}")
+        if self.format == "webdataset" and (
+                self.samples_per_tar < 1 or self.samples_per_tar % self.batch_size):
+            raise UserError(f"--samples-per-tar {self.samples_per_tar} must be a positive "
+                            f"multiple of --batch-size {self.batch_size}")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise UserError(f"--dtype must be auto, fp32, fp16 or bf16, not {self.dtype!r}")
 

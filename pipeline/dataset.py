@@ -21,9 +21,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from .errors import UserError
@@ -54,22 +56,23 @@ def read_manifest_records(root: str | Path) -> list[dict]:
     return [by_index[i] for i in sorted(by_index)]
 
 
-def finished_indices(root: str | Path, job: dict) -> set[int]:
-    """Indices already written for `job` in `root` (empty if the folder holds another job).
-
-    `job` is compared without its model hash, which needs the model loaded: this lets a
-    finished shard return without loading the model; a hash mismatch is caught by the writer.
-    """
+def stored_job_matches(root: str | Path, job: dict) -> bool:
+    """Whether `root` holds `job` (compared without the model hash, which needs the model
+    loaded: a finished shard can then return without loading it; the writer checks the hash)."""
     job_file = Path(root) / "job.json"
     if not job_file.exists():
-        return set()
+        return False
     try:
         previous = json.loads(job_file.read_text())
     except ValueError:
-        return set()
+        return False
     previous.pop("model_hash", None)
-    mine = {k: v for k, v in json.loads(json.dumps(job)).items() if k != "model_hash"}
-    if previous != mine:
+    return previous == {k: v for k, v in json.loads(json.dumps(job)).items() if k != "model_hash"}
+
+
+def finished_indices(root: str | Path, job: dict) -> set[int]:
+    """Indices already written for `job` in `root` (empty if the folder holds another job)."""
+    if not stored_job_matches(root, job):
         return set()
     return {rec["index"] for rec in read_manifest_records(root)}
 
@@ -91,7 +94,7 @@ def voc_palette() -> list[int]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}{_TMP_TAG}{os.getpid()}")
+    tmp = _tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -128,43 +131,65 @@ def check_output_dir(out: Path) -> None:
         raise UserError(f"output folder {out} is not writable")
 
 
+def _tmp_name(path: Path) -> Path:
+    # Host and pid in the name: concurrent shards (even on other hosts sharing the folder)
+    # never touch each other's temporaries, and a resume removes only its own host's dead ones.
+    return path.with_name(f"{path.name}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Delete temporary files left by killed processes of this host."""
+    host = socket.gethostname()
+    for path in root.rglob(f"*{_TMP_TAG}*"):
+        owner = path.name.rsplit(_TMP_TAG, 1)[1]
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def prepare_output(root: Path, job: dict, classes, subdirs: tuple[str, ...] = ()) -> dict:
+    """Create the output folder, check or record the job, and return the job as stored.
+
+    A folder that already holds a different job (job.json) is refused.
+    """
+    job = json.loads(json.dumps(job))  # as it reads back (tuples -> lists, int keys -> str)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for sub in subdirs:
+            (root / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output folder {root} cannot be written: {e.strerror}") from None
+    remove_stale_temporaries(root)
+    job_file = root / "job.json"
+    if job_file.exists():
+        try:
+            previous = json.loads(job_file.read_text())
+        except ValueError:
+            previous = None
+        if previous != job:
+            raise UserError(
+                f"output folder {root} holds a different job (its job.json differs from these "
+                "settings); use another --out"
+            )
+    else:  # job.json last: its presence means the folder's metadata is complete
+        classes_doc = {"0": "background", "255": "ignore"}
+        classes_doc.update({str(c.id): c.name for c in classes})
+        atomic_write_bytes(root / "classes.json", json.dumps(classes_doc).encode())
+        atomic_write_bytes(job_file, json.dumps(job, indent=1, sort_keys=True).encode())
+    return job
+
+
 class DatasetWriter:
     """Writes samples into the VOC layout atomically; knows which samples are already done."""
 
     def __init__(self, root: str | Path, job: dict, classes, shard: tuple[int, int] = (0, 1)):
         self.root = Path(root)
-        self.job = job = json.loads(json.dumps(job))  # as it reads back (tuples -> lists, ...)
-        try:
-            for sub in ("JPEGImages", "SegmentationClass", "Reliability",
-                        "ImageSets/Segmentation"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"output folder {self.root} cannot be written: {e.strerror}") from None
-        self._remove_stale_temporaries()
-        job_file = self.root / "job.json"
-        if job_file.exists():
-            try:
-                previous = json.loads(job_file.read_text())
-            except ValueError:
-                previous = None
-            if previous != job:
-                raise UserError(
-                    f"output folder {self.root} holds a different job (its job.json differs "
-                    "from these settings); use another --out"
-                )
-        else:  # job.json last: its presence means the folder's metadata is complete
-            classes_doc = {"0": "background", "255": "ignore"}
-            classes_doc.update({str(c.id): c.name for c in classes})
-            atomic_write_bytes(self.root / "classes.json", json.dumps(classes_doc).encode())
-            atomic_write_bytes(job_file, json.dumps(job, indent=1, sort_keys=True).encode())
+        self.job = prepare_output(self.root, job, classes, (
+            "JPEGImages", "SegmentationClass", "Reliability", "ImageSets/Segmentation"))
         self.manifest = self.root / manifest_name(shard)
         self._repair_manifest()
         self.done = {r["index"] for r in read_manifest_records(self.root)}
         self._palette = voc_palette()
-
-    def _remove_stale_temporaries(self) -> None:
-        for path in self.root.rglob(f"*{_TMP_TAG}*"):
-            path.unlink(missing_ok=True)
 
     def _repair_manifest(self) -> None:
         """Cut a torn last line (a kill mid-append) off this writer's own manifest."""

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from .config import Preset, SynthConfig
-from .dataset import DatasetWriter, check_output_dir, finished_indices
+from .dataset import (
+    DatasetWriter,
+    check_output_dir,
+    finished_indices,
+    prepare_output,
+    stored_job_matches,
+)
 from .errors import UserError
 from .harvest import AttentionHarvester
 from .masks import masks_from_harvest
@@ -29,6 +35,7 @@ from .prompts import (
     load_classes,
     load_prompt_file,
 )
+from .webdataset import TarChunkWriter, finished_chunks
 
 TINY_NOTICE = (
     "model 'tiny' is attnseg's built-in tiny random Stable Diffusion: its images are noise "
@@ -258,19 +265,27 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
     if device.type == "cpu" and dtype == torch.float16:
         raise UserError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
     samples = plan_samples(classes, prompts, cfg.num_per_class, cfg.seed)
-    batches = plan_batches(samples, cfg.batch_size, shard)
-    mine = sum(len(b) for b in batches)
+    webdataset = cfg.format == "webdataset"
+    # The unit of work and of resume: one batch (VOC files) or one tar chunk (WebDataset).
+    units = plan_batches(samples, cfg.samples_per_tar if webdataset else cfg.batch_size, shard)
+    mine = sum(len(u) for u in units)
     job = {
         "model": cfg.model, "classes": cfg.classes,
         "class_names": [c.name for c in classes], "num_per_class": cfg.num_per_class,
         "preset": cfg.preset, "harvest": asdict(preset.harvest), "mask": asdict(preset.mask),
         "prompts": cfg.prompts, "steps": steps, "guidance": guidance,
         "size": [cfg.height, cfg.width], "seed": cfg.seed, "dtype": str(dtype),
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size, "format": cfg.format,
     }
+    if webdataset:
+        job["samples_per_tar"] = cfg.samples_per_tar
     t0 = time.perf_counter()
-    done = finished_indices(out, job)
-    todo = [b for b in batches if any(s.index not in done for s in b)]
+    if webdataset:
+        chunks = finished_chunks(out) if stored_job_matches(out, job) else set()
+        done = {s.index for u in units if u[0].index // cfg.samples_per_tar in chunks for s in u}
+    else:
+        done = finished_indices(out, job)
+    todo = [u for u in units if any(s.index not in done for s in u)]
     synth = None
     written = 0
     if todo:
@@ -278,34 +293,49 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
         synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance)
         synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
         job["model_hash"] = model_fingerprint(pipe)
-        writer = DatasetWriter(out, job, classes, shard=shard)
+        if webdataset:
+            job = prepare_output(out, job, classes)
+        else:
+            writer = DatasetWriter(out, job, classes, shard=shard)
+            done = writer.done
         bar = None
         if progress:
             from tqdm import tqdm
 
-            left = sum(s.index not in writer.done for b in todo for s in b)
-            bar = tqdm(total=mine, initial=mine - left, unit="img", dynamic_ncols=True,
+            bar = tqdm(total=mine, initial=mine - sum(len(u) for u in todo), unit="img",
+                       dynamic_ncols=True,
                        desc="synth" if shard[1] == 1 else f"synth {shard[0]}/{shard[1]}")
-        for batch in todo:
-            images, labels, reliability = synth.generate(batch)
-            for j, s in enumerate(batch):
-                if s.index in writer.done:
-                    continue  # written before an interruption; regenerated only as a companion
-                writer.write(s.index, s.name, images[j], labels[j], reliability[j], {
-                    "prompt": s.spec.text,
-                    "classes": [{"id": c.id, "name": c.name, "word": w}
-                                for c, w in s.spec.labels],
-                    "seed": s.seed,
-                })
-                written += 1
-            if bar is not None:
-                rate = written / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{rate:.2f} img/s")
-                bar.n = mine - sum(s.index not in writer.done for b in todo for s in b)
-                bar.refresh()
+        for unit in todo:
+            sink = TarChunkWriter(out, unit[0].index // cfg.samples_per_tar, job) \
+                if webdataset else writer
+            try:
+                for start in range(0, len(unit), cfg.batch_size):
+                    batch = unit[start : start + cfg.batch_size]
+                    images, labels, reliability = synth.generate(batch)
+                    for j, s in enumerate(batch):
+                        if s.index in done:
+                            continue  # written before an interruption: only a companion now
+                        sink.write(s.index, s.name, images[j], labels[j], reliability[j], {
+                            "prompt": s.spec.text,
+                            "classes": [{"id": c.id, "name": c.name, "word": w}
+                                        for c, w in s.spec.labels],
+                            "seed": s.seed,
+                        })
+                        written += 1
+                    if bar is not None:
+                        bar.set_postfix_str(
+                            f"{written / max(time.perf_counter() - t0, 1e-9):.2f} img/s")
+                        bar.update(len(batch))
+                if webdataset:
+                    sink.close()
+            except BaseException:
+                if webdataset:
+                    sink.abort()
+                raise
         if bar is not None:
             bar.close()
-        writer.finish()
+        if not webdataset:
+            writer.finish()
         synth.harvester.remove()
     elapsed = time.perf_counter() - t0
     return {

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -14,6 +17,12 @@ from attnseg.pipeline.prompts import load_classes
 
 JOB = {"model": "tiny", "model_hash": "x", "preset": "attnseg", "mask": {"bg_const": 0.4},
        "size": (8, 8)}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def _write(w, i):
@@ -43,10 +52,15 @@ def test_torn_manifest_line_is_dropped_and_redone(tmp_path):
     _write(w, 1)
     with open(tmp_path / "manifest.jsonl", "ab") as f:  # a kill in the middle of an append
         f.write(b'{"index": 2, "na')
-    (tmp_path / "JPEGImages" / "00000002.jpg.tmp-attnseg-999").write_bytes(b"partial")
+    dead = _dead_pid()
+    host = socket.gethostname()
+    stale = tmp_path / "JPEGImages" / f"00000002.jpg.tmp-attnseg-{host}-{dead}"
+    stale.write_bytes(b"partial")
+    live = tmp_path / "JPEGImages" / f"00000003.jpg.tmp-attnseg-{host}-{os.getpid()}"
+    live.write_bytes(b"another shard's file in progress")
     w2 = DatasetWriter(tmp_path, JOB, load_classes("dog,"))
     assert w2.done == {0, 1}
-    assert not list(tmp_path.rglob("*.tmp-attnseg-*"))
+    assert not stale.exists() and live.exists()  # only dead processes' leftovers go
     _write(w2, 2)
     lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(x)["index"] for x in lines] == [0, 1, 2]

@@ -1,0 +1,124 @@
+"""WebDataset output for large runs: tar chunks of samples plus parquet metadata.
+
+    OUT/webdataset/000012.tar       members <name>.jpg, <name>.seg.png, <name>.rel.png,
+                                    <name>.json (the manifest record), in index order
+    OUT/webdataset/000012.parquet   one row per sample: index, name, prompt, classes, seed, ...
+
+Chunk j holds the consecutive global indices [j*K, (j+1)*K) (K = samples per tar), so a chunk's
+bytes do not depend on how the job is sharded. A chunk is assembled under a temporary name and
+renamed into place when complete (parquet first, tar last: the tar marks the chunk finished); a
+killed run redoes only its unfinished chunks. Tar members carry fixed metadata (mtime 0, uid 0)
+so equal samples give byte-identical tars.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .dataset import _tmp_name, encode_jpeg, encode_png, voc_palette
+from .errors import UserError
+
+SUBDIR = "webdataset"
+
+
+def chunk_paths(root: Path, chunk: int) -> tuple[Path, Path]:
+    base = Path(root) / SUBDIR / f"{chunk:06d}"
+    return base.with_suffix(".tar"), base.with_suffix(".parquet")
+
+
+def finished_chunks(root: str | Path) -> set[int]:
+    return {int(p.stem) for p in (Path(root) / SUBDIR).glob("*.tar") if p.stem.isdigit()}
+
+
+class TarChunkWriter:
+    """Collects one chunk's samples into a tar and a parquet file, published atomically."""
+
+    def __init__(self, root: str | Path, chunk: int, job: dict):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UserError("--format webdataset needs pyarrow: pip install 'attnseg[scale]'") \
+                from None
+        self.tar_path, self.parquet_path = chunk_paths(Path(root), chunk)
+        self.tar_path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_tar = _tmp_name(self.tar_path)
+        self._tar = tarfile.open(self._tmp_tar, "w", format=tarfile.USTAR_FORMAT)
+        self._rows: list[dict] = []
+        self._palette = voc_palette()
+        self.job = job
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, index: int, name: str, image: np.ndarray, label: np.ndarray,
+              reliability: np.ndarray, record: dict) -> None:
+        entry = {"index": index, "name": name, **record, "model": self.job["model"],
+                 "model_hash": self.job["model_hash"], "preset": self.job["preset"]}
+        self._add(f"{name}.jpg", encode_jpeg(image))
+        self._add(f"{name}.seg.png", encode_png(label, self._palette))
+        self._add(f"{name}.rel.png", encode_png(reliability))
+        self._add(f"{name}.json", json.dumps(entry, sort_keys=True).encode())
+        self._rows.append(entry)
+
+    def close(self) -> None:
+        """Publish the chunk: parquet, then the tar (whose presence marks it finished)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._tar.close()
+        with open(self._tmp_tar, "rb+") as f:
+            os.fsync(f.fileno())
+        table = pa.table({
+            "index": [r["index"] for r in self._rows],
+            "name": [r["name"] for r in self._rows],
+            "prompt": [r.get("prompt", "") for r in self._rows],
+            "classes": [json.dumps(r.get("classes", [])) for r in self._rows],
+            "seed": [r.get("seed", 0) for r in self._rows],
+            "model_hash": [r["model_hash"] for r in self._rows],
+            "preset": [r["preset"] for r in self._rows],
+        })
+        tmp_parquet = _tmp_name(self.parquet_path)
+        pq.write_table(table, tmp_parquet)
+        os.replace(tmp_parquet, self.parquet_path)
+        os.replace(self._tmp_tar, self.tar_path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._tmp_tar.unlink(missing_ok=True)
+
+
+def iter_webdataset(root: str | Path) -> Iterator[dict]:
+    """Samples of a WebDataset output folder in index order: dicts with name, record,
+    image (uint8 HxWx3), label (uint8 HxW) and reliability (uint8 HxW)."""
+    tars = sorted((Path(root) / SUBDIR).glob("*.tar"))
+    for tar_path in tars:
+        with tarfile.open(tar_path) as tar:
+            members: dict[str, dict[str, bytes]] = {}
+            for m in tar.getmembers():
+                if not m.isfile():
+                    continue
+                stem, _, kind = m.name.partition(".")
+                members.setdefault(stem, {})[kind] = tar.extractfile(m).read()
+        for name in sorted(members):
+            parts = members[name]
+            if not {"jpg", "seg.png", "rel.png", "json"} <= set(parts):
+                raise UserError(f"{tar_path}: sample {name} is incomplete")
+            yield {
+                "name": name,
+                "record": json.loads(parts["json"]),
+                "image": np.asarray(Image.open(io.BytesIO(parts["jpg"])).convert("RGB")),
+                "label": np.asarray(Image.open(io.BytesIO(parts["seg.png"]))),
+                "reliability": np.asarray(Image.open(io.BytesIO(parts["rel.png"]))),
+            }
