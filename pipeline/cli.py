@@ -120,6 +120,47 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _synth_config_from_argv(argv: list[str]):
+    """A SynthConfig from `attnseg synth` arguments given after `--` to a launcher."""
+    parser = argparse.ArgumentParser(prog="attnseg synth", add_help=False)
+    _add_synth_args(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        raise UserError(f"cannot parse the synth arguments {' '.join(argv)!r}") from None
+    return _synth_config(args)
+
+
+def cmd_launch_slurm(args) -> int:
+    from pathlib import Path
+
+    from .dataset import atomic_write_bytes
+    from .launch import slurm_script
+
+    _synth_config_from_argv(args.synth_args).validate()  # fail now, not on the cluster
+    script = slurm_script(args.synth_args, args.array, job_name=args.job_name,
+                          partition=args.partition, gpus_per_task=args.gpus_per_task,
+                          cpus_per_task=args.cpus_per_task, time=args.time)
+    if args.script:
+        atomic_write_bytes(Path(args.script), script.encode())
+        print(f"wrote {args.script}; submit it with: sbatch {args.script}")
+    else:
+        print(script, end="")
+    return 0
+
+
+def cmd_launch_ray(args) -> int:
+    from .launch import run_ray
+
+    cfg = _synth_config_from_argv(args.synth_args)
+    cfg.validate()
+    result = run_ray(cfg, args.workers, args.gpus_per_worker, args.shards, args.address,
+                     args.cpus_per_worker)
+    print(f"ray: {result['shards']} shards on {result['workers']} workers, "
+          f"{result['new']} new samples in {cfg.out}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from dataclasses import asdict
 
@@ -143,6 +184,29 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("launch", help="run synth at scale: Slurm array script or Ray Data "
+                       "(torchrun/accelerate: use `synth --shard auto`)")
+    lsub = p.add_subparsers(dest="launcher", required=True)
+    q = lsub.add_parser("slurm", help="write an sbatch array script; task k runs shard k/N")
+    q.add_argument("--array", type=int, required=True, help="number of array tasks (shards)")
+    q.add_argument("--script", help="write the script here (default: print it)")
+    q.add_argument("--job-name", default="attnseg-synth")
+    q.add_argument("--partition")
+    q.add_argument("--gpus-per-task", type=int, default=1)
+    q.add_argument("--cpus-per-task", type=int, default=8)
+    q.add_argument("--time", default="24:00:00")
+    q.add_argument("synth_args", nargs=argparse.REMAINDER,
+                   help="-- then the `attnseg synth` arguments")
+    q.set_defaults(func=cmd_launch_slurm)
+    q = lsub.add_parser("ray", help="Ray Data: shards mapped over a pool of GPU actors")
+    q.add_argument("--workers", type=int, required=True, help="actors (model copies)")
+    q.add_argument("--gpus-per-worker", type=float, default=0.0)
+    q.add_argument("--cpus-per-worker", type=int, default=1)
+    q.add_argument("--shards", type=int, help="pieces of work (default: 4 per worker)")
+    q.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    q.add_argument("synth_args", nargs=argparse.REMAINDER,
+                   help="-- then the `attnseg synth` arguments")
+    q.set_defaults(func=cmd_launch_ray)
     p = sub.add_parser("presets", help="list the harvesting recipes and their sources")
     p.add_argument("-v", "--verbose", action="store_true", help="print every setting")
     p.set_defaults(func=cmd_presets)
@@ -167,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if getattr(args, "synth_args", None) and args.synth_args[0] == "--":
+        args.synth_args = args.synth_args[1:]
     try:
         return args.func(args)
     except UserError as e:

@@ -118,6 +118,14 @@ def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def write_split(root: str | Path) -> None:
+    """Write ImageSets/Segmentation/train.txt: every finished sample of all shards, in order."""
+    names = [r["name"] for r in read_manifest_records(root)]
+    split = Path(root) / "ImageSets" / "Segmentation" / "train.txt"
+    split.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(split, "".join(n + "\n" for n in names).encode())
+
+
 def check_output_dir(out: Path) -> None:
     """Fail early, with one line, if `out` cannot be created or written."""
     probe_parent = out
@@ -219,7 +227,4 @@ class DatasetWriter:
         self.done.add(index)
 
     def finish(self) -> None:
-        """Write the split file listing every finished sample (all shards) in index order."""
-        names = [r["name"] for r in read_manifest_records(self.root)]
-        atomic_write_bytes(self.root / "ImageSets" / "Segmentation" / "train.txt",
-                           "".join(n + "\n" for n in names).encode())
+        write_split(self.root)

@@ -23,6 +23,7 @@ from .dataset import (
     finished_indices,
     prepare_output,
     stored_job_matches,
+    write_split,
 )
 from .errors import UserError
 from .harvest import AttentionHarvester
@@ -244,10 +245,33 @@ def plan_batches(samples: list[Sample], batch_size: int, shard: tuple[int, int])
     return batches[index::count]
 
 
-def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
+def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], batch_size: int,
+                bar) -> int:
+    """Generate a unit's batches and write its samples that are not done; returns how many."""
+    written = 0
+    for start in range(0, len(unit), batch_size):
+        batch = unit[start : start + batch_size]
+        images, labels, reliability = synth.generate(batch)
+        for j, s in enumerate(batch):
+            if s.index in done:
+                continue  # written before an interruption: generated only as a companion
+            sink.write(s.index, s.name, images[j], labels[j], reliability[j], {
+                "prompt": s.spec.text,
+                "classes": [{"id": c.id, "name": c.name, "word": w} for c, w in s.spec.labels],
+                "seed": s.seed,
+            })
+            written += 1
+        if bar is not None:
+            bar.update(len(batch))
+    return written
+
+
+def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
     """Run a synthesis job (or one shard of it) end to end; returns a summary dict.
 
-    Resumes an interrupted job; a shard whose samples are all written returns at once.
+    Resumes an interrupted job; a shard whose samples are all written returns at once (after
+    refreshing the split file, which a shard finishing alongside another may have missed).
+    `pipe`: an already loaded pipeline for `cfg.model` (launchers reuse one per worker).
     """
     cfg.validate()
     cfg = replace(cfg, height=cfg.height or default_size(cfg.model),
@@ -289,7 +313,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
     synth = None
     written = 0
     if todo:
-        pipe = load_pipeline(cfg.model, device, dtype)
+        pipe = pipe or load_pipeline(cfg.model, device, dtype)
         synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance)
         synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
         job["model_hash"] = model_fingerprint(pipe)
@@ -305,38 +329,26 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
             bar = tqdm(total=mine, initial=mine - sum(len(u) for u in todo), unit="img",
                        dynamic_ncols=True,
                        desc="synth" if shard[1] == 1 else f"synth {shard[0]}/{shard[1]}")
-        for unit in todo:
-            sink = TarChunkWriter(out, unit[0].index // cfg.samples_per_tar, job) \
-                if webdataset else writer
-            try:
-                for start in range(0, len(unit), cfg.batch_size):
-                    batch = unit[start : start + cfg.batch_size]
-                    images, labels, reliability = synth.generate(batch)
-                    for j, s in enumerate(batch):
-                        if s.index in done:
-                            continue  # written before an interruption: only a companion now
-                        sink.write(s.index, s.name, images[j], labels[j], reliability[j], {
-                            "prompt": s.spec.text,
-                            "classes": [{"id": c.id, "name": c.name, "word": w}
-                                        for c, w in s.spec.labels],
-                            "seed": s.seed,
-                        })
-                        written += 1
-                    if bar is not None:
-                        bar.set_postfix_str(
-                            f"{written / max(time.perf_counter() - t0, 1e-9):.2f} img/s")
-                        bar.update(len(batch))
+        try:
+            for unit in todo:
                 if webdataset:
-                    sink.close()
-            except BaseException:
-                if webdataset:
-                    sink.abort()
-                raise
-        if bar is not None:
-            bar.close()
-        if not webdataset:
-            writer.finish()
-        synth.harvester.remove()
+                    chunk = TarChunkWriter(out, unit[0].index // cfg.samples_per_tar, job)
+                    try:
+                        written += _write_unit(synth, unit, chunk, done, cfg.batch_size, bar)
+                        chunk.close()
+                    except BaseException:
+                        chunk.abort()
+                        raise
+                else:
+                    written += _write_unit(synth, unit, writer, done, cfg.batch_size, bar)
+            if not webdataset:
+                writer.finish()
+        finally:
+            synth.harvester.remove()  # the caller's pipeline is left as it was
+            if bar is not None:
+                bar.close()
+    elif not webdataset and stored_job_matches(out, job):
+        write_split(out)
     elapsed = time.perf_counter() - t0
     return {
         "out": str(out), "samples": mine, "new": written, "already_present": mine - written,
