@@ -67,22 +67,38 @@ def write_tiny_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
+def tiny_tokenizer():
+    """The CLIP tokenizer over the generated tiny vocabulary (77-token context)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(tmp)
+        return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77,
+                             pad_token="<|endoftext|>")
+
+
+def _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
 def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A StableDiffusionPipeline with tiny random components, identical for a given seed."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(tmp)
-        tokenizer = CLIPTokenizer(
-            f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77,
-            pad_token="<|endoftext|>",
-        )
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -119,13 +135,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype)
 
 
 def build_sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -133,17 +143,11 @@ def build_sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     from diffusers import (
         AutoencoderKL,
         PNDMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(tmp)
-        tokenizer = CLIPTokenizer(
-            f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77,
-            pad_token="<|endoftext|>",
-        )
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -158,10 +162,4 @@ def build_sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     )
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype)

@@ -16,11 +16,7 @@ from attnseg.kernels.class_attention import (
     accumulate_class_attention_triton,
 )
 
-HAS_CUDA = torch.cuda.is_available()
-needs_numba = pytest.mark.skipif(_dispatch.numba_module() is None, reason="numba not installed")
-needs_triton = pytest.mark.skipif(
-    _dispatch.triton_modules() is None or not (HAS_CUDA or _dispatch.triton_interpreting()),
-    reason="triton missing, or no GPU and TRITON_INTERPRET was not set before triton's import")
+from .marks import HAS_CUDA, needs_numba, needs_triton
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,11 +14,8 @@ from attnseg.kernels.finalize import (
 )
 from attnseg.kernels.interp import resize
 
-HAS_CUDA = torch.cuda.is_available()
-needs_numba = pytest.mark.skipif(_dispatch.numba_module() is None, reason="numba not installed")
-needs_triton = pytest.mark.skipif(
-    _dispatch.triton_modules() is None or not (HAS_CUDA or _dispatch.triton_interpreting()),
-    reason="triton missing, or no GPU and TRITON_INTERPRET was not set before triton's import")
+from .marks import HAS_CUDA, needs_numba, needs_triton
+
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 ALL_IMPLS = [
