@@ -140,7 +140,9 @@ def register(sub) -> None:
 
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
-REGISTRARS = [register]
+from .train_cli import register as register_train  # noqa: E402
+
+REGISTRARS = [register, register_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
