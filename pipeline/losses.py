@@ -50,12 +50,17 @@ class LossConfig:
     weight_floor: float = 0.0
     # cotrain: fraction of each class's pixels (per image, by reliability) that is reliable.
     reliable_fraction: float = 0.5
-    # cotrain: weight of the peer-supervised term, ramped up linearly over peer_warmup steps
-    # (the peer's predictions are noise at the start).
+    # cotrain: weight of the peer-supervised term.
     peer_weight: float = 1.0
-    peer_warmup: int = 0
-    # cotrain: ignore-labelled pixels (attnseg's "unsure" band) learn from the peer.
-    peer_on_ignore: bool = True
+    # cotrain: steps over which the unreliable pixels are handed from the pseudo-mask to the
+    # peer (the peer's predictions are noise at the start); see cotrain_loss.
+    peer_warmup: int = 1000
+    # cotrain: a peer prediction is only used as a target where the peer's softmax
+    # probability reaches this (0: everywhere). Without it two networks confidently teach
+    # each other a late-learned class away (seen in bench/robust_training.py).
+    peer_confidence: float = 0.9
+    # cotrain: ignore-labelled pixels (attnseg's "unsure" band) learn from the peer too.
+    peer_on_ignore: bool = False
     # cotrain: weight of reliable pixels within boundary_width px of a pseudo-mask boundary.
     boundary_width: int = 2
     boundary_weight: float = 0.5
@@ -65,6 +70,8 @@ class LossConfig:
             raise UserError(f"unknown loss {self.name!r}; choose from {list(LOSS_NAMES)}")
         if not 0.0 < self.reliable_fraction <= 1.0:
             raise UserError("loss.reliable_fraction must be in (0, 1]")
+        if not 0.0 <= self.peer_confidence < 1.0:
+            raise UserError("loss.peer_confidence must be in [0, 1)")
         for name in ("band_boundary", "boundary_width", "peer_warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"loss.{name} must be >= 0")
@@ -135,11 +142,12 @@ def _ce_weights(cfg: LossConfig, batch: dict, ignore_index: int) -> torch.Tensor
     raise UserError(f"loss {cfg.name!r} is not a single-network loss")
 
 
-def peer_ramp(cfg: LossConfig, step: int) -> float:
-    """The peer term's weight at optimiser step ``step``: linear ramp over peer_warmup."""
+def handover(cfg: LossConfig, step: int) -> float:
+    """rho in [0, 1]: how far the unreliable pixels have been handed from the pseudo-mask to
+    the peer at optimiser step ``step`` (linear over ``peer_warmup`` steps)."""
     if cfg.peer_warmup <= 0:
-        return cfg.peer_weight
-    return cfg.peer_weight * min(1.0, step / cfg.peer_warmup)
+        return 1.0
+    return min(1.0, step / cfg.peer_warmup)
 
 
 def cotrain_loss(logits: list[torch.Tensor], batch: dict, cfg: LossConfig, ignore_index: int,
@@ -151,16 +159,26 @@ def cotrain_loss(logits: list[torch.Tensor], batch: dict, cfg: LossConfig, ignor
     ``reliable_fraction`` of the pseudo-mask's pixels by reliability, i.e. by the top-1/top-2
     margin of the attention scores) learn from the pseudo-mask; the other valid pixels ``U``
     (including the pseudo-mask's ignore band when ``peer_on_ignore``) learn from the *other*
-    network's current prediction ``yhat^B = argmax z^B`` (no gradient through it):
+    network's current prediction ``yhat^B = argmax z^B`` (no gradient through it), where that
+    prediction's probability reaches ``peer_confidence`` (``U_B``). With ``b_p`` the boundary
+    weight (``boundary_weight`` within ``boundary_width`` px of a pseudo-mask boundary, else 1)
+    and ``lam = peer_weight``:
 
-        L_A = [sum_{p in R} b_p l(z^A_p, y_p) + lam sum_{p in U} l(z^A_p, yhat^B_p)]
-              / [sum_{p in R} b_p + lam |U|]
+        L_A = [sum_{p in R} b_p l(z^A_p, y_p) + lam sum_{p in U_B} l(z^A_p, yhat^B_p)]
+              / [sum_{p in R} b_p + lam |U_B|]
 
-    and symmetrically for B; the loss is ``L_A + L_B``. ``b_p`` is ``boundary_weight`` within
-    ``boundary_width`` px of a pseudo-mask boundary and 1 elsewhere (mask edges are where
-    attention masks err most); ``lam`` is ``peer_weight`` ramped up over ``peer_warmup`` steps.
+    and symmetrically for B; the loss is ``L_A + L_B``.
+
+    Warm-up: two randomly initialised networks teach each other their early guesses, and a
+    class they both learn late (or never) can vanish. So over the first ``peer_warmup`` steps
+    the unreliable pixels are handed over gradually: with ``rho = step / peer_warmup``
+    (capped at 1), ``U``'s pixels with a label learn from the pseudo-mask with weight
+    ``b_p (1 - rho)`` and from the peer with weight ``lam rho``. At ``rho = 1`` this is the
+    rule above; at ``rho = 0`` it is boundary-weighted CE.
+
     Two differently initialised networks disagree where the labels are noisy, so each one's
-    view of the unreliable pixels is a second opinion rather than the noise itself.
+    view of the unreliable pixels is a second opinion rather than the noise itself; mask edges
+    are where attention masks err most, hence the boundary weight.
     """
     label, rel, valid = batch["label"], batch["reliability"], batch["valid"]
     usable = valid & (label != ignore_index)
@@ -169,22 +187,28 @@ def cotrain_loss(logits: list[torch.Tensor], batch: dict, cfg: LossConfig, ignor
     if not cfg.peer_on_ignore:
         unreliable &= label != ignore_index
     near_edge = boundary_band(label, cfg.boundary_width)
-    b = torch.where(near_edge, cfg.boundary_weight, 1.0) * reliable.float()
-    lam = peer_ramp(cfg, step)
-    u = lam * unreliable.float()
+    edge_w = torch.where(near_edge, cfg.boundary_weight, 1.0)
+    rho = handover(cfg, step)
+    # Weight of each pixel's pseudo-label term: reliable pixels fully, unreliable labelled
+    # pixels fading out over the warm-up.
+    w_pseudo = edge_w * (reliable.float() + (1.0 - rho) * (unreliable & usable).float())
+    lam = cfg.peer_weight * rho
+    target = torch.where(usable, label, 0)
     total = logits[0].new_zeros((), dtype=torch.float32)
-    parts = {"reliable_frac": float(reliable.sum()) / max(1, int(usable.sum())), "lambda": lam}
+    parts = {"reliable_frac": float(reliable.sum()) / max(1, int(usable.sum())), "rho": rho}
     for k in range(2):
-        peer = logits[1 - k].detach().argmax(dim=1)
+        peer_prob, peer = logits[1 - k].detach().float().softmax(dim=1).max(dim=1)
+        taught = unreliable & (peer_prob >= cfg.peer_confidence)
+        w_peer = lam * taught.float()
+        parts[f"peer_frac{k}"] = float(taught.sum()) / max(1, int(unreliable.sum()))
         heads = [(logits[k], 1.0)]
         if aux is not None and aux[k] is not None and aux_weight > 0:
             heads.append((aux[k], aux_weight))
         net_loss = 0.0
         for z, scale in heads:
-            l_pseudo = pixel_ce(z, torch.where(reliable, label, 0), ignore_index)
-            l_peer = pixel_ce(z, peer, ignore_index)
-            num = (l_pseudo * b).sum() + (l_peer * u).sum()
-            den = (b.sum() + u.sum()).clamp_min(1e-12)
+            num = (pixel_ce(z, target, ignore_index) * w_pseudo).sum() + (
+                pixel_ce(z, peer, ignore_index) * w_peer).sum()
+            den = (w_pseudo.sum() + w_peer.sum()).clamp_min(1e-12)
             net_loss = net_loss + scale * num / den
         parts[f"loss_net{k}"] = float(net_loss.detach())
         total = total + net_loss

@@ -467,7 +467,8 @@ def run_training(cfg: TrainConfig) -> dict:
         persistent_workers=cfg.workers > 0,
     )
     columns = ["step", "lr", "loss", "images", "images_per_s", "seconds", "skipped"]
-    extra_cols = (["loss_net0", "loss_net1", "reliable_frac", "lambda"]
+    extra_cols = (["loss_net0", "loss_net1", "reliable_frac", "peer_frac0", "peer_frac1",
+                   "rho"]
                   if cfg.loss.name == "cotrain" else ["weight_frac"])
     log = CsvLog(out / "log.csv", columns + extra_cols, start)
     val_log = CsvLog(out / "val.csv", ["step", "mIoU", "mAcc", "aAcc"], start)

@@ -11,7 +11,7 @@ from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.losses import (
     LossConfig,
     boundary_band,
-    peer_ramp,
+    handover,
     reliable_mask,
     segmentation_loss,
 )
@@ -125,7 +125,8 @@ ZB = [[0.0, 1.0], [3.0, 0.0], [1.0, 0.0], [0.0, 0.2]]
 def test_cotrain_hand_computed():
     # Class 1 pixels 0..2 (rel 0.9, 0.1, 0.5): reliable 0 and 2; class 0 pixel 3 reliable.
     b = _batch([[1, 1, 1, 0]], [[0.9, 0.1, 0.5, 0.3]])
-    cfg = LossConfig("cotrain", peer_weight=0.5, boundary_width=0)
+    cfg = LossConfig("cotrain", peer_weight=0.5, boundary_width=0, peer_warmup=0,
+                     peer_confidence=0.0)
     za, zb = _logits(Z), _logits(ZB)
     loss, parts = segmentation_loss(cfg, [za, zb], b, IGN, step=10)
     # Pixel 1 is unreliable: A learns B's prediction there (class 0), B learns A's (class 1).
@@ -135,7 +136,8 @@ def test_cotrain_hand_computed():
     assert parts["loss_net0"] == pytest.approx(la) and parts["loss_net1"] == pytest.approx(lb)
     assert parts["reliable_frac"] == 0.75
     # Boundary weighting: pixels 2 and 3 lie on the 1|0 edge and get weight 0.25.
-    cfg = LossConfig("cotrain", peer_weight=0.5, boundary_width=1, boundary_weight=0.25)
+    cfg = LossConfig("cotrain", peer_weight=0.5, boundary_width=1, boundary_weight=0.25,
+                     peer_warmup=0, peer_confidence=0.0)
     loss, parts = segmentation_loss(cfg, [za, zb], b, IGN, step=10)
     la = ((nll(Z[0], 1) + 0.25 * nll(Z[2], 1) + 0.25 * nll(Z[3], 0) + 0.5 * nll(Z[1], 0))
           / (1.5 + 0.5))
@@ -144,7 +146,8 @@ def test_cotrain_hand_computed():
 
 def test_cotrain_ignore_band_learns_from_peer_and_padding_never():
     b = _batch([[1, 255, 1, 0]], [[0.9, 0.0, 0.5, 0.3]], [[True, True, True, False]])
-    cfg = LossConfig("cotrain", peer_weight=1.0, boundary_width=0)
+    cfg = LossConfig("cotrain", peer_weight=1.0, boundary_width=0, peer_warmup=0,
+                     peer_confidence=0.0, peer_on_ignore=True)
     _, parts = segmentation_loss(cfg, [_logits(Z), _logits(ZB)], b, IGN)
     # Reliable: pixel 0 (class 1's top half of {0.9, 0.5}); pixel 2 (unreliable) and pixel 1
     # (ignore) learn B's prediction (0 at both); pixel 3 is padding.
@@ -155,9 +158,33 @@ def test_cotrain_ignore_band_learns_from_peer_and_padding_never():
     assert parts["loss_net0"] == pytest.approx((nll(Z[0], 1) + nll(Z[2], 0)) / 2)
 
 
+def test_cotrain_warmup_hands_unreliable_pixels_over_and_confidence_gates_the_peer():
+    b = _batch([[1, 1, 1, 0]], [[0.9, 0.1, 0.5, 0.3]])
+    za, zb = _logits(Z), _logits(ZB)
+    cfg = LossConfig("cotrain", boundary_width=0, peer_warmup=8, peer_confidence=0.0)
+    # Step 2 of 8: rho 0.25; pixel 1 learns its pseudo-label with weight 0.75 and B's
+    # prediction (class 0) with weight 0.25.
+    _, parts = segmentation_loss(cfg, [za, zb], b, IGN, step=2)
+    la = (nll(Z[0], 1) + nll(Z[2], 1) + nll(Z[3], 0) + 0.75 * nll(Z[1], 1)
+          + 0.25 * nll(Z[1], 0)) / 4
+    assert parts["loss_net0"] == pytest.approx(la) and parts["rho"] == 0.25
+    # At step 0 co-training is plain CE on every labelled pixel (boundary weight aside).
+    _, parts = segmentation_loss(cfg, [za, zb], b, IGN, step=0)
+    assert parts["loss_net0"] == pytest.approx(
+        sum(nll(Z[i], t) for i, t in enumerate([1, 1, 1, 0])) / 4)
+    # B's probability for class 0 at pixel 1 is softmax([3, 0])[0] = 0.953: it teaches A at a
+    # 0.95 threshold, not at 0.96.
+    for threshold, taught in ((0.95, True), (0.96, False)):
+        cfg = LossConfig("cotrain", boundary_width=0, peer_warmup=0, peer_confidence=threshold)
+        _, parts = segmentation_loss(cfg, [za, zb], b, IGN)
+        assert parts["peer_frac0"] == (1.0 if taught else 0.0)
+        expect = (nll(Z[0], 1) + nll(Z[2], 1) + nll(Z[3], 0) + (nll(Z[1], 0) if taught else 0))
+        assert parts["loss_net0"] == pytest.approx(expect / (4 if taught else 3))
+
+
 def test_cotrain_peer_targets_carry_no_gradient():
     b = _batch([[1, 1, 1, 0]], [[0.9, 0.1, 0.5, 0.3]])
-    cfg = LossConfig("cotrain", boundary_width=0)
+    cfg = LossConfig("cotrain", boundary_width=0, peer_warmup=0, peer_confidence=0.0)
     za, zb = _logits(Z).requires_grad_(), _logits(ZB).requires_grad_()
     loss, _ = segmentation_loss(cfg, [za, zb], b, IGN)
     loss.backward()
@@ -172,9 +199,9 @@ def test_cotrain_peer_targets_carry_no_gradient():
     assert torch.allclose(zb.grad, zb2.grad)
 
 
-def test_peer_ramp_and_validation():
-    cfg = LossConfig("cotrain", peer_weight=2.0, peer_warmup=10)
-    assert [peer_ramp(cfg, s) for s in (0, 5, 10, 50)] == [0.0, 1.0, 2.0, 2.0]
+def test_handover_and_validation():
+    cfg = LossConfig("cotrain", peer_warmup=10)
+    assert [handover(cfg, s) for s in (0, 5, 10, 50)] == [0.0, 0.5, 1.0, 1.0]
     with pytest.raises(UserError, match="unknown loss"):
         LossConfig("focal").validate()
     with pytest.raises(UserError, match="reliable_fraction"):
