@@ -107,6 +107,9 @@ def cmd_demo(args) -> int:
                         notice="tiny random model: images are noise, masks carry no meaning")
     _print_summary(summary, TINY_NOTICE)
     print(f"report: {page} and {page.parent / 'contact_sheet.png'}")
+    from .train_cli import demo_train_eval  # train + eval stages on the demo dataset
+
+    demo_train_eval(cfg.out, progress=not args.no_progress)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 

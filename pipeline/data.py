@@ -644,16 +644,23 @@ class Failed:
 
 
 def collate_train(items: list) -> dict:
-    """Stack the readable samples; count the skipped ones; raise the first failure."""
-    for it in items:
-        if isinstance(it, Failed):
-            raise UserError(it.message)
+    """Stack the readable samples and list the skipped ones. A failure is passed on as
+    ``batch["failed"]`` (this may run in a worker process, where an exception would reach the
+    main process wrapped in a traceback); :func:`check_batch` raises it."""
+    failed = [it.message for it in items if isinstance(it, Failed)]
     good = [it for it in items if isinstance(it, dict)]
     skipped = [it.reason for it in items if isinstance(it, Skipped)]
-    batch = {"skipped": skipped, "size": len(good)}
+    batch = {"skipped": skipped, "size": len(good), "failed": failed[0] if failed else None}
     if good:
         for key in ("image", "label", "reliability", "valid"):
             batch[key] = torch.stack([g[key] for g in good])
+    return batch
+
+
+def check_batch(batch: dict) -> dict:
+    """Raise a batch's first bad-label failure as a UserError (in the main process)."""
+    if batch.get("failed"):
+        raise UserError(batch["failed"])
     return batch
 
 

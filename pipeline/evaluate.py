@@ -42,6 +42,8 @@ from .data import (
 from .dataset import atomic_write_bytes
 from .errors import UserError
 
+MIN_SIDE = 32
+
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
                      ignore_index: int, extra_column: bool = False) -> torch.Tensor:
@@ -177,10 +179,16 @@ def predict_logits(model, image: torch.Tensor, cfg: InferenceConfig,
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
     x = normalize_image(x)
+    # The networks downsample by 32: smaller images are padded (with the mean colour, 0 after
+    # normalisation) and the logits cropped back.
+    ph, pw = max(0, MIN_SIDE - nh), max(0, MIN_SIDE - nw)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
     if cfg.mode == "slide":
         logits = slide_logits(model, x, len(model.class_names), cfg.crop, cfg.stride)
     else:
         logits, _ = model(x)
+    logits = logits[..., :nh, :nw]
     size = out_size or (h, w)
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)

@@ -37,6 +37,7 @@ from .data import (
     AugmentConfig,
     SegmentationDataset,
     StreamSampler,
+    check_batch,
     collate_train,
     default_ignore_index,
     derive_seed,
@@ -498,7 +499,7 @@ def run_training(cfg: TrainConfig) -> dict:
             opt.zero_grad(set_to_none=True)
             loss_sum, parts, used = 0.0, {}, 0
             for _ in range(cfg.accum_steps):
-                batch = next(stream)
+                batch = check_batch(next(stream))
                 counters["skipped"] += len(batch["skipped"])
                 if batch["size"] == 0:
                     continue

@@ -17,6 +17,7 @@ from attnseg.pipeline.data import (
     Skipped,
     StreamSampler,
     augment,
+    check_batch,
     collate_train,
     detect_kind,
     open_source,
@@ -173,8 +174,10 @@ def test_bad_label_value_names_the_file(tmp_path):
         src.load(0)
     # Inside a data loader the error still reaches the main process as one UserError.
     ds = SegmentationDataset([src], src.class_names, AugmentConfig(crop_size=(8, 8)))
+    batch = collate_train([ds[(0, 1)], ds[(1, 0)]])
+    assert batch["size"] == 1
     with pytest.raises(UserError, match="2007_000032.png"):
-        collate_train([ds[(0, 1)], ds[(1, 0)]])
+        check_batch(batch)
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path):

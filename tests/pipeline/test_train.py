@@ -179,3 +179,13 @@ def test_pretrained_folders(tmp_path):
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="only pickle weights"):
         build_model("segformer-tiny", names, pretrained=str(tmp_path / "pickled"))
+
+
+def test_tensorboard_events_when_installed(shapes_data, tmp_path):
+    run_training(_cfg(shapes_data, tmp_path / "r", steps=2, loss={"name": "ce"}))
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception:
+        assert not (tmp_path / "r" / "tb").exists()  # skipped quietly; CSV logs remain
+        pytest.skip("tensorboard is not installed")
+    assert list((tmp_path / "r" / "tb").glob("events.out.tfevents.*"))
