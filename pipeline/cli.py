@@ -12,6 +12,7 @@ import sys
 import time
 
 from ..bench import cli as bench_cli
+from . import train_cli
 from .errors import UserError
 
 
@@ -116,6 +117,9 @@ def cmd_demo(args) -> int:
                         notice="tiny random model: images are noise, masks carry no meaning")
     _print_summary(summary, TINY_NOTICE)
     print(f"report: {page} and {page.parent / 'contact_sheet.png'}")
+    from .train_cli import demo_train_eval  # train + eval stages on the demo dataset
+
+    demo_train_eval(cfg.out, progress=not args.no_progress)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -213,7 +217,7 @@ def register(sub) -> None:
 
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
-REGISTRARS = [register, bench_cli.register]
+REGISTRARS = [register, bench_cli.register, train_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

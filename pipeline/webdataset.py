@@ -99,26 +99,57 @@ class TarChunkWriter:
         self._tmp_tar.unlink(missing_ok=True)
 
 
+class WebDatasetIndex:
+    """Random access to the samples of a WebDataset output folder, in index order.
+
+    Built once from the tar headers (member name, data offset, size); `read(i)` then seeks
+    straight to the sample's bytes.
+    """
+
+    def __init__(self, root: str | Path):
+        self.entries: list[tuple[Path, str, dict[str, tuple[int, int]]]] = []
+        for tar_path in sorted((Path(root) / SUBDIR).glob("*.tar")):
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with tarfile.open(tar_path) as tar:
+                    for m in tar.getmembers():
+                        if m.isfile():
+                            stem, _, kind = m.name.partition(".")
+                            members.setdefault(stem, {})[kind] = (m.offset_data, m.size)
+            except (tarfile.TarError, OSError) as e:
+                raise UserError(f"{tar_path} is not a readable tar ({e})") from None
+            self.entries += [(tar_path, name, members[name]) for name in sorted(members)]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def describe(self, i: int) -> str:
+        tar_path, name, _ = self.entries[i]
+        return f"{tar_path}:{name}"
+
+    def read(self, i: int) -> tuple[str, dict[str, bytes]]:
+        """(sample name, {"jpg"|"seg.png"|"rel.png"|"json": bytes})."""
+        tar_path, name, parts = self.entries[i]
+        out = {}
+        with open(tar_path, "rb") as f:
+            for kind, (offset, size) in parts.items():
+                f.seek(offset)
+                out[kind] = f.read(size)
+        return name, out
+
+
 def iter_webdataset(root: str | Path) -> Iterator[dict]:
     """Samples of a WebDataset output folder in index order: dicts with name, record,
     image (uint8 HxWx3), label (uint8 HxW) and reliability (uint8 HxW)."""
-    tars = sorted((Path(root) / SUBDIR).glob("*.tar"))
-    for tar_path in tars:
-        with tarfile.open(tar_path) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for m in tar.getmembers():
-                if not m.isfile():
-                    continue
-                stem, _, kind = m.name.partition(".")
-                members.setdefault(stem, {})[kind] = tar.extractfile(m).read()
-        for name in sorted(members):
-            parts = members[name]
-            if not {"jpg", "seg.png", "rel.png", "json"} <= set(parts):
-                raise UserError(f"{tar_path}: sample {name} is incomplete")
-            yield {
-                "name": name,
-                "record": json.loads(parts["json"]),
-                "image": np.asarray(Image.open(io.BytesIO(parts["jpg"])).convert("RGB")),
-                "label": np.asarray(Image.open(io.BytesIO(parts["seg.png"]))),
-                "reliability": np.asarray(Image.open(io.BytesIO(parts["rel.png"]))),
-            }
+    index = WebDatasetIndex(root)
+    for i in range(len(index)):
+        name, parts = index.read(i)
+        if not {"jpg", "seg.png", "rel.png", "json"} <= set(parts):
+            raise UserError(f"{index.describe(i)}: incomplete sample")
+        yield {
+            "name": name,
+            "record": json.loads(parts["json"]),
+            "image": np.asarray(Image.open(io.BytesIO(parts["jpg"])).convert("RGB")),
+            "label": np.asarray(Image.open(io.BytesIO(parts["seg.png"]))),
+            "reliability": np.asarray(Image.open(io.BytesIO(parts["rel.png"]))),
+        }

@@ -17,3 +17,13 @@ def tiny_pipe():
     from attnseg.pipeline.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Run a test with one intra-op thread: tiny models gain nothing from more, and on a
+    shared, oversubscribed machine OpenMP threads waiting on each other cost 10-50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

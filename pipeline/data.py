@@ -1,0 +1,727 @@
+"""Segmentation data for training and evaluation: readers, class mapping, augmentation.
+
+A *source* is one dataset on disk behind a small interface (:class:`SegSource`): its length, its
+class names (index = label id), its ignore index, and ``load(i)`` returning a
+:class:`RawSample` (image, label ids, optional reliability). Readers:
+
+=============  ==============================================================================
+synthetic      attnseg's own output (VOC layout + ``Reliability/`` + ``manifest.jsonl`` +
+               ``classes.json``), see ``pipeline/dataset.py``
+voc            PASCAL VOC 2012 (``VOCdevkit/VOC2012``: ``JPEGImages``, ``SegmentationClass``
+               palette PNGs, ``ImageSets/Segmentation/<split>.txt``; 21 classes, ignore 255)
+cityscapes     ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
+               ``gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`` (19 classes, ignore 255)
+imagenet-s     ImageNet-S 50/300/919 (``validation/`` + ``validation-segmentation/`` or
+               ``train-semi/`` + ``train-semi-segmentation/``; class = R + 256 G; 0 is
+               "others"; ignore 1000)
+=============  ==============================================================================
+
+Another source (e.g. WebDataset shards) only needs ``__len__``, ``class_names``,
+``ignore_index``, ``describe(i)`` and ``load(i)``.
+
+Several sources mix into one :class:`SegmentationDataset`: every source's label ids are mapped
+*by class name* into the run's class list (names compared without case, spaces, ``_`` or
+``-``), and a source's classes that the run does not have become "ignore". Unreadable or corrupt
+samples are skipped and counted (the training loop reports how many); a label value that is
+neither a class of its source nor its ignore index is a :class:`UserError` naming the file.
+
+Augmentation (:func:`augment`) is plain torch, applied with the same random draw to image,
+label, reliability and the valid-pixel mask: random scale, random crop (padding with ignore),
+horizontal flip, colour jitter. Its randomness comes from a generator seeded by
+``(seed, stream position)``, so a sample's augmentation does not depend on worker count,
+batch size or resume.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .dataset import read_manifest_records
+from .errors import UserError
+from .webdataset import WebDatasetIndex
+
+# SegFormer, ConvNeXt and mmsegmentation all normalise with the ImageNet statistics.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+VOC_CLASS_NAMES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+]
+# Cityscapes train ids 0..18 in order (cityscapesscripts' labels.py, trainId column).
+CITYSCAPES_CLASS_NAMES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+]
+DATASET_KINDS = ("auto", "synthetic", "webdataset", "voc", "cityscapes", "imagenet-s",
+                 "imagenet-s50", "imagenet-s300", "imagenet-s919")
+# Errors that mean "this file cannot be decoded": the sample is skipped, not fatal.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class CorruptSample(Exception):
+    """A sample whose files are missing or cannot be decoded; readers raise it, loaders count
+    and skip it."""
+
+
+@dataclass
+class RawSample:
+    """One decoded sample in its source's own label ids."""
+
+    name: str
+    image: np.ndarray  # uint8 [H, W, 3] RGB
+    label: np.ndarray  # int64 [H, W]: class ids of the source, or its ignore index
+    reliability: np.ndarray | None  # float32 [H, W] in [0, 1], None if the source has none
+
+
+def normalize_name(name: str) -> str:
+    """Class names compare without case, spaces, underscores or hyphens ("tv monitor" ==
+    "tvmonitor", "traffic_light" == "traffic light")."""
+    return re.sub(r"[\s_\-]+", "", name.lower())
+
+
+def _generic_names(names: list[str]) -> bool:
+    return all(re.fullmatch(r"class\d+", n) for n in names[1:])
+
+
+def _open_rgb(path, data: bytes | None = None) -> np.ndarray:
+    """An RGB image from `path`, or from `data` (then `path` only names it in messages)."""
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise CorruptSample(f"{path}: missing") from None
+    except DECODE_ERRORS as e:
+        raise CorruptSample(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _open_index_png(path, data: bytes | None = None) -> np.ndarray:
+    """A label PNG whose pixel values are class ids (palette "P" or grayscale "L"/"I")."""
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise UserError(f"label file {path} has mode {im.mode}; expected a palette or "
+                                "grayscale PNG of class ids")
+            return np.asarray(im).astype(np.int64)
+    except FileNotFoundError:
+        raise CorruptSample(f"{path}: missing") from None
+    except DECODE_ERRORS as e:
+        raise CorruptSample(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def _open_rgb16_label(path: Path) -> np.ndarray:
+    """ImageNet-S labels: RGB PNGs with class = R + 256 * G."""
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+    except FileNotFoundError:
+        raise CorruptSample(f"{path}: missing") from None
+    except DECODE_ERRORS as e:
+        raise CorruptSample(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    return rgb[..., 0] + 256 * rgb[..., 1]
+
+
+def check_label_values(label: np.ndarray, num_classes: int, ignore_index: int, path) -> None:
+    """A clear error naming the file if a label value is neither a class id nor the ignore."""
+    bad = (label >= num_classes) & (label != ignore_index) | (label < 0)
+    if bad.any():
+        values = np.unique(label[bad])[:8].tolist()
+        raise UserError(
+            f"label file {path} has value(s) {values} that are neither a class id "
+            f"(0..{num_classes - 1}) nor the ignore index {ignore_index}"
+        )
+
+
+def _check_sizes(path: Path, image: np.ndarray, *others: np.ndarray) -> None:
+    for other in others:
+        if other.shape[:2] != image.shape[:2]:
+            raise CorruptSample(f"{path}: size {other.shape[:2]} differs from its image's "
+                                f"{image.shape[:2]}")
+
+
+class SegSource:
+    """A dataset on disk: ``len``, ``class_names`` (index = label id), ``ignore_index``,
+    ``describe(i)`` (a path for messages) and ``load(i) -> RawSample``.
+
+    ``load`` raises :class:`CorruptSample` for missing or undecodable files and
+    :class:`UserError` for label values that are neither a class nor the ignore index.
+    """
+
+    kind = "?"
+    root: Path
+    class_names: list[str]
+    ignore_index: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        raise NotImplementedError
+
+    def load(self, i: int) -> RawSample:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _read_split(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"split file {path} does not exist")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _synthetic_class_names(root: Path) -> list[str]:
+    """Class names by label id from an attnseg output folder's classes.json."""
+    classes_file = root / "classes.json"
+    if not classes_file.is_file():
+        raise UserError(f"{root} is not an attnseg synthetic dataset (no classes.json)")
+    try:
+        doc = json.loads(classes_file.read_text())
+        ids = {int(k): str(v) for k, v in doc.items()}
+    except (ValueError, AttributeError):
+        raise UserError(f"{classes_file} is malformed") from None
+    n = max(k for k in ids if k != 255) + 1
+    return [ids.get(i, f"class{i}") for i in range(n)]
+
+
+class SyntheticSource(SegSource):
+    """attnseg's synthetic output: JPEG, palette label PNG and reliability PNG per sample.
+
+    The sample list is ``ImageSets/Segmentation/<split>.txt`` when it exists, else (for the
+    training split of a dataset still being written) the finished samples in the manifest.
+    """
+
+    kind = "synthetic"
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        self.root = Path(root)
+        self.class_names = _synthetic_class_names(self.root)
+        self.ignore_index = 255
+        split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if split_file.is_file():
+            self.names = _read_split(split_file)
+        elif split == "train" and any(self.root.glob("manifest*.jsonl")):
+            self.names = [r["name"] for r in read_manifest_records(self.root)]
+        else:
+            raise UserError(f"split file {split_file} does not exist")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def describe(self, i: int) -> str:
+        return str(self.root / "SegmentationClass" / f"{self.names[i]}.png")
+
+    def load(self, i: int) -> RawSample:
+        name = self.names[i]
+        image = _open_rgb(self.root / "JPEGImages" / f"{name}.jpg")
+        label_path = self.root / "SegmentationClass" / f"{name}.png"
+        label = _open_index_png(label_path)
+        rel_path = self.root / "Reliability" / f"{name}.png"
+        try:
+            with Image.open(rel_path) as im:
+                rel = np.asarray(im.convert("L")).astype(np.float32) / 255.0
+        except FileNotFoundError:
+            raise CorruptSample(f"{rel_path}: missing") from None
+        except DECODE_ERRORS as e:
+            raise CorruptSample(f"{rel_path}: unreadable ({type(e).__name__})") from None
+        _check_sizes(label_path, image, label, rel)
+        check_label_values(label, self.num_classes, self.ignore_index, label_path)
+        return RawSample(name, image, label, rel)
+
+
+class WebDatasetSource(SegSource):
+    """attnseg's WebDataset output (`synth --format webdataset`): samples read straight out of
+    the tar chunks by byte offset, so random access needs no unpacking."""
+
+    kind = "webdataset"
+
+    def __init__(self, root: str | Path, split: str = "train"):
+        if split != "train":
+            raise UserError(f"a WebDataset output has only the train split, not {split!r}")
+        self.root = Path(root)
+        self.class_names = _synthetic_class_names(self.root)
+        self.ignore_index = 255
+        self.index = WebDatasetIndex(self.root)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def describe(self, i: int) -> str:
+        return self.index.describe(i)
+
+    def load(self, i: int) -> RawSample:
+        name, parts = self.index.read(i)
+        where = self.index.describe(i)
+        if not {"jpg", "seg.png", "rel.png"} <= set(parts):
+            raise CorruptSample(f"{where}: incomplete sample")
+        image = _open_rgb(f"{where}.jpg", parts["jpg"])
+        label = _open_index_png(f"{where}.seg.png", parts["seg.png"])
+        rel = _open_index_png(f"{where}.rel.png", parts["rel.png"]).astype(np.float32) / 255.0
+        _check_sizes(Path(f"{where}.seg.png"), image, label, rel)
+        check_label_values(label, self.num_classes, self.ignore_index, f"{where}.seg.png")
+        return RawSample(name, image, label, rel)
+
+
+def _find_voc_root(root: Path) -> Path:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir() and (cand / "ImageSets" / "Segmentation").is_dir():
+            return cand
+    raise UserError(f"{root} is not a PASCAL VOC 2012 folder (expected VOCdevkit/VOC2012 with "
+                    "JPEGImages/ and ImageSets/Segmentation/)")
+
+
+class VOCSource(SegSource):
+    """PASCAL VOC 2012 segmentation (``root`` is ``VOCdevkit/VOC2012`` or a parent of it).
+
+    Labels are palette PNGs in ``SegmentationClass/`` (``SegmentationClassAug/`` for the
+    ``trainaug`` split when present); 0 is background, 255 the void border (ignored).
+    """
+
+    kind = "voc"
+
+    def __init__(self, root: str | Path, split: str = "val"):
+        self.root = _find_voc_root(Path(root))
+        self.class_names = list(VOC_CLASS_NAMES)
+        self.ignore_index = 255
+        self.names = _read_split(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
+        aug = self.root / "SegmentationClassAug"
+        self.label_dir = aug if split == "trainaug" and aug.is_dir() else (
+            self.root / "SegmentationClass")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def describe(self, i: int) -> str:
+        return str(self.label_dir / f"{self.names[i]}.png")
+
+    def load(self, i: int) -> RawSample:
+        name = self.names[i]
+        image = _open_rgb(self.root / "JPEGImages" / f"{name}.jpg")
+        label_path = self.label_dir / f"{name}.png"
+        label = _open_index_png(label_path)
+        _check_sizes(label_path, image, label)
+        check_label_values(label, self.num_classes, self.ignore_index, label_path)
+        return RawSample(name, image, label, None)
+
+
+class CityscapesSource(SegSource):
+    """Cityscapes fine annotations as train ids (``*_gtFine_labelTrainIds.png``, made by
+    cityscapesscripts' ``createTrainIdLabelImgs``): 19 classes, 255 ignored."""
+
+    kind = "cityscapes"
+
+    def __init__(self, root: str | Path, split: str = "val"):
+        self.root = Path(root)
+        img_dir = self.root / "leftImg8bit" / split
+        if not img_dir.is_dir():
+            raise UserError(f"{self.root} is not a Cityscapes folder (no leftImg8bit/{split}/)")
+        self.class_names = list(CITYSCAPES_CLASS_NAMES)
+        self.ignore_index = 255
+        self.images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
+        if not self.images:
+            raise UserError(f"no *_leftImg8bit.png images under {img_dir}")
+        self.labels = [
+            self.root / "gtFine" / split / p.parent.name
+            / p.name.replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+            for p in self.images
+        ]
+        if not any(p.is_file() for p in self.labels[:50]):
+            raise UserError(
+                f"no *_gtFine_labelTrainIds.png under {self.root / 'gtFine' / split}; create "
+                "them with cityscapesscripts' createTrainIdLabelImgs"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self, i: int) -> str:
+        return str(self.labels[i])
+
+    def load(self, i: int) -> RawSample:
+        image = _open_rgb(self.images[i])
+        label = _open_index_png(self.labels[i])
+        _check_sizes(self.labels[i], image, label)
+        check_label_values(label, self.num_classes, self.ignore_index, self.labels[i])
+        return RawSample(self.images[i].name.replace("_leftImg8bit.png", ""), image, label, None)
+
+
+_IMAGENET_S_SPLITS = {
+    "val": ("validation", "validation-segmentation"),
+    "validation": ("validation", "validation-segmentation"),
+    "train-semi": ("train-semi", "train-semi-segmentation"),
+    "train": ("train-semi", "train-semi-segmentation"),
+}
+
+
+class ImageNetSSource(SegSource):
+    """ImageNet-S (50, 300 or 919 classes plus 0 = "others"): labels are RGB PNGs with
+    class = R + 256 * G, and 1000 marks ignored pixels.
+
+    ``root`` is the ``ImageNetS50``/``ImageNetS300``/``ImageNetS919`` folder; the subset is read
+    from its name unless given. Class names come from a ``categories.txt`` (one per line, in id
+    order, without "others") in the root when present, else they are ``class<i>``.
+    """
+
+    kind = "imagenet-s"
+
+    def __init__(self, root: str | Path, split: str = "val", subset: int | None = None):
+        self.root = Path(root)
+        if subset is None:
+            m = re.search(r"(50|300|919)$", self.root.name)
+            if not m:
+                raise UserError(f"cannot tell the ImageNet-S subset from the folder name "
+                                f"{self.root.name!r}; use --dataset imagenet-s50/300/919")
+            subset = int(m.group(1))
+        if subset not in (50, 300, 919):
+            raise UserError(f"ImageNet-S subset must be 50, 300 or 919, not {subset}")
+        if split not in _IMAGENET_S_SPLITS:
+            raise UserError(f"ImageNet-S split must be one of {sorted(_IMAGENET_S_SPLITS)}")
+        img_sub, ann_sub = _IMAGENET_S_SPLITS[split]
+        self.img_dir, self.ann_dir = self.root / img_sub, self.root / ann_sub
+        if not self.ann_dir.is_dir():
+            raise UserError(f"{self.root} is not an ImageNet-S folder (no {ann_sub}/)")
+        self.ignore_index = 1000
+        names = [f"class{i}" for i in range(subset + 1)]
+        names[0] = "others"
+        cats = self.root / "categories.txt"
+        if cats.is_file():
+            listed = [x.strip() for x in cats.read_text().splitlines() if x.strip()]
+            if len(listed) != subset:
+                raise UserError(f"{cats} lists {len(listed)} classes; expected {subset}")
+            names[1:] = listed
+        self.class_names = names
+        self.labels = sorted(self.ann_dir.glob("*/*.png"))
+        if not self.labels:
+            raise UserError(f"no label PNGs under {self.ann_dir}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self, i: int) -> str:
+        return str(self.labels[i])
+
+    def load(self, i: int) -> RawSample:
+        lab_path = self.labels[i]
+        image = _open_rgb(self.img_dir / lab_path.parent.name / f"{lab_path.stem}.JPEG")
+        label = _open_rgb16_label(lab_path)
+        _check_sizes(lab_path, image, label)
+        check_label_values(label, self.num_classes, self.ignore_index, lab_path)
+        return RawSample(lab_path.stem, image, label, None)
+
+
+def detect_kind(root: str | Path) -> str:
+    """Which reader a folder needs, from its layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist")
+    if (root / "classes.json").is_file() and (root / "SegmentationClass").is_dir():
+        return "synthetic"
+    if (root / "classes.json").is_file() and (root / "webdataset").is_dir():
+        return "webdataset"
+    if (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    if (root / "validation-segmentation").is_dir() or (root / "train-semi-segmentation").is_dir():
+        return "imagenet-s"
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir() and (cand / "SegmentationClass").is_dir():
+            return "voc"
+    raise UserError(f"cannot tell the dataset layout of {root} (synthetic, VOC, Cityscapes or "
+                    "ImageNet-S); pass --dataset")
+
+
+def open_source(root: str | Path, kind: str = "auto", split: str = "train") -> SegSource:
+    """The reader for one data folder (``kind`` "auto" detects the layout)."""
+    if kind not in DATASET_KINDS:
+        raise UserError(f"unknown dataset kind {kind!r}; choose from {list(DATASET_KINDS)}")
+    if kind == "auto":
+        kind = detect_kind(root)
+    elif not Path(root).is_dir():
+        raise UserError(f"data folder {root} does not exist")
+    if kind == "synthetic":
+        return SyntheticSource(root, split)
+    if kind == "webdataset":
+        return WebDatasetSource(root, split)
+    if kind == "voc":
+        return VOCSource(root, split)
+    if kind == "cityscapes":
+        return CityscapesSource(root, split)
+    subset = int(kind[len("imagenet-s"):]) if kind != "imagenet-s" else None
+    return ImageNetSSource(root, split, subset)
+
+
+def class_mapping(source_names: list[str], target_names: list[str], source_ignore: int,
+                  target_ignore: int, what: str) -> np.ndarray:
+    """Lookup table from a source's label ids to the run's (by class name; classes the run
+    lacks and the source's ignore map to ``target_ignore``).
+
+    Generic names (``class<i>``, e.g. ImageNet-S without a categories file) match by id, which
+    needs equal class counts.
+    """
+    size = max(len(source_names), source_ignore + 1)
+    lut = np.full(size, target_ignore, dtype=np.int64)
+    if source_names == target_names or _generic_names(source_names) or _generic_names(
+            target_names):
+        if len(source_names) != len(target_names):
+            raise UserError(f"{what} has {len(source_names)} classes, the run has "
+                            f"{len(target_names)}, and their names cannot be matched")
+        lut[: len(source_names)] = np.arange(len(source_names))
+        return lut
+    index = {normalize_name(n): i for i, n in enumerate(target_names)}
+    matched = 0
+    for i, n in enumerate(source_names):
+        j = index.get(normalize_name(n))
+        if j is not None:
+            lut[i] = j
+            matched += 1
+    if matched == 0:
+        raise UserError(f"{what} shares no class names with the run's classes "
+                        f"({target_names[:5]}...)")
+    return lut
+
+
+def default_ignore_index(num_classes: int) -> int:
+    """255 when every class id fits below it, else 1000 (ImageNet-S's convention)."""
+    if num_classes > 1000:
+        raise UserError(f"{num_classes} classes: at most 1000 are supported")
+    return 255 if num_classes <= 255 else 1000
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (mmsegmentation's usual recipe, in plain torch).
+
+    The image is first rescaled so that it fits ``base_scale = (long, short)`` (keeping its
+    aspect ratio; ``None`` keeps its size), then by a random factor in ``scale_range``, then a
+    ``crop_size`` window is cut at a random place (padded with ignore where the image is
+    smaller), flipped horizontally with probability ``flip``, and its colours jittered.
+    """
+
+    crop_size: tuple[int, int] = (512, 512)
+    base_scale: tuple[int, int] | None = (2048, 512)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    flip: float = 0.5
+    brightness: float = 0.125  # add U(-b, b) * 255
+    contrast: float = 0.25  # scale around the mean by U(1 - c, 1 + c)
+    saturation: float = 0.25  # blend with the grey image by U(1 - s, 1 + s)
+
+    def validate(self) -> None:
+        if min(self.crop_size) < 1:
+            raise UserError(f"augment.crop_size {self.crop_size} must be positive")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise UserError(f"augment.scale_range {self.scale_range} must satisfy 0 < lo <= hi")
+        if not 0 <= self.flip <= 1:
+            raise UserError("augment.flip must be a probability")
+
+
+def rescale_size(h: int, w: int, scale: tuple[int, int] | None) -> tuple[int, int]:
+    """Size after fitting (h, w) into ``scale = (long, short)`` keeping the aspect ratio
+    (mmsegmentation's ``Resize(keep_ratio=True)``)."""
+    if scale is None:
+        return h, w
+    long_max, short_max = max(scale), min(scale)
+    factor = min(long_max / max(h, w), short_max / min(h, w))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=gen).item()
+
+
+def to_tensors(sample: RawSample, lut: np.ndarray, target_ignore: int):
+    """Image float [3, H, W] (0..255), label int64 [H, W] in the run's ids, reliability float
+    [H, W] (ones when the source has none)."""
+    image = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1).float()
+    label = torch.from_numpy(lut[np.minimum(sample.label, len(lut) - 1)])
+    if sample.reliability is None:
+        rel = torch.ones(label.shape, dtype=torch.float32)
+    else:
+        rel = torch.from_numpy(np.array(sample.reliability, dtype=np.float32))
+    return image, label, rel
+
+
+def normalize_image(image: torch.Tensor) -> torch.Tensor:
+    """(x - ImageNet mean) / std for a float [..., 3, H, W] image in 0..255."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device)[:, None, None]
+    return (image - mean) / std
+
+
+def augment(image: torch.Tensor, label: torch.Tensor, rel: torch.Tensor, cfg: AugmentConfig,
+            gen: torch.Generator, ignore_index: int):
+    """One random training view: rescale, crop (pad with ignore), flip, colour jitter.
+
+    Returns the normalised image [3, h, w], label [h, w], reliability [h, w] and ``valid``
+    [h, w] (False on padding). One draw of ``gen`` decides the geometry for all four maps.
+    """
+    _, h, w = image.shape
+    bh, bw = rescale_size(h, w, cfg.base_scale)
+    factor = _uniform(gen, *cfg.scale_range)
+    nh, nw = max(1, int(bh * factor + 0.5)), max(1, int(bw * factor + 0.5))
+    if (nh, nw) != (h, w):
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear",
+                              align_corners=False)[0]
+        rel = F.interpolate(rel[None, None], size=(nh, nw), mode="bilinear",
+                            align_corners=False)[0, 0]
+        # Label ids (< 2^24) survive the float round trip exactly. "nearest-exact" samples at
+        # pixel centres, as bilinear does, so label and image stay aligned.
+        label = F.interpolate(label[None, None].float(), size=(nh, nw),
+                              mode="nearest-exact")[0, 0].long()
+    ch, cw = cfg.crop_size
+    y0 = int(torch.randint(0, max(nh - ch, 0) + 1, (), generator=gen))
+    x0 = int(torch.randint(0, max(nw - cw, 0) + 1, (), generator=gen))
+    image = image[:, y0 : y0 + ch, x0 : x0 + cw]
+    label = label[y0 : y0 + ch, x0 : x0 + cw]
+    rel = rel[y0 : y0 + ch, x0 : x0 + cw]
+    valid = torch.ones(label.shape, dtype=torch.bool)
+    ph, pw = ch - label.shape[0], cw - label.shape[1]
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph), value=0.0)
+        label = F.pad(label, (0, pw, 0, ph), value=ignore_index)
+        rel = F.pad(rel, (0, pw, 0, ph), value=0.0)
+        valid = F.pad(valid, (0, pw, 0, ph), value=False)
+    if torch.rand((), generator=gen).item() < cfg.flip:
+        image, label, rel, valid = (image.flip(-1), label.flip(-1), rel.flip(-1),
+                                    valid.flip(-1))
+    image = colour_jitter(image, cfg, gen)
+    return normalize_image(image), label, rel, valid
+
+
+def colour_jitter(image: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation jitter of a float [3, H, W] image in 0..255."""
+    draws = torch.rand(3, generator=gen).tolist()
+    x = image + (2 * draws[0] - 1) * cfg.brightness * 255.0
+    mean = x.mean()
+    x = (x - mean) * (1 + (2 * draws[1] - 1) * cfg.contrast) + mean
+    grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    x = (x - grey) * (1 + (2 * draws[2] - 1) * cfg.saturation) + grey
+    return x.clamp(0.0, 255.0)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends only on ``parts`` (e.g. run seed, stream position)."""
+    state = np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2)
+    return int(state[0]) | (int(state[1]) & 0x7FFFFFFF) << 32
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Several sources mixed into one list, labels mapped into the run's classes.
+
+    ``dataset[(position, index)]`` is sample ``index`` augmented with the randomness of stream
+    ``position`` (see :class:`StreamSampler`), or a :class:`Skipped` marker for a corrupt
+    sample. Bad label values come back as a :class:`Failed` marker (the loader's main process
+    raises it as a one-line UserError; an exception inside a worker would lose that form).
+    """
+
+    def __init__(self, sources: list[SegSource], class_names: list[str], augment_cfg:
+                 AugmentConfig | None, seed: int = 0):
+        if not sources:
+            raise UserError("no data sources given")
+        self.sources = sources
+        self.class_names = list(class_names)
+        self.ignore_index = default_ignore_index(len(class_names))
+        self.luts = [class_mapping(s.class_names, self.class_names, s.ignore_index,
+                                   self.ignore_index, f"data {s.root}") for s in sources]
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+        if self.offsets[-1] == 0:
+            raise UserError("the data sources hold no samples")
+        self.augment_cfg = augment_cfg
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        k = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return k, index - int(self.offsets[k])
+
+    def load(self, index: int):
+        """(image, label, reliability) tensors in the run's label ids, unaugmented."""
+        k, i = self.locate(index)
+        sample = self.sources[k].load(i)
+        return (*to_tensors(sample, self.luts[k], self.ignore_index), sample.name)
+
+    def __getitem__(self, key):
+        position, index = key
+        k, i = self.locate(index)
+        try:
+            image, label, rel, _ = self.load(index)
+        except CorruptSample as e:
+            return Skipped(str(e))
+        except UserError as e:
+            return Failed(str(e))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, position))
+        image, label, rel, valid = augment(image, label, rel, self.augment_cfg, gen,
+                                           self.ignore_index)
+        return {"image": image, "label": label, "reliability": rel, "valid": valid}
+
+
+@dataclass
+class Skipped:
+    """A sample that could not be read (missing or undecodable file)."""
+
+    reason: str
+
+
+@dataclass
+class Failed:
+    """A sample with invalid label values: the run must stop with this message."""
+
+    message: str
+
+
+def collate_train(items: list) -> dict:
+    """Stack the readable samples and list the skipped ones. A failure is passed on as
+    ``batch["failed"]`` (this may run in a worker process, where an exception would reach the
+    main process wrapped in a traceback); :func:`check_batch` raises it."""
+    failed = [it.message for it in items if isinstance(it, Failed)]
+    good = [it for it in items if isinstance(it, dict)]
+    skipped = [it.reason for it in items if isinstance(it, Skipped)]
+    batch = {"skipped": skipped, "size": len(good), "failed": failed[0] if failed else None}
+    if good:
+        for key in ("image", "label", "reliability", "valid"):
+            batch[key] = torch.stack([g[key] for g in good])
+    return batch
+
+
+def check_batch(batch: dict) -> dict:
+    """Raise a batch's first bad-label failure as a UserError (in the main process)."""
+    if batch.get("failed"):
+        raise UserError(batch["failed"])
+    return batch
+
+
+class StreamSampler(torch.utils.data.Sampler):
+    """An endless stream of ``(position, index)`` pairs from ``start``: position ``p`` holds
+    sample ``perm_e[p mod N]`` where ``perm_e`` is epoch ``e = p // N``'s shuffle, seeded by
+    (seed, e). Resuming at a position replays exactly the same stream."""
+
+    def __init__(self, size: int, seed: int, start: int = 0):
+        self.size, self.seed, self.start = size, seed, start
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, 0x5EED, epoch))
+        return torch.randperm(self.size, generator=gen)
+
+    def __iter__(self):
+        p = self.start
+        epoch, perm = -1, None
+        while True:
+            e = p // self.size
+            if e != epoch:
+                epoch, perm = e, self.permutation(e)
+            yield (p, int(perm[p % self.size]))
+            p += 1

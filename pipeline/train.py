@@ -1,0 +1,598 @@
+"""The training loop: data stream, model(s), optimiser, schedule, checkpoints, logs.
+
+A run lives in one folder::
+
+    RUN/run.json                       settings, classes, model description (a resume must
+                                       match the settings)
+    RUN/checkpoints/step_XXXXXXXX.safetensors
+                                       full state: weights of every network, optimiser state,
+                                       AMP scaler, counters (the last ``keep_checkpoints``)
+    RUN/model.safetensors              final weights of network 0, with its description in
+                                       the metadata (what `attnseg eval` loads)
+    RUN/log.csv  RUN/val.csv           one row per logged / validated step
+    RUN/tb/                            TensorBoard events (when tensorboard is installed)
+
+Determinism: the sample at stream position ``p`` and its augmentation depend only on
+``(seed, p)`` (see ``data.StreamSampler``), and the global torch RNG (dropout, drop-path) is
+re-seeded from ``(seed, step)`` before every optimiser step. So a run killed at any point and
+started again with the same command continues from its last checkpoint and ends with exactly
+the weights of an uninterrupted run (on CPU; GPU kernels may add non-determinism of their own).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import (
+    AugmentConfig,
+    SegmentationDataset,
+    StreamSampler,
+    check_batch,
+    collate_train,
+    default_ignore_index,
+    derive_seed,
+    open_source,
+)
+from .dataset import atomic_write_bytes, check_output_dir
+from .errors import UserError
+from .evaluate import DATASET_INFERENCE, InferenceConfig, evaluate_model
+from .losses import LossConfig, segmentation_loss
+from .segmodels import TINY_MODELS, SegModel, build_model, model_from_spec
+
+CHECKPOINT_FORMAT = "attnseg-train-1"
+MODEL_FORMAT = "attnseg-segmodel-1"
+# Settings that do not change the trained weights: a resume may change them.
+RUNTIME_FIELDS = ("workers", "progress", "checkpoint_every", "keep_checkpoints", "log_every",
+                  "val_every", "val_limit", "device", "compile", "stop_after")
+
+
+@dataclass
+class TrainConfig:
+    """One training run (`attnseg train`). Nested sections: ``loss``, ``augment``."""
+
+    data: list[str] = field(default_factory=list)
+    dataset: str = "auto"  # reader for every --data folder (auto: detect from the layout)
+    split: str = "train"
+    # The run's classes: None = the first data folder's; else a data folder whose classes to
+    # use, or "voc" / "cityscapes".
+    classes: str | None = None
+    val_data: str | None = None
+    val_dataset: str = "auto"
+    val_split: str = "val"
+    val_every: int = 0  # steps between validations (0: only at the end, if val_data is set)
+    val_limit: int | None = None  # validate on the first N images only
+    model: str = "segformer-b0"
+    pretrained: str | None = None
+    out: str = "runs/train"
+    steps: int = 20000
+    batch_size: int = 8
+    accum_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0  # decoder heads learn this much faster (SegFormer's recipe)
+    weight_decay: float = 0.01
+    momentum: float = 0.9  # SGD only
+    schedule: str = "poly"
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    warmup_steps: int = 1500
+    warmup_ratio: float = 1e-6  # the first step's lr, as a fraction of the scheduled lr
+    amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU), off, fp16, bf16
+    compile: bool = False
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    progress: bool = True
+    stop_after: int | None = None  # stop (as if killed) after this many steps of this call
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        if not self.data:
+            raise UserError("give at least one --data folder")
+        for name in ("steps", "batch_size", "accum_steps", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UserError(f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}")
+        if self.schedule not in ("poly", "cosine", "constant"):
+            raise UserError(f"schedule must be 'poly', 'cosine' or 'constant', not "
+                            f"{self.schedule!r}")
+        if self.amp not in ("auto", "off", "fp16", "bf16"):
+            raise UserError(f"amp must be auto, off, fp16 or bf16, not {self.amp!r}")
+        if self.lr <= 0:
+            raise UserError("lr must be > 0")
+        if self.warmup_steps < 0 or self.workers < 0 or self.val_every < 0:
+            raise UserError("warmup_steps, workers and val_every must be >= 0")
+        self.loss.validate()
+        self.augment.validate()
+        if min(self.augment.crop_size) < 32:
+            raise UserError(f"crop {list(self.augment.crop_size)} is below 32 px: the networks "
+                            "downsample by 32")
+
+
+def train_config_from(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a dict (config file merged with flags); sections are dicts."""
+    values = dict(values)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise UserError(f"unknown train setting(s) {unknown}")
+    sections = {}
+    for section, cls in (("loss", LossConfig), ("augment", AugmentConfig)):
+        raw = values.pop(section, {}) or {}
+        if isinstance(raw, (LossConfig, AugmentConfig)):
+            sections[section] = raw
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        bad = sorted(set(raw) - set(fields))
+        if bad:
+            raise UserError(f"unknown {section} setting(s) {bad}")
+        kwargs = {}
+        for k, v in raw.items():
+            default = getattr(cls(), k)
+            if isinstance(default, tuple) and isinstance(v, list):
+                v = tuple(v)
+            kwargs[k] = v
+        sections[section] = cls(**kwargs)
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    try:
+        return TrainConfig(**values, **sections)
+    except TypeError as e:
+        raise UserError(f"bad train settings: {e}") from None
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The settings as JSON-able data (tuples become lists, as they read back)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based): the schedule over all
+    steps times a linear warm-up (mmsegmentation's form: the warm-up scales the scheduled lr
+    from ``warmup_ratio`` up to 1)."""
+    t = step / cfg.steps
+    if cfg.schedule == "poly":
+        base = (1.0 - t) ** cfg.poly_power
+    elif cfg.schedule == "cosine":
+        base = 0.5 * (1.0 + math.cos(math.pi * t))
+    else:
+        base = 1.0
+    floor = cfg.min_lr / cfg.lr
+    base = floor + (1.0 - floor) * base
+    if step < cfg.warmup_steps:
+        base *= 1.0 - (1.0 - step / cfg.warmup_steps) * (1.0 - cfg.warmup_ratio)
+    return base
+
+
+def resolve_train_device(device: str) -> torch.device:
+    from .synth import resolve_device
+
+    return resolve_device(device)
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "off" or device.type != "cuda":
+        if cfg.amp in ("fp16", "bf16") and device.type != "cuda":
+            raise UserError(f"--amp {cfg.amp} needs a CUDA device")
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    if cfg.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def _class_names(cfg: TrainConfig, first) -> list[str]:
+    from .data import CITYSCAPES_CLASS_NAMES, VOC_CLASS_NAMES
+
+    if cfg.classes is None:
+        return list(first.class_names)
+    if cfg.classes == "voc":
+        return list(VOC_CLASS_NAMES)
+    if cfg.classes == "cityscapes":
+        return list(CITYSCAPES_CLASS_NAMES)
+    return list(open_source(cfg.classes, "auto", cfg.split).class_names)
+
+
+def _optimizer(cfg: TrainConfig, models: list[SegModel]) -> torch.optim.Optimizer:
+    groups = []
+    for m in models:
+        heads = m.head_parameter_names()
+        body = [p for n, p in m.named_parameters() if n not in heads and p.requires_grad]
+        head = [p for n, p in m.named_parameters() if n in heads and p.requires_grad]
+        groups.append({"params": body, "lr_mult": 1.0})
+        groups.append({"params": head, "lr_mult": cfg.head_lr_mult})
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_mult"]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints (safetensors: tensors + string metadata; nothing is ever unpickled)
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Path, models: list[SegModel], opt, scaler, counters: dict) -> None:
+    """Everything a resume needs, written atomically as one safetensors file."""
+    from safetensors.torch import save
+
+    tensors = {}
+    for k, m in enumerate(models):
+        for name, value in m.state_dict().items():
+            tensors[f"model.{k}.{name}"] = value.detach().cpu().contiguous().clone()
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    tensors.update(opt_tensors)
+    meta = {"format": CHECKPOINT_FORMAT, "optimizer": json.dumps(opt_meta),
+            "scaler": json.dumps(scaler.state_dict() if scaler is not None else {}),
+            "counters": json.dumps(counters),
+            "model_spec": json.dumps(models[0].spec())}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+    return tensors, meta
+
+
+def load_checkpoint(path: Path, models: list[SegModel], opt, scaler) -> dict:
+    """Restore models, optimiser and scaler from ``path``; returns the counters."""
+    tensors, meta = _read_safetensors(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not an attnseg training checkpoint")
+    for k, m in enumerate(models):
+        prefix = f"model.{k}."
+        m.load_state_dict({n[len(prefix):]: v for n, v in tensors.items()
+                           if n.startswith(prefix)})
+    opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer"])))
+    scaler_state = json.loads(meta["scaler"])
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    return json.loads(meta["counters"])
+
+
+def save_model(path: Path, model: SegModel, extra: dict | None = None) -> None:
+    """Network weights plus the description needed to rebuild it (what `attnseg eval` reads)."""
+    from safetensors.torch import save
+
+    tensors = {n: v.detach().cpu().contiguous().clone() for n, v in model.state_dict().items()}
+    meta = {"format": MODEL_FORMAT, "model_spec": json.dumps(model.spec()),
+            "extra": json.dumps(extra or {})}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> SegModel:
+    """A trained network from a run folder (its model.safetensors, else its newest
+    checkpoint), a model file or a training checkpoint file."""
+    p = Path(checkpoint)
+    if p.is_dir():
+        if (p / "model.safetensors").is_file():
+            p = p / "model.safetensors"
+        else:
+            ckpts = sorted((p / "checkpoints").glob("step_*.safetensors"))
+            if not ckpts:
+                raise UserError(f"run folder {checkpoint} has no model.safetensors and no "
+                                "checkpoints")
+            p = ckpts[-1]
+    elif not p.is_file():
+        raise UserError(f"checkpoint {checkpoint} does not exist")
+    if p.suffix != ".safetensors":
+        raise UserError(f"checkpoint {p} is not a .safetensors file (pickle files are not "
+                        "loaded)")
+    tensors, meta = _read_safetensors(p)
+    if meta.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
+        raise UserError(f"{p} is not an attnseg model or training checkpoint")
+    model = model_from_spec(json.loads(meta["model_spec"]))
+    if meta["format"] == CHECKPOINT_FORMAT:
+        tensors = {n[len("model.0."):]: v for n, v in tensors.items()
+                   if n.startswith("model.0.")}
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise UserError(f"{p}: weights do not fit the described model ({e})") from None
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# logs
+# --------------------------------------------------------------------------------------------
+
+
+class CsvLog:
+    """A CSV log that, on resume, drops rows past the resumed step (so a resumed run's log
+    reads like an uninterrupted one's) and then appends."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int):
+        self.path, self.columns = path, columns
+        rows = []
+        if path.exists() and resume_step > 0:
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    try:
+                        if int(row["step"]) <= resume_step:
+                            rows.append(row)
+                    except (KeyError, ValueError):
+                        continue
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_bytes(path, buf.getvalue().encode())
+
+    def write(self, row: dict) -> None:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore").writerow(row)
+        with open(self.path, "a", newline="") as f:
+            f.write(buf.getvalue())
+
+
+def _tensorboard(folder: Path):
+    """A SummaryWriter when tensorboard is installed, else None (logs stay in CSV)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is an optional dependency
+        return None
+    return SummaryWriter(str(folder))
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_out(cfg: TrainConfig, run_doc: dict) -> tuple[Path, bool]:
+    """Create the run folder or check that it holds this same run; True when resuming."""
+    out = Path(cfg.out)
+    check_output_dir(out)
+    run_file = out / "run.json"
+    if run_file.exists():
+        try:
+            previous = json.loads(run_file.read_text())
+        except ValueError:
+            previous = None
+
+        def weights_relevant(doc):
+            c = dict(doc.get("config", {})) if isinstance(doc, dict) else {}
+            for k in RUNTIME_FIELDS:
+                c.pop(k, None)
+            return c, doc.get("classes") if isinstance(doc, dict) else None
+
+        if previous is None or weights_relevant(previous) != weights_relevant(run_doc):
+            raise UserError(f"run folder {out} holds a different run (its run.json differs "
+                            "from these settings); use another --out")
+        return out, True
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run folder {out} cannot be written: {e.strerror}") from None
+    atomic_write_bytes(run_file, json.dumps(run_doc, indent=1).encode())
+    return out, False
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step_*.safetensors"))
+    return ckpts[-1] if ckpts else None
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train as configured (resuming a killed run in the same folder); returns a summary."""
+    cfg.validate()
+    device = resolve_train_device(cfg.device)
+    amp_dtype = _amp_dtype(cfg, device)
+    sources = [open_source(d, cfg.dataset, cfg.split) for d in cfg.data]
+    class_names = _class_names(cfg, sources[0])
+    dataset = SegmentationDataset(sources, class_names, cfg.augment, cfg.seed)
+    ignore_index = default_ignore_index(len(class_names))
+    val_source = None
+    if cfg.val_data:
+        val_source = open_source(cfg.val_data, cfg.val_dataset, cfg.val_split)
+
+    torch.manual_seed(cfg.seed)
+    models = []
+    for k in range(cfg.loss.networks):
+        # Co-training needs two differently initialised networks.
+        torch.manual_seed(derive_seed(cfg.seed, 0x1A17, k))
+        models.append(build_model(cfg.model, class_names, cfg.pretrained).to(device))
+    run_doc = {"config": config_dict(cfg), "classes": class_names,
+               "model_spec": models[0].spec(),
+               "tiny_model": cfg.model in TINY_MODELS}
+    out, resuming = _prepare_out(cfg, run_doc)
+    opt = _optimizer(cfg, models)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    counters = {"step": 0, "images": 0, "skipped": 0}
+    ckpt = _latest_checkpoint(out) if resuming else None
+    if ckpt is not None:
+        counters = load_checkpoint(ckpt, models, opt, scaler)
+    start = counters["step"]
+    if start >= cfg.steps and (out / "model.safetensors").is_file():
+        return {"out": str(out), "steps": cfg.steps, "resumed_from": start, "new_steps": 0,
+                "seconds": 0.0, "images_per_s": None, "skipped": counters["skipped"],
+                "final": _read_final(out)}
+
+    forward = [torch.compile(m) if cfg.compile else m for m in models]
+    per_step = cfg.batch_size * cfg.accum_steps
+    sampler = StreamSampler(len(dataset), cfg.seed, start=start * per_step)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_train,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+    )
+    columns = ["step", "lr", "loss", "images", "images_per_s", "seconds", "skipped"]
+    extra_cols = (["loss_net0", "loss_net1", "reliable_frac", "peer_frac0", "peer_frac1",
+                   "rho"]
+                  if cfg.loss.name == "cotrain" else ["weight_frac"])
+    log = CsvLog(out / "log.csv", columns + extra_cols, start)
+    val_log = CsvLog(out / "val.csv", ["step", "mIoU", "mAcc", "aAcc"], start)
+    tb = _tensorboard(out / "tb")
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train",
+                   dynamic_ncols=True)
+    infer = _val_inference(cfg)
+    for m in models:
+        m.train()
+    t0 = time.perf_counter()
+    images_this_call = 0
+    last_val = None
+    stream = iter(loader)
+    step = start
+    try:
+        while step < cfg.steps:
+            if cfg.stop_after is not None and step - start >= cfg.stop_after:
+                break
+            factor = lr_factor(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * g["lr_mult"] * factor
+            torch.manual_seed(derive_seed(cfg.seed, 0xD80, step))
+            opt.zero_grad(set_to_none=True)
+            loss_sum, parts, used = 0.0, {}, 0
+            for _ in range(cfg.accum_steps):
+                batch = check_batch(next(stream))
+                counters["skipped"] += len(batch["skipped"])
+                if batch["size"] == 0:
+                    continue
+                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                         for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                    enabled=amp_dtype is not None):
+                    outputs = [f(batch["image"]) for f in forward]
+                loss, parts = segmentation_loss(
+                    cfg.loss, [o[0] for o in outputs], batch, ignore_index, step,
+                    aux=[o[1] for o in outputs], aux_weight=models[0].aux_weight)
+                scaled = loss / cfg.accum_steps
+                if scaler is not None:
+                    scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+                loss_sum += float(loss.detach()) / cfg.accum_steps
+                used += batch["size"]
+            if used == 0 and counters["skipped"] >= len(dataset) and counters["images"] == 0:
+                raise UserError(f"none of the {len(dataset)} training samples could be read")
+            if used:
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+            step += 1
+            counters["step"] = step
+            counters["images"] += used
+            images_this_call += used
+            elapsed = time.perf_counter() - t0
+            rate = images_this_call / elapsed if elapsed > 0 else 0.0
+            if bar is not None:
+                bar.set_postfix_str(f"loss {loss_sum:.4f}, {rate:.1f} img/s")
+                bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                row = {"step": step, "lr": f"{cfg.lr * factor:.6g}", "loss": f"{loss_sum:.6f}",
+                       "images": counters["images"], "images_per_s": f"{rate:.3f}",
+                       "seconds": f"{elapsed:.2f}", "skipped": counters["skipped"],
+                       **{k: f"{v:.6g}" for k, v in parts.items()}}
+                log.write(row)
+                if tb is not None:
+                    tb.add_scalar("train/loss", loss_sum, step)
+                    tb.add_scalar("train/lr", cfg.lr * factor, step)
+                    tb.add_scalar("train/images_per_s", rate, step)
+            if val_source is not None and (
+                    (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps):
+                last_val = evaluate_model(models[0], val_source, infer, cfg.val_limit)
+                val_log.write({"step": step, "mIoU": last_val["mIoU"], "mAcc": last_val["mAcc"],
+                               "aAcc": last_val["aAcc"]})
+                if tb is not None and last_val["mIoU"] is not None:
+                    tb.add_scalar("val/mIoU", last_val["mIoU"], step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                path = out / "checkpoints" / f"step_{step:08d}.safetensors"
+                save_checkpoint(path, models, opt, scaler, counters)
+                for old in sorted((out / "checkpoints").glob("step_*.safetensors"))[
+                        : -cfg.keep_checkpoints]:
+                    old.unlink(missing_ok=True)
+    finally:
+        if bar is not None:
+            bar.close()
+        if tb is not None:
+            tb.close()
+        del stream
+    elapsed = time.perf_counter() - t0
+    final = None
+    if step >= cfg.steps:
+        final = {"step": step, "val": _val_summary(last_val)}
+        save_model(out / "model.safetensors", models[0], {"run": str(out), **final})
+    return {"out": str(out), "steps": cfg.steps, "resumed_from": start,
+            "new_steps": step - start, "seconds": round(elapsed, 3),
+            "images_per_s": round(images_this_call / elapsed, 3) if elapsed > 0 else None,
+            "skipped": counters["skipped"], "final": final, "device": str(device),
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
+
+
+def _val_inference(cfg: TrainConfig) -> InferenceConfig:
+    if not cfg.val_data:
+        return InferenceConfig()
+    from .data import detect_kind
+
+    kind = cfg.val_dataset if cfg.val_dataset != "auto" else detect_kind(cfg.val_data)
+    kind = "imagenet-s" if kind.startswith("imagenet-s") else kind
+    return dataclasses.replace(DATASET_INFERENCE.get(kind, InferenceConfig()))
+
+
+def _val_summary(report: dict | None) -> dict | None:
+    if report is None:
+        return None
+    return {k: report[k] for k in ("mIoU", "mAcc", "aAcc", "images", "skipped")}
+
+
+def _read_final(out: Path) -> dict | None:
+    _, meta = _read_safetensors(out / "model.safetensors")
+    extra = json.loads(meta.get("extra", "{}"))
+    return {k: extra.get(k) for k in ("step", "val")}

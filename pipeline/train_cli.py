@@ -1,0 +1,295 @@
+"""`attnseg train` and `attnseg eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+TINY_MODEL_NOTICE = ("model {name} is a tiny test-size network: it exercises the code, its "
+                     "accuracy means nothing")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or H,W") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or H,W with positive values")
+    return values[0], values[1]
+
+
+def _scale_arg(text: str):
+    """--scale: 'none' (keep the image size) or LONG,SHORT."""
+    return "none" if text.lower() in ("none", "0") else _pair(text)
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON or TOML file with train settings (flags override it)")
+    p.add_argument("--data", action="append", default=None, metavar="DIR",
+                   help="training data folder; repeat to mix several (synthetic, VOC, "
+                   "Cityscapes or ImageNet-S layouts are detected)")
+    p.add_argument("--dataset", help="reader for the --data folders: auto (default), "
+                   "synthetic, webdataset, voc, cityscapes, imagenet-s[50|300|919]")
+    p.add_argument("--split", help="split to train on (default: train)")
+    p.add_argument("--classes", help="the run's classes: 'voc', 'cityscapes' or a data folder "
+                   "(default: the first --data folder's); other sources map by class name")
+    p.add_argument("--val-data", help="validation folder (mIoU every --val-every steps)")
+    p.add_argument("--val-dataset", help="reader for --val-data (default: auto)")
+    p.add_argument("--val-split", help="validation split (default: val)")
+    p.add_argument("--val-every", type=int, help="steps between validations (0: at the end)")
+    p.add_argument("--val-limit", type=int, help="validate on the first N images only")
+    p.add_argument("--model", help="segformer-b0..b5, upernet-convnext-tiny/small/base/large/"
+                   "xlarge, or segformer-tiny/upernet-tiny (test size) (default: segformer-b0)")
+    p.add_argument("--pretrained", help="local folder with a SegFormer / UperNet / ConvNeXt "
+                   "config.json and safetensors weights")
+    p.add_argument("--loss", help="ce, ignore-band, reliability-weighted, cotrain (default: ce)")
+    p.add_argument("--out", help="run folder (default: runs/train); a killed run resumes")
+    p.add_argument("--steps", type=int, help="optimiser steps (default: 20000)")
+    p.add_argument("--batch-size", type=int, help="images per micro-batch (default: 8)")
+    p.add_argument("--accum-steps", type=int, help="micro-batches per optimiser step")
+    p.add_argument("--optimizer", help="adamw (default) or sgd")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-5)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", help="poly (default), cosine or constant")
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 1500)")
+    p.add_argument("--crop", type=_pair, metavar="N|H,W", help="training crop (default: 512)")
+    p.add_argument("--amp", help="auto (default: bf16/fp16 on GPU, off on CPU), off, fp16, bf16")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the networks (slow first step, faster after)")
+    p.add_argument("--workers", type=int, help="data loader processes (default: 2)")
+    p.add_argument("--seed", type=int, help="seed of data order, augmentation and init")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--log-every", type=int, help="steps between log rows")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. --set loss.band_threshold=0.3 --set "
+                   "augment.scale_range=[0.5,2.0] --set head_lr_mult=1 (VALUE is JSON)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+_FLAG_FIELDS = ("data", "dataset", "split", "classes", "val_data", "val_dataset", "val_split",
+                "val_every", "val_limit", "model", "pretrained", "out", "steps", "batch_size",
+                "accum_steps", "optimizer", "lr", "weight_decay", "schedule", "warmup_steps",
+                "amp", "compile", "workers", "seed", "device", "checkpoint_every", "log_every")
+
+
+def _apply_set(values: dict, items: list[str]) -> None:
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item!r} is not of the form KEY=VALUE")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare string such as cosine
+        section, dot, name = key.partition(".")
+        if dot:
+            values.setdefault(section, {})
+            if not isinstance(values[section], dict):
+                raise UserError(f"--set {item!r}: {section} is not a section")
+            values[section][name] = value
+        else:
+            values[key] = value
+
+
+def train_config_from_args(args):
+    from .config import load_config_file
+    from .train import train_config_from
+
+    values = load_config_file(args.config) if args.config else {}
+    for name in _FLAG_FIELDS:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    if args.loss is not None:
+        values.setdefault("loss", {})["name"] = args.loss
+    if args.crop is not None:
+        values.setdefault("augment", {})["crop_size"] = list(args.crop)
+    if args.no_progress:
+        values["progress"] = False
+    _apply_set(values, args.set)
+    return train_config_from(values)
+
+
+def cmd_train(args) -> int:
+    from .train import run_training
+
+    cfg = train_config_from_args(args)
+    summary = run_training(cfg)
+    print_train_summary(summary, cfg.model)
+    return 0
+
+
+def print_train_summary(summary: dict, model: str) -> None:
+    from .segmodels import TINY_MODELS
+
+    if summary["new_steps"] == 0 and summary["resumed_from"] >= summary["steps"]:
+        print(f"run {summary['out']} is already complete ({summary['steps']} steps)")
+    else:
+        resumed = (f", resumed from step {summary['resumed_from']}"
+                   if summary["resumed_from"] else "")
+        rate = summary["images_per_s"]
+        print(f"trained {summary['new_steps']} steps{resumed} in {summary['seconds']:.1f} s"
+              + (f", {rate:.1f} images/s" if rate else "")
+              + f" on {summary['device']} (amp {summary['amp']}); run folder {summary['out']}")
+    if summary["skipped"]:
+        print(f"skipped {summary['skipped']} unreadable sample(s)")
+    final = summary.get("final") or {}
+    if final.get("val") and final["val"].get("mIoU") is not None:
+        print(f"validation mIoU {100 * final['val']['mIoU']:.2f}")
+    if summary["new_steps"] and final == {}:
+        print("stopped before the last step; run the same command again to continue")
+    if model in TINY_MODELS:
+        print("note: " + TINY_MODEL_NOTICE.format(name=model))
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import format_table, write_report
+
+    if args.pseudo or args.gt:
+        if not (args.pseudo and args.gt):
+            raise UserError("--pseudo and --gt go together")
+        if args.checkpoint:
+            raise UserError("give either --checkpoint or --pseudo/--gt, not both")
+        report = eval_pseudo_from_args(args)
+        print(format_table(report))
+        if report.get("unlabelled_frac"):
+            print(f"pseudo-mask pixels marked ignore (counted as wrong): "
+                  f"{100 * report['unlabelled_frac']:.2f} %")
+        if args.out:
+            print(f"report: {write_report(args.out, report)}")
+        return 0
+    if not args.checkpoint or not args.data:
+        raise UserError("give --checkpoint RUN and --data ROOT (or --pseudo DIR --gt DIR)")
+    report = eval_checkpoint_from_args(args)
+    print(format_table(report))
+    out = args.out
+    if out is None and Path(args.checkpoint).is_dir():
+        out = Path(args.checkpoint) / f"eval-{report['dataset']}-{report['split']}.json"
+    if out:
+        print(f"report: {write_report(out, report)}")
+    if report.get("tiny_model"):
+        print("note: " + TINY_MODEL_NOTICE.format(name=report["model"]))
+    return 0
+
+
+def eval_checkpoint_from_args(args) -> dict:
+    import dataclasses
+
+    import torch
+
+    from .data import detect_kind, open_source
+    from .evaluate import DATASET_INFERENCE, InferenceConfig, evaluate_model
+    from .segmodels import TINY_MODELS
+    from .train import load_model, resolve_train_device
+
+    device = resolve_train_device(args.device or "auto")
+    model = load_model(args.checkpoint, device)
+    kind = args.dataset or "auto"
+    source = open_source(args.data, kind, args.split)
+    kind = detect_kind(args.data) if kind == "auto" else kind
+    family = "imagenet-s" if kind.startswith("imagenet-s") else kind
+    infer = dataclasses.replace(DATASET_INFERENCE.get(family, InferenceConfig()))
+    if args.mode:
+        infer.mode = args.mode
+    if args.scale is not None:
+        infer.scale = None if args.scale == "none" else args.scale
+    if args.crop:
+        infer.crop = args.crop
+    if args.stride:
+        infer.stride = args.stride
+    infer.validate()
+    with torch.inference_mode():
+        report = evaluate_model(model, source, infer, args.limit, progress=not args.no_progress)
+    report.update({"checkpoint": str(args.checkpoint), "data": str(args.data),
+                   "dataset": kind, "split": args.split, "model": model.name,
+                   "tiny_model": model.name in TINY_MODELS})
+    return report
+
+
+def eval_pseudo_from_args(args) -> dict:
+    from .data import CITYSCAPES_CLASS_NAMES, VOC_CLASS_NAMES
+    from .evaluate import evaluate_pseudo
+
+    names = {"voc": VOC_CLASS_NAMES, "cityscapes": CITYSCAPES_CLASS_NAMES}.get(args.dataset)
+    if args.dataset and args.dataset not in ("voc", "cityscapes") and names is None:
+        raise UserError("--pseudo mode knows the classes of --dataset voc or cityscapes; "
+                        "otherwise give --num-classes")
+    ignore = args.ignore_index if args.ignore_index is not None else 255
+    report = evaluate_pseudo(args.pseudo, args.gt, args.num_classes, ignore, names)
+    report.update({"pseudo": str(args.pseudo), "gt": str(args.gt)})
+    return report
+
+
+def demo_train_eval(dataset: str | Path, progress: bool = True) -> dict:
+    """The demo's last stages: a few co-training steps of the tiny SegFormer on the demo
+    dataset, then its mIoU on the same images (`attnseg demo`)."""
+    import torch
+
+    dataset = Path(dataset)
+    run = dataset / "run"
+    # One thread: a network this small gains nothing from more, and on a busy machine OpenMP
+    # threads waiting for each other make it many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _demo_train_eval(dataset, run, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo_train_eval(dataset: Path, run: Path, progress: bool) -> dict:
+    from .data import open_source
+    from .evaluate import DATASET_INFERENCE, evaluate_model, format_table, write_report
+    from .train import load_model, run_training, train_config_from
+
+    cfg = train_config_from(dict(
+        data=[str(dataset)], out=str(run), model="segformer-tiny", steps=12, batch_size=4,
+        lr=1e-3, warmup_steps=2, head_lr_mult=1.0, workers=0, checkpoint_every=6, log_every=3,
+        progress=progress, augment={"crop_size": [64, 64], "base_scale": None},
+        loss={"name": "cotrain", "peer_warmup": 6},
+    ))
+    summary = run_training(cfg)
+    print_train_summary(summary, cfg.model)
+    report = evaluate_model(load_model(run), open_source(dataset, "synthetic", "train"),
+                            DATASET_INFERENCE["synthetic"])
+    print(format_table(report))
+    print(f"eval report: {write_report(run / 'eval-demo.json', report)} (mIoU of the tiny "
+          "model on its own noise training images: it shows the path works, not accuracy)")
+    return report
+
+
+def register(sub) -> None:
+    """Add `train` and `eval` to the `attnseg` parser."""
+    p = sub.add_parser("train", help="train a segmentation model (reliability-aware losses)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="mIoU of a trained model, or of pseudo-masks vs ground truth")
+    p.add_argument("--checkpoint", help="run folder, model .safetensors or training checkpoint")
+    p.add_argument("--data", help="dataset root (VOCdevkit, Cityscapes, ImageNetS50, ...)")
+    p.add_argument("--dataset", help="auto (default), synthetic, voc, cityscapes, "
+                   "imagenet-s[50|300|919]")
+    p.add_argument("--split", default="val", help="split (default: val)")
+    p.add_argument("--mode", choices=("whole", "slide"), help="whole-image or sliding-window "
+                   "inference (default: the benchmark's usual one)")
+    p.add_argument("--scale", type=_scale_arg, help="rescale to fit LONG,SHORT first, or 'none' "
+                   "(default: the benchmark's usual one)")
+    p.add_argument("--crop", type=_pair, metavar="N|H,W", help="sliding-window size")
+    p.add_argument("--stride", type=_pair, metavar="N|H,W", help="sliding-window stride")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--pseudo", help="folder of pseudo-mask PNGs (or a synthetic dataset)")
+    p.add_argument("--gt", help="folder of ground-truth PNGs matched by file name")
+    p.add_argument("--num-classes", type=int, help="--pseudo mode: number of classes")
+    p.add_argument("--ignore-index", type=int, help="--pseudo mode: ignore value (255)")
+    p.add_argument("--out", help="JSON report path (default for --checkpoint RUN: "
+                   "RUN/eval-<dataset>-<split>.json)")
+    p.add_argument("--device", help="auto, cpu, cuda ...")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,192 @@
+"""`attnseg train` / `attnseg eval` end to end on a tiny-model synthetic dataset (the demo's
+format), a real kill and resume, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from attnseg.pipeline.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1"}
+TRAIN = ["--model", "segformer-tiny", "--batch-size", "2", "--crop", "64", "--workers", "0",
+         "--warmup-steps", "1", "--lr", "1e-3", "--no-progress", "--set",
+         "augment.base_scale=null"]
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "attnseg.pipeline.cli", *args], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """A synthetic dataset written by `attnseg synth` on the tiny model."""
+    out = tmp_path_factory.mktemp("demo") / "ds"
+    assert main(["synth", "--model", "tiny", "--classes", "aeroplane,dog,cat",
+                 "--num-per-class", "2", "--steps", "2", "--height", "64", "--width", "64",
+                 "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_train_and_eval_end_to_end(demo_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_data), "--loss", "cotrain", "--out", str(run),
+                 "--steps", "3", "--val-data", str(demo_data), "--val-dataset", "synthetic",
+                 "--val-split", "train", *TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and "validation mIoU" in out and "tiny test-size" in out
+    for name in ("run.json", "model.safetensors", "log.csv", "val.csv",
+                 "checkpoints/step_00000003.safetensors"):
+        assert (run / name).is_file(), name
+    doc = json.loads((run / "run.json").read_text())
+    assert doc["classes"] == ["background", "aeroplane", "dog", "cat"]
+    assert doc["config"]["loss"]["name"] == "cotrain"
+    # Both co-trained networks are in the checkpoint; the model file holds network 0.
+    ckpt = load_file(str(run / "checkpoints/step_00000003.safetensors"))
+    assert any(k.startswith("model.1.") for k in ckpt)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(demo_data), "--dataset",
+                 "synthetic", "--split", "train", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((run / "eval-synthetic-train.json").read_text())
+    assert report["images"] == 6 and report["skipped"] == 0
+    ious = [c["iou"] for c in report["per_class"] if c["iou"] is not None]
+    assert report["mIoU"] == pytest.approx(float(np.mean(ious)))
+    assert f"mIoU {100 * report['mIoU']:.2f}" in printed and "aeroplane" in printed
+    # The pseudo-masks scored against themselves are perfect (their ignore pixels are the
+    # ground truth's ignore pixels too).
+    pseudo_report = tmp_path / "pseudo.json"
+    assert main(["eval", "--pseudo", str(demo_data), "--gt", str(demo_data / "SegmentationClass"),
+                 "--out", str(pseudo_report)]) == 0
+    assert json.loads(pseudo_report.read_text())["mIoU"] == pytest.approx(1.0)
+
+
+def test_killed_training_resumes_to_the_same_weights(demo_data, tmp_path):
+    args = ["train", "--data", str(demo_data), "--loss", "reliability-weighted", "--steps", "16",
+            "--checkpoint-every", "4", *TRAIN]
+    # Uninterrupted, in this process (one torch thread, as the subprocesses below).
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    killed = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "attnseg.pipeline.cli", *args, "--out",
+                             str(killed)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints/step_00000008.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended early"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists()
+    resumed = _cli(*args, "--out", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stdout
+    a = load_file(str(tmp_path / "a/model.safetensors"))
+    b = load_file(str(killed / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = (tmp_path / "a/log.csv").read_text().splitlines()
+    lb = (killed / "log.csv").read_text().splitlines()
+    # Same rows up to the timing columns.
+    assert [r.split(",")[:4] for r in la] == [r.split(",")[:4] for r in lb]
+
+
+def _bad_label_dataset(demo_data, tmp_path):
+    import shutil
+
+    ds = tmp_path / "bad"
+    shutil.copytree(demo_data, ds)
+    path = ds / "SegmentationClass" / "00000002.png"
+    img = Image.open(path)
+    lab = np.asarray(img).copy()
+    lab[0, 0] = 9  # classes are 0..3 and 255
+    out = Image.fromarray(lab, mode="P")
+    out.putpalette(img.getpalette())
+    out.save(path)
+    return ds
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "/no/such/dir"], "data folder /no/such/dir does not exist"),
+    (["train", "--data", "{data}", "--model", "segformer-b9"], "unknown model 'segformer-b9'"),
+    (["train", "--data", "{data}", "--loss", "focal"], "unknown loss 'focal'"),
+    (["train", "--data", "{data}", "--crop", "16"], "below 32 px"),
+    (["train", "--data", "{data}", "--set", "loss.gamma=2"], "unknown loss setting"),
+    (["train", "--data", "{data}", "--pretrained", "/no/such/folder"],
+     "pretrained folder /no/such/folder does not exist"),
+    (["train", "--data", "{data}", "--dataset", "cityscapes"], "is not a Cityscapes folder"),
+    (["train", "--data", "{data}", "--classes", "cityscapes"], "shares no class names"),
+    (["eval", "--checkpoint", "model.pt", "--data", "{data}"], "does not exist"),
+    (["eval", "--checkpoint", "{data}/classes.json", "--data", "{data}"],
+     "is not a .safetensors file"),
+    (["eval", "--data", "{data}"], "give --checkpoint RUN and --data ROOT"),
+    (["eval", "--pseudo", "{data}"], "--pseudo and --gt go together"),
+    (["eval", "--checkpoint", "{data}", "--data", "{data}"], "has no model.safetensors"),
+])
+def test_bad_input_is_one_line(demo_data, tmp_path, capsys, args, message):
+    args = [a.replace("{data}", str(demo_data)) for a in args]
+    out = tmp_path / "run"
+    if args[0] == "train":
+        args += ["--out", str(out), "--no-progress", "--steps", "1", "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("attnseg: error: ") and message in err, err
+    assert err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    r = _cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr == f"attnseg: error: data folder {tmp_path / 'missing'} does not exist\n"
+
+
+def test_bad_label_value_stops_training_naming_the_file(demo_data, tmp_path):
+    bad = _bad_label_dataset(demo_data, tmp_path)
+    # Through a data-loader worker process: the error still arrives as one line.
+    r = _cli("train", "--data", str(bad), "--out", str(tmp_path / "run"), "--steps", "4",
+             "--batch-size", "6", "--crop", "64", "--no-progress", "--workers", "1")
+    assert r.returncode == 2 and r.stderr.startswith("attnseg: error: label file ")
+    assert "00000002.png has value(s) [9]" in r.stderr and r.stderr.count("\n") == 1
+    assert main(["eval", "--pseudo", str(bad), "--gt", str(demo_data / "SegmentationClass")]) == 2
+
+
+def test_eval_on_a_dataset_whose_classes_the_model_lacks(demo_data, tmp_path, capsys):
+    from tests.pipeline.test_data_readers import make_voc
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_data), "--out", str(run), "--steps", "1",
+                 *TRAIN]) == 0
+    make_voc(tmp_path / "voc")
+    assert main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "voc")]) == 2
+    assert "the model has no output for dataset class(es)" in capsys.readouterr().err
+    # A model trained with VOC's class list evaluates on VOC; synthetic ids map by name.
+    run2 = tmp_path / "run2"
+    assert main(["train", "--data", str(demo_data), "--classes", "voc", "--out", str(run2),
+                 "--steps", "1", *TRAIN]) == 0
+    out = tmp_path / "voc.json"
+    assert main(["eval", "--checkpoint", str(run2), "--data", str(tmp_path / "voc"), "--out",
+                 str(out), "--no-progress", "--scale", "none"]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 2 and len(report["per_class"]) == 21
+    assert all(c["iou"] is None or 0 <= c["iou"] <= 1 for c in report["per_class"])
+    assert not math.isnan(report["aAcc"])
+
+
+def test_help_lists_train_and_eval(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "train" in out and "eval" in out
