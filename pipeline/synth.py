@@ -19,6 +19,7 @@ from .config import Preset, SynthConfig
 from .dataset import DatasetWriter, check_output_dir
 from .errors import UserError
 from .harvest import AttentionHarvester
+from .lora import check_loras, parse_lora_spec
 from .masks import masks_from_harvest
 from .prompts import (
     ClassInfo,
@@ -55,9 +56,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
+def _model_path(model: str) -> Path:
+    """Check a --model that is not 'tiny'; its path (which need not exist for a hub id)."""
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or path.suffix != "" or path.exists()
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UserError(
+            f"model {model}: pickle checkpoints are not loaded (they can run code); "
+            "convert it to .safetensors"
+        )
+    if looks_like_path and not path.exists():
+        raise UserError(f"model path {model} does not exist")
+    if path.is_file() and path.suffix != ".safetensors":
+        raise UserError(f"model file {model} is not a .safetensors checkpoint")
+    return path
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, loras=()):
     """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny', a hub id, a folder or one
-    .safetensors file. Hub ids resolve from the local cache when HF_HUB_OFFLINE=1."""
+    .safetensors file. Hub ids resolve from the local cache when HF_HUB_OFFLINE=1.
+
+    `loras` (lora.LoraSpec) are fused into the UNet (and text encoder) with their scales."""
     import diffusers
     from diffusers import StableDiffusionPipeline
 
@@ -66,17 +85,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     if model == "tiny":
         pipe = build_tiny_pipeline(dtype=dtype)
     else:
-        path = Path(model).expanduser()
-        looks_like_path = model.startswith((".", "/", "~")) or path.suffix != "" or path.exists()
-        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-            raise UserError(
-                f"model {model}: pickle checkpoints are not loaded (they can run code); "
-                "convert it to .safetensors"
-            )
-        if looks_like_path and not path.exists():
-            raise UserError(f"model path {model} does not exist")
-        if path.is_file() and path.suffix != ".safetensors":
-            raise UserError(f"model file {model} is not a .safetensors checkpoint")
+        path = _model_path(model)
         kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
         diffusers.utils.logging.disable_progress_bar()
         try:
@@ -93,7 +102,32 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load model {model!r}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if loras:
+        from .lora import apply_loras
+
+        apply_loras(pipe, list(loras))
+    return pipe
+
+
+def load_tokenizer(model: str):
+    """The text tokenizer of a model, without its weights where the model is a folder or hub
+    id (a single .safetensors checkpoint is loaded whole: its tokenizer comes from its config)."""
+    if model == "tiny":
+        from .tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    path = _model_path(model)
+    if path.is_file():
+        return load_pipeline(model, torch.device("cpu"), torch.float32).tokenizer
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(path) if path.exists() else model,
+                                             subfolder="tokenizer")
+    except Exception as e:  # hub/transformers raise many types; report them on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load the tokenizer of model {model!r}: {first}") from None
 
 
 def model_fingerprint(pipe) -> str:
@@ -214,7 +248,9 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
     if device.type == "cpu" and dtype == torch.float16:
         raise UserError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
     samples = plan_samples(classes, prompts, cfg.num_per_class, cfg.seed)
-    pipe = load_pipeline(cfg.model, device, dtype)
+    loras = [parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras]
+    lora_records = check_loras(loras)  # before anything is loaded or written
+    pipe = load_pipeline(cfg.model, device, dtype, loras)
     synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance)
     synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
     job = {
@@ -224,6 +260,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
         "prompts": cfg.prompts, "steps": steps, "guidance": guidance,
         "size": [cfg.height, cfg.width], "seed": cfg.seed, "dtype": str(dtype),
     }
+    if lora_records:  # recorded only when used, so job files of runs without LoRA are unchanged
+        job["loras"] = lora_records
     writer = DatasetWriter(out, job, classes)
     todo = [s for s in samples if s.index not in writer.done]
     t0 = time.perf_counter()
@@ -258,6 +296,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
         "images_per_s": round(written / elapsed, 3) if written and elapsed > 0 else None,
         "model": cfg.model, "preset": cfg.preset, "steps": steps, "size": [cfg.height, cfg.width],
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "loras": lora_records,
         "timings_s": {k: round(v, 3) for k, v in synth.timings.items()},
     }
     synth.harvester.remove()

@@ -62,6 +62,18 @@ def write_tiny_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
+def build_tiny_tokenizer():
+    """The tiny model's CLIP tokenizer (always the same; no download)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(tmp)
+        return CLIPTokenizer(
+            f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77,
+            pad_token="<|endoftext|>",
+        )
+
+
 def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """A StableDiffusionPipeline with tiny random components, identical for a given seed."""
     from diffusers import (
@@ -70,14 +82,9 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(tmp)
-        tokenizer = CLIPTokenizer(
-            f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77,
-            pad_token="<|endoftext|>",
-        )
+    tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
