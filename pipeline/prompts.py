@@ -51,11 +51,26 @@ class PromptSpec:
     labels: tuple[tuple[ClassInfo, str], ...]  # (class, word as written in `text`)
 
 
+def _strip_comment(line: str) -> str:
+    return re.sub(r"(^|\s)#.*$", "", line).strip()
+
+
+def _read_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; a UserError naming it when it is missing or unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} cannot be read as UTF-8 text: {e}") from None
+
+
 def _read_class_file(path: Path, where: str) -> list[tuple[str, str]]:
     """(name, prompt word) per line of a class file: `name` or `name: word`, `#` comments."""
     pairs = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+    for i, line in enumerate(_read_lines(path, "class file"), 1):
+        line = _strip_comment(line)
         if not line:
             continue
         name, _, word = line.partition(":")
@@ -215,21 +230,14 @@ def class_token_weights(tokenizer, specs: list[PromptSpec], merge: str = "sum"):
 LEXICON_FILE = "lexicon.txt"
 
 
-def _strip_comment(line: str) -> str:
-    return re.sub(r"(^|\s)#.*$", "", line).strip()
-
-
 def load_lexicon(path: str | Path) -> dict[str, list[str]]:
     """Words per class from a lexicon file, keyed by casefolded class name.
 
     Each line is `class name: word, word, ...`; a class may have several lines; `#` starts a
     comment. The built-in lexicon is `data/lexicon.txt`.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"lexicon file {path} does not exist")
     out: dict[str, list[str]] = {}
-    for i, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, raw in enumerate(_read_lines(path, "lexicon file"), 1):
         line = _strip_comment(raw)
         if not line:
             continue
@@ -260,11 +268,8 @@ def merge_lexicons(*lexicons: dict[str, list[str]]) -> dict[str, list[str]]:
 
 def load_templates(path: str | Path) -> list[str]:
     """Prompt templates, one per line, each with exactly one `{}` for the class word."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"templates file {path} does not exist")
     out = []
-    for i, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, raw in enumerate(_read_lines(path, "templates file"), 1):
         line = _strip_comment(raw)
         if not line:
             continue
@@ -285,11 +290,8 @@ def default_templates_file(class_spec: str) -> Path:
 
 def load_captions(path: str | Path) -> list[str]:
     """Captions, one per line (blank lines and repeats skipped)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"captions file {path} does not exist")
     seen, out = set(), []
-    for raw in p.read_text(encoding="utf-8").splitlines():
+    for raw in _read_lines(path, "captions file"):
         text = " ".join(raw.split())
         if text and text.casefold() not in seen:
             seen.add(text.casefold())

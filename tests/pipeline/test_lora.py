@@ -149,6 +149,7 @@ def test_fused_generation_equals_unfused(trained):
     assert np.abs(img_b - img_f).max() > 1  # and the LoRA does change the images
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
 def test_several_loras_with_weights(trained):
     cfg, _ = trained
     early = Path(cfg.out) / "checkpoints" / "step-00000006"

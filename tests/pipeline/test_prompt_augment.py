@@ -64,6 +64,9 @@ def test_lexicon_file_format(tmp_path):
         load_lexicon(f)
     with pytest.raises(UserError, match="does not exist"):
         load_lexicon(tmp_path / "nope.txt")
+    f.write_bytes(b"dog: \xff\xfe\n")
+    with pytest.raises(UserError, match="cannot be read as UTF-8 text"):
+        load_lexicon(f)
 
 
 def test_templates_and_articles(tmp_path):
