@@ -11,6 +11,7 @@ checking them costs, what fusing a LoRA saves at generation, and what a LoRA tra
 3. LoRA training: seconds per optimiser step on the same architecture, trainable parameters.
 
     python -m attnseg.bench.prompts_lora --size 256 --steps 10 --repeats 3
+    python -m attnseg.bench.prompts_lora --parts prompts     # only the (fast) prompt table
 
 Results go to bench/results/prompts_lora.{json,md}.
 """
@@ -165,24 +166,31 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--parts", default="prompts,lora",
+                    help="what to run: prompts, lora (generation + training) or both; parts "
+                    "not run are kept from the existing result file")
     ap.add_argument("--out", default=str(RESULTS / "prompts_lora"))
     args = ap.parse_args(argv)
-
-    prompts = bench_prompts()
-    pipe = build_sd15_random()
-    with torch.no_grad():
-        fused = bench_fused(pipe, args.size, args.steps, args.repeats, args.rank)
-    training = bench_training(pipe, args.size, args.train_steps, 4)
-    result = {
+    parts = set(args.parts.split(","))
+    out = Path(args.out)
+    previous = out.with_suffix(".json")
+    result = json.loads(previous.read_text()) if previous.is_file() else {}
+    result.update({
         "benchmark": "prompts_lora",
         "model": "SD 1.5 architecture, random weights (UNet 860M, CLIP ViT-L text, SD VAE); "
                  "prompt checks use the tiny tokenizer",
         "machine": {"cpu_count": psutil.cpu_count(), "platform": platform.platform(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device": "cpu"},
-        "prompts": prompts, "fused_vs_unfused": fused, "training": training,
-    }
-    out = Path(args.out)
+    })
+    if "prompts" in parts:
+        result["prompts"] = bench_prompts()
+    if "lora" in parts:
+        pipe = build_sd15_random()
+        with torch.no_grad():
+            result["fused_vs_unfused"] = bench_fused(pipe, args.size, args.steps, args.repeats,
+                                                     args.rank)
+        result["training"] = bench_training(pipe, args.size, args.train_steps, 4)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(to_markdown(result))
@@ -196,11 +204,13 @@ def to_markdown(r: dict) -> str:
              "| class set | classes | prompts/class plain | templates | words/class (min/med/max) "
              "| prompts/class augmented (min/med) | 20/class checked, s |",
              "|---|---|---|---|---|---|---|"]
-    for p in r["prompts"]:
+    for p in r.get("prompts", []):
         w, a = p["words_per_class"], p["prompts_per_class_augmented"]
         lines.append(f"| {p['class_set']} | {p['classes']} | {p['prompts_per_class_plain']} | "
                      f"{p['templates']} | {w['min']}/{w['median']}/{w['max']} | "
                      f"{a['min']}/{a['median']} | {p['build_checked_s']} |")
+    if "fused_vs_unfused" not in r:
+        return "\n".join(lines) + "\n"
     f = r["fused_vs_unfused"]
     lines += ["", f"Generation, {f['size']}x{f['size']}, {f['steps']} steps, rank-{f['rank']} "
               f"LoRA on every attention projection ({f['lora_params']} parameters), median of "

@@ -123,6 +123,9 @@ def apply_loras(pipe, specs: list[LoraSpec]) -> list[dict]:
     """
     if not specs:
         return []
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # text-encoder LoRAs show a loading bar
     records = check_loras(specs)
     names = []
     for i, spec in enumerate(specs):

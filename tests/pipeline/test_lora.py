@@ -164,6 +164,35 @@ def test_several_loras_with_weights(trained):
     assert (_unet_out(one) - _unet_out(fused)).abs().max() > 1e-4
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_text_encoder_lora_is_fused_too(trained, tmp_path):
+    """A LoRA that also adapts the text encoder (common for community LoRAs) is fused there."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    cfg, _ = trained
+    ref = build_tiny_pipeline()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ref.text_encoder.add_adapter(LoraConfig(
+            r=2, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+            init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "te"), text_encoder_lora_layers=get_peft_model_state_dict(ref.text_encoder))
+    ids = ref.tokenizer(["a dog"], padding="max_length", max_length=77,
+                        return_tensors="pt").input_ids
+    fused = load_pipeline("tiny", CPU, torch.float32,
+                          [LoraSpec(cfg.out, 0.5), LoraSpec(str(tmp_path / "te"))])
+    plain = build_tiny_pipeline()
+    with torch.no_grad():
+        got, want = fused.text_encoder(ids)[0], ref.text_encoder(ids)[0]
+        base = plain.text_encoder(ids)[0]
+    assert (got - base).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not any("lora" in n for n, _ in fused.text_encoder.named_modules())
+
+
 def test_lora_spec_and_file_checks(tmp_path, trained):
     assert parse_lora_spec("out/lora:0.8") == LoraSpec("out/lora", 0.8)
     assert parse_lora_spec("out/lora", 0.5) == LoraSpec("out/lora", 0.5)
@@ -243,3 +272,20 @@ def test_lora_train_cli_error_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("attnseg: error: image folder")
     assert "holds no images" in err[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_and_fused_synthesis_on_gpu(tmp_path):
+    """bf16 frozen weights with fp32 LoRA weights on GPU; fused into an fp16 pipeline."""
+    images = _write_images(tmp_path / "images")
+    summary = train_lora(_config(images, tmp_path / "lora", device="cuda"), progress=False)
+    assert summary["dtype"] == "bfloat16"
+    assert summary["probe_loss_end"] < summary["probe_loss_start"]
+    cuda = torch.device("cuda")
+    fused = load_pipeline("tiny", cuda, torch.float16, [LoraSpec(str(tmp_path / "lora"))])
+    unfused = load_pipeline("tiny", cuda, torch.float16)
+    unfused.load_lora_weights(str(tmp_path / "lora"))
+    img_f, _ = _generate(fused)
+    img_u, _ = _generate(unfused)
+    assert np.abs(img_f - img_u).mean() < 1.0  # fp16 fusing rounds differently, not more
