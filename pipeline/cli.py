@@ -12,7 +12,7 @@ import sys
 import time
 
 from ..bench import cli as bench_cli
-from . import train_cli
+from . import lora_cli, prompts_cli, train_cli
 from .errors import UserError
 
 
@@ -44,6 +44,11 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset setting, e.g. --set harvest.strides=[16,32] "
                    "--set mask.bg_const=0.4 (VALUE is JSON)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse a LoRA (folder or .safetensors file) into the model before "
+                   "generating; repeat for several, each with its own scale")
+    p.add_argument("--lora-scale", type=float,
+                   help="scale of the LoRAs given without one (default: 1.0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -68,10 +73,12 @@ def _synth_config(args):
     values = load_config_file(args.config) if args.config else {}
     for name in ("model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size",
                  "steps", "guidance", "height", "width", "seed", "device", "dtype", "shard",
-                 "format", "samples_per_tar"):
+                 "format", "samples_per_tar", "lora_scale"):
         v = getattr(args, name)
         if v is not None:
             values[name] = v
+    if args.lora:
+        values["loras"] = list(args.lora)
     sets = _parse_sets(args.set)
     if sets:
         merged = dict(values.get("overrides", {}))
@@ -110,12 +117,14 @@ def cmd_demo(args) -> int:
     from .synth import TINY_NOTICE, run_synth
 
     t0 = time.perf_counter()
+    prompts, augmentation = prompts_cli.write_demo_prompts(args.out)
     cfg = SynthConfig(model="tiny", classes="voc", num_per_class=2, out=args.out, batch_size=8,
-                      steps=10, height=128, width=128, seed=0, device="cpu")
+                      steps=10, height=128, width=128, seed=0, device="cpu", prompts=prompts)
     summary = run_synth(cfg, progress=not args.no_progress)
     page = write_report(cfg.out, max_samples=40,
                         notice="tiny random model: images are noise, masks carry no meaning")
     _print_summary(summary, TINY_NOTICE)
+    print(augmentation)
     print(f"report: {page} and {page.parent / 'contact_sheet.png'}")
     from .train_cli import demo_train_eval  # train + eval stages on the demo dataset
 
@@ -217,7 +226,8 @@ def register(sub) -> None:
 
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
-REGISTRARS = [register, bench_cli.register, train_cli.register]
+REGISTRARS = [register, bench_cli.register, train_cli.register, prompts_cli.register,
+              lora_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -240,6 +240,10 @@ class SynthConfig:
     shard: str | None = None
     # Overrides on top of the preset, e.g. {"harvest": {"strides": [16]}, "mask": {...}}.
     overrides: dict[str, Any] = field(default_factory=dict)
+    # LoRAs fused into the model before generation: "DIR" or "FILE.safetensors", optionally
+    # with ":scale"; `lora_scale` is the scale of those written without one.
+    loras: list[str] = field(default_factory=list)
+    lora_scale: float = 1.0
 
     def validate(self) -> None:
         for name in ("height", "width"):
@@ -298,10 +302,88 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {p} is malformed: {e}") from None
 
 
-def synth_config_from(values: dict[str, Any]) -> SynthConfig:
-    """Build a SynthConfig from a dict (a config file merged with CLI flags)."""
-    names = {f.name for f in dataclasses.fields(SynthConfig)}
+def config_from(cls, values: dict[str, Any], what: str):
+    """Build config dataclass `cls` from a dict (a config file merged with CLI flags)."""
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise UserError(f"unknown synth setting(s) {unknown}")
-    return SynthConfig(**values)
+        raise UserError(f"unknown {what} setting(s) {unknown}")
+    return cls(**values)
+
+
+def synth_config_from(values: dict[str, Any]) -> SynthConfig:
+    """Build a SynthConfig from a dict (a config file merged with CLI flags)."""
+    return config_from(SynthConfig, values, "synth")
+
+
+@dataclass
+class PromptsConfig:
+    """Prompt augmentation (`attnseg prompts`): which words, templates and captions, how many."""
+
+    classes: str = "voc"
+    per_class: int = 20
+    seed: int = 0
+    out: str = "prompts.jsonl"
+    # Lexicon files (`class name: word, word`) added to the built-in synonyms and hyponyms.
+    lexicons: list[str] = field(default_factory=list)
+    builtin_lexicon: bool = True
+    templates: str | None = None  # None: the class set's built-in templates
+    captions: str | None = None  # one caption per line; those naming a class become prompts
+    wordnet: bool = False  # add WordNet synonyms and hyponyms (needs nltk and its corpus)
+    wordnet_max: int = 20  # at most this many WordNet words per class
+    model: str | None = None  # check every prompt against this model's tokenizer
+    strict: bool = False  # a word or caption that fails the tokenizer check is an error
+
+    def validate(self) -> None:
+        if self.per_class < 1:
+            raise UserError("--per-class must be >= 1")
+        if self.wordnet_max < 1:
+            raise UserError("--wordnet-max must be >= 1")
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class LoraTrainConfig:
+    """LoRA fine-tuning of the UNet on unlabeled images (`attnseg lora train`)."""
+
+    images: str = ""  # folder of images (searched recursively)
+    model: str = "tiny"
+    out: str = "out/lora"
+    caption: str | None = None  # for images without a caption file <image>.txt
+    rank: int = 4
+    alpha: float | None = None  # None: equal to rank (LoRA scale alpha / rank = 1)
+    target_modules: tuple[str, ...] = LORA_TARGETS  # UNet attention projections
+    steps: int = 1000  # total optimiser steps; a rerun with more steps continues training
+    lr: float = 1e-4
+    batch_size: int = 1
+    resolution: int | None = None  # None: 128 for the tiny model, else 512
+    seed: int = 0
+    flip: bool = True  # random horizontal flips
+    center_crop: bool = False  # else random square crops
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    dtype: str = "auto"  # weights of the frozen model: fp32 on CPU, bf16 on GPU; LoRA is fp32
+
+    def validate(self) -> None:
+        if not self.images:
+            raise UserError("--images is required: a folder of target-domain images")
+        for name in ("rank", "steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.lr <= 0:
+            raise UserError("--lr must be > 0")
+        if self.alpha is not None and self.alpha <= 0:
+            raise UserError("--alpha must be > 0")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise UserError(f"--resolution {self.resolution} is not a positive multiple of 8")
+        if not self.target_modules:
+            raise UserError("--target-modules is empty")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise UserError(f"--dtype for LoRA training must be auto, fp32 or bf16, not "
+                            f"{self.dtype!r} (fp16 training would need loss scaling)")

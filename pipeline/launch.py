@@ -59,12 +59,14 @@ class _ShardWorker:
     def __init__(self, cfg: SynthConfig, cpus: int):
         import torch
 
+        from .lora import parse_lora_spec
         from .synth import load_pipeline, resolve_device, resolve_dtype
 
         # Ray pins actors to one CPU thread by default; use the CPUs the actor reserved.
         torch.set_num_threads(cpus)
         device = resolve_device(cfg.device)
-        self.pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device))
+        loras = [parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras]
+        self.pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device), loras)
         self.cfg = cfg
 
     def __call__(self, batch):

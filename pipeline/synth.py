@@ -27,6 +27,7 @@ from .dataset import (
 )
 from .errors import UserError
 from .harvest import AttentionHarvester
+from .lora import check_loras, parse_lora_spec
 from .masks import masks_from_harvest
 from .prompts import (
     ClassInfo,
@@ -67,10 +68,28 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
+def _model_path(model: str) -> Path:
+    """Check a --model that is not built in; its path (which need not exist for a hub id)."""
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or path.suffix != "" or path.exists()
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise UserError(
+            f"model {model}: pickle checkpoints are not loaded (they can run code); "
+            "convert it to .safetensors"
+        )
+    if looks_like_path and not path.exists():
+        raise UserError(f"model path {model} does not exist")
+    if path.is_file() and path.suffix != ".safetensors":
+        raise UserError(f"model file {model} is not a .safetensors checkpoint")
+    return path
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, loras=()):
     """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny' or 'sd15-random' (built-in
     random weights), a hub id, a folder or one .safetensors file. Hub ids resolve from the local
-    cache when HF_HUB_OFFLINE=1."""
+    cache when HF_HUB_OFFLINE=1.
+
+    `loras` (lora.LoraSpec) are fused into the UNet (and text encoder) with their scales."""
     import diffusers
     from diffusers import StableDiffusionPipeline
 
@@ -81,17 +100,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     elif model == "sd15-random":
         pipe = build_sd15_random_pipeline(dtype=dtype)
     else:
-        path = Path(model).expanduser()
-        looks_like_path = model.startswith((".", "/", "~")) or path.suffix != "" or path.exists()
-        if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-            raise UserError(
-                f"model {model}: pickle checkpoints are not loaded (they can run code); "
-                "convert it to .safetensors"
-            )
-        if looks_like_path and not path.exists():
-            raise UserError(f"model path {model} does not exist")
-        if path.is_file() and path.suffix != ".safetensors":
-            raise UserError(f"model file {model} is not a .safetensors checkpoint")
+        path = _model_path(model)
         kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
         diffusers.utils.logging.disable_progress_bar()
         try:
@@ -108,7 +117,32 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"could not load model {model!r}: {first}") from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if loras:
+        from .lora import apply_loras
+
+        apply_loras(pipe, list(loras))
+    return pipe
+
+
+def load_tokenizer(model: str):
+    """The text tokenizer of a model, without its weights where the model is a folder or hub
+    id (a single .safetensors checkpoint is loaded whole: its tokenizer comes from its config)."""
+    if model in RANDOM_MODELS:  # the built-in models share the generated tokenizer
+        from .tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    path = _model_path(model)
+    if path.is_file():
+        return load_pipeline(model, torch.device("cpu"), torch.float32).tokenizer
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(path) if path.exists() else model,
+                                             subfolder="tokenizer")
+    except Exception as e:  # hub/transformers raise many types; report them on one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load the tokenizer of model {model!r}: {first}") from None
 
 
 def model_fingerprint(pipe) -> str:
@@ -293,6 +327,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
     # The unit of work and of resume: one batch (VOC files) or one tar chunk (WebDataset).
     units = plan_batches(samples, cfg.samples_per_tar if webdataset else cfg.batch_size, shard)
     mine = sum(len(u) for u in units)
+    loras = [parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras]
+    lora_records = check_loras(loras)  # before anything is loaded or written
     job = {
         "model": cfg.model, "classes": cfg.classes,
         "class_names": [c.name for c in classes], "num_per_class": cfg.num_per_class,
@@ -303,6 +339,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
     }
     if webdataset:
         job["samples_per_tar"] = cfg.samples_per_tar
+    if lora_records:  # recorded only when used, so job files of runs without LoRA are unchanged
+        job["loras"] = lora_records
     t0 = time.perf_counter()
     if webdataset:
         chunks = finished_chunks(out) if stored_job_matches(out, job) else set()
@@ -313,7 +351,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
     synth = None
     written = 0
     if todo:
-        pipe = pipe or load_pipeline(cfg.model, device, dtype)
+        pipe = pipe or load_pipeline(cfg.model, device, dtype, loras)
         synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance)
         synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
         job["model_hash"] = model_fingerprint(pipe)
@@ -356,5 +394,6 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
         "images_per_s": round(written / elapsed, 3) if written and elapsed > 0 else None,
         "model": cfg.model, "preset": cfg.preset, "steps": steps, "size": [cfg.height, cfg.width],
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "loras": lora_records,
         "timings_s": {k: round(v, 3) for k, v in (synth.timings if synth else {}).items()},
     }

@@ -1,0 +1,86 @@
+"""`attnseg lora train`: LoRA domain adaptation of the UNet on unlabeled images."""
+
+from __future__ import annotations
+
+_FIELDS = ("images", "model", "out", "caption", "rank", "alpha", "steps", "lr", "batch_size",
+           "resolution", "seed", "weight_decay", "max_grad_norm", "checkpoint_every",
+           "keep_checkpoints", "device", "dtype")
+
+
+def _config(args):
+    from .config import LoraTrainConfig, config_from, load_config_file
+
+    values = load_config_file(args.config) if args.config else {}
+    for name in _FIELDS:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    if args.target_modules is not None:
+        values["target_modules"] = tuple(t.strip() for t in args.target_modules.split(",")
+                                         if t.strip())
+    for flag, name, value in ((args.no_flip, "flip", False),
+                              (args.center_crop, "center_crop", True),
+                              (args.gradient_checkpointing, "gradient_checkpointing", True)):
+        if flag:
+            values[name] = value
+    return config_from(LoraTrainConfig, values, "lora train")
+
+
+def cmd_lora_train(args) -> int:
+    from .lora import train_lora
+    from .synth import TINY_NOTICE
+
+    cfg = _config(args)
+    s = train_lora(cfg, progress=not args.no_progress)
+    resumed = f" (resumed from step {s['resumed_from']})" if s["resumed_from"] else ""
+    rate = f", {s['steps_per_s']:.2f} steps/s" if s["steps_per_s"] else ""
+    print(f"trained LoRA to step {s['steps']}{resumed}: {s['new_steps']} new steps in "
+          f"{s['seconds']:.1f} s{rate} on {s['device']} {s['dtype']}, {s['images']} images, "
+          f"{s['trainable_params']} trainable parameters")
+    print(f"probe loss {s['probe_loss_start']:.5f} -> {s['probe_loss_end']:.5f} "
+          f"(step 0 -> {s['steps']})")
+    print(f"LoRA: {s['weights']} (use: attnseg synth --lora {s['out']})")
+    if cfg.model == "tiny":
+        print(f"note: {TINY_NOTICE}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add `attnseg lora train` to the `attnseg` parser."""
+    lora = sub.add_parser("lora", help="LoRA domain adaptation of the diffusion UNet")
+    lsub = lora.add_subparsers(dest="lora_command", required=True)
+    p = lsub.add_parser(
+        "train", help="train a LoRA on a folder of unlabeled target-domain images",
+        description="Fine-tune LoRA adapters on the UNet's attention projections with the "
+        "noise-prediction loss. Checkpoints are written every --checkpoint-every steps; run the "
+        "same command again to resume, or with a larger --steps to train on.",
+    )
+    p.add_argument("--config", help="JSON or TOML file with these settings (flags override it)")
+    p.add_argument("--images", help="folder of training images (searched recursively)")
+    p.add_argument("--model", help="'tiny', a hub id, a diffusers folder or a .safetensors "
+                   "checkpoint (default: tiny)")
+    p.add_argument("--out", help="output folder (default: out/lora)")
+    p.add_argument("--caption", help="caption of images without a <image>.txt caption file")
+    p.add_argument("--rank", type=int, help="LoRA rank (default: 4)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    p.add_argument("--target-modules", help="comma list of UNet Linear layers to adapt "
+                   "(default: to_q,to_k,to_v,to_out.0)")
+    p.add_argument("--steps", type=int, help="total optimiser steps (default: 1000)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-4)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: 1)")
+    p.add_argument("--resolution", type=int, help="square training crop, multiple of 8 "
+                   "(default: 128 for tiny, else 512)")
+    p.add_argument("--seed", type=int, help="seed of initialisation and all draws (default: 0)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default: 1.0)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
+                   "(default: 250)")
+    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default: 2)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--center-crop", action="store_true", help="centre crops, not random ones")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations in the backward pass (less memory)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--dtype", help="frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_lora_train)

@@ -1,0 +1,101 @@
+"""`attnseg prompts`: augmented prompt sets (synonyms, hyponyms, templates, captions)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+def _config(args):
+    from .config import PromptsConfig, config_from, load_config_file
+
+    values = load_config_file(args.config) if args.config else {}
+    for name in ("classes", "per_class", "seed", "out", "templates", "captions", "model",
+                 "wordnet_max"):
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    if args.lexicon:
+        values["lexicons"] = list(values.get("lexicons", [])) + list(args.lexicon)
+    for flag, name, value in ((args.no_builtin_lexicon, "builtin_lexicon", False),
+                              (args.wordnet, "wordnet", True), (args.strict, "strict", True)):
+        if flag:
+            values[name] = value
+    return config_from(PromptsConfig, values, "prompts")
+
+
+def cmd_prompts(args) -> int:
+    from .prompts import build_prompt_set, write_prompt_file
+
+    cfg = _config(args)
+    result = build_prompt_set(cfg)
+    records = result.records()
+    write_prompt_file(cfg.out, records)
+    words = list(result.words_per_class.values())
+    sources = Counter(r["source"] for r in records)
+    print(f"wrote {len(records)} prompts ({len(result.classes)} classes x {cfg.per_class}) "
+          f"to {cfg.out}")
+    print(f"words per class: {sum(words) / len(words):.1f} on average (from {min(words)} to "
+          f"{max(words)}); prompts by source: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+    if result.checked:
+        print(f"checked against the tokenizer of model {cfg.model!r}: every kept prompt's class "
+              "words are found in its tokens")
+    else:
+        print("not checked against a tokenizer (give --model to check every prompt)")
+    if result.issues:
+        print(f"{len(result.issues)} word(s) or caption(s) left out:")
+        for issue in result.issues:
+            print(f"  {issue.describe()}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add `attnseg prompts` to the `attnseg` parser."""
+    p = sub.add_parser(
+        "prompts", help="augmented prompt set (synonyms, hyponyms, templates, captions) as JSONL",
+        description="Write a prompts file for `attnseg synth --prompts`: per class, templates "
+        "filled with the class word and its synonyms and hyponyms, plus captions that mention "
+        "the class; deterministic given --seed, de-duplicated, --per-class prompts per class.",
+    )
+    p.add_argument("--config", help="JSON or TOML file with these settings (flags override it)")
+    p.add_argument("--classes", help="voc, cityscapes, coco, imagenet-s50, a class file, or "
+                   "'a,b,c' (default: voc)")
+    p.add_argument("--per-class", type=int, help="prompts per class (default: 20)")
+    p.add_argument("--seed", type=int, help="selection seed (default: 0)")
+    p.add_argument("--out", help="output JSONL file (default: prompts.jsonl)")
+    p.add_argument("--lexicon", action="append", default=[], metavar="FILE",
+                   help="extra lexicon, lines 'class name: word, word' (repeatable)")
+    p.add_argument("--no-builtin-lexicon", action="store_true",
+                   help="use only the --lexicon files")
+    p.add_argument("--templates", help="templates file, one per line with {} for the word "
+                   "(default: the class set's built-in templates)")
+    p.add_argument("--captions", help="captions file, one per line; captions that mention a "
+                   "class word or one of its lexicon words become prompts")
+    p.add_argument("--wordnet", action="store_true",
+                   help="add WordNet synonyms and hyponyms (needs nltk and its corpus)")
+    p.add_argument("--wordnet-max", type=int, help="WordNet words per class (default: 20)")
+    p.add_argument("--model", help="check every prompt against this model's tokenizer "
+                   "('tiny', hub id, folder or .safetensors); failures are reported")
+    p.add_argument("--strict", action="store_true",
+                   help="fail instead of leaving out words or captions")
+    p.set_defaults(func=cmd_prompts)
+
+
+
+
+def write_demo_prompts(out: str, classes: str = "voc", per_class: int = 2) -> tuple[str, str]:
+    """The demo's augmented prompt set (checked against the tiny tokenizer), written to
+    OUT/prompts.jsonl; returns its path and a line describing it with examples."""
+    from pathlib import Path
+
+    from .config import PromptsConfig
+    from .prompts import build_prompt_set, write_prompt_file
+
+    result = build_prompt_set(PromptsConfig(classes=classes, per_class=per_class, model="tiny"))
+    path = Path(out) / "prompts.jsonl"
+    write_prompt_file(path, result.records())
+    replaced = [r for r in result.records() if r["source"] != "class word"]
+    examples = "; ".join(f"{r['labels'][0]['class']} -> {r['prompt']!r}" for r in replaced[:3])
+    line = (f"prompt augmentation: {path} ({len(replaced)} of {len(result.records())} prompts "
+            f"use a synonym or hyponym, e.g. {examples})")
+    return str(path), line
