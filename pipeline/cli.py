@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from ..engines import cli as engines_cli
 from .errors import UserError
 
 
@@ -36,6 +37,9 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset setting, e.g. --set harvest.strides=[16,32] "
                    "--set mask.bg_const=0.4 (VALUE is JSON)")
+    p.add_argument("--backend", help="torch (default), compile, onnxruntime or tensorrt: "
+                   "engines are built once and cached (see `attnseg engine build`)")
+    p.add_argument("--engine", help="a folder from `attnseg engine build` to generate with")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -59,7 +63,8 @@ def _synth_config(args):
 
     values = load_config_file(args.config) if args.config else {}
     for name in ("model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size",
-                 "steps", "guidance", "height", "width", "seed", "device", "dtype"):
+                 "steps", "guidance", "height", "width", "seed", "device", "dtype", "backend",
+                 "engine"):
         v = getattr(args, name)
         if v is not None:
             values[name] = v
@@ -140,7 +145,7 @@ def register(sub) -> None:
 
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
-REGISTRARS = [register]
+REGISTRARS = [register, engines_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

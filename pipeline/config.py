@@ -233,6 +233,9 @@ class SynthConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    # Where the UNet runs: torch (eager), compile, onnxruntime, tensorrt; or a built engine.
+    backend: str = "torch"
+    engine: str | None = None
     # Overrides on top of the preset, e.g. {"harvest": {"strides": [16]}, "mask": {...}}.
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -249,6 +252,9 @@ class SynthConfig:
             raise UserError("--steps must be >= 1")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise UserError(f"--dtype must be auto, fp32, fp16 or bf16, not {self.dtype!r}")
+        if self.backend not in ("torch", "compile", "onnxruntime", "tensorrt"):
+            raise UserError(f"--backend must be torch, compile, onnxruntime or tensorrt, not "
+                            f"{self.backend!r}")
 
     def resolve_preset(self) -> Preset:
         """The preset with this job's overrides applied, validated."""

@@ -144,13 +144,14 @@ class Synthesizer:
     """Generates images, label maps and reliability maps for batches of samples."""
 
     def __init__(self, pipe, preset: Preset, height: int, width: int, steps: int,
-                 guidance: float):
+                 guidance: float, harvester=None):
         self.pipe = pipe
         self.preset = preset
         self.size = (height, width)
         self.steps = steps
         self.guidance = guidance
-        self.harvester = AttentionHarvester(pipe.unet, preset.harvest)
+        # An engine backend passes its own harvester (attnseg.engines.runner.EngineHarvester).
+        self.harvester = harvester or AttentionHarvester(pipe.unet, preset.harvest)
         self.timings = {"generate": 0.0, "masks": 0.0}
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
@@ -215,7 +216,12 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
         raise UserError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
     samples = plan_samples(classes, prompts, cfg.num_per_class, cfg.seed)
     pipe = load_pipeline(cfg.model, device, dtype)
-    synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance)
+    harvester = None
+    if cfg.backend != "torch" or cfg.engine:
+        from ..engines.runner import engine_harvester
+
+        harvester = engine_harvester(cfg, pipe, preset, log=print if progress else None)
+    synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance, harvester)
     synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
     job = {
         "model": cfg.model, "model_hash": model_fingerprint(pipe), "classes": cfg.classes,
@@ -258,6 +264,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
         "images_per_s": round(written / elapsed, 3) if written and elapsed > 0 else None,
         "model": cfg.model, "preset": cfg.preset, "steps": steps, "size": [cfg.height, cfg.width],
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "backend": cfg.backend if not cfg.engine else f"engine {cfg.engine}",
         "timings_s": {k: round(v, 3) for k, v in synth.timings.items()},
     }
     synth.harvester.remove()
