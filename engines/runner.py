@@ -525,6 +525,17 @@ def check_engine_model(key: cache.EngineKey, pipe, folder) -> None:
                         f"{_DTYPE_NAMES[pipe.unet.dtype]}; pass --dtype {key.dtype}")
 
 
+def _check_job_shapes(key: cache.EngineKey, cfg: SynthConfig, folder) -> None:
+    # Checked before the job writes anything (capture() checks again per call).
+    if (cfg.height, cfg.width) != (key.height, key.width):
+        raise UserError(f"engine {folder} is built for {key.height}x{key.width} images, the job "
+                        f"asks for {cfg.height}x{cfg.width}; pass --height {key.height} --width "
+                        f"{key.width} or rebuild the engine")
+    if key.backend == "tensorrt" and cfg.batch_size > key.max_batch:
+        raise UserError(f"engine {folder} takes at most {key.max_batch} images per call; pass "
+                        f"--batch-size {key.max_batch} or rebuild it with a larger one")
+
+
 def engine_harvester(cfg: SynthConfig, pipe, preset: Preset, log=None) -> EngineHarvester:
     """The harvester `run_synth` uses for `--backend compile|onnxruntime|tensorrt` or
     `--engine DIR`: loads the folder, or builds/reuses one in the engine cache."""
@@ -536,6 +547,7 @@ def engine_harvester(cfg: SynthConfig, pipe, preset: Preset, log=None) -> Engine
             raise UserError(f"--backend {cfg.backend} contradicts engine {folder}, which is a "
                             f"{key.backend} engine")
         check_engine_model(key, pipe, folder)
+        _check_job_shapes(key, cfg, folder)
         engines = load_engines(folder, pipe)
         return EngineHarvester(pipe, engines, preset.harvest)
     opts = EngineOptions(backend=cfg.backend, height=cfg.height, width=cfg.width,

@@ -97,18 +97,52 @@ def plugin_translation_table(mode: str) -> dict | None:
         return None
     if mode == "on" and not plugin_available():
         raise UserError("--trt-plugin on needs TensorRT 10.8+ with tensorrt.plugin.aot_impl")
+    return plugin_onnx_translation()
+
+
+def plugin_onnx_translation() -> dict:
+    """`custom_translation_table` for torch.onnx.export: each `attnseg::class_attention_maps`
+    call becomes one `class_attention_maps` node (domain trt.plugins) whose attributes are
+    what the plugin's ahead-of-time kernel needs."""
     import onnxscript
 
-    opset = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)
+    _register_plugin_schema()
+    plugin_op = onnxscript.values.Opset(PLUGIN_DOMAIN, 1)[PLUGIN_NAME]
 
     def class_attention_maps(q, k, token_weights, h: int, w: int, scale: float, heads: int,
                              head_dim: int, tokens: int, block_c: int):
-        return opset.class_attention_maps(
+        return plugin_op(
             q, k, token_weights, h=h, w=w, scale=scale, heads=heads, head_dim=head_dim,
             tokens=tokens, block_c=block_c, plugin_namespace=PLUGIN_NAMESPACE, plugin_version="1",
             aot=1)
 
     return {torch.ops.attnseg.class_attention_maps.default: class_attention_maps}
+
+
+@functools.cache
+def _register_plugin_schema() -> None:
+    """An ONNX schema for the plugin node (the exporter builds nodes from schemas)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has(PLUGIN_NAME, PLUGIN_DOMAIN):
+        return
+    attr = OpSchema.Attribute
+    ints = ("h", "w", "heads", "head_dim", "tokens", "block_c", "aot")
+    schema = OpSchema(
+        PLUGIN_NAME, PLUGIN_DOMAIN, 1,
+        doc="attnseg class-token attention maps of one layer (TensorRT plugin).",
+        inputs=[OpSchema.FormalParameter("q", "T"), OpSchema.FormalParameter("k", "T"),
+                OpSchema.FormalParameter("token_weights", "tensor(float)")],
+        outputs=[OpSchema.FormalParameter("maps", "tensor(float)")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+                           "query/key precision")],
+        attributes=[attr(n, OpSchema.AttrType.INT, "") for n in ints]
+        + [attr("scale", OpSchema.AttrType.FLOAT, ""),
+           attr("plugin_namespace", OpSchema.AttrType.STRING, ""),
+           attr("plugin_version", OpSchema.AttrType.STRING, "")],
+    )
+    onnx.defs.register_schema(schema)
 
 
 @functools.cache
