@@ -238,9 +238,42 @@ def _build_parts(pipe, opts: EngineOptions, folder: Path, log) -> dict:
                                           plugin=bool(translation) and spec.name == "unet")
                 log(f"  built TensorRT plan for {spec.name} in {time.perf_counter() - t:.1f} s")
             parts[spec.name] = part
+        write_deploy_files(pipe, size, folder)
     finally:
         u.module.remove()
     return parts
+
+
+def write_deploy_files(pipe, size: tuple[int, int], folder: Path) -> None:
+    """What the torch-free deploy runtime (`engines.deploy`) needs besides the engines: the
+    tokenizer, the scheduler config, a few pipeline constants, and the interpolation taps
+    (kernels.interp's, the single definition) between every pair of map sizes this image size
+    has, so that any harvesting/mask settings can be finalised without torch."""
+    import json
+
+    from ..kernels.interp import MODES, interp_taps_np
+
+    out = folder / "deploy"
+    out.mkdir()
+    pipe.tokenizer.save_pretrained(str(out / "tokenizer"))
+    (out / "scheduler_config.json").write_text(json.dumps(dict(pipe.scheduler.config)))
+    sizes = sorted({-(-n // s) for n in size for s in (1, 2, 4, 8, 16, 32, 64)})
+    taps = {}
+    for mode in MODES:
+        for a in sizes:
+            for b in sizes:
+                if mode == "none" and a != b:
+                    continue
+                idx, wts = interp_taps_np(a, b, mode)
+                taps[f"{mode}:{a}:{b}:idx"], taps[f"{mode}:{a}:{b}:w"] = idx, wts
+    np.savez(out / "taps.npz", **taps)
+    (out / "pipeline.json").write_text(json.dumps({
+        "scheduler_class": type(pipe.scheduler).__name__,
+        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+        "latent_channels": int(pipe.unet.config.in_channels),
+        "vae_scale_factor": int(pipe.vae_scale_factor),
+        "image_size": list(size),
+    }))
 
 
 def _part_dict(spec, onnx_name, layout) -> dict:
