@@ -150,6 +150,7 @@ class OrtEngine(Engine):
             if use_trt_provider and "TensorrtExecutionProvider" in available:
                 trt_opts = {"device_id": dev_id, "trt_fp16_enable": "float16" in str(io)}
                 if trt_cache is not None:
+                    Path(trt_cache).mkdir(parents=True, exist_ok=True)
                     trt_opts.update(trt_engine_cache_enable=True,
                                     trt_engine_cache_path=str(trt_cache),
                                     trt_timing_cache_enable=True)

@@ -76,6 +76,32 @@ def cmd_verify(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_refit(args) -> int:
+    from ..pipeline.errors import UserError
+    from ..pipeline.synth import load_pipeline, model_fingerprint, resolve_device
+    from .cache import EngineKey, read_manifest
+    from .runner import _DTYPE_NAMES, fuse_loras
+    from .trt import refit_folder, require_tensorrt
+
+    require_tensorrt()
+    manifest = read_manifest(args.dir)
+    key = EngineKey.from_dict(manifest["key"])
+    model = (manifest.get("source") or {}).get("model")
+    if not model:
+        raise UserError(f"engine {args.dir} does not record its model; rebuild it instead")
+    dtype = {v: k for k, v in _DTYPE_NAMES.items()}[key.dtype]
+    pipe = load_pipeline(model, resolve_device("cuda"), dtype)
+    base = model_fingerprint(pipe)
+    if base != key.base_model_hash:
+        raise UserError(f"model {model} has changed since the engine was built; rebuild it")
+    loras = fuse_loras(pipe, args.lora)
+    update = {"model_hash": model_fingerprint(pipe),
+              "loras": [[f"{s:g}", fp] for _, s, fp in loras]}
+    refit_folder(args.dir, pipe, loras, update)
+    print(f"refitted {args.dir} with {len(loras)} LoRA(s)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .cache import check_files, read_manifest
 
@@ -125,6 +151,11 @@ def register(sub) -> None:
     v.add_argument("--device", default="auto")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=cmd_verify)
+    r = esub.add_parser("refit", help="TensorRT: swap in other LoRAs without a rebuild "
+                        "(engine built with --refit)")
+    r.add_argument("dir")
+    r.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]")
+    r.set_defaults(func=cmd_refit)
     i = esub.add_parser("info", help="print an engine folder's manifest summary")
     i.add_argument("dir")
     i.set_defaults(func=cmd_info)

@@ -10,6 +10,7 @@ UNet engine's per-step map outputs over the step window into the same `HarvestRe
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,7 @@ def build_engines(pipe, opts: EngineOptions, out: Path, *, source: dict | None =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest = {"key": key.to_dict(), "source": source or {}, "parts": parts,
+                "trt_refit": opts.backend == "tensorrt" and opts.trt_refit,
                 "build_seconds": round(time.perf_counter() - t0, 1),
                 "harvest": _harvest_dict(opts.harvest)}
     cache.commit_output(tmp, out, manifest)
@@ -326,8 +328,14 @@ def load_engines(folder: Path, pipe=None, device: torch.device | None = None) ->
     engines: dict[str, Engine] = {}
     for name, part in parts.items():
         if key.backend == "onnxruntime":
+            # On a GPU, ONNX Runtime's TensorRT provider goes first when TensorRT is installed
+            # (its engines are cached per engine key), then CUDA.
+            use_trt = device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None
             engines[name] = OrtEngine(folder / part["onnx"], name, part["inputs"],
-                                      part["outputs"], part["io"], device)
+                                      part["outputs"], part["io"], device,
+                                      use_trt_provider=use_trt,
+                                      trt_cache=cache.default_cache_root() / "ort-tensorrt"
+                                      / key.digest())
         else:
             from .trt import TensorRTEngine
 
@@ -649,7 +657,6 @@ def compare_paths(reference, candidate) -> dict:
 def verify_engines(folder: Path, steps: int = 4, device: str = "auto", log=print) -> dict:
     """Generate the same samples on the torch path and through the engine folder; report the
     differences and whether they are within `TOLERANCES` for the engine's precision."""
-    from ..pipeline.config import MaskConfig, get_preset
     from ..pipeline.prompts import default_prompts, load_classes
     from ..pipeline.synth import Synthesizer, load_pipeline, plan_samples, resolve_device
 
@@ -665,12 +672,12 @@ def verify_engines(folder: Path, steps: int = 4, device: str = "auto", log=print
     pipe = load_pipeline(source["model"], dev, dtype)
     fuse_loras(pipe, [f"{p}:{s}" for p, s in source.get("loras", [])])
     check_engine_model(key, pipe, folder)
-    preset = get_preset(source.get("preset", "attnseg"))
+    preset = SynthConfig(preset=source.get("preset", "attnseg"),
+                         overrides=source.get("overrides", {})).resolve_preset()
     preset.harvest = HarvestConfig(**{
         k: (tuple(v) if isinstance(v, list) else
             {int(a): b for a, b in v.items()} if isinstance(v, dict) else v)
         for k, v in manifest["harvest"].items()})
-    preset.mask = preset.mask if isinstance(preset.mask, MaskConfig) else MaskConfig()
     classes = load_classes("dog,cat,aeroplane")
     batch = max(1, min(key.max_batch, 2))
     samples = plan_samples(classes, default_prompts(classes), 1, 0)[:batch]

@@ -333,3 +333,54 @@ class TensorRTEngine(Engine):
         self._graph = None
         self.context = None
         self.engine = None
+
+
+def refit_folder(folder: Path, pipe, loras: list, key_update: dict, log=print) -> None:
+    """Swap the weights of a refittable TensorRT engine folder for those of `pipe` (e.g. the
+    same base model with other LoRAs merged): re-export the ONNX of the text encoder and UNet
+    (same graphs), refit their plans from it, and write the folder anew (atomically)."""
+    import json
+    import shutil
+
+    from . import cache
+    from .export import export_onnx, text_encoder_spec, unet_spec
+    from .graph import MapGraphSpec
+
+    folder = Path(folder)
+    manifest = cache.read_manifest(folder)
+    key = manifest["key"]
+    if key["backend"] != "tensorrt" or not manifest.get("trt_refit"):
+        raise UserError(f"engine {folder} is not a refittable TensorRT engine (build it with "
+                        "--backend tensorrt --refit)")
+    graph = MapGraphSpec.from_dict({k: v for k, v in key["maps"].items() if k != "vae_hash"})
+    tmp = cache.prepare_output(folder)
+    try:
+        for f in folder.iterdir():
+            if f.name != cache.MANIFEST:
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        specs = [text_encoder_spec(pipe.text_encoder, key["max_batch"]),
+                 unet_spec(pipe.unet, graph, (key["height"], key["width"]), key["max_batch"],
+                           key["max_classes"])]
+        try:
+            for spec in specs:
+                part = manifest["parts"][spec.name]
+                if part.get("plugin"):
+                    spec.module.map_impl = "plugin"
+                translation = plugin_onnx_translation() if part.get("plugin") else None
+                export_onnx(spec, tmp / part["onnx"], key["opset"],
+                            custom_translation_table=translation)
+                engine = TensorRTEngine.load(tmp / part["plan"], spec.name, part, pipe.device)
+                engine.refit_from_onnx(tmp / part["onnx"])
+                (tmp / part["plan"]).write_bytes(bytes(engine.engine.serialize()))
+                engine.close()
+                log(f"  refitted {spec.name}")
+        finally:
+            specs[1].module.remove()
+        new = dict(manifest, key=dict(key, **key_update))
+        new["source"] = dict(manifest.get("source", {}),
+                             loras=[[p, s] for p, s, _ in loras])
+        new.pop("files", None)
+        cache.commit_output(tmp, folder, json.loads(json.dumps(new)))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

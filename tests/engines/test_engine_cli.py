@@ -98,6 +98,8 @@ def test_engine_errors_are_one_line_and_write_nothing(ort_engine, tmp_path, caps
     assert rc == 2 and err.startswith("attnseg: error: backend 'tensorrt'")
     assert "install" in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "t").exists()
+    rc = main(["engine", "refit", str(folder), "--lora", str(tmp_path)])
+    assert rc == 2 and "tensorrt" in capsys.readouterr().err
     rc = main(["synth", *SYNTH, "--backend", "tensorrt", "--out", str(tmp_path / "s1")])
     assert rc == 2 and "tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "s1").exists()
