@@ -12,6 +12,7 @@ import sys
 import time
 
 from ..bench import cli as bench_cli
+from ..engines import cli as engines_cli
 from . import lora_cli, prompts_cli, train_cli
 from .errors import UserError
 
@@ -49,6 +50,9 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
                    "generating; repeat for several, each with its own scale")
     p.add_argument("--lora-scale", type=float,
                    help="scale of the LoRAs given without one (default: 1.0)")
+    p.add_argument("--backend", help="torch (default), compile, onnxruntime or tensorrt: "
+                   "engines are built once and cached (see `attnseg engine build`)")
+    p.add_argument("--engine", help="a folder from `attnseg engine build` to generate with")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -73,7 +77,7 @@ def _synth_config(args):
     values = load_config_file(args.config) if args.config else {}
     for name in ("model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size",
                  "steps", "guidance", "height", "width", "seed", "device", "dtype", "shard",
-                 "format", "samples_per_tar", "lora_scale"):
+                 "format", "samples_per_tar", "lora_scale", "backend", "engine"):
         v = getattr(args, name)
         if v is not None:
             values[name] = v
@@ -227,7 +231,7 @@ def register(sub) -> None:
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
 REGISTRARS = [register, bench_cli.register, train_cli.register, prompts_cli.register,
-              lora_cli.register]
+              lora_cli.register, engines_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

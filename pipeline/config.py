@@ -238,6 +238,9 @@ class SynthConfig:
     samples_per_tar: int = 1000  # a multiple of batch_size
     # Which part of the job this process does: "i/n", "auto" (launcher's rank), None: all.
     shard: str | None = None
+    # Where the UNet runs: torch (eager), compile, onnxruntime, tensorrt; or a built engine.
+    backend: str = "torch"
+    engine: str | None = None
     # Overrides on top of the preset, e.g. {"harvest": {"strides": [16]}, "mask": {...}}.
     overrides: dict[str, Any] = field(default_factory=dict)
     # LoRAs fused into the model before generation: "DIR" or "FILE.safetensors", optionally
@@ -264,6 +267,9 @@ class SynthConfig:
                             f"multiple of --batch-size {self.batch_size}")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise UserError(f"--dtype must be auto, fp32, fp16 or bf16, not {self.dtype!r}")
+        if self.backend not in ("torch", "compile", "onnxruntime", "tensorrt"):
+            raise UserError(f"--backend must be torch, compile, onnxruntime or tensorrt, not "
+                            f"{self.backend!r}")
 
     def resolve_preset(self) -> Preset:
         """The preset with this job's overrides applied, validated."""

@@ -193,13 +193,14 @@ class Synthesizer:
     """Generates images, label maps and reliability maps for batches of samples."""
 
     def __init__(self, pipe, preset: Preset, height: int, width: int, steps: int,
-                 guidance: float):
+                 guidance: float, harvester=None):
         self.pipe = pipe
         self.preset = preset
         self.size = (height, width)
         self.steps = steps
         self.guidance = guidance
-        self.harvester = AttentionHarvester(pipe.unet, preset.harvest)
+        # An engine backend passes its own harvester (attnseg.engines.runner.EngineHarvester).
+        self.harvester = harvester or AttentionHarvester(pipe.unet, preset.harvest)
         self.timings = {"generate": 0.0, "masks": 0.0}
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
@@ -341,6 +342,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
         job["samples_per_tar"] = cfg.samples_per_tar
     if lora_records:  # recorded only when used, so job files of runs without LoRA are unchanged
         job["loras"] = lora_records
+    if cfg.backend != "torch" or cfg.engine:  # engines round differently from eager torch
+        job["backend"] = cfg.backend if not cfg.engine else f"engine {Path(cfg.engine).name}"
     t0 = time.perf_counter()
     if webdataset:
         chunks = finished_chunks(out) if stored_job_matches(out, job) else set()
@@ -352,7 +355,12 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
     written = 0
     if todo:
         pipe = pipe or load_pipeline(cfg.model, device, dtype, loras)
-        synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance)
+        harvester = None
+        if cfg.backend != "torch" or cfg.engine:
+            from ..engines.runner import engine_harvester
+
+            harvester = engine_harvester(cfg, pipe, preset, log=print if progress else None)
+        synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance, harvester)
         synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
         job["model_hash"] = model_fingerprint(pipe)
         if webdataset:
@@ -395,5 +403,6 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
         "model": cfg.model, "preset": cfg.preset, "steps": steps, "size": [cfg.height, cfg.width],
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "loras": lora_records,
+        "backend": cfg.backend if not cfg.engine else f"engine {cfg.engine}",
         "timings_s": {k: round(v, 3) for k, v in (synth.timings if synth else {}).items()},
     }

@@ -1,0 +1,164 @@
+"""`attnseg engine build | verify | info`: compiled engines with attention-map outputs.
+
+This module is imported by the `attnseg` command at start-up, so it imports nothing heavy at
+module level.
+"""
+
+from __future__ import annotations
+
+import json
+
+_BACKENDS = ("compile", "onnxruntime", "tensorrt")
+
+
+def cmd_build(args) -> int:
+    from ..pipeline.cli import _parse_sets
+    from ..pipeline.config import SynthConfig
+    from ..pipeline.errors import UserError
+    from ..pipeline.synth import (
+        default_size,
+        load_pipeline,
+        model_fingerprint,
+        resolve_device,
+        resolve_dtype,
+    )
+    from .runner import EngineOptions, build_engines, check_backend, fuse_loras
+
+    size = default_size(args.model)
+    preset = SynthConfig(preset=args.preset, overrides=_parse_sets(args.set)).resolve_preset()
+    opts = EngineOptions(backend=args.backend, height=args.height or size,
+                         width=args.width or size, max_batch=args.batch_size,
+                         max_classes=args.max_classes, opset=args.opset, harvest=preset.harvest,
+                         trt_plugin=args.trt_plugin, trt_refit=args.refit)
+    opts.validate()
+    check_backend(args.backend)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cpu" and dtype == torch_dtype("fp16"):
+        raise UserError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
+    pipe = load_pipeline(args.model, device, dtype)
+    base = model_fingerprint(pipe)
+    loras = fuse_loras(pipe, args.lora)
+    source = {"model": args.model, "loras": [[p, s] for p, s, _ in loras],
+              "preset": args.preset, "overrides": _parse_sets(args.set)}
+    folder, status = build_engines(pipe, opts, args.out, source=source, base_hash=base,
+                                   loras=loras)
+    print(f"{status} {args.backend} engine in {folder}")
+    if args.model == "tiny":
+        print("note: built from the tiny random model (its images are noise)")
+    return 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def cmd_verify(args) -> int:
+    from .runner import verify_engines
+
+    report = verify_engines(args.dir, steps=args.steps, device=args.device)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        maps = ", ".join(f"{k} {v:.2e}" for k, v in report["map_max_rel_diff"].items())
+        print(f"{report['backend']} engine {report['engine']} ({report['dtype']}, "
+              f"{report['samples']} samples, {report['steps']} steps, "
+              f"{report['size'][0]}x{report['size'][1]})")
+        print(f"  images: max abs diff {report['image_max_abs_diff']:.2e} "
+              f"(tolerance {report['image_tolerance']:.0e})")
+        print(f"  labels: {100 * report['label_agreement']:.3f} % equal "
+              f"(tolerance {100 * report['label_tolerance']:.1f} %)")
+        print(f"  maps: max relative diff {maps}")
+        print(f"  time: torch {report['torch_seconds']} s, engine {report['engine_seconds']} s")
+        print("  parity OK" if report["ok"] else "  parity FAILED")
+    return 0 if report["ok"] else 1
+
+
+def cmd_refit(args) -> int:
+    from ..pipeline.errors import UserError
+    from ..pipeline.synth import load_pipeline, model_fingerprint, resolve_device
+    from .cache import EngineKey, read_manifest
+    from .runner import _DTYPE_NAMES, fuse_loras
+    from .trt import refit_folder, require_tensorrt
+
+    require_tensorrt()
+    manifest = read_manifest(args.dir)
+    key = EngineKey.from_dict(manifest["key"])
+    model = (manifest.get("source") or {}).get("model")
+    if not model:
+        raise UserError(f"engine {args.dir} does not record its model; rebuild it instead")
+    dtype = {v: k for k, v in _DTYPE_NAMES.items()}[key.dtype]
+    pipe = load_pipeline(model, resolve_device("cuda"), dtype)
+    base = model_fingerprint(pipe)
+    if base != key.base_model_hash:
+        raise UserError(f"model {model} has changed since the engine was built; rebuild it")
+    loras = fuse_loras(pipe, args.lora)
+    update = {"model_hash": model_fingerprint(pipe),
+              "loras": [[f"{s:g}", fp] for _, s, fp in loras]}
+    refit_folder(args.dir, pipe, loras, update)
+    print(f"refitted {args.dir} with {len(loras)} LoRA(s)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .cache import check_files, read_manifest
+
+    manifest = read_manifest(args.dir)
+    check_files(args.dir, manifest, full=False)
+    key = manifest["key"]
+    print(json.dumps({"key": key, "source": manifest.get("source"),
+                      "parts": {k: {"inputs": v["inputs"], "outputs": v["outputs"]}
+                                for k, v in manifest["parts"].items()},
+                      "files": {k: v["size"] for k, v in manifest["files"].items()}}, indent=1))
+    return 0
+
+
+def register(sub) -> None:
+    """Add `attnseg engine {build,verify,info}`."""
+    p = sub.add_parser("engine", help="compiled engines (torch.compile, ONNX Runtime, TensorRT) "
+                       "whose UNet also outputs the attention maps")
+    esub = p.add_subparsers(dest="engine_command", required=True)
+    b = esub.add_parser("build", help="export/compile a model into an engine folder (reused "
+                        "when up to date)")
+    b.add_argument("--model", default="tiny", help="'tiny', a hub id, a diffusers folder or a "
+                   ".safetensors file (default: tiny)")
+    b.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
+                   help="LoRA to merge before export (repeatable)")
+    b.add_argument("--backend", required=True, choices=_BACKENDS)
+    b.add_argument("--out", required=True, help="engine folder")
+    b.add_argument("--height", type=int, help="image height (default: 128 tiny, else 512)")
+    b.add_argument("--width", type=int, help="image width")
+    b.add_argument("--batch-size", type=int, default=4,
+                   help="largest images per call (TensorRT profile max; default 4)")
+    b.add_argument("--max-classes", type=int, default=8,
+                   help="largest labelled words per prompt (TensorRT profile max; default 8)")
+    b.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    b.add_argument("--device", default="auto")
+    b.add_argument("--preset", default="attnseg",
+                   help="harvesting recipe whose map outputs the engine computes")
+    b.add_argument("--set", action="append", default=[], metavar="harvest.KEY=VALUE")
+    b.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    b.add_argument("--trt-plugin", default="auto", choices=("auto", "on", "off"),
+                   help="TensorRT: aggregate maps with the Triton kernel as a plugin")
+    b.add_argument("--refit", action="store_true",
+                   help="TensorRT: keep weights refittable (LoRA swaps without a rebuild)")
+    b.set_defaults(func=cmd_build)
+    v = esub.add_parser("verify", help="generate through the engine and through torch; compare")
+    v.add_argument("dir")
+    v.add_argument("--steps", type=int, default=4)
+    v.add_argument("--device", default="auto")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(func=cmd_verify)
+    r = esub.add_parser("refit", help="TensorRT: swap in other LoRAs without a rebuild "
+                        "(engine built with --refit)")
+    r.add_argument("dir")
+    r.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]")
+    r.set_defaults(func=cmd_refit)
+    i = esub.add_parser("info", help="print an engine folder's manifest summary")
+    i.add_argument("dir")
+    i.set_defaults(func=cmd_info)
+
+
+__all__ = ["register"]

@@ -1,0 +1,325 @@
+"""The networks that engines are built from: the UNet with its attention maps as outputs, the
+text encoder and the VAE decoder, each wrapped so that its inputs and outputs are plain tensors.
+
+`UNetWithMaps` is the core: it runs the stock UNet (the attention *outputs* are computed exactly
+as `AttentionHarvester` computes them, so the noise prediction is the stock one) and, inside the
+same graph, sums the step's class-token cross-attention maps over the selected layers with the
+harvesting kernel op. The host adds these per-step sums over the steps of the step window and
+divides by the layer counts in `MapLayout`, which gives exactly the `HarvestResult` that
+`AttentionHarvester` gives. Token weights are an input ([B, 77, C]), so one engine serves every
+prompt and class set.
+
+The map math is `accumulate_class_attention_ref` (plain torch ops: exportable to ONNX and traced
+by `torch.compile`); with ``map_impl="op"``, the `attnseg::accumulate_class_attention`
+custom op, which dispatches to the Triton kernel on CUDA and stays one opaque node in a
+`torch.compile` graph; with ``map_impl="plugin"``, the `attnseg::class_attention_maps` op per
+layer (exported as a TensorRT plugin node) followed by the same resize/clamp/accumulate in
+torch ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.class_attention import accumulate_class_attention, accumulate_class_attention_ref
+from ..kernels.interp import resize
+from ..pipeline.config import HarvestConfig
+from ..pipeline.harvest import _block_of, _grid, _stock_attention, grid_size
+
+MAP_IMPLS = ("ref", "op", "plugin")
+
+
+@torch.library.custom_op("attnseg::accumulate_class_attention", mutates_args=("out",))
+def _accumulate_op(q: torch.Tensor, k: torch.Tensor, token_weights: torch.Tensor,
+                   out: torch.Tensor, h: int, w: int, scale: float, weight: float, mode: str,
+                   clamp: bool) -> None:
+    # The kernel op with its own device dispatch (Triton on CUDA, numba on CPU); registered as
+    # a custom op so that torch.compile keeps it as one node instead of tracing its launcher.
+    accumulate_class_attention(q, k, token_weights, out, hw=(h, w), scale=scale, weight=weight,
+                               mode=mode, clamp=clamp)
+
+
+@_accumulate_op.register_fake
+def _accumulate_op_fake(q, k, token_weights, out, h, w, scale, weight, mode, clamp) -> None:
+    return None
+
+
+@torch.library.custom_op("attnseg::class_attention_maps", mutates_args=())
+def _class_maps_op(q: torch.Tensor, k: torch.Tensor, token_weights: torch.Tensor, h: int, w: int,
+                   scale: float, heads: int, head_dim: int, tokens: int,
+                   block_c: int) -> torch.Tensor:
+    # One layer's class maps [B, C, h, w] as a single op: the node that becomes the TensorRT
+    # plugin (the sizes are attributes there, as the plugin compiles its kernel ahead of time).
+    out = q.new_zeros((q.shape[0], token_weights.shape[2], h, w), dtype=torch.float32)
+    accumulate_class_attention(q, k, token_weights, out, hw=(h, w), scale=scale)
+    return out
+
+
+@_class_maps_op.register_fake
+def _class_maps_op_fake(q, k, token_weights, h, w, scale, heads, head_dim, tokens, block_c):
+    return q.new_empty((q.shape[0], token_weights.shape[2], h, w), dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class MapGraphSpec:
+    """The part of a `HarvestConfig` that decides what an engine's map outputs are.
+
+    Settings the host applies after the engine (step window, token merging, per-stride
+    normalisation, combine/refine resizing, refine power) are not part of it, so presets that
+    differ only there share one engine.
+    """
+
+    strides: tuple[int, ...]
+    blocks: tuple[str, ...]
+    accumulate: str
+    # Only for accumulate == "common" (canonical defaults otherwise):
+    combine_stride: int = 8
+    accumulate_mode: str = "bicubic"
+    clamp_each_step: bool = False
+    stride_weights: tuple[tuple[int, float], ...] = ()
+    # Stride of the self-attention output, 0 when the recipe does not refine.
+    refine_stride: int = 0
+
+    @classmethod
+    def from_harvest(cls, cfg: HarvestConfig) -> MapGraphSpec:
+        cfg.validate()
+        common = cfg.accumulate == "common"
+        return cls(
+            strides=tuple(sorted(set(cfg.strides))),
+            blocks=tuple(b for b in ("down", "mid", "up") if b in cfg.blocks),
+            accumulate=cfg.accumulate,
+            combine_stride=cfg.combine_stride if common else 8,
+            accumulate_mode=cfg.accumulate_mode if common else "bicubic",
+            clamp_each_step=cfg.clamp_each_step if common else False,
+            stride_weights=tuple(sorted((int(k), float(v)) for k, v in cfg.stride_weights.items()
+                                        if int(k) in cfg.strides)) if common else (),
+            refine_stride=cfg.refine_stride if cfg.refine_power > 0 else 0,
+        )
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MapGraphSpec:
+        d = dict(d)
+        d["strides"] = tuple(d["strides"])
+        d["blocks"] = tuple(d["blocks"])
+        d["stride_weights"] = tuple((int(s), float(w)) for s, w in d.get("stride_weights", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class MapOutput:
+    """One map output of the UNet engine.
+
+    kind: "stride" (sum over the layers at `stride` of that step's class maps; the harvester's
+    native buffers), "common" (weighted sum at `stride` = the combine stride) or "self" (sum of
+    head-mean self-attention at `stride`). `count` is what one step adds to the harvester's
+    divisor (layers, or summed stride weights).
+    """
+
+    name: str
+    kind: str
+    stride: int
+    shape: tuple[int, ...]  # without the batch dimension; C stands for the class count
+    count: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "stride": self.stride,
+                "shape": list(self.shape), "count": self.count}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MapOutput:
+        return cls(d["name"], d["kind"], int(d["stride"]), tuple(d["shape"]), float(d["count"]))
+
+
+class _MapProcessor:
+    """Attention processor: the stock output, plus the q/k handed to `UNetWithMaps`."""
+
+    def __init__(self, owner: UNetWithMaps, name: str, cross: bool):
+        self.owner = owner
+        self.block = _block_of(name)
+        self.cross = cross
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        out, query, key = _stock_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb
+        )
+        self.owner._observe(self, attn, query, key)
+        return out
+
+
+class UNetWithMaps(torch.nn.Module):
+    """UNet -> (noise prediction, this step's map sums...), harvesting inside the graph.
+
+    forward(sample [2B, 4, h, w], timestep [1] float32, encoder_hidden_states [2B, 77, D],
+    token_weights [B, 77, C]) with the batch laid out as classifier-free guidance lays it out
+    ([uncond, cond]); the maps come from the cond half. Outputs follow `self.layout`.
+
+    Installing it replaces the UNet's attention processors; `remove()` restores them.
+    """
+
+    def __init__(self, unet, spec: MapGraphSpec, image_size: tuple[int, int],
+                 map_impl: str = "ref"):
+        super().__init__()
+        if map_impl not in MAP_IMPLS:
+            raise ValueError(f"map_impl must be one of {MAP_IMPLS}, not {map_impl!r}")
+        self.unet = unet
+        self.spec = spec
+        self.image_size = tuple(image_size)
+        self.map_impl = map_impl
+        # Class-count tile of the plugin kernel (>= the engine's largest class count).
+        self.plugin_block_c = 16
+        self._previous = dict(unet.attn_processors)
+        processors = {}
+        for name, proc in self._previous.items():
+            module_name = name.rsplit(".processor", 1)[0]
+            kind = module_name.rsplit(".", 1)[-1]
+            if kind == "attn2" or (kind == "attn1" and spec.refine_stride):
+                processors[name] = _MapProcessor(self, module_name, kind == "attn2")
+            else:
+                processors[name] = proc
+        unet.set_attn_processor(processors)
+        self._state: dict | None = None
+        self.layout = self._discover_layout()
+
+    def remove(self) -> None:
+        """Give the UNet back its previous attention processors."""
+        self.unet.set_attn_processor(self._previous)
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["noise_pred"] + [m.name for m in self.layout]
+
+    def _discover_layout(self) -> list[MapOutput]:
+        """Run once on a tiny batch to see which layers contribute where."""
+        cfg = self.unet.config
+        lat = (self.image_size[0] // 8, self.image_size[1] // 8)
+        p = next(self.unet.parameters())
+        sample = torch.zeros(2, cfg.in_channels, *lat, device=p.device, dtype=p.dtype)
+        ehs = torch.zeros(2, 77, cfg.cross_attention_dim, device=p.device, dtype=p.dtype)
+        tw = torch.zeros(1, 77, 1, device=p.device)
+        self._layout_counts: dict = {}
+        with torch.no_grad():
+            self._run(sample, torch.zeros(1, device=p.device), ehs, tw, count=True)
+        counts = self._layout_counts
+        del self._layout_counts
+        layout = []
+        for (kind, stride), (shape, count) in sorted(counts.items(),
+                                                    key=lambda kv: ("scs".index(kv[0][0][0]),
+                                                                    kv[0][1])):
+            name = {"stride": f"maps_s{stride}", "common": f"maps_common_s{stride}",
+                    "self": f"self_attention_s{stride}"}[kind]
+            layout.append(MapOutput(name, kind, stride, shape, count))
+        if not any(m.kind != "self" for m in layout):
+            from ..pipeline.errors import UserError
+
+            raise UserError(
+                f"the UNet has no cross-attention layer at strides {list(self.spec.strides)} in "
+                f"blocks {list(self.spec.blocks)}"
+            )
+        return layout
+
+    def _run(self, sample, timestep, encoder_hidden_states, token_weights, count=False):
+        self._state = {"tw": token_weights, "latent_hw": tuple(sample.shape[-2:]), "sums": {},
+                       "count": count}
+        try:
+            noise = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+            return noise, self._state["sums"]
+        finally:
+            self._state = None
+
+    def forward(self, sample, timestep, encoder_hidden_states, token_weights):
+        noise, sums = self._run(sample, timestep, encoder_hidden_states, token_weights)
+        return (noise, *[sums[(m.kind, m.stride)] for m in self.layout])
+
+    def _observe(self, proc: _MapProcessor, attn, query, key) -> None:
+        state = self._state
+        if state is None:
+            return
+        spec = self.spec
+        tw = state["tw"]
+        b = tw.shape[0]
+        # Classifier-free guidance stacks [uncond, cond]: keep the cond half (as the harvester).
+        query, key = query[b:], key[b:]
+        stride, h, w = _grid(query.shape[2], state["latent_hw"], self.image_size)
+        sums = state["sums"]
+        if not proc.cross:
+            if stride == spec.refine_stride:
+                # Same math as AttentionHarvester._observe_self: head-mean softmax of the cond
+                # half's self-attention.
+                probs = torch.softmax(
+                    torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale,
+                    dim=-1,
+                ).mean(dim=1)
+                slot = ("self", stride)
+                sums[slot] = probs if slot not in sums else sums[slot] + probs
+                self._count(slot, probs, 1.0)
+            return
+        if stride not in spec.strides or proc.block not in spec.blocks:
+            return
+        c = tw.shape[2]
+        if spec.accumulate == "native":
+            slot, size, wgt, mode, clamp = ("stride", stride), (h, w), 1.0, "none", False
+        else:
+            size = grid_size(self.image_size, spec.combine_stride)
+            slot = ("common", spec.combine_stride)
+            wgt = dict(spec.stride_weights).get(stride, 1.0)
+            mode = "none" if (h, w) == size else spec.accumulate_mode
+            clamp = spec.clamp_each_step
+        out = sums.get(slot)
+        if out is None:
+            out = sums[slot] = query.new_zeros((b, c, *size), dtype=torch.float32)
+        if self.map_impl == "ref":
+            # In place on a buffer created in this call: traced graphs functionalise it.
+            accumulate_class_attention_ref(query, key, tw, out, hw=(h, w), scale=attn.scale,
+                                           weight=wgt, mode=mode, clamp=clamp)
+        elif self.map_impl == "plugin":
+            maps = torch.ops.attnseg.class_attention_maps(
+                query.contiguous(), key.contiguous(), tw, h, w, float(attn.scale),
+                query.shape[1], query.shape[3], key.shape[2], self.plugin_block_c)
+            maps = resize(maps, size, mode)
+            if clamp:
+                maps = maps.clamp_min(0.0)
+            out = sums[slot] = out + wgt * maps
+        else:
+            torch.ops.attnseg.accumulate_class_attention(
+                query.contiguous(), key.contiguous(), tw, out, h, w, float(attn.scale),
+                float(wgt), mode, bool(clamp))
+        self._count(slot, out, wgt)
+
+    def _count(self, slot, tensor, amount: float) -> None:
+        counts = getattr(self, "_layout_counts", None)
+        if counts is not None:
+            shape = tuple(tensor.shape[1:])
+            if slot[0] != "self":
+                shape = ("C", *shape[1:])
+            prev = counts.get(slot, (shape, 0.0))[1]
+            counts[slot] = (shape, prev + amount)
+
+
+class TextEncoderOutput(torch.nn.Module):
+    """input_ids [B, 77] int64 -> last_hidden_state [B, 77, D] (what the SD pipeline uses)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class VaeDecoderOutput(torch.nn.Module):
+    """latents [B, 4, h, w] (already divided by the scaling factor) -> image [B, 3, H, W]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]

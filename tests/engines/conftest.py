@@ -1,0 +1,31 @@
+"""Shared engine fixtures: one ONNX Runtime engine of the tiny model, exported once per session
+(the export is the slow part: ~30-60 s of CPU)."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnseg.pipeline.config import get_preset
+
+# Non-square, so that the UNet's rounded-up levels are exercised (64x48 -> latent 8x6 -> 4x3
+# -> 2x2 -> 1x1).
+SIZE = (64, 48)
+MAX_BATCH = 2
+
+
+@pytest.fixture(scope="session")
+def ort_engine(tmp_path_factory):
+    """(folder, pipe, preset): an onnxruntime engine folder built from a fresh tiny pipeline."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from attnseg.engines.runner import EngineOptions, build_engines
+    from attnseg.pipeline.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    preset = get_preset("attnseg")
+    opts = EngineOptions(backend="onnxruntime", height=SIZE[0], width=SIZE[1],
+                         max_batch=MAX_BATCH, max_classes=8, harvest=preset.harvest)
+    folder = tmp_path_factory.mktemp("engines") / "ort"
+    build_engines(pipe, opts, folder, source={"model": "tiny", "loras": [], "preset": "attnseg",
+                                              "overrides": {}}, log=lambda msg: None)
+    return folder, pipe, preset

@@ -1,0 +1,112 @@
+"""The ahead-of-time kernel entry points (C library and TensorRT plugin) against the
+reference op, run in Triton's interpreter on CPU; and their compilation for sm_90 (no GPU)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from attnseg.kernels import _dispatch
+from attnseg.kernels.class_attention import _attn_blocks, accumulate_class_attention_ref
+from attnseg.kernels.finalize import finalize_masks_ref, normalize_maps
+from attnseg.kernels.interp import interp_taps
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    _dispatch.triton_modules() is None or not (HAS_CUDA or _dispatch.triton_interpreting()),
+    reason="triton missing, or no GPU and TRITON_INTERPRET was not set before triton's import")
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _inputs(dtype, b=2, heads=2, n=24, l_tokens=77, d=40, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, heads, n, d, generator=g).to(dtype)
+    k = torch.randn(b, heads, l_tokens, d, generator=g).to(dtype)
+    tw = (torch.rand(b, l_tokens, c, generator=g) > 0.7).float()
+    return q.to(DEVICE), k.to(DEVICE), tw.to(DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("entry", ["aot", "plugin"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_class_attention_entry_points_match_reference(entry, dtype):
+    from attnseg.engines import triton_kernels as tk
+
+    b, heads, n, d, c = 2, 2, 24, 40, 3
+    q, k, tw = _inputs(dtype, b, heads, n, 77, d, c)
+    scale = d ** -0.5
+    ref = torch.zeros(b, c, 4, 6, device=DEVICE)
+    accumulate_class_attention_ref(q, k, tw, ref, hw=(4, 6), scale=scale)
+    out = torch.full((b, c, n), float("nan"), device=DEVICE)
+    blocks = _attn_blocks(77, d, 16, dtype)
+    blocks["BLOCK_C"] = 16
+    grid = (b, -(-n // blocks["BLOCK_N"]))
+    if entry == "aot":
+        tk.class_attention_maps_aot[grid](q, k, tw, out, b, n, 77, d, c, heads, _bits(scale),
+                                          num_warps=8, **blocks)
+    else:
+        tk.class_attention_maps_plugin[grid](q, k, tw, b, n, 77, d, c, heads, out,
+                                             SCALE=scale, num_warps=8, **blocks)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(out.view(b, c, 4, 6), ref, atol=tol, rtol=tol)
+
+
+@needs_triton
+def test_finalize_entry_point_matches_reference():
+    from attnseg.engines import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(1)
+    maps = torch.rand(2, 3, 5, 4, generator=g).to(DEVICE)
+    ids = torch.tensor([[3, 7, 0], [12, 5, 9]], device=DEVICE)
+    size, rules = (17, 13), dict(bg_const=0.8, bg_slope=-1.0, ignore_low=0.3, ignore_high=0.4)
+    ref_lab, ref_rel = finalize_masks_ref(maps, ids, size=size, normalize="minmax",
+                                          mode="bicubic", **rules)
+    norm = normalize_maps(maps, "minmax").contiguous()
+    iy, wy = interp_taps(5, size[0], "bicubic", device=DEVICE)
+    ix, wx = interp_taps(4, size[1], "bicubic", device=DEVICE)
+    lab = torch.empty(2, *size, dtype=torch.uint8, device=DEVICE)
+    rel = torch.empty_like(lab)
+    grid = (2, -(-(size[0] * size[1]) // 256))
+    tk.finalize_masks_aot[grid](norm, ids, iy, wy, ix, wx, lab, rel, 2, 3, 5, 4, *size,
+                                *(_bits(rules[k]) for k in ("bg_const", "bg_slope", "ignore_low",
+                                                            "ignore_high")),
+                                KY=4, KX=4, BLOCK_P=256, num_warps=4)
+    assert (lab == ref_lab).float().mean() >= 0.999
+    assert (rel.int() - ref_rel.int()).abs().max() <= 1
+
+
+def test_plugin_kernel_compiles_to_ptx_for_hopper_without_a_gpu():
+    """What the TensorRT plugin's aot_impl returns: PTX of the single-source kernel."""
+    script = textwrap.dedent("""
+        import sys
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas
+            get_ptxas(90)
+        except Exception as exc:
+            print(f"no NVIDIA backend/ptxas: {exc!r}")
+            sys.exit(77)
+        from attnseg.engines.aot import plugin_ptx
+        name, ptx, threads, shared, block_n = plugin_ptx("fp16", 40 ** -0.5, 77, 40, 16, 90)
+        assert name == "class_attention_maps_plugin", name
+        assert ".entry class_attention_maps_plugin" in ptx and ".target sm_90" in ptx
+        print("ok", threads, shared, block_n)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ok, threads, shared, block_n = proc.stdout.split()[-4:]
+    assert ok == "ok" and int(threads) == 256 and int(block_n) == 64

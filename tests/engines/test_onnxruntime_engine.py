@@ -1,0 +1,214 @@
+"""ONNX export of the tiny model and ONNX Runtime generation against the torch path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from attnseg.engines import cache
+from attnseg.engines.runner import (
+    EngineHarvester,
+    EngineOptions,
+    build_engines,
+    compare_paths,
+    generate_float,
+    load_engines,
+)
+from attnseg.pipeline.errors import UserError
+from attnseg.pipeline.harvest import AttentionHarvester, _grid
+from attnseg.pipeline.prompts import default_prompts, load_classes
+from attnseg.pipeline.synth import Synthesizer, plan_samples
+
+from .conftest import MAX_BATCH, SIZE
+
+pytest.importorskip("onnxruntime")
+
+
+def _samples(n, classes="dog,cat,aeroplane"):
+    cls = load_classes(classes)
+    return plan_samples(cls, default_prompts(cls), 2, 0)[:n]
+
+
+def test_onnx_export_has_the_specs_io_and_dynamic_axes(ort_engine):
+    folder, pipe, preset = ort_engine
+    manifest = json.loads((folder / "engine.json").read_text())
+    assert manifest["key"]["opset"] == 18
+    for part in ("text_encoder", "unet", "vae_decoder"):
+        model = onnx.load(str(folder / f"{part}.onnx"))
+        onnx.checker.check_model(str(folder / f"{part}.onnx"))
+        assert [i.name for i in model.graph.input] == manifest["parts"][part]["inputs"]
+        assert [o.name for o in model.graph.output] == manifest["parts"][part]["outputs"]
+        assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
+    unet = onnx.load(str(folder / "unet.onnx"))
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in unet.graph.input}
+    # The batch (and the CFG pair) and the class count are symbolic; the image size is fixed.
+    assert isinstance(dims["sample"][0], str) and dims["sample"][2:] == [SIZE[0] // 8,
+                                                                         SIZE[1] // 8]
+    assert isinstance(dims["token_weights"][0], str) and isinstance(dims["token_weights"][2],
+                                                                     str)
+    # One map output per harvested stride, at that stride's grid, counting its layers.
+    layout = manifest["parts"]["unet"]["layout"]
+    # Count the cross-attention layers per stride with the harvester's own bookkeeping.
+    harvester = AttentionHarvester(pipe.unet, preset.harvest)
+    weights = torch.zeros(1, 77, 1)
+    with harvester.capture(weights, SIZE, 1) as cap:
+        pipe.unet(torch.zeros(2, 4, SIZE[0] // 8, SIZE[1] // 8), 1,
+                  torch.zeros(2, 77, pipe.unet.config.cross_attention_dim))
+    harvester.remove()
+    expected = dict(cap.counts)
+    assert {m["stride"]: m["count"] for m in layout} == expected
+    for m in layout:
+        _, h, w = _grid(m["shape"][1] * m["shape"][2], (SIZE[0] // 8, SIZE[1] // 8), SIZE)
+        assert (h, w) == tuple(m["shape"][1:])
+
+
+@pytest.mark.parametrize("batch", [MAX_BATCH, 1])
+def test_onnxruntime_generation_matches_torch_path(ort_engine, batch):
+    folder, pipe, preset = ort_engine
+    samples = _samples(batch)
+    ref_synth = Synthesizer(pipe, preset, *SIZE, 4, 7.5)
+    reference = generate_float(ref_synth, samples)
+    ref_synth.harvester.remove()
+    harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+    try:
+        # The engine really replaced the modules (the diffusers loop runs unchanged).
+        assert type(pipe.unet).__name__ == "_UNetAdapter"
+        candidate = generate_float(Synthesizer(pipe, preset, *SIZE, 4, 7.5, harvester), samples)
+    finally:
+        harvester.remove()
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    diff = compare_paths(reference, candidate)
+    assert diff["image_max_abs_diff"] <= 1e-4, diff
+    assert diff["label_agreement"] >= 0.999, diff
+    assert set(diff["map_max_rel_diff"]) == {f"s{s}" for s in reference[3].maps}
+    assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff
+    # The comparison is not vacuous: the maps differ between samples and are not flat.
+    maps = reference[3].maps[8]
+    assert float(maps.std()) > 0
+
+
+def test_without_guidance_the_engine_still_harvests_the_same(ort_engine):
+    folder, pipe, preset = ort_engine
+    samples = _samples(1)
+    ref_synth = Synthesizer(pipe, preset, *SIZE, 3, 1.0)
+    reference = generate_float(ref_synth, samples)
+    ref_synth.harvester.remove()
+    harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+    try:
+        candidate = generate_float(Synthesizer(pipe, preset, *SIZE, 3, 1.0, harvester), samples)
+    finally:
+        harvester.remove()
+    diff = compare_paths(reference, candidate)
+    assert diff["image_max_abs_diff"] <= 1e-4 and diff["label_agreement"] >= 0.999, diff
+
+
+def _opts(preset):
+    return EngineOptions(backend="onnxruntime", height=SIZE[0], width=SIZE[1],
+                         max_batch=MAX_BATCH, max_classes=8, harvest=preset.harvest)
+
+
+def test_valid_engine_is_reused_and_stale_one_rebuilt(ort_engine, tmp_path, monkeypatch):
+    folder, pipe, preset = ort_engine
+    copy = tmp_path / "engine"
+    shutil.copytree(folder, copy)
+    exported = []
+
+    def fake_export(spec, path, opset, custom_translation_table=None):
+        # Stands in for the (slow) real export: records the call and writes a file.
+        exported.append(spec.name)
+        path.write_bytes(b"onnx:" + spec.name.encode())
+        return [path]
+
+    monkeypatch.setattr("attnseg.engines.runner.export_onnx", fake_export)
+    assert build_engines(pipe, _opts(preset), copy, log=lambda m: None) == (copy, "reused")
+    assert exported == []
+    # Stale: built by another attnseg version (the manifest is otherwise intact).
+    manifest = json.loads((copy / "engine.json").read_text())
+    manifest["key"]["attnseg_version"] = "0.0.0-old"
+    (copy / "engine.json").write_text(json.dumps(manifest))
+    logs = []
+    assert build_engines(pipe, _opts(preset), copy, log=logs.append) == (copy, "built")
+    assert sorted(exported) == ["text_encoder", "unet", "vae_decoder"]
+    assert "attnseg_version" in logs[0]
+    rebuilt = json.loads((copy / "engine.json").read_text())
+    assert rebuilt["key"]["attnseg_version"] == cache.attnseg_version()
+    assert (copy / "unet.onnx").read_bytes() == b"onnx:unet"
+    assert not list(tmp_path.glob(".engine.*")), "temporary build folders were left behind"
+    # Other model weights, other image size, or a damaged file: stale as well.
+    from attnseg.pipeline.tiny import build_tiny_pipeline
+
+    key = cache.EngineKey.from_dict(rebuilt["key"])
+    other = build_tiny_pipeline(seed=1)
+    from attnseg.engines.runner import engine_key
+
+    assert "model_hash" in cache.stale_reason(
+        copy, engine_key(other, _opts(preset), torch.float32, "x", []))
+    assert cache.stale_reason(copy, key) is None
+    (copy / "vae_decoder.onnx").write_bytes(b"tampered")
+    assert "corrupt" in cache.stale_reason(copy, key)
+
+
+def test_corrupt_or_mismatched_engine_gives_a_clear_error(ort_engine, tmp_path):
+    folder, pipe, preset = ort_engine
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    data = bytearray((bad / "unet.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "unet.onnx").write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"unet\.onnx is corrupt .*rebuild"):
+        load_engines(bad, pipe)
+    # A garbage file whose manifest entry was updated too: ONNX Runtime's refusal, one line.
+    (bad / "unet.onnx").write_bytes(b"\x08\x07garbage")
+    manifest = json.loads((bad / "engine.json").read_text())
+    manifest["files"]["unet.onnx"] = {"size": 9, "sha256": cache.file_sha256(bad / "unet.onnx")}
+    (bad / "engine.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"cannot be loaded by ONNX Runtime") as err:
+        load_engines(bad, pipe)
+    assert "\n" not in str(err.value)
+    # A manifest that is not JSON.
+    (bad / "engine.json").write_text("{not json")
+    with pytest.raises(UserError, match="manifest .* is corrupt"):
+        load_engines(bad, pipe)
+    # Another size than the engine's, and other model weights.
+    harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+    try:
+        with pytest.raises(UserError, match="built for 64x48"):
+            with harvester.capture(torch.zeros(1, 77, 1), (64, 64), 2):
+                pass
+    finally:
+        harvester.remove()
+    from attnseg.engines.runner import check_engine_model
+    from attnseg.pipeline.tiny import build_tiny_pipeline
+
+    key = cache.EngineKey.from_dict(json.loads((folder / "engine.json").read_text())["key"])
+    with pytest.raises(UserError, match="built for model weights"):
+        check_engine_model(key, build_tiny_pipeline(seed=1), folder)
+    # Other harvesting settings than the engine computes.
+    from attnseg.pipeline.config import get_preset
+
+    with pytest.raises(UserError, match="other harvesting settings"):
+        EngineHarvester(pipe, load_engines(folder, pipe), get_preset("daam").harvest)
+
+
+def test_ort_engine_runs_batches_it_was_not_traced_with(ort_engine):
+    folder, pipe, preset = ort_engine
+    engines = load_engines(folder, pipe)
+    unet = engines.engines["unet"]
+    g = torch.Generator().manual_seed(3)
+    for b, c in ((1, 1), (3, 5)):
+        feeds = {"sample": torch.randn(2 * b, 4, SIZE[0] // 8, SIZE[1] // 8, generator=g),
+                 "timestep": torch.tensor([10.0]),
+                 "encoder_hidden_states": torch.randn(2 * b, 77, 32, generator=g),
+                 "token_weights": torch.rand(b, 77, c, generator=g)}
+        out = unet.infer(feeds)
+        assert out["noise_pred"].shape == (2 * b, 4, SIZE[0] // 8, SIZE[1] // 8)
+        for m in engines.layout:
+            assert out[m.name].shape == (b, c, *m.shape[1:])
+            assert np.isfinite(out[m.name].numpy()).all()
+    engines.close()
