@@ -49,7 +49,7 @@ def build_pipe(model: str, device, dtype):
 
         pipe = build_tiny_pipeline()
     else:
-        from attnseg.bench.harvest_overhead import build_sd15_random
+        from attnseg.pipeline.tiny import build_sd15_random_pipeline as build_sd15_random
 
         pipe = build_sd15_random()
     return pipe.to(device=device, dtype=dtype)
@@ -57,7 +57,7 @@ def build_pipe(model: str, device, dtype):
 
 def measure(pipe, batch: int, args, device, dtype, preset, variants) -> dict:
     """Time every variant at one batch size (round 0 warms up / compiles)."""
-    from attnseg.bench.harvest_overhead import StoreEveryMapProcessor
+    from attnseg.bench.throughput import StoreEveryMapProcessor
     from attnseg.engines.runner import (
         EngineHarvester,
         EngineOptions,

@@ -30,7 +30,6 @@ import numpy as np
 import psutil
 import torch
 
-from attnseg.bench.harvest_overhead import build_sd15_random
 from attnseg.pipeline.config import LoraTrainConfig, PromptsConfig
 from attnseg.pipeline.lora import (
     LoraSpec,
@@ -47,6 +46,7 @@ from attnseg.pipeline.prompts import (
     default_templates_file,
     load_templates,
 )
+from attnseg.pipeline.tiny import build_sd15_random_pipeline as build_sd15_random
 from attnseg.pipeline.tiny import tiny_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
