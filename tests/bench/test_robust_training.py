@@ -78,4 +78,7 @@ def test_summary_and_verdict():
            "data_seed": 0, "data": {"pseudo_mask_mIoU": 0.5}, "command": "c", "seconds": 1,
            "machine": "x"}
     md = render_markdown(doc)
-    assert "| reliability-weighted | 75.00 | 1.00 |" in md and "**met**" in md
+    assert "| reliability-weighted | 3 | 75.00 | 1.00 |" in md and "**met**" in md
+    one = summarize({**runs, "clean-labels": {0: 0.8}}, [0, 1, 2])
+    assert one["clean-labels"]["sd"] is None and one["verdict"]["gap_closed"] == pytest.approx(
+        0.04 / (0.8 - 0.71))

@@ -116,6 +116,11 @@ def test_demo_writes_report(tmp_path):
     assert (out / "report/index.html").exists() and (out / "report/contact_sheet.png").exists()
     assert "noise" in (out / "report/index.html").read_text()
     _check_dataset(out, 40, set(range(1, 21)))
+    # The train + eval stages: a tiny co-trained SegFormer and its mIoU report.
+    assert (out / "run/model.safetensors").is_file()
+    report = json.loads((out / "run/eval-demo.json").read_text())
+    assert report["images"] == 40 and len(report["per_class"]) == 21
+    assert "trained 12 steps" in r.stdout and "mIoU" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [
