@@ -72,9 +72,12 @@ def plan_config(io: dict, profiles: dict, refit: bool) -> PlanConfig:
     """The build settings `build_plan` uses for a sub-network with this I/O description."""
     dtypes = {v["dtype"] for v in io.values()}
     reduced = bool(dtypes & {"float16", "bfloat16"})
+    # Profiles cover the inputs with dynamic dims only (the timestep is a static [1]).
+    dynamic = {k for k, v in io.items() if any(isinstance(d, str) for d in v["shape"])}
     return PlanConfig(strongly_typed=reduced, tf32=not reduced, refit=refit,
                       workspace_bytes=WORKSPACE_BYTES,
-                      profile={k: tuple(tuple(s) for s in v) for k, v in profiles.items()})
+                      profile={k: tuple(tuple(s) for s in v) for k, v in profiles.items()
+                               if k in dynamic})
 
 
 # ---------------------------------------------------------------------------------------------
