@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -397,6 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": f"python -m attnseg.bench.robust_training {argv_text}".strip(),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch "
                    f"thread(s), torch {torch.__version__}",
+        # Other work on the machine slows every run alike (runs are interleaved by seed).
+        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "seconds": time.perf_counter() - t0, "model": args.model, "steps": args.steps,
         "n_train": args.train, "n_val": args.val, "seeds": seeds, "data_seed": args.data_seed,
         "data": data, "losses": loss_settings(args.steps), "summary": summary,

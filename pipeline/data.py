@@ -91,7 +91,8 @@ def normalize_name(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name.lower())
 
 
-def _generic_names(names: list[str]) -> bool:
+def generic_names(names: list[str]) -> bool:
+    """True for placeholder class names (``class<i>``): such classes can only match by id."""
     return all(re.fullmatch(r"class\d+", n) for n in names[1:])
 
 
@@ -472,7 +473,7 @@ def class_mapping(source_names: list[str], target_names: list[str], source_ignor
     """
     size = max(len(source_names), source_ignore + 1)
     lut = np.full(size, target_ignore, dtype=np.int64)
-    if source_names == target_names or _generic_names(source_names) or _generic_names(
+    if source_names == target_names or generic_names(source_names) or generic_names(
             target_names):
         if len(source_names) != len(target_names):
             raise UserError(f"{what} has {len(source_names)} classes, the run has "
@@ -656,7 +657,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         position, index = key
-        k, i = self.locate(index)
         try:
             image, label, rel, _ = self.load(index)
         except CorruptSample as e:

@@ -34,6 +34,7 @@ from .data import (
     SegSource,
     check_label_values,
     class_mapping,
+    generic_names,
     normalize_image,
     normalize_name,
     rescale_size,
@@ -169,9 +170,10 @@ def slide_logits(model, pixels: torch.Tensor, num_classes: int, crop: tuple[int,
 
 @torch.no_grad()
 def predict_logits(model, image: torch.Tensor, cfg: InferenceConfig,
-                   out_size: tuple[int, int] | None = None) -> torch.Tensor:
+                   out_size: tuple[int, int] | None = None,
+                   resize: bool = True) -> torch.Tensor:
     """Logits [1, C, H, W] at ``out_size`` (default: the image's) for one float image
-    [3, h, w] in 0..255."""
+    [3, h, w] in 0..255; with ``resize=False``, at the size the network saw."""
     _, h, w = image.shape
     device = next(model.parameters()).device
     x = image[None].to(device)
@@ -189,6 +191,8 @@ def predict_logits(model, image: torch.Tensor, cfg: InferenceConfig,
     else:
         logits, _ = model(x)
     logits = logits[..., :nh, :nw]
+    if not resize:
+        return logits.float()
     size = out_size or (h, w)
     if tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
@@ -203,8 +207,7 @@ def model_to_dataset_channels(model_names: list[str], data_names: list[str]) -> 
     """
     if [normalize_name(n) for n in model_names] == [normalize_name(n) for n in data_names]:
         return torch.arange(len(data_names))
-    generic = all(n.startswith("class") for n in data_names[1:])
-    if generic:
+    if generic_names(data_names) or generic_names(model_names):
         if len(model_names) != len(data_names):
             raise UserError(f"the model has {len(model_names)} classes and the dataset "
                             f"{len(data_names)}; their names cannot be matched")
@@ -214,6 +217,25 @@ def model_to_dataset_channels(model_names: list[str], data_names: list[str]) -> 
     if missing:
         raise UserError(f"the model has no output for dataset class(es) {missing[:6]}")
     return torch.tensor([index[normalize_name(n)] for n in data_names])
+
+
+# Above this many logit values per image (C x H x W), labels are taken by argmax at the network's
+# resolution and resized with nearest neighbours (as mmsegmentation does for ImageNet-S's large
+# images), instead of resizing C full-size logit maps.
+MAX_LOGIT_VALUES = 1 << 27
+
+
+def predict_labels(model, image: torch.Tensor, cfg: InferenceConfig, channels: torch.Tensor,
+                   size: tuple[int, int]) -> torch.Tensor:
+    """Predicted dataset class ids [H, W] (CPU) at ``size`` for one image; ``channels`` picks
+    the model outputs of the dataset's classes."""
+    if len(channels) * size[0] * size[1] <= MAX_LOGIT_VALUES:
+        logits = predict_logits(model, image, cfg, out_size=size)
+        return logits[0, channels.to(logits.device)].argmax(dim=0).cpu()
+    logits = predict_logits(model, image, cfg, resize=False)
+    pred = logits[0, channels.to(logits.device)].argmax(dim=0)
+    pred = F.interpolate(pred[None, None].float(), size=size, mode="nearest-exact")
+    return pred[0, 0].long().cpu()
 
 
 def evaluate_model(model, source: SegSource, cfg: InferenceConfig, limit: int | None = None,
@@ -246,9 +268,7 @@ def evaluate_model(model, source: SegSource, cfg: InferenceConfig, limit: int | 
                     bar.update(1)
                 continue
             image, label, _ = to_tensors(sample, lut, source.ignore_index)
-            logits = predict_logits(model, image, cfg, out_size=tuple(label.shape))
-            pred = logits[0, channels.to(logits.device)].argmax(dim=0).cpu()
-            acc.update(pred, label)
+            acc.update(predict_labels(model, image, cfg, channels, tuple(label.shape)), label)
             if bar is not None:
                 bar.update(1)
     finally:

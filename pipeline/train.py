@@ -181,9 +181,18 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def resolve_train_device(device: str) -> torch.device:
-    from .synth import resolve_device
-
-    return resolve_device(device)
+    """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ... Same rules as
+    ``synth.resolve_device``, without importing the synthesis stack (harvest, kernels: seconds
+    of start-up) into every train/eval command."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but no CUDA device is available")
+    return dev
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:

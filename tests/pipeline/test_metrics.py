@@ -222,3 +222,24 @@ def test_nan_free_report_values_are_json_friendly():
     r = _metrics([(np.array([[0]]), np.array([[0]]))], 3)
     assert r["mIoU"] == 1.0
     assert all(c["iou"] is None or not math.isnan(c["iou"]) for c in r["per_class"])
+
+
+def test_many_class_path_takes_argmax_before_resizing(monkeypatch):
+    import attnseg.pipeline.evaluate as ev
+
+    rng = np.random.default_rng(2)
+    labels = [np.kron(rng.integers(0, 3, (6, 8)), np.ones((8, 8), np.int64))]
+    source = ArraySource(labels, 3)
+    cfg = InferenceConfig(mode="whole", scale=(32, 24))  # the network sees 24x32
+    direct = evaluate_model(ColourOracle(3), source, cfg)
+    monkeypatch.setattr(ev, "MAX_LOGIT_VALUES", 0)
+    image = torch.from_numpy(source.load(0).image).permute(2, 0, 1).float()
+    small = predict_logits(ColourOracle(3), image, cfg, resize=False)
+    assert small.shape[-2:] == (24, 32)
+    expect = torch.nn.functional.interpolate(small.argmax(1, keepdim=True).float(),
+                                             size=(48, 64), mode="nearest-exact")[0, 0].long()
+    got = ev.predict_labels(ColourOracle(3), image, cfg, torch.arange(3), (48, 64))
+    assert torch.equal(got, expect)
+    # Blocks of 8 px survive a 2x down- and up-sampling either way.
+    assert evaluate_model(ColourOracle(3), source, cfg)["mIoU"] == pytest.approx(direct["mIoU"])
+    assert direct["mIoU"] > 0.9
