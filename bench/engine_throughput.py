@@ -210,7 +210,13 @@ def main(argv=None) -> int:
         print("engine_throughput: this benchmark needs a CUDA GPU and none is available here; "
               "nothing was measured and no result was written")
         return 2
-    torch.set_grad_enabled(False)
+    # A context, not torch.set_grad_enabled(False): main() is also called in-process
+    # (tests, other benches) and must not switch autograd off for its caller.
+    with torch.no_grad():
+        return _run(args)
+
+
+def _run(args) -> int:
     from attnseg.pipeline.config import get_preset
 
     device = torch.device(args.device)

@@ -27,3 +27,20 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _global_torch_state_is_restored():
+    """Fail the test that leaves autograd switched off, or changes the default dtype, instead
+    of the unrelated training tests that would break after it."""
+    grad, dtype = torch.is_grad_enabled(), torch.get_default_dtype()
+    yield
+    leaked = []
+    if torch.is_grad_enabled() != grad:
+        torch.set_grad_enabled(grad)
+        leaked.append("autograd mode")
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+        leaked.append("default dtype")
+    if leaked:
+        pytest.fail(f"test changed global torch state: {', '.join(leaked)}")
