@@ -30,9 +30,67 @@ def cmd_throughput(args) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    from attnseg.pipeline.errors import UserError
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{text!r} is not a comma list of numbers") from None
+
+
+# Flags copied into QualityConfig when given (dest name == field name).
+_QUALITY_FLAGS = ("model", "classes", "preset", "num_per_class", "steps", "size", "seed",
+                  "device", "dtype", "labelled", "labelled_kind", "labelled_split", "limit",
+                  "pseudo_gt", "train_steps", "train_model", "throughput", "work", "out")
+
+
+def quality_config_from_args(args):
+    """QualityConfig from `--config` (JSON/TOML; sections `real` and `train`), then flags."""
+    from attnseg.pipeline.config import config_from, load_config_file
+    from attnseg.pipeline.real_images import RealImageConfig
+    from attnseg.pipeline.train_cli import apply_set
+
+    from .quality import QualityConfig
+
+    values = load_config_file(args.config) if args.config else {}
+    for name in _QUALITY_FLAGS:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    if args.no_throughput:
+        values["throughput"] = ""
+    if args.no_progress:
+        values["progress"] = False
+    real = dict(values.get("real") or {})
+    if args.noise_levels is not None:
+        real["noise_levels"] = _floats(args.noise_levels)
+    if "noise_levels" in real:
+        real["noise_levels"] = tuple(real["noise_levels"])
+    values["real"] = config_from(RealImageConfig, real, "quality.real")
+    train = dict(values.get("train") or {})
+    apply_set(train, args.train_set)
+    values["train"] = train
+    return config_from(QualityConfig, values, "quality")
+
+
+def cmd_quality(args) -> int:
+    from .quality import markdown, run_quality
+
+    cfg = quality_config_from_args(args)
+    report = run_quality(cfg)
+    print(markdown(report), end="")
+    print(f"results: {cfg.out}.json, {cfg.out}.md (work folder: {cfg.work or cfg.out + '.work'})")
+    if report["model_note"].startswith("built-in"):
+        print(f"note: model '{cfg.model}' has random weights: its images are noise and its "
+              "mIoU figures only show that the path works")
+    return 0
+
+
 def register(sub) -> None:
     """Add `attnseg bench` and its subcommands."""
-    bench = sub.add_parser("bench", help="benchmarks: throughput (speed, memory)")
+    bench = sub.add_parser("bench", help="benchmarks: throughput (speed, memory), quality "
+                           "(pseudo-mask and downstream mIoU)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("throughput", help="generation speed/memory: stock vs harvesting vs "
                         "store-every-map, per component, batch sizes swept")
@@ -52,3 +110,38 @@ def register(sub) -> None:
                    help="output path without suffix (default: bench/results/throughput)")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_throughput)
+
+    q = bsub.add_parser(
+        "quality", help="pseudo-mask mIoU against a labelled set, downstream mIoU after "
+        "training on the generated data, and throughput, in one report")
+    q.add_argument("--config", help="JSON/TOML file of settings (sections: real, train)")
+    q.add_argument("--model", help="as for synth (default: tiny, random weights)")
+    q.add_argument("--classes", help="class set or class file (default: voc)")
+    q.add_argument("--preset", help="harvesting recipe (default: attnseg)")
+    q.add_argument("--num-per-class", type=int, help="images generated per class (default: 2)")
+    q.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
+    q.add_argument("--size", type=int, help="image side (default: 128 tiny, else 512)")
+    q.add_argument("--seed", type=int)
+    q.add_argument("--device")
+    q.add_argument("--dtype")
+    q.add_argument("--labelled", help="labelled set (VOC, Cityscapes, ImageNet-S or attnseg "
+                   "layout): pseudo-masks of its images and the trained model are scored on it")
+    q.add_argument("--labelled-kind", help="its layout (default: auto)")
+    q.add_argument("--labelled-split", help="its split (default: val)")
+    q.add_argument("--limit", type=int, help="score the first N labelled images only")
+    q.add_argument("--noise-levels", help="comma list in [0, 1): timesteps (as fractions of "
+                   "the training schedule) real images are noised to (default: 0.2,0.4)")
+    q.add_argument("--pseudo-gt", help="labels drawn for the generated images (same names): "
+                   "their pseudo-masks are scored against them")
+    q.add_argument("--train-steps", type=int, help="downstream training steps, 0 for none "
+                   "(default: 200)")
+    q.add_argument("--train-model", help="segmenter to train (default: segformer-b0)")
+    q.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any `attnseg train` setting, e.g. loss.name=ce or batch_size=4")
+    q.add_argument("--throughput", help="embed this `bench throughput` JSON instead of "
+                   "measuring a short one")
+    q.add_argument("--no-throughput", action="store_true", help="leave throughput out")
+    q.add_argument("--work", help="folder for the dataset and training run (default: OUT.work)")
+    q.add_argument("--out", help="output path without suffix (default: bench/results/quality)")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_quality)

@@ -274,8 +274,11 @@ class _Bench:
         }
 
 
-def run_throughput(cfg: ThroughputConfig) -> dict:
-    """Run the benchmark; writes `cfg.out`.{json,md} (+ .png plots) and returns the result."""
+def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
+    """Run the benchmark; writes `cfg.out`.{json,md} (+ .png plots) and returns the result.
+
+    `pipe`: an already loaded pipeline for `cfg.model` on `cfg.device`/`cfg.dtype` (the quality
+    bench shares its own); its attention processors are restored afterwards."""
     unknown = [b for b in cfg.backends if b not in BACKENDS]
     if unknown:
         raise UserError(f"backend(s) {unknown} not available; choose from {list(BACKENDS)}")
@@ -292,7 +295,8 @@ def run_throughput(cfg: ThroughputConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     t0 = time.perf_counter()
-    pipe = load_pipeline(cfg.model, device, dtype)
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, device, dtype)
     load_s = time.perf_counter() - t0
     classes = load_classes("voc")
     prompts = default_prompts(classes)

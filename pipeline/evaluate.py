@@ -146,6 +146,15 @@ DATASET_INFERENCE = {
 }
 
 
+def inference_for(kind: str) -> InferenceConfig:
+    """A fresh copy of the standard inference settings for a dataset kind (as `open_source`
+    names them: "voc", "imagenet-s50", ...); whole-image for kinds without a standard."""
+    import dataclasses
+
+    family = "imagenet-s" if kind.startswith("imagenet-s") else kind
+    return dataclasses.replace(DATASET_INFERENCE.get(family, InferenceConfig()))
+
+
 def slide_logits(model, pixels: torch.Tensor, num_classes: int, crop: tuple[int, int],
                  stride: tuple[int, int]) -> torch.Tensor:
     """Average of the logits of ``crop`` windows placed every ``stride`` pixels (the last
@@ -199,11 +208,13 @@ def predict_logits(model, image: torch.Tensor, cfg: InferenceConfig,
     return logits.float()
 
 
-def model_to_dataset_channels(model_names: list[str], data_names: list[str]) -> torch.Tensor:
+def model_to_dataset_channels(model_names: list[str], data_names: list[str],
+                              allow_missing: bool = False) -> torch.Tensor:
     """For each dataset class, the model output channel of the same name.
 
     A model trained with a background class (attnseg's synthetic data) evaluated on Cityscapes
-    (no background) keeps only the 19 Cityscapes channels for its argmax.
+    (no background) keeps only the 19 Cityscapes channels for its argmax. A dataset class the
+    model lacks is an error, or with ``allow_missing`` gets channel -1: never predicted.
     """
     if [normalize_name(n) for n in model_names] == [normalize_name(n) for n in data_names]:
         return torch.arange(len(data_names))
@@ -214,9 +225,11 @@ def model_to_dataset_channels(model_names: list[str], data_names: list[str]) -> 
         return torch.arange(len(data_names))
     index = {normalize_name(n): i for i, n in enumerate(model_names)}
     missing = [n for n in data_names if normalize_name(n) not in index]
-    if missing:
+    if missing and not allow_missing:
         raise UserError(f"the model has no output for dataset class(es) {missing[:6]}")
-    return torch.tensor([index[normalize_name(n)] for n in data_names])
+    if len(missing) == len(data_names):
+        raise UserError(f"the model shares no class with the dataset ({data_names[:5]}...)")
+    return torch.tensor([index.get(normalize_name(n), -1) for n in data_names])
 
 
 # Above this many logit values per image (C x H x W), labels are taken by argmax at the network's
@@ -225,27 +238,39 @@ def model_to_dataset_channels(model_names: list[str], data_names: list[str]) -> 
 MAX_LOGIT_VALUES = 1 << 27
 
 
+def _dataset_logits(logits: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """[C_data, H, W] logits of the first image in the dataset's class order; -inf for the
+    classes the model lacks."""
+    picked = logits[0, channels.clamp(min=0).to(logits.device)]
+    missing = (channels < 0).to(logits.device)
+    if missing.any():
+        picked = picked.masked_fill(missing[:, None, None], float("-inf"))
+    return picked
+
+
 def predict_labels(model, image: torch.Tensor, cfg: InferenceConfig, channels: torch.Tensor,
                    size: tuple[int, int]) -> torch.Tensor:
     """Predicted dataset class ids [H, W] (CPU) at ``size`` for one image; ``channels`` picks
-    the model outputs of the dataset's classes."""
+    the model outputs of the dataset's classes (-1: a class the model lacks, never predicted)."""
     if len(channels) * size[0] * size[1] <= MAX_LOGIT_VALUES:
         logits = predict_logits(model, image, cfg, out_size=size)
-        return logits[0, channels.to(logits.device)].argmax(dim=0).cpu()
+        return _dataset_logits(logits, channels).argmax(dim=0).cpu()
     logits = predict_logits(model, image, cfg, resize=False)
-    pred = logits[0, channels.to(logits.device)].argmax(dim=0)
+    pred = _dataset_logits(logits, channels).argmax(dim=0)
     pred = F.interpolate(pred[None, None].float(), size=size, mode="nearest-exact")
     return pred[0, 0].long().cpu()
 
 
 def evaluate_model(model, source: SegSource, cfg: InferenceConfig, limit: int | None = None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, allow_missing: bool = False) -> dict:
     """mIoU report of ``model`` on ``source`` in the dataset's own classes.
 
-    Unreadable samples are skipped and counted (``skipped``); bad label values raise.
+    Unreadable samples are skipped and counted (``skipped``); bad label values raise. With
+    ``allow_missing``, dataset classes the model lacks are scored as never predicted and
+    listed in ``classes_the_model_lacks``; otherwise they are an error.
     """
     cfg.validate()
-    channels = model_to_dataset_channels(model.class_names, source.class_names)
+    channels = model_to_dataset_channels(model.class_names, source.class_names, allow_missing)
     lut = class_mapping(source.class_names, source.class_names, source.ignore_index,
                         source.ignore_index, f"data {source.root}")
     acc = MetricAccumulator(source.class_names, source.ignore_index)
@@ -278,6 +303,9 @@ def evaluate_model(model, source: SegSource, cfg: InferenceConfig, limit: int | 
     report = acc.result()
     report.update({"images": n - len(skipped), "skipped": len(skipped),
                    "skipped_files": skipped[:20], "ignore_index": source.ignore_index,
+                   "classes_the_model_lacks": [
+                       name for name, c in zip(source.class_names, channels.tolist(),
+                                               strict=True) if c < 0],
                    "inference": {"mode": cfg.mode, "scale": cfg.scale, "crop": cfg.crop,
                                  "stride": cfg.stride}})
     return report

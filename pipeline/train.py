@@ -45,7 +45,7 @@ from .data import (
 )
 from .dataset import atomic_write_bytes, check_output_dir
 from .errors import UserError
-from .evaluate import DATASET_INFERENCE, InferenceConfig, evaluate_model
+from .evaluate import InferenceConfig, evaluate_model, inference_for
 from .losses import LossConfig, segmentation_loss
 from .segmodels import TINY_MODELS, SegModel, build_model, model_from_spec
 
@@ -591,8 +591,7 @@ def _val_inference(cfg: TrainConfig) -> InferenceConfig:
     from .data import detect_kind
 
     kind = cfg.val_dataset if cfg.val_dataset != "auto" else detect_kind(cfg.val_data)
-    kind = "imagenet-s" if kind.startswith("imagenet-s") else kind
-    return dataclasses.replace(DATASET_INFERENCE.get(kind, InferenceConfig()))
+    return inference_for(kind)
 
 
 def _val_summary(report: dict | None) -> dict | None:

@@ -80,7 +80,8 @@ _FLAG_FIELDS = ("data", "dataset", "split", "classes", "val_data", "val_dataset"
                 "amp", "compile", "workers", "seed", "device", "checkpoint_every", "log_every")
 
 
-def _apply_set(values: dict, items: list[str]) -> None:
+def apply_set(values: dict, items: list[str]) -> None:
+    """Apply `--set KEY=VALUE` items (JSON values, `section.key` for nested) to a dict."""
     for item in items:
         key, eq, raw = item.partition("=")
         if not eq or not key:
@@ -114,7 +115,7 @@ def train_config_from_args(args):
         values.setdefault("augment", {})["crop_size"] = list(args.crop)
     if args.no_progress:
         values["progress"] = False
-    _apply_set(values, args.set)
+    apply_set(values, args.set)
     return train_config_from(values)
 
 
@@ -181,12 +182,11 @@ def cmd_eval(args) -> int:
 
 
 def eval_checkpoint_from_args(args) -> dict:
-    import dataclasses
 
     import torch
 
     from .data import detect_kind, open_source
-    from .evaluate import DATASET_INFERENCE, InferenceConfig, evaluate_model
+    from .evaluate import evaluate_model, inference_for
     from .segmodels import TINY_MODELS
     from .train import load_model, resolve_train_device
 
@@ -195,8 +195,7 @@ def eval_checkpoint_from_args(args) -> dict:
     kind = args.dataset or "auto"
     source = open_source(args.data, kind, args.split)
     kind = detect_kind(args.data) if kind == "auto" else kind
-    family = "imagenet-s" if kind.startswith("imagenet-s") else kind
-    infer = dataclasses.replace(DATASET_INFERENCE.get(family, InferenceConfig()))
+    infer = inference_for(kind)
     if args.mode:
         infer.mode = args.mode
     if args.scale is not None:
@@ -247,7 +246,7 @@ def demo_train_eval(dataset: str | Path, progress: bool = True) -> dict:
 
 def _demo_train_eval(dataset: Path, run: Path, progress: bool) -> dict:
     from .data import open_source
-    from .evaluate import DATASET_INFERENCE, evaluate_model, format_table, write_report
+    from .evaluate import evaluate_model, format_table, inference_for, write_report
     from .train import load_model, run_training, train_config_from
 
     cfg = train_config_from(dict(
@@ -259,7 +258,7 @@ def _demo_train_eval(dataset: Path, run: Path, progress: bool) -> dict:
     summary = run_training(cfg)
     print_train_summary(summary, cfg.model)
     report = evaluate_model(load_model(run), open_source(dataset, "synthetic", "train"),
-                            DATASET_INFERENCE["synthetic"])
+                            inference_for("synthetic"))
     print(format_table(report))
     print(f"eval report: {write_report(run / 'eval-demo.json', report)} (mIoU of the tiny "
           "model on its own noise training images: it shows the path works, not accuracy)")

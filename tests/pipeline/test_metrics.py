@@ -181,6 +181,22 @@ def test_oracle_model_whole_and_slide_inference():
     assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_classes_the_model_lacks_are_an_error_or_never_predicted():
+    rng = np.random.default_rng(2)
+    source = ArraySource([rng.integers(0, 4, (20, 30)) for _ in range(2)], 4)
+    source.class_names = ["background", "cat", "dog", "bird"]
+    model = ColourOracle(3)
+    model.class_names = ["background", "cat", "dog"]
+    with pytest.raises(UserError, match="no output for dataset class"):
+        evaluate_model(model, source, InferenceConfig(mode="whole"))
+    report = evaluate_model(model, source, InferenceConfig(mode="whole"), allow_missing=True)
+    iou = {c["name"]: c["iou"] for c in report["per_class"]}
+    assert iou["background"] == pytest.approx(1.0) and iou["cat"] == pytest.approx(1.0)
+    assert iou["bird"] == 0.0  # never predicted: its pixels go to the nearest channel, dog
+    assert 0.0 < iou["dog"] < 1.0
+    assert report["classes_the_model_lacks"] == ["bird"]
+
+
 def _png(path, array, mode="P"):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array.astype(np.uint8), mode="L").convert(mode).save(path)

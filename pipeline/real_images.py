@@ -1,0 +1,124 @@
+"""Pseudo-masks for real images, to measure a harvesting recipe against ground truth.
+
+A generated image has no ground truth, but a labelled real image does. To score the
+attention-to-mask recipe on a labelled set (`attnseg bench quality`), each real image goes
+through the same harvesting as a generated one:
+
+    image --VAE encode--> latents --noise to timestep t (for each noise level)--> UNet, one
+    conditional call per level, prompt naming the image's classes --harvester--> HarvestResult
+    --masks_from_harvest (the preset's recipe)--> label map, resized back to the image.
+
+The prompt names the classes present in the image's ground truth, i.e. its image-level labels:
+the protocol weakly-supervised segmentation uses to score pseudo-masks. Noise is seeded per image
+index, so results do not depend on batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Preset
+from .errors import UserError
+from .harvest import AttentionHarvester
+from .masks import masks_from_harvest
+from .prompts import ClassInfo, PromptSpec, class_token_weights, fill_template
+from .synth import sample_seed
+
+
+@dataclass
+class RealImageConfig:
+    """How real images are put through the harvester."""
+
+    # Fractions of the scheduler's training timesteps the latents are noised to; one UNet call
+    # each, and their maps are averaged. Low levels keep the image's layout in the latents.
+    noise_levels: tuple[float, ...] = (0.2, 0.4)
+    template: str = "a photo of a {}"
+    size: int = 512  # the image's long side is resized to this (then to a multiple of 8)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.noise_levels or not all(0.0 <= v < 1.0 for v in self.noise_levels):
+            raise UserError(f"noise levels {list(self.noise_levels)} must be in [0, 1)")
+        if "{}" not in self.template:
+            raise UserError(f"template {self.template!r} has no {{}} for the class word")
+        if self.size < 64:
+            raise UserError(f"size {self.size} is below 64")
+
+
+def describe_classes(template: str, words: list[str]) -> str:
+    """"a photo of a cat and a dog": the template filled with the first word, the others
+    joined with "and" and their own articles."""
+    text = fill_template(template, words[0])
+    for w in words[1:]:
+        text += " and " + fill_template("a {}", w)
+    return text
+
+
+def model_input_size(h: int, w: int, long_side: int) -> tuple[int, int]:
+    """(H, W) with the long side `long_side`, the aspect kept, both multiples of 8."""
+    scale = long_side / max(h, w)
+    return (max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8))
+
+
+class RealImageLabeller:
+    """Pseudo-masks for real images from a diffusers SD pipeline and a preset.
+
+    The preset's step window is for generation (which of N denoising steps count); here every
+    UNet call counts, one per noise level.
+    """
+
+    def __init__(self, pipe, preset: Preset, cfg: RealImageConfig):
+        cfg.validate()
+        self.pipe = pipe
+        self.cfg = cfg
+        self.harvest_cfg = replace(preset.harvest, step_window=(0.0, 1.0))
+        self.mask_cfg = preset.mask
+        self.harvester = AttentionHarvester(pipe.unet, self.harvest_cfg)
+
+    def close(self) -> None:
+        """Give the UNet its previous attention processors back."""
+        self.harvester.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @torch.no_grad()
+    def label(self, image: np.ndarray, classes: list[ClassInfo], index: int):
+        """Label map and reliability (uint8 [H, W] each, at the image's size) for one RGB
+        uint8 image whose present classes are `classes`. 0 is background, 255 unsure.
+        With no classes, everything is background."""
+        h, w = image.shape[:2]
+        if not classes:
+            return np.zeros((h, w), np.uint8), np.full((h, w), 255, np.uint8)
+        pipe = self.pipe
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        size = model_input_size(h, w, self.cfg.size)
+        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = (x / 127.5 - 1.0).clamp(-1, 1).to(device=device, dtype=pipe.vae.dtype)
+        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        spec = PromptSpec(describe_classes(self.cfg.template, [c.word for c in classes]),
+                          tuple((c, c.word) for c in classes))
+        weights, ids = class_token_weights(pipe.tokenizer, [spec])
+        text, _ = pipe.encode_prompt(spec.text, device, 1, False)
+        gen = torch.Generator().manual_seed(sample_seed(self.cfg.seed, index))
+        noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=latents.dtype)
+        train_steps = pipe.scheduler.config.num_train_timesteps
+        levels = self.cfg.noise_levels
+        with self.harvester.capture(weights, image_size=size, num_steps=len(levels)) as cap:
+            for level in levels:
+                t = torch.tensor([int(level * (train_steps - 1))], device=device)
+                noisy = pipe.scheduler.add_noise(latents, noise, t)
+                pipe.unet(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype))
+        labels, reliability = masks_from_harvest(cap.result, ids, self.harvest_cfg,
+                                                 self.mask_cfg)
+        out = torch.stack([labels[0], reliability[0]])[None].float()
+        out = F.interpolate(out, size=(h, w), mode="nearest-exact")[0].to(torch.uint8)
+        return out[0].cpu().numpy(), out[1].cpu().numpy()
