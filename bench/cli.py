@@ -47,17 +47,12 @@ _QUALITY_FLAGS = ("model", "classes", "preset", "num_per_class", "steps", "size"
 
 def quality_config_from_args(args):
     """QualityConfig from `--config` (JSON/TOML; sections `real` and `train`), then flags."""
-    from attnseg.pipeline.config import config_from, load_config_file
+    from attnseg.pipeline.config import apply_set, config_from, config_values
     from attnseg.pipeline.real_images import RealImageConfig
-    from attnseg.pipeline.train_cli import apply_set
 
     from .quality import QualityConfig
 
-    values = load_config_file(args.config) if args.config else {}
-    for name in _QUALITY_FLAGS:
-        v = getattr(args, name)
-        if v is not None:
-            values[name] = v
+    values = config_values(args, _QUALITY_FLAGS)
     if args.no_throughput:
         values["throughput"] = ""
     if args.no_progress:
@@ -97,7 +92,9 @@ def register(sub) -> None:
     p.add_argument("--model", default="tiny",
                    help="tiny, sd15-random (SD 1.5 architecture, random weights), a hub id, "
                    "a folder or a .safetensors file (default: tiny)")
-    p.add_argument("--backends", default="torch", help="comma list (default: torch)")
+    p.add_argument("--backends", default="torch",
+                   help="comma list of torch, compile, onnxruntime, tensorrt (default: torch); "
+                   "engine backends run the harvest variant against the torch stock baseline")
     p.add_argument("--batch-sizes", default="1,2", help="comma list (default: 1,2)")
     p.add_argument("--size", type=int, help="image side (default: 128 tiny, else 512)")
     p.add_argument("--steps", type=int, default=10)

@@ -108,20 +108,31 @@ def bench_fused(pipe, size: int, steps: int, repeats: int, rank: int) -> dict:
                 if n in original:
                     m.weight.copy_(original[n])
 
-    times = {"no LoRA": [], "LoRA unfused (peft layers)": [], "LoRA fused (attnseg)": []}
-    diff = 0.0
-    for r in range(repeats + 1):  # the first round warms up and is not counted
-        t_base, _ = generate()
+    def run_unfused():
         pipe.load_lora_weights(str(lora_dir), adapter_name="bench")
-        t_unfused, img_unfused = generate()
+        result = generate()
         pipe.unload_lora_weights()
+        return result
+
+    def run_fused():
         apply_loras(pipe, [LoraSpec(str(lora_dir), 1.0)])
-        t_fused, img_fused = generate()
+        result = generate()
         restore()
-        diff = max(diff, float(np.abs(img_fused - img_unfused).max() * 255))
-        if r:
-            for k, v in zip(times, (t_base, t_unfused, t_fused), strict=True):
-                times[k].append(round(v, 3))
+        return result
+
+    variants = {"no LoRA": generate, "LoRA unfused (peft layers)": run_unfused,
+                "LoRA fused (attnseg)": run_fused}
+    times = {k: [] for k in variants}
+    diff = 0.0
+    names = list(variants)
+    for r in range(repeats + 1):  # the first round warms up and is not counted
+        order = names[r % 3:] + names[:r % 3]  # rotated, so no variant always runs first
+        images = {}
+        for name in order:
+            seconds, images[name] = variants[name]()
+            if r:
+                times[name].append(round(seconds, 3))
+        diff = max(diff, float(np.abs(images[names[2]] - images[names[1]]).max() * 255))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"size": size, "steps": steps, "repeats": repeats, "rank": rank,
             "lora_params": params, "seconds": times,
@@ -171,6 +182,9 @@ def main(argv=None):
                     "not run are kept from the existing result file")
     ap.add_argument("--out", default=str(RESULTS / "prompts_lora"))
     args = ap.parse_args(argv)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for the text encoder" notes
     parts = set(args.parts.split(","))
     out = Path(args.out)
     previous = out.with_suffix(".json")
@@ -214,7 +228,7 @@ def to_markdown(r: dict) -> str:
     f = r["fused_vs_unfused"]
     lines += ["", f"Generation, {f['size']}x{f['size']}, {f['steps']} steps, rank-{f['rank']} "
               f"LoRA on every attention projection ({f['lora_params']} parameters), median of "
-              f"{f['repeats']} interleaved repeats:", "",
+              f"{f['repeats']} interleaved repeats (order rotated):", "",
               "| variant | s/image | ratio to no LoRA |", "|---|---|---|"]
     for k, v in f["median_s_per_image"].items():
         lines.append(f"| {k} | {v} | {f['ratio_to_no_lora'][k]} |")

@@ -1,13 +1,19 @@
 """`attnseg bench throughput`: generation speed and memory, with and without harvesting.
 
-For each backend and batch size, three variants run interleaved over the repeats (so machine
-noise hits them alike), after warm-up:
+For each batch size, three variants of the torch backend run interleaved over the repeats, in an
+order that rotates every repeat (so machine noise and position effects hit them alike), after
+warm-up:
 
 - `stock`: the diffusers pipeline with its stock attention, no masks;
 - `harvest`: attnseg harvesting + mask finalisation + writing the samples;
 - `store_every_map`: the older tools' pattern (DiffuMask/DAAM-style attention stores): explicit
   softmax of every cross-attention call, both guidance halves, kept for every step and
   aggregated afterwards.
+
+Engine backends (`compile`, `onnxruntime`, `tensorrt`: attnseg.engines, built or reused from
+the engine cache) then run the `harvest` variant with the engine in the pipeline, against the
+same torch `stock` baseline (always measured). Their harvesting happens inside the UNet engine,
+so its time is part of the UNet's.
 
 Per run it records seconds per batch split into text encoder / UNet / harvesting / VAE /
 masks / writing, denoising steps/s, images/s, the bytes held in attention state, peak host RSS
@@ -23,7 +29,7 @@ import statistics
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +52,7 @@ from attnseg.pipeline.synth import (
 
 VARIANTS = ("stock", "harvest", "store_every_map")
 COMPONENTS = ("text_encoder", "unet", "harvest", "vae", "masks", "write")
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -192,12 +198,19 @@ class _Case:
 class _Bench:
     """The pipeline instrumented for the three variants."""
 
-    def __init__(self, cfg: ThroughputConfig, pipe, device: torch.device, size: int):
+    def __init__(self, cfg: ThroughputConfig, pipe, device: torch.device, size: int,
+                 engine_harvester=None):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.cfg, self.pipe, self.device, self.size = cfg, pipe, device, size
         self.preset = get_preset(cfg.preset)
+        # An engine harvester has already put its engines in the pipeline: only `harvest`
+        # runs, and the clock hooks the engine adapters.
+        self.engine = engine_harvester is not None
         self.clock = _ComponentClock(pipe, device)
+        if self.engine:
+            self.harvester = engine_harvester
+            return
         self.stock_processor = AttnProcessor2_0()
         self.harvester = AttentionHarvester(pipe.unet, self.preset.harvest)
         self.harvester.timed = True
@@ -219,8 +232,9 @@ class _Bench:
 
     def _harvest(self, case: _Case) -> int:
         clock, preset = self.clock, self.preset
-        self.pipe.unet.set_attn_processor(dict(self.harvest_processors))  # it pops entries
-        self.harvester.observe_seconds = 0.0
+        if not self.engine:
+            self.pipe.unet.set_attn_processor(dict(self.harvest_processors))  # it pops entries
+            self.harvester.observe_seconds = 0.0
         with self.harvester.capture(case.weights, (self.size, self.size), self.cfg.steps) as cap:
             images = self._generate(case)
         t = clock.now()
@@ -232,9 +246,10 @@ class _Bench:
         for j in range(case.batch_size):
             case.writer.write(j, f"{j:08d}", images[j], labels[j], rel[j], {})
         clock.seconds["write"] += clock.now() - t
-        # The harvesting ran inside the UNet's forward: move its time out of the UNet's.
-        clock.seconds["harvest"] = self.harvester.observe_seconds
-        clock.seconds["unet"] -= self.harvester.observe_seconds
+        if not self.engine:
+            # The harvesting ran inside the UNet's forward: move its time out of the UNet's.
+            clock.seconds["harvest"] = self.harvester.observe_seconds
+            clock.seconds["unet"] -= self.harvester.observe_seconds
         return cap.nbytes()
 
     def _store_every_map(self, case: _Case) -> int:
@@ -300,26 +315,30 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
     load_s = time.perf_counter() - t0
     classes = load_classes("voc")
     prompts = default_prompts(classes)
+    engines = [b for b in cfg.backends if b != "torch"]
+    # The torch stock baseline is always measured: every ratio is against it.
+    torch_variants = cfg.variants if "torch" in cfg.backends else ("stock",)
     bench = _Bench(cfg, pipe, device, size)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in cfg.backends:
+
+        def case(backend: str, bs: int) -> _Case:
+            specs = [prompts[classes[i % len(classes)].name][0] for i in range(bs)]
+            weights, ids = class_token_weights(pipe.tokenizer, specs)
+            latents = torch.randn(bs, pipe.unet.config.in_channels, size // 8, size // 8,
+                                  generator=torch.Generator().manual_seed(0))
+            writer = DatasetWriter(Path(tmp) / f"{backend}-{bs}", {
+                "model": cfg.model, "model_hash": "", "preset": cfg.preset, "mask": {}}, classes)
+            return _Case(backend, bs, [s.text for s in specs], weights, ids, latents, writer)
+
+        try:
             for bs in cfg.batch_sizes:
-                specs = [prompts[classes[i % len(classes)].name][0] for i in range(bs)]
-                weights, ids = class_token_weights(pipe.tokenizer, specs)
-                writer = DatasetWriter(Path(tmp) / f"{backend}-{bs}", {
-                    "model": cfg.model, "model_hash": "", "preset": cfg.preset, "mask": {}},
-                    classes)
-                latents = torch.randn(bs, pipe.unet.config.in_channels, size // 8, size // 8,
-                                      generator=torch.Generator().manual_seed(0))
-                case = _Case(backend, bs, [s.text for s in specs], weights, ids, latents, writer)
-                for _ in range(cfg.warmup):
-                    for v in cfg.variants:
-                        bench.run(v, case)
-                for r in range(cfg.repeats):
-                    for v in cfg.variants:
-                        runs.append({**bench.run(v, case), "repeat": r})
-    bench.close()
+                runs += _measure(bench, case("torch", bs), torch_variants, cfg)
+            for backend in engines:
+                runs += _measure_engine(cfg, pipe, device, size,
+                                        [case(backend, bs) for bs in cfg.batch_sizes])
+        finally:
+            bench.close()
     result = {
         "benchmark": "throughput", "config": asdict(cfg), "size": [size, size],
         "model_note": ("built-in random weights: timings are real, images are noise"
@@ -332,11 +351,49 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
     return result
 
 
+def _measure(bench: _Bench, case: _Case, variants, cfg: ThroughputConfig) -> list[dict]:
+    """Warm-up, then the repeats with the variants interleaved; the order rotates every
+    repeat, so no variant always runs first or always follows the same one."""
+    variants = list(variants)
+    for _ in range(cfg.warmup):
+        for v in variants:
+            bench.run(v, case)
+    runs = []
+    for r in range(cfg.repeats):
+        k = r % len(variants)
+        runs += [{**bench.run(v, case), "repeat": r} for v in variants[k:] + variants[:k]]
+    return runs
+
+
+def _measure_engine(cfg: ThroughputConfig, pipe, device, size: int,
+                    cases: list[_Case]) -> list[dict]:
+    """The `harvest` variant through one engine backend (built or reused from the engine
+    cache, for the largest batch size) at every batch size."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from attnseg.engines.runner import engine_harvester
+    from attnseg.pipeline.config import SynthConfig
+
+    synth_cfg = SynthConfig(model=cfg.model, preset=cfg.preset, height=size, width=size,
+                            batch_size=max(c.batch_size for c in cases),
+                            backend=cases[0].backend)
+    # Export/compile the stock UNet, not whichever torch variant ran last.
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    harvester = engine_harvester(synth_cfg, pipe, get_preset(cfg.preset))
+    bench = _Bench(cfg, pipe, device, size, engine_harvester=harvester)
+    # Never fewer than one warm-up: an engine's first call compiles or allocates.
+    warm = replace(cfg, warmup=max(1, cfg.warmup))
+    try:
+        return [run for case in cases for run in _measure(bench, case, ("harvest",), warm)]
+    finally:
+        bench.close()
+
+
 def summarise(runs: list[dict], steps: int) -> list[dict]:
     """Median and spread per (backend, batch size, variant); ratios against stock."""
     rows = []
     keys = sorted({(r["backend"], r["batch_size"], r["variant"]) for r in runs},
-                  key=lambda k: (k[0], k[1], VARIANTS.index(k[2])))
+                  key=lambda k: (BACKENDS.index(k[0]), k[1], VARIANTS.index(k[2])))
     medians = {}
     for key in keys:
         sel = [r for r in runs if (r["backend"], r["batch_size"], r["variant"]) == key]
@@ -357,7 +414,7 @@ def summarise(runs: list[dict], steps: int) -> list[dict]:
                                   if sel[0]["peak_device_bytes"] is not None else None),
         })
     for row in rows:
-        base = medians[(row["backend"], row["batch_size"], "stock")]
+        base = medians[("torch", row["batch_size"], "stock")]
         row["time_vs_stock"] = row["seconds_per_batch"]["median"] / base
     return rows
 
@@ -410,14 +467,23 @@ def _plot(result: dict, path: Path) -> None:
         raise UserError("plots need matplotlib: pip install 'attnseg[bench]'") from None
     rows = result["summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for (backend, variant) in sorted({(r["backend"], r["variant"]) for r in rows}):
-        sel = [r for r in rows if r["backend"] == backend and r["variant"] == variant]
-        ax1.plot([r["batch_size"] for r in sel], [r["images_per_s"] for r in sel], marker="o",
-                 label=f"{backend} {variant}")
-    ax1.set_xlabel("batch size")
+    lines = sorted({(r["backend"], r["variant"]) for r in rows})
+    if len({r["batch_size"] for r in rows}) == 1:  # one batch size: a bar per variant
+        ax1.bar(range(len(rows)), [r["images_per_s"] for r in rows],
+                color=[f"C{lines.index((r['backend'], r['variant']))}" for r in rows])
+        ax1.set_xticks(range(len(rows)), [f"{r['backend']}\n{r['variant']}" for r in rows],
+                       fontsize=7)
+        ax1.set_xlabel(f"batch size {rows[0]['batch_size']}")
+    else:
+        for (backend, variant) in lines:
+            sel = [r for r in rows if r["backend"] == backend and r["variant"] == variant]
+            ax1.plot([r["batch_size"] for r in sel], [r["images_per_s"] for r in sel],
+                     marker="o", label=f"{backend} {variant}")
+        ax1.set_xlabel("batch size")
+        ax1.legend(fontsize=8)
+    ax1.set_ylim(bottom=0)
     ax1.set_ylabel("images / s")
     ax1.set_title("throughput")
-    ax1.legend(fontsize=8)
     labels = [f"{r['backend']}\nb{r['batch_size']}\n{r['variant']}" for r in rows]
     bottom = np.zeros(len(rows))
     for comp in COMPONENTS:

@@ -12,8 +12,7 @@ _BACKENDS = ("compile", "onnxruntime", "tensorrt")
 
 
 def cmd_build(args) -> int:
-    from ..pipeline.cli import _parse_sets
-    from ..pipeline.config import SynthConfig
+    from ..pipeline.config import SynthConfig, apply_set
     from ..pipeline.errors import UserError
     from ..pipeline.synth import (
         default_size,
@@ -25,7 +24,9 @@ def cmd_build(args) -> int:
     from .runner import EngineOptions, build_engines, check_backend, fuse_loras
 
     size = default_size(args.model)
-    preset = SynthConfig(preset=args.preset, overrides=_parse_sets(args.set)).resolve_preset()
+    overrides: dict = {}
+    apply_set(overrides, args.set, sections_only=True)
+    preset = SynthConfig(preset=args.preset, overrides=overrides).resolve_preset()
     opts = EngineOptions(backend=args.backend, height=args.height or size,
                          width=args.width or size, max_batch=args.batch_size,
                          max_classes=args.max_classes, opset=args.opset, harvest=preset.harvest,
@@ -40,7 +41,7 @@ def cmd_build(args) -> int:
     base = model_fingerprint(pipe)
     loras = fuse_loras(pipe, args.lora)
     source = {"model": args.model, "loras": [[p, s] for p, s, _ in loras],
-              "preset": args.preset, "overrides": _parse_sets(args.set)}
+              "preset": args.preset, "overrides": overrides}
     folder, status = build_engines(pipe, opts, args.out, source=source, base_hash=base,
                                    loras=loras)
     print(f"{status} {args.backend} engine in {folder}")

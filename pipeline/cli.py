@@ -56,34 +56,17 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _parse_sets(items: list[str]) -> dict:
-    overrides: dict = {}
-    for item in items:
-        key, eq, raw = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not eq or not dot or not name:
-            raise UserError(f"--set {item!r} is not of the form SECTION.KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare string such as bicubic
-        overrides.setdefault(section, {})[name] = value
-    return overrides
-
-
 def _synth_config(args):
-    from .config import load_config_file, synth_config_from
+    from .config import apply_set, config_values, synth_config_from
 
-    values = load_config_file(args.config) if args.config else {}
-    for name in ("model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size",
-                 "steps", "guidance", "height", "width", "seed", "device", "dtype", "shard",
-                 "format", "samples_per_tar", "lora_scale", "backend", "engine"):
-        v = getattr(args, name)
-        if v is not None:
-            values[name] = v
+    values = config_values(args, (
+        "model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size", "steps",
+        "guidance", "height", "width", "seed", "device", "dtype", "shard", "format",
+        "samples_per_tar", "lora_scale", "backend", "engine"))
     if args.lora:
         values["loras"] = list(args.lora)
-    sets = _parse_sets(args.set)
+    sets: dict = {}
+    apply_set(sets, args.set, sections_only=True)
     if sets:
         merged = dict(values.get("overrides", {}))
         for section, kv in sets.items():

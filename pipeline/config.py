@@ -308,6 +308,38 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {p} is malformed: {e}") from None
 
 
+def config_values(args, fields: tuple[str, ...]) -> dict[str, Any]:
+    """A command's settings as a dict: its `--config` file (if given), then each flag in
+    `fields` that was given (argparse dest == config field name) on top."""
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for name in fields:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    return values
+
+
+def apply_set(values: dict[str, Any], items: list[str], sections_only: bool = False) -> None:
+    """Apply `--set KEY=VALUE` items to `values`: VALUE is JSON (or a bare string such as
+    cosine), KEY is `name` or `section.name` (only the latter with `sections_only`)."""
+    form = "SECTION.KEY=VALUE" if sections_only else "KEY=VALUE"
+    for item in items:
+        key, eq, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not key or (sections_only and not (dot and name)):
+            raise UserError(f"--set {item!r} is not of the form {form}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if dot:
+            if not isinstance(values.setdefault(section, {}), dict):
+                raise UserError(f"--set {item!r}: {section} is not a section")
+            values[section][name] = value
+        else:
+            values[key] = value
+
+
 def config_from(cls, values: dict[str, Any], what: str):
     """Build config dataclass `cls` from a dict (a config file merged with CLI flags)."""
     names = {f.name for f in dataclasses.fields(cls)}

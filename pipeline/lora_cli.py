@@ -8,13 +8,9 @@ _FIELDS = ("images", "model", "out", "caption", "rank", "alpha", "steps", "lr", 
 
 
 def _config(args):
-    from .config import LoraTrainConfig, config_from, load_config_file
+    from .config import LoraTrainConfig, config_from, config_values
 
-    values = load_config_file(args.config) if args.config else {}
-    for name in _FIELDS:
-        v = getattr(args, name)
-        if v is not None:
-            values[name] = v
+    values = config_values(args, _FIELDS)
     if args.target_modules is not None:
         values["target_modules"] = tuple(t.strip() for t in args.target_modules.split(",")
                                          if t.strip())

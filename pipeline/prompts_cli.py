@@ -6,14 +6,10 @@ from collections import Counter
 
 
 def _config(args):
-    from .config import PromptsConfig, config_from, load_config_file
+    from .config import PromptsConfig, config_from, config_values
 
-    values = load_config_file(args.config) if args.config else {}
-    for name in ("classes", "per_class", "seed", "out", "templates", "captions", "model",
-                 "wordnet_max"):
-        v = getattr(args, name)
-        if v is not None:
-            values[name] = v
+    values = config_values(args, ("classes", "per_class", "seed", "out", "templates", "captions",
+                                  "model", "wordnet_max"))
     if args.lexicon:
         values["lexicons"] = list(values.get("lexicons", [])) + list(args.lexicon)
     for flag, name, value in ((args.no_builtin_lexicon, "builtin_lexicon", False),

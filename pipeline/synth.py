@@ -25,6 +25,7 @@ from .dataset import (
     stored_job_matches,
     write_split,
 )
+from .device import resolve_device, resolve_dtype
 from .errors import UserError
 from .harvest import AttentionHarvester
 from .lora import check_loras, parse_lora_spec
@@ -43,31 +44,6 @@ TINY_NOTICE = (
     "model 'tiny' is attnseg's built-in tiny random Stable Diffusion: its images are noise "
     "and its masks carry no meaning (it exercises the code, not the method)"
 )
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        # Under torchrun/accelerate each process takes the GPU of its local rank.
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but no CUDA device is available")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp16 on GPU and fp32 on CPU unless asked otherwise."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
 def _model_path(model: str) -> Path:
     """Check a --model that is not built in; its path (which need not exist for a hub id)."""
     path = Path(model).expanduser()

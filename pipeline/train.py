@@ -44,6 +44,7 @@ from .data import (
     open_source,
 )
 from .dataset import atomic_write_bytes, check_output_dir
+from .device import resolve_device
 from .errors import UserError
 from .evaluate import InferenceConfig, evaluate_model, inference_for
 from .losses import LossConfig, segmentation_loss
@@ -178,21 +179,6 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         base *= 1.0 - (1.0 - step / cfg.warmup_steps) * (1.0 - cfg.warmup_ratio)
     return base
-
-
-def resolve_train_device(device: str) -> torch.device:
-    """"auto" (CUDA when present), "cpu", "cuda", "cuda:1", ... Same rules as
-    ``synth.resolve_device``, without importing the synthesis stack (harvest, kernels: seconds
-    of start-up) into every train/eval command."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but no CUDA device is available")
-    return dev
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -435,7 +421,7 @@ def _latest_checkpoint(out: Path) -> Path | None:
 def run_training(cfg: TrainConfig) -> dict:
     """Train as configured (resuming a killed run in the same folder); returns a summary."""
     cfg.validate()
-    device = resolve_train_device(cfg.device)
+    device = resolve_device(cfg.device)
     amp_dtype = _amp_dtype(cfg, device)
     sources = [open_source(d, cfg.dataset, cfg.split) for d in cfg.data]
     class_names = _class_names(cfg, sources[0])

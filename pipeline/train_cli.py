@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .errors import UserError
@@ -80,35 +79,11 @@ _FLAG_FIELDS = ("data", "dataset", "split", "classes", "val_data", "val_dataset"
                 "amp", "compile", "workers", "seed", "device", "checkpoint_every", "log_every")
 
 
-def apply_set(values: dict, items: list[str]) -> None:
-    """Apply `--set KEY=VALUE` items (JSON values, `section.key` for nested) to a dict."""
-    for item in items:
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise UserError(f"--set {item!r} is not of the form KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw  # a bare string such as cosine
-        section, dot, name = key.partition(".")
-        if dot:
-            values.setdefault(section, {})
-            if not isinstance(values[section], dict):
-                raise UserError(f"--set {item!r}: {section} is not a section")
-            values[section][name] = value
-        else:
-            values[key] = value
-
-
 def train_config_from_args(args):
-    from .config import load_config_file
+    from .config import apply_set, config_values
     from .train import train_config_from
 
-    values = load_config_file(args.config) if args.config else {}
-    for name in _FLAG_FIELDS:
-        v = getattr(args, name)
-        if v is not None:
-            values[name] = v
+    values = config_values(args, _FLAG_FIELDS)
     if args.loss is not None:
         values.setdefault("loss", {})["name"] = args.loss
     if args.crop is not None:
@@ -186,11 +161,12 @@ def eval_checkpoint_from_args(args) -> dict:
     import torch
 
     from .data import detect_kind, open_source
+    from .device import resolve_device
     from .evaluate import evaluate_model, inference_for
     from .segmodels import TINY_MODELS
-    from .train import load_model, resolve_train_device
+    from .train import load_model
 
-    device = resolve_train_device(args.device or "auto")
+    device = resolve_device(args.device or "auto")
     model = load_model(args.checkpoint, device)
     kind = args.dataset or "auto"
     source = open_source(args.data, kind, args.split)

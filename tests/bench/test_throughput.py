@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from attnseg.bench.throughput import COMPONENTS, VARIANTS
 from attnseg.pipeline.cli import main
 
@@ -51,3 +53,24 @@ def test_throughput_json_has_every_field(tmp_path, capsys):
 def test_unknown_backend_is_a_clear_error(capsys):
     assert main(["bench", "throughput", "--backends", "nope", "--no-plots"]) == 2
     assert "backend(s) ['nope'] not available" in capsys.readouterr().err
+
+
+def test_engine_backend_runs_harvest_against_the_torch_stock_baseline(tmp_path, monkeypatch,
+                                                                       torch_one_thread):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    monkeypatch.setenv("ATTNSEG_ENGINE_CACHE", str(tmp_path / "engines"))
+    out = tmp_path / "tp"
+    assert main(["bench", "throughput", "--backends", "onnxruntime", "--size", "64", "--steps",
+                 "2", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1", "--no-plots",
+                 "--out", str(out)]) == 0
+    rows = {(r["backend"], r["variant"]): r
+            for r in json.loads(out.with_suffix(".json").read_text())["summary"]}
+    # Only the stock baseline of torch (not asked for) and the engine's harvest run.
+    assert set(rows) == {("torch", "stock"), ("onnxruntime", "harvest")}
+    engine = rows[("onnxruntime", "harvest")]
+    base = rows[("torch", "stock")]["seconds_per_batch"]["median"]
+    assert engine["time_vs_stock"] == pytest.approx(engine["seconds_per_batch"]["median"] / base)
+    assert engine["attention_state_bytes"] > 0  # the engine's map outputs were summed
+    assert engine["seconds_per_image"]["unet"] > 0 and engine["seconds_per_image"]["write"] > 0
+    assert list((tmp_path / "engines").iterdir()), "the engine was not cached"
