@@ -287,6 +287,7 @@ def run_quality(cfg: QualityConfig) -> dict:
         report["throughput"] = earlier
     report["pseudo_masks_real"] = None
     if source is not None:
+        # Real images go through the UNet at the generation size and the run's seed.
         real = replace(cfg.real, size=cfg.size, seed=cfg.seed)
         with RealImageLabeller(pipe, get_preset(cfg.preset), real) as labeller:
             report["pseudo_masks_real"] = score_real_pseudo_masks(

@@ -37,7 +37,7 @@ class RealImageConfig:
     # each, and their maps are averaged. Low levels keep the image's layout in the latents.
     noise_levels: tuple[float, ...] = (0.2, 0.4)
     template: str = "a photo of a {}"
-    size: int = 512  # the image's long side is resized to this (then to a multiple of 8)
+    size: int = 512  # the long side is resized to this, then both sides to multiples of 8
     seed: int = 0
 
     def validate(self) -> None:
