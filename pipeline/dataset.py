@@ -155,6 +155,25 @@ def remove_stale_temporaries(root: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def holds_same_run(root: Path, doc_name: str, doc: dict, folder: str, thing: str,
+                   key=lambda d: d) -> bool:
+    """The check every resumable command makes before writing into `root`: True when
+    `root/doc_name` records this same run (compared through `key`), False when there is no
+    record yet (the caller writes it once the folder is ready); a one-line error when the
+    folder records a different (or an unreadable) one."""
+    path = root / doc_name
+    if not path.exists():
+        return False
+    try:
+        previous = json.loads(path.read_text())
+    except ValueError:
+        previous = None
+    if previous is None or key(previous) != key(doc):
+        raise UserError(f"{folder} {root} holds a different {thing} (its {doc_name} differs "
+                        "from these settings); use another --out")
+    return True
+
+
 def prepare_output(root: Path, job: dict, classes, subdirs: tuple[str, ...] = ()) -> dict:
     """Create the output folder, check or record the job, and return the job as stored.
 
@@ -168,22 +187,12 @@ def prepare_output(root: Path, job: dict, classes, subdirs: tuple[str, ...] = ()
     except OSError as e:
         raise UserError(f"output folder {root} cannot be written: {e.strerror}") from None
     remove_stale_temporaries(root)
-    job_file = root / "job.json"
-    if job_file.exists():
-        try:
-            previous = json.loads(job_file.read_text())
-        except ValueError:
-            previous = None
-        if previous != job:
-            raise UserError(
-                f"output folder {root} holds a different job (its job.json differs from these "
-                "settings); use another --out"
-            )
-    else:  # job.json last: its presence means the folder's metadata is complete
+    if not holds_same_run(root, "job.json", job, "output folder", "job"):
+        # job.json last: its presence means the folder's metadata is complete.
         classes_doc = {"0": "background", "255": "ignore"}
         classes_doc.update({str(c.id): c.name for c in classes})
         atomic_write_bytes(root / "classes.json", json.dumps(classes_doc).encode())
-        atomic_write_bytes(job_file, json.dumps(job, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(root / "job.json", json.dumps(job, indent=1, sort_keys=True).encode())
     return job
 
 

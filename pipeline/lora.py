@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LoraTrainConfig
-from .dataset import _TMP_TAG, atomic_write_bytes, check_output_dir
+from .dataset import _TMP_TAG, atomic_write_bytes, check_output_dir, holds_same_run
 from .errors import UserError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -483,17 +483,9 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
     except OSError as e:
         raise UserError(f"output folder {out} cannot be written: {e.strerror}") from None
     _remove_stale_temporaries(out)
-    job_file = out / "lora_train.json"
-    if job_file.exists():
-        try:
-            previous = json.loads(job_file.read_text())
-        except ValueError:
-            previous = None
-        if previous != job:
-            raise UserError(f"output folder {out} holds a different LoRA training run (its "
-                            "lora_train.json differs from these settings); use another --out")
-    else:
-        atomic_write_bytes(job_file, json.dumps(job, indent=1, sort_keys=True).encode())
+    if not holds_same_run(out, "lora_train.json", job, "output folder", "LoRA training run"):
+        atomic_write_bytes(out / "lora_train.json",
+                           json.dumps(job, indent=1, sort_keys=True).encode())
 
     history: dict = {"loss": [], "probe_loss": {}}
     start = 0

@@ -43,7 +43,7 @@ from .data import (
     derive_seed,
     open_source,
 )
-from .dataset import atomic_write_bytes, check_output_dir
+from .dataset import atomic_write_bytes, check_output_dir, holds_same_run
 from .device import resolve_device
 from .errors import UserError
 from .evaluate import InferenceConfig, evaluate_model, inference_for
@@ -388,28 +388,20 @@ def _prepare_out(cfg: TrainConfig, run_doc: dict) -> tuple[Path, bool]:
     """Create the run folder or check that it holds this same run; True when resuming."""
     out = Path(cfg.out)
     check_output_dir(out)
-    run_file = out / "run.json"
-    if run_file.exists():
-        try:
-            previous = json.loads(run_file.read_text())
-        except ValueError:
-            previous = None
 
-        def weights_relevant(doc):
-            c = dict(doc.get("config", {})) if isinstance(doc, dict) else {}
-            for k in RUNTIME_FIELDS:
-                c.pop(k, None)
-            return c, doc.get("classes") if isinstance(doc, dict) else None
+    def weights_relevant(doc):  # settings that change the weights; not e.g. workers or device
+        c = dict(doc.get("config", {})) if isinstance(doc, dict) else {}
+        for k in RUNTIME_FIELDS:
+            c.pop(k, None)
+        return c, doc.get("classes") if isinstance(doc, dict) else None
 
-        if previous is None or weights_relevant(previous) != weights_relevant(run_doc):
-            raise UserError(f"run folder {out} holds a different run (its run.json differs "
-                            "from these settings); use another --out")
+    if holds_same_run(out, "run.json", run_doc, "run folder", "run", key=weights_relevant):
         return out, True
     try:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"run folder {out} cannot be written: {e.strerror}") from None
-    atomic_write_bytes(run_file, json.dumps(run_doc, indent=1).encode())
+    atomic_write_bytes(out / "run.json", json.dumps(run_doc, indent=1).encode())
     return out, False
 
 
