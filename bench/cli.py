@@ -70,12 +70,12 @@ def quality_config_from_args(args):
 
 
 def cmd_quality(args) -> int:
-    from .quality import markdown, run_quality
+    from .quality import markdown, run_quality, work_folder
 
     cfg = quality_config_from_args(args)
     report = run_quality(cfg)
     print(markdown(report), end="")
-    print(f"results: {cfg.out}.json, {cfg.out}.md (work folder: {cfg.work or cfg.out + '.work'})")
+    print(f"results: {cfg.out}.json, {cfg.out}.md (work folder: {work_folder(cfg)})")
     if report["model_note"].startswith("built-in"):
         print(f"note: model '{cfg.model}' has random weights: its images are noise and its "
               "mIoU figures only show that the path works")

@@ -185,7 +185,8 @@ def score_real_pseudo_masks(labeller: RealImageLabeller, classes: list[ClassInfo
     return report
 
 
-def _work_folder(cfg: QualityConfig) -> Path:
+def work_folder(cfg: QualityConfig) -> Path:
+    """Where the dataset and training run live: `cfg.work`, else `<out>.work`."""
     return Path(cfg.work) if cfg.work else Path(cfg.out + ".work")
 
 
@@ -261,7 +262,7 @@ def run_quality(cfg: QualityConfig) -> dict:
     cfg = replace(cfg, size=cfg.size or default_size(cfg.model))
     if cfg.size % 8:
         raise UserError(f"--size {cfg.size} is not a multiple of 8")
-    work = _work_folder(cfg)
+    work = work_folder(cfg)
     work.mkdir(parents=True, exist_ok=True)
     classes = load_classes(cfg.classes)
     source = kind = None

@@ -39,7 +39,7 @@ import torch
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.harvest import AttentionHarvester, _stock_attention
+from attnseg.pipeline.harvest import AttentionHarvester, _stock_attention, _synced_clock
 from attnseg.pipeline.masks import masks_from_harvest
 from attnseg.pipeline.prompts import class_token_weights, default_prompts, load_classes
 from attnseg.pipeline.synth import (
@@ -138,9 +138,7 @@ class _ComponentClock:
         pipe.vae.decode = timed_decode
 
     def now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return _synced_clock(self.device)
 
     def _start(self, name):
         def hook(module, args):

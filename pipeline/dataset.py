@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def voc_palette() -> list[int]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -139,20 +140,23 @@ def check_output_dir(out: Path) -> None:
         raise UserError(f"output folder {out} is not writable")
 
 
-def _tmp_name(path: Path) -> Path:
+def tmp_name(path: Path) -> Path:
     # Host and pid in the name: concurrent shards (even on other hosts sharing the folder)
     # never touch each other's temporaries, and a resume removes only its own host's dead ones.
     return path.with_name(f"{path.name}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}")
 
 
 def remove_stale_temporaries(root: Path) -> None:
-    """Delete temporary files left by killed processes of this host."""
+    """Delete temporary files and folders (`tmp_name`) left by killed processes of this host."""
     host = socket.gethostname()
-    for path in root.rglob(f"*{_TMP_TAG}*"):
+    for path in list(root.rglob(f"*{_TMP_TAG}*")):
         owner = path.name.rsplit(_TMP_TAG, 1)[1]
         owner_host, _, pid = owner.rpartition("-")
         if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def holds_same_run(root: Path, doc_name: str, doc: dict, folder: str, thing: str,

@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from .config import LoraTrainConfig
-from .dataset import _TMP_TAG, atomic_write_bytes, check_output_dir, holds_same_run
+from .dataset import (
+    atomic_write_bytes,
+    check_output_dir,
+    holds_same_run,
+    remove_stale_temporaries,
+    tmp_name,
+)
 from .errors import UserError
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -273,7 +279,7 @@ def save_lora(unet, folder: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".lora{_TMP_TAG}{os.getpid()}"
+    tmp = tmp_name(folder / ".lora")
     shutil.rmtree(tmp, ignore_errors=True)
     StableDiffusionPipeline.save_lora_weights(
         str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
@@ -330,7 +336,7 @@ def _checkpoints(out: Path) -> list[Path]:
 def _save_checkpoint(out: Path, step: int, unet, optimizer, state: dict, keep: int) -> None:
     root = out / "checkpoints"
     final = root / f"step-{step:08d}"
-    tmp = root / f"step-{step:08d}{_TMP_TAG}{os.getpid()}"
+    tmp = tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     from safetensors.torch import save_file
 
@@ -344,13 +350,9 @@ def _save_checkpoint(out: Path, step: int, unet, optimizer, state: dict, keep: i
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale_temporaries(out: Path) -> None:
+def _remove_half_written(out: Path) -> None:
     """Remove what a killed run left half-written: temporaries and incomplete checkpoints."""
-    for p in list(out.glob(f"**/*{_TMP_TAG}*")):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    remove_stale_temporaries(out)
     for p in (out / "checkpoints").glob("step-*"):
         if p.is_dir() and not (p / "state.json").is_file():
             shutil.rmtree(p, ignore_errors=True)
@@ -482,7 +484,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"output folder {out} cannot be written: {e.strerror}") from None
-    _remove_stale_temporaries(out)
+    _remove_half_written(out)
     if not holds_same_run(out, "lora_train.json", job, "output folder", "LoRA training run"):
         atomic_write_bytes(out / "lora_train.json",
                            json.dumps(job, indent=1, sort_keys=True).encode())

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dataset import _tmp_name, encode_jpeg, encode_png, voc_palette
+from .dataset import encode_jpeg, encode_png, tmp_name, voc_palette
 from .errors import UserError
 
 SUBDIR = "webdataset"
@@ -49,7 +49,7 @@ class TarChunkWriter:
                 from None
         self.tar_path, self.parquet_path = chunk_paths(Path(root), chunk)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp_tar = _tmp_name(self.tar_path)
+        self._tmp_tar = tmp_name(self.tar_path)
         self._tar = tarfile.open(self._tmp_tar, "w", format=tarfile.USTAR_FORMAT)
         self._rows: list[dict] = []
         self._palette = voc_palette()
@@ -89,7 +89,7 @@ class TarChunkWriter:
             "model_hash": [r["model_hash"] for r in self._rows],
             "preset": [r["preset"] for r in self._rows],
         })
-        tmp_parquet = _tmp_name(self.parquet_path)
+        tmp_parquet = tmp_name(self.parquet_path)
         pq.write_table(table, tmp_parquet)
         os.replace(tmp_parquet, self.parquet_path)
         os.replace(self._tmp_tar, self.tar_path)
