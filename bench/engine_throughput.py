@@ -66,8 +66,8 @@ def measure(pipe, batch: int, args, device, dtype, preset, variants) -> dict:
     )
     from attnseg.pipeline.harvest import AttentionHarvester, HarvestResult, grid_size
     from attnseg.pipeline.masks import masks_from_harvest
+    from attnseg.pipeline.models import model_fingerprint
     from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes
-    from attnseg.pipeline.synth import model_fingerprint
 
     size = (args.size, args.size)
     stock_procs = dict(pipe.unet.attn_processors)

@@ -149,7 +149,7 @@ def bench_training(pipe, size: int, steps: int, rank: int) -> dict:
         for i in range(2):
             arr = (rng.random((size, size + 32, 3)) * 255).astype(np.uint8)
             PIL.Image.fromarray(arr).save(f"{tmp}/{i}.png")
-        cfg = LoraTrainConfig(images=tmp, caption="a street", rank=rank, resolution=size)
+        cfg = LoraTrainConfig(images=tmp, caption="a street", rank=rank, crop=size)
         params = add_lora_adapter(pipe.unet, cfg)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr)
         trainer = _Trainer(pipe, find_training_images(tmp, cfg.caption), cfg, size)

@@ -36,6 +36,7 @@ import torch
 from attnseg.pipeline.config import SynthConfig, get_preset
 from attnseg.pipeline.data import CorruptSample, SegSource, detect_kind, normalize_name, open_source
 from attnseg.pipeline.dataset import atomic_write_bytes
+from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.evaluate import (
     MetricAccumulator,
@@ -43,16 +44,10 @@ from attnseg.pipeline.evaluate import (
     evaluate_pseudo,
     inference_for,
 )
+from attnseg.pipeline.models import RANDOM_MODELS, default_size, load_pipeline
 from attnseg.pipeline.prompts import ClassInfo, load_classes
 from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
-from attnseg.pipeline.synth import (
-    RANDOM_MODELS,
-    default_size,
-    load_pipeline,
-    resolve_device,
-    resolve_dtype,
-    run_synth,
-)
+from attnseg.pipeline.synth import run_synth
 
 from .throughput import ThroughputConfig, machine_info, run_throughput
 

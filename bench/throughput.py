@@ -38,17 +38,12 @@ import torch
 
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
+from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.harvest import AttentionHarvester, _stock_attention, _synced_clock
 from attnseg.pipeline.masks import masks_from_harvest
+from attnseg.pipeline.models import RANDOM_MODELS, default_size, load_pipeline
 from attnseg.pipeline.prompts import class_token_weights, default_prompts, load_classes
-from attnseg.pipeline.synth import (
-    RANDOM_MODELS,
-    default_size,
-    load_pipeline,
-    resolve_device,
-    resolve_dtype,
-)
 
 VARIANTS = ("stock", "harvest", "store_every_map")
 COMPONENTS = ("text_encoder", "unet", "harvest", "vae", "masks", "write")

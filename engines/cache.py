@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..pipeline.dataset import remove_stale_temporaries, tmp_name
 from ..pipeline.errors import UserError
 
 MANIFEST = "engine.json"
@@ -137,6 +138,26 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def check_engine_job(folder: str | Path, backend: str, height: int, width: int,
+                     batch_size: int) -> EngineKey:
+    """The key of engine `folder` after checking that a synth job with these settings can run
+    on it (read from its manifest alone: no model is loaded, so a mismatch is refused at once).
+    `backend` "torch" means "whatever the engine is"."""
+    folder = Path(folder).expanduser()
+    key = EngineKey.from_dict(read_manifest(folder)["key"])
+    if backend not in ("torch", key.backend):
+        raise UserError(f"--backend {backend} contradicts engine {folder}, which is a "
+                        f"{key.backend} engine")
+    if (height, width) != (key.height, key.width):
+        raise UserError(f"engine {folder} is built for {key.height}x{key.width} images, the job "
+                        f"asks for {height}x{width}; pass --height {key.height} --width "
+                        f"{key.width} or rebuild the engine")
+    if key.backend == "tensorrt" and batch_size > key.max_batch:
+        raise UserError(f"engine {folder} takes at most {key.max_batch} images per call; pass "
+                        f"--batch-size {key.max_batch} or rebuild it with a larger one")
+    return key
+
+
 def check_files(folder: Path, manifest: dict, full: bool = True) -> None:
     """Every file the manifest lists exists with its recorded size (and SHA-256 if `full`)."""
     for rel, info in manifest.get("files", {}).items():
@@ -167,7 +188,8 @@ def stale_reason(folder: Path, key: EngineKey) -> str | None:
 
 def prepare_output(folder: Path) -> Path:
     """A fresh temporary folder next to `folder`; refuses a non-empty folder that is not an
-    engine (so a typo never overwrites a user's files)."""
+    engine (so a typo never overwrites a user's files). Temporary folders that killed builds
+    left there (GBs each for SD-sized engines) are removed first."""
     folder = Path(folder)
     if folder.exists():
         if not folder.is_dir():
@@ -175,14 +197,15 @@ def prepare_output(folder: Path) -> Path:
         if any(folder.iterdir()) and not (folder / MANIFEST).exists():
             raise UserError(f"engine output {folder} is a non-empty folder that is not an "
                             "attnseg engine; choose another --out")
+    tmp = tmp_name(folder)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder.parent, recursive=False)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     except OSError as e:
-        raise UserError(f"cannot create engine folder {folder}: {e.strerror}") from None
-    tmp = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+        raise UserError(f"cannot write engine folder {folder}: {e.strerror}") from None
     return tmp
 
 
@@ -198,7 +221,7 @@ def commit_output(tmp: Path, folder: Path, manifest: dict) -> None:
     folder = Path(folder)
     old = None
     if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        old = tmp_name(folder.with_name(f"{folder.name}.old"))
         os.replace(folder, old)
     os.replace(tmp, folder)
     if old is not None:

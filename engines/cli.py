@@ -7,19 +7,22 @@ module level.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 _BACKENDS = ("compile", "onnxruntime", "tensorrt")
 
 
 def cmd_build(args) -> int:
     from ..pipeline.config import SynthConfig, apply_set
+    from ..pipeline.dataset import check_output_dir
+    from ..pipeline.device import resolve_device, resolve_dtype
     from ..pipeline.errors import UserError
-    from ..pipeline.synth import (
+    from ..pipeline.models import (
+        RANDOM_MODELS,
+        check_model_path,
         default_size,
         load_pipeline,
         model_fingerprint,
-        resolve_device,
-        resolve_dtype,
     )
     from .runner import EngineOptions, build_engines, check_backend, fuse_loras
 
@@ -33,11 +36,14 @@ def cmd_build(args) -> int:
                          trt_plugin=args.trt_plugin, trt_refit=args.refit)
     opts.validate()
     check_backend(args.backend)
+    if args.model not in RANDOM_MODELS:
+        check_model_path(args.model, args.allow_pickle)
+    check_output_dir(Path(args.out))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cpu" and dtype == torch_dtype("fp16"):
         raise UserError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
-    pipe = load_pipeline(args.model, device, dtype)
+    pipe = load_pipeline(args.model, device, dtype, allow_pickle=args.allow_pickle)
     base = model_fingerprint(pipe)
     loras = fuse_loras(pipe, args.lora)
     source = {"model": args.model, "loras": [[p, s] for p, s, _ in loras],
@@ -78,8 +84,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_refit(args) -> int:
+    from ..pipeline.device import resolve_device
     from ..pipeline.errors import UserError
-    from ..pipeline.synth import load_pipeline, model_fingerprint, resolve_device
+    from ..pipeline.models import load_pipeline, model_fingerprint
     from .cache import EngineKey, read_manifest
     from .runner import _DTYPE_NAMES, fuse_loras
     from .trt import refit_folder, require_tensorrt
@@ -109,10 +116,24 @@ def cmd_info(args) -> int:
     manifest = read_manifest(args.dir)
     check_files(args.dir, manifest, full=False)
     key = manifest["key"]
-    print(json.dumps({"key": key, "source": manifest.get("source"),
-                      "parts": {k: {"inputs": v["inputs"], "outputs": v["outputs"]}
-                                for k, v in manifest["parts"].items()},
-                      "files": {k: v["size"] for k, v in manifest["files"].items()}}, indent=1))
+    if args.json:
+        print(json.dumps({"key": key, "source": manifest.get("source"),
+                          "parts": {k: {"inputs": v["inputs"], "outputs": v["outputs"]}
+                                    for k, v in manifest["parts"].items()},
+                          "files": {k: v["size"] for k, v in manifest["files"].items()}},
+                         indent=1))
+        return 0
+    source = manifest.get("source") or {}
+    total = sum(v["size"] for v in manifest["files"].values())
+    loras = ", ".join(f"{p}:{s}" for p, s in source.get("loras", [])) or "none"
+    print(f"{key['backend']} engine {args.dir}")
+    print(f"  model {source.get('model', key['model'])} (weights {key['model_hash']}), "
+          f"LoRAs: {loras}")
+    print(f"  {key['height']}x{key['width']} images, up to {key['max_batch']} per call and "
+          f"{key['max_classes']} classes per prompt, {key['dtype']}, opset {key['opset']}")
+    print(f"  parts: {', '.join(manifest['parts'])}; {len(manifest['files'])} files, "
+          f"{total / 2**20:.1f} MiB")
+    print("  (--json prints the whole manifest)")
     return 0
 
 
@@ -125,8 +146,12 @@ def register(sub) -> None:
                         "when up to date)")
     b.add_argument("--model", default="tiny", help="'tiny', a hub id, a diffusers folder or a "
                    ".safetensors file (default: tiny)")
-    b.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]",
-                   help="LoRA to merge before export (repeatable)")
+    b.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA (folder or .safetensors file) to merge before export; repeat for "
+                   "several (default: none)")
+    b.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
+                   "files you trust (default: safetensors only)")
     b.add_argument("--backend", required=True, choices=_BACKENDS)
     b.add_argument("--out", required=True, help="engine folder")
     b.add_argument("--height", type=int, help="image height (default: 128 tiny, else 512)")
@@ -155,10 +180,14 @@ def register(sub) -> None:
     r = esub.add_parser("refit", help="TensorRT: swap in other LoRAs without a rebuild "
                         "(engine built with --refit)")
     r.add_argument("dir")
-    r.add_argument("--lora", action="append", default=[], metavar="DIR[:SCALE]")
+    r.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA (folder or .safetensors file) to merge; repeat for several "
+                   "(default: none, the base model)")
     r.set_defaults(func=cmd_refit)
-    i = esub.add_parser("info", help="print an engine folder's manifest summary")
-    i.add_argument("dir")
+    i = esub.add_parser("info", help="print what an engine folder holds")
+    i.add_argument("dir", help="engine folder")
+    i.add_argument("--json", action="store_true",
+                   help="print the manifest (key, inputs and outputs, files) as JSON")
     i.set_defaults(func=cmd_info)
 
 

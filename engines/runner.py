@@ -21,7 +21,7 @@ import torch
 from ..pipeline.config import HarvestConfig, Preset, SynthConfig
 from ..pipeline.errors import UserError
 from ..pipeline.harvest import HarvestResult
-from ..pipeline.synth import model_fingerprint
+from ..pipeline.models import model_fingerprint
 from . import cache
 from .backends import BACKENDS, CompiledEngine, Engine, OrtEngine, TorchEngine, require_module
 from .export import OPSET, export_onnx, text_encoder_spec, unet_spec, vae_decoder_spec
@@ -179,16 +179,16 @@ def build_engines(pipe, opts: EngineOptions, out: Path, *, source: dict | None =
     t0 = time.perf_counter()
     try:
         parts = _build_parts(pipe, opts, tmp, log)
-    except BaseException:
+        manifest = {"key": key.to_dict(), "source": source or {}, "parts": parts,
+                    "trt_refit": opts.backend == "tensorrt" and opts.trt_refit,
+                    "build_seconds": round(time.perf_counter() - t0, 1),
+                    "harvest": _harvest_dict(opts.harvest)}
+        cache.commit_output(tmp, out, manifest)
+    except BaseException:  # a failed build (a full disk, say) leaves no GB-sized debris
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    manifest = {"key": key.to_dict(), "source": source or {}, "parts": parts,
-                "trt_refit": opts.backend == "tensorrt" and opts.trt_refit,
-                "build_seconds": round(time.perf_counter() - t0, 1),
-                "harvest": _harvest_dict(opts.harvest)}
-    cache.commit_output(tmp, out, manifest)
     log(f"engine {out}: built in {time.perf_counter() - t0:.1f} s")
     return out, "built"
 
@@ -441,6 +441,7 @@ class EngineHarvester:
         self.pipe = pipe
         self.engines = engines
         self.config = config
+        self.backend = engines.key.backend  # what generation runs on, for summaries
         self._capture = None
         self._originals = {}
         device = pipe.unet.device
@@ -566,42 +567,32 @@ def check_engine_model(key: cache.EngineKey, pipe, folder) -> None:
                         f"{_DTYPE_NAMES[pipe.unet.dtype]}; pass --dtype {key.dtype}")
 
 
-def _check_job_shapes(key: cache.EngineKey, cfg: SynthConfig, folder) -> None:
-    # Checked before the job writes anything (capture() checks again per call).
-    if (cfg.height, cfg.width) != (key.height, key.width):
-        raise UserError(f"engine {folder} is built for {key.height}x{key.width} images, the job "
-                        f"asks for {cfg.height}x{cfg.width}; pass --height {key.height} --width "
-                        f"{key.width} or rebuild the engine")
-    if key.backend == "tensorrt" and cfg.batch_size > key.max_batch:
-        raise UserError(f"engine {folder} takes at most {key.max_batch} images per call; pass "
-                        f"--batch-size {key.max_batch} or rebuild it with a larger one")
-
-
 def engine_harvester(cfg: SynthConfig, pipe, preset: Preset, log=None) -> EngineHarvester:
     """The harvester `run_synth` uses for `--backend compile|onnxruntime|tensorrt` or
     `--engine DIR`: loads the folder, or builds/reuses one in the engine cache."""
     log = log or (lambda msg: None)
     if cfg.engine:
         folder = Path(cfg.engine).expanduser()
-        key = cache.EngineKey.from_dict(cache.read_manifest(folder)["key"])
-        if cfg.backend not in ("torch", key.backend):
-            raise UserError(f"--backend {cfg.backend} contradicts engine {folder}, which is a "
-                            f"{key.backend} engine")
+        key = cache.check_engine_job(folder, cfg.backend, cfg.height, cfg.width, cfg.batch_size)
         check_engine_model(key, pipe, folder)
-        _check_job_shapes(key, cfg, folder)
-        engines = load_engines(folder, pipe)
-        return EngineHarvester(pipe, engines, preset.harvest)
+        harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+        harvester.backend = f"{key.backend} engine in {folder}"
+        return harvester
     opts = EngineOptions(backend=cfg.backend, height=cfg.height, width=cfg.width,
                          max_batch=cfg.batch_size, max_classes=8, harvest=preset.harvest)
     check_backend(cfg.backend)
     if cfg.backend == "compile":
         key = engine_key(pipe, opts, pipe.unet.dtype, model_fingerprint(pipe), [])
-        return EngineHarvester(pipe, compiled_engine_set(pipe, key), preset.harvest)
+        harvester = EngineHarvester(pipe, compiled_engine_set(pipe, key), preset.harvest)
+        harvester.backend = "compile (torch.compile of the UNet with maps)"
+        return harvester
     base = model_fingerprint(pipe)
     key = engine_key(pipe, opts, pipe.unet.dtype, base, [])
     folder = cache.default_cache_root() / f"{cfg.backend}-{key.digest()}"
     build_engines(pipe, opts, folder, source={"model": cfg.model}, base_hash=base, log=log)
-    return EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+    harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+    harvester.backend = f"{cfg.backend} engine in {folder}"
+    return harvester
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,8 +648,10 @@ def compare_paths(reference, candidate) -> dict:
 def verify_engines(folder: Path, steps: int = 4, device: str = "auto", log=print) -> dict:
     """Generate the same samples on the torch path and through the engine folder; report the
     differences and whether they are within `TOLERANCES` for the engine's precision."""
+    from ..pipeline.device import resolve_device
+    from ..pipeline.models import load_pipeline
     from ..pipeline.prompts import default_prompts, load_classes
-    from ..pipeline.synth import Synthesizer, load_pipeline, plan_samples, resolve_device
+    from ..pipeline.synth import Synthesizer, plan_samples
 
     folder = Path(folder)
     manifest = cache.read_manifest(folder)

@@ -14,7 +14,7 @@ import time
 from ..bench import cli as bench_cli
 from ..engines import cli as engines_cli
 from . import lora_cli, prompts_cli, train_cli
-from .errors import UserError
+from .errors import UserError, os_error_line
 
 
 def _add_synth_args(p: argparse.ArgumentParser) -> None:
@@ -53,6 +53,9 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="torch (default), compile, onnxruntime or tensorrt: "
                    "engines are built once and cached (see `attnseg engine build`)")
     p.add_argument("--engine", help="a folder from `attnseg engine build` to generate with")
+    p.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
+                   "files you trust (default: safetensors only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -62,7 +65,7 @@ def _synth_config(args):
     values = config_values(args, (
         "model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size", "steps",
         "guidance", "height", "width", "seed", "device", "dtype", "shard", "format",
-        "samples_per_tar", "lora_scale", "backend", "engine"))
+        "samples_per_tar", "lora_scale", "backend", "engine", "allow_pickle"))
     if args.lora:
         values["loras"] = list(args.lora)
     sets: dict = {}
@@ -84,15 +87,48 @@ def _print_summary(summary: dict, tiny_notice: str | None) -> None:
         f"{summary['seconds']:.1f} s" + (f", {rate:.2f} images/s" if rate else "")
     )
     print(f"model {summary['model']}, preset {summary['preset']}, {summary['steps']} steps, "
-          f"{summary['size'][0]}x{summary['size'][1]}, {summary['device']} {summary['dtype']}")
+          f"{summary['size'][0]}x{summary['size'][1]}, {summary['device']} {summary['dtype']}, "
+          f"backend {summary['backend']}")
     if tiny_notice:
         print(f"note: {tiny_notice}")
 
 
+def check_synth_job(cfg) -> None:
+    """The checks of a synth job that need no model and no torch, run before either loads, so
+    bad arguments are refused within about a second (run_synth makes them again)."""
+    from pathlib import Path
+
+    from .config import parse_shard
+    from .dataset import check_output_dir
+    from .models import RANDOM_MODELS, check_model_path, default_size
+    from .prompts import load_classes, load_prompt_file
+
+    cfg.validate()
+    parse_shard(cfg.shard)
+    cfg.resolve_preset()
+    classes = load_classes(cfg.classes)
+    if cfg.prompts:
+        load_prompt_file(cfg.prompts, classes)
+    if cfg.model not in RANDOM_MODELS:
+        check_model_path(cfg.model, cfg.allow_pickle)
+    check_output_dir(Path(cfg.out))
+    if cfg.engine:
+        from ..engines.cache import check_engine_job
+
+        size = default_size(cfg.model)
+        check_engine_job(cfg.engine, cfg.backend, cfg.height or size, cfg.width or size,
+                         cfg.batch_size)
+    if cfg.loras:
+        from .lora import check_loras, parse_lora_spec
+
+        check_loras([parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras])
+
+
 def cmd_synth(args) -> int:
+    cfg = _synth_config(args)
+    check_synth_job(cfg)
     from .synth import TINY_NOTICE, run_synth
 
-    cfg = _synth_config(args)
     summary = run_synth(cfg, progress=not args.no_progress)
     _print_summary(summary, TINY_NOTICE if cfg.model == "tiny" else None)
     return 0
@@ -238,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"attnseg: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (`attnseg engine info | head`): stop quietly, as `cat` does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as e:  # the user's disk or permissions (full disk, read-only folder)
+        print(f"attnseg: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("attnseg: interrupted; run the same command again to resume", file=sys.stderr)

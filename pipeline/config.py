@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,8 @@ class SynthConfig:
     # with ":scale"; `lora_scale` is the scale of those written without one.
     loras: list[str] = field(default_factory=list)
     lora_scale: float = 1.0
+    # Load pickle weights (.bin, .ckpt): they can run code, so only when the user says so.
+    allow_pickle: bool = False
 
     def validate(self) -> None:
         for name in ("height", "width"):
@@ -293,6 +296,27 @@ class SynthConfig:
         preset.harvest.validate()
         preset.mask.validate()
         return preset
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """`--shard`: "i/n" (0-based), or "auto" for the launcher's rank (torchrun/accelerate set
+    RANK and WORLD_SIZE; Slurm arrays SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT)."""
+    if spec is None:
+        return 0, 1
+    if spec == "auto":
+        for rank, size in (("RANK", "WORLD_SIZE"),
+                           ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+            if rank in os.environ and size in os.environ:
+                return parse_shard(f"{os.environ[rank]}/{os.environ[size]}")
+        return 0, 1
+    i, slash, n = spec.partition("/")
+    try:
+        index, count = int(i), int(n)
+    except ValueError:
+        index, count = -1, 0
+    if not slash or count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {spec!r} is not of the form i/n with 0 <= i < n, or auto")
+    return index, count
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -396,7 +420,7 @@ class LoraTrainConfig:
     steps: int = 1000  # total optimiser steps; a rerun with more steps continues training
     lr: float = 1e-4
     batch_size: int = 1
-    resolution: int | None = None  # None: 128 for the tiny model, else 512
+    crop: int | None = None  # square training crop side; None: 128 for the tiny model, else 512
     seed: int = 0
     flip: bool = True  # random horizontal flips
     center_crop: bool = False  # else random square crops
@@ -407,6 +431,7 @@ class LoraTrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"
     dtype: str = "auto"  # weights of the frozen model: fp32 on CPU, bf16 on GPU; LoRA is fp32
+    allow_pickle: bool = False  # load pickle (.bin) weights: they can run code
 
     def validate(self) -> None:
         if not self.images:
@@ -418,8 +443,8 @@ class LoraTrainConfig:
             raise UserError("--lr must be > 0")
         if self.alpha is not None and self.alpha <= 0:
             raise UserError("--alpha must be > 0")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise UserError(f"--resolution {self.resolution} is not a positive multiple of 8")
+        if self.crop is not None and (self.crop <= 0 or self.crop % 8):
+            raise UserError(f"--crop {self.crop} is not a positive multiple of 8")
         if not self.target_modules:
             raise UserError("--target-modules is empty")
         if self.dtype not in ("auto", "fp32", "bf16"):

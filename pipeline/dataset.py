@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, naming_file
 
 _TMP_TAG = ".tmp-attnseg-"
 _MANIFEST_GLOB = "manifest*.jsonl"
@@ -94,13 +94,35 @@ def voc_palette() -> list[int]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    """Write `data` to `path` so that readers see either the old file or the whole new one.
+    A failed write (a full disk) removes its temporary: nothing half-written stays behind."""
     tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with naming_file(path), open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_line(path: Path, line: bytes) -> None:
+    """Append one complete line and fsync it. A failed append (a full disk) is cut back off,
+    so the file never ends in a torn line that a later append would glue onto."""
+    with naming_file(path), open(path, "ab") as f:
+        start = f.tell()
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            try:
+                f.truncate(start)
+            except OSError:
+                pass  # the next run cuts the torn line (DatasetWriter._repair_manifest)
+            raise
 
 
 def encode_png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
@@ -146,10 +168,12 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}")
 
 
-def remove_stale_temporaries(root: Path) -> None:
-    """Delete temporary files and folders (`tmp_name`) left by killed processes of this host."""
+def remove_stale_temporaries(root: Path, recursive: bool = True) -> None:
+    """Delete temporary files and folders (`tmp_name`) left by killed processes of this host,
+    under `root` (or, with recursive=False, directly in it)."""
     host = socket.gethostname()
-    for path in list(root.rglob(f"*{_TMP_TAG}*")):
+    pattern = f"*{_TMP_TAG}*"
+    for path in list(root.rglob(pattern) if recursive else root.glob(pattern)):
         owner = path.name.rsplit(_TMP_TAG, 1)[1]
         owner_host, _, pid = owner.rpartition("-")
         if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
@@ -200,6 +224,34 @@ def prepare_output(root: Path, job: dict, classes, subdirs: tuple[str, ...] = ()
     return job
 
 
+class OutputLock:
+    """Exclusive right to write one shard of an output folder: an `flock` on
+    `OUT/.lock.shard-IIIII-of-NNNNN`. A second process on the same folder and shard is refused
+    with one line; other shards run alongside. The kernel drops the lock when its process
+    dies, so a killed run never leaves a stale lock behind."""
+
+    def __init__(self, root: Path, shard: tuple[int, int]):
+        import fcntl
+
+        i, n = shard
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / f".lock.shard-{i:05d}-of-{n:05d}"
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            part = "" if n == 1 else f"shard {i}/{n} of "
+            raise UserError(f"another process is writing {part}{root}; wait for it to finish "
+                            "(then run this again to check) or use another --out") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 class DatasetWriter:
     """Writes samples into the VOC layout atomically; knows which samples are already done."""
 
@@ -232,11 +284,7 @@ class DatasetWriter:
         entry = {"index": index, "name": name, **record, "model": self.job["model"],
                  "model_hash": self.job["model_hash"], "preset": self.job["preset"],
                  "thresholds": self.job["mask"]}
-        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        with open(self.manifest, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.manifest, (json.dumps(entry, sort_keys=True) + "\n").encode())
         self.done.add(index)
 
     def finish(self) -> None:

@@ -14,12 +14,15 @@ shards are skipped, and shards can run in any order or again after a failure.
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from dataclasses import replace
 
 from .config import SynthConfig
 from .errors import UserError
+
+_SBATCH_VALUE = re.compile(r"[A-Za-z0-9._\-:,+=]+")
 
 
 def slurm_script(synth_argv: list[str], array: int, *, job_name: str = "attnseg-synth",
@@ -30,6 +33,12 @@ def slurm_script(synth_argv: list[str], array: int, *, job_name: str = "attnseg-
         raise UserError("--array must be >= 1")
     if any(a == "--shard" or a.startswith("--shard=") for a in synth_argv):
         raise UserError("leave --shard out: the array index chooses the shard")
+    # #SBATCH lines take no shell quoting: a value with a line break or a quote would end
+    # the directive and put its rest into the script as a command, so such values are refused.
+    for flag, value in (("--job-name", job_name), ("--partition", partition), ("--time", time)):
+        if value is not None and not _SBATCH_VALUE.fullmatch(str(value)):
+            raise UserError(f"{flag} {value!r} may hold only letters, digits and . _ - : , + = "
+                            "(it goes into an #SBATCH line)")
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={job_name}",
@@ -59,14 +68,16 @@ class _ShardWorker:
     def __init__(self, cfg: SynthConfig, cpus: int):
         import torch
 
+        from .device import resolve_device, resolve_dtype
         from .lora import parse_lora_spec
-        from .synth import load_pipeline, resolve_device, resolve_dtype
+        from .models import load_pipeline
 
         # Ray pins actors to one CPU thread by default; use the CPUs the actor reserved.
         torch.set_num_threads(cpus)
         device = resolve_device(cfg.device)
         loras = [parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras]
-        self.pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device), loras)
+        self.pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device), loras,
+                                  cfg.allow_pickle)
         self.cfg = cfg
 
     def __call__(self, batch):

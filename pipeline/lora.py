@@ -120,6 +120,39 @@ def check_loras(specs: list[LoraSpec]) -> list[dict]:
             for s in specs]
 
 
+def peft_version_problem() -> str | None:
+    """None when the installed peft is new enough for the installed transformers and diffusers
+    (each states the oldest peft it works with); else one line naming the versions and the fix.
+    transformers and peft are released separately, so a fresh unpinned install can pair a
+    transformers with a peft that does not exist yet."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    have = version("peft")
+    needs = []
+    for lib, module in (("transformers", "transformers.integrations.peft"),
+                        ("diffusers", "diffusers.utils.constants")):
+        try:
+            needed = getattr(__import__(module, fromlist=["MIN_PEFT_VERSION"]),
+                             "MIN_PEFT_VERSION", None)
+        except ImportError:
+            continue
+        if needed and Version(have) < Version(needed):
+            needs.append(f"{lib} {version(lib)} needs peft >= {needed}")
+    if not needs:
+        return None
+    return (f"LoRAs need a peft that matches the other libraries: peft {have} is installed, but "
+            f"{'; '.join(needs)}. Install the tested set: pip install -c constraints.txt -e . "
+            "(see the README), or a transformers/peft pair that fits")
+
+
+def require_compatible_peft() -> None:
+    problem = peft_version_problem()
+    if problem:
+        raise UserError(problem)
+
+
 def apply_loras(pipe, specs: list[LoraSpec]) -> list[dict]:
     """Load LoRAs into a diffusers pipeline and fuse them, each with its scale, then remove the
     adapter layers: the UNet (and text encoder, for LoRAs that carry one) are plain modules with
@@ -133,6 +166,7 @@ def apply_loras(pipe, specs: list[LoraSpec]) -> list[dict]:
 
     transformers.utils.logging.disable_progress_bar()  # text-encoder LoRAs show a loading bar
     records = check_loras(specs)
+    require_compatible_peft()
     names = []
     for i, spec in enumerate(specs):
         file = lora_weights_file(spec.path)
@@ -446,31 +480,28 @@ class _Trainer:
 
 def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
     """Train (or resume training) a LoRA; returns a summary dict."""
-    from .synth import (
-        default_size,
-        load_pipeline,
-        model_fingerprint,
-        resolve_device,
-    )
+    from .device import resolve_device
+    from .models import default_size, load_pipeline, model_fingerprint
 
     cfg.validate()
     cfg.target_modules = tuple(cfg.target_modules)
     images = find_training_images(cfg.images, cfg.caption)
     out = Path(cfg.out)
     check_output_dir(out)
+    require_compatible_peft()
     device = resolve_device(cfg.device)
     dtype = _resolve_train_dtype(cfg.dtype, device)
-    resolution = cfg.resolution or default_size(cfg.model)
-    pipe = load_pipeline(cfg.model, device, dtype)
+    crop = cfg.crop or default_size(cfg.model)
+    pipe = load_pipeline(cfg.model, device, dtype, allow_pickle=cfg.allow_pickle)
     job = {
         "model": cfg.model, "model_hash": model_fingerprint(pipe),
         "data_hash": hashlib.sha256(json.dumps(
             [[str(p.relative_to(Path(cfg.images).expanduser())), c] for p, c in images]
         ).encode()).hexdigest()[:16],
-        "num_images": len(images), "resolution": resolution, "dtype": str(dtype),
+        "num_images": len(images), "crop": crop, "dtype": str(dtype),
         **{k: v for k, v in asdict(cfg).items()
            if k not in ("images", "model", "out", "steps", "checkpoint_every",
-                        "keep_checkpoints", "device", "dtype", "resolution",
+                        "keep_checkpoints", "device", "dtype", "crop",
                         "gradient_checkpointing")},
     }
     job = json.loads(json.dumps(job))  # as it reads back (tuples -> lists)
@@ -478,7 +509,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    trainer = _Trainer(pipe, images, cfg, resolution)
+    trainer = _Trainer(pipe, images, cfg, crop)
 
     try:
         out.mkdir(parents=True, exist_ok=True)

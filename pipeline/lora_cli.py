@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 _FIELDS = ("images", "model", "out", "caption", "rank", "alpha", "steps", "lr", "batch_size",
-           "resolution", "seed", "weight_decay", "max_grad_norm", "checkpoint_every",
-           "keep_checkpoints", "device", "dtype")
+           "crop", "seed", "weight_decay", "max_grad_norm", "checkpoint_every",
+           "keep_checkpoints", "device", "dtype", "allow_pickle")
 
 
 def _config(args):
@@ -64,7 +64,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, help="total optimiser steps (default: 1000)")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-4)")
     p.add_argument("--batch-size", type=int, help="images per step (default: 1)")
-    p.add_argument("--resolution", type=int, help="square training crop, multiple of 8 "
+    p.add_argument("--crop", type=int, help="square training crop side, multiple of 8 "
                    "(default: 128 for tiny, else 512)")
     p.add_argument("--seed", type=int, help="seed of initialisation and all draws (default: 0)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
@@ -78,5 +78,8 @@ def register(sub) -> None:
                    help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--dtype", help="frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
+    p.add_argument("--allow-pickle", action="store_true", default=None,
+                   help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
+                   "files you trust (default: safetensors only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_lora_train)

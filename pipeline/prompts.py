@@ -9,8 +9,6 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 
 # Built-in class sets: name -> file under pipeline/data (one class per line, label ids in order).
@@ -104,16 +102,21 @@ def load_classes(spec: str) -> list[ClassInfo]:
         raise UserError(f"class set {spec!r} is empty")
     if len(pairs) > 254:
         raise UserError(f"class set {spec!r} has {len(pairs)} classes; at most 254 fit in a mask")
-    names = [n for n, _ in pairs]
-    if len(set(names)) != len(names):
-        raise UserError(f"class set {spec!r} names a class twice")
+    # Class names are matched ignoring case everywhere (training, evaluation, prompt files),
+    # so "dog" and "Dog" are one class.
+    seen: dict[str, str] = {}
+    for name, _ in pairs:
+        if name.casefold() in seen:
+            raise UserError(f"class set {spec!r} names a class twice ({seen[name.casefold()]!r} "
+                            f"and {name!r}; class names are compared ignoring case)")
+        seen[name.casefold()] = name
     return [ClassInfo(i + 1, n, w) for i, (n, w) in enumerate(pairs)]
 
 
 def default_prompts(classes: list[ClassInfo]) -> dict[str, list[PromptSpec]]:
     """Template prompts per class name."""
     return {
-        c.name: [PromptSpec(t.format(c.word), ((c, c.word),)) for t in DEFAULT_TEMPLATES]
+        c.name: [PromptSpec(fill_template(t, c.word), ((c, c.word),)) for t in DEFAULT_TEMPLATES]
         for c in classes
     }
 
@@ -212,6 +215,8 @@ def class_token_weights(tokenizer, specs: list[PromptSpec], merge: str = "sum"):
     """
     length = tokenizer.model_max_length
     width = max(len(s.labels) for s in specs)
+    import torch  # here, not at the top: the CLI checks class sets before torch loads
+
     weights = torch.zeros(len(specs), length, width)
     ids = torch.zeros(len(specs), width, dtype=torch.int64)
     for b, spec in enumerate(specs):
@@ -657,7 +662,7 @@ def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:
                 missing.append(WordIssue(c.name, c.word, "wordnet", "WordNet has no noun sense "
                                          "of the class word", 0, 0))
     if tokenizer is None and cfg.model:
-        from .synth import load_tokenizer
+        from .models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     result = augment_prompts(classes, cfg.per_class, cfg.seed, templates,

@@ -6,19 +6,17 @@ were already written, so a resumed or differently batched run yields the same sa
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import Preset, SynthConfig
+from .config import Preset, SynthConfig, parse_shard
 from .dataset import (
     DatasetWriter,
+    OutputLock,
     check_output_dir,
     finished_indices,
     prepare_output,
@@ -30,6 +28,7 @@ from .errors import UserError
 from .harvest import AttentionHarvester
 from .lora import check_loras, parse_lora_spec
 from .masks import masks_from_harvest
+from .models import default_size, load_pipeline, model_fingerprint
 from .prompts import (
     ClassInfo,
     PromptSpec,
@@ -44,94 +43,6 @@ TINY_NOTICE = (
     "model 'tiny' is attnseg's built-in tiny random Stable Diffusion: its images are noise "
     "and its masks carry no meaning (it exercises the code, not the method)"
 )
-def _model_path(model: str) -> Path:
-    """Check a --model that is not built in; its path (which need not exist for a hub id)."""
-    path = Path(model).expanduser()
-    looks_like_path = model.startswith((".", "/", "~")) or path.suffix != "" or path.exists()
-    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        raise UserError(
-            f"model {model}: pickle checkpoints are not loaded (they can run code); "
-            "convert it to .safetensors"
-        )
-    if looks_like_path and not path.exists():
-        raise UserError(f"model path {model} does not exist")
-    if path.is_file() and path.suffix != ".safetensors":
-        raise UserError(f"model file {model} is not a .safetensors checkpoint")
-    return path
-
-
-def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, loras=()):
-    """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny' or 'sd15-random' (built-in
-    random weights), a hub id, a folder or one .safetensors file. Hub ids resolve from the local
-    cache when HF_HUB_OFFLINE=1.
-
-    `loras` (lora.LoraSpec) are fused into the UNet (and text encoder) with their scales."""
-    import diffusers
-    from diffusers import StableDiffusionPipeline
-
-    from .tiny import build_sd15_random_pipeline, build_tiny_pipeline
-
-    if model == "tiny":
-        pipe = build_tiny_pipeline(dtype=dtype)
-    elif model == "sd15-random":
-        pipe = build_sd15_random_pipeline(dtype=dtype)
-    else:
-        path = _model_path(model)
-        kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
-        diffusers.utils.logging.disable_progress_bar()
-        try:
-            with warnings.catch_warnings():
-                # Newer diffusers renamed torch_dtype; the old name works across versions.
-                warnings.simplefilter("ignore", FutureWarning)
-                if path.is_file():
-                    pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-                else:
-                    pipe = StableDiffusionPipeline.from_pretrained(
-                        str(path) if path.exists() else model, **kwargs
-                    )
-        except Exception as e:  # diffusers/hub raise many types; report them on one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load model {model!r}: {first}") from None
-    pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device)
-    if loras:
-        from .lora import apply_loras
-
-        apply_loras(pipe, list(loras))
-    return pipe
-
-
-def load_tokenizer(model: str):
-    """The text tokenizer of a model, without its weights where the model is a folder or hub
-    id (a single .safetensors checkpoint is loaded whole: its tokenizer comes from its config)."""
-    if model in RANDOM_MODELS:  # the built-in models share the generated tokenizer
-        from .tiny import tiny_tokenizer
-
-        return tiny_tokenizer()
-    path = _model_path(model)
-    if path.is_file():
-        return load_pipeline(model, torch.device("cpu"), torch.float32).tokenizer
-    from transformers import CLIPTokenizer
-
-    try:
-        return CLIPTokenizer.from_pretrained(str(path) if path.exists() else model,
-                                             subfolder="tokenizer")
-    except Exception as e:  # hub/transformers raise many types; report them on one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load the tokenizer of model {model!r}: {first}") from None
-
-
-def model_fingerprint(pipe) -> str:
-    """A short content hash of the UNet and text encoder weights (names, shapes and a strided
-    sample of values). Configs are left out: libraries add bookkeeping keys to them on save."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for part in (pipe.unet, pipe.text_encoder):
-            for name, p in part.named_parameters():
-                sample = p.detach().flatten()[::997].double().cpu()
-                h.update(f"{name}:{tuple(p.shape)}".encode())
-                h.update(np.float64(sample.sum().item()).tobytes())
-    return h.hexdigest()[:16]
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -153,16 +64,45 @@ class Sample:
         return f"{self.index:08d}"
 
 
+class SamplePlan:
+    """Every sample of a job, planned lazily: sample i is class i // N, that class's prompt
+    (i % N) modulo its prompt count, and seed `sample_seed(base, i)`. Nothing is built per
+    sample up front, so start-up time and memory do not depend on the job's size."""
+
+    def __init__(self, classes: list[ClassInfo], prompts: dict[str, list[PromptSpec]],
+                 num_per_class: int, base_seed: int):
+        self.classes = classes
+        self.prompts = prompts
+        self.num_per_class = num_per_class
+        self.base_seed = base_seed
+
+    def __len__(self) -> int:
+        return len(self.classes) * self.num_per_class
+
+    def sample(self, i: int) -> Sample:
+        ci, k = divmod(i, self.num_per_class)
+        options = self.prompts[self.classes[ci].name]
+        return Sample(i, options[k % len(options)], sample_seed(self.base_seed, i))
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return [self.sample(i) for i in range(len(self))[key]]
+        if not -len(self) <= key < len(self):
+            raise IndexError(key)
+        return self.sample(key % len(self))
+
+    def specs(self) -> list[PromptSpec]:
+        """The distinct prompts the job uses (at most num_per_class per class)."""
+        used = []
+        for cls in self.classes:
+            used += self.prompts[cls.name][: self.num_per_class]
+        return list({id(s): s for s in used}.values())
+
+
 def plan_samples(classes: list[ClassInfo], prompts: dict[str, list[PromptSpec]],
-                 num_per_class: int, base_seed: int) -> list[Sample]:
-    """Sample i: class i // N, that class's prompt (i % N) modulo its prompt count."""
-    samples = []
-    for ci, cls in enumerate(classes):
-        options = prompts[cls.name]
-        for k in range(num_per_class):
-            i = ci * num_per_class + k
-            samples.append(Sample(i, options[k % len(options)], sample_seed(base_seed, i)))
-    return samples
+                 num_per_class: int, base_seed: int) -> SamplePlan:
+    """The job's samples (a lazy sequence, see `SamplePlan`)."""
+    return SamplePlan(classes, prompts, num_per_class, base_seed)
 
 
 class Synthesizer:
@@ -219,41 +159,25 @@ class Synthesizer:
         return images, labels.cpu().numpy(), reliability.cpu().numpy()
 
 
-RANDOM_MODELS = ("tiny", "sd15-random")
-
-
-def default_size(model: str) -> int:
-    return 128 if model == "tiny" else 512
-
-
-def parse_shard(spec: str | None) -> tuple[int, int]:
-    """`--shard`: "i/n" (0-based), or "auto" for the launcher's rank (torchrun/accelerate set
-    RANK and WORLD_SIZE; Slurm arrays SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT)."""
-    if spec is None:
-        return 0, 1
-    if spec == "auto":
-        for rank, size in (("RANK", "WORLD_SIZE"),
-                           ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
-            if rank in os.environ and size in os.environ:
-                return parse_shard(f"{os.environ[rank]}/{os.environ[size]}")
-        return 0, 1
-    i, slash, n = spec.partition("/")
-    try:
-        index, count = int(i), int(n)
-    except ValueError:
-        index, count = -1, 0
-    if not slash or count < 1 or not 0 <= index < count:
-        raise UserError(f"--shard {spec!r} is not of the form i/n with 0 <= i < n, or auto")
-    return index, count
-
-
-def plan_batches(samples: list[Sample], batch_size: int, shard: tuple[int, int]):
-    """This shard's batches. Batches are fixed runs of `batch_size` consecutive global indices
-    and are dealt round-robin to shards, so every batch is generated with the same companions
-    under any sharding and on any resume: batched kernels round alike, samples are identical."""
+def plan_batches(total: int, batch_size: int, shard: tuple[int, int]) -> range:
+    """This shard's batches, as a range of batch numbers (batch b holds the global indices
+    [b * batch_size, (b + 1) * batch_size)). Batches are fixed runs of consecutive indices
+    dealt round-robin to shards, so every batch is generated with the same companions under
+    any sharding and on any resume: batched kernels round alike, samples are identical."""
     index, count = shard
-    batches = [samples[k : k + batch_size] for k in range(0, len(samples), batch_size)]
-    return batches[index::count]
+    return range(index, -(-total // batch_size), count)
+
+
+def unit_indices(unit: int, unit_size: int, total: int) -> range:
+    """The global sample indices of batch (or chunk) number `unit`."""
+    return range(unit * unit_size, min((unit + 1) * unit_size, total))
+
+
+def shard_sample_count(units: range, unit_size: int, total: int) -> int:
+    """How many samples the units `units` (ascending; only the job's last may be short) hold."""
+    if not units:
+        return 0
+    return (len(units) - 1) * unit_size + len(unit_indices(units[-1], unit_size, total))
 
 
 def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], batch_size: int,
@@ -302,8 +226,9 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
     samples = plan_samples(classes, prompts, cfg.num_per_class, cfg.seed)
     webdataset = cfg.format == "webdataset"
     # The unit of work and of resume: one batch (VOC files) or one tar chunk (WebDataset).
-    units = plan_batches(samples, cfg.samples_per_tar if webdataset else cfg.batch_size, shard)
-    mine = sum(len(u) for u in units)
+    unit_size = cfg.samples_per_tar if webdataset else cfg.batch_size
+    units = plan_batches(len(samples), unit_size, shard)
+    mine = shard_sample_count(units, unit_size, len(samples))
     loras = [parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras]
     lora_records = check_loras(loras)  # before anything is loaded or written
     job = {
@@ -321,40 +246,58 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
     if cfg.backend != "torch" or cfg.engine:  # engines round differently from eager torch
         job["backend"] = cfg.backend if not cfg.engine else f"engine {Path(cfg.engine).name}"
     t0 = time.perf_counter()
+
+    def unit_done(u: int, done: set[int], chunks: set[int]) -> bool:
+        if webdataset:
+            return u in chunks
+        return all(i in done for i in unit_indices(u, unit_size, len(samples)))
+
+    def done_count(done: set[int], chunks: set[int]) -> int:
+        """How many of this shard's samples are finished."""
+        if webdataset:
+            return sum(len(unit_indices(c, unit_size, len(samples))) for c in chunks
+                       if c in units)
+        return sum(1 for i in done if i < len(samples) and (i // unit_size) in units)
+
+    chunks: set[int] = set()
     if webdataset:
         chunks = finished_chunks(out) if stored_job_matches(out, job) else set()
-        done = {s.index for u in units if u[0].index // cfg.samples_per_tar in chunks for s in u}
+        done: set[int] = set()
     else:
         done = finished_indices(out, job)
-    todo = [u for u in units if any(s.index not in done for s in u)]
     synth = None
     written = 0
-    if todo:
-        pipe = pipe or load_pipeline(cfg.model, device, dtype, loras)
+    if done_count(done, chunks) < mine:
+        pipe = pipe or load_pipeline(cfg.model, device, dtype, loras, cfg.allow_pickle)
         harvester = None
         if cfg.backend != "torch" or cfg.engine:
             from ..engines.runner import engine_harvester
 
             harvester = engine_harvester(cfg, pipe, preset, log=print if progress else None)
         synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance, harvester)
-        synth.check_prompts(list({id(s.spec): s.spec for s in samples}.values()))
-        job["model_hash"] = model_fingerprint(pipe)
-        if webdataset:
-            job = prepare_output(out, job, classes)
-        else:
-            writer = DatasetWriter(out, job, classes, shard=shard)
-            done = writer.done
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=mine, initial=mine - sum(len(u) for u in todo), unit="img",
-                       dynamic_ncols=True,
-                       desc="synth" if shard[1] == 1 else f"synth {shard[0]}/{shard[1]}")
+        lock = bar = None
         try:
-            for unit in todo:
+            synth.check_prompts(samples.specs())
+            job["model_hash"] = model_fingerprint(pipe)
+            lock = OutputLock(out, shard)  # a second writer of this folder and shard is refused
+            if webdataset:
+                job = prepare_output(out, job, classes)
+                chunks = finished_chunks(out)  # read again under the lock
+            else:
+                writer = DatasetWriter(out, job, classes, shard=shard)
+                done = writer.done
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=mine, initial=done_count(done, chunks), unit="img",
+                           dynamic_ncols=True,
+                           desc="synth" if shard[1] == 1 else f"synth {shard[0]}/{shard[1]}")
+            for u in units:
+                if unit_done(u, done, chunks):
+                    continue
+                unit = samples[u * unit_size : (u + 1) * unit_size]
                 if webdataset:
-                    chunk = TarChunkWriter(out, unit[0].index // cfg.samples_per_tar, job)
+                    chunk = TarChunkWriter(out, u, job)
                     try:
                         written += _write_unit(synth, unit, chunk, done, cfg.batch_size, bar)
                         chunk.close()
@@ -369,6 +312,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
             synth.harvester.remove()  # the caller's pipeline is left as it was
             if bar is not None:
                 bar.close()
+            if lock is not None:
+                lock.release()
     elif not webdataset and stored_job_matches(out, job):
         write_split(out)
     elapsed = time.perf_counter() - t0
@@ -379,6 +324,6 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
         "model": cfg.model, "preset": cfg.preset, "steps": steps, "size": [cfg.height, cfg.width],
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "loras": lora_records,
-        "backend": cfg.backend if not cfg.engine else f"engine {cfg.engine}",
+        "backend": getattr(synth.harvester, "backend", "torch") if synth else cfg.backend,
         "timings_s": {k: round(v, 3) for k, v in (synth.timings if synth else {}).items()},
     }

@@ -2,7 +2,12 @@
 
     OUT/webdataset/000012.tar       members <name>.jpg, <name>.seg.png, <name>.rel.png,
                                     <name>.json (the manifest record), in index order
-    OUT/webdataset/000012.parquet   one row per sample: index, name, prompt, classes, seed, ...
+    OUT/parquet/000012.parquet      one row per sample: index, name, prompt, classes, seed, ...
+
+The segmentation member is an 8-bit greyscale PNG whose values are the class ids (0 background,
+255 ignore), not a palette image: webdataset's stock decoders (`decode("l8")`, or "pil" then
+any channel) give class ids, where a palette would give colours. The parquet files have a folder
+of their own, so `pyarrow.parquet.read_table(OUT / "parquet")` reads them as one table.
 
 Chunk j holds the consecutive global indices [j*K, (j+1)*K) (K = samples per tar), so a chunk's
 bytes do not depend on how the job is sharded. A chunk is assembled under a temporary name and
@@ -23,15 +28,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dataset import encode_jpeg, encode_png, tmp_name, voc_palette
-from .errors import UserError
+from .dataset import encode_jpeg, encode_png, tmp_name
+from .errors import UserError, naming_file
 
 SUBDIR = "webdataset"
+PARQUET_SUBDIR = "parquet"
 
 
 def chunk_paths(root: Path, chunk: int) -> tuple[Path, Path]:
-    base = Path(root) / SUBDIR / f"{chunk:06d}"
-    return base.with_suffix(".tar"), base.with_suffix(".parquet")
+    return (Path(root) / SUBDIR / f"{chunk:06d}.tar",
+            Path(root) / PARQUET_SUBDIR / f"{chunk:06d}.parquet")
 
 
 def finished_chunks(root: str | Path) -> set[int]:
@@ -49,10 +55,10 @@ class TarChunkWriter:
                 from None
         self.tar_path, self.parquet_path = chunk_paths(Path(root), chunk)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
+        self.parquet_path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp_tar = tmp_name(self.tar_path)
         self._tar = tarfile.open(self._tmp_tar, "w", format=tarfile.USTAR_FORMAT)
         self._rows: list[dict] = []
-        self._palette = voc_palette()
         self.job = job
 
     def _add(self, name: str, data: bytes) -> None:
@@ -66,10 +72,11 @@ class TarChunkWriter:
               reliability: np.ndarray, record: dict) -> None:
         entry = {"index": index, "name": name, **record, "model": self.job["model"],
                  "model_hash": self.job["model_hash"], "preset": self.job["preset"]}
-        self._add(f"{name}.jpg", encode_jpeg(image))
-        self._add(f"{name}.seg.png", encode_png(label, self._palette))
-        self._add(f"{name}.rel.png", encode_png(reliability))
-        self._add(f"{name}.json", json.dumps(entry, sort_keys=True).encode())
+        with naming_file(self.tar_path):
+            self._add(f"{name}.jpg", encode_jpeg(image))
+            self._add(f"{name}.seg.png", encode_png(label))
+            self._add(f"{name}.rel.png", encode_png(reliability))
+            self._add(f"{name}.json", json.dumps(entry, sort_keys=True).encode())
         self._rows.append(entry)
 
     def close(self) -> None:
@@ -77,9 +84,10 @@ class TarChunkWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        self._tar.close()
-        with open(self._tmp_tar, "rb+") as f:
-            os.fsync(f.fileno())
+        with naming_file(self.tar_path):
+            self._tar.close()
+            with open(self._tmp_tar, "rb+") as f:
+                os.fsync(f.fileno())
         table = pa.table({
             "index": [r["index"] for r in self._rows],
             "name": [r["name"] for r in self._rows],
@@ -90,12 +98,21 @@ class TarChunkWriter:
             "preset": [r["preset"] for r in self._rows],
         })
         tmp_parquet = tmp_name(self.parquet_path)
-        pq.write_table(table, tmp_parquet)
-        os.replace(tmp_parquet, self.parquet_path)
+        try:
+            with naming_file(self.parquet_path):
+                pq.write_table(table, tmp_parquet)
+            os.replace(tmp_parquet, self.parquet_path)
+        finally:
+            tmp_parquet.unlink(missing_ok=True)
         os.replace(self._tmp_tar, self.tar_path)
 
     def abort(self) -> None:
-        self._tar.close()
+        """Drop the unfinished chunk. Closing the tar flushes its buffer, which fails again on
+        a full disk: that error is not the one to report, and the file goes either way."""
+        try:
+            self._tar.close()
+        except OSError:
+            pass
         self._tmp_tar.unlink(missing_ok=True)
 
 

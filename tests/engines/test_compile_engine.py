@@ -17,8 +17,9 @@ from attnseg.engines.runner import (
 )
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.models import model_fingerprint
 from attnseg.pipeline.prompts import default_prompts, load_classes
-from attnseg.pipeline.synth import Synthesizer, model_fingerprint, plan_samples
+from attnseg.pipeline.synth import Synthesizer, plan_samples
 from attnseg.pipeline.tiny import build_tiny_pipeline
 
 from .conftest import SIZE

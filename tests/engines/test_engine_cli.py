@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,9 +46,59 @@ def test_build_cli_reuses_an_up_to_date_engine_and_verify_passes(ort_engine, tmp
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["ok"], report
     assert report["image_max_abs_diff"] <= 1e-4 and report["label_agreement"] >= 0.999
-    rc = main(["engine", "info", str(copy)])
+    rc = main(["engine", "info", str(copy), "--json"])
     info = json.loads(capsys.readouterr().out)
     assert rc == 0 and set(info["parts"]) == {"text_encoder", "unet", "vae_decoder"}
+    rc = main(["engine", "info", str(copy)])
+    text = capsys.readouterr().out
+    assert rc == 0 and text.startswith(f"onnxruntime engine {copy}")
+    assert f"{SIZE[0]}x{SIZE[1]} images" in text and len(text.splitlines()) <= 6
+
+
+def test_engine_info_into_a_closed_pipe_ends_quietly(ort_engine):
+    """`attnseg engine info DIR | head -1`: no BrokenPipeError traceback."""
+    folder, _, _ = ort_engine
+    r = subprocess.run(f"{sys.executable} -m attnseg.pipeline.cli engine info {folder} --json "
+                       "| head -c 1", shell=True, capture_output=True, text=True, timeout=120)
+    assert r.stdout == "{" and "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr
+
+
+def test_stale_build_folders_of_dead_processes_go(tmp_path):
+    """A killed build leaves its temporary folder (GBs for SD-sized engines); the next build
+    next to it removes it, and leaves a live process's alone."""
+    from attnseg.pipeline.dataset import tmp_name
+
+    target = tmp_path / "eng"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / tmp_name(target).name.replace(f"-{os.getpid()}", f"-{dead}")
+    live = tmp_path / tmp_name(tmp_path / "other").name
+    for d in (stale, live):
+        (d / "unet").mkdir(parents=True)
+        (d / "unet" / "model.onnx").write_bytes(b"x" * 1000)
+    tmp = cache.prepare_output(target)
+    assert tmp.is_dir() and not any(tmp.iterdir())
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([tmp.name, live.name])
+
+
+def test_engine_build_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
+    """--out under a read-only place (here: under a file, which root cannot write into
+    either): one line, exit 2, before the model is loaded."""
+    (tmp_path / "file").write_text("x")
+    rc = main(["engine", "build", "--backend", "onnxruntime", "--out",
+               str(tmp_path / "file" / "eng")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("attnseg: error:") and err.count("\n") == 1
+    from attnseg.engines import cache as engine_cache
+
+    def no_write(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+    with pytest.MonkeyPatch.context() as mp:  # a read-only folder, as a non-root user sees it
+        mp.setattr(engine_cache.Path, "mkdir", no_write)
+        with pytest.raises(engine_cache.UserError, match="cannot write engine folder"):
+            engine_cache.prepare_output(tmp_path / "ro" / "eng")
 
 
 def _labels(root):
@@ -63,10 +116,12 @@ def test_synth_with_engine_and_with_cached_backend_match_torch(ort_engine, tmp_p
     folder, pipe, preset = ort_engine
     assert main(["synth", *SYNTH, "--out", str(tmp_path / "torch")]) == 0
     assert main(["synth", *SYNTH, "--engine", str(folder), "--out", str(tmp_path / "eng")]) == 0
+    # The run says which backend it generated with.
+    assert f"onnxruntime engine in {folder}" in capsys.readouterr().out
     # --backend onnxruntime finds the engine in the cache (a copy of the fixture's, which has
     # the key a synth job with these settings asks for) and does not export again.
     from attnseg.engines.runner import EngineOptions, engine_key
-    from attnseg.pipeline.synth import model_fingerprint
+    from attnseg.pipeline.models import model_fingerprint
 
     opts = EngineOptions(backend="onnxruntime", height=SIZE[0], width=SIZE[1],
                          max_batch=MAX_BATCH, harvest=preset.harvest)
@@ -103,9 +158,15 @@ def test_engine_errors_are_one_line_and_write_nothing(ort_engine, tmp_path, caps
     rc = main(["synth", *SYNTH, "--backend", "tensorrt", "--out", str(tmp_path / "s1")])
     assert rc == 2 and "tensorrt" in capsys.readouterr().err
     assert not (tmp_path / "s1").exists()
-    # An engine for another image size: refused before anything is written.
+    # An engine for another image size: refused before anything is written, and before the
+    # model is loaded (from the engine's manifest alone).
     other = [a if a != str(SIZE[1]) else "64" for a in SYNTH]
-    rc = main(["synth", *other, "--engine", str(folder), "--out", str(tmp_path / "s2")])
+    with pytest.MonkeyPatch.context() as mp:
+        def no_load(*a, **k):
+            raise AssertionError("the model was loaded before the job was checked")
+
+        mp.setattr("attnseg.pipeline.synth.load_pipeline", no_load)
+        rc = main(["synth", *other, "--engine", str(folder), "--out", str(tmp_path / "s2")])
     err = capsys.readouterr().err
     assert rc == 2 and "built for 64x48" in err and err.count("\n") == 1
     assert not (tmp_path / "s2").exists()

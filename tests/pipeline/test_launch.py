@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnseg.pipeline.cli import main
-from attnseg.pipeline.synth import parse_shard
+from attnseg.pipeline.config import parse_shard
 
 SYNTH = ["--model", "tiny", "--classes", "dog,cat", "--num-per-class", "3", "--steps", "2",
          "--height", "64", "--width", "64", "--batch-size", "2"]

@@ -26,8 +26,9 @@ from attnseg.pipeline.lora import (
     parse_lora_spec,
     train_lora,
 )
+from attnseg.pipeline.models import load_pipeline
 from attnseg.pipeline.prompts import PromptSpec, load_classes
-from attnseg.pipeline.synth import Sample, Synthesizer, load_pipeline
+from attnseg.pipeline.synth import Sample, Synthesizer
 from attnseg.pipeline.tiny import build_tiny_pipeline
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
@@ -47,7 +48,7 @@ def _write_images(folder: Path, n: int = 4) -> Path:
 
 def _config(images: Path | str, out: Path, **kw) -> LoraTrainConfig:
     base = dict(images=str(images), model="tiny", out=str(out), caption="a street scene",
-                rank=4, alpha=8.0, steps=12, lr=1e-2, batch_size=2, resolution=64, seed=0,
+                rank=4, alpha=8.0, steps=12, lr=1e-2, batch_size=2, crop=64, seed=0,
                 checkpoint_every=6, device="cpu")
     return LoraTrainConfig(**{**base, **kw})
 
@@ -238,7 +239,7 @@ def test_lora_train_cli_end_to_end(tmp_path):
     out = tmp_path / "lora"
     r = subprocess.run(
         [sys.executable, "-m", "attnseg.pipeline.cli", "lora", "train", "--images", str(images),
-         "--caption", "a street", "--out", str(out), "--steps", "3", "--resolution", "64",
+         "--caption", "a street", "--out", str(out), "--steps", "3", "--crop", "64",
          "--rank", "2", "--target-modules", "to_k,to_v", "--no-progress"],
         env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -252,7 +253,7 @@ def test_lora_train_cli_end_to_end(tmp_path):
     ({"images": "/no/such/folder"}, "image folder /no/such/folder does not exist"),
     ({"caption": None}, "has no caption file 1.txt and no --caption"),
     ({"target_modules": ("to_q", "to_qq")}, "--target-modules ['to_qq'] match no Linear"),
-    ({"resolution": 60}, "--resolution 60 is not a positive multiple of 8"),
+    ({"crop": 60}, "--crop 60 is not a positive multiple of 8"),
     ({"dtype": "fp16"}, "fp16 training would need loss scaling"),
 ])
 def test_lora_train_bad_input(tmp_path, change, message):

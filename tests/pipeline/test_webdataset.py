@@ -17,7 +17,8 @@ ARGS = ["synth", "--model", "tiny", "--classes", "dog,cat", "--num-per-class", "
 
 
 def _tars(root):
-    return {p.name: p.read_bytes() for p in sorted((root / "webdataset").glob("*"))}
+    return {p.name: p.read_bytes() for sub in ("webdataset", "parquet")
+            for p in sorted((root / sub).glob("*"))}
 
 
 def test_shardings_and_resume_give_identical_chunks(tmp_path):
@@ -48,9 +49,31 @@ def test_round_trip_matches_voc_output(tmp_path):
         img = np.asarray(Image.open(voc / "JPEGImages" / f"{s['name']}.jpg"))
         assert (s["label"] == lab).all() and (s["image"] == img).all()
         assert s["record"]["index"] == int(s["name"]) and s["record"]["prompt"]
-    table = pq.read_table(wds / "webdataset" / "000000.parquet").to_pylist()
+    table = pq.read_table(wds / "parquet" / "000000.parquet").to_pylist()
     assert [r["index"] for r in table] == [0, 1, 2, 3]
     assert json.loads(table[0]["classes"])[0]["name"] == "dog"
+    # The parquet folder reads as one table of every sample (no tar beside the files).
+    whole = pq.read_table(wds / "parquet").to_pylist()
+    assert sorted(r["index"] for r in whole) == list(range(10))
+
+
+def test_stock_webdataset_decoders_give_class_ids(tmp_path):
+    """webdataset's own decoders ("l8", and "pil" read as greyscale) give the class ids."""
+    import webdataset as wdslib
+
+    out = tmp_path / "wds"
+    assert main([*ARGS, "--out", str(out)]) == 0
+    labels = {s["name"]: s["label"] for s in iter_webdataset(out)}
+    assert any(((lab > 0) & (lab < 255)).any() for lab in labels.values())
+    tars = [str(p) for p in sorted((out / "webdataset").glob("*.tar"))]
+    for spec in ("l8", "pil"):
+        seen = 0
+        for sample in wdslib.WebDataset(tars, shardshuffle=False).decode(spec):
+            seg = np.asarray(sample["seg.png"])
+            seg = seg[..., 0] if seg.ndim == 3 else seg  # "pil" gives RGB, the id in each channel
+            assert (seg == labels[sample["__key__"]]).all(), spec
+            seen += 1
+        assert seen == 10
 
 
 def test_trainer_reads_webdataset_output(tmp_path):

@@ -1,0 +1,153 @@
+"""Loading text-to-image models: the built-in random ones, hub ids, diffusers folders and single
+checkpoint files; their tokenizers; and a fingerprint of their weights.
+
+Light at import time (torch and diffusers are imported inside the functions), so the command
+line can check a `--model` before anything heavy loads.
+
+Untrusted weights: only safetensors are read unless the caller passes `allow_pickle=True`
+(`--allow-pickle`): a pickle (.bin, .ckpt, .pt) can run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+from .errors import UserError, first_line
+
+RANDOM_MODELS = ("tiny", "sd15-random")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Diffusers folders keep each sub-network's weights in a subfolder of its own.
+_WEIGHT_FOLDERS = ("unet", "text_encoder", "vae")
+
+
+def default_size(model: str) -> int:
+    """The image size a model generates by default: 128 for the tiny model, else 512."""
+    return 128 if model == "tiny" else 512
+
+
+def _pickle_only_parts(folder: Path) -> list[str]:
+    """Sub-networks of a diffusers folder whose weights exist only as pickles."""
+    parts = []
+    for name in _WEIGHT_FOLDERS:
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        files = [f for f in sub.iterdir() if f.is_file()]
+        if any(f.suffix in PICKLE_SUFFIXES for f in files) and \
+                not any(f.suffix == ".safetensors" for f in files):
+            parts.append(name)
+    return parts
+
+
+def check_model_path(model: str, allow_pickle: bool = False) -> Path:
+    """Check a --model that is not built in, without loading it; its path (which need not
+    exist for a hub id). Pickle weights are refused unless `allow_pickle`."""
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or path.suffix != "" or path.exists()
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise UserError(f"model {model}: pickle checkpoints are not loaded (they can run code); "
+                        "convert it to .safetensors, or pass --allow-pickle if you trust it")
+    if looks_like_path and not path.exists():
+        raise UserError(f"model path {model} does not exist")
+    if path.is_file() and path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+        raise UserError(f"model file {model} is not a .safetensors checkpoint")
+    if path.is_dir() and not allow_pickle:
+        pickled = _pickle_only_parts(path)
+        if pickled:
+            raise UserError(f"model folder {model} holds only pickle weights (.bin) for "
+                            f"{', '.join(pickled)}; they can run code when loaded: convert them "
+                            "to safetensors, or pass --allow-pickle if you trust them")
+    return path
+
+
+def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = False):
+    """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny' or 'sd15-random' (built-in
+    random weights), a hub id, a folder or one .safetensors file. Hub ids resolve from the local
+    cache when HF_HUB_OFFLINE=1. Only safetensors weights are read unless `allow_pickle`.
+
+    `loras` (lora.LoraSpec) are fused into the UNet (and text encoder) with their scales."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    from .tiny import build_sd15_random_pipeline, build_tiny_pipeline
+
+    if model == "tiny":
+        pipe = build_tiny_pipeline(dtype=dtype)
+    elif model == "sd15-random":
+        pipe = build_sd15_random_pipeline(dtype=dtype)
+    else:
+        path = check_model_path(model, allow_pickle)
+        kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        diffusers.utils.logging.disable_progress_bar()
+        try:
+            with warnings.catch_warnings():
+                # Newer diffusers renamed torch_dtype; the old name works across versions.
+                warnings.simplefilter("ignore", FutureWarning)
+                if path.is_file():
+                    pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+                else:
+                    pipe = StableDiffusionPipeline.from_pretrained(
+                        str(path) if path.exists() else model,
+                        use_safetensors=None if allow_pickle else True, **kwargs)
+        except Exception as e:  # diffusers/hub raise many types; report them on one line
+            raise UserError(f"could not load model {model!r}: {_load_failure(e)}") from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    if loras:
+        from .lora import apply_loras
+
+        apply_loras(pipe, list(loras))
+    return pipe
+
+
+def _load_failure(e: Exception) -> str:
+    """The cause of a failed load, on one line. Diffusers wraps some causes in a message that
+    points at a stack trace the user never sees; the cause is then the chained exception."""
+    line = first_line(e)
+    cause = e.__cause__ or e.__context__
+    if "stacktrace above" in line.lower() or "stack trace above" in line.lower():
+        line = line.split(".")[0]
+        if cause is not None:
+            line += f": {first_line(cause)}"
+    return line
+
+
+def load_tokenizer(model: str, allow_pickle: bool = False):
+    """The text tokenizer of a model, without its weights where the model is a folder or hub
+    id (a single .safetensors checkpoint is loaded whole: its tokenizer comes from its config)."""
+    if model in RANDOM_MODELS:  # the built-in models share the generated tokenizer
+        from .tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    path = check_model_path(model, allow_pickle)
+    if path.is_file():
+        import torch
+
+        return load_pipeline(model, torch.device("cpu"), torch.float32,
+                             allow_pickle=allow_pickle).tokenizer
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(path) if path.exists() else model,
+                                             subfolder="tokenizer")
+    except Exception as e:  # hub/transformers raise many types; report them on one line
+        raise UserError(f"could not load the tokenizer of model {model!r}: {first_line(e)}") \
+            from None
+
+
+def model_fingerprint(pipe) -> str:
+    """A short content hash of the UNet and text encoder weights (names, shapes and a strided
+    sample of values). Configs are left out: libraries add bookkeeping keys to them on save."""
+    import numpy as np
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for part in (pipe.unet, pipe.text_encoder):
+            for name, p in part.named_parameters():
+                sample = p.detach().flatten()[::997].double().cpu()
+                h.update(f"{name}:{tuple(p.shape)}".encode())
+                h.update(np.float64(sample.sum().item()).tobytes())
+    return h.hexdigest()[:16]
