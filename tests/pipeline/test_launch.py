@@ -58,6 +58,19 @@ def test_slurm_array_script(tmp_path, reference, capsys):
     assert "leave --shard out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--partition", "--job-name", "--time"])
+def test_slurm_values_cannot_inject_commands(tmp_path, capsys, flag):
+    """An #SBATCH value with a line break would put its rest into the script as a command."""
+    script = tmp_path / "job.sbatch"
+    rc = main(["launch", "slurm", "--array", "2", flag, "x\necho INJECTED", "--script",
+               str(script), "--", *SYNTH, "--out", str(tmp_path / "ds")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and flag in err[0] and not script.exists()
+    rc = main(["launch", "slurm", "--array", "2", flag, "gpu-a100_1:2", "--", *SYNTH,
+               "--out", str(tmp_path / "ds")])
+    assert rc == 0 and "echo" not in capsys.readouterr().out
+
+
 def test_torchrun_two_processes(tmp_path, reference):
     torchrun = shutil.which("torchrun")
     if torchrun is None:

@@ -212,6 +212,25 @@ def test_lora_spec_and_file_checks(tmp_path, trained):
         load_pipeline("tiny", CPU, torch.float32, [LoraSpec(str(foreign))])
 
 
+def test_incompatible_peft_is_one_line_naming_versions(trained, tmp_path, monkeypatch, capsys):
+    """A user's own environment pairs a transformers with a peft older than it needs (as a
+    fresh unpinned install did: transformers 5.24 with peft 0.21.2): one line, the versions."""
+    from importlib.metadata import version
+
+    import transformers.integrations.peft as tp
+
+    cfg, _ = trained
+    monkeypatch.setattr(tp, "MIN_PEFT_VERSION", "99.0")
+    out = tmp_path / "ds"
+    rc = main(["synth", "--model", "tiny", "--classes", "dog,", "--steps", "1", "--height",
+               "64", "--width", "64", "--no-progress", "--out", str(out), "--lora", cfg.out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert f"peft {version('peft')} is installed" in err[0]
+    assert f"transformers {version('transformers')} needs peft >= 99.0" in err[0]
+    assert "constraints.txt" in err[0] and not out.exists()
+
+
 def test_synth_cli_records_loras_and_refuses_others(trained, tmp_path, capsys):
     cfg, _ = trained
     out = tmp_path / "ds"

@@ -9,6 +9,7 @@ from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.prompts import (
     PromptSpec,
     class_token_weights,
+    default_prompts,
     find_word_tokens,
     load_classes,
     load_prompt_file,
@@ -32,6 +33,17 @@ def test_class_list_and_file(tmp_path):
         load_classes("vocc")
     with pytest.raises(UserError, match="names a class twice"):
         load_classes("dog,dog")
+    # Training and evaluation match class names ignoring case: "Dog" is "dog".
+    with pytest.raises(UserError, match="names a class twice .*'dog' and 'Dog'"):
+        load_classes("dog,Dog")
+
+
+def test_default_prompts_read_as_english():
+    classes = load_classes("voc")
+    prompts = default_prompts(classes)
+    texts = [s.text for specs in prompts.values() for s in specs]
+    assert "a photo of an aeroplane" in texts and "a photo of a dog" in texts
+    assert not [t for t in texts if " a a" in t or " a e" in t or " a o" in t]
 
 
 def test_word_tokens_match_the_prompt_tokens(tiny_pipe):

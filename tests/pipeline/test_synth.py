@@ -1,0 +1,163 @@
+"""Synthesis jobs under faults: a full disk, two writers on one folder, huge jobs, bad
+arguments refused before anything heavy loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from attnseg.pipeline.cli import main
+from attnseg.pipeline.config import SynthConfig
+from attnseg.pipeline.dataset import OutputLock
+from attnseg.pipeline.prompts import default_prompts, load_classes
+from attnseg.pipeline.synth import plan_batches, plan_samples, run_synth
+
+ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+JOB = ["--model", "tiny", "--classes", "dog,cat", "--num-per-class", "4", "--steps", "2",
+       "--height", "64", "--width", "64", "--batch-size", "2", "--no-progress"]
+
+
+def _cli(args, file_size_limit=None, timeout=300):
+    """`attnseg ARGS` in a subprocess; with `file_size_limit`, no file it writes may grow
+    past that many bytes: the kernel fails the write (EFBIG), as a full disk fails it
+    (ENOSPC), through the same code path."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run([sys.executable, "-m", "attnseg.pipeline.cli", *args], env=ENV,
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=limit if file_size_limit else None)
+
+
+def _manifest_indices(out: Path) -> list[int]:
+    """The index of every manifest line of every shard (a sample written twice shows twice)."""
+    return [json.loads(x)["index"] for m in sorted(out.glob("manifest*.jsonl"))
+            for x in m.read_text().splitlines()]
+
+
+def _debris(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if "tmp-attnseg" in p.name]
+
+
+# 128x128 noise images: a JPEG is ~15 KB, past the 12 KB limit; the model's own start-up
+# files (a 10 KB tokenizer vocabulary) stay under it.
+BIG = ["--height", "128", "--width", "128"]
+LIMIT = 12000
+
+
+def test_full_disk_is_one_line_leaves_nothing_and_resumes(tmp_path):
+    out = tmp_path / "ds"
+    r = _cli(["synth", *JOB, *BIG, "--out", str(out)], file_size_limit=LIMIT)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("attnseg: error: File too large (")
+    assert ".jpg" in err[0] and "run the same command again" in err[0]
+    assert not _debris(out) and not (out / "JPEGImages" / "00000000.jpg").exists()
+    r = _cli(["synth", *JOB, *BIG, "--out", str(out)])  # space again: the job finishes
+    assert r.returncode == 0, r.stderr
+    assert sorted(_manifest_indices(out)) == list(range(8))  # each sample once
+    assert "8 new" in r.stdout and not _debris(out)
+
+
+def test_full_disk_with_webdataset_output(tmp_path):
+    out = tmp_path / "wds"
+    args = ["synth", *JOB, *BIG, "--format", "webdataset", "--samples-per-tar", "2", "--out",
+            str(out)]
+    r = _cli(args, file_size_limit=LIMIT)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("attnseg: error: File too large (")
+    assert ".tar" in err[0] and "Traceback" not in r.stderr
+    assert not _debris(out)
+    r = _cli(args)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (out / "webdataset").iterdir()) == \
+        [f"{i:06d}.tar" for i in range(4)]
+    assert not _debris(out)
+
+
+def test_a_second_writer_of_the_same_folder_and_shard_is_refused(tmp_path, capsys):
+    out = tmp_path / "ds"
+    held = OutputLock(out, (0, 1))  # another process writing this folder
+    try:
+        assert main(["synth", *JOB, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "another process is writing" in err[0]
+        assert not (out / "manifest.jsonl").exists()
+        # A different shard of the same folder runs alongside.
+        assert main(["synth", *JOB, "--shard", "0/2", "--out", str(out)]) == 0
+    finally:
+        held.release()
+    assert sorted(_manifest_indices(out)) == [0, 1, 4, 5]
+    assert main(["synth", *JOB, "--out", str(out)]) == 0  # lock gone: the job finishes
+    capsys.readouterr()
+    assert sorted(_manifest_indices(out)) == list(range(8))
+
+
+def test_two_processes_started_together_write_each_sample_once(tmp_path):
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "attnseg.pipeline.cli", "synth", *JOB, "--out", str(out)]
+    procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    for rc, err in results:
+        if rc == 2:
+            assert "another process is writing" in err and err.count("\n") == 1
+    indices = _manifest_indices(out)
+    assert sorted(indices) == list(range(8))  # 8 samples, 8 lines
+
+
+def test_planning_is_lazy(tmp_path, monkeypatch):
+    """A job of billions of samples starts as fast and as small as a job of one."""
+    classes = load_classes("voc")
+    plan = plan_samples(classes, default_prompts(classes), 10**9, 0)
+    assert len(plan) == 20 * 10**9
+    last = plan[len(plan) - 1]
+    assert last.index == len(plan) - 1 and last.spec.labels[0][0].name == "tvmonitor"
+    assert plan[:3] == [plan.sample(i) for i in range(3)]
+    assert plan_batches(len(plan), 4, (1, 3)) == range(1, 5 * 10**9, 3)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt  # the first unit of work is reached: start-up is over
+
+    monkeypatch.setattr("attnseg.pipeline.synth._write_unit", stop)
+    peaks = {}
+    for n in (1, 10**9):
+        cfg = SynthConfig(model="tiny", classes="voc", num_per_class=n, steps=1, height=64,
+                          width=64, out=str(tmp_path / f"ds{n}"))
+        tracemalloc.start()
+        with pytest.raises(KeyboardInterrupt):
+            run_synth(cfg, progress=False)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # Planning every sample up front took GBs at this size; now the two start-ups match.
+    assert peaks[10**9] < peaks[1] + 4 * 2**20, peaks
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--height", "100"], "--height 100 is not a positive multiple of 8"),
+    (["--classes", "dog,Dog"], "names a class twice"),
+    (["--model", "/no/such/model"], "does not exist"),
+    (["--shard", "3/2"], "--shard '3/2'"),
+])
+def test_bad_arguments_are_refused_before_torch_loads(tmp_path, args, message):
+    """Refused within about a second: nothing heavy (torch, diffusers) is imported first."""
+    code = ("import sys; from attnseg.pipeline.cli import main; "
+            f"rc = main(['synth', '--out', {str(tmp_path / 'o')!r}, *{args!r}]); "
+            "print('torch' in sys.modules, 'diffusers' in sys.modules); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.stdout.split() == ["False", "False"]
+    assert not (tmp_path / "o").exists()
