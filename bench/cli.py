@@ -10,21 +10,25 @@ def _ints(text: str) -> tuple[int, ...]:
 def cmd_throughput(args) -> int:
     from attnseg.pipeline.errors import UserError
 
-    from .throughput import ThroughputConfig, run_throughput
+    from .throughput import ThroughputConfig, _table, run_throughput, spread_note
 
     try:
-        batch_sizes = _ints(args.batch_sizes)
+        batch_sizes = _ints(args.batch_size)
     except ValueError:
-        raise UserError(f"--batch-sizes {args.batch_sizes!r} is not a comma list of ints") from None
+        raise UserError(f"--batch-size {args.batch_size!r} is not a comma list of ints") \
+            from None
     cfg = ThroughputConfig(
-        model=args.model, backends=tuple(args.backends.split(",")), batch_sizes=batch_sizes,
-        size=args.size, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
-        preset=args.preset, device=args.device, dtype=args.dtype, out=args.out,
-        plots=not args.no_plots,
+        model=args.model, backends=tuple(b.strip() for b in args.backend.split(",")),
+        batch_sizes=batch_sizes, height=args.height, width=args.width, steps=args.steps,
+        repeats=args.repeats, warmup=args.warmup, preset=args.preset, device=args.device,
+        dtype=args.dtype, out=args.out, plots=not args.no_plots, progress=not args.no_progress,
     )
     result = run_throughput(cfg)
-    print(open(cfg.out + ".md").read(), end="")
-    print(f"results: {cfg.out}.json, {cfg.out}.md" + ("" if args.no_plots else f", {cfg.out}.png"))
+    print(_table(result), end="")
+    print(f"results: {', '.join(result['files'])}")
+    noisy = [r for r in result["summary"] if r["within_spread"]]
+    if noisy:
+        print(f"note: {spread_note(noisy)}")
     if result["model_note"].startswith("built-in"):
         print(f"note: model '{cfg.model}' has random weights: timings are real, images are noise")
     return 0
@@ -40,7 +44,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 # Flags copied into QualityConfig when given (dest name == field name).
-_QUALITY_FLAGS = ("model", "classes", "preset", "num_per_class", "steps", "size", "seed",
+_QUALITY_FLAGS = ("model", "classes", "preset", "num_per_class", "steps", "height", "width",
+                  "seed",
                   "device", "dtype", "labelled", "labelled_kind", "labelled_split", "limit",
                   "pseudo_gt", "train_steps", "train_model", "throughput", "work", "out")
 
@@ -48,6 +53,7 @@ _QUALITY_FLAGS = ("model", "classes", "preset", "num_per_class", "steps", "size"
 def quality_config_from_args(args):
     """QualityConfig from `--config` (JSON/TOML; sections `real` and `train`), then flags."""
     from attnseg.pipeline.config import apply_set, config_from, config_values
+    from attnseg.pipeline.errors import UserError
     from attnseg.pipeline.real_images import RealImageConfig
 
     from .quality import QualityConfig
@@ -60,12 +66,23 @@ def quality_config_from_args(args):
     real = dict(values.get("real") or {})
     if args.noise_levels is not None:
         real["noise_levels"] = _floats(args.noise_levels)
+    sets: dict = {}
+    apply_set(sets, args.set, sections_only=True)
+    unknown = sorted(set(sets) - {"real", "train"})
+    if unknown:
+        raise UserError(f"--set sections are real and train, not {unknown}")
+    real.update(sets.get("real", {}))
+    train = dict(values.get("train") or {})
+    for key, value in sets.get("train", {}).items():  # train.loss.name=ce -> {"loss": {...}}
+        section, dot, name = key.partition(".")
+        if dot:
+            train.setdefault(section, {})[name] = value
+        else:
+            train[key] = value
+    values["train"] = train
     if "noise_levels" in real:
         real["noise_levels"] = tuple(real["noise_levels"])
     values["real"] = config_from(RealImageConfig, real, "quality.real")
-    train = dict(values.get("train") or {})
-    apply_set(train, args.train_set)
-    values["train"] = train
     return config_from(QualityConfig, values, "quality")
 
 
@@ -75,7 +92,7 @@ def cmd_quality(args) -> int:
     cfg = quality_config_from_args(args)
     report = run_quality(cfg)
     print(markdown(report), end="")
-    print(f"results: {cfg.out}.json, {cfg.out}.md (work folder: {work_folder(cfg)})")
+    print(f"results: {', '.join(report['files'])} (work folder: {work_folder(cfg)})")
     if report["model_note"].startswith("built-in"):
         print(f"note: model '{cfg.model}' has random weights: its images are noise and its "
               "mIoU figures only show that the path works")
@@ -92,53 +109,73 @@ def register(sub) -> None:
     p.add_argument("--model", default="tiny",
                    help="tiny, sd15-random (SD 1.5 architecture, random weights), a hub id, "
                    "a folder or a .safetensors file (default: tiny)")
-    p.add_argument("--backends", default="torch",
-                   help="comma list of torch, compile, onnxruntime, tensorrt (default: torch); "
-                   "engine backends run the harvest variant against the torch stock baseline")
-    p.add_argument("--batch-sizes", default="1,2", help="comma list (default: 1,2)")
-    p.add_argument("--size", type=int, help="image side (default: 128 tiny, else 512)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--preset", default="attnseg")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--out", default="bench/results/throughput",
-                   help="output path without suffix (default: bench/results/throughput)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--backend", default="torch",
+                   help="where the UNet runs: torch, compile, onnxruntime, tensorrt, or a comma "
+                   "list of them (default: torch); engine backends run the harvest variant "
+                   "against the torch stock baseline")
+    p.add_argument("--batch-size", default="1,2",
+                   help="images per generation call, or a comma list to sweep (default: 1,2)")
+    p.add_argument("--height", type=int, help="image height, multiple of 8 "
+                   "(default: 128 for tiny, else 512)")
+    p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as height's)")
+    p.add_argument("--steps", type=int, default=10, help="denoising steps (default: 10)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured runs per variant, interleaved (default: 3)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="unmeasured runs per variant first (default: 1)")
+    p.add_argument("--preset", default="attnseg",
+                   help="harvesting recipe, see `attnseg presets` (default: attnseg)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 (default: auto)")
+    p.add_argument("--out", default="attnseg-bench/throughput",
+                   help="where results go: OUT.json, OUT.md, OUT.png (a .json/.md suffix is "
+                   "dropped; default: attnseg-bench/throughput in the current folder)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plot")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no line per measured run on stderr")
     p.set_defaults(func=cmd_throughput)
 
     q = bsub.add_parser(
         "quality", help="pseudo-mask mIoU against a labelled set, downstream mIoU after "
         "training on the generated data, and throughput, in one report")
-    q.add_argument("--config", help="JSON/TOML file of settings (sections: real, train)")
+    q.add_argument("--config", help="JSON/TOML file of settings (sections: real, train; flags "
+                   "override it; default: none)")
     q.add_argument("--model", help="as for synth (default: tiny, random weights)")
     q.add_argument("--classes", help="class set or class file (default: voc)")
     q.add_argument("--preset", help="harvesting recipe (default: attnseg)")
     q.add_argument("--num-per-class", type=int, help="images generated per class (default: 2)")
     q.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
-    q.add_argument("--size", type=int, help="image side (default: 128 tiny, else 512)")
-    q.add_argument("--seed", type=int)
-    q.add_argument("--device")
-    q.add_argument("--dtype")
+    q.add_argument("--height", type=int, help="image height, multiple of 8 "
+                   "(default: 128 for tiny, else 512)")
+    q.add_argument("--width", type=int, help="image width, multiple of 8 (default: as height's)")
+    q.add_argument("--seed", type=int, help="base seed of generation and training (default: 0)")
+    q.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    q.add_argument("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 "
+                   "(default: auto)")
     q.add_argument("--labelled", help="labelled set (VOC, Cityscapes, ImageNet-S or attnseg "
-                   "layout): pseudo-masks of its images and the trained model are scored on it")
+                   "layout): pseudo-masks of its images and the trained model are scored on it "
+                   "(default: none)")
     q.add_argument("--labelled-kind", help="its layout (default: auto)")
     q.add_argument("--labelled-split", help="its split (default: val)")
-    q.add_argument("--limit", type=int, help="score the first N labelled images only")
+    q.add_argument("--limit", type=int, help="score the first N labelled images only "
+                   "(default: all)")
     q.add_argument("--noise-levels", help="comma list in [0, 1): timesteps (as fractions of "
                    "the training schedule) real images are noised to (default: 0.2,0.4)")
     q.add_argument("--pseudo-gt", help="labels drawn for the generated images (same names): "
-                   "their pseudo-masks are scored against them")
+                   "their pseudo-masks are scored against them (default: none)")
     q.add_argument("--train-steps", type=int, help="downstream training steps, 0 for none "
                    "(default: 200)")
     q.add_argument("--train-model", help="segmenter to train (default: segformer-b0)")
-    q.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any `attnseg train` setting, e.g. loss.name=ce or batch_size=4")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a setting of the real-image labeller or of the downstream training, "
+                   "e.g. --set real.noise_levels=[0.3] --set train.loss.name=ce --set "
+                   "train.batch_size=4 (VALUE is JSON; default: none)")
     q.add_argument("--throughput", help="embed this `bench throughput` JSON instead of "
-                   "measuring a short one")
+                   "measuring a short one (default: measure)")
     q.add_argument("--no-throughput", action="store_true", help="leave throughput out")
     q.add_argument("--work", help="folder for the dataset and training run (default: OUT.work)")
-    q.add_argument("--out", help="output path without suffix (default: bench/results/quality)")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
+                   "attnseg-bench/quality in the current folder)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quality)

@@ -52,13 +52,14 @@ from attnseg.pipeline.tiny import tiny_tokenizer
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def bench_prompts(per_class: int = 20) -> list[dict]:
+def bench_prompts(num_per_class: int = 20) -> list[dict]:
     tok = tiny_tokenizer()
     rows = []
     for name in CLASS_SETS:
         templates = load_templates(default_templates_file(name))
         t = time.perf_counter()
-        result = build_prompt_set(PromptsConfig(classes=name, per_class=per_class), tokenizer=tok)
+        result = build_prompt_set(PromptsConfig(classes=name, num_per_class=num_per_class),
+                                  tokenizer=tok)
         seconds = time.perf_counter() - t
         words = list(result.words_per_class.values())
         rows.append({

@@ -15,7 +15,7 @@ One run, one report (JSON + markdown), for one model and preset:
    - `--pseudo-gt DIR`: labels drawn for the generated images themselves (same file names);
      scored as `attnseg eval --pseudo`.
 3. **Downstream**: a segmenter is trained on the generated dataset through the trainer
-   (`attnseg train`; `--train-steps`, `--train-model`, `--train-set KEY=VALUE`) and its mIoU is
+   (`attnseg train`; `--train-steps`, `--train-model`, `--set train.KEY=VALUE`) and its mIoU is
    measured on the labelled set.
 
 Everything heavy lives in the work folder (default: `<out>.work`): a rerun resumes the dataset
@@ -49,7 +49,13 @@ from attnseg.pipeline.prompts import ClassInfo, load_classes
 from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
 from attnseg.pipeline.synth import run_synth
 
-from .throughput import ThroughputConfig, machine_info, run_throughput
+from .throughput import (
+    ThroughputConfig,
+    machine_info,
+    output_base,
+    run_throughput,
+    with_suffix,
+)
 
 
 @dataclass
@@ -61,7 +67,8 @@ class QualityConfig:
     preset: str = "attnseg"
     num_per_class: int = 2
     steps: int | None = None  # denoising steps (None: the preset's, else 20)
-    size: int | None = None  # None: 128 for tiny, else 512
+    height: int | None = None  # None: 128 for tiny, else 512
+    width: int | None = None
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -73,10 +80,10 @@ class QualityConfig:
     pseudo_gt: str | None = None
     train_steps: int = 200  # 0: no downstream training
     train_model: str = "segformer-b0"
-    train: dict = field(default_factory=dict)  # further TrainConfig fields (`--train-set`)
+    train: dict = field(default_factory=dict)  # further TrainConfig fields (`--set train.K=V`)
     throughput: str | None = None  # "" skips the throughput part; a path embeds that result
     work: str | None = None  # None: <out>.work
-    out: str = "bench/results/quality"
+    out: str = "attnseg-bench/quality"  # path without suffix: OUT.json, OUT.md
     progress: bool = True
 
     def validate(self) -> None:
@@ -182,14 +189,14 @@ def score_real_pseudo_masks(labeller: RealImageLabeller, classes: list[ClassInfo
 
 def work_folder(cfg: QualityConfig) -> Path:
     """Where the dataset and training run live: `cfg.work`, else `<out>.work`."""
-    return Path(cfg.work) if cfg.work else Path(cfg.out + ".work")
+    return Path(cfg.work) if cfg.work else with_suffix(output_base(cfg.out), ".work")
 
 
 def _synthesise(cfg: QualityConfig, pipe, work: Path) -> dict:
     """Generate (or resume) the dataset; its synthesis figures, kept across reruns."""
     synth_cfg = SynthConfig(
         model=cfg.model, classes=cfg.classes, preset=cfg.preset, num_per_class=cfg.num_per_class,
-        steps=cfg.steps, height=cfg.size, width=cfg.size, seed=cfg.seed, device=cfg.device,
+        steps=cfg.steps, height=cfg.height, width=cfg.width, seed=cfg.seed, device=cfg.device,
         dtype=cfg.dtype, out=str(work / "dataset"),
     )
     summary = run_synth(synth_cfg, progress=cfg.progress, pipe=pipe)
@@ -241,7 +248,8 @@ def read_throughput_result(path: str) -> dict:
 
 def _measure_throughput(cfg: QualityConfig, pipe, work: Path) -> dict:
     """A short `bench throughput` of the same model and preset: batch 1, 2 repeats."""
-    tcfg = ThroughputConfig(model=cfg.model, batch_sizes=(1,), size=cfg.size, steps=cfg.steps
+    tcfg = ThroughputConfig(model=cfg.model, batch_sizes=(1,), height=cfg.height,
+                            width=cfg.width, steps=cfg.steps
                             or get_preset(cfg.preset).steps or 20, repeats=2, warmup=1,
                             preset=cfg.preset, device=cfg.device, dtype=cfg.dtype,
                             out=str(work / "throughput"), plots=False)
@@ -254,9 +262,11 @@ def run_quality(cfg: QualityConfig) -> dict:
     """Run the quality benchmark; writes `cfg.out`.{json,md} and returns the report."""
     cfg.validate()
     earlier = read_throughput_result(cfg.throughput) if cfg.throughput else None
-    cfg = replace(cfg, size=cfg.size or default_size(cfg.model))
-    if cfg.size % 8:
-        raise UserError(f"--size {cfg.size} is not a multiple of 8")
+    cfg = replace(cfg, height=cfg.height or default_size(cfg.model),
+                  width=cfg.width or default_size(cfg.model))
+    for flag, v in (("--height", cfg.height), ("--width", cfg.width)):
+        if v <= 0 or v % 8:
+            raise UserError(f"{flag} {v} is not a positive multiple of 8")
     work = work_folder(cfg)
     work.mkdir(parents=True, exist_ok=True)
     classes = load_classes(cfg.classes)
@@ -284,7 +294,7 @@ def run_quality(cfg: QualityConfig) -> dict:
     report["pseudo_masks_real"] = None
     if source is not None:
         # Real images go through the UNet at the generation size and the run's seed.
-        real = replace(cfg.real, size=cfg.size, seed=cfg.seed)
+        real = replace(cfg.real, size=max(cfg.height, cfg.width), seed=cfg.seed)
         with RealImageLabeller(pipe, get_preset(cfg.preset), real) as labeller:
             report["pseudo_masks_real"] = score_real_pseudo_masks(
                 labeller, classes, source, cfg.limit, cfg.progress)
@@ -294,7 +304,7 @@ def run_quality(cfg: QualityConfig) -> dict:
     del pipe  # the trainer wants the memory
     report["downstream"] = (_train_downstream(cfg, work, source, kind)
                             if cfg.train_steps else None)
-    write_report(report, Path(cfg.out))
+    report["files"] = write_report(report, output_base(cfg.out))
     return report
 
 
@@ -350,7 +360,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(report, indent=1) + "\n").encode())
-    atomic_write_bytes(out.with_suffix(".md"), markdown(report).encode())
+def write_report(report: dict, base: Path) -> list[str]:
+    """Write BASE.json and BASE.md; the paths written."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    files = [with_suffix(base, ".json"), with_suffix(base, ".md")]
+    atomic_write_bytes(files[0], (json.dumps(report, indent=1) + "\n").encode())
+    atomic_write_bytes(files[1], markdown(report).encode())
+    return [str(f) for f in files]

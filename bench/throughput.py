@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -57,7 +58,8 @@ class ThroughputConfig:
     model: str = "tiny"
     backends: tuple[str, ...] = ("torch",)
     batch_sizes: tuple[int, ...] = (1, 2)
-    size: int | None = None  # None: 128 for tiny, else 512
+    height: int | None = None  # None: 128 for tiny, else 512
+    width: int | None = None
     steps: int = 10
     guidance: float = 7.5
     repeats: int = 3
@@ -66,8 +68,9 @@ class ThroughputConfig:
     variants: tuple[str, ...] = VARIANTS
     device: str = "auto"
     dtype: str = "auto"
-    out: str = "bench/results/throughput"
+    out: str = "attnseg-bench/throughput"  # path without suffix: OUT.json, OUT.md, OUT.png
     plots: bool = True
+    progress: bool = False  # a line on stderr per measured run
     extra: dict = field(default_factory=dict)
 
 
@@ -172,7 +175,8 @@ def machine_info(device: torch.device) -> dict:
 
 
 def _spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}
 
 
 @dataclass
@@ -191,8 +195,8 @@ class _Case:
 class _Bench:
     """The pipeline instrumented for the three variants."""
 
-    def __init__(self, cfg: ThroughputConfig, pipe, device: torch.device, size: int,
-                 engine_harvester=None):
+    def __init__(self, cfg: ThroughputConfig, pipe, device: torch.device,
+                 size: tuple[int, int], engine_harvester=None):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.cfg, self.pipe, self.device, self.size = cfg, pipe, device, size
@@ -219,7 +223,7 @@ class _Bench:
         self.harvester.remove()
 
     def _generate(self, case: _Case):
-        return self.pipe(case.prompts, height=self.size, width=self.size,
+        return self.pipe(case.prompts, height=self.size[0], width=self.size[1],
                          num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance,
                          latents=case.latents.clone(), output_type="np").images
 
@@ -228,7 +232,7 @@ class _Bench:
         if not self.engine:
             self.pipe.unet.set_attn_processor(dict(self.harvest_processors))  # it pops entries
             self.harvester.observe_seconds = 0.0
-        with self.harvester.capture(case.weights, (self.size, self.size), self.cfg.steps) as cap:
+        with self.harvester.capture(case.weights, self.size, self.cfg.steps) as cap:
             images = self._generate(case)
         t = clock.now()
         labels, rel = masks_from_harvest(cap.result, case.class_ids, preset.harvest, preset.mask)
@@ -297,9 +301,11 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
         raise UserError("the 'stock' variant is the baseline and must be included")
     if cfg.repeats < 1 or cfg.steps < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
         raise UserError("repeats, steps and batch sizes must be >= 1")
-    size = cfg.size or default_size(cfg.model)
-    if size % 8:
-        raise UserError(f"--size {size} is not a multiple of 8")
+    size = (cfg.height or default_size(cfg.model), cfg.width or default_size(cfg.model))
+    for flag, v in zip(("--height", "--width"), size, strict=True):
+        if v <= 0 or v % 8:
+            raise UserError(f"{flag} {v} is not a positive multiple of 8")
+    base = output_base(cfg.out)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     t0 = time.perf_counter()
@@ -318,7 +324,8 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
         def case(backend: str, bs: int) -> _Case:
             specs = [prompts[classes[i % len(classes)].name][0] for i in range(bs)]
             weights, ids = class_token_weights(pipe.tokenizer, specs)
-            latents = torch.randn(bs, pipe.unet.config.in_channels, size // 8, size // 8,
+            f = pipe.vae_scale_factor
+            latents = torch.randn(bs, pipe.unet.config.in_channels, size[0] // f, size[1] // f,
                                   generator=torch.Generator().manual_seed(0))
             writer = DatasetWriter(Path(tmp) / f"{backend}-{bs}", {
                 "model": cfg.model, "model_hash": "", "preset": cfg.preset, "mask": {}}, classes)
@@ -333,14 +340,14 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
         finally:
             bench.close()
     result = {
-        "benchmark": "throughput", "config": asdict(cfg), "size": [size, size],
+        "benchmark": "throughput", "config": asdict(cfg), "size": list(size),
         "model_note": ("built-in random weights: timings are real, images are noise"
                        if cfg.model in RANDOM_MODELS else "real weights"),
         "load_seconds": round(load_s, 2), "machine": machine_info(device),
         "dtype": str(dtype).replace("torch.", ""), "runs": runs,
         "summary": summarise(runs, cfg.steps),
     }
-    write_outputs(result, Path(cfg.out), plots=cfg.plots)
+    result["files"] = write_outputs(result, base, plots=cfg.plots)
     return result
 
 
@@ -348,17 +355,27 @@ def _measure(bench: _Bench, case: _Case, variants, cfg: ThroughputConfig) -> lis
     """Warm-up, then the repeats with the variants interleaved; the order rotates every
     repeat, so no variant always runs first or always follows the same one."""
     variants = list(variants)
-    for _ in range(cfg.warmup):
+    what = f"{case.backend} batch {case.batch_size}"
+    for w in range(cfg.warmup):
         for v in variants:
-            bench.run(v, case)
+            run = bench.run(v, case)
+            _log(cfg, f"{what} {v}: warm-up {w + 1}/{cfg.warmup} {run['seconds']:.2f} s")
     runs = []
     for r in range(cfg.repeats):
         k = r % len(variants)
-        runs += [{**bench.run(v, case), "repeat": r} for v in variants[k:] + variants[:k]]
+        for v in variants[k:] + variants[:k]:
+            runs.append({**bench.run(v, case), "repeat": r})
+            _log(cfg, f"{what} {v}: repeat {r + 1}/{cfg.repeats} {runs[-1]['seconds']:.2f} s")
     return runs
 
 
-def _measure_engine(cfg: ThroughputConfig, pipe, device, size: int,
+def _log(cfg: ThroughputConfig, message: str) -> None:
+    """Progress on stderr: a sweep on a CPU takes minutes, and says what it is doing."""
+    if cfg.progress:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _measure_engine(cfg: ThroughputConfig, pipe, device, size: tuple[int, int],
                     cases: list[_Case]) -> list[dict]:
     """The `harvest` variant through one engine backend (built or reused from the engine
     cache, for the largest batch size) at every batch size."""
@@ -367,7 +384,7 @@ def _measure_engine(cfg: ThroughputConfig, pipe, device, size: int,
     from attnseg.engines.runner import engine_harvester
     from attnseg.pipeline.config import SynthConfig
 
-    synth_cfg = SynthConfig(model=cfg.model, preset=cfg.preset, height=size, width=size,
+    synth_cfg = SynthConfig(model=cfg.model, preset=cfg.preset, height=size[0], width=size[1],
                             batch_size=max(c.batch_size for c in cases),
                             backend=cases[0].backend)
     # Export/compile the stock UNet, not whichever torch variant ran last.
@@ -406,10 +423,28 @@ def summarise(runs: list[dict], steps: int) -> list[dict]:
             "peak_device_bytes": (max(r["peak_device_bytes"] for r in sel)
                                   if sel[0]["peak_device_bytes"] is not None else None),
         })
+    stock_rows = {r["batch_size"]: r for r in rows
+                  if (r["backend"], r["variant"]) == ("torch", "stock")}
     for row in rows:
-        base = medians[("torch", row["batch_size"], "stock")]
-        row["time_vs_stock"] = row["seconds_per_batch"]["median"] / base
+        stock = stock_rows[row["batch_size"]]
+        row["time_vs_stock"] = row["seconds_per_batch"]["median"] / \
+            stock["seconds_per_batch"]["median"]
+        row["within_spread"] = row is not stock and ratio_within_spread(
+            row["time_vs_stock"], row["seconds_per_batch"], stock["seconds_per_batch"])
     return rows
+
+
+def relative_spread(spread: dict) -> float:
+    """(max - min) / median of a `_spread` summary."""
+    return (spread["max"] - spread["min"]) / spread["median"]
+
+
+def ratio_within_spread(ratio: float, a: dict, b: dict) -> bool:
+    """Whether a ratio of two medians differs from 1 by less than the run-to-run spread of
+    either side (or rests on one run each): then it says nothing on this machine."""
+    if a["n"] < 2 or b["n"] < 2:
+        return True
+    return abs(ratio - 1.0) < max(relative_spread(a), relative_spread(b))
 
 
 def _bytes(n: int) -> str:
@@ -435,19 +470,46 @@ def _table(result: dict) -> str:
         lines.append(
             f"| {r['backend']} | {r['batch_size']} | {r['variant']} | {s['median']:.3f} "
             f"({s['min']:.3f}-{s['max']:.3f}) | {r['images_per_s']:.3f} | "
-            f"{r['denoising_steps_per_s']:.2f} | {r['time_vs_stock']:.3f}x | {c['unet']:.3f} | "
+            f"{r['denoising_steps_per_s']:.2f} | {r['time_vs_stock']:.3f}x"
+            f"{' ~' if r['within_spread'] else ''} | {c['unet']:.3f} | "
             f"{c['harvest']:.4f} | {c['vae']:.3f} | {c['masks'] + c['write']:.4f} | "
             f"{_bytes(r['attention_state_bytes'])} | {_bytes(r['peak_rss_growth_bytes'])} |"
         )
+    noisy = [r for r in result["summary"] if r["within_spread"]]
+    if noisy:
+        lines += ["", f"~ {spread_note(noisy)}"]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict, out: Path, plots: bool = True) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out.with_suffix(".json"), (json.dumps(result, indent=1) + "\n").encode())
-    atomic_write_bytes(out.with_suffix(".md"), _table(result).encode())
+def spread_note(rows: list[dict]) -> str:
+    """What a ratio marked ~ means."""
+    return (f"{len(rows)} ratio(s) differ from 1.000x by less than the run-to-run spread "
+            "(min-max over the repeats, relative to the median) of the variant or of stock: "
+            "on this machine they are not meaningful (more --repeats or a quieter machine)")
+
+
+def output_base(out: str | Path) -> Path:
+    """A benchmark's `--out` as a path without suffix: "x", "x.json" and "x.md" all mean the
+    files x.json, x.md (and x.png). A dot elsewhere in the name is kept ("run.v2")."""
+    out = Path(out).expanduser()
+    return out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
+
+
+def with_suffix(base: Path, suffix: str) -> Path:
+    """`base` + suffix, without replacing a dot already in the name (unlike Path.with_suffix)."""
+    return base.with_name(base.name + suffix)
+
+
+def write_outputs(result: dict, base: Path, plots: bool = True) -> list[str]:
+    """Write BASE.json, BASE.md (and BASE.png); the paths written."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    files = [with_suffix(base, ".json"), with_suffix(base, ".md")]
+    atomic_write_bytes(files[0], (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write_bytes(files[1], _table(result).encode())
     if plots:
-        _plot(result, out.with_suffix(".png"))
+        files.append(with_suffix(base, ".png"))
+        _plot(result, files[2])
+    return [str(f) for f in files]
 
 
 def _plot(result: dict, path: Path) -> None:

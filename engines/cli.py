@@ -152,34 +152,41 @@ def register(sub) -> None:
     b.add_argument("--allow-pickle", action="store_true",
                    help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
                    "files you trust (default: safetensors only)")
-    b.add_argument("--backend", required=True, choices=_BACKENDS)
-    b.add_argument("--out", required=True, help="engine folder")
+    b.add_argument("--backend", required=True, choices=_BACKENDS,
+                   help="compile, onnxruntime or tensorrt; required")
+    b.add_argument("--out", required=True, help="engine folder; required")
     b.add_argument("--height", type=int, help="image height (default: 128 tiny, else 512)")
-    b.add_argument("--width", type=int, help="image width")
+    b.add_argument("--width", type=int, help="image width (default: as --height's)")
     b.add_argument("--batch-size", type=int, default=4,
                    help="largest images per call (TensorRT profile max; default 4)")
     b.add_argument("--max-classes", type=int, default=8,
                    help="largest labelled words per prompt (TensorRT profile max; default 8)")
-    b.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 (default: auto)")
+    b.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     b.add_argument("--preset", default="attnseg",
-                   help="harvesting recipe whose map outputs the engine computes")
-    b.add_argument("--set", action="append", default=[], metavar="harvest.KEY=VALUE")
+                   help="harvesting recipe whose map outputs the engine computes "
+                   "(default: attnseg)")
+    b.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a preset setting, as for synth, e.g. --set "
+                   "harvest.strides=[16,32] (default: the preset's settings)")
     b.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     b.add_argument("--trt-plugin", default="auto", choices=("auto", "on", "off"),
-                   help="TensorRT: aggregate maps with the Triton kernel as a plugin")
+                   help="TensorRT: aggregate maps with the Triton kernel as a plugin "
+                   "(default: auto)")
     b.add_argument("--refit", action="store_true",
                    help="TensorRT: keep weights refittable (LoRA swaps without a rebuild)")
     b.set_defaults(func=cmd_build)
     v = esub.add_parser("verify", help="generate through the engine and through torch; compare")
-    v.add_argument("dir")
-    v.add_argument("--steps", type=int, default=4)
-    v.add_argument("--device", default="auto")
+    v.add_argument("dir", help="engine folder")
+    v.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4)")
+    v.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=cmd_verify)
     r = esub.add_parser("refit", help="TensorRT: swap in other LoRAs without a rebuild "
                         "(engine built with --refit)")
-    r.add_argument("dir")
+    r.add_argument("dir", help="engine folder built with --refit")
     r.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA (folder or .safetensors file) to merge; repeat for several "
                    "(default: none, the base model)")

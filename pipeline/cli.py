@@ -18,7 +18,8 @@ from .errors import UserError, os_error_line
 
 
 def _add_synth_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON or TOML file with synth settings (flags override it)")
+    p.add_argument("--config", help="JSON or TOML file with synth settings (flags override it; "
+                   "default: none)")
     p.add_argument("--model", help="'tiny' (built-in random model), a hub id, a diffusers "
                    "folder or one .safetensors file (default: tiny)")
     p.add_argument("--classes", help="'voc', a file with one class per line, or 'a,b,c' "
@@ -26,33 +27,39 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-per-class", type=int, help="images per class (default: 1)")
     p.add_argument("--out", help="output folder (default: out/synth)")
     p.add_argument("--preset", help="harvesting recipe, see `attnseg presets` (default: attnseg)")
-    p.add_argument("--prompts", help="prompts JSONL file (prompt + labelled class words)")
+    p.add_argument("--prompts", help="prompts JSONL file (prompt + labelled class words; default: "
+                   "template prompts per class)")
     p.add_argument("--batch-size", type=int, help="images per generation call (default: 4)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale "
+                   "(default: the preset's, else 7.5)")
     p.add_argument("--height", type=int, help="image height, multiple of 8 "
                    "(default: 128 for tiny, else 512)")
-    p.add_argument("--width", type=int, help="image width, multiple of 8")
-    p.add_argument("--seed", type=int, help="base seed; sample i's seed depends on (seed, i)")
+    p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as --height's)")
+    p.add_argument("--seed", type=int, help="base seed; sample i's seed depends on (seed, i) "
+                   "(default: 0)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    p.add_argument("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 "
+                   "(default: auto)")
     p.add_argument("--format", help="voc (default: files + manifest) or webdataset "
                    "(tar chunks + parquet, for millions of samples)")
     p.add_argument("--samples-per-tar", type=int, help="WebDataset chunk size, a multiple of "
                    "--batch-size (default: 1000)")
     p.add_argument("--shard", help="do part i/n of the job (0-based), or 'auto' for the "
-                   "launcher's rank (torchrun/accelerate RANK/WORLD_SIZE, Slurm array)")
+                   "launcher's rank (torchrun/accelerate RANK/WORLD_SIZE, Slurm array; default: "
+                   "the whole job)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset setting, e.g. --set harvest.strides=[16,32] "
-                   "--set mask.bg_const=0.4 (VALUE is JSON)")
+                   "--set mask.bg_const=0.4 (VALUE is JSON; default: the preset's settings)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="fuse a LoRA (folder or .safetensors file) into the model before "
-                   "generating; repeat for several, each with its own scale")
+                   "generating; repeat for several, each with its own scale (default: none)")
     p.add_argument("--lora-scale", type=float,
                    help="scale of the LoRAs given without one (default: 1.0)")
     p.add_argument("--backend", help="torch (default), compile, onnxruntime or tensorrt: "
                    "engines are built once and cached (see `attnseg engine build`)")
-    p.add_argument("--engine", help="a folder from `attnseg engine build` to generate with")
+    p.add_argument("--engine", help="a folder from `attnseg engine build` to generate with "
+                   "(default: none)")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
                    "files you trust (default: safetensors only)")
@@ -218,26 +225,33 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser("demo", help="offline demo on the built-in tiny model (< 2 min on CPU)")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("launch", help="run synth at scale: Slurm array script or Ray Data "
                        "(torchrun/accelerate: use `synth --shard auto`)")
     lsub = p.add_subparsers(dest="launcher", required=True)
     q = lsub.add_parser("slurm", help="write an sbatch array script; task k runs shard k/N")
-    q.add_argument("--array", type=int, required=True, help="number of array tasks (shards)")
+    q.add_argument("--array", type=int, required=True,
+                   help="number of array tasks (shards); required")
     q.add_argument("--script", help="write the script here (default: print it)")
-    q.add_argument("--job-name", default="attnseg-synth")
-    q.add_argument("--partition")
-    q.add_argument("--gpus-per-task", type=int, default=1)
-    q.add_argument("--cpus-per-task", type=int, default=8)
-    q.add_argument("--time", default="24:00:00")
+    q.add_argument("--job-name", default="attnseg-synth",
+                   help="Slurm job name (default: attnseg-synth)")
+    q.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    q.add_argument("--gpus-per-task", type=int, default=1,
+                   help="GPUs per array task, 0 for none (default: 1)")
+    q.add_argument("--cpus-per-task", type=int, default=8,
+                   help="CPUs per array task (default: 8)")
+    q.add_argument("--time", default="24:00:00",
+                   help="time limit per array task (default: 24:00:00)")
     q.add_argument("synth_args", nargs=argparse.REMAINDER,
                    help="-- then the `attnseg synth` arguments")
     q.set_defaults(func=cmd_launch_slurm)
     q = lsub.add_parser("ray", help="Ray Data: shards mapped over a pool of GPU actors")
-    q.add_argument("--workers", type=int, required=True, help="actors (model copies)")
-    q.add_argument("--gpus-per-worker", type=float, default=0.0)
-    q.add_argument("--cpus-per-worker", type=int, default=1)
+    q.add_argument("--workers", type=int, required=True, help="actors (model copies); required")
+    q.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per actor, fractions allowed (default: 0)")
+    q.add_argument("--cpus-per-worker", type=int, default=1,
+                   help="CPU threads per actor (default: 1)")
     q.add_argument("--shards", type=int, help="pieces of work (default: 4 per worker)")
     q.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     q.add_argument("synth_args", nargs=argparse.REMAINDER,
@@ -253,11 +267,21 @@ REGISTRARS = [register, bench_cli.register, train_cli.register, prompts_cli.regi
               lora_cli.register, engines_cli.register]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("attnseg")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnseg",
         description="Semantic-segmentation datasets from Stable Diffusion cross-attention.",
     )
+    parser.add_argument("--version", action="version", version=f"attnseg {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in REGISTRARS:
         add(sub)

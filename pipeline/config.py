@@ -383,7 +383,7 @@ class PromptsConfig:
     """Prompt augmentation (`attnseg prompts`): which words, templates and captions, how many."""
 
     classes: str = "voc"
-    per_class: int = 20
+    num_per_class: int = 20
     seed: int = 0
     out: str = "prompts.jsonl"
     # Lexicon files (`class name: word, word`) added to the built-in synonyms and hyponyms.
@@ -397,8 +397,8 @@ class PromptsConfig:
     strict: bool = False  # a word or caption that fails the tokenizer check is an error
 
     def validate(self) -> None:
-        if self.per_class < 1:
-            raise UserError("--per-class must be >= 1")
+        if self.num_per_class < 1:
+            raise UserError("--num-per-class must be >= 1")
         if self.wordnet_max < 1:
             raise UserError("--wordnet-max must be >= 1")
 

@@ -423,7 +423,7 @@ def evaluate_pseudo(pseudo: str | Path, gt: str | Path, num_classes: int | None 
 def format_table(report: dict) -> str:
     """The per-class table and summary as aligned text."""
     width = max(8, *(len(c["name"]) for c in report["per_class"]))
-    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Acc':>7}  {'pixels':>12}"]
+    lines = [f"{'class':<{width}}  {'IoU %':>7}  {'Acc %':>7}  {'pixels':>12}"]
     for c in report["per_class"]:
         iou = "-" if c["iou"] is None else f"{100 * c['iou']:.2f}"
         acc = "-" if c["acc"] is None else f"{100 * c['acc']:.2f}"
@@ -432,18 +432,24 @@ def format_table(report: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
 
-    lines.append(f"mIoU {pct(report['mIoU'])}  mAcc {pct(report['mAcc'])}  "
-                 f"aAcc {pct(report['aAcc'])}  ({report['images']} images, "
+    lines.append(f"mIoU {pct(report['mIoU'])} %  mAcc {pct(report['mAcc'])} %  "
+                 f"aAcc {pct(report['aAcc'])} %  ({report['images']} images, "
                  f"{report['skipped']} skipped)")
     return "\n".join(lines)
 
 
+# The JSON reports keep metrics as fractions (what programs compute with); the console shows
+# percent. The report says which, so nobody compares 0.43 with 43.
+UNITS = "mIoU, mAcc, aAcc, iou, acc and unlabelled_frac are fractions in [0, 1]; the console " \
+    "prints them as percent"
+
+
 def write_report(path: str | Path, report: dict) -> Path:
-    """Write the JSON report atomically."""
+    """Write the JSON report atomically (with a `units` note)."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(p, json.dumps(report, indent=1).encode())
+        atomic_write_bytes(p, json.dumps({"units": UNITS, **report}, indent=1).encode())
     except OSError as e:
         raise UserError(f"cannot write report {p}: {e.strerror}") from None
     return p

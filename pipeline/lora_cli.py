@@ -51,12 +51,14 @@ def register(sub) -> None:
         "noise-prediction loss. Checkpoints are written every --checkpoint-every steps; run the "
         "same command again to resume, or with a larger --steps to train on.",
     )
-    p.add_argument("--config", help="JSON or TOML file with these settings (flags override it)")
-    p.add_argument("--images", help="folder of training images (searched recursively)")
+    p.add_argument("--config", help="JSON or TOML file with these settings (flags override it; "
+                   "default: none)")
+    p.add_argument("--images", help="folder of training images (searched recursively); required")
     p.add_argument("--model", help="'tiny', a hub id, a diffusers folder or a .safetensors "
                    "checkpoint (default: tiny)")
     p.add_argument("--out", help="output folder (default: out/lora)")
-    p.add_argument("--caption", help="caption of images without a <image>.txt caption file")
+    p.add_argument("--caption", help="caption of images without a <image>.txt caption file "
+                   "(default: none: every image needs one)")
     p.add_argument("--rank", type=int, help="LoRA rank (default: 4)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--target-modules", help="comma list of UNet Linear layers to adapt "
@@ -77,7 +79,8 @@ def register(sub) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in the backward pass (less memory)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--dtype", help="frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16")
+    p.add_argument("--dtype", help="frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 "
+                   "(default: auto)")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
                    "files you trust (default: safetensors only)")

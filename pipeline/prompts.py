@@ -418,7 +418,7 @@ class _Candidate:
 
 @dataclass
 class PromptSet:
-    """An augmented prompt set: `per_class` prompts per class, in class order."""
+    """An augmented prompt set: `num_per_class` prompts per class, in class order."""
 
     classes: list[ClassInfo]
     prompts: dict[str, list[_Candidate]]
@@ -534,25 +534,25 @@ def _draw_round_robin(queues: list[deque], count: int, taken: set[str], failure,
     return picked
 
 
-def augment_prompts(classes: list[ClassInfo], per_class: int, seed: int = 0,
+def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
                     templates: list[str] | None = None,
                     lexicon: dict[str, list[str]] | None = None,
                     captions: list[str] | None = None,
                     wordnet_lexicon: dict[str, list[str]] | None = None,
                     tokenizer=None) -> PromptSet:
-    """Build `per_class` distinct prompts for every class.
+    """Build `num_per_class` distinct prompts for every class.
 
     Candidates per class are every template filled with every word of the class (its own word,
     then lexicon and WordNet words) and every caption that mentions one of those words.
     Selection is deterministic given `seed` (each class draws from its own seeded generator, so
-    adding a class does not change the others), balanced (exactly `per_class` prompts whose
+    adding a class does not change the others), balanced (exactly `num_per_class` prompts whose
     first label is the class), de-duplicated (case and spacing ignored, across classes) and
     spread over the class's words round-robin (own word first; captions before templates within
     a word). With a `tokenizer`, every label word must be found by `find_word_tokens`; words and
     captions that fail are left out and returned as `issues`, never dropped silently.
     """
-    if per_class < 1:
-        raise UserError("--per-class must be >= 1")
+    if num_per_class < 1:
+        raise UserError("--num-per-class must be >= 1")
     templates = list(templates or DEFAULT_TEMPLATES)
     words, issues = _class_words(
         classes, [("lexicon", lexicon or {}), ("wordnet", wordnet_lexicon or {})])
@@ -609,12 +609,12 @@ def augment_prompts(classes: list[ClassInfo], per_class: int, seed: int = 0,
         rng.shuffle(others)
         queues = [deque(groups.get(g, [])) for g in [own, *mentioned, *others]]
 
-        picked = _draw_round_robin(queues, per_class, taken, caption_failure, cls, issues)
-        if len(picked) < per_class:
+        picked = _draw_round_robin(queues, num_per_class, taken, caption_failure, cls, issues)
+        if len(picked) < num_per_class:
             raise UserError(
                 f"class {cls.name!r} has only {len(picked)} distinct prompts, fewer than "
-                f"--per-class {per_class}: add templates, lexicon words or captions, or lower "
-                "--per-class"
+                f"--num-per-class {num_per_class}: add templates, lexicon words or captions, "
+                "or lower --num-per-class"
             )
         chosen[cls.name] = picked
     return PromptSet(classes, chosen, issues, {n: len(w) for n, w in words.items()},
@@ -665,7 +665,7 @@ def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:
         from .models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
-    result = augment_prompts(classes, cfg.per_class, cfg.seed, templates,
+    result = augment_prompts(classes, cfg.num_per_class, cfg.seed, templates,
                              merge_lexicons(*lexicons), captions, wordnet_lexicon, tokenizer)
     result.issues = missing + result.issues
     if cfg.strict and result.issues:

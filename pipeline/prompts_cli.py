@@ -8,8 +8,8 @@ from collections import Counter
 def _config(args):
     from .config import PromptsConfig, config_from, config_values
 
-    values = config_values(args, ("classes", "per_class", "seed", "out", "templates", "captions",
-                                  "model", "wordnet_max"))
+    values = config_values(args, ("classes", "num_per_class", "seed", "out", "templates",
+                                  "captions", "model", "wordnet_max"))
     if args.lexicon:
         values["lexicons"] = list(values.get("lexicons", [])) + list(args.lexicon)
     for flag, name, value in ((args.no_builtin_lexicon, "builtin_lexicon", False),
@@ -28,7 +28,7 @@ def cmd_prompts(args) -> int:
     write_prompt_file(cfg.out, records)
     words = list(result.words_per_class.values())
     sources = Counter(r["source"] for r in records)
-    print(f"wrote {len(records)} prompts ({len(result.classes)} classes x {cfg.per_class}) "
+    print(f"wrote {len(records)} prompts ({len(result.classes)} classes x {cfg.num_per_class}) "
           f"to {cfg.out}")
     print(f"words per class: {sum(words) / len(words):.1f} on average (from {min(words)} to "
           f"{max(words)}); prompts by source: "
@@ -51,27 +51,30 @@ def register(sub) -> None:
         "prompts", help="augmented prompt set (synonyms, hyponyms, templates, captions) as JSONL",
         description="Write a prompts file for `attnseg synth --prompts`: per class, templates "
         "filled with the class word and its synonyms and hyponyms, plus captions that mention "
-        "the class; deterministic given --seed, de-duplicated, --per-class prompts per class.",
+        "the class; deterministic given --seed, de-duplicated, --num-per-class prompts per class.",
     )
-    p.add_argument("--config", help="JSON or TOML file with these settings (flags override it)")
+    p.add_argument("--config", help="JSON or TOML file with these settings (flags override it; "
+                   "default: none)")
     p.add_argument("--classes", help="voc, cityscapes, coco, imagenet-s50, a class file, or "
                    "'a,b,c' (default: voc)")
-    p.add_argument("--per-class", type=int, help="prompts per class (default: 20)")
+    p.add_argument("--num-per-class", type=int, help="prompts per class (default: 20)")
     p.add_argument("--seed", type=int, help="selection seed (default: 0)")
     p.add_argument("--out", help="output JSONL file (default: prompts.jsonl)")
     p.add_argument("--lexicon", action="append", default=[], metavar="FILE",
-                   help="extra lexicon, lines 'class name: word, word' (repeatable)")
+                   help="extra lexicon, lines 'class name: word, word' (repeatable; "
+                   "default: none)")
     p.add_argument("--no-builtin-lexicon", action="store_true",
                    help="use only the --lexicon files")
     p.add_argument("--templates", help="templates file, one per line with {} for the word "
                    "(default: the class set's built-in templates)")
     p.add_argument("--captions", help="captions file, one per line; captions that mention a "
-                   "class word or one of its lexicon words become prompts")
+                   "class word or one of its lexicon words become prompts (default: none)")
     p.add_argument("--wordnet", action="store_true",
                    help="add WordNet synonyms and hyponyms (needs nltk and its corpus)")
     p.add_argument("--wordnet-max", type=int, help="WordNet words per class (default: 20)")
     p.add_argument("--model", help="check every prompt against this model's tokenizer "
-                   "('tiny', hub id, folder or .safetensors); failures are reported")
+                   "('tiny', hub id, folder or .safetensors); failures are reported "
+                   "(default: no check)")
     p.add_argument("--strict", action="store_true",
                    help="fail instead of leaving out words or captions")
     p.set_defaults(func=cmd_prompts)
@@ -79,7 +82,7 @@ def register(sub) -> None:
 
 
 
-def write_demo_prompts(out: str, classes: str = "voc", per_class: int = 2) -> tuple[str, str]:
+def write_demo_prompts(out: str, classes: str = "voc", num_per_class: int = 2) -> tuple[str, str]:
     """The demo's augmented prompt set (checked against the tiny tokenizer), written to
     OUT/prompts.jsonl; returns its path and a line describing it with examples."""
     from pathlib import Path
@@ -87,7 +90,8 @@ def write_demo_prompts(out: str, classes: str = "voc", per_class: int = 2) -> tu
     from .config import PromptsConfig
     from .prompts import build_prompt_set, write_prompt_file
 
-    result = build_prompt_set(PromptsConfig(classes=classes, per_class=per_class, model="tiny"))
+    result = build_prompt_set(PromptsConfig(classes=classes, num_per_class=num_per_class,
+                                            model="tiny"))
     path = Path(out) / "prompts.jsonl"
     write_prompt_file(path, result.records())
     replaced = [r for r in result.records() if r["source"] != "class word"]

@@ -30,32 +30,37 @@ def _scale_arg(text: str):
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON or TOML file with train settings (flags override it)")
+    p.add_argument("--config", help="JSON or TOML file with train settings (flags override "
+                   "it; default: none)")
     p.add_argument("--data", action="append", default=None, metavar="DIR",
                    help="training data folder; repeat to mix several (synthetic, VOC, "
-                   "Cityscapes or ImageNet-S layouts are detected)")
+                   "Cityscapes or ImageNet-S layouts are detected); required")
     p.add_argument("--dataset", help="reader for the --data folders: auto (default), "
                    "synthetic, webdataset, voc, cityscapes, imagenet-s[50|300|919]")
     p.add_argument("--split", help="split to train on (default: train)")
     p.add_argument("--classes", help="the run's classes: 'voc', 'cityscapes' or a data folder "
                    "(default: the first --data folder's); other sources map by class name")
-    p.add_argument("--val-data", help="validation folder (mIoU every --val-every steps)")
+    p.add_argument("--val-data", help="validation folder (mIoU every --val-every steps; "
+                   "default: none)")
     p.add_argument("--val-dataset", help="reader for --val-data (default: auto)")
     p.add_argument("--val-split", help="validation split (default: val)")
-    p.add_argument("--val-every", type=int, help="steps between validations (0: at the end)")
-    p.add_argument("--val-limit", type=int, help="validate on the first N images only")
+    p.add_argument("--val-every", type=int, help="steps between validations (0: at the end; "
+                   "default: 0)")
+    p.add_argument("--val-limit", type=int, help="validate on the first N images only "
+                   "(default: all)")
     p.add_argument("--model", help="segformer-b0..b5, upernet-convnext-tiny/small/base/large/"
                    "xlarge, or segformer-tiny/upernet-tiny (test size) (default: segformer-b0)")
     p.add_argument("--pretrained", help="local folder with a SegFormer / UperNet / ConvNeXt "
-                   "config.json and safetensors weights")
+                   "config.json and safetensors weights (default: random initialisation)")
     p.add_argument("--loss", help="ce, ignore-band, reliability-weighted, cotrain (default: ce)")
     p.add_argument("--out", help="run folder (default: runs/train); a killed run resumes")
     p.add_argument("--steps", type=int, help="optimiser steps (default: 20000)")
     p.add_argument("--batch-size", type=int, help="images per micro-batch (default: 8)")
-    p.add_argument("--accum-steps", type=int, help="micro-batches per optimiser step")
+    p.add_argument("--accum-steps", type=int, help="micro-batches per optimiser step "
+                   "(default: 1)")
     p.add_argument("--optimizer", help="adamw (default) or sgd")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 6e-5)")
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=float, help="AdamW/SGD weight decay (default: 0.01)")
     p.add_argument("--schedule", help="poly (default), cosine or constant")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 1500)")
     p.add_argument("--crop", type=_pair, metavar="N|H,W", help="training crop (default: 512)")
@@ -63,13 +68,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the networks (slow first step, faster after)")
     p.add_argument("--workers", type=int, help="data loader processes (default: 2)")
-    p.add_argument("--seed", type=int, help="seed of data order, augmentation and init")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--log-every", type=int, help="steps between log rows")
+    p.add_argument("--seed", type=int, help="seed of data order, augmentation and init "
+                   "(default: 0)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
+                   "(default: 1000)")
+    p.add_argument("--log-every", type=int, help="steps between log rows (default: 10)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting, e.g. --set loss.band_threshold=0.3 --set "
-                   "augment.scale_range=[0.5,2.0] --set head_lr_mult=1 (VALUE is JSON)")
+                   "augment.scale_range=[0.5,2.0] --set head_lr_mult=1 (VALUE is JSON; "
+                   "default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -91,7 +99,17 @@ def train_config_from_args(args):
     if args.no_progress:
         values["progress"] = False
     apply_set(values, args.set)
-    return train_config_from(values)
+    cfg = train_config_from(values)
+    if "warmup_steps" not in values and cfg.warmup_steps >= cfg.steps:
+        # The default warm-up (1500 steps) is for full runs; a short run would spend all its
+        # steps warming up, so it gets a tenth of its steps, and is told so.
+        cfg.warmup_steps = cfg.steps // 10
+        print(f"note: {cfg.steps} steps are fewer than the default warm-up; warming up over "
+              f"{cfg.warmup_steps} steps instead (--warmup-steps sets it)")
+    elif cfg.warmup_steps >= cfg.steps:
+        print(f"note: the warm-up ({cfg.warmup_steps} steps) lasts the whole run "
+              f"({cfg.steps} steps): the learning rate never reaches its peak")
+    return cfg
 
 
 def cmd_train(args) -> int:
@@ -139,8 +157,7 @@ def cmd_eval(args) -> int:
         if report.get("unlabelled_frac"):
             print(f"pseudo-mask pixels marked ignore (counted as wrong): "
                   f"{100 * report['unlabelled_frac']:.2f} %")
-        if args.out:
-            print(f"report: {write_report(args.out, report)}")
+        print(f"report: {write_report(args.out or Path(args.pseudo) / 'eval-pseudo.json', report)}")
         return 0
     if not args.checkpoint or not args.data:
         raise UserError("give --checkpoint RUN and --data ROOT (or --pseudo DIR --gt DIR)")
@@ -169,8 +186,10 @@ def eval_checkpoint_from_args(args) -> dict:
     device = resolve_device(args.device or "auto")
     model = load_model(args.checkpoint, device)
     kind = args.dataset or "auto"
-    source = open_source(args.data, kind, args.split)
     kind = detect_kind(args.data) if kind == "auto" else kind
+    # attnseg synth writes one split, train: evaluating a synthetic set means that one.
+    split = args.split or ("train" if kind in ("synthetic", "webdataset") else "val")
+    source = open_source(args.data, kind, split)
     infer = inference_for(kind)
     if args.mode:
         infer.mode = args.mode
@@ -184,7 +203,7 @@ def eval_checkpoint_from_args(args) -> dict:
     with torch.inference_mode():
         report = evaluate_model(model, source, infer, args.limit, progress=not args.no_progress)
     report.update({"checkpoint": str(args.checkpoint), "data": str(args.data),
-                   "dataset": kind, "split": args.split, "model": model.name,
+                   "dataset": kind, "split": split, "model": model.name,
                    "tiny_model": model.name in TINY_MODELS})
     return report
 
@@ -247,24 +266,33 @@ def register(sub) -> None:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="mIoU of a trained model, or of pseudo-masks vs ground truth")
-    p.add_argument("--checkpoint", help="run folder, model .safetensors or training checkpoint")
-    p.add_argument("--data", help="dataset root (VOCdevkit, Cityscapes, ImageNetS50, ...)")
+    p.add_argument("--checkpoint", help="run folder, model .safetensors or training "
+                   "checkpoint (default: none; or --pseudo/--gt)")
+    p.add_argument("--data", help="dataset root (VOCdevkit, Cityscapes, ImageNetS50, an "
+                   "attnseg synthetic dataset ...); required with --checkpoint")
     p.add_argument("--dataset", help="auto (default), synthetic, voc, cityscapes, "
                    "imagenet-s[50|300|919]")
-    p.add_argument("--split", default="val", help="split (default: val)")
+    p.add_argument("--split", help="split (default: train for an attnseg synthetic dataset, "
+                   "which has no other, else val)")
     p.add_argument("--mode", choices=("whole", "slide"), help="whole-image or sliding-window "
                    "inference (default: the benchmark's usual one)")
     p.add_argument("--scale", type=_scale_arg, help="rescale to fit LONG,SHORT first, or 'none' "
                    "(default: the benchmark's usual one)")
-    p.add_argument("--crop", type=_pair, metavar="N|H,W", help="sliding-window size")
-    p.add_argument("--stride", type=_pair, metavar="N|H,W", help="sliding-window stride")
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
-    p.add_argument("--pseudo", help="folder of pseudo-mask PNGs (or a synthetic dataset)")
-    p.add_argument("--gt", help="folder of ground-truth PNGs matched by file name")
-    p.add_argument("--num-classes", type=int, help="--pseudo mode: number of classes")
-    p.add_argument("--ignore-index", type=int, help="--pseudo mode: ignore value (255)")
+    p.add_argument("--crop", type=_pair, metavar="N|H,W", help="sliding-window size (default: "
+                   "the benchmark's)")
+    p.add_argument("--stride", type=_pair, metavar="N|H,W", help="sliding-window stride "
+                   "(default: the benchmark's)")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only (default: all)")
+    p.add_argument("--pseudo", help="folder of pseudo-mask PNGs (or a synthetic dataset; "
+                   "default: none)")
+    p.add_argument("--gt", help="folder of ground-truth PNGs matched by file name "
+                   "(default: none)")
+    p.add_argument("--num-classes", type=int, help="--pseudo mode: number of classes "
+                   "(default: from classes.json)")
+    p.add_argument("--ignore-index", type=int, help="--pseudo mode: ignore value "
+                   "(default: 255)")
     p.add_argument("--out", help="JSON report path (default for --checkpoint RUN: "
-                   "RUN/eval-<dataset>-<split>.json)")
-    p.add_argument("--device", help="auto, cpu, cuda ...")
-    p.add_argument("--no-progress", action="store_true")
+                   "RUN/eval-<dataset>-<split>.json; for --pseudo DIR: DIR/eval-pseudo.json)")
+    p.add_argument("--device", help="auto, cpu, cuda ... (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

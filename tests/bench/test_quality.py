@@ -118,10 +118,10 @@ def _cli(*args, cwd):
 def test_quality_cli_end_to_end_and_resume(voc, tmp_path):
     (tmp_path / "classes.txt").write_text(CLASS_FILE)
     common = ["--classes", str(tmp_path / "classes.txt"), "--num-per-class", "1", "--steps", "3",
-              "--size", "64", "--labelled", str(voc), "--noise-levels", "0.1,0.3",
-              "--train-steps", "4", "--train-model", "segformer-tiny", "--train-set",
-              "batch_size=2", "--train-set", "augment.crop_size=[32,32]", "--train-set",
-              "workers=0", "--no-progress", "--out", str(tmp_path / "q")]
+              "--height", "64", "--width", "64", "--labelled", str(voc), "--noise-levels",
+              "0.1,0.3", "--train-steps", "4", "--train-model", "segformer-tiny", "--set",
+              "train.batch_size=2", "--set", "train.augment.crop_size=[32,32]", "--set",
+              "train.workers=0", "--no-progress", "--out", str(tmp_path / "q")]
     run = _cli(*common, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "q.json").read_text())
@@ -156,7 +156,8 @@ def test_quality_cli_end_to_end_and_resume(voc, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--labelled", "nowhere"], "labelled set nowhere does not exist"),
     (["--noise-levels", "0.2,1.5"], "must be in [0, 1)"),
-    (["--train-set", "nonsense"], "is not of the form KEY=VALUE"),
+    (["--set", "nonsense"], "is not of the form SECTION.KEY=VALUE"),
+    (["--set", "other.x=1"], "--set sections are real and train"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     run = _cli(*args, "--out", str(tmp_path / "q"), cwd=tmp_path)
@@ -168,6 +169,6 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 def test_a_foreign_json_is_refused_as_throughput(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"benchmark": "something else"}))
     run = _cli("--throughput", str(tmp_path / "x.json"), "--num-per-class", "1", "--steps", "1",
-               "--size", "64", "--classes", "dog", "--train-steps", "0", "--out",
+               "--height", "64", "--classes", "dog", "--train-steps", "0", "--out",
                str(tmp_path / "q"), cwd=tmp_path)
     assert run.returncode == 2 and "is not an `attnseg bench throughput` result" in run.stderr

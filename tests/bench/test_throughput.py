@@ -12,11 +12,14 @@ from attnseg.pipeline.cli import main
 
 def test_throughput_json_has_every_field(tmp_path, capsys):
     out = tmp_path / "tp"
-    assert main(["bench", "throughput", "--model", "tiny", "--size", "64", "--steps", "2",
-                 "--repeats", "2", "--warmup", "0", "--batch-sizes", "1,2",
+    assert main(["bench", "throughput", "--model", "tiny", "--height", "64", "--width", "64",
+                 "--steps", "2", "--repeats", "2", "--warmup", "0", "--batch-size", "1,2",
                  "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| torch | 2 | harvest |" in printed and "random weights" in printed
+    # A line per measured run on stderr, so a long sweep shows it is alive.
+    assert captured.err.count("bench: torch batch") == 2 * 2 * len(VARIANTS)
     result = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0 and out.with_suffix(".md").exists()
     for key in ("platform", "cpu_count", "torch", "diffusers", "transformers", "device"):
@@ -42,8 +45,9 @@ def test_throughput_json_has_every_field(tmp_path, capsys):
         assert 0 < harvest["attention_state_bytes"] * 20 < store["attention_state_bytes"]
     # The store-every-map state grows with the step count; attnseg's does not.
     out2 = tmp_path / "tp4"
-    assert main(["bench", "throughput", "--size", "64", "--steps", "4", "--repeats", "1",
-                 "--warmup", "0", "--batch-sizes", "1", "--no-plots", "--out", str(out2)]) == 0
+    assert main(["bench", "throughput", "--height", "64", "--width", "64", "--steps", "4",
+                 "--repeats", "1", "--warmup", "0", "--batch-size", "1", "--no-plots",
+                 "--no-progress", "--out", str(out2)]) == 0
     rows4 = {r["variant"]: r for r in json.loads(out2.with_suffix(".json").read_text())["summary"]}
     held = {v: rows[(1, v)]["attention_state_bytes"] for v in ("harvest", "store_every_map")}
     assert rows4["harvest"]["attention_state_bytes"] == held["harvest"]
@@ -51,8 +55,32 @@ def test_throughput_json_has_every_field(tmp_path, capsys):
 
 
 def test_unknown_backend_is_a_clear_error(capsys):
-    assert main(["bench", "throughput", "--backends", "nope", "--no-plots"]) == 2
+    assert main(["bench", "throughput", "--backend", "nope", "--no-plots"]) == 2
     assert "backend(s) ['nope'] not available" in capsys.readouterr().err
+
+
+def test_out_with_a_suffix_and_a_non_square_size(tmp_path, capsys):
+    """--out x.json writes x.json and x.md (not x.json.md); images need not be square."""
+    out = tmp_path / "x.json"
+    assert main(["bench", "throughput", "--height", "64", "--width", "48", "--steps", "1",
+                 "--repeats", "1", "--warmup", "0", "--batch-size", "1", "--no-plots",
+                 "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.md"]
+    result = json.loads(out.read_text())
+    assert result["size"] == [64, 48] and f"results: {out}, {tmp_path / 'x.md'}" in printed
+    # One run per variant: no spread to judge a ratio by, so every ratio is marked.
+    harvest = next(r for r in result["summary"] if r["variant"] == "harvest")
+    assert harvest["within_spread"] and "not meaningful" in printed
+
+
+def test_a_ratio_within_the_run_spread_is_marked():
+    from attnseg.bench.throughput import ratio_within_spread
+
+    stock = {"median": 10.0, "min": 9.0, "max": 12.0, "n": 3}
+    assert ratio_within_spread(0.95, {"median": 9.5, "min": 9.4, "max": 9.6, "n": 3}, stock)
+    assert not ratio_within_spread(1.5, {"median": 15, "min": 14.8, "max": 15.2, "n": 3}, stock)
+    assert ratio_within_spread(1.5, {"median": 15, "min": 14.8, "max": 15.2, "n": 1}, stock)
 
 
 def test_engine_backend_runs_harvest_against_the_torch_stock_baseline(tmp_path, monkeypatch,
@@ -61,9 +89,9 @@ def test_engine_backend_runs_harvest_against_the_torch_stock_baseline(tmp_path, 
     pytest.importorskip("onnxscript")
     monkeypatch.setenv("ATTNSEG_ENGINE_CACHE", str(tmp_path / "engines"))
     out = tmp_path / "tp"
-    assert main(["bench", "throughput", "--backends", "onnxruntime", "--size", "64", "--steps",
-                 "2", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1", "--no-plots",
-                 "--out", str(out)]) == 0
+    assert main(["bench", "throughput", "--backend", "onnxruntime", "--height", "64", "--width",
+                 "64", "--steps", "2", "--repeats", "1", "--warmup", "0", "--batch-size", "1",
+                 "--no-plots", "--no-progress", "--out", str(out)]) == 0
     rows = {(r["backend"], r["variant"]): r
             for r in json.loads(out.with_suffix(".json").read_text())["summary"]}
     # Only the stock baseline of torch (not asked for) and the engine's harvest run.

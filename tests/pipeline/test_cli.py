@@ -203,6 +203,41 @@ def test_help_lists_subcommands():
     assert r.returncode == 0
     for sub in ("synth", "demo", "presets"):
         assert sub in r.stdout
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("attnseg ")
+
+
+def _options(parser, prefix="attnseg"):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{prefix} {name}")
+        elif action.option_strings and action.dest not in ("help", "version"):
+            yield prefix, action
+
+
+def test_every_flag_has_help_with_its_default_and_one_name_per_concept():
+    import argparse
+
+    from attnseg.pipeline.cli import build_parser
+
+    names = set()
+    for where, action in _options(build_parser()):
+        flag = isinstance(action, argparse._StoreTrueAction)
+        assert action.help, f"{where} {action.option_strings} has no help"
+        if not flag:
+            assert "default" in action.help or "required" in action.help, \
+                f"{where} {action.option_strings}: help does not say its default"
+        names.update(action.option_strings)
+    # The names a concept used to have besides its one name.
+    for old in ("--per-class", "--size", "--resolution", "--backends", "--batch-sizes",
+                "--train-set"):
+        assert old not in names, old
+    for concept in ("--num-per-class", "--height", "--width", "--backend", "--batch-size",
+                    "--set", "--lora", "--allow-pickle"):
+        assert concept in names, concept
 
 
 def test_model_from_local_folder(tmp_path, tiny_pipe):

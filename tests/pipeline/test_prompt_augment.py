@@ -84,7 +84,7 @@ def test_templates_and_articles(tmp_path):
 @pytest.mark.parametrize("class_set", ["voc", "cityscapes", "coco", "imagenet-s50"])
 def test_every_builtin_prompt_is_found_by_harvesting(class_set, tok):
     """Deterministic, balanced, de-duplicated, and every label word's tokens are found."""
-    cfg = PromptsConfig(classes=class_set, per_class=8, seed=3)
+    cfg = PromptsConfig(classes=class_set, num_per_class=8, seed=3)
     result = build_prompt_set(cfg, tokenizer=tok)
     assert result.checked and not result.issues
     records = result.records()
@@ -102,7 +102,7 @@ def test_every_builtin_prompt_is_found_by_harvesting(class_set, tok):
     # Same seed, same prompts (the check leaves out nothing here, so it changes nothing);
     # another seed, another selection.
     assert build_prompt_set(cfg).records() == records
-    assert build_prompt_set(PromptsConfig(classes=class_set, per_class=8, seed=4)).records() \
+    assert build_prompt_set(PromptsConfig(classes=class_set, num_per_class=8, seed=4)).records() \
         != records
 
 
@@ -137,7 +137,7 @@ def test_captions_become_labelled_prompts(tmp_path, tok):
     ]) + "\n")
     lexicon = tmp_path / "lex.txt"
     lexicon.write_text("hot dog: frankfurter\n")
-    cfg = PromptsConfig(classes="dog,cat,hot dog,person,motorbike", per_class=3,
+    cfg = PromptsConfig(classes="dog,cat,hot dog,person,motorbike", num_per_class=3,
                         captions=str(captions), lexicons=[str(lexicon)])
     result = build_prompt_set(cfg, tokenizer=tok)
     records = result.records()
@@ -167,7 +167,7 @@ def test_tokenisation_failures_are_reported_not_dropped(tmp_path, tok):
     lexicon.write_text("dog: puppy, good boy!\n")
     templates = tmp_path / "t.txt"
     templates.write_text("a photo of a {}.\na {} on the grass\na {} at home\n")
-    cfg = PromptsConfig(classes="dog,", per_class=6, lexicons=[str(lexicon)],
+    cfg = PromptsConfig(classes="dog,", num_per_class=6, lexicons=[str(lexicon)],
                         templates=str(templates), builtin_lexicon=False)
     result = build_prompt_set(cfg, tokenizer=tok)
     [issue] = result.issues
@@ -204,7 +204,7 @@ def test_word_that_becomes_the_unknown_token_is_reported(tmp_path):
         find_word_tokens(tok, "a photo of a quokka", "quokka")
     lexicon = tmp_path / "lex.txt"
     lexicon.write_text("cat: kitten, quoll\n")
-    cfg = PromptsConfig(classes="cat,", per_class=3, lexicons=[str(lexicon)],
+    cfg = PromptsConfig(classes="cat,", num_per_class=3, lexicons=[str(lexicon)],
                         builtin_lexicon=False)
     result = build_prompt_set(cfg, tokenizer=tok)
     assert [(i.word, i.failed, i.total) for i in result.issues] == [("quoll", 20, 20)]
@@ -256,7 +256,7 @@ def test_wordnet_words_and_missing_nltk(monkeypatch):
     assert wordnet_words("dog", wn) == ["domestic dog", "Canis familiaris", "puppy", "retriever",
                                         "golden retriever"]
     assert wordnet_words("dog", wn, max_words=2) == ["domestic dog", "Canis familiaris"]
-    cfg = PromptsConfig(classes="dog,zorblax", per_class=2, wordnet=True,
+    cfg = PromptsConfig(classes="dog,zorblax", num_per_class=2, wordnet=True,
                         builtin_lexicon=False)
     result = build_prompt_set(cfg, wordnet=wn)
     dog_words = {r["labels"][0]["word"] for r in result.records()
@@ -269,14 +269,14 @@ def test_wordnet_words_and_missing_nltk(monkeypatch):
     monkeypatch.setitem(sys.modules, "nltk", None)
     monkeypatch.setitem(sys.modules, "nltk.corpus", None)
     with pytest.raises(UserError, match="--wordnet needs nltk"):
-        build_prompt_set(PromptsConfig(classes="dog,", per_class=1, wordnet=True))
+        build_prompt_set(PromptsConfig(classes="dog,", num_per_class=1, wordnet=True))
 
 
 def test_prompts_cli_end_to_end_into_synth(tmp_path):
     prompts = tmp_path / "p.jsonl"
     r = subprocess.run(
         [sys.executable, "-m", "attnseg.pipeline.cli", "prompts", "--classes", "dog,cat,",
-         "--per-class", "3", "--seed", "1", "--model", "tiny", "--out", str(prompts)],
+         "--num-per-class", "3", "--seed", "1", "--model", "tiny", "--out", str(prompts)],
         capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "wrote 6 prompts (2 classes x 3)" in r.stdout
@@ -296,11 +296,11 @@ def test_prompts_cli_end_to_end_into_synth(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--classes", "vocc"], "unknown class set 'vocc'"),
-    (["--per-class", "0"], "--per-class must be >= 1"),
+    (["--num-per-class", "0"], "--num-per-class must be >= 1"),
     (["--lexicon", "/no/such/lexicon.txt"], "lexicon file /no/such/lexicon.txt does not exist"),
     (["--captions", "/no/such/captions.txt"], "captions file /no/such/captions.txt does not"),
     (["--model", "./no/such/model"], "model path ./no/such/model does not exist"),
-    (["--classes", "sky,", "--per-class", "500"], "class 'sky' has only"),
+    (["--classes", "sky,", "--num-per-class", "500"], "class 'sky' has only"),
 ])
 def test_prompts_cli_bad_input(tmp_path, capsys, args, message):
     out = tmp_path / "p.jsonl"

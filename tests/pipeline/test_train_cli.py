@@ -75,6 +75,42 @@ def test_train_and_eval_end_to_end(demo_data, tmp_path, capsys):
     assert json.loads(pseudo_report.read_text())["mIoU"] == pytest.approx(1.0)
 
 
+def test_eval_defaults_fit_a_synthetic_dataset(demo_data, tmp_path, capsys):
+    """What a new user types: the synthetic set's only split is the default, the pseudo-mask
+    score is written as JSON too, and the JSON says its metrics are fractions."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(demo_data), "--out", str(run), "--steps", "2",
+                 *TRAIN]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--data", str(demo_data),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((run / "eval-synthetic-train.json").read_text())
+    assert report["split"] == "train" and report["images"] == 6
+    assert "fractions" in report["units"] and "IoU %" in printed
+    pseudo = tmp_path / "pseudo"
+    import shutil
+
+    shutil.copytree(demo_data / "SegmentationClass", pseudo)
+    assert main(["eval", "--pseudo", str(pseudo), "--gt",
+                 str(demo_data / "SegmentationClass"), "--num-classes", "4"]) == 0
+    assert f"report: {pseudo / 'eval-pseudo.json'}" in capsys.readouterr().out
+    assert json.loads((pseudo / "eval-pseudo.json").read_text())["mIoU"] == pytest.approx(1.0)
+
+
+def test_a_short_run_says_how_it_warms_up(demo_data, tmp_path, capsys):
+    args = ["train", "--data", str(demo_data), "--steps", "20", "--model", "segformer-tiny",
+            "--batch-size", "2", "--crop", "64", "--workers", "0", "--no-progress"]
+    from attnseg.pipeline.cli import build_parser
+    from attnseg.pipeline.train_cli import train_config_from_args
+
+    cfg = train_config_from_args(build_parser().parse_args([*args, "--out", str(tmp_path)]))
+    assert cfg.warmup_steps == 2  # not the default 1500
+    assert "warming up over 2 steps" in capsys.readouterr().out
+    cfg = train_config_from_args(build_parser().parse_args(
+        [*args, "--out", str(tmp_path), "--warmup-steps", "50"]))
+    assert cfg.warmup_steps == 50 and "lasts the whole run" in capsys.readouterr().out
+
+
 def test_killed_training_resumes_to_the_same_weights(demo_data, tmp_path):
     args = ["train", "--data", str(demo_data), "--loss", "reliability-weighted", "--steps", "16",
             "--checkpoint-every", "4", *TRAIN]
