@@ -87,7 +87,7 @@ def test_training_lowers_loss_and_writes_a_diffusers_lora(trained):
     # The loaded LoRA is the trained one, scale (alpha / rank = 2) included: it reproduces the
     # probe loss measured at the end of training.
     images = find_training_images(cfg.images, cfg.caption)
-    probe = _Trainer(pipe, images, cfg, cfg.resolution).probe_loss()
+    probe = _Trainer(pipe, images, cfg, cfg.crop).probe_loss()
     assert probe == pytest.approx(summary["probe_loss_end"], rel=1e-4)
 
 
