@@ -57,14 +57,14 @@ def build_pipe(model: str, device, dtype):
 
 def measure(pipe, batch: int, args, device, dtype, preset, variants) -> dict:
     """Time every variant at one batch size (round 0 warms up / compiles)."""
-    from attnseg.bench.throughput import StoreEveryMapProcessor
     from attnseg.engines.runner import (
         EngineHarvester,
         EngineOptions,
         compiled_engine_set,
         engine_key,
     )
-    from attnseg.pipeline.harvest import AttentionHarvester, HarvestResult, grid_size
+    from attnseg.pipeline.attention import StoreEveryMapProcessor, grid_size
+    from attnseg.pipeline.harvest import AttentionHarvester, HarvestResult
     from attnseg.pipeline.masks import masks_from_harvest
     from attnseg.pipeline.models import model_fingerprint
     from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes

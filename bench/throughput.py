@@ -37,11 +37,12 @@ import numpy as np
 import psutil
 import torch
 
+from attnseg.pipeline.attention import StoreEveryMapProcessor
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.harvest import AttentionHarvester, _stock_attention, _synced_clock
+from attnseg.pipeline.harvest import AttentionHarvester
 from attnseg.pipeline.masks import masks_from_harvest
 from attnseg.pipeline.models import RANDOM_MODELS, default_size, load_pipeline
 from attnseg.pipeline.prompts import class_token_weights, default_prompts, load_classes
@@ -74,19 +75,48 @@ class ThroughputConfig:
     extra: dict = field(default_factory=dict)
 
 
-class StoreEveryMapProcessor:
-    """Explicit cross-attention softmax of every call kept in a list (the older tools' way)."""
+def synced_clock(device: torch.device) -> float:
+    """Wall time after the device's queued work is done (a component's boundary)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
-    def __init__(self, store: list):
-        self.store = store
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        out, query, key = _stock_attention(attn, hidden_states, encoder_hidden_states,
-                                           attention_mask, temb)
-        if encoder_hidden_states is not None:
-            self.store.append(torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1))
-        return out
+class HarvestTimer:
+    """Time spent in the harvester's per-layer work, measured from outside it: its `observe`
+    is wrapped on the instance. On a GPU each call is bracketed by CUDA events, read once
+    after the run, so no layer waits for the device (a per-layer synchronise would make the
+    harvesting look dearer than it is); on a CPU the calls are timed directly."""
+
+    def __init__(self, harvester, device: torch.device):
+        self.device = device
+        self._events: list = []
+        self._cpu_seconds = 0.0
+        observe = harvester.observe  # the bound method: the wrapper below shadows it
+
+        def timed(*args, **kwargs):
+            if self.device.type == "cuda":
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                observe(*args, **kwargs)
+                end.record()
+                self._events.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                observe(*args, **kwargs)
+                self._cpu_seconds += time.perf_counter() - t0
+
+        harvester.observe = timed
+
+    def reset(self) -> None:
+        self._events.clear()
+        self._cpu_seconds = 0.0
+
+    def seconds(self) -> float:
+        if self._events:
+            torch.cuda.synchronize(self.device)
+            return sum(s.elapsed_time(e) for s, e in self._events) / 1000.0
+        return self._cpu_seconds
 
 
 class PeakRSS:
@@ -136,7 +166,7 @@ class _ComponentClock:
         pipe.vae.decode = timed_decode
 
     def now(self) -> float:
-        return _synced_clock(self.device)
+        return synced_clock(self.device)
 
     def _start(self, name):
         def hook(module, args):
@@ -210,7 +240,7 @@ class _Bench:
             return
         self.stock_processor = AttnProcessor2_0()
         self.harvester = AttentionHarvester(pipe.unet, self.preset.harvest)
-        self.harvester.timed = True
+        self.harvest_timer = HarvestTimer(self.harvester, device)
         self.harvest_processors = dict(pipe.unet.attn_processors)
         self.store: list = []
         self.store_processors = {
@@ -231,7 +261,7 @@ class _Bench:
         clock, preset = self.clock, self.preset
         if not self.engine:
             self.pipe.unet.set_attn_processor(dict(self.harvest_processors))  # it pops entries
-            self.harvester.observe_seconds = 0.0
+            self.harvest_timer.reset()
         with self.harvester.capture(case.weights, self.size, self.cfg.steps) as cap:
             images = self._generate(case)
         t = clock.now()
@@ -245,8 +275,9 @@ class _Bench:
         clock.seconds["write"] += clock.now() - t
         if not self.engine:
             # The harvesting ran inside the UNet's forward: move its time out of the UNet's.
-            clock.seconds["harvest"] = self.harvester.observe_seconds
-            clock.seconds["unet"] -= self.harvester.observe_seconds
+            harvest = self.harvest_timer.seconds()
+            clock.seconds["harvest"] = harvest
+            clock.seconds["unet"] -= harvest
         return cap.nbytes()
 
     def _store_every_map(self, case: _Case) -> int:

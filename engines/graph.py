@@ -26,8 +26,14 @@ import torch
 
 from ..kernels.class_attention import accumulate_class_attention, accumulate_class_attention_ref
 from ..kernels.interp import resize
+from ..pipeline.attention import (
+    ObservingAttnProcessor,
+    grid_size,
+    install_observers,
+    layer_grid,
+    self_attention_probs,
+)
 from ..pipeline.config import HarvestConfig
-from ..pipeline.harvest import _block_of, _grid, _stock_attention, grid_size
 
 MAP_IMPLS = ("ref", "op", "plugin")
 
@@ -137,23 +143,6 @@ class MapOutput:
         return cls(d["name"], d["kind"], int(d["stride"]), tuple(d["shape"]), float(d["count"]))
 
 
-class _MapProcessor:
-    """Attention processor: the stock output, plus the q/k handed to `UNetWithMaps`."""
-
-    def __init__(self, owner: UNetWithMaps, name: str, cross: bool):
-        self.owner = owner
-        self.block = _block_of(name)
-        self.cross = cross
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        out, query, key = _stock_attention(
-            attn, hidden_states, encoder_hidden_states, attention_mask, temb
-        )
-        self.owner._observe(self, attn, query, key)
-        return out
-
-
 class UNetWithMaps(torch.nn.Module):
     """UNet -> (noise prediction, this step's map sums...), harvesting inside the graph.
 
@@ -175,17 +164,8 @@ class UNetWithMaps(torch.nn.Module):
         self.map_impl = map_impl
         # Class-count tile of the plugin kernel (>= the engine's largest class count).
         self.plugin_block_c = 16
-        self._previous = dict(unet.attn_processors)
-        processors = {}
-        for name, proc in self._previous.items():
-            module_name = name.rsplit(".processor", 1)[0]
-            kind = module_name.rsplit(".", 1)[-1]
-            if kind == "attn2" or (kind == "attn1" and spec.refine_stride):
-                processors[name] = _MapProcessor(self, module_name, kind == "attn2")
-            else:
-                processors[name] = proc
-        unet.set_attn_processor(processors)
         self._state: dict | None = None
+        self._previous = install_observers(unet, self, self_attention=bool(spec.refine_stride))
         self.layout = self._discover_layout()
 
     def remove(self) -> None:
@@ -238,7 +218,9 @@ class UNetWithMaps(torch.nn.Module):
         noise, sums = self._run(sample, timestep, encoder_hidden_states, token_weights)
         return (noise, *[sums[(m.kind, m.stride)] for m in self.layout])
 
-    def _observe(self, proc: _MapProcessor, attn, query, key) -> None:
+    def observe(self, proc: ObservingAttnProcessor, attn, query, key) -> None:
+        """One attention layer's q/k during a forward (`ObservingAttnProcessor` calls this):
+        the cond half's class maps are added into this step's map outputs."""
         state = self._state
         if state is None:
             return
@@ -247,16 +229,12 @@ class UNetWithMaps(torch.nn.Module):
         b = tw.shape[0]
         # Classifier-free guidance stacks [uncond, cond]: keep the cond half (as the harvester).
         query, key = query[b:], key[b:]
-        stride, h, w = _grid(query.shape[2], state["latent_hw"], self.image_size)
+        stride, h, w = layer_grid(query.shape[2], state["latent_hw"], self.image_size)
         sums = state["sums"]
         if not proc.cross:
             if stride == spec.refine_stride:
-                # Same math as AttentionHarvester._observe_self: head-mean softmax of the cond
-                # half's self-attention.
-                probs = torch.softmax(
-                    torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale,
-                    dim=-1,
-                ).mean(dim=1)
+                # The harvester's math: head-mean softmax of the cond half's self-attention.
+                probs = self_attention_probs(query, key, attn.scale)
                 slot = ("self", stride)
                 sums[slot] = probs if slot not in sums else sums[slot] + probs
                 self._count(slot, probs, 1.0)

@@ -1,9 +1,10 @@
 """Harvest per-class cross-attention maps from a diffusers UNet while it denoises.
 
-`AttentionHarvester` installs small attention processors (diffusers' `set_attn_processor`
-mechanism) on the UNet's cross-attention modules. Each processor computes the module's output
-exactly as the stock fused processor does (one `scaled_dot_product_attention`), so images are
-unchanged, and additionally hands the conditional half's queries and the text keys to the
+`AttentionHarvester` installs `pipeline.attention`'s observing processors (diffusers'
+`set_attn_processor` mechanism) on the UNet's cross-attention modules. Each processor computes
+the module's output exactly as the stock fused processor does (one
+`scaled_dot_product_attention`), so images are unchanged, and hands the queries and keys to the
+harvester, which passes the conditional half's queries and the text keys to the
 `accumulate_class_attention` kernel, which recomputes softmax(Q.K_text^T/sqrt(d)) over the text
 keys only, keeps the class-token columns, averages heads and adds the result into one running
 buffer per stride. Nothing is stored per step or per layer: memory is independent of the number
@@ -21,13 +22,18 @@ Usage on any diffusers Stable Diffusion pipeline::
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels.class_attention import accumulate_class_attention
+from .attention import (
+    ObservingAttnProcessor,
+    grid_size,
+    install_observers,
+    layer_grid,
+    self_attention_probs,
+)
 from .config import HarvestConfig
 from .errors import UserError
 
@@ -45,42 +51,6 @@ class HarvestResult:
     maps: dict[int, torch.Tensor]
     self_attention: torch.Tensor | None
     image_size: tuple[int, int]
-
-
-def _synced_clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _block_of(name: str) -> str:
-    if name.startswith("down_blocks"):
-        return "down"
-    if name.startswith("mid_block"):
-        return "mid"
-    if name.startswith("up_blocks"):
-        return "up"
-    return "other"
-
-
-def _grid(n: int, latent_hw: tuple[int, int], image_size: tuple[int, int]):
-    """(stride, h, w) of an attention layer with `n` queries.
-
-    UNet levels halve the latent with rounding up, so a level f levels down has
-    ceil(latent / 2^f) rows; its stride is image pixels per latent pixel times 2^f.
-    """
-    lh, lw = latent_hw
-    h, w, f = lh, lw, 1
-    while h * w > n:
-        h, w, f = -(-h // 2), -(-w // 2), f * 2
-    if h * w != n:
-        raise RuntimeError(f"cannot place {n} queries on a {lh}x{lw} latent grid")
-    return image_size[0] // lh * f, h, w
-
-
-def grid_size(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
-    """Map size at `stride`: UNet levels round up, so ceil(H / stride) x ceil(W / stride)."""
-    return -(-image_size[0] // stride), -(-image_size[1] // stride)
 
 
 class _Capture:
@@ -114,83 +84,6 @@ class _Capture:
         return total
 
 
-def _stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-    """The computation of diffusers' AttnProcessor2_0, returning the output and the q/k used.
-
-    Kept operation-for-operation equal to the stock processor so outputs match bitwise.
-    """
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch_size, channel, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-    batch_size, sequence_length, _ = (
-        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-    )
-    if attention_mask is not None:
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = attn.to_q(hidden_states)
-    if encoder_hidden_states is None:
-        encoder_hidden_states = hidden_states
-    elif attn.norm_cross:
-        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-    value = attn.to_v(encoder_hidden_states)
-    inner_dim = key.shape[-1]
-    head_dim = inner_dim // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-    )
-    out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-    out = out.to(query.dtype)
-    out = attn.to_out[0](out)
-    out = attn.to_out[1](out)
-    if input_ndim == 4:
-        out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
-    if attn.residual_connection:
-        out = out + residual
-    out = out / attn.rescale_output_factor
-    return out, query, key
-
-
-class HarvestingAttnProcessor:
-    """Attention processor that computes the stock output and reports q/k to the harvester."""
-
-    def __init__(self, harvester: AttentionHarvester, name: str, cross: bool):
-        self.harvester = harvester
-        self.name = name
-        self.block = _block_of(name)
-        self.cross = cross
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        out, query, key = _stock_attention(
-            attn, hidden_states, encoder_hidden_states, attention_mask, temb
-        )
-        harvester = self.harvester
-        capture = harvester._capture
-        if capture is not None and capture.active():
-            if harvester.timed:  # benchmarks attribute time to harvesting (syncs the GPU)
-                t0 = _synced_clock(query.device)
-                harvester._observe(self, attn, query, key, capture)
-                harvester.observe_seconds += _synced_clock(query.device) - t0
-            else:
-                harvester._observe(self, attn, query, key, capture)
-        return out
-
-
 class AttentionHarvester:
     """Accumulates class-token cross-attention maps of a UNet into per-stride running means.
 
@@ -203,19 +96,7 @@ class AttentionHarvester:
         self.unet = unet
         self.config = config
         self._capture: _Capture | None = None
-        # Set `timed` to accumulate the seconds spent harvesting in `observe_seconds`.
-        self.timed = False
-        self.observe_seconds = 0.0
-        self._previous = dict(unet.attn_processors)
-        processors = {}
-        for name, proc in self._previous.items():
-            module_name = name.rsplit(".processor", 1)[0]
-            kind = module_name.rsplit(".", 1)[-1]
-            if kind == "attn2" or (kind == "attn1" and config.refine_power > 0):
-                processors[name] = HarvestingAttnProcessor(self, module_name, kind == "attn2")
-            else:
-                processors[name] = proc
-        unet.set_attn_processor(processors)
+        self._previous = install_observers(unet, self, self_attention=config.refine_power > 0)
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
 
     def remove(self) -> None:
@@ -252,7 +133,13 @@ class AttentionHarvester:
             self._capture = None
         capture.result = self._finish(capture)
 
-    def _observe(self, proc, attn, query, key, capture: _Capture) -> None:
+    def observe(self, proc: ObservingAttnProcessor, attn, query, key) -> None:
+        """One attention layer's q/k [2B or B, heads, N, d] during a UNet call: added into the
+        running buffers when a capture is on, the step is in the window and the layer is
+        selected (`ObservingAttnProcessor` calls this)."""
+        capture = self._capture
+        if capture is None or not capture.active():
+            return
         cfg = self.config
         b = capture.batch
         total = query.shape[0]
@@ -262,7 +149,7 @@ class AttentionHarvester:
             raise RuntimeError(
                 f"attention batch {total} is neither the harvested batch {b} nor twice it"
             )
-        stride, h, w = _grid(query.shape[2], capture.latent_hw, capture.image_size)
+        stride, h, w = layer_grid(query.shape[2], capture.latent_hw, capture.image_size)
         if not proc.cross:
             if stride == cfg.refine_stride:
                 self._observe_self(query, key, attn.scale, capture)
@@ -296,9 +183,7 @@ class AttentionHarvester:
 
     def _observe_self(self, query, key, scale, capture: _Capture) -> None:
         # Self-attention probabilities of the cond half, mean over heads; one [B, N, N] buffer.
-        probs = torch.softmax(
-            torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale, dim=-1
-        ).mean(dim=1)
+        probs = self_attention_probs(query, key, scale)
         if capture.self_sum is None:
             capture.self_sum = probs
         else:

@@ -12,8 +12,9 @@ import torch
 
 from ..kernels.finalize import finalize_masks, normalize_maps
 from ..kernels.interp import resize
+from .attention import grid_size
 from .config import HarvestConfig, MaskConfig
-from .harvest import HarvestResult, grid_size
+from .harvest import HarvestResult
 
 
 def combine_maps(result: HarvestResult, cfg: HarvestConfig) -> torch.Tensor:

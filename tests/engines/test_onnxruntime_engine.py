@@ -19,8 +19,9 @@ from attnseg.engines.runner import (
     generate_float,
     load_engines,
 )
+from attnseg.pipeline.attention import layer_grid
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.harvest import AttentionHarvester, _grid
+from attnseg.pipeline.harvest import AttentionHarvester
 from attnseg.pipeline.prompts import default_prompts, load_classes
 from attnseg.pipeline.synth import Synthesizer, plan_samples
 
@@ -64,7 +65,7 @@ def test_onnx_export_has_the_specs_io_and_dynamic_axes(ort_engine):
     expected = dict(cap.counts)
     assert {m["stride"]: m["count"] for m in layout} == expected
     for m in layout:
-        _, h, w = _grid(m["shape"][1] * m["shape"][2], (SIZE[0] // 8, SIZE[1] // 8), SIZE)
+        _, h, w = layer_grid(m["shape"][1] * m["shape"][2], (SIZE[0] // 8, SIZE[1] // 8), SIZE)
         assert (h, w) == tuple(m["shape"][1:])
 
 

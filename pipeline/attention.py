@@ -1,0 +1,167 @@
+"""Attention processors for diffusers UNets, and where each attention layer sits.
+
+One module for every place that looks inside a UNet's attention: the harvester
+(`pipeline.harvest.AttentionHarvester`), the engines' `UNetWithMaps` (the same maps inside an
+exported graph) and the benchmark's store-every-map baseline. Each processor computes the
+layer's output exactly as diffusers' `AttnProcessor2_0` does (so images are unchanged) and hands
+the query and key to whoever observes it. Installed with diffusers' `set_attn_processor`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+def stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    """The computation of diffusers' AttnProcessor2_0, returning the output and the q/k used.
+
+    Kept operation-for-operation equal to the stock processor so outputs match bitwise.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    )
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    inner_dim = key.shape[-1]
+    head_dim = inner_dim // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+    )
+    out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+    out = out.to(query.dtype)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        out = out + residual
+    out = out / attn.rescale_output_factor
+    return out, query, key
+
+
+def block_of(name: str) -> str:
+    """The UNet block ("down", "mid", "up", else "other") an attention module belongs to."""
+    if name.startswith("down_blocks"):
+        return "down"
+    if name.startswith("mid_block"):
+        return "mid"
+    if name.startswith("up_blocks"):
+        return "up"
+    return "other"
+
+
+def layer_grid(n: int, latent_hw: tuple[int, int], image_size: tuple[int, int]):
+    """(stride, h, w) of an attention layer with `n` queries.
+
+    UNet levels halve the latent with rounding up, so a level f levels down has
+    ceil(latent / 2^f) rows; its stride is image pixels per latent pixel times 2^f.
+    """
+    lh, lw = latent_hw
+    h, w, f = lh, lw, 1
+    while h * w > n:
+        h, w, f = -(-h // 2), -(-w // 2), f * 2
+    if h * w != n:
+        raise RuntimeError(f"cannot place {n} queries on a {lh}x{lw} latent grid")
+    return image_size[0] // lh * f, h, w
+
+
+def grid_size(image_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Map size at `stride`: UNet levels round up, so ceil(H / stride) x ceil(W / stride)."""
+    return -(-image_size[0] // stride), -(-image_size[1] // stride)
+
+
+def self_attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-mean softmax self-attention [B, N, N] (fp32) of one layer's q/k [B, heads, N, d]."""
+    return torch.softmax(
+        torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale, dim=-1
+    ).mean(dim=1)
+
+
+class AttentionObserver(Protocol):
+    """Whoever an `ObservingAttnProcessor` reports to."""
+
+    def observe(self, proc: ObservingAttnProcessor, attn, query: torch.Tensor,
+                key: torch.Tensor) -> None: ...
+
+
+class ObservingAttnProcessor:
+    """Computes the stock attention output and reports the layer's q/k to an observer.
+
+    `name` is the attention module's name in the UNet, `block` its block, `cross` whether it
+    is cross-attention (attn2) rather than self-attention (attn1).
+    """
+
+    def __init__(self, observer: AttentionObserver, name: str, cross: bool):
+        self.observer = observer
+        self.name = name
+        self.block = block_of(name)
+        self.cross = cross
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        out, query, key = stock_attention(
+            attn, hidden_states, encoder_hidden_states, attention_mask, temb
+        )
+        # Looked up at each call, so a benchmark can wrap the observer's method to time it.
+        self.observer.observe(self, attn, query, key)
+        return out
+
+
+def install_observers(unet, observer: AttentionObserver, self_attention: bool) -> dict:
+    """Put an `ObservingAttnProcessor` on every cross-attention module of `unet` (and every
+    self-attention module if `self_attention`); the other modules keep theirs. Returns the
+    previous processors, for `unet.set_attn_processor(previous)` to restore them."""
+    previous = dict(unet.attn_processors)
+    processors = {}
+    for name, proc in previous.items():
+        module_name = name.rsplit(".processor", 1)[0]
+        kind = module_name.rsplit(".", 1)[-1]
+        if kind == "attn2" or (kind == "attn1" and self_attention):
+            processors[name] = ObservingAttnProcessor(observer, module_name, kind == "attn2")
+        else:
+            processors[name] = proc
+    unet.set_attn_processor(processors)
+    return previous
+
+
+class StoreEveryMapProcessor:
+    """Explicit cross-attention softmax of every call kept in a list: how attention-map tools
+    that store every map work (the benchmark's baseline against running aggregation)."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        out, query, key = stock_attention(attn, hidden_states, encoder_hidden_states,
+                                          attention_mask, temb)
+        if encoder_hidden_states is not None:
+            self.store.append(torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1))
+        return out
