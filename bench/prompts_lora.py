@@ -31,11 +31,10 @@ import psutil
 import torch
 
 from attnseg.pipeline.config import LoraTrainConfig, PromptsConfig
-from attnseg.pipeline.lora import (
-    LoraSpec,
-    _Trainer,
+from attnseg.pipeline.lora import LoraSpec, apply_loras
+from attnseg.pipeline.lora_train import (
+    LoraTrainer,
     add_lora_adapter,
-    apply_loras,
     find_training_images,
     save_lora,
 )
@@ -153,7 +152,7 @@ def bench_training(pipe, size: int, steps: int, rank: int) -> dict:
         cfg = LoraTrainConfig(images=tmp, caption="a street", rank=rank, crop=size)
         params = add_lora_adapter(pipe.unet, cfg)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-        trainer = _Trainer(pipe, find_training_images(tmp, cfg.caption), cfg, size)
+        trainer = LoraTrainer(pipe, find_training_images(tmp, cfg.caption), cfg, size)
         pipe.unet.train()
         times = []
         for step in range(steps + 1):

@@ -155,11 +155,11 @@ def plugin_ptx(dtype: str, scale: float, l_tokens: int, head_dim: int, block_c: 
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from ..kernels.class_attention import _attn_blocks
+    from ..kernels.class_attention import attn_blocks
     from . import triton_kernels as tk
 
     tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    blocks = _attn_blocks(l_tokens, head_dim, block_c, tdt)
+    blocks = attn_blocks(l_tokens, head_dim, block_c, tdt)
     sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "tw_ptr": "*fp32", "B": "i32",
            "N": "i32", "L": "i32", "D": "i32", "C": "i32", "H": "i32", "dst_ptr": "*fp32"}
     constexprs = {"SCALE": float(scale), **blocks}

@@ -16,8 +16,8 @@ This file is executed standalone by `triton.tools.compile`, hence absolute impor
 import triton
 import triton.language as tl
 
-from attnseg.kernels.class_attention import _class_attn_kernel
-from attnseg.kernels.finalize import _finalize_kernel
+from attnseg.kernels.class_attention import class_attn_kernel
+from attnseg.kernels.finalize import finalize_kernel
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def class_attention_maps_aot(q_ptr, k_ptr, tw_ptr, dst_ptr, B, N, L, D, C, H, sc
                              F32_DOT: tl.constexpr):
     # dst[b, c, n] = sum_l mean_h softmax(scale q k^T)[b, h, n, l] * tw[b, l, c]; grid (B, N/BN)
     scale = scale_bits.to(tl.float32, bitcast=True)
-    _class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, scale, 1.0,
+    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, scale, 1.0,
                        BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C, F32_DOT, False, False)
 
 
@@ -37,7 +37,7 @@ def class_attention_maps_plugin(q_ptr, k_ptr, tw_ptr, B, N, L, D, C, H, dst_ptr,
                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr):
     # The same maps in TensorRT's AOT-plugin calling convention.
-    _class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, SCALE, 1.0,
+    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, SCALE, 1.0,
                        BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C, F32_DOT, False, False)
 
 
@@ -47,7 +47,7 @@ def finalize_masks_aot(norm_ptr, ids_ptr, iy_ptr, wy_ptr, ix_ptr, wx_ptr, lab_pt
                        ignore_high_bits, KY: tl.constexpr, KX: tl.constexpr,
                        BLOCK_P: tl.constexpr):
     # Labels and reliability from normalised maps; grid (B, H*W/BLOCK_P).
-    _finalize_kernel(norm_ptr, ids_ptr, iy_ptr, wy_ptr, ix_ptr, wx_ptr, lab_ptr, rel_ptr, C, MH,
+    finalize_kernel(norm_ptr, ids_ptr, iy_ptr, wy_ptr, ix_ptr, wx_ptr, lab_ptr, rel_ptr, C, MH,
                      MW, H, W, bg_const_bits.to(tl.float32, bitcast=True),
                      bg_slope_bits.to(tl.float32, bitcast=True),
                      ignore_low_bits.to(tl.float32, bitcast=True),

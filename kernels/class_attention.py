@@ -307,7 +307,7 @@ if _tr is not None:
     triton, tl = _tr
 
     @triton.jit
-    def _class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, scale, weight,
+    def class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, scale, weight,
                            BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr, DIRECT: tl.constexpr,
                            CLAMP: tl.constexpr):
@@ -394,8 +394,8 @@ if _tr is not None:
         tl.store(dst, old + weight * v, mask=mask)
 
 
-def _attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and dot flavour of ``_class_attn_kernel`` for these shapes."""
+def attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and dot flavour of ``class_attn_kernel`` for these shapes."""
     # fp16/bf16 scores use the tensor cores directly. fp32 inputs need exact-fp32 (FMA) dots;
     # so does bf16 in the interpreter, whose dot multiplies the raw uint16 bits of bf16 data.
     f32_dot = dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreting())
@@ -429,9 +429,9 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     tw = token_weights.to(device=q.device, dtype=torch.float32).contiguous()
     direct = mode == "none"
     dst = out if direct else torch.empty((b, c, h, w), device=q.device, dtype=torch.float32)
-    blocks = _attn_blocks(l_tokens, d, c, q.dtype)
+    blocks = attn_blocks(l_tokens, d, c, q.dtype)
     grid = (b, triton.cdiv(n, blocks["BLOCK_N"]))
-    _class_attn_kernel[grid](q, k, tw, dst, n, l_tokens, d, c, heads, float(scale),
+    class_attn_kernel[grid](q, k, tw, dst, n, l_tokens, d, c, heads, float(scale),
                              float(weight), DIRECT=direct, CLAMP=bool(clamp),
                              num_warps=_TRITON_NUM_WARPS, **blocks)
     if direct:

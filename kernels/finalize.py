@@ -241,7 +241,7 @@ if _tr is not None:
     triton, tl = _tr
 
     @triton.jit
-    def _finalize_kernel(norm_ptr, ids_ptr, iy_ptr, wy_ptr, ix_ptr, wx_ptr, lab_ptr, rel_ptr,
+    def finalize_kernel(norm_ptr, ids_ptr, iy_ptr, wy_ptr, ix_ptr, wx_ptr, lab_ptr, rel_ptr,
                          C, MH, MW, H, W, bg_const, bg_slope, ignore_low, ignore_high,
                          KY: tl.constexpr, KX: tl.constexpr, BLOCK_P: tl.constexpr):
         # One program: BLOCK_P output pixels of sample b; all channels in a loop.
@@ -310,7 +310,7 @@ def finalize_masks_triton(maps, class_ids, *, size, normalize="minmax", bg_const
     rel = torch.empty((b, out_h, out_w), dtype=torch.uint8, device=dev)
     block_p = 256
     grid = (b, triton.cdiv(out_h * out_w, block_p))
-    _finalize_kernel[grid](norm, ids, iy, wy, ix, wx, labels, rel, c, mh, mw, out_h, out_w,
+    finalize_kernel[grid](norm, ids, iy, wy, ix, wx, labels, rel, c, mh, mw, out_h, out_w,
                            _f32(bg_const), _f32(bg_slope), _f32(ignore_low), _f32(ignore_high),
                            KY=iy.shape[1], KX=ix.shape[1], BLOCK_P=block_p)
     return labels, rel

@@ -136,9 +136,20 @@ def cmd_synth(args) -> int:
     check_synth_job(cfg)
     from .synth import TINY_NOTICE, run_synth
 
-    summary = run_synth(cfg, progress=not args.no_progress)
+    summary = run_synth(cfg, progress=not args.no_progress,
+                        engine_harvester=_engine_harvester(cfg))
     _print_summary(summary, TINY_NOTICE if cfg.model == "tiny" else None)
     return 0
+
+
+def _engine_harvester(cfg):
+    """The engines' harvester factory when the job runs on one (the command line is the one
+    place where the pipeline meets the engines package)."""
+    if cfg.backend == "torch" and not cfg.engine:
+        return None
+    from ..engines.runner import engine_harvester
+
+    return engine_harvester
 
 
 def cmd_demo(args) -> int:
@@ -198,7 +209,7 @@ def cmd_launch_ray(args) -> int:
     cfg = _synth_config_from_argv(args.synth_args)
     cfg.validate()
     result = run_ray(cfg, args.workers, args.gpus_per_worker, args.shards, args.address,
-                     args.cpus_per_worker)
+                     args.cpus_per_worker, engine_harvester=_engine_harvester(cfg))
     print(f"ray: {result['shards']} shards on {result['workers']} workers, "
           f"{result['new']} new samples in {cfg.out}")
     return 0

@@ -65,7 +65,7 @@ def slurm_script(synth_argv: list[str], array: int, *, job_name: str = "attnseg-
 class _ShardWorker:
     """A Ray actor: loads the pipeline once, then synthesises whole shards."""
 
-    def __init__(self, cfg: SynthConfig, cpus: int):
+    def __init__(self, cfg: SynthConfig, cpus: int, engine_harvester=None):
         import torch
 
         from .device import resolve_device, resolve_dtype
@@ -79,6 +79,7 @@ class _ShardWorker:
         self.pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device), loras,
                                   cfg.allow_pickle)
         self.cfg = cfg
+        self.engine_harvester = engine_harvester
 
     def __call__(self, batch):
         from .synth import run_synth
@@ -86,6 +87,7 @@ class _ShardWorker:
         new = []
         for shard in batch["shard"]:
             summary = run_synth(replace(self.cfg, shard=str(shard)), progress=False,
+                                engine_harvester=self.engine_harvester,
                                 pipe=self.pipe)
             new.append(summary["new"])
         return {"shard": batch["shard"], "new": new}
@@ -93,8 +95,9 @@ class _ShardWorker:
 
 def run_ray(cfg: SynthConfig, workers: int, gpus_per_worker: float = 0.0,
             shards: int | None = None, address: str | None = None,
-            cpus_per_worker: int = 1) -> dict:
-    """Run a synthesis job on Ray Data: `shards` pieces mapped over `workers` actors."""
+            cpus_per_worker: int = 1, engine_harvester=None) -> dict:
+    """Run a synthesis job on Ray Data: `shards` pieces mapped over `workers` actors
+    (`engine_harvester`: as for `run_synth`)."""
     try:
         import ray
         import ray.data
@@ -117,7 +120,8 @@ def run_ray(cfg: SynthConfig, workers: int, gpus_per_worker: float = 0.0,
     try:
         ds = ray.data.from_items([{"shard": f"{i}/{shards}"} for i in range(shards)])
         out = ds.map_batches(
-            _ShardWorker, fn_constructor_args=(cfg, cpus_per_worker), batch_size=1,
+            _ShardWorker, fn_constructor_args=(cfg, cpus_per_worker, engine_harvester),
+            batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker,
         ).take_all()

@@ -23,7 +23,7 @@ def _config(args):
 
 
 def cmd_lora_train(args) -> int:
-    from .lora import train_lora
+    from .lora_train import train_lora
     from .synth import TINY_NOTICE
 
     cfg = _config(args)

@@ -26,7 +26,7 @@ from .errors import UserError
 from .harvest import AttentionHarvester
 from .masks import masks_from_harvest
 from .prompts import ClassInfo, PromptSpec, class_token_weights, fill_template
-from .synth import sample_seed
+from .seeds import sample_seed
 
 
 @dataclass

@@ -37,18 +37,13 @@ from .prompts import (
     load_classes,
     load_prompt_file,
 )
+from .seeds import sample_seed
 from .webdataset import TarChunkWriter, finished_chunks
 
 TINY_NOTICE = (
     "model 'tiny' is attnseg's built-in tiny random Stable Diffusion: its images are noise "
     "and its masks carry no meaning (it exercises the code, not the method)"
 )
-
-
-def sample_seed(base_seed: int, index: int) -> int:
-    """The seed of sample `index`: a function of (base seed, index) only."""
-    state = np.random.SeedSequence([base_seed & 0xFFFFFFFF, index]).generate_state(2)
-    return int(state[0]) | (int(state[1]) & 0x7FFFFFFF) << 32
 
 
 @dataclass
@@ -201,12 +196,16 @@ def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], ba
     return written
 
 
-def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
+def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
+              engine_harvester=None) -> dict:
     """Run a synthesis job (or one shard of it) end to end; returns a summary dict.
 
     Resumes an interrupted job; a shard whose samples are all written returns at once (after
     refreshing the split file, which a shard finishing alongside another may have missed).
     `pipe`: an already loaded pipeline for `cfg.model` (launchers reuse one per worker).
+    `engine_harvester(cfg, pipe, preset, log)`: makes the harvester for `--backend` other
+    than torch or `--engine` (the command line passes `attnseg.engines.runner`'s; the
+    pipeline package itself does not depend on the engines).
     """
     cfg.validate()
     cfg = replace(cfg, height=cfg.height or default_size(cfg.model),
@@ -271,8 +270,9 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None) -> dict:
         pipe = pipe or load_pipeline(cfg.model, device, dtype, loras, cfg.allow_pickle)
         harvester = None
         if cfg.backend != "torch" or cfg.engine:
-            from ..engines.runner import engine_harvester
-
+            if engine_harvester is None:
+                raise UserError("--backend and --engine run through the attnseg command (or "
+                                "pass run_synth an engine_harvester)")
             harvester = engine_harvester(cfg, pipe, preset, log=print if progress else None)
         synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance, harvester)
         lock = bar = None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from attnseg.kernels import _dispatch
-from attnseg.kernels.class_attention import _attn_blocks, accumulate_class_attention_ref
+from attnseg.kernels.class_attention import accumulate_class_attention_ref, attn_blocks
 from attnseg.kernels.finalize import finalize_masks_ref, normalize_maps
 from attnseg.kernels.interp import interp_taps
 
@@ -48,7 +48,7 @@ def test_class_attention_entry_points_match_reference(entry, dtype):
     ref = torch.zeros(b, c, 4, 6, device=DEVICE)
     accumulate_class_attention_ref(q, k, tw, ref, hw=(4, 6), scale=scale)
     out = torch.full((b, c, n), float("nan"), device=DEVICE)
-    blocks = _attn_blocks(77, d, 16, dtype)
+    blocks = attn_blocks(77, d, 16, dtype)
     blocks["BLOCK_C"] = 16
     grid = (b, -(-n // blocks["BLOCK_N"]))
     if entry == "aot":

@@ -18,14 +18,8 @@ from safetensors.torch import load_file, save_file
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import LoraTrainConfig, get_preset
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.lora import (
-    LORA_WEIGHTS,
-    LoraSpec,
-    _Trainer,
-    find_training_images,
-    parse_lora_spec,
-    train_lora,
-)
+from attnseg.pipeline.lora import LORA_WEIGHTS, LoraSpec, parse_lora_spec
+from attnseg.pipeline.lora_train import LoraTrainer, find_training_images, train_lora
 from attnseg.pipeline.models import load_pipeline
 from attnseg.pipeline.prompts import PromptSpec, load_classes
 from attnseg.pipeline.synth import Sample, Synthesizer
@@ -87,7 +81,7 @@ def test_training_lowers_loss_and_writes_a_diffusers_lora(trained):
     # The loaded LoRA is the trained one, scale (alpha / rank = 2) included: it reproduces the
     # probe loss measured at the end of training.
     images = find_training_images(cfg.images, cfg.caption)
-    probe = _Trainer(pipe, images, cfg, cfg.crop).probe_loss()
+    probe = LoraTrainer(pipe, images, cfg, cfg.crop).probe_loss()
     assert probe == pytest.approx(summary["probe_loss_end"], rel=1e-4)
 
 
