@@ -57,12 +57,8 @@ def build_pipe(model: str, device, dtype):
 
 def measure(pipe, batch: int, args, device, dtype, preset, variants) -> dict:
     """Time every variant at one batch size (round 0 warms up / compiles)."""
-    from attnseg.engines.runner import (
-        EngineHarvester,
-        EngineOptions,
-        compiled_engine_set,
-        engine_key,
-    )
+    from attnseg.engines.build import EngineOptions, engine_key
+    from attnseg.engines.harvest import EngineHarvester, compiled_engine_set
     from attnseg.pipeline.attention import StoreEveryMapProcessor, grid_size
     from attnseg.pipeline.harvest import AttentionHarvester, HarvestResult
     from attnseg.pipeline.masks import masks_from_harvest

@@ -38,7 +38,7 @@ import psutil
 import torch
 
 from attnseg.pipeline.attention import StoreEveryMapProcessor
-from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.config import BACKENDS, get_preset
 from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
@@ -49,7 +49,6 @@ from attnseg.pipeline.prompts import class_token_weights, default_prompts, load_
 
 VARIANTS = ("stock", "harvest", "store_every_map")
 COMPONENTS = ("text_encoder", "unet", "harvest", "vae", "masks", "write")
-BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 
 
 @dataclass
@@ -412,7 +411,7 @@ def _measure_engine(cfg: ThroughputConfig, pipe, device, size: tuple[int, int],
     cache, for the largest batch size) at every batch size."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from attnseg.engines.runner import engine_harvester
+    from attnseg.engines.harvest import engine_harvester
     from attnseg.pipeline.config import SynthConfig
 
     synth_cfg = SynthConfig(model=cfg.model, preset=cfg.preset, height=size[0], width=size[1],

@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..pipeline.errors import UserError
-
-BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
+from ..pipeline.errors import UserError, first_line
 
 _INSTALL_HINT = {
     "onnxruntime": "pip install onnxruntime-gpu onnx onnxscript (the GPU wheel also runs on "
@@ -26,6 +24,8 @@ _INSTALL_HINT = {
                 "torch-free deploy runtime",
 }
 
+# The short dtype names engine keys and --dtype use.
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16, "int64": torch.int64}
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
@@ -36,7 +36,7 @@ def require_module(backend: str, module: str):
     try:
         return importlib.import_module(module)
     except Exception as e:  # ImportError, or a bindings wheel whose libraries are missing
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UserError(f"backend {backend!r} is not available ({module}: {reason}); "
                         f"{_INSTALL_HINT.get(backend, 'install ' + module)}") from None
 
@@ -163,7 +163,7 @@ class OrtEngine(Engine):
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            first = first_line(e)[:300]
             raise UserError(f"engine file {self.path} cannot be loaded by ONNX Runtime "
                             f"({first}); rebuild with `attnseg engine build`") from None
         got_in = [i.name for i in self.session.get_inputs()]

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pipeline.dataset import remove_stale_temporaries, tmp_name
+from ..pipeline.dataset import file_sha256, remove_stale_temporaries, tmp_name
 from ..pipeline.errors import UserError
 
 MANIFEST = "engine.json"
@@ -32,17 +32,6 @@ def attnseg_version() -> str:
         return version("attnseg")
     except Exception:  # running from a source tree that is not installed
         return "0+unknown"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def lora_fingerprint(folder: str | Path) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-_BACKENDS = ("compile", "onnxruntime", "tensorrt")
+from ..pipeline.config import BACKENDS
 
 
 def cmd_build(args) -> int:
@@ -24,7 +24,7 @@ def cmd_build(args) -> int:
         load_pipeline,
         model_fingerprint,
     )
-    from .runner import EngineOptions, build_engines, check_backend, fuse_loras
+    from .build import EngineOptions, build_engines, check_backend, fuse_loras
 
     size = default_size(args.model)
     overrides: dict = {}
@@ -63,7 +63,7 @@ def torch_dtype(name: str):
 
 
 def cmd_verify(args) -> int:
-    from .runner import verify_engines
+    from .verify import verify_engines
 
     report = verify_engines(args.dir, steps=args.steps, device=args.device)
     if args.json:
@@ -87,8 +87,9 @@ def cmd_refit(args) -> int:
     from ..pipeline.device import resolve_device
     from ..pipeline.errors import UserError
     from ..pipeline.models import load_pipeline, model_fingerprint
+    from .backends import DTYPE_NAMES
+    from .build import fuse_loras
     from .cache import EngineKey, read_manifest
-    from .runner import _DTYPE_NAMES, fuse_loras
     from .trt import refit_folder, require_tensorrt
 
     require_tensorrt()
@@ -97,7 +98,7 @@ def cmd_refit(args) -> int:
     model = (manifest.get("source") or {}).get("model")
     if not model:
         raise UserError(f"engine {args.dir} does not record its model; rebuild it instead")
-    dtype = {v: k for k, v in _DTYPE_NAMES.items()}[key.dtype]
+    dtype = {v: k for k, v in DTYPE_NAMES.items()}[key.dtype]
     pipe = load_pipeline(model, resolve_device("cuda"), dtype)
     base = model_fingerprint(pipe)
     if base != key.base_model_hash:
@@ -152,7 +153,7 @@ def register(sub) -> None:
     b.add_argument("--allow-pickle", action="store_true",
                    help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
                    "files you trust (default: safetensors only)")
-    b.add_argument("--backend", required=True, choices=_BACKENDS,
+    b.add_argument("--backend", required=True, choices=BACKENDS[1:],
                    help="compile, onnxruntime or tensorrt; required")
     b.add_argument("--out", required=True, help="engine folder; required")
     b.add_argument("--height", type=int, help="image height (default: 128 tiny, else 512)")

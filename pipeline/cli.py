@@ -147,7 +147,7 @@ def _engine_harvester(cfg):
     place where the pipeline meets the engines package)."""
     if cfg.backend == "torch" and not cfg.engine:
         return None
-    from ..engines.runner import engine_harvester
+    from ..engines.harvest import engine_harvester
 
     return engine_harvester
 

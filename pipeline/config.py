@@ -20,6 +20,8 @@ import tomllib
 from .errors import UserError
 
 BLOCKS = ("down", "mid", "up")
+# Where the UNet runs: eager torch, or an engine (attnseg.engines).
+BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 NORMALIZATIONS = ("minmax", "max", "none")
 INTERP_MODES = ("none", "nearest", "bilinear", "bicubic")
 
@@ -270,8 +272,8 @@ class SynthConfig:
                             f"multiple of --batch-size {self.batch_size}")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise UserError(f"--dtype must be auto, fp32, fp16 or bf16, not {self.dtype!r}")
-        if self.backend not in ("torch", "compile", "onnxruntime", "tensorrt"):
-            raise UserError(f"--backend must be torch, compile, onnxruntime or tensorrt, not "
+        if self.backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not "
                             f"{self.backend!r}")
 
     def resolve_preset(self) -> Preset:

@@ -18,6 +18,7 @@ dataset as an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -123,6 +124,15 @@ def append_line(path: Path, line: bytes) -> None:
             except OSError:
                 pass  # the next run cuts the torn line (DatasetWriter._repair_manifest)
             raise
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's content (hex), read in chunks (engine files are GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def encode_png(array: np.ndarray, palette: list[int] | None = None) -> bytes:

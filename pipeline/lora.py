@@ -6,14 +6,14 @@ Only safetensors files are loaded: a pickle (.bin, .pt) can run code.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .dataset import file_sha256
+from .errors import UserError, first_line
 
 # The file name diffusers writes and `load_lora_weights` looks for in a LoRA folder.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -61,15 +61,6 @@ def lora_weights_file(path: str) -> Path:
     return p
 
 
-def file_sha256(path: Path) -> str:
-    """Content hash of a file (first 16 hex digits), for job records."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _adapter_layers(module: torch.nn.Module, name: str) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -80,7 +71,8 @@ def _adapter_layers(module: torch.nn.Module, name: str) -> int:
 def check_loras(specs: list[LoraSpec]) -> list[dict]:
     """Check that every LoRA file exists and is safetensors; a record per LoRA (path, scale,
     content hash) for job files, so a job resumed with other LoRAs is refused."""
-    return [{"path": s.path, "scale": s.scale, "sha256": file_sha256(lora_weights_file(s.path))}
+    return [{"path": s.path, "scale": s.scale,
+             "sha256": file_sha256(lora_weights_file(s.path))[:16]}
             for s in specs]
 
 
@@ -142,8 +134,7 @@ def apply_loras(pipe, specs: list[LoraSpec]) -> list[dict]:
                 pipe.load_lora_weights(str(file.parent), weight_name=file.name,
                                        adapter_name=name, use_safetensors=True)
         except Exception as e:  # diffusers/peft raise many types for incompatible files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load LoRA {spec.path}: {first}") from None
+            raise UserError(f"could not load LoRA {spec.path}: {first_line(e)}") from None
         layers = _adapter_layers(pipe.unet, name) + _adapter_layers(pipe.text_encoder, name)
         if layers == 0:
             raise UserError(f"LoRA {spec.path} matches no layer of this model (a LoRA for "

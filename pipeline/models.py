@@ -137,17 +137,25 @@ def load_tokenizer(model: str, allow_pickle: bool = False):
             from None
 
 
-def model_fingerprint(pipe) -> str:
-    """A short content hash of the UNet and text encoder weights (names, shapes and a strided
-    sample of values). Configs are left out: libraries add bookkeeping keys to them on save."""
+def weights_fingerprint(modules, keep=lambda name: True) -> str:
+    """A short content hash of modules' weights (names, shapes and a strided sample of values),
+    over the parameters whose names `keep` accepts. Configs are left out: libraries add
+    bookkeeping keys to them on save."""
     import numpy as np
     import torch
 
     h = hashlib.sha256()
     with torch.no_grad():
-        for part in (pipe.unet, pipe.text_encoder):
+        for part in modules:
             for name, p in part.named_parameters():
+                if not keep(name):
+                    continue
                 sample = p.detach().flatten()[::997].double().cpu()
                 h.update(f"{name}:{tuple(p.shape)}".encode())
                 h.update(np.float64(sample.sum().item()).tobytes())
     return h.hexdigest()[:16]
+
+
+def model_fingerprint(pipe) -> str:
+    """The content hash of a pipeline's UNet and text encoder weights."""
+    return weights_fingerprint((pipe.unet, pipe.text_encoder))

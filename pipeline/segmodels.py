@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 # MiT encoder sizes (SegFormer paper, Table 6); heads, patch sizes and SR ratios are the same
 # for every size. The all-MLP decoder is 256 wide for b0/b1 and 768 for b2..b5.
@@ -117,7 +117,7 @@ def _from_pretrained(cls, path: Path, **kwargs):
         return cls.from_pretrained(str(path), use_safetensors=True,
                                    ignore_mismatched_sizes=True, **kwargs)
     except Exception as e:  # transformers raises many types; one line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"could not load pretrained model from {path}: {first}") from None
 
 

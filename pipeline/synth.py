@@ -110,7 +110,7 @@ class Synthesizer:
         self.size = (height, width)
         self.steps = steps
         self.guidance = guidance
-        # An engine backend passes its own harvester (attnseg.engines.runner.EngineHarvester).
+        # An engine backend passes its own harvester (attnseg.engines.harvest.EngineHarvester).
         self.harvester = harvester or AttentionHarvester(pipe.unet, preset.harvest)
         self.timings = {"generate": 0.0, "masks": 0.0}
 
@@ -128,8 +128,9 @@ class Synthesizer:
             class_token_weights(self.pipe.tokenizer, [spec], self.preset.harvest.token_merge)
 
     @torch.no_grad()
-    def generate(self, samples: list[Sample]):
-        """Images uint8 [B, H, W, 3], labels uint8 [B, H, W], reliability uint8 [B, H, W]."""
+    def generate_float(self, samples: list[Sample]):
+        """Images float [B, H, W, 3] in [0, 1] as the pipeline returns them, labels uint8
+        [B, H, W], reliability uint8 [B, H, W], and the HarvestResult they came from."""
         specs = [s.spec for s in samples]
         weights, class_ids = class_token_weights(
             self.pipe.tokenizer, specs, self.preset.harvest.token_merge
@@ -150,8 +151,13 @@ class Synthesizer:
         t2 = time.perf_counter()
         self.timings["generate"] += t1 - t0
         self.timings["masks"] += t2 - t1
+        return images, labels.cpu().numpy(), reliability.cpu().numpy(), cap.result
+
+    def generate(self, samples: list[Sample]):
+        """Images uint8 [B, H, W, 3], labels uint8 [B, H, W], reliability uint8 [B, H, W]."""
+        images, labels, reliability, _ = self.generate_float(samples)
         images = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        return images, labels.cpu().numpy(), reliability.cpu().numpy()
+        return images, labels, reliability
 
 
 def plan_batches(total: int, batch_size: int, shard: tuple[int, int]) -> range:
@@ -204,7 +210,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
     refreshing the split file, which a shard finishing alongside another may have missed).
     `pipe`: an already loaded pipeline for `cfg.model` (launchers reuse one per worker).
     `engine_harvester(cfg, pipe, preset, log)`: makes the harvester for `--backend` other
-    than torch or `--engine` (the command line passes `attnseg.engines.runner`'s; the
+    than torch or `--engine` (the command line passes `attnseg.engines.harvest`'s; the
     pipeline package itself does not depend on the engines).
     """
     cfg.validate()

@@ -18,7 +18,7 @@ def ort_engine(tmp_path_factory):
     """(folder, pipe, preset): an onnxruntime engine folder built from a fresh tiny pipeline."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from attnseg.engines.runner import EngineOptions, build_engines
+    from attnseg.engines.build import EngineOptions, build_engines
     from attnseg.pipeline.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)

@@ -7,14 +7,9 @@ import json
 import pytest
 import torch
 
-from attnseg.engines.runner import (
-    EngineHarvester,
-    EngineOptions,
-    compare_paths,
-    compiled_engine_set,
-    engine_key,
-    generate_float,
-)
+from attnseg.engines.build import EngineOptions, engine_key
+from attnseg.engines.harvest import EngineHarvester, compiled_engine_set
+from attnseg.engines.verify import compare_paths
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.models import model_fingerprint
@@ -33,7 +28,7 @@ def test_compile_backend_matches_torch_path(tmp_path, capsys):
     classes = load_classes("dog,cat,aeroplane")
     samples = plan_samples(classes, default_prompts(classes), 1, 0)[:2]
     ref_synth = Synthesizer(pipe, preset, *SIZE, 3, 7.5)
-    reference = generate_float(ref_synth, samples)
+    reference = ref_synth.generate_float(samples)
     ref_synth.harvester.remove()
     opts = EngineOptions(backend="compile", height=SIZE[0], width=SIZE[1], max_batch=2,
                          harvest=preset.harvest)
@@ -43,7 +38,7 @@ def test_compile_backend_matches_torch_path(tmp_path, capsys):
     assert engines.engines["unet"].compiled is not None
     harvester = EngineHarvester(pipe, engines, preset.harvest)
     try:
-        candidate = generate_float(Synthesizer(pipe, preset, *SIZE, 3, 7.5, harvester), samples)
+        candidate = Synthesizer(pipe, preset, *SIZE, 3, 7.5, harvester).generate_float(samples)
     finally:
         harvester.remove()
     diff = compare_paths(reference, candidate)

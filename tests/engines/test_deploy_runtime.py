@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from attnseg.engines.deploy import DDIM, token_weights
-from attnseg.engines.runner import generate_float
 from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes
 from attnseg.pipeline.synth import Sample, Synthesizer
 from attnseg.pipeline.tiny import build_tiny_pipeline
@@ -65,7 +64,7 @@ def test_deploy_runtime_without_torch_matches_the_torch_path(ort_engine, tmp_pat
     folder, pipe, preset = ort_engine
     samples = _samples()
     synth = Synthesizer(pipe, preset, *SIZE, 4, 7.5)
-    ref_images, ref_labels, ref_rel, _ = generate_float(synth, samples)
+    ref_images, ref_labels, ref_rel, _ = synth.generate_float(samples)
     latents = synth.initial_latents([s.seed for s in samples]).numpy()
     synth.harvester.remove()
     np.save(tmp_path / "latents.npy", latents)
@@ -104,8 +103,8 @@ def test_tensorrt_deploy_runner_matches_the_torch_path(tmp_path):
         pytest.skip("needs a CUDA GPU")
     from pathlib import Path
 
+    from attnseg.engines.build import EngineOptions, build_engines
     from attnseg.engines.deploy import DeployRuntime
-    from attnseg.engines.runner import EngineOptions, build_engines
     from attnseg.pipeline.config import get_preset
 
     pipe = build_tiny_pipeline().to("cuda")
@@ -115,7 +114,7 @@ def test_tensorrt_deploy_runner_matches_the_torch_path(tmp_path):
     folder, _ = build_engines(pipe, opts, tmp_path / "trt", log=lambda m: None)
     samples = _samples()
     synth = Synthesizer(pipe, preset, *SIZE, 4, 7.5)
-    ref_images, ref_labels, _, _ = generate_float(synth, samples)
+    ref_images, ref_labels, _, _ = synth.generate_float(samples)
     latents = synth.initial_latents([s.seed for s in samples]).float().cpu().numpy()
     synth.harvester.remove()
     lib = Path(__file__).resolve().parents[2] / "build/native/libattnseg_kernels.so"

@@ -28,7 +28,7 @@ def _no_export(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the engine should have been reused, not exported again")
 
-    monkeypatch.setattr("attnseg.engines.runner.export_onnx", refuse)
+    monkeypatch.setattr("attnseg.engines.build.export_onnx", refuse)
 
 
 def test_build_cli_reuses_an_up_to_date_engine_and_verify_passes(ort_engine, tmp_path,
@@ -120,7 +120,7 @@ def test_synth_with_engine_and_with_cached_backend_match_torch(ort_engine, tmp_p
     assert f"onnxruntime engine in {folder}" in capsys.readouterr().out
     # --backend onnxruntime finds the engine in the cache (a copy of the fixture's, which has
     # the key a synth job with these settings asks for) and does not export again.
-    from attnseg.engines.runner import EngineOptions, engine_key
+    from attnseg.engines.build import EngineOptions, engine_key
     from attnseg.pipeline.models import model_fingerprint
 
     opts = EngineOptions(backend="onnxruntime", height=SIZE[0], width=SIZE[1],

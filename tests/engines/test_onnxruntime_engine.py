@@ -11,14 +11,9 @@ import pytest
 import torch
 
 from attnseg.engines import cache
-from attnseg.engines.runner import (
-    EngineHarvester,
-    EngineOptions,
-    build_engines,
-    compare_paths,
-    generate_float,
-    load_engines,
-)
+from attnseg.engines.build import EngineOptions, build_engines
+from attnseg.engines.harvest import EngineHarvester, load_engines
+from attnseg.engines.verify import compare_paths
 from attnseg.pipeline.attention import layer_grid
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.harvest import AttentionHarvester
@@ -74,13 +69,13 @@ def test_onnxruntime_generation_matches_torch_path(ort_engine, batch):
     folder, pipe, preset = ort_engine
     samples = _samples(batch)
     ref_synth = Synthesizer(pipe, preset, *SIZE, 4, 7.5)
-    reference = generate_float(ref_synth, samples)
+    reference = ref_synth.generate_float(samples)
     ref_synth.harvester.remove()
     harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
     try:
         # The engine really replaced the modules (the diffusers loop runs unchanged).
         assert type(pipe.unet).__name__ == "_UNetAdapter"
-        candidate = generate_float(Synthesizer(pipe, preset, *SIZE, 4, 7.5, harvester), samples)
+        candidate = Synthesizer(pipe, preset, *SIZE, 4, 7.5, harvester).generate_float(samples)
     finally:
         harvester.remove()
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
@@ -98,11 +93,11 @@ def test_without_guidance_the_engine_still_harvests_the_same(ort_engine):
     folder, pipe, preset = ort_engine
     samples = _samples(1)
     ref_synth = Synthesizer(pipe, preset, *SIZE, 3, 1.0)
-    reference = generate_float(ref_synth, samples)
+    reference = ref_synth.generate_float(samples)
     ref_synth.harvester.remove()
     harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
     try:
-        candidate = generate_float(Synthesizer(pipe, preset, *SIZE, 3, 1.0, harvester), samples)
+        candidate = Synthesizer(pipe, preset, *SIZE, 3, 1.0, harvester).generate_float(samples)
     finally:
         harvester.remove()
     diff = compare_paths(reference, candidate)
@@ -126,7 +121,7 @@ def test_valid_engine_is_reused_and_stale_one_rebuilt(ort_engine, tmp_path, monk
         path.write_bytes(b"onnx:" + spec.name.encode())
         return [path]
 
-    monkeypatch.setattr("attnseg.engines.runner.export_onnx", fake_export)
+    monkeypatch.setattr("attnseg.engines.build.export_onnx", fake_export)
     assert build_engines(pipe, _opts(preset), copy, log=lambda m: None) == (copy, "reused")
     assert exported == []
     # Stale: built by another attnseg version (the manifest is otherwise intact).
@@ -146,7 +141,7 @@ def test_valid_engine_is_reused_and_stale_one_rebuilt(ort_engine, tmp_path, monk
 
     key = cache.EngineKey.from_dict(rebuilt["key"])
     other = build_tiny_pipeline(seed=1)
-    from attnseg.engines.runner import engine_key
+    from attnseg.engines.build import engine_key
 
     assert "model_hash" in cache.stale_reason(
         copy, engine_key(other, _opts(preset), torch.float32, "x", []))
@@ -184,7 +179,7 @@ def test_corrupt_or_mismatched_engine_gives_a_clear_error(ort_engine, tmp_path):
                 pass
     finally:
         harvester.remove()
-    from attnseg.engines.runner import check_engine_model
+    from attnseg.engines.harvest import check_engine_model
     from attnseg.pipeline.tiny import build_tiny_pipeline
 
     key = cache.EngineKey.from_dict(json.loads((folder / "engine.json").read_text())["key"])

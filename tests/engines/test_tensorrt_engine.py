@@ -91,7 +91,7 @@ def test_plugin_graph_computes_the_same_maps_as_the_reference_graph():
 @pytest.fixture(scope="module")
 def trt_setup(tmp_path_factory):
     _tensorrt_or_skip()
-    from attnseg.engines.runner import EngineOptions, build_engines
+    from attnseg.engines.build import EngineOptions, build_engines
 
     pipe = build_tiny_pipeline(seed=0).to("cuda")
     preset = get_preset("attnseg")
@@ -103,7 +103,7 @@ def trt_setup(tmp_path_factory):
 
 
 def test_tensorrt_generation_matches_torch_path(trt_setup):
-    from attnseg.engines.runner import verify_engines
+    from attnseg.engines.verify import verify_engines
 
     folder, _, _ = trt_setup
     report = verify_engines(folder, steps=4, device="cuda", log=lambda m: None)
@@ -111,7 +111,7 @@ def test_tensorrt_generation_matches_torch_path(trt_setup):
 
 
 def test_tensorrt_cuda_graph_replay_equals_plain_execution(trt_setup):
-    from attnseg.engines.runner import load_engines
+    from attnseg.engines.harvest import load_engines
 
     folder, pipe, _ = trt_setup
     engines = load_engines(folder, pipe)
@@ -134,7 +134,7 @@ def test_tensorrt_cuda_graph_replay_equals_plain_execution(trt_setup):
 
 def test_tensorrt_refit_swaps_weights(trt_setup, tmp_path):
     from attnseg.engines.export import export_onnx, unet_spec
-    from attnseg.engines.runner import load_engines
+    from attnseg.engines.harvest import load_engines
 
     folder, pipe, preset = trt_setup
     other = build_tiny_pipeline(seed=1).to("cuda")
@@ -156,7 +156,7 @@ def test_tensorrt_refit_swaps_weights(trt_setup, tmp_path):
 
 def test_corrupt_tensorrt_plan_gives_a_clear_error(trt_setup, tmp_path):
     from attnseg.engines import cache
-    from attnseg.engines.runner import load_engines
+    from attnseg.engines.harvest import load_engines
     from attnseg.pipeline.errors import UserError
 
     folder, pipe, _ = trt_setup

@@ -1,0 +1,311 @@
+"""Running engine sets inside the Stable Diffusion pipeline.
+
+`load_engines` opens an engine folder. `EngineHarvester` is a drop-in for the pipeline's
+`AttentionHarvester`: it puts the engines in place of the pipeline's modules, so diffusers' own
+denoising loop runs unchanged, and sums the UNet engine's per-step map outputs over the step
+window into the same `HarvestResult`. `engine_harvester` is what `attnseg synth --backend/
+--engine` hands to `run_synth`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..pipeline.config import HarvestConfig, Preset, SynthConfig
+from ..pipeline.errors import UserError
+from ..pipeline.harvest import HarvestResult
+from ..pipeline.models import model_fingerprint
+from . import cache
+from .backends import DTYPE_NAMES, CompiledEngine, Engine, OrtEngine
+from .build import EngineOptions, build_engines, check_backend, engine_key, vae_fingerprint
+from .export import unet_spec
+from .graph import MapGraphSpec, MapOutput, UNetWithMaps
+
+
+@dataclass
+class EngineSet:
+    """The loaded engines of one folder (or the in-process torch/compile ones)."""
+
+    key: cache.EngineKey
+    engines: dict[str, Engine]
+    layout: list[MapOutput]
+    folder: Path | None = None
+    unet_module: UNetWithMaps | None = None
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+        if self.unet_module is not None:
+            self.unet_module.remove()
+            self.unet_module = None
+
+
+def load_engines(folder: Path, pipe=None, device: torch.device | None = None) -> EngineSet:
+    """Load an engine folder. `compile` folders need the `pipe` whose UNet they compile."""
+    folder = Path(folder)
+    manifest = cache.read_manifest(folder)
+    cache.check_files(folder, manifest)
+    key = cache.EngineKey.from_dict(manifest["key"])
+    check_backend(key.backend)
+    parts = manifest["parts"]
+    layout = [MapOutput.from_dict(m) for m in parts["unet"]["layout"]]
+    if device is None:
+        device = pipe.unet.device if pipe is not None else torch.device("cpu")
+    if key.backend == "compile":
+        if pipe is None:
+            raise UserError("a compile engine needs the model it was built for")
+        return compiled_engine_set(pipe, key, layout)
+    engines: dict[str, Engine] = {}
+    for name, part in parts.items():
+        if key.backend == "onnxruntime":
+            # On a GPU, ONNX Runtime's TensorRT provider goes first when TensorRT is installed
+            # (its engines are cached per engine key), then CUDA.
+            use_trt = device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None
+            engines[name] = OrtEngine(folder / part["onnx"], name, part["inputs"],
+                                      part["outputs"], part["io"], device,
+                                      use_trt_provider=use_trt,
+                                      trt_cache=cache.default_cache_root() / "ort-tensorrt"
+                                      / key.digest())
+        else:
+            from .trt import TensorRTEngine
+
+            engines[name] = TensorRTEngine.load(folder / part["plan"], name, part, device)
+    return EngineSet(key, engines, layout, folder)
+
+
+def compiled_engine_set(pipe, key: cache.EngineKey, layout=None, mode=None) -> EngineSet:
+    """torch.compile of the pipeline's UNet with harvesting in the graph (Triton kernel op on
+    CUDA, the torch reference traced into the graph on CPU)."""
+    graph = MapGraphSpec.from_dict({k: v for k, v in key.maps.items() if k != "vae_hash"})
+    device = pipe.unet.device
+    spec = unet_spec(pipe.unet, graph, (key.height, key.width), key.max_batch, key.max_classes,
+                     map_impl="op" if device.type == "cuda" else "ref")
+    module = spec.module
+    if layout is not None and [m.to_dict() for m in module.layout] != [m.to_dict()
+                                                                      for m in layout]:
+        module.remove()
+        raise UserError("the compile engine's map layout differs from this model's; rebuild it")
+    engine = CompiledEngine(module, "unet", spec.input_names, spec.output_names,
+                            spec.io_dict(), device, mode=mode)
+    return EngineSet(key, {"unet": engine}, module.layout, None, module)
+
+
+class _ModuleAdapter(torch.nn.Module):
+    """Stands in for a pipeline module: same config, dtype and device; runs an engine."""
+
+    def __init__(self, original, engine: Engine, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.config = original.config
+        self._engine = engine
+        self._dtype = dtype
+        self._device = device
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def device(self):
+        return self._device
+
+
+class _TextEncoderAdapter(_ModuleAdapter):
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=None, **kwargs):
+        if output_hidden_states:
+            raise UserError("engines do not support clip_skip (hidden states of inner layers)")
+        out = self._engine.infer({"input_ids": input_ids.to(self._device, torch.int64)})
+        return (out["last_hidden_state"],)
+
+
+class _VaeAdapter(_ModuleAdapter):
+    def forward(self, *args, **kwargs):
+        raise UserError("the VAE engine only decodes")
+
+    def decode(self, latents, return_dict=False, generator=None):
+        return (self._engine.infer({"latents": latents.to(self._dtype)})["image"],)
+
+
+class _UNetAdapter(_ModuleAdapter):
+    def __init__(self, original, engine, dtype, device, harvester: EngineHarvester):
+        super().__init__(original, engine, dtype, device)
+        self._harvester = harvester
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None,
+                cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
+                **kwargs):
+        return (self._harvester._unet_step(sample, timestep, encoder_hidden_states),)
+
+
+class EngineHarvester:
+    """Drop-in for `AttentionHarvester` that generates through an `EngineSet`.
+
+    Installing it swaps the pipeline's UNet (and, for exported engines, text encoder and VAE)
+    for adapters that run the engines; `remove()` swaps the originals back. `capture(...)`
+    has the same contract as `AttentionHarvester.capture`.
+    """
+
+    def __init__(self, pipe, engines: EngineSet, config: HarvestConfig):
+        config.validate()
+        want = MapGraphSpec.from_harvest(config).to_dict()
+        have = {k: v for k, v in engines.key.maps.items() if k != "vae_hash"}
+        if have != want:
+            diff = sorted(k for k in want if want[k] != have.get(k))
+            raise UserError(f"the engine was built for other harvesting settings ({diff}: "
+                            f"{[have.get(k) for k in diff]}, this job needs "
+                            f"{[want[k] for k in diff]}); build it with the same --preset/--set")
+        self.pipe = pipe
+        self.engines = engines
+        self.config = config
+        self.backend = engines.key.backend  # what generation runs on, for summaries
+        self._capture = None
+        self._originals = {}
+        device = pipe.unet.device
+        for name, attr, cls in (("unet", "unet", _UNetAdapter),
+                                ("text_encoder", "text_encoder", _TextEncoderAdapter),
+                                ("vae_decoder", "vae", _VaeAdapter)):
+            engine = engines.engines.get(name)
+            if engine is None:
+                continue
+            original = getattr(pipe, attr)
+            args = (original, engine, original.dtype, device)
+            adapter = cls(*args, self) if cls is _UNetAdapter else cls(*args)
+            self._originals[attr] = original
+            setattr(pipe, attr, adapter)
+
+    def remove(self) -> None:
+        """Give the pipeline its modules back and release the engines."""
+        for attr, original in self._originals.items():
+            setattr(self.pipe, attr, original)
+        self._originals = {}
+        self.engines.close()
+
+    @contextlib.contextmanager
+    def capture(self, token_weights: torch.Tensor, image_size: tuple[int, int], num_steps: int):
+        """Harvest during the generation call(s) inside this block (see AttentionHarvester)."""
+        key = self.engines.key
+        if tuple(image_size) != (key.height, key.width):
+            raise UserError(f"the engine is built for {key.height}x{key.width} images, not "
+                            f"{image_size[0]}x{image_size[1]}; rebuild it with --height/--width")
+        b, _, c = token_weights.shape
+        if key.max_batch and b > key.max_batch and key.backend == "tensorrt":
+            raise UserError(f"the engine takes at most {key.max_batch} images per call; use "
+                            f"--batch-size {key.max_batch} or rebuild with a larger one")
+        if key.max_classes and c > key.max_classes and key.backend == "tensorrt":
+            raise UserError(f"the engine takes at most {key.max_classes} labelled words per "
+                            f"prompt, this batch has {c}; rebuild with --max-classes {c}")
+        if self._capture is not None:
+            raise RuntimeError("EngineHarvester.capture is not re-entrant")
+        device = self.pipe.unet.device
+        cap = _EngineCapture(token_weights.to(device=device, dtype=torch.float32),
+                             tuple(image_size), self.config.step_range(num_steps))
+        self._capture = cap
+        try:
+            yield cap
+        finally:
+            self._capture = None
+        cap.result = self._finish(cap)
+
+    def _unet_step(self, sample, timestep, encoder_hidden_states):
+        cap = self._capture
+        if cap is None:
+            raise RuntimeError("the engine UNet runs only inside EngineHarvester.capture")
+        cap.step += 1
+        b = cap.token_weights.shape[0]
+        n = sample.shape[0]
+        if n == b:  # no classifier-free guidance: the engine takes [uncond, cond] pairs
+            sample = torch.cat([sample, sample])
+            encoder_hidden_states = torch.cat([encoder_hidden_states, encoder_hidden_states])
+        elif n != 2 * b:
+            raise RuntimeError(f"UNet batch {n} is neither the harvested batch {b} nor twice it")
+        t = torch.as_tensor(timestep, device=sample.device).float().reshape(-1)[:1]
+        out = self.engines.engines["unet"].infer({
+            "sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states,
+            "token_weights": cap.token_weights,
+        })
+        if cap.step in cap.steps:
+            for m in self.engines.layout:
+                value = out[m.name].float()
+                prev = cap.sums.get(m.name)
+                cap.sums[m.name] = value.clone() if prev is None else prev.add_(value)
+                cap.counts[m.name] = cap.counts.get(m.name, 0.0) + m.count
+        noise = out["noise_pred"]
+        return noise[n:] if n == b else noise
+
+    def _finish(self, cap: _EngineCapture) -> HarvestResult:
+        maps, self_attn = {}, None
+        for m in self.engines.layout:
+            if m.name not in cap.sums:
+                continue
+            mean = cap.sums[m.name] / cap.counts[m.name]
+            if m.kind == "self":
+                self_attn = mean
+            else:
+                maps[m.stride] = mean
+        if not maps:
+            raise UserError("no cross-attention was harvested (no UNet step ran in the window)")
+        if self.config.refine_power > 0 and self_attn is None:
+            raise UserError("refinement needs the engine's self-attention output; rebuild the "
+                            "engine with the refining preset")
+        return HarvestResult(maps=maps, self_attention=self_attn, image_size=cap.image_size)
+
+
+class _EngineCapture:
+    def __init__(self, token_weights, image_size, steps):
+        self.token_weights = token_weights
+        self.image_size = image_size
+        self.steps = steps
+        self.step = -1
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, float] = {}
+        self.result: HarvestResult | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.sums.values())
+
+
+def check_engine_model(key: cache.EngineKey, pipe, folder) -> None:
+    """The loaded pipeline must hold the weights the engine was built from (with or without
+    the engine's LoRA merged) and the same VAE."""
+    have = model_fingerprint(pipe)
+    if have not in (key.model_hash, key.base_model_hash):
+        raise UserError(f"engine {folder} was built for model weights {key.model_hash} (base "
+                        f"{key.base_model_hash}), the loaded model has {have}; use the model it "
+                        "was built from or rebuild the engine")
+    if key.maps.get("vae_hash") not in (None, vae_fingerprint(pipe.vae)):
+        raise UserError(f"engine {folder} was built with another VAE than the loaded model's")
+    if DTYPE_NAMES[pipe.unet.dtype] != key.dtype:
+        raise UserError(f"engine {folder} is {key.dtype}, the job runs in "
+                        f"{DTYPE_NAMES[pipe.unet.dtype]}; pass --dtype {key.dtype}")
+
+
+def engine_harvester(cfg: SynthConfig, pipe, preset: Preset, log=None) -> EngineHarvester:
+    """The harvester `run_synth` uses for `--backend compile|onnxruntime|tensorrt` or
+    `--engine DIR`: loads the folder, or builds/reuses one in the engine cache."""
+    log = log or (lambda msg: None)
+    if cfg.engine:
+        folder = Path(cfg.engine).expanduser()
+        key = cache.check_engine_job(folder, cfg.backend, cfg.height, cfg.width, cfg.batch_size)
+        check_engine_model(key, pipe, folder)
+        harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+        harvester.backend = f"{key.backend} engine in {folder}"
+        return harvester
+    opts = EngineOptions(backend=cfg.backend, height=cfg.height, width=cfg.width,
+                         max_batch=cfg.batch_size, max_classes=8, harvest=preset.harvest)
+    check_backend(cfg.backend)
+    if cfg.backend == "compile":
+        key = engine_key(pipe, opts, pipe.unet.dtype, model_fingerprint(pipe), [])
+        harvester = EngineHarvester(pipe, compiled_engine_set(pipe, key), preset.harvest)
+        harvester.backend = "compile (torch.compile of the UNet with maps)"
+        return harvester
+    base = model_fingerprint(pipe)
+    key = engine_key(pipe, opts, pipe.unet.dtype, base, [])
+    folder = cache.default_cache_root() / f"{cfg.backend}-{key.digest()}"
+    build_engines(pipe, opts, folder, source={"model": cfg.model}, base_hash=base, log=log)
+    harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+    harvester.backend = f"{cfg.backend} engine in {folder}"
+    return harvester
