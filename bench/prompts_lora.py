@@ -38,13 +38,8 @@ from attnseg.pipeline.lora_train import (
     find_training_images,
     save_lora,
 )
-from attnseg.pipeline.prompts import (
-    CLASS_SETS,
-    DEFAULT_TEMPLATES,
-    build_prompt_set,
-    default_templates_file,
-    load_templates,
-)
+from attnseg.pipeline.prompt_augment import build_prompt_set, default_templates_file, load_templates
+from attnseg.pipeline.prompts import CLASS_SETS, DEFAULT_TEMPLATES
 from attnseg.pipeline.tiny import build_sd15_random_pipeline as build_sd15_random
 from attnseg.pipeline.tiny import tiny_tokenizer
 

@@ -20,7 +20,7 @@ def _config(args):
 
 
 def cmd_prompts(args) -> int:
-    from .prompts import build_prompt_set, write_prompt_file
+    from .prompt_augment import build_prompt_set, write_prompt_file
 
     cfg = _config(args)
     result = build_prompt_set(cfg)
@@ -88,7 +88,7 @@ def write_demo_prompts(out: str, classes: str = "voc", num_per_class: int = 2) -
     from pathlib import Path
 
     from .config import PromptsConfig
-    from .prompts import build_prompt_set, write_prompt_file
+    from .prompt_augment import build_prompt_set, write_prompt_file
 
     result = build_prompt_set(PromptsConfig(classes=classes, num_per_class=num_per_class,
                                             model="tiny"))

@@ -12,20 +12,22 @@ import pytest
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import PromptsConfig
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.prompts import (
-    CLASS_SETS,
+from attnseg.pipeline.prompt_augment import (
     LEXICON_FILE,
     augment_prompts,
     build_prompt_set,
+    load_lexicon,
+    load_templates,
+    wordnet_words,
+)
+from attnseg.pipeline.prompts import (
+    CLASS_SETS,
     class_token_weights,
     data_file,
     fill_template,
     find_word_tokens,
     load_classes,
-    load_lexicon,
     load_prompt_file,
-    load_templates,
-    wordnet_words,
 )
 
 
