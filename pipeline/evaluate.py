@@ -35,13 +35,11 @@ from .data import (
     check_label_values,
     class_mapping,
     generic_names,
-    normalize_image,
     normalize_name,
-    rescale_size,
-    to_tensors,
 )
 from .dataset import atomic_write_bytes
 from .errors import UserError
+from .train_data import normalize_image, rescale_size, to_tensors
 
 MIN_SIDE = 32
 

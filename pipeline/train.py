@@ -13,7 +13,7 @@ A run lives in one folder::
     RUN/tb/                            TensorBoard events (when tensorboard is installed)
 
 Determinism: the sample at stream position ``p`` and its augmentation depend only on
-``(seed, p)`` (see ``data.StreamSampler``), and the global torch RNG (dropout, drop-path) is
+``(seed, p)`` (see ``train_data.StreamSampler``), and the global torch RNG (dropout, drop-path) is
 re-seeded from ``(seed, step)`` before every optimiser step. So a run killed at any point and
 started again with the same command continues from its last checkpoint and ends with exactly
 the weights of an uninterrupted run (on CPU; GPU kernels may add non-determinism of their own).
@@ -33,22 +33,21 @@ from typing import Any
 
 import torch
 
-from .data import (
-    AugmentConfig,
-    SegmentationDataset,
-    StreamSampler,
-    check_batch,
-    collate_train,
-    default_ignore_index,
-    derive_seed,
-    open_source,
-)
+from .data import default_ignore_index, open_source
 from .dataset import atomic_write_bytes, check_output_dir, holds_same_run
 from .device import resolve_device
 from .errors import UserError
 from .evaluate import InferenceConfig, evaluate_model, inference_for
 from .losses import LossConfig, segmentation_loss
 from .segmodels import TINY_MODELS, SegModel, build_model, model_from_spec
+from .train_data import (
+    AugmentConfig,
+    SegmentationDataset,
+    StreamSampler,
+    check_batch,
+    collate_train,
+    derive_seed,
+)
 
 CHECKPOINT_FORMAT = "attnseg-train-1"
 MODEL_FORMAT = "attnseg-segmodel-1"

@@ -10,21 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from attnseg.pipeline.data import (
+from attnseg.pipeline.data import CorruptSample, detect_kind, open_source
+from attnseg.pipeline.dataset import DatasetWriter, voc_palette
+from attnseg.pipeline.errors import UserError
+from attnseg.pipeline.prompts import load_classes
+from attnseg.pipeline.train_data import (
     AugmentConfig,
-    CorruptSample,
     SegmentationDataset,
     Skipped,
     StreamSampler,
     augment,
     check_batch,
     collate_train,
-    detect_kind,
-    open_source,
 )
-from attnseg.pipeline.dataset import DatasetWriter, voc_palette
-from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.prompts import load_classes
 
 NO_JITTER = dict(brightness=0.0, contrast=0.0, saturation=0.0)
 
