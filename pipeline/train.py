@@ -422,12 +422,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if cfg.val_data:
         val_source = open_source(cfg.val_data, cfg.val_dataset, cfg.val_split)
 
-    torch.manual_seed(cfg.seed)
-    models = []
-    for k in range(cfg.loss.networks):
-        # Co-training needs two differently initialised networks.
-        torch.manual_seed(derive_seed(cfg.seed, 0x1A17, k))
-        models.append(build_model(cfg.model, class_names, cfg.pretrained).to(device))
+    models = _build_models(cfg, class_names, device)
     run_doc = {"config": config_dict(cfg), "classes": class_names,
                "model_spec": models[0].spec(),
                "tiny_model": cfg.model in TINY_MODELS}
@@ -446,26 +441,8 @@ def run_training(cfg: TrainConfig) -> dict:
                 "final": _read_final(out)}
 
     forward = [torch.compile(m) if cfg.compile else m for m in models]
-    per_step = cfg.batch_size * cfg.accum_steps
-    sampler = StreamSampler(len(dataset), cfg.seed, start=start * per_step)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_train,
-        num_workers=cfg.workers, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-    )
-    columns = ["step", "lr", "loss", "images", "images_per_s", "seconds", "skipped"]
-    extra_cols = (["loss_net0", "loss_net1", "reliable_frac", "peer_frac0", "peer_frac1",
-                   "rho"]
-                  if cfg.loss.name == "cotrain" else ["weight_frac"])
-    log = CsvLog(out / "log.csv", columns + extra_cols, start)
-    val_log = CsvLog(out / "val.csv", ["step", "mIoU", "mAcc", "aAcc"], start)
-    tb = _tensorboard(out / "tb")
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train",
-                   dynamic_ncols=True)
+    loader = _loader(cfg, dataset, start, device)
+    logs = _RunLogs(cfg, out, start)
     infer = _val_inference(cfg)
     for m in models:
         m.train()
@@ -483,27 +460,9 @@ def run_training(cfg: TrainConfig) -> dict:
                 g["lr"] = cfg.lr * g["lr_mult"] * factor
             torch.manual_seed(derive_seed(cfg.seed, 0xD80, step))
             opt.zero_grad(set_to_none=True)
-            loss_sum, parts, used = 0.0, {}, 0
-            for _ in range(cfg.accum_steps):
-                batch = check_batch(next(stream))
-                counters["skipped"] += len(batch["skipped"])
-                if batch["size"] == 0:
-                    continue
-                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                         for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
-                    outputs = [f(batch["image"]) for f in forward]
-                loss, parts = segmentation_loss(
-                    cfg.loss, [o[0] for o in outputs], batch, ignore_index, step,
-                    aux=[o[1] for o in outputs], aux_weight=models[0].aux_weight)
-                scaled = loss / cfg.accum_steps
-                if scaler is not None:
-                    scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-                loss_sum += float(loss.detach()) / cfg.accum_steps
-                used += batch["size"]
+            loss_sum, parts, used = _accumulate_gradients(
+                cfg, stream, models, forward, scaler, amp_dtype, device, ignore_index, step,
+                counters)
             if used == 0 and counters["skipped"] >= len(dataset) and counters["images"] == 0:
                 raise UserError(f"none of the {len(dataset)} training samples could be read")
             if used:
@@ -518,37 +477,15 @@ def run_training(cfg: TrainConfig) -> dict:
             images_this_call += used
             elapsed = time.perf_counter() - t0
             rate = images_this_call / elapsed if elapsed > 0 else 0.0
-            if bar is not None:
-                bar.set_postfix_str(f"loss {loss_sum:.4f}, {rate:.1f} img/s")
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                row = {"step": step, "lr": f"{cfg.lr * factor:.6g}", "loss": f"{loss_sum:.6f}",
-                       "images": counters["images"], "images_per_s": f"{rate:.3f}",
-                       "seconds": f"{elapsed:.2f}", "skipped": counters["skipped"],
-                       **{k: f"{v:.6g}" for k, v in parts.items()}}
-                log.write(row)
-                if tb is not None:
-                    tb.add_scalar("train/loss", loss_sum, step)
-                    tb.add_scalar("train/lr", cfg.lr * factor, step)
-                    tb.add_scalar("train/images_per_s", rate, step)
+            logs.step(step, cfg.lr * factor, loss_sum, parts, counters, rate, elapsed)
             if val_source is not None and (
                     (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps):
                 last_val = evaluate_model(models[0], val_source, infer, cfg.val_limit)
-                val_log.write({"step": step, "mIoU": last_val["mIoU"], "mAcc": last_val["mAcc"],
-                               "aAcc": last_val["aAcc"]})
-                if tb is not None and last_val["mIoU"] is not None:
-                    tb.add_scalar("val/mIoU", last_val["mIoU"], step)
+                logs.validation(step, last_val)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                path = out / "checkpoints" / f"step_{step:08d}.safetensors"
-                save_checkpoint(path, models, opt, scaler, counters)
-                for old in sorted((out / "checkpoints").glob("step_*.safetensors"))[
-                        : -cfg.keep_checkpoints]:
-                    old.unlink(missing_ok=True)
+                _save_step_checkpoint(cfg, out, step, models, opt, scaler, counters)
     finally:
-        if bar is not None:
-            bar.close()
-        if tb is not None:
-            tb.close()
+        logs.close()
         del stream
     elapsed = time.perf_counter() - t0
     final = None
@@ -560,6 +497,111 @@ def run_training(cfg: TrainConfig) -> dict:
             "images_per_s": round(images_this_call / elapsed, 3) if elapsed > 0 else None,
             "skipped": counters["skipped"], "final": final, "device": str(device),
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
+
+
+def _build_models(cfg: TrainConfig, class_names: list[str], device) -> list:
+    """The run's network(s), seeded: co-training needs two differently initialised ones."""
+    torch.manual_seed(cfg.seed)
+    models = []
+    for k in range(cfg.loss.networks):
+        torch.manual_seed(derive_seed(cfg.seed, 0x1A17, k))
+        models.append(build_model(cfg.model, class_names, cfg.pretrained).to(device))
+    return models
+
+
+def _loader(cfg: TrainConfig, dataset, start: int, device):
+    """The data loader, continuing the seeded sample stream at step `start`."""
+    per_step = cfg.batch_size * cfg.accum_steps
+    sampler = StreamSampler(len(dataset), cfg.seed, start=start * per_step)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_train,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+    )
+
+
+def _accumulate_gradients(cfg: TrainConfig, stream, models, forward, scaler, amp_dtype, device,
+                          ignore_index: int, step: int, counters: dict):
+    """One optimiser step's micro-batches: forward, loss, backward. Returns the mean loss,
+    the loss's parts (for the log) and how many images were used (skipped samples aside)."""
+    loss_sum, parts, used = 0.0, {}, 0
+    for _ in range(cfg.accum_steps):
+        batch = check_batch(next(stream))
+        counters["skipped"] += len(batch["skipped"])
+        if batch["size"] == 0:
+            continue
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                 for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            outputs = [f(batch["image"]) for f in forward]
+        loss, parts = segmentation_loss(
+            cfg.loss, [o[0] for o in outputs], batch, ignore_index, step,
+            aux=[o[1] for o in outputs], aux_weight=models[0].aux_weight)
+        scaled = loss / cfg.accum_steps
+        if scaler is not None:
+            scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        loss_sum += float(loss.detach()) / cfg.accum_steps
+        used += batch["size"]
+    return loss_sum, parts, used
+
+
+def _save_step_checkpoint(cfg: TrainConfig, out: Path, step: int, models, opt, scaler,
+                          counters: dict) -> None:
+    """Checkpoint this step; keep the newest `keep_checkpoints`."""
+    path = out / "checkpoints" / f"step_{step:08d}.safetensors"
+    save_checkpoint(path, models, opt, scaler, counters)
+    for old in sorted((out / "checkpoints").glob("step_*.safetensors"))[: -cfg.keep_checkpoints]:
+        old.unlink(missing_ok=True)
+
+
+class _RunLogs:
+    """Where a run reports: log.csv and val.csv (rows past a resumed step are rewritten),
+    TensorBoard when installed, and the progress bar."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, start: int):
+        columns = ["step", "lr", "loss", "images", "images_per_s", "seconds", "skipped"]
+        extra = (["loss_net0", "loss_net1", "reliable_frac", "peer_frac0", "peer_frac1", "rho"]
+                 if cfg.loss.name == "cotrain" else ["weight_frac"])
+        self.cfg = cfg
+        self.log = CsvLog(out / "log.csv", columns + extra, start)
+        self.val_log = CsvLog(out / "val.csv", ["step", "mIoU", "mAcc", "aAcc"], start)
+        self.tb = _tensorboard(out / "tb")
+        self.bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train",
+                            dynamic_ncols=True)
+
+    def step(self, step: int, lr: float, loss: float, parts: dict, counters: dict, rate: float,
+             elapsed: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.4f}, {rate:.1f} img/s")
+            self.bar.update(1)
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            self.log.write({"step": step, "lr": f"{lr:.6g}", "loss": f"{loss:.6f}",
+                            "images": counters["images"], "images_per_s": f"{rate:.3f}",
+                            "seconds": f"{elapsed:.2f}", "skipped": counters["skipped"],
+                            **{k: f"{v:.6g}" for k, v in parts.items()}})
+            if self.tb is not None:
+                self.tb.add_scalar("train/loss", loss, step)
+                self.tb.add_scalar("train/lr", lr, step)
+                self.tb.add_scalar("train/images_per_s", rate, step)
+
+    def validation(self, step: int, result: dict) -> None:
+        self.val_log.write({"step": step, "mIoU": result["mIoU"], "mAcc": result["mAcc"],
+                            "aAcc": result["aAcc"]})
+        if self.tb is not None and result["mIoU"] is not None:
+            self.tb.add_scalar("val/mIoU", result["mIoU"], step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _val_inference(cfg: TrainConfig) -> InferenceConfig:
