@@ -7,22 +7,44 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def add_config_args(p, what: str, example: str) -> None:
+    """`--config` and `--set`: the one override path of every benchmark (as of every command)."""
+    p.add_argument("--config", help=f"JSON or TOML file with {what} settings (flags override "
+                   "it; default: none)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"any setting, e.g. --set {example} (VALUE is JSON; default: none)")
+
+
+def bench_config(cls, args, flags: tuple[str, ...], what: str, values: dict | None = None):
+    """A benchmark's config: its --config file, then the flags given, then --set."""
+    from attnseg.pipeline.config import apply_set, config_from, config_values
+
+    merged = config_values(args, flags)
+    merged.update(values or {})
+    apply_set(merged, args.set)
+    return config_from(cls, merged, what)
+
+
 def cmd_throughput(args) -> int:
     from attnseg.pipeline.errors import UserError
 
     from .throughput import ThroughputConfig, _table, run_throughput, spread_note
 
-    try:
-        batch_sizes = _ints(args.batch_size)
-    except ValueError:
-        raise UserError(f"--batch-size {args.batch_size!r} is not a comma list of ints") \
-            from None
-    cfg = ThroughputConfig(
-        model=args.model, backends=tuple(b.strip() for b in args.backend.split(",")),
-        batch_sizes=batch_sizes, height=args.height, width=args.width, steps=args.steps,
-        repeats=args.repeats, warmup=args.warmup, preset=args.preset, device=args.device,
-        dtype=args.dtype, out=args.out, plots=not args.no_plots, progress=not args.no_progress,
-    )
+    values: dict = {}
+    if args.backend is not None:
+        values["backends"] = tuple(b.strip() for b in args.backend.split(",") if b.strip())
+    if args.batch_size is not None:
+        try:
+            values["batch_sizes"] = _ints(args.batch_size)
+        except ValueError:
+            raise UserError(f"--batch-size {args.batch_size!r} is not a comma list of ints") \
+                from None
+    if args.no_plots:
+        values["plots"] = False
+    values["progress"] = not args.no_progress
+    cfg = bench_config(ThroughputConfig, args, (
+        "model", "height", "width", "steps", "repeats", "warmup", "preset", "device", "dtype",
+        "out"), "bench throughput", values)
     result = run_throughput(cfg)
     print(_table(result), end="")
     print(f"results: {', '.join(result['files'])}")
@@ -31,6 +53,30 @@ def cmd_throughput(args) -> int:
         print(f"note: {spread_note(noisy)}")
     if result["model_note"].startswith("built-in"):
         print(f"note: model '{cfg.model}' has random weights: timings are real, images are noise")
+    return 0
+
+
+def cmd_robust_training(args) -> int:
+    from .robust_training import RobustTrainingConfig, render_markdown, run_robust_training
+
+    values = {"quick": True} if args.quick else {}
+    cfg = bench_config(RobustTrainingConfig, args, ("out",), "bench robust-training", values)
+    import sys
+
+    doc = run_robust_training(cfg, "attnseg " + " ".join(sys.argv[1:]))
+    print(render_markdown(doc), end="")
+    if doc["files"]:
+        print(f"results: {', '.join(doc['files'])}")
+    return 0
+
+
+def cmd_prompts_lora(args) -> int:
+    from .prompts_lora import PromptsLoraConfig, run_prompts_lora, to_markdown
+
+    cfg = bench_config(PromptsLoraConfig, args, ("out",), "bench prompts-lora")
+    result = run_prompts_lora(cfg)
+    print(to_markdown(result), end="")
+    print(f"results: {', '.join(result['files'])}")
     return 0
 
 
@@ -106,31 +152,28 @@ def register(sub) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("throughput", help="generation speed/memory: stock vs harvesting vs "
                         "store-every-map, per component, batch sizes swept")
-    p.add_argument("--model", default="tiny",
-                   help="tiny, sd15-random (SD 1.5 architecture, random weights), a hub id, "
-                   "a folder or a .safetensors file (default: tiny)")
-    p.add_argument("--backend", default="torch",
+    add_config_args(p, "throughput", "repeats=5")
+    p.add_argument("--model", help="tiny, sd15-random (SD 1.5 architecture, random weights), a "
+                   "hub id, a folder or a .safetensors file (default: tiny)")
+    p.add_argument("--backend",
                    help="where the UNet runs: torch, compile, onnxruntime, tensorrt, or a comma "
                    "list of them (default: torch); engine backends run the harvest variant "
-                   "against the torch stock baseline")
-    p.add_argument("--batch-size", default="1,2",
+                   "against the torch stock baseline; compile uses CUDA graphs on a GPU")
+    p.add_argument("--batch-size",
                    help="images per generation call, or a comma list to sweep (default: 1,2)")
     p.add_argument("--height", type=int, help="image height, multiple of 8 "
                    "(default: 128 for tiny, else 512)")
     p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as height's)")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps (default: 10)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--steps", type=int, help="denoising steps (default: 10)")
+    p.add_argument("--repeats", type=int,
                    help="measured runs per variant, interleaved (default: 3)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="unmeasured runs per variant first (default: 1)")
-    p.add_argument("--preset", default="attnseg",
-                   help="harvesting recipe, see `attnseg presets` (default: attnseg)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--dtype", default="auto",
+    p.add_argument("--warmup", type=int, help="unmeasured runs per variant first (default: 1)")
+    p.add_argument("--preset", help="harvesting recipe, see `attnseg presets` (default: attnseg)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--dtype",
                    help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 (default: auto)")
-    p.add_argument("--out", default="attnseg-bench/throughput",
-                   help="where results go: OUT.json, OUT.md, OUT.png (a .json/.md suffix is "
-                   "dropped; default: attnseg-bench/throughput in the current folder)")
+    p.add_argument("--out", help="where results go: OUT.json, OUT.md, OUT.png (a .json/.md "
+                   "suffix is dropped; default: attnseg-bench/throughput in the current folder)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plot")
     p.add_argument("--no-progress", action="store_true",
                    help="no line per measured run on stderr")
@@ -139,8 +182,8 @@ def register(sub) -> None:
     q = bsub.add_parser(
         "quality", help="pseudo-mask mIoU against a labelled set, downstream mIoU after "
         "training on the generated data, and throughput, in one report")
-    q.add_argument("--config", help="JSON/TOML file of settings (sections: real, train; flags "
-                   "override it; default: none)")
+    q.add_argument("--config", help="JSON or TOML file with quality settings (sections: real, "
+                   "train; flags override it; default: none)")
     q.add_argument("--model", help="as for synth (default: tiny, random weights)")
     q.add_argument("--classes", help="class set or class file (default: voc)")
     q.add_argument("--preset", help="harvesting recipe (default: attnseg)")
@@ -179,3 +222,18 @@ def register(sub) -> None:
                    "attnseg-bench/quality in the current folder)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quality)
+
+    r = bsub.add_parser("robust-training", help="plain CE against the reliability-aware losses "
+                        "on procedural shapes with attention-like noisy masks (seeds, spread)")
+    add_config_args(r, "robust-training", "seeds=5 --set steps=400")
+    r.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 30 steps")
+    r.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
+                   "attnseg-bench/robust_training in the current folder)")
+    r.set_defaults(func=cmd_robust_training)
+
+    r = bsub.add_parser("prompts-lora", help="prompt augmentation counts and cost, fused vs "
+                        "unfused LoRA generation, LoRA training step cost")
+    add_config_args(r, "prompts-lora", "parts=prompts")
+    r.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
+                   "attnseg-bench/prompts_lora in the current folder)")
+    r.set_defaults(func=cmd_prompts_lora)

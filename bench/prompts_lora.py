@@ -10,20 +10,20 @@ checking them costs, what fusing a LoRA saves at generation, and what a LoRA tra
    seconds per image, ratios, and the largest pixel difference fused vs unfused.
 3. LoRA training: seconds per optimiser step on the same architecture, trainable parameters.
 
-    python -m attnseg.bench.prompts_lora --size 256 --steps 10 --repeats 3
-    python -m attnseg.bench.prompts_lora --parts prompts     # only the (fast) prompt table
+    attnseg bench prompts-lora --out bench/results/prompts_lora
+    attnseg bench prompts-lora --set parts=prompts      # only the (fast) prompt table
 
-Results go to bench/results/prompts_lora.{json,md}.
+Results go to OUT.json and OUT.md (default OUT: attnseg-bench/prompts_lora).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ import psutil
 import torch
 
 from attnseg.pipeline.config import LoraTrainConfig, PromptsConfig
+from attnseg.pipeline.dataset import atomic_write_bytes
 from attnseg.pipeline.lora import LoraSpec, apply_loras
 from attnseg.pipeline.lora_train import (
     LoraTrainer,
@@ -43,7 +44,7 @@ from attnseg.pipeline.prompts import CLASS_SETS, DEFAULT_TEMPLATES
 from attnseg.pipeline.tiny import build_sd15_random_pipeline as build_sd15_random
 from attnseg.pipeline.tiny import tiny_tokenizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .throughput import output_base, with_suffix
 
 
 def bench_prompts(num_per_class: int = 20) -> list[dict]:
@@ -165,24 +166,29 @@ def bench_training(pipe, size: int, steps: int, rank: int) -> dict:
             "median_s_per_step": statistics.median(times)}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--train-steps", type=int, default=3)
-    ap.add_argument("--parts", default="prompts,lora",
-                    help="what to run: prompts, lora (generation + training) or both; parts "
-                    "not run are kept from the existing result file")
-    ap.add_argument("--out", default=str(RESULTS / "prompts_lora"))
-    args = ap.parse_args(argv)
+@dataclass
+class PromptsLoraConfig:
+    """One `attnseg bench prompts-lora` run."""
+
+    height: int = 256  # generation size of the fused-vs-unfused comparison (square)
+    steps: int = 10
+    repeats: int = 3
+    rank: int = 16
+    train_steps: int = 3
+    # What to run: "prompts", "lora" (generation + training) or both; parts not run are kept
+    # from the existing result file.
+    parts: str = "prompts,lora"
+    out: str = "attnseg-bench/prompts_lora"  # OUT.json, OUT.md
+
+
+def run_prompts_lora(cfg: PromptsLoraConfig) -> dict:
+    """Measure the parts asked for; the result (also written to OUT)."""
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for the text encoder" notes
-    parts = set(args.parts.split(","))
-    out = Path(args.out)
-    previous = out.with_suffix(".json")
+    parts = set(cfg.parts.split(","))
+    base = output_base(cfg.out)
+    previous = with_suffix(base, ".json")
     result = json.loads(previous.read_text()) if previous.is_file() else {}
     result.update({
         "benchmark": "prompts_lora",
@@ -197,13 +203,15 @@ def main(argv=None):
     if "lora" in parts:
         pipe = build_sd15_random()
         with torch.no_grad():
-            result["fused_vs_unfused"] = bench_fused(pipe, args.size, args.steps, args.repeats,
-                                                     args.rank)
-        result["training"] = bench_training(pipe, args.size, args.train_steps, 4)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
-    print(to_markdown(result))
+            result["fused_vs_unfused"] = bench_fused(pipe, cfg.height, cfg.steps, cfg.repeats,
+                                                     cfg.rank)
+        result["training"] = bench_training(pipe, cfg.height, cfg.train_steps, 4)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    files = [with_suffix(base, ".json"), with_suffix(base, ".md")]
+    atomic_write_bytes(files[0], (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write_bytes(files[1], to_markdown(result).encode())
+    result["files"] = [str(f) for f in files]
+    return result
 
 
 def to_markdown(r: dict) -> str:
@@ -234,7 +242,3 @@ def to_markdown(r: dict) -> str:
               f"({t['trainable_params']} trainable parameters): median {t['median_s_per_step']} "
               f"s per step over {t['steps_timed']} steps.", ""]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    main()

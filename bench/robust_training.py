@@ -18,24 +18,23 @@ between the two best scores). Segmenters (the trainer's tiny SegFormer) are trai
 noisy masks with each loss and scored on the *clean* masks of held-out images, over several
 seeds; seeds are interleaved so machine noise hits every loss alike.
 
-    python -m attnseg.bench.robust_training            # ~10 min on 1 CPU thread
-    python -m attnseg.bench.robust_training --quick    # smoke run
+    attnseg bench robust-training --out bench/results/robust_training   # ~20 min, 1 thread
+    attnseg bench robust-training --set quick=true                        # smoke run
 
-Results: bench/results/robust_training.{json,md}.
+Results: OUT.json and OUT.md (default OUT: attnseg-bench/robust_training).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,8 @@ from attnseg.pipeline.config import MaskConfig
 from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
 from attnseg.pipeline.prompts import load_classes
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .throughput import output_base, with_suffix
+
 CLASSES = ("stripes", "checks", "dots")
 SIZE = 64
 STRIDE = 4  # attention-map pixels are 4x4 image pixels here
@@ -287,11 +287,13 @@ def summarize(runs: dict[str, dict[int, float]], seeds: list[int]) -> dict:
     robust = [n for n in out if n not in ("ce", "clean-labels")]
     best = max(robust, key=lambda n: out[n]["mean"])
     gap = out[best]["mean"] - out["ce"]["mean"]
-    spread = max(out["ce"]["sd"], out[best]["sd"])
+    # One seed has no spread: then no gain can be shown to exceed it.
+    sds = [sd for sd in (out["ce"]["sd"], out[best]["sd"]) if sd is not None]
+    spread = max(sds) if sds else None
     out["verdict"] = {
         "best": best, "gain": gap, "spread_sd": spread,
         "ce_range": out["ce"]["max"] - out["ce"]["min"],
-        "target_met": gap > spread,
+        "target_met": spread is not None and gap > spread,
         "beats_ce_range": gap > out["ce"]["max"] - out["ce"]["min"],
         "best_beats_ce_every_seed": all(g > 0 for g in out[best]["gain_over_ce"]["values"]),
     }
@@ -301,10 +303,14 @@ def summarize(runs: dict[str, dict[int, float]], seeds: list[int]) -> dict:
     return out
 
 
-def write_results(doc: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(RESULTS / "robust_training.json", json.dumps(doc, indent=1).encode())
-    atomic_write_bytes(RESULTS / "robust_training.md", render_markdown(doc).encode())
+def write_results(doc: dict, out: str) -> list[str]:
+    """Write OUT.json and OUT.md; the paths written."""
+    base = output_base(out)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    files = [with_suffix(base, ".json"), with_suffix(base, ".md")]
+    atomic_write_bytes(files[0], json.dumps(doc, indent=1).encode())
+    atomic_write_bytes(files[1], render_markdown(doc).encode())
+    return [str(f) for f in files]
 
 
 def render_markdown(doc: dict) -> str:
@@ -336,7 +342,7 @@ def render_markdown(doc: dict) -> str:
     lines += [
         "",
         f"Best reliability-aware loss: **{v['best']}**, {100 * v['gain']:+.2f} mIoU over plain "
-        f"CE; seed-to-seed spread (larger sd of the two) {100 * v['spread_sd']:.2f}; CE's "
+        f"CE; seed-to-seed spread (larger sd of the two) {pct(v['spread_sd'])}; CE's "
         f"range {100 * v['ce_range']:.2f}. Target (gain > spread): "
         f"**{'met' if v['target_met'] else 'not met'}**; gain > CE's whole range: "
         f"{'yes' if v['beats_ce_range'] else 'no'}; better than CE on every seed: "
@@ -349,67 +355,63 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=3, help="training seeds (default 3)")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--train", type=int, default=400, help="training images")
-    p.add_argument("--val", type=int, default=100, help="clean validation images")
-    p.add_argument("--data-seed", type=int, default=1)
-    p.add_argument("--model", default="segformer-tiny")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (a tiny model gains nothing from more)")
-    p.add_argument("--clean-seeds", type=int, default=1,
-                   help="seeds of the clean-label reference run (its spread is small)")
-    p.add_argument("--workers", type=int, default=1, help="data loader processes per run")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 30 steps")
-    p.add_argument("--no-write", action="store_true", help="do not write bench/results")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.seeds, args.steps, args.train, args.val, args.clean_seeds = 2, 30, 32, 8, 1
-    torch.set_num_threads(args.threads)
-    seeds = list(range(args.seeds))
+@dataclass
+class RobustTrainingConfig:
+    """One `attnseg bench robust-training` run."""
+
+    seeds: int = 3  # training seeds per loss
+    steps: int = 800
+    train: int = 400  # training images
+    val: int = 100  # clean validation images
+    data_seed: int = 1
+    model: str = "segformer-tiny"
+    threads: int = 1  # torch threads (a tiny model gains nothing from more)
+    clean_seeds: int = 1  # seeds of the clean-label reference run (its spread is small)
+    workers: int = 1  # data loader processes per run
+    quick: bool = False  # smoke run: 2 seeds, 30 steps, 32 + 8 images
+    out: str = "attnseg-bench/robust_training"  # OUT.json, OUT.md; "" writes nothing
+
+
+def run_robust_training(cfg: RobustTrainingConfig, command: str = "") -> dict:
+    """Train every loss on the noisy masks over the seeds; the report (also written to OUT)."""
+    if cfg.quick:
+        cfg = replace(cfg, seeds=2, steps=30, train=32, val=8, clean_seeds=1)
+    torch.set_num_threads(cfg.threads)
+    seeds = list(range(cfg.seeds))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = write_datasets(root, args.train, args.val, args.data_seed)
+        data = write_datasets(root, cfg.train, cfg.val, cfg.data_seed)
         print(f"pseudo-mask mIoU vs clean: {100 * data['pseudo_mask_mIoU']:.2f}", flush=True)
-        losses = loss_settings(args.steps)
+        losses = loss_settings(cfg.steps)
         runs: dict[str, dict[int, float]] = {n: {} for n in losses}
-        if args.clean_seeds:
+        if cfg.clean_seeds:
             runs["clean-labels"] = {}
         seconds: dict[str, list[float]] = {n: [] for n in runs}
         for seed in seeds:  # interleaved: every loss sees the same machine conditions
             for name, loss in losses.items():
-                r = train_one(root, "train", loss, seed, args.steps, args.model, args.workers)
+                r = train_one(root, "train", loss, seed, cfg.steps, cfg.model, cfg.workers)
                 runs[name][seed] = r["mIoU"]
                 seconds[name].append(r["seconds"])
                 print(f"seed {seed} {name:<22} mIoU {100 * r['mIoU']:.2f} "
                       f"({r['seconds']:.0f} s)", flush=True)
-            if seed < args.clean_seeds:
-                r = train_one(root, "train_clean", {"name": "ce"}, seed, args.steps, args.model,
-                              args.workers)
+            if seed < cfg.clean_seeds:
+                r = train_one(root, "train_clean", {"name": "ce"}, seed, cfg.steps, cfg.model,
+                              cfg.workers)
                 runs["clean-labels"][seed] = r["mIoU"]
                 seconds["clean-labels"].append(r["seconds"])
                 print(f"seed {seed} {'clean-labels':<22} mIoU {100 * r['mIoU']:.2f}", flush=True)
     summary = summarize(runs, seeds)
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
     doc = {
-        "command": f"python -m attnseg.bench.robust_training {argv_text}".strip(),
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch "
+        "command": command or "attnseg bench robust-training",
+        "machine": f"{platform.processor() or platform.machine()}, {cfg.threads} torch "
                    f"thread(s), torch {torch.__version__}",
         # Other work on the machine slows every run alike (runs are interleaved by seed).
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "seconds": time.perf_counter() - t0, "model": args.model, "steps": args.steps,
-        "n_train": args.train, "n_val": args.val, "seeds": seeds, "data_seed": args.data_seed,
-        "data": data, "losses": loss_settings(args.steps), "summary": summary,
+        "seconds": time.perf_counter() - t0, "model": cfg.model, "steps": cfg.steps,
+        "n_train": cfg.train, "n_val": cfg.val, "seeds": seeds, "data_seed": cfg.data_seed,
+        "data": data, "losses": loss_settings(cfg.steps), "summary": summary,
         "seconds_per_run": {n: statistics.fmean(v) for n, v in seconds.items() if v},
     }
-    print(render_markdown(doc))
-    if not args.no_write:
-        write_results(doc)
+    doc["files"] = write_results(doc, cfg.out) if cfg.out else []
     return doc
-
-
-if __name__ == "__main__":
-    main()

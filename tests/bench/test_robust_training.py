@@ -82,3 +82,24 @@ def test_summary_and_verdict():
     one = summarize({**runs, "clean-labels": {0: 0.8}}, [0, 1, 2])
     assert one["clean-labels"]["sd"] is None and one["verdict"]["gap_closed"] == pytest.approx(
         0.04 / (0.8 - 0.71))
+
+
+def test_cli_end_to_end_with_the_common_config_path(tmp_path, capsys):
+    """`attnseg bench robust-training` takes --config and --set like every command."""
+    import json
+
+    from attnseg.pipeline.cli import main
+
+    config = tmp_path / "rt.json"
+    config.write_text(json.dumps({"seeds": 1, "steps": 2, "train": 8, "val": 4,
+                                  "clean_seeds": 0}))
+    out = tmp_path / "rt"
+    assert main(["bench", "robust-training", "--config", str(config), "--set", "workers=0",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["steps"] == 2 and doc["n_train"] == 8 and doc["seeds"] == [0]
+    assert set(doc["summary"]) >= {"ce", "verdict"} and "results:" in printed
+    assert doc["command"].startswith("attnseg ")
+    assert main(["bench", "robust-training", "--set", "nonsense=1", "--out", str(out)]) == 2
+    assert "unknown bench robust-training setting" in capsys.readouterr().err

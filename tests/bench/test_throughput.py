@@ -102,3 +102,26 @@ def test_engine_backend_runs_harvest_against_the_torch_stock_baseline(tmp_path, 
     assert engine["attention_state_bytes"] > 0  # the engine's map outputs were summed
     assert engine["seconds_per_image"]["unet"] > 0 and engine["seconds_per_image"]["write"] > 0
     assert list((tmp_path / "engines").iterdir()), "the engine was not cached"
+
+
+def test_config_file_then_flags_then_set(tmp_path, capsys):
+    """The benchmark's settings come from --config, flags override it, --set overrides both."""
+    config = tmp_path / "tp.toml"
+    config.write_text('repeats = 1\nwarmup = 0\nsteps = 3\nheight = 64\nwidth = 64\n'
+                      'batch_sizes = [1]\nplots = false\n')
+    out = tmp_path / "tp"
+    assert main(["bench", "throughput", "--config", str(config), "--steps", "2", "--set",
+                 "repeats=2", "--no-progress", "--out", str(out)]) == 0
+    capsys.readouterr()
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["config"]["steps"] == 2 and result["config"]["repeats"] == 2
+    assert result["config"]["warmup"] == 0 and result["size"] == [64, 64]
+    assert not out.with_suffix(".png").exists()
+
+
+def test_prompts_lora_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "pl"
+    assert main(["bench", "prompts-lora", "--set", "parts=prompts", "--out", str(out)]) == 0
+    assert "results:" in capsys.readouterr().out
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert {p["class_set"] for p in result["prompts"]} >= {"voc", "cityscapes"}
