@@ -170,7 +170,7 @@ class UNetWithMaps(torch.nn.Module):
 
     def remove(self) -> None:
         """Give the UNet back its previous attention processors."""
-        self.unet.set_attn_processor(self._previous)
+        self.unet.set_attn_processor(dict(self._previous))  # diffusers empties the dict it gets
 
     @property
     def output_names(self) -> list[str]:

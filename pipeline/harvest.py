@@ -102,7 +102,7 @@ class AttentionHarvester:
     def remove(self) -> None:
         """Uninstall: the UNet gets back the processors it had before."""
         self._hook.remove()
-        self.unet.set_attn_processor(self._previous)
+        self.unet.set_attn_processor(dict(self._previous))  # diffusers empties the dict it gets
 
     def _on_unet_call(self, module, args, kwargs):
         if self._capture is not None:

@@ -19,7 +19,7 @@ from attnseg.pipeline.real_images import (
     describe_classes,
     model_input_size,
 )
-from tests.pipeline.test_data_readers import make_voc
+from tests.pipeline.test_data import make_voc
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -200,7 +200,7 @@ def test_bad_label_value_stops_training_naming_the_file(demo_data, tmp_path):
 
 
 def test_eval_on_a_dataset_whose_classes_the_model_lacks(demo_data, tmp_path, capsys):
-    from tests.pipeline.test_data_readers import make_voc
+    from tests.pipeline.test_data import make_voc
 
     run = tmp_path / "run"
     assert main(["train", "--data", str(demo_data), "--out", str(run), "--steps", "1",

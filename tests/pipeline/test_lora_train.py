@@ -1,0 +1,125 @@
+"""LoRA training on the tiny model: loss, diffusers-loadable output, resume, CLI, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnseg.pipeline.cli import main
+from attnseg.pipeline.errors import UserError
+from attnseg.pipeline.lora import LORA_WEIGHTS, LoraSpec
+from attnseg.pipeline.lora_train import LoraTrainer, find_training_images, train_lora
+from attnseg.pipeline.models import load_pipeline
+from attnseg.pipeline.tiny import build_tiny_pipeline
+
+from .lora_helpers import ENV, generate, lora_config, unet_out, write_images
+
+
+def test_training_lowers_loss_and_writes_a_diffusers_lora(trained):
+    cfg, summary = trained
+    assert summary["steps"] == 12 and summary["new_steps"] == 12
+    assert summary["probe_loss_end"] < 0.97 * summary["probe_loss_start"]
+    history = json.loads((Path(cfg.out) / "history.json").read_text())
+    assert len(history["loss"]) == 12 and set(history["probe_loss"]) == {"0", "6", "12"}
+    weights = Path(cfg.out) / LORA_WEIGHTS
+    assert weights.is_file() and summary["weights"] == str(weights)
+
+    pipe = build_tiny_pipeline()
+    before = unet_out(pipe)
+    pipe.load_lora_weights(cfg.out)  # diffusers accepts the folder as it is
+    after = unet_out(pipe)
+    assert (after - before).abs().max() > 1e-3
+    # The loaded LoRA is the trained one, scale (alpha / rank = 2) included: it reproduces the
+    # probe loss measured at the end of training.
+    images = find_training_images(cfg.images, cfg.caption)
+    probe = LoraTrainer(pipe, images, cfg, cfg.crop).probe_loss()
+    assert probe == pytest.approx(summary["probe_loss_end"], rel=1e-4)
+
+def test_resume_follows_the_uninterrupted_run(trained, tmp_path):
+    cfg, summary = trained
+    out = tmp_path / "resumed"
+    first = train_lora(lora_config(Path(cfg.images), out, steps=6), progress=False)
+    assert first["steps"] == 6
+    # Leftovers of a run killed while writing its next checkpoint are ignored and removed.
+    (out / "checkpoints" / "step-00000009").mkdir()
+    (out / "checkpoints" / "step-00000012.tmp-attnseg-999").mkdir()
+    second = train_lora(lora_config(Path(cfg.images), out), progress=False)
+    assert (second["resumed_from"], second["new_steps"], second["steps"]) == (6, 6, 12)
+    assert not list(out.rglob("*.tmp-attnseg-*"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000006", "step-00000012"]
+    a = load_file(str(Path(cfg.out) / LORA_WEIGHTS))
+    b = load_file(str(out / LORA_WEIGHTS))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ha = json.loads((Path(cfg.out) / "history.json").read_text())
+    hb = json.loads((out / "history.json").read_text())
+    np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
+    # Started again when done: nothing to train, same weights.
+    again = train_lora(lora_config(Path(cfg.images), out), progress=False)
+    assert again["new_steps"] == 0 and again["resumed_from"] == 12
+    # Other settings in the same folder are refused.
+    with pytest.raises(UserError, match="holds a different LoRA training run"):
+        train_lora(lora_config(Path(cfg.images), out, lr=1e-3), progress=False)
+
+def test_lora_train_cli_end_to_end(tmp_path):
+    images = write_images(tmp_path / "images", n=2)
+    out = tmp_path / "lora"
+    r = subprocess.run(
+        [sys.executable, "-m", "attnseg.pipeline.cli", "lora", "train", "--images", str(images),
+         "--caption", "a street", "--out", str(out), "--steps", "3", "--crop", "64",
+         "--rank", "2", "--target-modules", "to_k,to_v", "--no-progress"],
+        env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "trained LoRA to step 3" in r.stdout and "probe loss" in r.stdout
+    assert "noise" in r.stdout  # the tiny-model notice
+    keys = load_file(str(out / LORA_WEIGHTS)).keys()
+    assert keys and all(".to_k." in k or ".to_v." in k for k in keys)
+
+@pytest.mark.parametrize("change, message", [
+    ({"images": "/no/such/folder"}, "image folder /no/such/folder does not exist"),
+    ({"caption": None}, "has no caption file 1.txt and no --caption"),
+    ({"target_modules": ("to_q", "to_qq")}, "--target-modules ['to_qq'] match no Linear"),
+    ({"crop": 60}, "--crop 60 is not a positive multiple of 8"),
+    ({"dtype": "fp16"}, "fp16 training would need loss scaling"),
+])
+def test_lora_train_bad_input(tmp_path, change, message):
+    change = dict(change)
+    images = change.pop("images", None) or write_images(tmp_path / "images", n=2)
+    out = tmp_path / "lora"
+    with pytest.raises(UserError) as info:
+        train_lora(lora_config(images, out, steps=1, **change), progress=False)
+    assert message in str(info.value)
+    assert not out.exists()
+
+def test_lora_train_cli_error_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["lora", "train", "--images", str(tmp_path / "empty"), "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("attnseg: error: image folder")
+    assert "holds no images" in err[0]
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_and_fused_synthesis_on_gpu(tmp_path):
+    """bf16 frozen weights with fp32 LoRA weights on GPU; fused into an fp16 pipeline."""
+    images = write_images(tmp_path / "images")
+    summary = train_lora(lora_config(images, tmp_path / "lora", device="cuda"), progress=False)
+    assert summary["dtype"] == "bfloat16"
+    assert summary["probe_loss_end"] < summary["probe_loss_start"]
+    cuda = torch.device("cuda")
+    fused = load_pipeline("tiny", cuda, torch.float16, [LoraSpec(str(tmp_path / "lora"))])
+    unfused = load_pipeline("tiny", cuda, torch.float16)
+    unfused.load_lora_weights(str(tmp_path / "lora"))
+    img_f, _ = generate(fused)
+    img_u, _ = generate(unfused)
+    assert np.abs(img_f - img_u).mean() < 1.0  # fp16 fusing rounds differently, not more
