@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from attnseg.pipeline import cli_args
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
@@ -9,10 +11,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def add_config_args(p, what: str, example: str) -> None:
     """`--config` and `--set`: the one override path of every benchmark (as of every command)."""
-    p.add_argument("--config", help=f"JSON or TOML file with {what} settings (flags override "
-                   "it; default: none)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"any setting, e.g. --set {example} (VALUE is JSON; default: none)")
+    cli_args.add_config(p, what)
+    cli_args.add_set(p, example)
 
 
 def bench_config(cls, args, flags: tuple[str, ...], what: str, values: dict | None = None):
@@ -153,49 +153,40 @@ def register(sub) -> None:
     p = bsub.add_parser("throughput", help="generation speed/memory: stock vs harvesting vs "
                         "store-every-map, per component, batch sizes swept")
     add_config_args(p, "throughput", "repeats=5")
-    p.add_argument("--model", help="tiny, sd15-random (SD 1.5 architecture, random weights), a "
-                   "hub id, a folder or a .safetensors file (default: tiny)")
+    cli_args.add_model(p)
     p.add_argument("--backend",
                    help="where the UNet runs: torch, compile, onnxruntime, tensorrt, or a comma "
                    "list of them (default: torch); engine backends run the harvest variant "
                    "against the torch stock baseline; compile uses CUDA graphs on a GPU")
     p.add_argument("--batch-size",
                    help="images per generation call, or a comma list to sweep (default: 1,2)")
-    p.add_argument("--height", type=int, help="image height, multiple of 8 "
-                   "(default: 128 for tiny, else 512)")
-    p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as height's)")
+    cli_args.add_size(p)
     p.add_argument("--steps", type=int, help="denoising steps (default: 10)")
     p.add_argument("--repeats", type=int,
                    help="measured runs per variant, interleaved (default: 3)")
     p.add_argument("--warmup", type=int, help="unmeasured runs per variant first (default: 1)")
     p.add_argument("--preset", help="harvesting recipe, see `attnseg presets` (default: attnseg)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--dtype",
-                   help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 (default: auto)")
+    cli_args.add_device(p)
+    cli_args.add_dtype(p)
     p.add_argument("--out", help="where results go: OUT.json, OUT.md, OUT.png (a .json/.md "
                    "suffix is dropped; default: attnseg-bench/throughput in the current folder)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plot")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no line per measured run on stderr")
+    cli_args.add_no_progress(p, "no line per measured run on stderr")
     p.set_defaults(func=cmd_throughput)
 
     q = bsub.add_parser(
         "quality", help="pseudo-mask mIoU against a labelled set, downstream mIoU after "
         "training on the generated data, and throughput, in one report")
-    q.add_argument("--config", help="JSON or TOML file with quality settings (sections: real, "
-                   "train; flags override it; default: none)")
-    q.add_argument("--model", help="as for synth (default: tiny, random weights)")
+    cli_args.add_config(q, "quality", sections="real, train")
+    cli_args.add_model(q)
     q.add_argument("--classes", help="class set or class file (default: voc)")
     q.add_argument("--preset", help="harvesting recipe (default: attnseg)")
     q.add_argument("--num-per-class", type=int, help="images generated per class (default: 2)")
     q.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
-    q.add_argument("--height", type=int, help="image height, multiple of 8 "
-                   "(default: 128 for tiny, else 512)")
-    q.add_argument("--width", type=int, help="image width, multiple of 8 (default: as height's)")
+    cli_args.add_size(q)
     q.add_argument("--seed", type=int, help="base seed of generation and training (default: 0)")
-    q.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    q.add_argument("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 "
-                   "(default: auto)")
+    cli_args.add_device(q)
+    cli_args.add_dtype(q)
     q.add_argument("--labelled", help="labelled set (VOC, Cityscapes, ImageNet-S or attnseg "
                    "layout): pseudo-masks of its images and the trained model are scored on it "
                    "(default: none)")
@@ -210,17 +201,15 @@ def register(sub) -> None:
     q.add_argument("--train-steps", type=int, help="downstream training steps, 0 for none "
                    "(default: 200)")
     q.add_argument("--train-model", help="segmenter to train (default: segformer-b0)")
-    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="a setting of the real-image labeller or of the downstream training, "
-                   "e.g. --set real.noise_levels=[0.3] --set train.loss.name=ce --set "
-                   "train.batch_size=4 (VALUE is JSON; default: none)")
+    cli_args.add_set(q, "real.noise_levels=[0.3] --set train.loss.name=ce --set train.batch_size=4 "
+            "(the real-image labeller's or the downstream training's)", "SECTION.KEY=VALUE")
     q.add_argument("--throughput", help="embed this `bench throughput` JSON instead of "
                    "measuring a short one (default: measure)")
     q.add_argument("--no-throughput", action="store_true", help="leave throughput out")
     q.add_argument("--work", help="folder for the dataset and training run (default: OUT.work)")
     q.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
                    "attnseg-bench/quality in the current folder)")
-    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cli_args.add_no_progress(q, "no progress bars")
     q.set_defaults(func=cmd_quality)
 
     r = bsub.add_parser("robust-training", help="plain CE against the reliability-aware losses "

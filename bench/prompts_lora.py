@@ -30,16 +30,21 @@ import numpy as np
 import psutil
 import torch
 
-from attnseg.pipeline.config import LoraTrainConfig, PromptsConfig
 from attnseg.pipeline.dataset import atomic_write_bytes
 from attnseg.pipeline.lora import LoraSpec, apply_loras
 from attnseg.pipeline.lora_train import (
+    LoraTrainConfig,
     LoraTrainer,
     add_lora_adapter,
     find_training_images,
     save_lora,
 )
-from attnseg.pipeline.prompt_augment import build_prompt_set, default_templates_file, load_templates
+from attnseg.pipeline.prompt_augment import (
+    PromptsConfig,
+    build_prompt_set,
+    default_templates_file,
+    load_templates,
+)
 from attnseg.pipeline.prompts import CLASS_SETS, DEFAULT_TEMPLATES
 from attnseg.pipeline.tiny import build_sd15_random_pipeline as build_sd15_random
 from attnseg.pipeline.tiny import tiny_tokenizer

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..pipeline import cli_args
 from ..pipeline.config import BACKENDS
 
 
@@ -145,33 +146,26 @@ def register(sub) -> None:
     esub = p.add_subparsers(dest="engine_command", required=True)
     b = esub.add_parser("build", help="export/compile a model into an engine folder (reused "
                         "when up to date)")
-    b.add_argument("--model", default="tiny", help="'tiny', a hub id, a diffusers folder or a "
-                   ".safetensors file (default: tiny)")
+    cli_args.add_model(b, default="tiny")
     b.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA (folder or .safetensors file) to merge before export; repeat for "
                    "several (default: none)")
-    b.add_argument("--allow-pickle", action="store_true",
-                   help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
-                   "files you trust (default: safetensors only)")
+    cli_args.add_allow_pickle(b)
     b.add_argument("--backend", required=True, choices=BACKENDS[1:],
                    help="compile, onnxruntime or tensorrt; required")
     b.add_argument("--out", required=True, help="engine folder; required")
-    b.add_argument("--height", type=int, help="image height (default: 128 tiny, else 512)")
-    b.add_argument("--width", type=int, help="image width (default: as --height's)")
+    cli_args.add_size(b)
     b.add_argument("--batch-size", type=int, default=4,
                    help="largest images per call (TensorRT profile max; default 4)")
     b.add_argument("--max-classes", type=int, default=8,
                    help="largest labelled words per prompt (TensorRT profile max; default 8)")
-    b.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 (default: auto)")
-    b.add_argument("--device", default="auto",
-                   help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    cli_args.add_dtype(b, default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    cli_args.add_device(b, default="auto")
     b.add_argument("--preset", default="attnseg",
                    help="harvesting recipe whose map outputs the engine computes "
                    "(default: attnseg)")
-    b.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a preset setting, as for synth, e.g. --set "
-                   "harvest.strides=[16,32] (default: the preset's settings)")
+    cli_args.add_set(b, "harvest.strides=[16,32] (a preset setting, as for synth)",
+                     "SECTION.KEY=VALUE")
     b.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     b.add_argument("--trt-plugin", default="auto", choices=("auto", "on", "off"),
                    help="TensorRT: aggregate maps with the Triton kernel as a plugin "
@@ -182,7 +176,7 @@ def register(sub) -> None:
     v = esub.add_parser("verify", help="generate through the engine and through torch; compare")
     v.add_argument("dir", help="engine folder")
     v.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4)")
-    v.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+    cli_args.add_device(v, default="auto")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=cmd_verify)
     r = esub.add_parser("refit", help="TensorRT: swap in other LoRAs without a rebuild "

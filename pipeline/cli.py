@@ -13,15 +13,13 @@ import time
 
 from ..bench import cli as bench_cli
 from ..engines import cli as engines_cli
-from . import lora_cli, prompts_cli, train_cli
+from . import cli_args, lora_cli, prompts_cli, train_cli
 from .errors import UserError, os_error_line
 
 
 def _add_synth_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON or TOML file with synth settings (flags override it; "
-                   "default: none)")
-    p.add_argument("--model", help="'tiny' (built-in random model), a hub id, a diffusers "
-                   "folder or one .safetensors file (default: tiny)")
+    cli_args.add_config(p, "synth")
+    cli_args.add_model(p)
     p.add_argument("--classes", help="'voc', a file with one class per line, or 'a,b,c' "
                    "(default: voc)")
     p.add_argument("--num-per-class", type=int, help="images per class (default: 1)")
@@ -33,14 +31,11 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale "
                    "(default: the preset's, else 7.5)")
-    p.add_argument("--height", type=int, help="image height, multiple of 8 "
-                   "(default: 128 for tiny, else 512)")
-    p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as --height's)")
+    cli_args.add_size(p)
     p.add_argument("--seed", type=int, help="base seed; sample i's seed depends on (seed, i) "
                    "(default: 0)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16, bf16 "
-                   "(default: auto)")
+    cli_args.add_device(p)
+    cli_args.add_dtype(p)
     p.add_argument("--format", help="voc (default: files + manifest) or webdataset "
                    "(tar chunks + parquet, for millions of samples)")
     p.add_argument("--samples-per-tar", type=int, help="WebDataset chunk size, a multiple of "
@@ -48,9 +43,8 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard", help="do part i/n of the job (0-based), or 'auto' for the "
                    "launcher's rank (torchrun/accelerate RANK/WORLD_SIZE, Slurm array; default: "
                    "the whole job)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a preset setting, e.g. --set harvest.strides=[16,32] "
-                   "--set mask.bg_const=0.4 (VALUE is JSON; default: the preset's settings)")
+    cli_args.add_set(p, "harvest.strides=[16,32] --set mask.bg_const=0.4 (a preset setting)",
+            "SECTION.KEY=VALUE")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="fuse a LoRA (folder or .safetensors file) into the model before "
                    "generating; repeat for several, each with its own scale (default: none)")
@@ -60,10 +54,8 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
                    "engines are built once and cached (see `attnseg engine build`)")
     p.add_argument("--engine", help="a folder from `attnseg engine build` to generate with "
                    "(default: none)")
-    p.add_argument("--allow-pickle", action="store_true", default=None,
-                   help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
-                   "files you trust (default: safetensors only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli_args.add_allow_pickle(p)
+    cli_args.add_no_progress(p)
 
 
 def _synth_config(args):
@@ -237,7 +229,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="offline demo on the built-in tiny model (~20 s on 2 idle "
                        "CPU cores)")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cli_args.add_no_progress(p, "no progress bars")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("launch", help="run synth at scale: Slurm array script or Ray Data "
                        "(torchrun/accelerate: use `synth --shard auto`)")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from . import cli_args
+
 _FIELDS = ("images", "model", "out", "caption", "rank", "alpha", "steps", "lr", "batch_size",
            "crop", "seed", "weight_decay", "max_grad_norm", "checkpoint_every",
            "keep_checkpoints", "device", "dtype", "allow_pickle")
 
 
 def _config(args):
-    from .config import LoraTrainConfig, config_from, config_values
+    from .config import config_from, config_values
+    from .lora_train import LoraTrainConfig
 
     values = config_values(args, _FIELDS)
     if args.target_modules is not None:
@@ -51,11 +54,9 @@ def register(sub) -> None:
         "noise-prediction loss. Checkpoints are written every --checkpoint-every steps; run the "
         "same command again to resume, or with a larger --steps to train on.",
     )
-    p.add_argument("--config", help="JSON or TOML file with these settings (flags override it; "
-                   "default: none)")
+    cli_args.add_config(p, "lora train")
     p.add_argument("--images", help="folder of training images (searched recursively); required")
-    p.add_argument("--model", help="'tiny', a hub id, a diffusers folder or a .safetensors "
-                   "checkpoint (default: tiny)")
+    cli_args.add_model(p)
     p.add_argument("--out", help="output folder (default: out/lora)")
     p.add_argument("--caption", help="caption of images without a <image>.txt caption file "
                    "(default: none: every image needs one)")
@@ -78,11 +79,9 @@ def register(sub) -> None:
     p.add_argument("--center-crop", action="store_true", help="centre crops, not random ones")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute UNet activations in the backward pass (less memory)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--dtype", help="frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 "
-                   "(default: auto)")
-    p.add_argument("--allow-pickle", action="store_true", default=None,
-                   help="load pickle weights (.bin, .ckpt) too: they can run code, so only for "
-                   "files you trust (default: safetensors only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli_args.add_device(p)
+    cli_args.add_dtype(p, help="frozen weights: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 "
+                       "(default: auto)")
+    cli_args.add_allow_pickle(p)
+    cli_args.add_no_progress(p)
     p.set_defaults(func=cmd_lora_train)

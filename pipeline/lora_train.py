@@ -28,14 +28,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import LoraTrainConfig
 from .dataset import (
     atomic_write_bytes,
     check_output_dir,
@@ -49,6 +48,55 @@ from .seeds import sample_seed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _ADAPTER = "default"  # peft's adapter name during training
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet attention projections
+
+
+@dataclass
+class LoraTrainConfig:
+    """LoRA fine-tuning of the UNet on unlabeled images (`attnseg lora train`)."""
+
+    images: str = ""  # folder of images (searched recursively)
+    model: str = "tiny"
+    out: str = "out/lora"
+    caption: str | None = None  # for images without a caption file <image>.txt
+    rank: int = 4
+    alpha: float | None = None  # None: equal to rank (LoRA scale alpha / rank = 1)
+    target_modules: tuple[str, ...] = LORA_TARGETS  # UNet attention projections
+    steps: int = 1000  # total optimiser steps; a rerun with more steps continues training
+    lr: float = 1e-4
+    batch_size: int = 1
+    crop: int | None = None  # square training crop side; None: 128 for the tiny model, else 512
+    seed: int = 0
+    flip: bool = True  # random horizontal flips
+    center_crop: bool = False  # else random square crops
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    dtype: str = "auto"  # weights of the frozen model: fp32 on CPU, bf16 on GPU; LoRA is fp32
+    allow_pickle: bool = False  # load pickle (.bin) weights: they can run code
+
+    def validate(self) -> None:
+        if not self.images:
+            raise UserError("--images is required: a folder of target-domain images")
+        for name in ("rank", "steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.lr <= 0:
+            raise UserError("--lr must be > 0")
+        if self.alpha is not None and self.alpha <= 0:
+            raise UserError("--alpha must be > 0")
+        if self.crop is not None and (self.crop <= 0 or self.crop % 8):
+            raise UserError(f"--crop {self.crop} is not a positive multiple of 8")
+        if not self.target_modules:
+            raise UserError("--target-modules is empty")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise UserError(f"--dtype for LoRA training must be auto, fp32 or bf16, not "
+                            f"{self.dtype!r} (fp16 training would need loss scaling)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 import random
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
@@ -403,6 +403,31 @@ def write_prompt_file(path: str | Path, records: list[dict]) -> None:
         atomic_write_bytes(path, data)
     except OSError as e:
         raise UserError(f"cannot write prompts file {path}: {e.strerror}") from None
+
+
+@dataclass
+class PromptsConfig:
+    """Prompt augmentation (`attnseg prompts`): which words, templates and captions, how many."""
+
+    classes: str = "voc"
+    num_per_class: int = 20
+    seed: int = 0
+    out: str = "prompts.jsonl"
+    # Lexicon files (`class name: word, word`) added to the built-in synonyms and hyponyms.
+    lexicons: list[str] = field(default_factory=list)
+    builtin_lexicon: bool = True
+    templates: str | None = None  # None: the class set's built-in templates
+    captions: str | None = None  # one caption per line; those naming a class become prompts
+    wordnet: bool = False  # add WordNet synonyms and hyponyms (needs nltk and its corpus)
+    wordnet_max: int = 20  # at most this many WordNet words per class
+    model: str | None = None  # check every prompt against this model's tokenizer
+    strict: bool = False  # a word or caption that fails the tokenizer check is an error
+
+    def validate(self) -> None:
+        if self.num_per_class < 1:
+            raise UserError("--num-per-class must be >= 1")
+        if self.wordnet_max < 1:
+            raise UserError("--wordnet-max must be >= 1")
 
 
 def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:

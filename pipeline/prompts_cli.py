@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+from . import cli_args
+
 
 def _config(args):
-    from .config import PromptsConfig, config_from, config_values
+    from .config import config_from, config_values
+    from .prompt_augment import PromptsConfig
 
     values = config_values(args, ("classes", "num_per_class", "seed", "out", "templates",
                                   "captions", "model", "wordnet_max"))
@@ -53,8 +56,7 @@ def register(sub) -> None:
         "filled with the class word and its synonyms and hyponyms, plus captions that mention "
         "the class; deterministic given --seed, de-duplicated, --num-per-class prompts per class.",
     )
-    p.add_argument("--config", help="JSON or TOML file with these settings (flags override it; "
-                   "default: none)")
+    cli_args.add_config(p, "prompts")
     p.add_argument("--classes", help="voc, cityscapes, coco, imagenet-s50, a class file, or "
                    "'a,b,c' (default: voc)")
     p.add_argument("--num-per-class", type=int, help="prompts per class (default: 20)")
@@ -87,8 +89,7 @@ def write_demo_prompts(out: str, classes: str = "voc", num_per_class: int = 2) -
     OUT/prompts.jsonl; returns its path and a line describing it with examples."""
     from pathlib import Path
 
-    from .config import PromptsConfig
-    from .prompt_augment import build_prompt_set, write_prompt_file
+    from .prompt_augment import PromptsConfig, build_prompt_set, write_prompt_file
 
     result = build_prompt_set(PromptsConfig(classes=classes, num_per_class=num_per_class,
                                             model="tiny"))

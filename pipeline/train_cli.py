@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import cli_args
 from .errors import UserError
 
 TINY_MODEL_NOTICE = ("model {name} is a tiny test-size network: it exercises the code, its "
@@ -30,8 +31,7 @@ def _scale_arg(text: str):
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="JSON or TOML file with train settings (flags override "
-                   "it; default: none)")
+    cli_args.add_config(p, "train")
     p.add_argument("--data", action="append", default=None, metavar="DIR",
                    help="training data folder; repeat to mix several (synthetic, VOC, "
                    "Cityscapes or ImageNet-S layouts are detected); required")
@@ -70,15 +70,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="data loader processes (default: 2)")
     p.add_argument("--seed", type=int, help="seed of data order, augmentation and init "
                    "(default: 0)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    cli_args.add_device(p)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
                    "(default: 1000)")
     p.add_argument("--log-every", type=int, help="steps between log rows (default: 10)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. --set loss.band_threshold=0.3 --set "
-                   "augment.scale_range=[0.5,2.0] --set head_lr_mult=1 (VALUE is JSON; "
-                   "default: none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli_args.add_set(p, "loss.band_threshold=0.3 --set augment.scale_range=[0.5,2.0] --set "
+            "head_lr_mult=1", "[SECTION.]KEY=VALUE")
+    cli_args.add_no_progress(p)
 
 
 _FLAG_FIELDS = ("data", "dataset", "split", "classes", "val_data", "val_dataset", "val_split",
@@ -293,6 +291,6 @@ def register(sub) -> None:
                    "(default: 255)")
     p.add_argument("--out", help="JSON report path (default for --checkpoint RUN: "
                    "RUN/eval-<dataset>-<split>.json; for --pseudo DIR: DIR/eval-pseudo.json)")
-    p.add_argument("--device", help="auto, cpu, cuda ... (default: auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli_args.add_device(p)
+    cli_args.add_no_progress(p)
     p.set_defaults(func=cmd_eval)

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnseg.pipeline.config import LoraTrainConfig, get_preset
+from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.lora_train import LoraTrainConfig
 from attnseg.pipeline.prompts import PromptSpec, load_classes
 from attnseg.pipeline.synth import Sample, Synthesizer
 

@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 
 from attnseg.pipeline.cli import main
-from attnseg.pipeline.config import PromptsConfig
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.prompt_augment import (
     LEXICON_FILE,
+    PromptsConfig,
     augment_prompts,
     build_prompt_set,
     load_lexicon,
