@@ -40,16 +40,19 @@ MAP_IMPLS = ("ref", "op", "plugin")
 
 @torch.library.custom_op("attnseg::accumulate_class_attention", mutates_args=("out",))
 def _accumulate_op(q: torch.Tensor, k: torch.Tensor, token_weights: torch.Tensor,
-                   out: torch.Tensor, h: int, w: int, scale: float, weight: float, mode: str,
-                   clamp: bool) -> None:
+                   out: torch.Tensor, h: int, w: int, scale: float, weight: float,
+                   resize_mode: str, clamp: bool) -> None:
     # The kernel op with its own device dispatch (Triton on CUDA, numba on CPU); registered as
     # a custom op so that torch.compile keeps it as one node instead of tracing its launcher.
+    # No argument may be called `mode`: torch.compile's wrapper of a mutating custom op calls
+    # handler(mode, *args, **kwargs), and a keyword `mode` collides with it.
     accumulate_class_attention(q, k, token_weights, out, hw=(h, w), scale=scale, weight=weight,
-                               mode=mode, clamp=clamp)
+                               mode=resize_mode, clamp=clamp)
 
 
 @_accumulate_op.register_fake
-def _accumulate_op_fake(q, k, token_weights, out, h, w, scale, weight, mode, clamp) -> None:
+def _accumulate_op_fake(q, k, token_weights, out, h, w, scale, weight, resize_mode,
+                        clamp) -> None:
     return None
 
 
