@@ -40,18 +40,30 @@ class Variant:
 
 
 # Class-token maps: q/k fp16 (tensor-core dots) or fp32 (exact-fp32 dots); up to 128 tokens,
-# 16 classes, any head dim (walked in 64/32-wide chunks). Tile sizes as attnseg.kernels picks.
+# 16 classes, any head dim (walked in BLOCK_D-wide chunks). Tile sizes as attnseg.kernels
+# picks them (its attn_blocks: no register spills at sm_80/sm_90).
 _CA_SIG = "*{t}, *{t}, *fp32, *fp32, i32, i32, i32, i32, i32, i32, i32, {bn}, 128, {bd}, 16, {f32}"
 _CA_GRID = "B, (N + {bn} - 1) / {bn}, 1"
+
+
+def _ca_variant(name: str, triton_type: str, f32: int) -> Variant:
+    import torch
+
+    from ..kernels.class_attention import attn_blocks
+
+    b = attn_blocks(128, 64, 16, torch.float32 if f32 else torch.float16)
+    return Variant(name, "class_attention_maps_aot",
+                   _CA_SIG.format(t=triton_type, bn=b["BLOCK_N"], bd=b["BLOCK_D"], f32=f32),
+                   _CA_GRID.format(bn=b["BLOCK_N"]))
+
+
 _FZ_SIG = ("*fp32, *i64, *i32, *fp32, *i32, *fp32, *u8, *u8, i32, i32, i32, i32, i32, i32, "
            "i32, i32, i32, i32, {k}, {k}, 256")
 _FZ_GRID = "B, (H * W + 255) / 256, 1"
 
 VARIANTS = (
-    Variant("ATTNSEG_CA_F16", "class_attention_maps_aot",
-            _CA_SIG.format(t="fp16", bn=64, bd=64, f32=0), _CA_GRID.format(bn=64)),
-    Variant("ATTNSEG_CA_F32", "class_attention_maps_aot",
-            _CA_SIG.format(t="fp32", bn=32, bd=32, f32=1), _CA_GRID.format(bn=32)),
+    _ca_variant("ATTNSEG_CA_F16", "fp16", 0),
+    _ca_variant("ATTNSEG_CA_F32", "fp32", 1),
     # Finalize with 1 (nearest / same size), 2 (bilinear) and 4 (bicubic) taps per axis.
     Variant("ATTNSEG_FZ_K1", "finalize_masks_aot", _FZ_SIG.format(k=1), _FZ_GRID, 4),
     Variant("ATTNSEG_FZ_K2", "finalize_masks_aot", _FZ_SIG.format(k=2), _FZ_GRID, 4),

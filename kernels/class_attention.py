@@ -24,8 +24,9 @@ __all__ = [
 
 # Widest map the triton resize kernel holds in one tile; wider maps resize in torch.
 _TRITON_MAX_SIDE = 128
-# Warps per program of both triton kernels: with 4, the fp32 score/probability tiles spill
-# registers on sm_90 (checked with cuobjdump --dump-resource-usage on AOT builds).
+# Warps per program of both triton kernels. With 4, most tile sets spill registers at sm_80 and
+# sm_90; with 8 the tiles `attn_blocks` picks do not (ptxas -v on the AOT builds, asserted in
+# tests/kernels/test_class_attention.py).
 _TRITON_NUM_WARPS = 8
 
 
@@ -395,19 +396,33 @@ if _tr is not None:
 
 
 def attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and dot flavour of ``class_attn_kernel`` for these shapes."""
+    """Tile sizes and dot flavour of ``class_attn_kernel`` for these shapes.
+
+    Chosen so that the kernel keeps every tile in registers (no spills) at 8 warps on sm_80
+    and sm_90, as ptxas reports for the AOT builds (tests/kernels/test_class_attention.py
+    asserts it): the score and probability tiles grow with BLOCK_N x BLOCK_L and the class
+    tile with BLOCK_N x BLOCK_C, so BLOCK_N shrinks as the class tile grows; a 64-wide D chunk
+    alone pushed the fp16 kernel to 255 registers and spills, 32 does not.
+    """
     # fp16/bf16 scores use the tensor cores directly. fp32 inputs need exact-fp32 (FMA) dots;
     # so does bf16 in the interpreter, whose dot multiplies the raw uint16 bits of bf16 data.
     f32_dot = dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreting())
     block_l = _next_pow2(l_tokens)
-    # FMA dots unroll into code that grows with the tile, hence the smaller tiles for them;
-    # more than 128 tokens also needs the smaller tile to keep the score rows in registers.
+    block_c = _next_pow2(c)
+    if f32_dot:  # FMA dots unroll into code that grows with the tile
+        block_n = 32 if block_c <= 32 else 16
+        block_d = 16 if block_n == 32 else 32
+    else:
+        block_n = 64 if block_c <= 16 else 32 if block_c <= 32 else 16
+        block_d = 32
+    if block_l > 128:  # more than 128 tokens: keep the score rows in registers
+        block_n = min(block_n, 32)
     return {
-        "BLOCK_N": 32 if f32_dot or block_l > 128 else 64,
+        "BLOCK_N": block_n,
         "BLOCK_L": block_l,
-        # D = 40/64 -> one chunk; D = 80/160 -> 2/3 chunks of 64 (less padding than 128/256).
-        "BLOCK_D": min(_next_pow2(d), 32 if f32_dot else 64),
-        "BLOCK_C": _next_pow2(c),
+        # D = 40 -> two chunks of 32 (or three of 16); D = 80/160 -> 3/5 chunks of 32.
+        "BLOCK_D": min(_next_pow2(d), block_d),
+        "BLOCK_C": block_c,
         "F32_DOT": f32_dot,
     }
 

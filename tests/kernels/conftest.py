@@ -22,7 +22,8 @@ if not HAS_CUDA:
 # Exit status the AOT script uses to say "cannot compile here" (no NVIDIA backend / ptxas).
 AOT_SKIP = 77
 
-_AOT_PRELUDE = f"""
+_AOT_PRELUDE = rf"""
+import subprocess
 import sys
 try:
     import triton
@@ -51,6 +52,26 @@ def aot(fn, signature, constexprs, num_warps=4):
     cubin = compiled.asm["cubin"]
     assert isinstance(cubin, bytes) and len(cubin) > 0, "empty cubin"
     print(fn.__name__, "cubin bytes", len(cubin))
+
+
+def resources(fn, signature, constexprs, num_warps, arch):
+    # (registers, spill bytes) of `fn` compiled for sm_<arch>, as ptxas reports them.
+    import re
+    import tempfile
+
+    sig = dict(signature, **{{name: "constexpr" for name in constexprs}})
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={{"num_warps": num_warps}})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    suffix = "a" if arch == 90 else ""
+    out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{{arch}}{{suffix}}", "-v", f.name,
+                          "-o", "/dev/null"], capture_output=True, text=True)
+    report = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return regs, spills
 """
 
 

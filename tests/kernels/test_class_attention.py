@@ -240,6 +240,31 @@ def test_aot_compile_for_hopper(aot_compile):
     assert "class_attn_kernel cubin bytes" in out and "_resize_acc_kernel cubin bytes" in out
 
 
+def test_shipped_tiles_compile_without_register_spills(aot_compile):
+    """The tiles `attn_blocks` picks for SD shapes (77 text tokens, head dims 40-160, 4 to 40
+    classes) compile at sm_80 and sm_90 with no register spills, per ptxas."""
+    out = aot_compile("""
+        import torch
+        from attnseg.kernels import class_attention as ca
+        for arch in (80, 90):
+            for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"),
+                                (torch.float32, "fp32")):
+                sig = {"q_ptr": "*" + name, "k_ptr": "*" + name, "tw_ptr": "*fp32",
+                       "dst_ptr": "*fp32", "N": "i32", "L": "i32", "D": "i32", "C": "i32",
+                       "H": "i32", "scale": "fp32", "weight": "fp32"}
+                for d, c in ((40, 4), (160, 4), (40, 20), (40, 40)):
+                    blocks = dict(ca.attn_blocks(77, d, c, dtype), DIRECT=False, CLAMP=False)
+                    regs, spills = resources(ca.class_attn_kernel, sig, blocks,
+                                             ca._TRITON_NUM_WARPS, arch)
+                    print("RESOURCES", arch, name, d, c, regs, spills)
+    """)
+    rows = [line.split()[1:] for line in out.splitlines() if line.startswith("RESOURCES")]
+    assert len(rows) == 2 * 3 * 4
+    spilling = [r for r in rows if int(r[5]) > 0]
+    assert spilling == [], spilling
+    assert all(int(r[4]) <= 255 for r in rows)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("case", NUMBA_CASES, ids=str)
