@@ -13,7 +13,7 @@ import time
 
 from ..bench import cli as bench_cli
 from ..engines import cli as engines_cli
-from . import cli_args, lora_cli, prompts_cli, train_cli
+from . import cli_args, lora_cli, prompts_cli, toy_cli, train_cli
 from .errors import UserError, os_error_line
 
 
@@ -268,7 +268,7 @@ def register(sub) -> None:
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
 REGISTRARS = [register, bench_cli.register, train_cli.register, prompts_cli.register,
-              lora_cli.register, engines_cli.register]
+              lora_cli.register, toy_cli.register, engines_cli.register]
 
 
 def _version() -> str:

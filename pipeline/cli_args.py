@@ -48,7 +48,7 @@ def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
 def add_size(p: argparse.ArgumentParser) -> None:
     """`--height` and `--width` of the generated images."""
     p.add_argument("--height", type=int, help="image height, multiple of 8 "
-                   "(default: 128 for tiny, else 512)")
+                   "(default: 128 for tiny, else 512; toy render: 64)")
     p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as "
                    "--height's)")
 
