@@ -39,7 +39,7 @@ def tok():
 
 
 def test_builtin_class_sets():
-    sizes = {"voc": 20, "cityscapes": 19, "coco": 80, "imagenet-s50": 50}
+    sizes = {"voc": 20, "cityscapes": 19, "coco": 80, "imagenet-s50": 50, "toy": 6}
     assert set(CLASS_SETS) == set(sizes)
     for name, n in sizes.items():
         classes = load_classes(name)
