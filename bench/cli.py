@@ -9,12 +9,6 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def add_config_args(p, what: str, example: str) -> None:
-    """`--config` and `--set`: the one override path of every benchmark (as of every command)."""
-    cli_args.add_config(p, what)
-    cli_args.add_set(p, example)
-
-
 def bench_config(cls, args, flags: tuple[str, ...], what: str, values: dict | None = None):
     """A benchmark's config: its --config file, then the flags given, then --set."""
     from attnseg.pipeline.config import apply_set, config_from, config_values
@@ -152,7 +146,8 @@ def register(sub) -> None:
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("throughput", help="generation speed/memory: stock vs harvesting vs "
                         "store-every-map, per component, batch sizes swept")
-    add_config_args(p, "throughput", "repeats=5")
+    cli_args.add_config(p, "throughput")
+    cli_args.add_set(p, "repeats=5")
     cli_args.add_model(p)
     p.add_argument("--backend",
                    help="where the UNet runs: torch, compile, onnxruntime, tensorrt, or a comma "
@@ -214,7 +209,8 @@ def register(sub) -> None:
 
     r = bsub.add_parser("robust-training", help="plain CE against the reliability-aware losses "
                         "on procedural shapes with attention-like noisy masks (seeds, spread)")
-    add_config_args(r, "robust-training", "seeds=5 --set steps=400")
+    cli_args.add_config(r, "robust-training")
+    cli_args.add_set(r, "seeds=5 --set steps=400")
     r.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 30 steps")
     r.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
                    "attnseg-bench/robust_training in the current folder)")
@@ -222,7 +218,8 @@ def register(sub) -> None:
 
     r = bsub.add_parser("prompts-lora", help="prompt augmentation counts and cost, fused vs "
                         "unfused LoRA generation, LoRA training step cost")
-    add_config_args(r, "prompts-lora", "parts=prompts")
+    cli_args.add_config(r, "prompts-lora")
+    cli_args.add_set(r, "parts=prompts")
     r.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
                    "attnseg-bench/prompts_lora in the current folder)")
     r.set_defaults(func=cmd_prompts_lora)

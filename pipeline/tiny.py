@@ -89,77 +89,60 @@ def _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype: torch.dtype)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
-def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A StableDiffusionPipeline with tiny random components, identical for a given seed."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        UNet2DConditionModel,
-    )
+def _random_pipeline(seed: int, dtype: torch.dtype, text_config, unet_config: dict,
+                     vae_config: dict, scheduler):
+    """A pipeline of randomly initialised components with these configs and the generated
+    tokenizer. The text encoder, UNet and VAE are drawn in that order right after seeding, so a
+    seed always gives the same weights. `text_config(tokenizer)` gives the text encoder's."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
+    unet = UNet2DConditionModel(**unet_config)
+    vae = AutoencoderKL(**vae_config)
     return _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype)
+
+
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A StableDiffusionPipeline with tiny random components, identical for a given seed."""
+    from diffusers import DDIMScheduler
+
+    return _random_pipeline(
+        seed, dtype,
+        lambda tok: dict(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32, 32),
+             layers_per_block=1,
+             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8),
+        dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+             down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
+             sample_size=64),
+        DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    )
 
 
 def build_sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """Stable Diffusion 1.5's architecture with random weights (the tiny tokenizer's ids)."""
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler
 
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-    ))
-    # UNet2DConditionModel's defaults are SD 1.x's layout; SD 1.5 cross-attends to 768-d text.
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=512,
+    return _random_pipeline(
+        seed, dtype,
+        lambda tok: dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                         num_hidden_layers=12, num_attention_heads=12,
+                         max_position_embeddings=77, hidden_act="quick_gelu"),
+        # UNet2DConditionModel's defaults are SD 1.x's layout; SD 1.5 cross-attends to 768-d.
+        dict(sample_size=64, cross_attention_dim=768),
+        dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+             down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512),
+        PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      skip_prk_steps=True, steps_offset=1),
     )
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
-    return _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype)

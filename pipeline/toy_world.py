@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class ToyRenderConfig:
     out: str = "out/toy"
     num_images: int = 100
     seed: int = 0
-    domain: str = "source"
+    domain: Literal["source", "target"] = "source"
     height: int = 64
     width: int = 64
     max_objects: int = 3
