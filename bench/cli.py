@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from attnseg.pipeline import cli_args
 
 
@@ -55,8 +57,6 @@ def cmd_robust_training(args) -> int:
 
     values = {"quick": True} if args.quick else {}
     cfg = bench_config(RobustTrainingConfig, args, ("out",), "bench robust-training", values)
-    import sys
-
     doc = run_robust_training(cfg, "attnseg " + " ".join(sys.argv[1:]))
     print(render_markdown(doc), end="")
     if doc["files"]:

@@ -107,8 +107,10 @@ def _load_failure(e: Exception) -> str:
     points at a stack trace the user never sees; the cause is then the chained exception."""
     line = first_line(e)
     cause = e.__cause__ or e.__context__
-    if "stacktrace above" in line.lower() or "stack trace above" in line.lower():
-        line = line.split(".")[0]
+    at = max(line.lower().find("stacktrace above"), line.lower().find("stack trace above"))
+    if at >= 0:
+        # Drop the sentence that points at the trace (not at the first ".": paths have dots).
+        line = line[: line.rfind(". ", 0, at) + 1 or at].rstrip(" .")
         if cause is not None:
             line += f": {first_line(cause)}"
     return line

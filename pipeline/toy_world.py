@@ -128,9 +128,8 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     y0 = np.minimum(y.astype(int), cells - 1)
     x0 = np.minimum(x.astype(int), cells - 1)
     fy, fx = (y - y0)[:, None], (x - x0)[None, :]
-    g = grid
-    top = g[y0][:, x0] * (1 - fx) + g[y0][:, x0 + 1] * fx
-    bottom = g[y0 + 1][:, x0] * (1 - fx) + g[y0 + 1][:, x0 + 1] * fx
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
     return top * (1 - fy) + bottom * fy
 
 
@@ -284,6 +283,7 @@ def render_dataset(cfg: ToyRenderConfig, progress: bool = True) -> dict:
            "render": asdict(cfg) | {"out": None}}
     writer = DatasetWriter(out, job, classes)
     todo = [i for i in range(cfg.num_images) if i not in writer.done]
+    by_name = {c.name: c for c in classes}
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -296,7 +296,6 @@ def render_dataset(cfg: ToyRenderConfig, progress: bool = True) -> dict:
                                  cfg.max_objects, tuple(c.name for c in classes))
             name = f"{i:08d}"
             atomic_write_bytes(out / "JPEGImages" / f"{name}.txt", (scene.caption + "\n").encode())
-            by_name = {c.name: c for c in classes}
             writer.write(i, name, scene.image, scene.label,
                          np.full(scene.label.shape, 255, dtype=np.uint8), {
                              "prompt": scene.caption,
