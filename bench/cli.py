@@ -139,6 +139,34 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_toy(args) -> int:
+    from .toy import ToyBenchConfig, run_toy_bench
+
+    values = {"progress": not args.no_progress}
+    cfg = bench_config(ToyBenchConfig, args, ("model", "device", "dtype", "out"), "bench toy",
+                       values)
+    report = run_toy_bench(cfg)
+    print(open(report["files"][1]).read(), end="")
+    print(f"results: {', '.join(report['files'])}")
+    return 0
+
+
+def cmd_gpu(args) -> int:
+    from .gpu import GpuProofConfig, run_gpu_proof
+
+    values: dict = {}
+    if args.steps:
+        values["steps"] = tuple(x.strip() for x in args.steps.split(",") if x.strip())
+    if args.smoke:
+        values["smoke"] = True
+    cfg = bench_config(GpuProofConfig, args, ("out",), "bench gpu", values)
+    report = run_gpu_proof(cfg)
+    print(open(report["files"][1]).read(), end="")
+    print(f"results: {', '.join(report['files'])}")
+    failed = [n for n, r in report["steps"].items() if "skipped" not in r and not r.get("ok")]
+    return 1 if failed else 0
+
+
 def register(sub) -> None:
     """Add `attnseg bench` and its subcommands."""
     bench = sub.add_parser("bench", help="benchmarks: throughput (speed, memory), quality "
@@ -206,6 +234,33 @@ def register(sub) -> None:
                    "attnseg-bench/quality in the current folder)")
     cli_args.add_no_progress(q, "no progress bars")
     q.set_defaults(func=cmd_quality)
+
+    t = bsub.add_parser("toy", help="the toy world: trivial baselines, pseudo-mask mIoU per "
+                        "preset and localisation against exact labels of rendered scenes "
+                        "(seeds, spread; tuned on a validation seed, reported on a test seed)")
+    cli_args.add_config(t, "toy benchmark")
+    cli_args.add_set(t, "num_images=50 --set seeds=[0]")
+    t.add_argument("--model", help="a toy-world model: 'toy' (shipped) or the model/ folder of "
+                   "`attnseg toy train-model` (default: toy)")
+    cli_args.add_device(t)
+    cli_args.add_dtype(t)
+    t.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
+                   "attnseg-bench/toy in the current folder)")
+    cli_args.add_no_progress(t, "no progress bars")
+    t.set_defaults(func=cmd_toy)
+
+    g = bsub.add_parser("gpu", help="the GPU proof in one run: kernel tests on the GPU, stock vs "
+                        "harvest parity, kernel timings, compile build + verify, throughput "
+                        "(bench/gpu_proof.sh runs it on a machine without the project installed)")
+    cli_args.add_config(g, "gpu proof")
+    cli_args.add_set(g, "budget_s=400")
+    g.add_argument("--steps", help="comma list of kernels, parity, kbench, compile, throughput "
+                   "(default: all)")
+    g.add_argument("--smoke", action="store_true", help="CPU dry run: tiny model, small sizes, "
+                   "Triton interpreter, GPU-only steps skipped")
+    g.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
+                   "bench/results/gpu/gpu)")
+    g.set_defaults(func=cmd_gpu)
 
     r = bsub.add_parser("robust-training", help="plain CE against the reliability-aware losses "
                         "on procedural shapes with attention-like noisy masks (seeds, spread)")

@@ -295,7 +295,8 @@ def run_quality(cfg: QualityConfig) -> dict:
     if source is not None:
         # Real images go through the UNet at the generation size and the run's seed.
         real = replace(cfg.real, size=max(cfg.height, cfg.width), seed=cfg.seed)
-        with RealImageLabeller(pipe, get_preset(cfg.preset), real) as labeller:
+        preset = get_preset(cfg.preset, pipe.vae_scale_factor)
+        with RealImageLabeller(pipe, preset, real) as labeller:
             report["pseudo_masks_real"] = score_real_pseudo_masks(
                 labeller, classes, source, cfg.limit, cfg.progress)
     report["pseudo_masks_generated"] = None

@@ -229,7 +229,7 @@ class _Bench:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.cfg, self.pipe, self.device, self.size = cfg, pipe, device, size
-        self.preset = get_preset(cfg.preset)
+        self.preset = get_preset(cfg.preset, pipe.vae_scale_factor)
         # An engine harvester has already put its engines in the pipeline: only `harvest`
         # runs, and the clock hooks the engine adapters.
         self.engine = engine_harvester is not None
@@ -419,7 +419,7 @@ def _measure_engine(cfg: ThroughputConfig, pipe, device, size: tuple[int, int],
                             backend=cases[0].backend)
     # Export/compile the stock UNet, not whichever torch variant ran last.
     pipe.unet.set_attn_processor(AttnProcessor2_0())
-    harvester = engine_harvester(synth_cfg, pipe, get_preset(cfg.preset))
+    harvester = engine_harvester(synth_cfg, pipe, get_preset(cfg.preset, pipe.vae_scale_factor))
     bench = _Bench(cfg, pipe, device, size, engine_harvester=harvester)
     # Never fewer than one warm-up: an engine's first call compiles or allocates.
     warm = replace(cfg, warmup=max(1, cfg.warmup))

@@ -159,10 +159,39 @@ def main(argv=None) -> int:
     return 0
 
 
+def trim_entry_params(ptx: str, name: str, keep: int) -> str:
+    """`ptx` with the parameters of entry `name` after the first `keep` removed.
+
+    Triton appends scratch-memory pointers (global_scratch, profile_scratch) to every kernel's
+    parameters. TensorRT launches an AOT plugin kernel with exactly (inputs, extra int32 args,
+    outputs), so a kernel that declares more reads parameters that were never passed. A
+    kernel that uses no scratch memory never reads them: they are dropped; one that does is
+    refused."""
+    m = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
+    if m is None:
+        raise RuntimeError(f"no .entry {name} in the PTX")
+    params = [p.strip() for p in m.group(1).split(",") if p.strip()]
+    if len(params) < keep:
+        raise RuntimeError(f"{name} has {len(params)} parameters, fewer than {keep}")
+    body = ptx[m.end():]
+    used = [p.split()[-1] for p in params[keep:]
+            if re.search(r"\b" + re.escape(p.split()[-1]) + r"\b", body)]
+    if used:
+        raise RuntimeError(f"{name} reads {', '.join(used)} (Triton scratch memory), which a "
+                           "TensorRT AOT plugin cannot pass")
+    signature = "\n\t" + ",\n\t".join(params[:keep]) + "\n"
+    return ptx[:m.start(1)] + signature + ptx[m.end(1):]
+
+
+# Parameters of class_attention_maps_plugin: q, k, token_weights, B, N, L, D, C, H, maps.
+PLUGIN_PARAMS = 10
+
+
 def plugin_ptx(dtype: str, scale: float, l_tokens: int, head_dim: int, block_c: int,
                arch: int) -> tuple[str, str, int, int, int]:
     """PTX of `class_attention_maps_plugin` for TensorRT: (kernel name, ptx, threads per
-    block, shared memory bytes, BLOCK_N)."""
+    block, shared memory bytes, BLOCK_N). Its parameters are exactly TensorRT's AOT-plugin
+    convention (see `trim_entry_params`)."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -183,8 +212,14 @@ def plugin_ptx(dtype: str, scale: float, l_tokens: int, head_dim: int, block_c: 
     name = compiled.metadata.name
     if not re.fullmatch(r"[A-Za-z_]\w*", name):
         raise RuntimeError(f"unexpected kernel name {name!r}")
-    return (name, compiled.asm["ptx"], compiled.metadata.num_warps * 32,
-            compiled.metadata.shared, blocks["BLOCK_N"])
+    for what in ("global_scratch_size", "profile_scratch_size"):
+        if getattr(compiled.metadata, what, 0):
+            raise RuntimeError(f"{name} needs Triton {what.replace('_', ' ')} "
+                               f"({getattr(compiled.metadata, what)} B), which a TensorRT "
+                               "AOT plugin cannot provide")
+    ptx = trim_entry_params(compiled.asm["ptx"], name, PLUGIN_PARAMS)
+    return (name, ptx, compiled.metadata.num_warps * 32, compiled.metadata.shared,
+            blocks["BLOCK_N"])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ def cmd_build(args) -> int:
         RANDOM_MODELS,
         check_model_path,
         default_size,
+        latent_stride,
         load_pipeline,
         model_fingerprint,
     )
@@ -30,7 +31,8 @@ def cmd_build(args) -> int:
     size = default_size(args.model)
     overrides: dict = {}
     apply_set(overrides, args.set, sections_only=True)
-    preset = SynthConfig(preset=args.preset, overrides=overrides).resolve_preset()
+    preset = SynthConfig(preset=args.preset, overrides=overrides).resolve_preset(
+        latent_stride(args.model))
     opts = EngineOptions(backend=args.backend, height=args.height or size,
                          width=args.width or size, max_batch=args.batch_size,
                          max_classes=args.max_classes, opset=args.opset, harvest=preset.harvest,

@@ -33,6 +33,16 @@ from ..pipeline.errors import UserError
 from .cache import check_files, read_manifest
 
 TEXT_LEN = 77
+
+
+def host_dtype(name: str) -> np.dtype:
+    """numpy dtype of an engine tensor type name; numpy has no bfloat16, so it comes from
+    ml_dtypes (a dependency of onnx), whose bfloat16 has TensorRT's bit layout."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 _FLAT_EPS = np.float32(1e-12)  # as kernels.finalize
 IGNORE_LABEL = 255
 
@@ -187,6 +197,7 @@ class _TrtRunner:
         self.stream = cuda.Stream()
         self.inputs, self.outputs, self.io = part["inputs"], part["outputs"], part["io"]
         self._buffers: dict = {}
+        self._host: dict = {}  # page-locked output buffers, kept while the shape holds
 
     def _buffer(self, name, nbytes):
         buf = self._buffers.get(name)
@@ -200,12 +211,19 @@ class _TrtRunner:
             a = np.ascontiguousarray(feeds[n])
             d = self._buffer(n, a.nbytes)
             cuda.memcpy_htod_async(d, a, self.stream)
-            self.context.set_input_shape(n, a.shape)
+            if not self.context.set_input_shape(n, a.shape):
+                raise UserError(f"input {n} of shape {a.shape} is outside the engine's "
+                                "profile; rebuild it for this size and batch")
             self.context.set_tensor_address(n, int(d))
         host = {}
         for n in self.outputs:
             shape = tuple(self.context.get_tensor_shape(n))
-            host[n] = cuda.pagelocked_empty(shape, np.dtype(self.io[n]["dtype"]))
+            buf = self._host.get(n)
+            if buf is None or buf.shape != shape:
+                # Page-locked memory is slow to allocate: once per shape, not per call.
+                buf = self._host[n] = cuda.pagelocked_empty(shape, host_dtype(
+                    self.io[n]["dtype"]))
+            host[n] = buf
             d = self._buffer(n, host[n].nbytes)
             self.context.set_tensor_address(n, int(d))
         if not self.context.execute_async_v3(self.stream.handle):
@@ -316,7 +334,7 @@ class DeployRuntime:
         self.parts = manifest["parts"]
         self.layout = self.parts["unet"]["layout"]
         self.size = (key["height"], key["width"])
-        self.dtype = np.dtype(self.parts["unet"]["io"]["sample"]["dtype"])
+        self.dtype = host_dtype(self.parts["unet"]["io"]["sample"]["dtype"])
         self.runners = {}
         for name, part in self.parts.items():
             if runner == "onnxruntime":

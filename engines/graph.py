@@ -270,7 +270,7 @@ class UNetWithMaps(torch.nn.Module):
             out = sums[slot] = out + wgt * maps
         else:
             torch.ops.attnseg.accumulate_class_attention(
-                query.contiguous(), key.contiguous(), tw, out, h, w, float(attn.scale),
+                query, key, tw, out, h, w, float(attn.scale),
                 float(wgt), mode, bool(clamp))
         self._count(slot, out, wgt)
 

@@ -150,7 +150,7 @@ class EngineHarvester:
     """
 
     def __init__(self, pipe, engines: EngineSet, config: HarvestConfig):
-        config.validate()
+        config.validate(pipe.vae_scale_factor)
         want = MapGraphSpec.from_harvest(config).to_dict()
         have = {k: v for k, v in engines.key.maps.items() if k != "vae_hash"}
         if have != want:

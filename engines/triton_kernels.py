@@ -27,8 +27,9 @@ def class_attention_maps_aot(q_ptr, k_ptr, tw_ptr, dst_ptr, B, N, L, D, C, H, sc
                              F32_DOT: tl.constexpr):
     # dst[b, c, n] = sum_l mean_h softmax(scale q k^T)[b, h, n, l] * tw[b, l, c]; grid (B, N/BN)
     scale = scale_bits.to(tl.float32, bitcast=True)
-    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, scale, 1.0,
-                       BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C, F32_DOT, False, False)
+    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, H, H * N * D, N * D, D,
+                       H * L * D, L * D, D, scale, 1.0, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
+                       F32_DOT, False, False)
 
 
 @triton.jit
@@ -36,9 +37,10 @@ def class_attention_maps_plugin(q_ptr, k_ptr, tw_ptr, B, N, L, D, C, H, dst_ptr,
                                 SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr):
-    # The same maps in TensorRT's AOT-plugin calling convention.
-    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, SCALE, 1.0,
-                       BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C, F32_DOT, False, False)
+    # The same maps in TensorRT's AOT-plugin calling convention (contiguous q and k).
+    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, H, H * N * D, N * D, D,
+                       H * L * D, L * D, D, SCALE, 1.0, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
+                       F32_DOT, False, False)
 
 
 @triton.jit

@@ -84,6 +84,10 @@ def plan_config(io: dict, profiles: dict, refit: bool) -> PlanConfig:
 # The plugin
 
 
+# TensorRT data type -> the Triton kernel's q/k type (filled in when the plugin registers).
+PLUGIN_DTYPES: dict = {}
+
+
 def plugin_available() -> bool:
     """TensorRT with the Python plugin API's ahead-of-time implementations (10.8+)."""
     try:
@@ -114,6 +118,9 @@ def plugin_onnx_translation() -> dict:
 
     def class_attention_maps(q, k, token_weights, h: int, w: int, scale: float, heads: int,
                              head_dim: int, tokens: int, block_c: int):
+        # "aot" is not a plugin field: TensorRT's ONNX parser reads it to pick the
+        # registered aot_impl over a JIT impl (TensorRT's quickly-deployable-plugin sample
+        # documents it as a bool attribute; ONNX stores bools as INT 1).
         return plugin_op(
             q, k, token_weights, h=h, w=w, scale=scale, heads=heads, head_dim=head_dim,
             tokens=tokens, block_c=block_c, plugin_namespace=PLUGIN_NAMESPACE, plugin_version="1",
@@ -156,6 +163,8 @@ def register_plugin() -> None:
 
     from .aot import plugin_ptx
 
+    PLUGIN_DTYPES.update({trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"})
+
     @trtp.register(f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}")
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, token_weights: trtp.TensorDesc, h: int,
               w: int, scale: float, heads: int, head_dim: int, tokens: int,
@@ -165,13 +174,16 @@ def register_plugin() -> None:
 
     @trtp.autotune(f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}")
     def _formats(q, k, token_weights, outputs):
-        return [trtp.AutoTuneCombination("FP16|FP32, FP16|FP32, FP32, FP32")]
+        # q and k in the model's precision (one type for both); maps always fp32.
+        return [trtp.AutoTuneCombination("FP16|BF16|FP32, FP16|BF16|FP32, FP32, FP32")]
 
     @trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}")
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, token_weights: trtp.TensorDesc, h: int,
              w: int, scale: float, heads: int, head_dim: int, tokens: int, block_c: int,
              outputs, tactic):
-        dtype = "fp16" if q.dtype == trt.float16 else "fp32"
+        dtype = PLUGIN_DTYPES.get(q.dtype)
+        if dtype is None:
+            raise ValueError(f"the attnseg plugin has no kernel for q of type {q.dtype}")
         major, minor = torch.cuda.get_device_capability()
         name, ptx, threads, shared, block_n = plugin_ptx(dtype, scale, tokens, head_dim,
                                                          block_c, major * 10 + minor)
@@ -224,7 +236,13 @@ def build_plan(onnx_path: Path, spec, folder: Path, refit: bool = False,
     cache_path = Path(folder) / TIMING_CACHE
     blob = cache_path.read_bytes() if cache_path.exists() else b""
     timing = config.create_timing_cache(blob)
-    config.set_timing_cache(timing, ignore_mismatch=False)
+    if not config.set_timing_cache(timing, ignore_mismatch=False):
+        # A cache from another GPU or TensorRT version: start a fresh one rather than
+        # time nothing or reuse timings that do not hold here.
+        print(f"  timing cache {cache_path.name} is from another GPU or TensorRT; starting anew")
+        timing = config.create_timing_cache(b"")
+        if not config.set_timing_cache(timing, ignore_mismatch=False):
+            raise UserError("TensorRT refused a new timing cache")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError(f"TensorRT could not build an engine from {onnx_path.name} (see the "
@@ -272,7 +290,10 @@ class TensorRTEngine(Engine):
     def _bind(self, inputs: dict[str, torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
         outputs = {}
         for n in self.input_names:
-            self.context.set_input_shape(n, tuple(inputs[n].shape))
+            if not self.context.set_input_shape(n, tuple(inputs[n].shape)):
+                raise UserError(f"{self.name} input {n} of shape {tuple(inputs[n].shape)} is "
+                                "outside the engine's profile; rebuild it for this size and "
+                                "batch")
             self.context.set_tensor_address(n, inputs[n].data_ptr())
         for n in self.output_names:
             t = torch.empty(shapes[n], dtype=_TORCH_DTYPES[self.io[n]["dtype"]],

@@ -59,7 +59,8 @@ def verify_engines(folder: Path, steps: int = 4, device: str = "auto", log=print
     fuse_loras(pipe, [f"{p}:{s}" for p, s in source.get("loras", [])])
     check_engine_model(key, pipe, folder)
     preset = SynthConfig(preset=source.get("preset", "attnseg"),
-                         overrides=source.get("overrides", {})).resolve_preset()
+                         overrides=source.get("overrides", {})).resolve_preset(
+        pipe.vae_scale_factor)
     preset.harvest = HarvestConfig(**{
         k: (tuple(v) if isinstance(v, list) else
             {int(a): b for a, b in v.items()} if isinstance(v, dict) else v)

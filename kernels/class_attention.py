@@ -12,7 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._dispatch import numba_module, resolve_impl, triton_interpreting, triton_modules
+from ._dispatch import (
+    numba_module,
+    resolve_impl,
+    torch_threads_kept,
+    triton_interpreting,
+    triton_modules,
+)
 from .interp import MODES, interp_matrix, interp_taps_np, resize
 
 __all__ = [
@@ -270,8 +276,7 @@ def accumulate_class_attention_numba(q, k, token_weights, out, *, hw, scale, wei
     """
     if _nb is None:
         raise RuntimeError("numba is not available")
-    b, heads, n, d, l_tokens, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
-    out_h, out_w = out.shape[2], out.shape[3]
+    _, _, _, _, _, _, h, w = _check_args(q, k, token_weights, out, hw, mode)
     host_out = out if out.device.type == "cpu" else out.cpu()
     qn = q.detach().to("cpu", torch.float32).contiguous().numpy()
     kn = k.detach().to("cpu", torch.float32).contiguous().numpy()
@@ -279,6 +284,18 @@ def accumulate_class_attention_numba(q, k, token_weights, out, *, hw, scale, wei
     out_np = host_out.numpy()
     f_scale = np.float32(scale)
     f_weight = np.float32(weight)
+    with torch_threads_kept():
+        _class_maps_numba(qn, kn, twn, out_np, f_scale, f_weight, bool(clamp), mode, (h, w))
+    if host_out is not out:
+        out.copy_(host_out)
+    return out
+
+
+def _class_maps_numba(qn, kn, twn, out_np, f_scale, f_weight, clamp, mode, hw):
+    b, _, n, _ = qn.shape
+    c = twn.shape[2]
+    h, w = hw
+    out_h, out_w = out_np.shape[2], out_np.shape[3]
     # The kernel vectorises along the query rows of a tile, so tiles should fill several SIMD
     # registers; halve them when that would leave a core idle (e.g. the 8x8 layers).
     tile = 64
@@ -293,9 +310,6 @@ def accumulate_class_attention_numba(q, k, token_weights, out, *, hw, scale, wei
         iy, wy = interp_taps_np(h, out_h, mode)
         ix, wx = interp_taps_np(w, out_w, mode)
         _resize_acc_nb(maps.reshape(b, c, h, w), iy, wy, ix, wx, f_weight, bool(clamp), out_np)
-    if host_out is not out:
-        out.copy_(host_out)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,14 +322,18 @@ if _tr is not None:
     triton, tl = _tr
 
     @triton.jit
-    def class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, scale, weight,
-                           BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                           BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr, DIRECT: tl.constexpr,
-                           CLAMP: tl.constexpr):
-        # One program: one sample b, BLOCK_N query rows, all heads, all classes. The head dim
-        # is walked in BLOCK_D chunks (one chunk for D <= BLOCK_D).
+    def class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, HPG, sq_b, sq_h, sq_n,
+                           sk_b, sk_h, sk_l, scale, weight, BLOCK_N: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                           F32_DOT: tl.constexpr, DIRECT: tl.constexpr, CLAMP: tl.constexpr):
+        # One program: one sample b, BLOCK_N query rows, the HPG heads of head group g, all
+        # classes. q and k are read through their strides (the head dim must be contiguous):
+        # the projections' [B, N, H*D] views need no copy. The head dim is walked in BLOCK_D
+        # chunks (one chunk for D <= BLOCK_D). With several head groups (grid axis 2), each
+        # stores its partial maps at dst[g] and the launcher sums them in a fixed order.
         b = tl.program_id(0)
         pid_n = tl.program_id(1)
+        g = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_l = tl.arange(0, BLOCK_L)
         offs_c = tl.arange(0, BLOCK_C)
@@ -323,15 +341,16 @@ if _tr is not None:
         mask_l = offs_l < L
         mask_c = offs_c < C
         acc = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
-        for hd in range(H):
-            bh = b * H + hd
+        for hd in range(g * HPG, tl.minimum(H, g * HPG + HPG)):
+            q_base = q_ptr + b * sq_b + hd * sq_h
+            k_base = k_ptr + b * sk_b + hd * sk_h
             s = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < D
-                q = tl.load(q_ptr + (bh * N + offs_n[:, None]) * D + offs_d[None, :],
+                q = tl.load(q_base + offs_n[:, None] * sq_n + offs_d[None, :],
                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                k = tl.load(k_ptr + (bh * L + offs_l[:, None]) * D + offs_d[None, :],
+                k = tl.load(k_base + offs_l[:, None] * sk_l + offs_d[None, :],
                             mask=mask_l[:, None] & mask_d[None, :], other=0.0)
                 if F32_DOT:
                     # "ieee": tf32 would cost ~1e-3 relative error in the scores.
@@ -351,7 +370,7 @@ if _tr is not None:
         tw = tl.load(tw_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :],
                      mask=mask_l[:, None] & mask_c[None, :], other=0.0)
         m = tl.dot(acc, tw, input_precision="ieee")  # [BLOCK_N, BLOCK_C]
-        dst = dst_ptr + (b * C + offs_c[None, :]) * N + offs_n[:, None]
+        dst = dst_ptr + ((g * tl.num_programs(0) + b) * C + offs_c[None, :]) * N + offs_n[:, None]
         mask = mask_n[:, None] & mask_c[None, :]
         if DIRECT:
             if CLAMP:
@@ -411,7 +430,7 @@ def attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
     block_c = _next_pow2(c)
     if f32_dot:  # FMA dots unroll into code that grows with the tile
         block_n = 32 if block_c <= 32 else 16
-        block_d = 16 if block_n == 32 else 32
+        block_d = 16
     else:
         block_n = 64 if block_c <= 16 else 32 if block_c <= 32 else 16
         block_d = 32
@@ -420,17 +439,38 @@ def attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
     return {
         "BLOCK_N": block_n,
         "BLOCK_L": block_l,
-        # D = 40 -> two chunks of 32 (or three of 16); D = 80/160 -> 3/5 chunks of 32.
+        # D = 40 -> two chunks of 32 (fp32: three of 16); D = 80/160 -> 3/5 chunks of 32.
         "BLOCK_D": min(_next_pow2(d), block_d),
         "BLOCK_C": block_c,
         "F32_DOT": f32_dot,
     }
 
 
+_SM_COUNTS: dict = {}
+
+
+def head_groups(programs: int, heads: int, device: torch.device) -> int:
+    """Head groups (grid axis 2) for a launch of `programs` (sample, row-tile) programs: on a
+    GPU with more SMs than that (the 16x16 layers of SD at batch 1: 4 programs on 132 SMs),
+    the heads are split so that the launch fills the SMs; 1 elsewhere."""
+    if device.type != "cuda" or heads <= 1:
+        return 1
+    sms = _SM_COUNTS.get(device.index)
+    if sms is None:
+        sms = _SM_COUNTS[device.index] = torch.cuda.get_device_properties(
+            device).multi_processor_count
+    if programs >= sms:
+        return 1
+    return min(heads, -(-sms // programs))
+
+
 def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, weight=1.0,
-                                      mode="none", clamp=False):
+                                      mode="none", clamp=False, groups=None):
     """Triton version of :func:`accumulate_class_attention` (CUDA, or CPU tensors under
-    ``TRITON_INTERPRET=1``). Needs L <= 256."""
+    ``TRITON_INTERPRET=1``). Needs L <= 256. q and k are read through their strides (only
+    the head dim must be contiguous). ``groups``: head groups, each a set of programs whose
+    partial maps are summed afterwards (None: `head_groups`, which splits small layers on a
+    GPU)."""
     if _tr is None:
         raise RuntimeError("triton is not available")
     b, heads, n, d, l_tokens, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
@@ -439,16 +479,32 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     out_h, out_w = out.shape[2], out.shape[3]
     if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
-    q = q.contiguous()
-    k = k.contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
     tw = token_weights.to(device=q.device, dtype=torch.float32).contiguous()
-    direct = mode == "none"
-    dst = out if direct else torch.empty((b, c, h, w), device=q.device, dtype=torch.float32)
     blocks = attn_blocks(l_tokens, d, c, q.dtype)
-    grid = (b, triton.cdiv(n, blocks["BLOCK_N"]))
-    class_attn_kernel[grid](q, k, tw, dst, n, l_tokens, d, c, heads, float(scale),
-                             float(weight), DIRECT=direct, CLAMP=bool(clamp),
-                             num_warps=_TRITON_NUM_WARPS, **blocks)
+    tiles = triton.cdiv(n, blocks["BLOCK_N"])
+    groups = groups or head_groups(b * tiles, heads, q.device)
+    per_group = -(-heads // groups)
+    groups = -(-heads // per_group)  # no empty group
+    direct = mode == "none" and groups == 1
+    if direct:
+        dst = out
+    elif groups == 1:
+        dst = torch.empty((b, c, h, w), device=q.device, dtype=torch.float32)
+    else:
+        dst = torch.empty((groups, b, c, h, w), device=q.device, dtype=torch.float32)
+    class_attn_kernel[(b, tiles, groups)](
+        q, k, tw, dst, n, l_tokens, d, c, heads, per_group, q.stride(0), q.stride(1),
+        q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(scale), float(weight),
+        DIRECT=direct, CLAMP=bool(clamp), num_warps=_TRITON_NUM_WARPS, **blocks)
+    if groups > 1:
+        dst = dst.sum(dim=0)  # a fixed order: the same bits every run
+        if mode == "none":
+            out.add_(dst.clamp_min(0.0) if clamp else dst, alpha=weight)
+            return out
     if direct:
         return out
     if w > _TRITON_MAX_SIDE:

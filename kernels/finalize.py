@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._dispatch import numba_module, resolve_impl, triton_modules
+from ._dispatch import numba_module, resolve_impl, torch_threads_kept, triton_modules
 from .interp import MODES, interp_taps, interp_taps_np, resize
 
 __all__ = ["finalize_masks", "finalize_masks_numba", "finalize_masks_ref", "finalize_masks_triton",
@@ -219,13 +219,14 @@ def finalize_masks_numba(maps, class_ids, *, size, normalize="minmax", bg_const=
     maps_np = maps.detach().to("cpu", torch.float32).contiguous().numpy()
     ids_np = class_ids.detach().to("cpu", torch.int64).contiguous().numpy()
     norm = np.empty_like(maps_np)
-    _normalize_nb(maps_np, ids_np, _NORM_CODES[normalize], norm)
     iy, wy = interp_taps_np(mh, out_h, mode)
     ix, wx = interp_taps_np(mw, out_w, mode)
     labels = torch.empty((b, out_h, out_w), dtype=torch.uint8)
     rel = torch.empty((b, out_h, out_w), dtype=torch.uint8)
-    _decide_nb(norm, ids_np, iy, wy, ix, wx, np.float32(bg_const), np.float32(bg_slope),
-               np.float32(ignore_low), np.float32(ignore_high), labels.numpy(), rel.numpy())
+    with torch_threads_kept():
+        _normalize_nb(maps_np, ids_np, _NORM_CODES[normalize], norm)
+        _decide_nb(norm, ids_np, iy, wy, ix, wx, np.float32(bg_const), np.float32(bg_slope),
+                   np.float32(ignore_low), np.float32(ignore_high), labels.numpy(), rel.numpy())
     if maps.device.type != "cpu":
         labels, rel = labels.to(maps.device), rel.to(maps.device)
     return labels, rel

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from ..bench import cli as bench_cli
 from ..engines import cli as engines_cli
@@ -95,21 +96,19 @@ def _print_summary(summary: dict, tiny_notice: str | None) -> None:
 def check_synth_job(cfg) -> None:
     """The checks of a synth job that need no model and no torch, run before either loads, so
     bad arguments are refused within about a second (run_synth makes them again)."""
-    from pathlib import Path
-
     from .config import parse_shard
     from .dataset import check_output_dir
-    from .models import RANDOM_MODELS, check_model_path, default_size
+    from .models import RANDOM_MODELS, check_model_path, default_size, latent_stride
     from .prompts import load_classes, load_prompt_file
 
     cfg.validate()
     parse_shard(cfg.shard)
-    cfg.resolve_preset()
+    if cfg.model not in RANDOM_MODELS:
+        check_model_path(cfg.model, cfg.allow_pickle)
+    cfg.resolve_preset(latent_stride(cfg.model))
     classes = load_classes(cfg.classes)
     if cfg.prompts:
         load_prompt_file(cfg.prompts, classes)
-    if cfg.model not in RANDOM_MODELS:
-        check_model_path(cfg.model, cfg.allow_pickle)
     check_output_dir(Path(cfg.out))
     if cfg.engine:
         from ..engines.cache import check_engine_job
@@ -178,8 +177,6 @@ def _synth_config_from_argv(argv: list[str]):
 
 
 def cmd_launch_slurm(args) -> int:
-    from pathlib import Path
-
     from .dataset import atomic_write_bytes
     from .launch import slurm_script
 

@@ -41,14 +41,14 @@ def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """`--model`: the text-to-image model, as every command that loads one takes it."""
     p.add_argument("--model", default=default,
                    help="'tiny' (built-in random model), 'sd15-random' (SD 1.5 architecture, "
-                   "random weights), a hub id, a diffusers folder or one .safetensors file "
-                   "(default: tiny)")
+                   "random weights), 'toy' (the shipped toy-world model, 64x64), a hub id, a "
+                   "diffusers folder or one .safetensors file (default: tiny)")
 
 
 def add_size(p: argparse.ArgumentParser) -> None:
     """`--height` and `--width` of the generated images."""
     p.add_argument("--height", type=int, help="image height, multiple of 8 "
-                   "(default: 128 for tiny, else 512; toy render: 64)")
+                   "(default: 128 for tiny, 64 for toy, else 512; toy render: 64)")
     p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as "
                    "--height's)")
 

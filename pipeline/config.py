@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,13 @@ class HarvestConfig:
     refine_stride: int = 16
     refine_mode: str = "bicubic"
 
-    def validate(self) -> None:
+    def validate(self, latent_stride: int = 8) -> None:
+        """Check the settings; strides are checked against the model's latent stride (its
+        VAE's downsampling: 8 for every Stable Diffusion)."""
         for s in self.strides:
-            if s < 8 or s & (s - 1):
-                raise UserError(f"harvest stride {s} is not a power of two >= 8")
+            if s < latent_stride or s & (s - 1):
+                raise UserError(f"harvest stride {s} is not a power of two >= {latent_stride} "
+                                f"(the model's latent stride)")
         bad = [b for b in self.blocks if b not in BLOCKS]
         if bad:
             raise UserError(f"unknown UNet block(s) {bad}; choose from {list(BLOCKS)}")
@@ -122,6 +125,26 @@ class Preset:
     # Recipe defaults for generation that the CLI uses unless the user overrides them.
     steps: int | None = None
     guidance: float | None = None
+
+    def for_latent_stride(self, latent_stride: int) -> Preset:
+        """This recipe for a model whose VAE downsamples by `latent_stride`. Recipes are
+        written for Stable Diffusion's 8: a stride names a UNet level (8 the first, 16 the
+        next, ...), so another VAE scales every stride by latent_stride / 8, keeping the
+        levels (the toy model's 4x VAE: strides 4, 8, 16)."""
+        if latent_stride == 8:
+            return self
+        if latent_stride < 1 or latent_stride & (latent_stride - 1):
+            raise UserError(f"latent stride {latent_stride} is not a power of two")
+
+        def scale(s: int) -> int:
+            return max(1, s * latent_stride // 8)
+
+        h = self.harvest
+        harvest = replace(h, strides=tuple(scale(s) for s in h.strides),
+                          stride_weights={scale(k): v for k, v in h.stride_weights.items()},
+                          combine_stride=scale(h.combine_stride),
+                          refine_stride=scale(h.refine_stride))
+        return replace(self, harvest=harvest, mask=replace(self.mask))
 
 
 def _preset_attnseg() -> Preset:
@@ -210,12 +233,14 @@ PRESETS = {
 }
 
 
-def get_preset(name: str) -> Preset:
-    """Return a fresh copy of the named preset."""
+def get_preset(name: str, latent_stride: int = 8) -> Preset:
+    """A fresh copy of the named preset, for a model of this latent stride (see
+    `Preset.for_latent_stride`)."""
     try:
-        return PRESETS[name]()
+        preset = PRESETS[name]()
     except KeyError:
         raise UserError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+    return preset.for_latent_stride(latent_stride)
 
 
 @dataclass
@@ -276,9 +301,10 @@ class SynthConfig:
             raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not "
                             f"{self.backend!r}")
 
-    def resolve_preset(self) -> Preset:
-        """The preset with this job's overrides applied, validated."""
-        preset = get_preset(self.preset)
+    def resolve_preset(self, latent_stride: int = 8) -> Preset:
+        """The preset for a model of this latent stride with this job's overrides applied
+        (override strides are the model's own: image pixels per map pixel), validated."""
+        preset = get_preset(self.preset, latent_stride)
         for section in ("harvest", "mask"):
             values = dict(self.overrides.get(section, {}))
             target = getattr(preset, section)
@@ -295,7 +321,7 @@ class SynthConfig:
         unknown = set(self.overrides) - {"harvest", "mask"}
         if unknown:
             raise UserError(f"unknown config section(s) {sorted(unknown)}")
-        preset.harvest.validate()
+        preset.harvest.validate(latent_stride)
         preset.mask.validate()
         return preset
 

@@ -92,7 +92,9 @@ class AttentionHarvester:
     """
 
     def __init__(self, unet, config: HarvestConfig):
-        config.validate()
+        # The UNet does not know its VAE's stride: strides are checked against the model
+        # where the preset is resolved for it (SynthConfig.resolve_preset).
+        config.validate(latent_stride=1)
         self.unet = unet
         self.config = config
         self._capture: _Capture | None = None

@@ -17,14 +17,52 @@ from pathlib import Path
 from .errors import UserError, first_line
 
 RANDOM_MODELS = ("tiny", "sd15-random")
+# `toy`: the toy world's trained model (pipeline/toy_model.py), a diffusers folder shipped in
+# the package and loaded like any other folder.
+BUILTIN_MODELS = RANDOM_MODELS + ("toy",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Diffusers folders keep each sub-network's weights in a subfolder of its own.
 _WEIGHT_FOLDERS = ("unet", "text_encoder", "vae")
 
 
 def default_size(model: str) -> int:
-    """The image size a model generates by default: 128 for the tiny model, else 512."""
-    return 128 if model == "tiny" else 512
+    """The image size a model generates by default: 128 for the tiny model, 64 for the toy
+    model (the size it was trained at), else 512."""
+    return {"tiny": 128, "toy": 64}.get(model, 512)
+
+
+def shipped_model_path() -> Path:
+    """The folder of the shipped toy model (`attnseg toy train-model`'s model/, copied into
+    the package's data folder)."""
+    from .prompts import data_file
+
+    return data_file("toy-model")
+
+
+def model_source(model: str) -> str:
+    """What `model` loads from: the shipped folder for `toy`, else `model` itself."""
+    if model != "toy":
+        return model
+    path = shipped_model_path()
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"the toy model is missing from this install ({path}); "
+                        "train one with `attnseg toy train-model` and pass its folder")
+    return str(path)
+
+
+def latent_stride(model: str) -> int:
+    """Image pixels per latent pixel of `model`, read from its VAE config where it is a
+    folder (without loading weights); 8, every Stable Diffusion's, otherwise."""
+    import json
+
+    if model in RANDOM_MODELS:
+        return 8
+    config = Path(model_source(model)).expanduser() / "vae" / "config.json"
+    try:
+        blocks = json.loads(config.read_text())["block_out_channels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 8
+    return 2 ** (len(blocks) - 1)
 
 
 def _pickle_only_parts(folder: Path) -> list[str]:
@@ -42,8 +80,9 @@ def _pickle_only_parts(folder: Path) -> list[str]:
 
 
 def check_model_path(model: str, allow_pickle: bool = False) -> Path:
-    """Check a --model that is not built in, without loading it; its path (which need not
-    exist for a hub id). Pickle weights are refused unless `allow_pickle`."""
+    """Check a --model that is not built at random, without loading it; its path (which need
+    not exist for a hub id). Pickle weights are refused unless `allow_pickle`."""
+    model = model_source(model)
     path = Path(model).expanduser()
     looks_like_path = model.startswith((".", "/", "~")) or path.suffix != "" or path.exists()
     if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
@@ -64,7 +103,8 @@ def check_model_path(model: str, allow_pickle: bool = False) -> Path:
 
 def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = False):
     """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny' or 'sd15-random' (built-in
-    random weights), a hub id, a folder or one .safetensors file. Hub ids resolve from the local
+    random weights), 'toy' (the shipped toy-world model), a hub id, a folder or one
+    .safetensors file. Hub ids resolve from the local
     cache when HF_HUB_OFFLINE=1. Only safetensors weights are read unless `allow_pickle`.
 
     `loras` (lora.LoraSpec) are fused into the UNet (and text encoder) with their scales."""
@@ -79,6 +119,7 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
         pipe = build_sd15_random_pipeline(dtype=dtype)
     else:
         path = check_model_path(model, allow_pickle)
+        model = model_source(model)
         kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
         diffusers.utils.logging.disable_progress_bar()
         try:
@@ -131,6 +172,7 @@ def load_tokenizer(model: str, allow_pickle: bool = False):
                              allow_pickle=allow_pickle).tokenizer
     from transformers import CLIPTokenizer
 
+    model = model_source(model)
     try:
         return CLIPTokenizer.from_pretrained(str(path) if path.exists() else model,
                                              subfolder="tokenizer")

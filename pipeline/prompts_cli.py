@@ -84,15 +84,16 @@ def register(sub) -> None:
 
 
 
-def write_demo_prompts(out: str, classes: str = "voc", num_per_class: int = 2) -> tuple[str, str]:
-    """The demo's augmented prompt set (checked against the tiny tokenizer), written to
+def write_demo_prompts(out: str, classes: str = "voc", num_per_class: int = 2,
+                       model: str = "tiny") -> tuple[str, str]:
+    """The demo's augmented prompt set (checked against `model`'s tokenizer), written to
     OUT/prompts.jsonl; returns its path and a line describing it with examples."""
     from pathlib import Path
 
     from .prompt_augment import PromptsConfig, build_prompt_set, write_prompt_file
 
     result = build_prompt_set(PromptsConfig(classes=classes, num_per_class=num_per_class,
-                                            model="tiny"))
+                                            model=model))
     path = Path(out) / "prompts.jsonl"
     write_prompt_file(path, result.records())
     replaced = [r for r in result.records() if r["source"] != "class word"]

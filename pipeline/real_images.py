@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .config import Preset
 from .errors import UserError
 from .harvest import AttentionHarvester
-from .masks import masks_from_harvest
+from .masks import combine_maps, masks_from_harvest, refine_maps
 from .prompts import ClassInfo, PromptSpec, class_token_weights, fill_template
 from .seeds import sample_seed
 
@@ -90,15 +90,11 @@ class RealImageLabeller:
         self.close()
 
     @torch.no_grad()
-    def label(self, image: np.ndarray, classes: list[ClassInfo], index: int):
-        """Label map and reliability (uint8 [H, W] each, at the image's size) for one RGB
-        uint8 image whose present classes are `classes`. 0 is background, 255 unsure.
-        With no classes, everything is background."""
-        h, w = image.shape[:2]
-        if not classes:
-            return np.zeros((h, w), np.uint8), np.full((h, w), 255, np.uint8)
+    def _harvest(self, image: np.ndarray, classes: list[ClassInfo], index: int):
+        """(HarvestResult, class ids, model input size) of one image."""
         pipe = self.pipe
         device, dtype = pipe.unet.device, pipe.unet.dtype
+        h, w = image.shape[:2]
         size = model_input_size(h, w, self.cfg.size)
         x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
@@ -117,8 +113,30 @@ class RealImageLabeller:
                 t = torch.tensor([int(level * (train_steps - 1))], device=device)
                 noisy = pipe.scheduler.add_noise(latents, noise, t)
                 pipe.unet(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype))
-        labels, reliability = masks_from_harvest(cap.result, ids, self.harvest_cfg,
-                                                 self.mask_cfg)
+        return cap.result, ids, size
+
+    @torch.no_grad()
+    def maps(self, image: np.ndarray, classes: list[ClassInfo], index: int) -> np.ndarray:
+        """The preset's combined (and refined) class maps before any threshold, resized to the
+        image: float32 [len(classes), H, W], in the order of `classes`."""
+        h, w = image.shape[:2]
+        result, _, _ = self._harvest(image, classes, index)
+        maps = combine_maps(result, self.harvest_cfg)
+        if self.harvest_cfg.refine_power > 0:
+            maps = refine_maps(maps, result.self_attention, self.harvest_cfg, result.image_size)
+        maps = F.interpolate(maps.float(), size=(h, w), mode="bilinear", align_corners=False)
+        return maps[0].cpu().numpy()
+
+    @torch.no_grad()
+    def label(self, image: np.ndarray, classes: list[ClassInfo], index: int):
+        """Label map and reliability (uint8 [H, W] each, at the image's size) for one RGB
+        uint8 image whose present classes are `classes`. 0 is background, 255 unsure.
+        With no classes, everything is background."""
+        h, w = image.shape[:2]
+        if not classes:
+            return np.zeros((h, w), np.uint8), np.full((h, w), 255, np.uint8)
+        result, ids, _ = self._harvest(image, classes, index)
+        labels, reliability = masks_from_harvest(result, ids, self.harvest_cfg, self.mask_cfg)
         out = torch.stack([labels[0], reliability[0]])[None].float()
         out = F.interpolate(out, size=(h, w), mode="nearest-exact")[0].to(torch.uint8)
         return out[0].cpu().numpy(), out[1].cpu().numpy()

@@ -28,7 +28,7 @@ from .errors import UserError
 from .harvest import AttentionHarvester
 from .lora import check_loras, parse_lora_spec
 from .masks import masks_from_harvest
-from .models import default_size, load_pipeline, model_fingerprint
+from .models import default_size, latent_stride, load_pipeline, model_fingerprint
 from .prompts import (
     ClassInfo,
     PromptSpec,
@@ -217,7 +217,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
     cfg = replace(cfg, height=cfg.height or default_size(cfg.model),
                   width=cfg.width or default_size(cfg.model))
     shard = parse_shard(cfg.shard)
-    preset = cfg.resolve_preset()
+    stride = pipe.vae_scale_factor if pipe is not None else latent_stride(cfg.model)
+    preset = cfg.resolve_preset(stride)
     steps = cfg.steps or preset.steps or 20
     guidance = cfg.guidance if cfg.guidance is not None else (preset.guidance or 7.5)
     classes = load_classes(cfg.classes)
@@ -274,6 +275,9 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
     written = 0
     if done_count(done, chunks) < mine:
         pipe = pipe or load_pipeline(cfg.model, device, dtype, loras, cfg.allow_pickle)
+        if pipe.vae_scale_factor != stride:
+            raise UserError(f"model {cfg.model}: its VAE downsamples {pipe.vae_scale_factor}x, "
+                            f"not the {stride}x its config files say")
         harvester = None
         if cfg.backend != "torch" or cfg.engine:
             if engine_harvester is None:

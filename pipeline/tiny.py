@@ -21,7 +21,7 @@ import torch
 
 # Words that become single tokens of the tiny tokenizer; any other word still tokenises,
 # into several sub-tokens, which exercises multi-token class words (e.g. "aeroplane").
-_WORDS = """a an the of in on at with and photo picture image view close up scene street road
+TINY_WORDS = """a an the of in on at with and photo picture image view close up scene street road
 high quality realistic background two one small large
 person bird cat cow dog horse sheep bottle chair table plant sofa train monitor boat bus car
 bicycle motorbike motorcycle building sky tree grass water""".split()
@@ -42,24 +42,64 @@ def _byte_symbols() -> list[str]:
     return chars
 
 
-def write_tiny_tokenizer(folder: str | Path) -> Path:
-    """Write a CLIP-style BPE vocabulary and merge list (a few KB) into `folder`."""
+def bpe_pieces(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """How byte-level BPE (CLIP's) splits one lower-case word under merge `ranks`: the pair
+    of lowest rank is merged everywhere, again and again, until no pair has a rank."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = list(zip(parts[:-1], parts[1:], strict=True))
+        rank, pair = min((ranks.get(p, len(ranks)), p) for p in pairs)
+        if rank == len(ranks):
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
+def write_tiny_tokenizer(folder: str | Path, words=None) -> Path:
+    """Write a CLIP-style BPE vocabulary and merge list (a few KB) into `folder` in which each
+    of `words` (default: the tiny model's) is one token."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    words = list(dict.fromkeys(TINY_WORDS if words is None else words))
     symbols = _byte_symbols()
     vocab: list[str] = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     seen = set(vocab)
-    for word in _WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+
+    def chain(parts: list[str]) -> None:
         cur = parts[0]
         for nxt in parts[1:]:
             merged = cur + nxt
-            if merged not in seen:
+            if (cur, nxt) not in known:
                 merges.append((cur, nxt))
+                known.add((cur, nxt))
+            if merged not in seen:
                 vocab.append(merged)
                 seen.add(merged)
             cur = merged
+
+    known: set[tuple[str, str]] = set()
+
+    for word in words:
+        chain(list(word[:-1]) + [word[-1] + "</w>"])
+    # BPE applies merges by rank, not word by word: a short merge learnt for one word ("a n"
+    # of "and") can split a later word ("triangle") before that word's own chain applies.
+    # Chain the pieces such words end in, until every word is whole (a few rounds at most).
+    for _ in range(len(words)):
+        ranks = {m: i for i, m in enumerate(merges)}
+        split = [pieces for w in words if len(pieces := bpe_pieces(w, ranks)) > 1]
+        if not split:
+            break
+        for pieces in split:
+            chain(pieces)
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
@@ -67,14 +107,15 @@ def write_tiny_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
-def tiny_tokenizer():
-    """The CLIP tokenizer over the generated tiny vocabulary (77-token context)."""
+def tiny_tokenizer(words=None, max_length: int = 77):
+    """The CLIP tokenizer over a generated vocabulary in which each of `words` (default: the
+    tiny model's) is one token."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(tmp)
-        return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77,
-                             pad_token="<|endoftext|>")
+        write_tiny_tokenizer(tmp, words)
+        return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt",
+                             model_max_length=max_length, pad_token="<|endoftext|>")
 
 
 def _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype: torch.dtype):

@@ -1,4 +1,5 @@
-"""`attnseg toy render`: procedural scenes of shapes with exact label maps (the toy world)."""
+"""`attnseg toy render` (procedural scenes of shapes with exact label maps) and `attnseg toy
+train-model` (the small text-to-image model trained on them): the toy world."""
 
 from __future__ import annotations
 
@@ -20,8 +21,24 @@ def cmd_toy_render(args) -> int:
     return 0
 
 
+def cmd_toy_train_model(args) -> int:
+    from .config import apply_set, config_from, config_values
+    from .toy_model import ToyModelConfig, ToyModelTrainer
+
+    values = config_values(args, ("out", "seed"))
+    apply_set(values, args.set)
+    cfg = config_from(ToyModelConfig, values, "toy train-model")
+    trainer = ToyModelTrainer(cfg)
+    start = trainer.step
+    model = trainer.train(progress=not args.no_progress)
+    print(f"trained steps {start}-{trainer.step} of the toy model (VAE {cfg.vae_steps}, UNet "
+          f"{cfg.unet_steps}); loss curves in {cfg.out}/loss.json and loss.png; model in "
+          f"{model} (pass it as --model)")
+    return 0
+
+
 def register(sub) -> None:
-    """Add `attnseg toy render`."""
+    """Add `attnseg toy render` and `attnseg toy train-model`."""
     p = sub.add_parser("toy", help="the toy world: procedural shape scenes with exact labels")
     tsub = p.add_subparsers(dest="toy_command", required=True)
     r = tsub.add_parser("render", help="render scenes (images, exact label maps, captions) "
@@ -37,3 +54,13 @@ def register(sub) -> None:
     cli_args.add_set(r, "max_objects=2")
     cli_args.add_no_progress(r)
     r.set_defaults(func=cmd_toy_render)
+    t = tsub.add_parser("train-model", help="train the toy world's text-to-image model "
+                        "(VAE, then UNet and text embeddings) on rendered source-domain scenes; "
+                        "resumes where a run stopped")
+    cli_args.add_config(t, "toy train-model")
+    t.add_argument("--out", help="training folder: checkpoint/, loss curves, and model/ at the "
+                   "end (default: out/toy-model)")
+    t.add_argument("--seed", type=int, help="initial weights and batches (default: 0)")
+    cli_args.add_set(t, "unet_steps=8000 --set threads=1")
+    cli_args.add_no_progress(t)
+    t.set_defaults(func=cmd_toy_train_model)

@@ -86,19 +86,30 @@ def test_finalize_entry_point_matches_reference():
 
 
 def test_plugin_kernel_compiles_to_ptx_for_hopper_without_a_gpu():
-    """What the TensorRT plugin's aot_impl returns: PTX of the single-source kernel."""
+    """What the TensorRT plugin's aot_impl returns: PTX of the single-source kernel, whose
+    parameters are exactly TensorRT's AOT convention (3 inputs, 6 int32 args, 1 output: Triton's
+    scratch pointers dropped), assembled by ptxas for sm_90a, at fp16 and bf16."""
     script = textwrap.dedent("""
-        import sys
+        import re, subprocess, sys, tempfile
         try:
             from triton.backends.nvidia.compiler import get_ptxas
-            get_ptxas(90)
+            ptxas = get_ptxas(90).path
         except Exception as exc:
             print(f"no NVIDIA backend/ptxas: {exc!r}")
             sys.exit(77)
         from attnseg.engines.aot import plugin_ptx
-        name, ptx, threads, shared, block_n = plugin_ptx("fp16", 40 ** -0.5, 77, 40, 16, 90)
-        assert name == "class_attention_maps_plugin", name
-        assert ".entry class_attention_maps_plugin" in ptx and ".target sm_90" in ptx
+        for dtype in ("fp16", "bf16"):
+            name, ptx, threads, shared, block_n = plugin_ptx(dtype, 40 ** -0.5, 77, 40, 16, 90)
+            assert name == "class_attention_maps_plugin", name
+            assert ".entry class_attention_maps_plugin" in ptx and ".target sm_90" in ptx
+            entry = re.search(r"\\.entry class_attention_maps_plugin\\((.*?)\\)", ptx, re.S)
+            params = [p for p in entry.group(1).split(",") if p.strip()]
+            kinds = [".ptr" in p for p in params]
+            assert kinds == [True] * 3 + [False] * 6 + [True], params
+            with tempfile.TemporaryDirectory() as tmp:
+                open(f"{tmp}/k.ptx", "w").write(ptx)
+                subprocess.run([ptxas, "-arch=sm_90a", f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"],
+                               check=True)
         print("ok", threads, shared, block_n)
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -110,3 +121,17 @@ def test_plugin_kernel_compiles_to_ptx_for_hopper_without_a_gpu():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ok, threads, shared, block_n = proc.stdout.split()[-4:]
     assert ok == "ok" and int(threads) == 256 and int(block_n) == 64
+
+
+def test_trim_entry_params_refuses_a_kernel_that_reads_them():
+    from attnseg.engines.aot import trim_entry_params
+
+    ptx = (".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u32 k_param_1,\n"
+           "\t.param .u64 k_param_2\n)\n{\n\tld.param.b64 %rd1, [k_param_0];\n}\n")
+    trimmed = trim_entry_params(ptx, "k", 2)
+    assert "k_param_2" not in trimmed and "k_param_1" in trimmed
+    assert trimmed.endswith("{\n\tld.param.b64 %rd1, [k_param_0];\n}\n")
+    with pytest.raises(RuntimeError, match="reads k_param_0"):
+        trim_entry_params(ptx, "k", 0)
+    with pytest.raises(RuntimeError, match="no .entry"):
+        trim_entry_params(ptx, "other", 1)

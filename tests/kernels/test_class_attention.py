@@ -163,6 +163,46 @@ def test_noncontiguous_views(impl):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
+@needs_triton
+@pytest.mark.parametrize("groups", [2, 3, 8])
+@pytest.mark.parametrize("case", [
+    Case(1, 8, (8, 8), 40, 77, 3, (8, 8), clamp=True, negative=True),
+    Case(2, 5, (8, 8), 40, 20, 2, (16, 16), "bilinear", weight=0.5),
+], ids=str)
+def test_triton_head_groups_match_one_group(case, groups):
+    # Small layers split their heads over several programs on a GPU; the partial maps are
+    # summed afterwards (in a fixed order), so the result is the one-group result.
+    device = "cuda" if HAS_CUDA else "cpu"
+    q, k, tw, out0 = make_inputs(case, seed=7)
+    q, k, tw, out0 = (t.to(device) for t in (q, k, tw, out0))
+    # The projections' layout: [B, N, H*D] viewed as [B, H, N, D], not copied.
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    want = run(accumulate_class_attention_ref, case, q, k, tw, out0.clone())
+    one = out0.clone()
+    accumulate_class_attention_triton(q, k, tw, one, hw=case.hw, scale=case.d ** -0.5,
+                                      weight=case.weight, mode=case.mode, clamp=case.clamp,
+                                      groups=1)
+    split = out0.clone()
+    accumulate_class_attention_triton(q, k, tw, split, hw=case.hw, scale=case.d ** -0.5,
+                                      weight=case.weight, mode=case.mode, clamp=case.clamp,
+                                      groups=groups)
+    tol = 1e-5 * want.abs().max().item()
+    torch.testing.assert_close(split, one, rtol=0, atol=tol)
+    torch.testing.assert_close(split, want, rtol=0, atol=tol)
+
+
+def test_head_groups_fill_the_gpu_only(monkeypatch):
+    from attnseg.kernels import class_attention as ca
+
+    monkeypatch.setitem(ca._SM_COUNTS, 0, 132)  # an H100/H200's SM count, no GPU needed
+    gpu = torch.device("cuda", 0)
+    assert ca.head_groups(4, 8, gpu) == 8  # SD's 16x16 layers at batch 1: every head apart
+    assert ca.head_groups(32, 8, gpu) == 5  # 32 row tiles: 5 groups (of 2 heads: 4) fill it
+    assert ca.head_groups(200, 8, gpu) == 1  # big layers already fill the GPU
+    assert ca.head_groups(4, 1, gpu) == 1
+    assert ca.head_groups(4, 8, torch.device("cpu")) == 1
+
+
 def test_accumulates_across_calls():
     case = Case(1, 2, (8, 8), 40, 20, 2, (8, 8))
     q, k, tw, _ = make_inputs(case)
@@ -226,7 +266,8 @@ def test_aot_compile_for_hopper(aot_compile):
         from attnseg.kernels import class_attention as ca
         attn_sig = {"q_ptr": "*fp16", "k_ptr": "*fp16", "tw_ptr": "*fp32", "dst_ptr": "*fp32",
                     "N": "i32", "L": "i32", "D": "i32", "C": "i32", "H": "i32",
-                    "scale": "fp32", "weight": "fp32"}
+                    "HPG": "i32", "sq_b": "i32", "sq_h": "i32", "sq_n": "i32", "sk_b": "i32",
+                    "sk_h": "i32", "sk_l": "i32", "scale": "fp32", "weight": "fp32"}
         import torch
         blocks = ca.attn_blocks(77, 40, 3, torch.float16)
         warps = ca._TRITON_NUM_WARPS
@@ -251,7 +292,9 @@ def test_shipped_tiles_compile_without_register_spills(aot_compile):
                                 (torch.float32, "fp32")):
                 sig = {"q_ptr": "*" + name, "k_ptr": "*" + name, "tw_ptr": "*fp32",
                        "dst_ptr": "*fp32", "N": "i32", "L": "i32", "D": "i32", "C": "i32",
-                       "H": "i32", "scale": "fp32", "weight": "fp32"}
+                       "H": "i32", "HPG": "i32", "sq_b": "i32", "sq_h": "i32", "sq_n": "i32",
+                       "sk_b": "i32", "sk_h": "i32", "sk_l": "i32", "scale": "fp32",
+                       "weight": "fp32"}
                 for d, c in ((40, 4), (160, 4), (40, 20), (40, 40)):
                     blocks = dict(ca.attn_blocks(77, d, c, dtype), DIRECT=False, CLAMP=False)
                     regs, spills = resources(ca.class_attn_kernel, sig, blocks,

@@ -1,0 +1,332 @@
+"""`attnseg bench gpu`: the GPU path proven in one prepared run (under 8 minutes, cold, on one
+H100/H200-class GPU), results in `bench/results/gpu/` (JSON + markdown).
+
+Steps, each under its own time cap, each recorded even when it fails (a failure does not stop
+the others):
+
+1. **kernels**: the kernel test suite on the GPU (`pytest tests/kernels`: Triton on CUDA
+   against the torch reference, AOT builds, register/spill checks);
+2. **parity**: `sd15-random` at 512x512 fp16, stock images against images generated while
+   harvesting (Triton kernel), and the Triton maps against the torch reference's;
+3. **kernel timings** at SD 1.5's shapes (batch 8, fp16): the fused kernel per layer size, with
+   the head split that fills the GPU and without, CUDA-graph timed;
+4. **compile**: `attnseg engine build --backend compile` and `attnseg engine verify`;
+5. **throughput**: `bench throughput` on `sd15-random`, 512x512 fp16 with CFG: stock, eager
+   harvest and compile + CUDA graphs with harvest, batch 1 and 8, with peak memory.
+
+`--smoke` runs the same code on a CPU (the tiny model, 64x64, fp32, the Triton interpreter,
+GPU-only steps skipped) so the orchestration is tested where there is no GPU. On a machine
+without the project installed (the lent GPU has no diffusers and no registry),
+`bench/gpu_proof.sh` puts the carried wheels and the checkout on the path first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from attnseg.pipeline.dataset import atomic_write_bytes
+
+from .throughput import machine_info, output_base, with_suffix
+
+STEPS = ("kernels", "parity", "kbench", "compile", "throughput")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class GpuProofConfig:
+    """One `attnseg bench gpu` run."""
+
+    steps: tuple[str, ...] = STEPS
+    smoke: bool = False  # CPU dry run: tiny model, small sizes, GPU-only steps skipped
+    budget_s: int = 450  # the whole run; a step that no longer fits is skipped
+    out: str = "bench/results/gpu/gpu"
+
+    def __post_init__(self):
+        self.steps = tuple(self.steps)
+
+    def validate(self) -> None:
+        from attnseg.pipeline.errors import UserError
+
+        bad = [s for s in self.steps if s not in STEPS]
+        if bad:
+            raise UserError(f"unknown step(s) {bad}; choose from {list(STEPS)}")
+
+
+# Per-step caps (seconds, on the GPU); smoke runs take what the CPU needs.
+_CAPS = {"kernels": 150, "parity": 90, "kbench": 60, "compile": 150, "throughput": 200}
+
+
+def _subprocess(cmd: list[str], cap: float, env: dict | None = None) -> dict:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, cwd=REPO,
+                              env=env)
+        out = proc.stdout + proc.stderr
+        rc = proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) \
+            else (e.stdout or "")
+        rc = "timeout"
+    return {"rc": rc, "seconds": round(time.perf_counter() - t0, 1), "tail": out[-3000:]}
+
+
+def step_kernels(cfg: GpuProofConfig, cap: float) -> dict:
+    """The kernel tests (Triton on the device where there is one)."""
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-p", "no:cacheprovider",
+           "-rfEs"]
+    if cfg.smoke:
+        cmd += ["-k", "noncontiguous or head_groups"]
+    r = _subprocess(cmd, cap)
+    summary = [line for line in r["tail"].splitlines() if " passed" in line or " failed" in line]
+    r["summary"] = summary[-1] if summary else None
+    r["ok"] = r["rc"] == 0
+    return r
+
+
+def _pipe(cfg: GpuProofConfig):
+    import torch
+
+    from attnseg.pipeline.tiny import build_sd15_random_pipeline, build_tiny_pipeline
+
+    if cfg.smoke:
+        return build_tiny_pipeline(seed=0), torch.device("cpu"), torch.float32, 64, 2
+    dev = torch.device("cuda")
+    return (build_sd15_random_pipeline(seed=0).to(dev, torch.float16), dev, torch.float16,
+            512, 4)
+
+
+def step_parity(cfg: GpuProofConfig, cap: float) -> dict:
+    """Stock vs harvesting images (same latents), and the kernel's maps vs the reference's."""
+    import torch
+
+    from attnseg.kernels._dispatch import resolve_impl
+    from attnseg.pipeline.config import get_preset
+    from attnseg.pipeline.harvest import AttentionHarvester
+    from attnseg.pipeline.masks import masks_from_harvest
+    from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes
+
+    pipe, dev, dtype, size, steps = _pipe(cfg)
+    by = {c.name: c for c in load_classes("voc")}
+    specs = [PromptSpec("a photo of a dog and a cat on the grass",
+                        ((by["dog"], "dog"), (by["cat"], "cat"))),
+             PromptSpec("a photo of a horse next to a person",
+                        ((by["horse"], "horse"), (by["person"], "person")))]
+    weights, ids = class_token_weights(pipe.tokenizer, specs)
+    latents = torch.randn(len(specs), 4, size // 8, size // 8,
+                          generator=torch.Generator().manual_seed(0)).to(dev, dtype)
+    preset = get_preset("attnseg")
+
+    def generate():
+        return pipe([s.text for s in specs], height=size, width=size, num_inference_steps=steps,
+                    guidance_scale=7.5, latents=latents.clone(), output_type="pt").images.float()
+
+    runs = {}
+    with torch.no_grad():
+        stock = generate()
+        for impl in (None, "ref"):
+            before = os.environ.pop("ATTNSEG_KERNEL_IMPL", None)
+            if impl:
+                os.environ["ATTNSEG_KERNEL_IMPL"] = impl
+            harvester = AttentionHarvester(pipe.unet, preset.harvest)
+            try:
+                with harvester.capture(weights, (size, size), steps) as cap_:
+                    images = generate()
+            finally:
+                harvester.remove()
+                os.environ.pop("ATTNSEG_KERNEL_IMPL", None)
+                if before is not None:
+                    os.environ["ATTNSEG_KERNEL_IMPL"] = before
+            labels, _ = masks_from_harvest(cap_.result, ids, preset.harvest, preset.mask)
+            runs[impl or "default"] = (images, cap_.result, labels)
+    a, b = runs["default"], runs["ref"]
+    rel = {str(s): float((a[1].maps[s] - b[1].maps[s]).abs().max()
+                         / b[1].maps[s].abs().max().clamp_min(1e-30)) for s in b[1].maps}
+    out = {
+        "model": "tiny" if cfg.smoke else "sd15-random", "size": size, "steps": steps,
+        "dtype": str(dtype).replace("torch.", ""), "batch": len(specs),
+        "kernel_impl": resolve_impl(None, dev),
+        "images_bit_identical": bool(torch.equal(a[0], stock)),
+        "images_max_abs_diff": float((a[0] - stock).abs().max()),
+        "maps_max_rel_diff_vs_reference": rel,
+        "label_agreement_vs_reference": float((a[2] == b[2]).float().mean()),
+    }
+    # Harvesting reads the attention inputs and never writes them, but its processor may run
+    # the attention kernel on other strides than stock's, which can change the last bits.
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    out["images_tolerance"] = tol
+    out["ok"] = out["images_max_abs_diff"] <= tol and max(rel.values()) < 1e-2
+    return out
+
+
+def step_kbench(cfg: GpuProofConfig, cap: float) -> dict:
+    """The fused kernel at SD 1.5's layer sizes, batch 8, fp16: one group vs the head split."""
+    import torch
+    from triton.testing import do_bench_cudagraph
+
+    from attnseg.kernels.class_attention import accumulate_class_attention_triton, head_groups
+
+    dev = torch.device("cuda")
+    b, heads, tokens = 8, 8, 77
+    rows = []
+    for n, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)):
+        side = int(n ** 0.5)
+        for c in (5, 20):
+            # The layout attention processors hand over: [B, N, H*D] viewed as [B, H, N, D].
+            q = torch.randn(b, n, heads * d, device=dev, dtype=torch.float16).view(
+                b, n, heads, d).transpose(1, 2)
+            k = torch.randn(b, tokens, heads * d, device=dev, dtype=torch.float16).view(
+                b, tokens, heads, d).transpose(1, 2)
+            tw = torch.rand(b, tokens, c, device=dev)
+            out = torch.zeros(b, c, side, side, device=dev)
+
+            def call(groups, q=q, k=k, tw=tw, out=out, side=side, d=d):
+                return lambda: accumulate_class_attention_triton(
+                    q, k, tw, out, hw=(side, side), scale=d ** -0.5, groups=groups)
+
+            auto = head_groups(b * -(-n // 64), heads, dev)
+            row = {"N": n, "D": d, "C": c, "head_groups_auto": auto,
+                   "one_group_us": round(do_bench_cudagraph(call(1)) * 1e3, 1),
+                   "auto_us": round(do_bench_cudagraph(call(None)) * 1e3, 1),
+                   "q_copy_us": round(do_bench_cudagraph(q.contiguous) * 1e3, 1)}
+            rows.append(row)
+    return {"rows": rows, "ok": True}
+
+
+def step_compile(cfg: GpuProofConfig, cap: float, work: Path) -> dict:
+    """`attnseg engine build --backend compile` + `attnseg engine verify` (subprocesses)."""
+    dev, dt = ("cpu", "fp32") if cfg.smoke else ("cuda", "fp16")
+    engine = work / "engine-compile"
+    cli = [sys.executable, "-m", "attnseg.pipeline.cli"]
+    build = _subprocess(cli + ["engine", "build", "--backend", "compile", "--model", "tiny",
+                               "--out", str(engine), "--device", dev, "--dtype", dt,
+                               "--batch-size", "2"], cap / 3)
+    result = {"build": build}
+    if build["rc"] != 0:
+        result["ok"] = False
+        return result
+    verify = _subprocess(cli + ["engine", "verify", str(engine), "--device", dev, "--json"],
+                         cap * 2 / 3)
+    result["verify"] = verify
+    report = None
+    text = verify["tail"]
+    if "{" in text:
+        try:
+            report = json.loads(text[text.index("{"):text.rindex("}") + 1])
+        except ValueError:
+            report = None
+    result["report"] = report
+    result["ok"] = verify["rc"] == 0 and bool(report and report.get("ok"))
+    return result
+
+
+def step_throughput(cfg: GpuProofConfig, cap: float, work: Path) -> dict:
+    """Stock, eager harvest and compile + CUDA graphs with harvest; batch 1 and 8."""
+    from .throughput import ThroughputConfig, run_throughput
+
+    if cfg.smoke:
+        tcfg = ThroughputConfig(model="tiny", backends=("torch",), batch_sizes=(1,), height=64,
+                                width=64, steps=2, repeats=1, warmup=1, device="cpu",
+                                dtype="fp32", out=str(work / "throughput"), plots=False)
+    else:
+        tcfg = ThroughputConfig(model="sd15-random", backends=("torch", "compile"),
+                                batch_sizes=(8, 1), height=512, width=512, steps=20,
+                                repeats=3, warmup=1, device="cuda", dtype="fp16",
+                                out=str(work / "throughput"), plots=False)
+    result = run_throughput(tcfg)
+    return {"summary": result["summary"], "config": result["config"], "ok": True}
+
+
+def run_gpu_proof(cfg: GpuProofConfig) -> dict:
+    """Run the steps; write OUT.json and OUT.md; return the report."""
+    cfg.validate()
+    import torch
+
+    if cfg.smoke:  # before the kernels are imported: the interpreter is chosen at import
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
+    base = output_base(cfg.out)
+    work = with_suffix(base, ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.smoke else "cpu")
+    report = {"benchmark": "gpu", "config": asdict(cfg), "machine": machine_info(device),
+              "steps": {}}
+    for name in cfg.steps:
+        left = cfg.budget_s - (time.perf_counter() - t0)
+        cap = min(_CAPS[name] * (10 if cfg.smoke else 1), left)
+        if cap < 20:
+            report["steps"][name] = {"skipped": f"{left:.0f} s of the budget left"}
+            continue
+        if device.type != "cuda" and name == "kbench":
+            report["steps"][name] = {"skipped": "needs a GPU"}
+            continue
+        s0 = time.perf_counter()
+        try:
+            if name == "kernels":
+                r = step_kernels(cfg, cap)
+            elif name == "parity":
+                r = step_parity(cfg, cap)
+            elif name == "kbench":
+                r = step_kbench(cfg, cap)
+            elif name == "compile":
+                r = step_compile(cfg, cap, work)
+            else:
+                r = step_throughput(cfg, cap, work)
+        except Exception as e:  # a failing step is a result; the others still run
+            r = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                 "traceback": traceback.format_exc()[-3000:]}
+        r["seconds"] = round(time.perf_counter() - s0, 1)
+        report["steps"][name] = r
+        print(f"  {name}: {'ok' if r.get('ok') else 'FAILED'} ({r['seconds']} s)", flush=True)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["files"] = write_report(report, base)
+    return report
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown."""
+    m = report["machine"]
+    lines = [f"# GPU proof: {m.get('device_name') or m.get('device')}", "",
+             f"{report['seconds']} s in all; smoke run: {report['config']['smoke']}.", "",
+             "| step | result | seconds |", "|---|---|---|"]
+    for name, r in report["steps"].items():
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} | - |")
+            continue
+        what = "ok" if r.get("ok") else f"FAILED {r.get('error', '')}"[:120]
+        if name == "kernels" and r.get("summary"):
+            what += f" ({r['summary'].strip()})"
+        if name == "parity":
+            what += (f" (images bit-identical: {r['images_bit_identical']}, max |d| "
+                     f"{r['images_max_abs_diff']:.3g} (tolerance {r['images_tolerance']}); "
+                     "maps vs reference, max rel "
+                     f"{max(r['maps_max_rel_diff_vs_reference'].values()):.2e})")
+        lines.append(f"| {name} | {what} | {r.get('seconds', '-')} |")
+    kb = report["steps"].get("kbench", {})
+    if kb.get("rows"):
+        lines += ["", "| N | D | C | one group µs | head split µs (groups) | q copy µs |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['N']} | {r['D']} | {r['C']} | {r['one_group_us']} | {r['auto_us']} "
+                  f"({r['head_groups_auto']}) | {r['q_copy_us']} |" for r in kb["rows"]]
+    tp = report["steps"].get("throughput", {})
+    if tp.get("summary"):
+        lines += ["", "Throughput (`bench throughput` summary rows):", "", "```",
+                  json.dumps(tp["summary"], indent=1)[:4000], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, base: Path) -> list[str]:
+    base.parent.mkdir(parents=True, exist_ok=True)
+    files = [str(with_suffix(base, ".json")), str(with_suffix(base, ".md"))]
+    atomic_write_bytes(Path(files[0]), json.dumps(report | {"files": files}, indent=1,
+                                                  default=str).encode())
+    atomic_write_bytes(Path(files[1]), markdown(report).encode())
+    return files

@@ -1,0 +1,58 @@
+"""`attnseg bench toy`: the trivial baselines against hand-made scenes, and the benchmark end to
+end through the CLI (on the random tiny model: the path, not the figures)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from attnseg.bench.toy import _components, colour_threshold_labels
+from attnseg.pipeline.cli import main
+
+
+def test_components_are_four_connected():
+    m = np.zeros((6, 6), bool)
+    m[0:2, 0:2] = True  # one block
+    m[2, 2] = True  # touches the block only diagonally: its own component
+    m[4:6, 3:6] = True
+    comp = _components(m)
+    assert (comp[~m] == 0).all()
+    assert len(np.unique(comp[m])) == 3
+    assert len(np.unique(comp[0:2, 0:2])) == 1
+
+
+def test_colour_threshold_baseline_on_a_plain_scene():
+    img = np.full((32, 32, 3), 90, np.uint8)
+    img[2:12, 2:12] = (250, 20, 20)  # 100 px
+    img[20:26, 20:26] = (20, 20, 250)  # 36 px
+    one = colour_threshold_labels(img, [3], threshold=50)
+    assert (one[2:12, 2:12] == 3).all() and (one[20:26, 20:26] == 3).all()
+    assert (one == 3).sum() == 136
+    two = colour_threshold_labels(img, [5, 1], threshold=50)
+    assert (two[2:12, 2:12] == 5).all() and (two[20:26, 20:26] == 1).all()  # largest first
+    assert (colour_threshold_labels(img, [], 50) == 0).all()
+    assert (colour_threshold_labels(img, [3], 400) == 0).all()
+
+
+def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
+    out = tmp_path / "toy"
+    rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--no-progress",
+               "--set", "num_images=6", "--set", "seeds=[0,1]",
+               "--set", "presets=[\"attnseg\",\"daam\"]",
+               "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]"])
+    assert rc == 0
+    report = json.loads((tmp_path / "toy.json").read_text())
+    assert set(report["pseudo_masks"]) == {"attnseg", "daam"}
+    for r in report["pseudo_masks"].values():
+        assert len(r["values"]) == 2 and all(0.0 <= v <= 1.0 for v in r["values"])
+    assert report["labeller"]["chosen"] in ([0.2], [0.5])
+    assert report["baselines"]["colour_threshold_tuned"]["threshold"] in (40, 80)
+    assert 0.0 <= report["baselines"]["all_background"] < 0.5
+    md = (tmp_path / "toy.md").read_text()
+    assert "colour threshold" in md and "preset `daam`" in md
+    assert "results:" in capsys.readouterr().out
+    # Tuning and reporting on one render seed is refused.
+    rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--set", "val_seed=5",
+               "--set", "test_seed=5"])
+    assert rc == 2

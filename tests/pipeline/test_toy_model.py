@@ -1,0 +1,164 @@
+"""The toy world's text-to-image model: vocabulary, captions, resumable training, export through
+the path a real SD folder takes, harvesting at its own latent stride, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from attnseg.pipeline.cli import main
+from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.models import latent_stride, load_pipeline
+from attnseg.pipeline.tiny import TINY_WORDS, bpe_pieces, tiny_tokenizer
+from attnseg.pipeline.toy_model import (
+    ToyModelConfig,
+    ToyModelTrainer,
+    class_words,
+    toy_words,
+    training_caption,
+)
+
+
+def small_config(out, **kw) -> ToyModelConfig:
+    """A toy model small enough to train a few steps in seconds (2-level VAE: stride 2)."""
+    return replace(ToyModelConfig(out=str(out), num_scenes=12, size=32, vae_channels=(16, 16),
+                                  unet_channels=(16, 32), head_dim=16, text_dim=16,
+                                  vae_steps=2, vae_batch_size=2, unet_steps=3, batch_size=4,
+                                  checkpoint_every=2), **kw)
+
+
+def test_every_vocabulary_word_is_one_token():
+    # The merge-order bug: short merges learnt for one word ("a n" of "and") used to split
+    # later words ("triangle") before their own chain applied.
+    for words in (None, toy_words()):
+        tok = tiny_tokenizer(words)
+        for w in words or TINY_WORDS:
+            assert tok.tokenize(w) == [w + "</w>"], w
+    assert "triangle" in toy_words() and "pentagram" in toy_words()
+    # Words outside the vocabulary still tokenise, into pieces (multi-token class words).
+    assert len(tiny_tokenizer().tokenize("aeroplane")) > 1
+
+
+def test_bpe_pieces_apply_merges_by_rank(tmp_path):
+    ranks = {("a", "n</w>"): 0, ("t", "r"): 1, ("tr", "i"): 2, ("tri", "a"): 3}
+    # "a n</w>" ranks first, so "tri a" never applies.
+    assert bpe_pieces("trian", ranks) == ["tri", "an</w>"]
+    assert bpe_pieces("x", {}) == ["x</w>"]
+    # Against the reference: transformers' CLIP tokenizer on the same merges.
+    from attnseg.pipeline.tiny import write_tiny_tokenizer
+
+    folder = write_tiny_tokenizer(tmp_path)
+    lines = (folder / "merges.txt").read_text().splitlines()[1:]
+    ranks = {tuple(line.split()): i for i, line in enumerate(lines)}
+    tok = tiny_tokenizer()
+    for w in ["aeroplane", "triangles", "motorcar", "streetcar", "annotation", "dogcat"]:
+        assert bpe_pieces(w, ranks) == tok.tokenize(w), w
+
+
+def test_training_captions_name_every_object():
+    words = class_words()
+    assert words["circle"][0] == "circle" and "disc" in words["circle"]
+    rng = np.random.default_rng(0)
+    synonyms = 0
+    for _ in range(200):
+        objs = list(rng.choice(list(words), size=rng.integers(1, 4), replace=False))
+        cap = training_caption(rng, objs, words, synonym_rate=0.5)
+        for o in objs:  # each object by exactly one of its words
+            assert sum(f" {w}" in f" {cap}" for w in words[o] if " " not in w) >= 1, (cap, o)
+        synonyms += sum(f" {o}" not in f" {cap}" for o in objs)
+        assert "street" not in cap  # source-domain backgrounds only
+    assert synonyms > 50
+    a = training_caption(np.random.default_rng(3), ["star"], words, 0.0)
+    assert a == training_caption(np.random.default_rng(3), ["star"], words, 0.0)
+    assert " star" in f" {a}"
+
+
+def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread):
+    straight = ToyModelTrainer(small_config(tmp_path / "a"))
+    straight.train(progress=False)
+    # The same run stopped after 3 steps (2 VAE, 1 UNet) and resumed.
+    ToyModelTrainer(small_config(tmp_path / "b", unet_steps=1)).train(progress=False)
+    resumed = ToyModelTrainer(small_config(tmp_path / "b"))
+    assert resumed.step == 3
+    resumed.train(progress=False)
+    for k, v in straight.unet.state_dict().items():
+        assert torch.equal(v, resumed.unet.state_dict()[k]), k
+    for k, v in straight.ema.items():
+        assert torch.equal(v, resumed.ema[k]), k
+    assert straight.vae.config.scaling_factor == resumed.vae.config.scaling_factor
+    losses = json.loads((tmp_path / "b" / "loss.json").read_text())
+    assert [s for s, _ in losses["vae"]] == [2] and losses["unet"][-1][0] == 5
+    assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
+    # Other learnt settings on the same folder are refused, not mixed in.
+    with pytest.raises(Exception, match="other settings"):
+        ToyModelTrainer(small_config(tmp_path / "b", lr=1e-2))
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A few steps of a small toy model, exported: a diffusers folder with a 2x VAE."""
+    out = tmp_path_factory.mktemp("toy-model")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ToyModelTrainer(small_config(out)).train(progress=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_exported_model_loads_like_any_sd_folder(small_model):
+    files = {p.relative_to(small_model).as_posix() for p in small_model.rglob("*")}
+    assert "unet/diffusion_pytorch_model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".ckpt"))]
+    pipe = load_pipeline(str(small_model), torch.device("cpu"), torch.float32)
+    assert pipe.vae_scale_factor == 2 == latent_stride(str(small_model))
+    assert pipe.tokenizer.tokenize("a pentagram") == ["a</w>", "pentagram</w>"]
+    out = pipe("a star", num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+
+
+def test_presets_follow_the_latent_stride():
+    p8, p2 = get_preset("attnseg"), get_preset("attnseg", 2)
+    assert p2.harvest.strides == tuple(s // 4 for s in p8.harvest.strides)
+    assert p2.harvest.combine_stride == p8.harvest.combine_stride // 4
+    d = get_preset("diffumask", 4)
+    assert set(d.harvest.stride_weights) == set(d.harvest.strides) == {4, 8, 16}
+    assert d.harvest.combine_stride == 1  # full resolution stays full resolution
+    assert get_preset("daam", 8).harvest == get_preset("daam").harvest
+
+
+def test_synth_harvests_a_model_at_its_own_latent_stride(small_model, tmp_path, capsys):
+    out = tmp_path / "synth"
+    rc = main(["synth", "--model", str(small_model), "--classes", "toy", "--num-per-class", "1",
+               "--steps", "2", "--height", "32", "--width", "32", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["harvest"]["strides"] == [2, 4, 8]  # SD's 8, 16, 32 on a 2x VAE
+    labels = sorted((out / "SegmentationClass").glob("*.png"))
+    assert len(labels) == 6
+    # A stride below the model's latent stride is refused in one line.
+    rc = main(["synth", "--model", str(small_model), "--classes", "toy", "--out",
+               str(tmp_path / "x"), "--set", "harvest.strides=[1]", "--no-progress"])
+    assert rc == 2
+    assert "power of two >= 2" in capsys.readouterr().err
+
+
+def test_train_model_cli(tmp_path, capsys, torch_one_thread):
+    cfg = small_config(tmp_path / "run")
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in
+            [("num_scenes", 12), ("size", 32), ("vae_channels", [16, 16]),
+             ("unet_channels", [16, 32]), ("head_dim", 16), ("text_dim", 16),
+             ("vae_steps", 1), ("vae_batch_size", 2), ("unet_steps", 1), ("batch_size", 2)]]
+    rc = main(["toy", "train-model", "--out", cfg.out, "--no-progress"] + sets)
+    assert rc == 0
+    assert "model in" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+    rc = main(["toy", "train-model", "--out", cfg.out, "--set", "size=40"])
+    assert rc == 2
+    assert "multiple of 16" in capsys.readouterr().err
