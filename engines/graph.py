@@ -34,6 +34,7 @@ from ..pipeline.attention import (
     self_attention_probs,
 )
 from ..pipeline.config import HarvestConfig
+from ..pipeline.errors import UserError
 
 MAP_IMPLS = ("ref", "op", "plugin")
 
@@ -95,6 +96,9 @@ class MapGraphSpec:
     @classmethod
     def from_harvest(cls, cfg: HarvestConfig) -> MapGraphSpec:
         cfg.validate()
+        if cfg.accumulate == "per_head":
+            raise UserError("engines harvest head-averaged maps; accumulate='per_head' (the "
+                            "daam preset's exact order) runs on --backend torch")
         common = cfg.accumulate == "common"
         return cls(
             strides=tuple(sorted(set(cfg.strides))),
@@ -200,8 +204,6 @@ class UNetWithMaps(torch.nn.Module):
                     "self": f"self_attention_s{stride}"}[kind]
             layout.append(MapOutput(name, kind, stride, shape, count))
         if not any(m.kind != "self" for m in layout):
-            from ..pipeline.errors import UserError
-
             raise UserError(
                 f"the UNet has no cross-attention layer at strides {list(self.spec.strides)} in "
                 f"blocks {list(self.spec.blocks)}"

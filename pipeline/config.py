@@ -23,6 +23,7 @@ BLOCKS = ("down", "mid", "up")
 # Where the UNet runs: eager torch, or an engine (attnseg.engines).
 BACKENDS = ("torch", "compile", "onnxruntime", "tensorrt")
 NORMALIZATIONS = ("minmax", "max", "none")
+ACCUMULATE = ("native", "common", "per_head")
 INTERP_MODES = ("none", "nearest", "bilinear", "bicubic")
 
 
@@ -45,7 +46,10 @@ class HarvestConfig:
     token_merge: str = "sum"
     # Where per-step maps are accumulated: "native" keeps one running mean per stride
     # (cheapest: resizing is linear, so it is done once at the end); "common" resizes every
-    # step's map to `combine_stride` first, which recipes that clamp each resized map need.
+    # step's map to `combine_stride` first, which recipes that clamp each resized map need;
+    # "per_head" (DAAM's order) keeps one step-sum per layer and head at native resolution,
+    # and at the end resizes each to `combine_stride` with `accumulate_mode`, clamps it at
+    # zero and averages over layers and heads.
     accumulate: str = "native"
     accumulate_mode: str = "bicubic"
     clamp_each_step: bool = False
@@ -74,8 +78,9 @@ class HarvestConfig:
             raise UserError(f"step_window {self.step_window} must satisfy 0 <= lo <= hi <= 1")
         if self.token_merge not in ("sum", "mean"):
             raise UserError(f"token_merge must be 'sum' or 'mean', not {self.token_merge!r}")
-        if self.accumulate not in ("native", "common"):
-            raise UserError(f"accumulate must be 'native' or 'common', not {self.accumulate!r}")
+        if self.accumulate not in ACCUMULATE:
+            raise UserError(f"accumulate must be one of {list(ACCUMULATE)}, not "
+                            f"{self.accumulate!r}")
         for name in ("accumulate_mode", "combine_mode", "refine_mode"):
             if getattr(self, name) not in INTERP_MODES:
                 raise UserError(f"{name} must be one of {list(INTERP_MODES)}")
@@ -194,16 +199,19 @@ def _preset_dataset_diffusion() -> Preset:
 
 
 def _preset_daam() -> Preset:
-    # DAAM: up and down blocks (no mid), all heads and steps, conditional half; every map
-    # resized bicubically to 64x64 (stride 8), clamped >= 0 and summed; per-word min-max;
-    # threshold 0.4.
+    # DAAM (pip daam 0.2.0, trace.py): every cross-attention map of the conditional half
+    # except the 8x8 ones (factor 8: the mid block), summed over the steps per (layer, head)
+    # at native resolution; each sum resized bicubically to the latent size (64x64 at 512:
+    # stride 8) and clamped at 0 once; the mean over layers and heads; a word's tokens
+    # averaged; per-word min-max; threshold 0.4.
     return Preset(
         name="daam",
-        source="DAAM (Tang et al., 2023): up+down blocks, every map bicubic to 64x64, "
-        "clamp >= 0, summed; min-max; threshold 0.4.",
+        source="DAAM (Tang et al., 2023): up+down blocks, per (layer, head) step-sums at "
+        "native resolution, each bicubic to 64x64 and clamped >= 0, mean over layers and "
+        "heads; word tokens averaged; min-max; threshold 0.4.",
         harvest=HarvestConfig(
-            strides=(8, 16, 32, 64), blocks=("down", "up"), accumulate="common",
-            accumulate_mode="bicubic", clamp_each_step=True, combine_stride=8,
+            strides=(8, 16, 32, 64), blocks=("down", "up"), accumulate="per_head",
+            accumulate_mode="bicubic", combine_stride=8, token_merge="mean",
         ),
         mask=MaskConfig(normalize="minmax", bg_const=0.4, ignore_low=1.0, ignore_high=1.0,
                         upsample_mode="bicubic"),

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.class_attention import accumulate_class_attention
+from ..kernels.interp import resize
 from .attention import (
     ObservingAttnProcessor,
     grid_size,
@@ -65,6 +66,8 @@ class _Capture:
         self.latent_hw = (0, 0)
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, float] = {}
+        # accumulate="per_head": layer name -> [B, heads, C, h, w] step-sum.
+        self.head_sums: dict[str, torch.Tensor] = {}
         self.self_sum: torch.Tensor | None = None
         self.self_count = 0
         self.result: HarvestResult | None = None
@@ -79,6 +82,7 @@ class _Capture:
     def nbytes(self) -> int:
         """Bytes held by the running buffers (the harvester's extra memory)."""
         total = sum(t.numel() * t.element_size() for t in self.sums.values())
+        total += sum(t.numel() * t.element_size() for t in self.head_sums.values())
         if self.self_sum is not None:
             total += self.self_sum.numel() * self.self_sum.element_size()
         return total
@@ -159,7 +163,16 @@ class AttentionHarvester:
         if stride not in cfg.strides or proc.block not in cfg.blocks:
             return
         weights = capture.token_weights
-        if cfg.accumulate == "native":
+        if cfg.accumulate == "per_head":
+            # Per-head maps (DAAM's order needs them apart until the end): plain torch ops.
+            probs = torch.softmax(torch.matmul(query.float(), key.float().transpose(-1, -2))
+                                  * attn.scale, dim=-1)  # [B, H, N, L]
+            maps = torch.matmul(probs, weights[:, None])  # [B, H, N, C]
+            maps = maps.transpose(2, 3).reshape(b, query.shape[1], weights.shape[2], h, w)
+            held = capture.head_sums.get(proc.name)
+            capture.head_sums[proc.name] = maps if held is None else held + maps
+            capture.counts[proc.name] = capture.counts.get(proc.name, 0.0) + 1.0
+        elif cfg.accumulate == "native":
             out = capture.sums.get(stride)
             if out is None:
                 out = capture.sums[stride] = query.new_zeros(
@@ -193,6 +206,9 @@ class AttentionHarvester:
         capture.self_count += 1
 
     def _finish(self, capture: _Capture) -> HarvestResult:
+        if capture.head_sums:
+            capture.sums = {self.config.combine_stride: self._combine_heads(capture)}
+            capture.counts = {self.config.combine_stride: 1.0}
         if not capture.sums:
             raise UserError(
                 "no cross-attention was harvested: the UNet has no cross-attention layer at "
@@ -209,3 +225,19 @@ class AttentionHarvester:
                 )
             self_attn = capture.self_sum / capture.self_count
         return HarvestResult(maps=maps, self_attention=self_attn, image_size=capture.image_size)
+
+    def _combine_heads(self, capture: _Capture) -> torch.Tensor:
+        """DAAM's order: each (layer, head) step-mean resized to the combine stride and
+        clamped at zero, then the mean over layers and heads: [B, C, h, w]."""
+        cfg = self.config
+        size = grid_size(capture.image_size, cfg.combine_stride)
+        total, n = None, 0
+        for name, sums in capture.head_sums.items():
+            b, heads, c, h, w = sums.shape
+            per_head = (sums / capture.counts[name]).reshape(b * heads, c, h, w)
+            mode = "none" if (h, w) == size else cfg.accumulate_mode
+            resized = resize(per_head, size, mode).clamp_min(0.0).reshape(b, heads, c, *size)
+            part = resized.sum(dim=1)
+            total = part if total is None else total + part
+            n += heads
+        return total / n

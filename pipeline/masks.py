@@ -20,7 +20,7 @@ from .harvest import HarvestResult
 def combine_maps(result: HarvestResult, cfg: HarvestConfig) -> torch.Tensor:
     """Weighted mean of the per-stride maps at `cfg.combine_stride`: [B, C, H/s, W/s]."""
     size = grid_size(result.image_size, cfg.combine_stride)
-    if cfg.accumulate == "common":
+    if cfg.accumulate in ("common", "per_head"):
         (only,) = result.maps.values()
         return only
     total = None

@@ -63,7 +63,7 @@ class ToyModelConfig:
     head_dim: int = 32
     text_dim: int = 64
     max_length: int = 32
-    vae_steps: int = 800
+    vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
     unet_steps: int = 8000

@@ -16,13 +16,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_bench_gpu_smoke_through_the_cli(tmp_path, capsys, torch_one_thread):
     out = tmp_path / "gpu"
-    rc = main(["bench", "gpu", "--smoke", "--steps", "parity,kbench", "--out", str(out)])
+    rc = main(["bench", "gpu", "--smoke", "--steps", "parity,kbench,throughput", "--out",
+               str(out)])
     assert rc == 0
     report = json.loads((tmp_path / "gpu.json").read_text())
     parity = report["steps"]["parity"]
     assert parity["ok"] and parity["images_max_abs_diff"] <= 1e-5
     assert max(parity["maps_max_rel_diff_vs_reference"].values()) < 1e-4
     assert report["steps"]["kbench"] == {"skipped": "needs a GPU"}
+    runs = report["steps"]["throughput"]["runs"]
+    assert runs["1"]["rc"] == 0 and {r["variant"] for r in runs["1"]["summary"]} >= {
+        "stock", "harvest"}
     assert "| parity | ok" in (tmp_path / "gpu.md").read_text()
     assert main(["bench", "gpu", "--steps", "nonsense", "--out", str(out)]) == 2
     assert "unknown step" in capsys.readouterr().err

@@ -40,7 +40,9 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--no-progress",
                "--set", "num_images=6", "--set", "seeds=[0,1]",
                "--set", "presets=[\"attnseg\",\"daam\"]",
-               "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]"])
+               "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]",
+               "--set", "bg_candidates=[0.3,0.6]", "--set", "downstream_images=12",
+               "--set", "train_steps=4", "--set", "synth_steps=2"])
     assert rc == 0
     report = json.loads((tmp_path / "toy.json").read_text())
     assert set(report["pseudo_masks"]) == {"attnseg", "daam"}
@@ -49,6 +51,10 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert report["labeller"]["chosen"] in ([0.2], [0.5])
     assert report["baselines"]["colour_threshold_tuned"]["threshold"] in (40, 80)
     assert 0.0 <= report["baselines"]["all_background"] < 0.5
+    assert report["tuned_threshold"]["bg_const"] in (0.3, 0.6)
+    d = report["downstream"]
+    assert d["images"] == 12 and len(d["synthetic"]["values"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in d["synthetic"]["values"] + d["exact_labels"]["values"])
     md = (tmp_path / "toy.md").read_text()
     assert "colour threshold" in md and "preset `daam`" in md
     assert "results:" in capsys.readouterr().out

@@ -3,11 +3,13 @@ equal to the traced reference, and compilable by torch.compile with fullgraph on
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attnseg.engines.graph import MapGraphSpec, UNetWithMaps
 from attnseg.kernels.class_attention import accumulate_class_attention_ref
-from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.config import HarvestConfig, get_preset
+from attnseg.pipeline.errors import UserError
 
 
 def _inputs(unet, size, classes=2, batch=1):
@@ -20,10 +22,22 @@ def _inputs(unet, size, classes=2, batch=1):
     return sample, torch.tensor([500.0]), text, weights
 
 
+RESIZE_CLAMP_EACH_STEP = HarvestConfig(strides=(8, 16, 32, 64), blocks=("down", "up"),
+                                       accumulate="common", accumulate_mode="bicubic",
+                                       clamp_each_step=True, combine_stride=8)
+
+
+def test_engines_refuse_per_head_accumulation():
+    # The daam preset's exact order keeps every head apart: the torch path only.
+    with pytest.raises(UserError, match="runs on --backend torch"):
+        MapGraphSpec.from_harvest(get_preset("daam").harvest)
+
+
 def test_op_impl_equals_the_traced_reference(tiny_pipe):
     """map_impl="op" (what CUDA runs) and "ref" (what exports trace) give the same maps."""
-    for preset in ("attnseg", "daam"):  # native accumulation, and resize + clamp per step
-        spec = MapGraphSpec.from_harvest(get_preset(preset).harvest)
+    # Native accumulation, and resize + clamp per step (what engines run for clamping recipes).
+    for harvest in (get_preset("attnseg").harvest, RESIZE_CLAMP_EACH_STEP):
+        spec = MapGraphSpec.from_harvest(harvest)
         outputs = {}
         for impl in ("ref", "op"):
             module = UNetWithMaps(tiny_pipe.unet, spec, (64, 48), map_impl=impl)

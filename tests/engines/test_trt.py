@@ -13,7 +13,7 @@ import torch
 
 from attnseg.engines.graph import MapGraphSpec, UNetWithMaps
 from attnseg.engines.trt import plan_config, plugin_onnx_translation
-from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.config import HarvestConfig, get_preset
 from attnseg.pipeline.tiny import build_tiny_pipeline
 
 from .conftest import MAX_BATCH, SIZE
@@ -70,7 +70,9 @@ def test_plugin_onnx_nodes_carry_what_the_plugin_needs(tmp_path):
 
 def test_plugin_graph_computes_the_same_maps_as_the_reference_graph():
     pipe = build_tiny_pipeline(seed=0)
-    graph = MapGraphSpec.from_harvest(get_preset("daam").harvest)  # resize + clamp per layer
+    graph = MapGraphSpec.from_harvest(HarvestConfig(  # resize + clamp per layer
+        strides=(8, 16, 32, 64), blocks=("down", "up"), accumulate="common",
+        accumulate_mode="bicubic", clamp_each_step=True, combine_stride=8))
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(4, 4, 8, 6, generator=g), torch.tensor([300.0]),
             torch.randn(4, 77, 32, generator=g), torch.rand(2, 77, 3, generator=g))

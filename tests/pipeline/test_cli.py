@@ -121,6 +121,19 @@ def test_demo_writes_report(tmp_path):
     assert "trained 12 steps" in r.stdout and "mIoU" in r.stdout
 
 
+def test_toy_demo_scores_against_rendered_scenes(tmp_path):
+    out = tmp_path / "demo"
+    r = _cli("demo", "--model", "toy", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "toy world" in (out / "report/index.html").read_text()
+    _check_dataset(out, 72, set(range(1, 7)))
+    # Scored on rendered scenes with exact labels, not on its own training images.
+    report = json.loads((out / "run/eval-demo.json").read_text())
+    assert report["images"] == 100 and len(report["per_class"]) == 7
+    assert "trained 300 steps" in r.stdout and "rendered scenes with exact labels" in r.stdout
+    assert _cli("demo", "--model", "sd15-random", "--out", str(out)).returncode == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--classes", "vocc"], "unknown class set 'vocc'"),
     (["--height", "100"], "--height 100 is not a positive multiple of 8"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,6 +69,7 @@ def _naive_maps(store, preset, token_weights, num_steps):
     per_stride: dict[int, list] = {}
     common = []
     self_maps = []
+    head_sums: dict[str, torch.Tensor] = {}
     for name, step, probs in store:
         if step not in steps:
             continue
@@ -82,6 +85,11 @@ def _naive_maps(store, preset, token_weights, num_steps):
             continue
         if stride not in cfg.strides or block not in cfg.blocks:
             continue
+        if cfg.accumulate == "per_head":  # DAAM: a step-sum per (layer, head), native size
+            per = torch.einsum("bhnl,blc->bhcn", cond, token_weights)
+            per = per.reshape(B, cond.shape[1], -1, h, w)
+            head_sums[name] = head_sums.get(name, 0) + per
+            continue
         cls = torch.einsum("bnl,blc->bcn", cond.mean(1), token_weights).reshape(B, -1, h, w)
         if cfg.accumulate == "native":
             per_stride.setdefault(stride, []).append(cls)
@@ -94,7 +102,21 @@ def _naive_maps(store, preset, token_weights, num_steps):
                 up = up.clamp_min(0)
             wgt = cfg.stride_weights.get(stride, 1.0)
             common.append((wgt * up, wgt))
-    if cfg.accumulate == "common":
+    if cfg.accumulate == "per_head":
+        # Each (layer, head) sum resized bicubically, clamped at 0 once, then the mean over
+        # layers and heads; divided by the step count (a positive scale: the harvester keeps
+        # means, DAAM sums; min-max normalisation makes them the same masks).
+        size = (-(-H // cfg.combine_stride), -(-W // cfg.combine_stride))
+        maps = []
+        for sums in head_sums.values():
+            for hd in range(sums.shape[1]):
+                m = sums[:, hd]
+                if tuple(m.shape[-2:]) != size:
+                    m = F.interpolate(m, size=size, mode=cfg.accumulate_mode,
+                                      align_corners=False)
+                maps.append(m.clamp_min(0))
+        combined = torch.stack(maps).mean(0) / len(steps)
+    elif cfg.accumulate == "common":
         combined = sum(m for m, _ in common) / sum(w for _, w in common)
     else:
         size = (-(-H // cfg.combine_stride), -(-W // cfg.combine_stride))
@@ -184,16 +206,61 @@ def test_maps_equal_naive_reference(tiny_pipe, classes, preset_name):
     assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, scale)
 
 
-def test_memory_does_not_grow_with_steps(tiny_pipe, classes):
+def test_daam_order_is_exact_on_sharpened_attention(classes):
+    """With sharp attention (query projections scaled up), bicubic upsampling undershoots,
+    so where the clamp sits matters: the daam preset follows DAAM's order (per-head step-sums,
+    one clamp per head after the resize), not the head mean clamped at every step."""
+    from attnseg.pipeline.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(12.0)
+    preset = get_preset("daam")
+    steps = 3
+    weights, _ = class_token_weights(pipe.tokenizer, _specs(classes), preset.harvest.token_merge)
+    latents = _latents(pipe, seed=2)
+
+    def harvest(cfg):
+        harvester = AttentionHarvester(pipe.unet, cfg)
+        try:
+            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+                _run(pipe, latents, steps)
+        finally:
+            harvester.remove()
+        return combine_maps(cap.result, cfg)
+
+    ours = harvest(preset.harvest)
+    store = _Store()
+    procs = {name: _StoreEverything(store, name.rsplit(".processor", 1)[0])
+             for name in pipe.unet.attn_processors}
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: setattr(store, "step", store.step + 1))
+    pipe.unet.set_attn_processor(procs)
+    try:
+        _run(pipe, latents, steps)
+    finally:
+        hook.remove()
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+    ref = _naive_maps(store, preset, weights, steps)
+    scale = ref.abs().max().item()
+    assert (ours - ref).abs().max().item() <= 1e-5 * scale
+    # The former order (head mean resized and clamped at every step) is measurably different.
+    old = harvest(replace(preset.harvest, accumulate="common", clamp_each_step=True))
+    assert (old - ref).abs().max().item() > 1e-3 * scale
+
+
+@pytest.mark.parametrize("name", ["dataset-diffusion", "daam"])  # + self-attention; per head
+def test_memory_does_not_grow_with_steps(tiny_pipe, classes, name):
     weights, _ = class_token_weights(tiny_pipe.tokenizer, _specs(classes))
-    preset = get_preset("dataset-diffusion")  # also holds a self-attention buffer
+    preset = get_preset(name)
     harvester = AttentionHarvester(tiny_pipe.unet, preset.harvest)
     sizes = {}
     try:
         for steps in (2, 7):
             with harvester.capture(weights, SIZE, num_steps=steps) as cap:
                 _run(tiny_pipe, _latents(tiny_pipe), steps)
-            sizes[steps] = (cap.nbytes(), len(cap.sums), cap.self_count == steps * 2)
+            sizes[steps] = (cap.nbytes(), len(cap.sums) + len(cap.head_sums))
     finally:
         harvester.remove()
     assert sizes[2][0] == sizes[7][0] > 0
