@@ -109,6 +109,17 @@ class MaskConfig:
     ignore_low: float = 0.35
     ignore_high: float = 0.45
     upsample_mode: str = "bicubic"
+    # Dense-CRF refinement (kernels.crf, pydensecrf's model): mean-field iterations (0: off);
+    # appearance kernel weight, position and colour scales; smoothness weight and position
+    # scale. Images with a side above crf_max_side are refined at that size (the exact CRF
+    # costs (H*W)^2 per iteration) and the result is resized back.
+    crf_iterations: int = 0
+    crf_w_app: float = 4.0
+    crf_sxy_app: float = 40.0
+    crf_srgb: float = 13.0
+    crf_w_smooth: float = 3.0
+    crf_sxy_smooth: float = 3.0
+    crf_max_side: int = 128
 
     def validate(self) -> None:
         if self.normalize not in NORMALIZATIONS:
@@ -117,6 +128,10 @@ class MaskConfig:
             raise UserError(f"mask upsample_mode must be one of {list(INTERP_MODES)}")
         if self.ignore_low > self.ignore_high:
             raise UserError("mask ignore_low must be <= ignore_high")
+        if self.crf_iterations < 0 or self.crf_max_side < 8:
+            raise UserError("mask crf_iterations must be >= 0 and crf_max_side >= 8")
+        if min(self.crf_sxy_app, self.crf_srgb, self.crf_sxy_smooth) <= 0:
+            raise UserError("mask crf_sxy_app, crf_srgb and crf_sxy_smooth must be > 0")
 
 
 @dataclass

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.finalize import finalize_masks, normalize_maps
+from ..kernels.crf import dense_crf
+from ..kernels.finalize import IGNORE_LABEL, finalize_masks, normalize_maps
 from ..kernels.interp import resize
 from .attention import grid_size
 from .config import HarvestConfig, MaskConfig
@@ -49,8 +50,10 @@ def refine_maps(maps: torch.Tensor, self_attention: torch.Tensor, cfg: HarvestCo
 
 
 def masks_from_harvest(result: HarvestResult, class_ids: torch.Tensor, harvest: HarvestConfig,
-                       mask: MaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label maps and reliability maps (uint8 [B, H, W] each) from a HarvestResult."""
+                       mask: MaskConfig, images: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label maps and reliability maps (uint8 [B, H, W] each) from a HarvestResult.
+    `images` (RGB [B, H, W, 3] in 0-255) are needed when the recipe refines with a CRF."""
     maps = combine_maps(result, harvest)
     if harvest.refine_power > 0:
         maps = refine_maps(maps, result.self_attention, harvest, result.image_size)
@@ -58,8 +61,52 @@ def masks_from_harvest(result: HarvestResult, class_ids: torch.Tensor, harvest: 
     mode = "none" if tuple(maps.shape[-2:]) == tuple(size) else mask.upsample_mode
     if mode == "none" and tuple(maps.shape[-2:]) != tuple(size):
         raise ValueError("maps are not at image size and upsample_mode is 'none'")
-    return finalize_masks(
+    labels, reliability = finalize_masks(
         maps.contiguous(), class_ids.to(maps.device), size=size, normalize=mask.normalize,
         bg_const=mask.bg_const, bg_slope=mask.bg_slope, ignore_low=mask.ignore_low,
         ignore_high=mask.ignore_high, mode=mode,
     )
+    if mask.crf_iterations > 0:
+        if images is None:
+            raise ValueError("the mask recipe refines with a CRF: pass the images")
+        labels, reliability = crf_refine(maps, class_ids, images, labels, reliability, mask,
+                                         mode)
+    return labels, reliability
+
+
+def crf_refine(maps: torch.Tensor, class_ids: torch.Tensor, images: torch.Tensor,
+               labels: torch.Tensor, reliability: torch.Tensor, mask: MaskConfig, mode: str
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and reliability after a dense CRF on the recipe's scores: the unary is the
+    background score and the normalised class scores at image size, made probabilities by
+    their sum; pixels the recipe left unsure (255) stay unsure; reliability is the gap between
+    the two best CRF probabilities."""
+    h, w = labels.shape[1:]
+    ids = class_ids.to(device=maps.device, dtype=torch.int64)
+    scores = resize(normalize_maps(maps.float(), mask.normalize), (h, w),
+                    "bilinear" if mode == "none" else mode)
+    scores = torch.where((ids != 0)[:, :, None, None], scores, torch.zeros_like(scores))
+    best = scores.amax(dim=1)
+    bg = mask.bg_const + mask.bg_slope * best
+    probs = torch.cat([bg[:, None], scores], dim=1).clamp_min(1e-5)
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    rgb = torch.as_tensor(images, device=maps.device).float().permute(0, 3, 1, 2)
+    side = max(h, w)
+    small = (h, w) if side <= mask.crf_max_side else (
+        max(1, round(h * mask.crf_max_side / side)), max(1, round(w * mask.crf_max_side / side)))
+    q = dense_crf(resize(probs, small, "bilinear") if small != (h, w) else probs,
+                  resize(rgb, small, "bilinear") if small != (h, w) else rgb,
+                  iterations=mask.crf_iterations, w_app=mask.crf_w_app,
+                  sxy_app=mask.crf_sxy_app * small[0] / h, srgb=mask.crf_srgb,
+                  w_smooth=mask.crf_w_smooth, sxy_smooth=mask.crf_sxy_smooth * small[0] / h)
+    if small != (h, w):
+        q = resize(q, (h, w), "bilinear")
+    top = q.topk(2, dim=1)
+    idx = top.indices[:, 0]
+    ids_px = torch.gather(ids, 1, (idx - 1).clamp_min(0).flatten(1)).view_as(idx)
+    new = torch.where(idx == 0, torch.zeros_like(ids_px), ids_px).to(torch.uint8)
+    gap = (top.values[:, 0] - top.values[:, 1]).clamp(0.0, 1.0)
+    rel = torch.floor(255.0 * gap + 0.5).to(torch.uint8)
+    unsure = labels == IGNORE_LABEL
+    return (torch.where(unsure, labels, new),
+            torch.where(unsure, reliability, rel))

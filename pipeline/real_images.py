@@ -135,8 +135,14 @@ class RealImageLabeller:
         h, w = image.shape[:2]
         if not classes:
             return np.zeros((h, w), np.uint8), np.full((h, w), 255, np.uint8)
-        result, ids, _ = self._harvest(image, classes, index)
-        labels, reliability = masks_from_harvest(result, ids, self.harvest_cfg, self.mask_cfg)
+        result, ids, size = self._harvest(image, classes, index)
+        images = None
+        if self.mask_cfg.crf_iterations:  # the CRF sees the image at the model's input size
+            images = F.interpolate(torch.from_numpy(np.array(image, np.float32)).permute(
+                2, 0, 1)[None], size=size, mode="bilinear", antialias=True,
+                align_corners=False).permute(0, 2, 3, 1)
+        labels, reliability = masks_from_harvest(result, ids, self.harvest_cfg, self.mask_cfg,
+                                                 images)
         out = torch.stack([labels[0], reliability[0]])[None].float()
         out = F.interpolate(out, size=(h, w), mode="nearest-exact")[0].to(torch.uint8)
         return out[0].cpu().numpy(), out[1].cpu().numpy()

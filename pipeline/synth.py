@@ -146,8 +146,9 @@ class Synthesizer:
             ).images
         t1 = time.perf_counter()
         labels, reliability = masks_from_harvest(
-            cap.result, class_ids, self.preset.harvest, self.preset.mask
-        )
+            cap.result, class_ids, self.preset.harvest, self.preset.mask,
+            images=torch.from_numpy(np.clip(images, 0.0, 1.0) * 255.0)
+            if self.preset.mask.crf_iterations else None)
         t2 = time.perf_counter()
         self.timings["generate"] += t1 - t0
         self.timings["masks"] += t2 - t1

@@ -291,3 +291,16 @@ def test_shardings_give_byte_identical_samples(tmp_path):
 def test_bad_shard_spec(tmp_path):
     r = _cli("synth", *SMALL, "--shard", "3/3", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "--shard '3/3' is not of the form i/n" in r.stderr
+
+
+def test_synth_with_crf_refinement(tmp_path):
+    out = tmp_path / "crf"
+    rc = main(["synth", "--model", "tiny", "--classes", "voc", "--num-per-class", "1",
+               "--height", "64", "--width", "64", "--steps", "2", "--out", str(out),
+               "--set", "mask.crf_iterations=2", "--set", "mask.crf_max_side=16",
+               "--no-progress"])
+    assert rc == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["mask"]["crf_iterations"] == 2
+    _check_dataset(out, 20, set(range(1, 21)))
+    assert main(["synth", "--out", str(tmp_path / "x"), "--set", "mask.crf_iterations=-1"]) == 2

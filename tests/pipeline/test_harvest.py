@@ -288,3 +288,28 @@ def test_no_cfg_batch_is_harvested(tiny_pipe, classes):
         assert m.shape[:2] == (2, 2)
         assert torch.isfinite(m).all() and m[0, 0].sum() > 0
         assert m[1, 1].abs().sum() == 0  # the second prompt has one class: padded column
+
+
+def test_crf_step_refines_labels_and_keeps_unsure_pixels(tiny_pipe, classes):
+    from attnseg.pipeline.masks import masks_from_harvest
+
+    preset = get_preset("attnseg")
+    weights, ids = class_token_weights(tiny_pipe.tokenizer, _specs(classes))
+    latents = _latents(tiny_pipe, seed=3)
+    harvester = AttentionHarvester(tiny_pipe.unet, preset.harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=2) as cap:
+            images = _run(tiny_pipe, latents, 2)  # [B, 3, H, W] in [0, 1]
+    finally:
+        harvester.remove()
+    plain, _ = masks_from_harvest(cap.result, ids, preset.harvest, preset.mask)
+    crf_mask = replace(preset.mask, crf_iterations=3, crf_max_side=32)  # refined at 32 px
+    rgb = images.permute(0, 2, 3, 1) * 255
+    labels, rel = masks_from_harvest(cap.result, ids, preset.harvest, crf_mask, images=rgb)
+    assert labels.shape == plain.shape and rel.shape == plain.shape
+    assert torch.equal(labels == 255, plain == 255)  # the recipe's unsure pixels stay unsure
+    allowed = {0, 255} | set(ids.flatten().tolist())
+    assert set(labels.unique().tolist()) <= allowed
+    assert not torch.equal(labels, plain)  # the CRF changed something
+    with pytest.raises(ValueError, match="pass the images"):
+        masks_from_harvest(cap.result, ids, preset.harvest, crf_mask)

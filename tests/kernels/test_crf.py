@@ -1,0 +1,127 @@
+"""Op (c), the dense CRF: the torch reference against the model spelled out in float64 loops,
+the numba and Triton kernels against the reference, its effect on a noisy two-region scene,
+and (where the optional `pydensecrf2` installs) agreement with pydensecrf's lattice version."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attnseg.kernels.crf import dense_crf, dense_crf_numba, dense_crf_ref, dense_crf_triton
+
+from .marks import HAS_CUDA, needs_numba, needs_triton
+
+PARAMS = dict(w_app=4.0, sxy_app=6.0, srgb=20.0, w_smooth=3.0, sxy_smooth=1.5)
+
+
+def _inputs(b, c, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(b, c, h, w, generator=g).softmax(1)
+    image = (torch.rand(b, 3, h, w, generator=g) * 255).round()
+    return probs, image
+
+
+def _naive(probs, image, iterations, w_app, sxy_app, srgb, w_smooth, sxy_smooth, eps=1e-5):
+    """Krähenbühl-Koltun mean field with a Potts model and pydensecrf's symmetric kernel
+    normalisation, in float64 loops (one image)."""
+    c, h, w = probs.shape
+    pos = [(y, x) for y in range(h) for x in range(w)]
+    rgb = image.reshape(3, -1).T.astype(np.float64)
+    n = h * w
+    ka = np.zeros((n, n))
+    ks = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            dp = (pos[i][0] - pos[j][0]) ** 2 + (pos[i][1] - pos[j][1]) ** 2
+            dc = ((rgb[i] - rgb[j]) ** 2).sum()
+            ka[i, j] = np.exp(-dp / (2 * sxy_app ** 2) - dc / (2 * srgb ** 2))
+            ks[i, j] = np.exp(-dp / (2 * sxy_smooth ** 2))
+    na, ns = 1 / np.sqrt(ka.sum(1)), 1 / np.sqrt(ks.sum(1))
+    unary = np.log(np.maximum(probs.reshape(c, -1).T.astype(np.float64), eps))  # [N, C]
+
+    def softmax(x):
+        e = np.exp(x - x.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    q = softmax(unary)
+    for _ in range(iterations):
+        m = unary + w_app * na[:, None] * (ka @ (na[:, None] * q)) \
+            + w_smooth * ns[:, None] * (ks @ (ns[:, None] * q))
+        q = softmax(m)
+    return q.T.reshape(c, h, w)
+
+
+def test_reference_is_the_model():
+    probs, image = _inputs(1, 3, 4, 5, seed=1)
+    got = dense_crf_ref(probs, image, iterations=3, **PARAMS)[0].double().numpy()
+    want = _naive(probs[0].double().numpy(), image[0].double().numpy(), 3, **PARAMS)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    # No iteration: the unary's own distribution.
+    torch.testing.assert_close(dense_crf_ref(probs, image, iterations=0), probs,
+                               rtol=1e-5, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 7, 6, 6)])
+def test_numba_matches_reference(shape):
+    probs, image = _inputs(*shape)
+    want = dense_crf_ref(probs, image, iterations=4, **PARAMS)
+    got = dense_crf_numba(probs, image, iterations=4, **PARAMS)
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(2, 3, 9, 11), (1, 7, 6, 6)])
+def test_triton_matches_reference(shape):
+    device = "cuda" if HAS_CUDA else "cpu"
+    probs, image = _inputs(*shape)
+    want = dense_crf_ref(probs, image, iterations=4, **PARAMS)
+    got = dense_crf_triton(probs.to(device), image.to(device), iterations=4, **PARAMS)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=5e-6)
+
+
+def _two_regions(noise: float, seed: int = 0):
+    """A 16x16 image of two flat colours; probabilities of the right label plus noise."""
+    h = w = 16
+    truth = torch.zeros(h, w, dtype=torch.long)
+    truth[:, 9:] = 1
+    image = torch.zeros(1, 3, h, w)
+    image[0, :, :, :9] = torch.tensor([200.0, 40.0, 40.0])[:, None, None]
+    image[0, :, :, 9:] = torch.tensor([40.0, 40.0, 200.0])[:, None, None]
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.nn.functional.one_hot(truth, 2).permute(2, 0, 1).float()[None]
+    logits = logits + noise * torch.randn(logits.shape, generator=g)
+    return logits.softmax(1), image, truth
+
+
+def test_crf_cleans_a_noisy_labelling():
+    probs, image, truth = _two_regions(noise=1.5)
+    before = (probs.argmax(1)[0] == truth).float().mean().item()
+    after = (dense_crf(probs, image, iterations=5, **PARAMS).argmax(1)[0] == truth).float()
+    assert before < 0.9 and after.mean().item() > 0.97
+
+
+def test_argument_checks():
+    probs, image = _inputs(1, 3, 4, 4)
+    with pytest.raises(ValueError):
+        dense_crf_ref(probs, image[:, :2])
+    with pytest.raises(ValueError):
+        dense_crf_ref(probs, image[..., :3])
+
+
+def test_agrees_with_pydensecrf_where_it_installs():
+    densecrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional "
+                                   "extra (pip install 'attnseg[crf]'); it builds from source")
+    probs, image, _ = _two_regions(noise=1.2, seed=3)
+    p = probs[0].numpy().astype(np.float32)
+    d = densecrf.DenseCRF2D(16, 16, 2)
+    d.setUnaryEnergy(np.ascontiguousarray(-np.log(np.maximum(p, 1e-5)).reshape(2, -1)))
+    img = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
+    d.addPairwiseGaussian(sxy=PARAMS["sxy_smooth"], compat=PARAMS["w_smooth"])
+    d.addPairwiseBilateral(sxy=PARAMS["sxy_app"], srgb=PARAMS["srgb"], rgbim=img,
+                           compat=PARAMS["w_app"])
+    theirs = np.array(d.inference(5)).reshape(2, 16, 16)
+    ours = dense_crf_ref(probs, image, iterations=5, **PARAMS)[0].numpy()
+    # The lattice approximates the Gaussian filters: the same labels on nearly every pixel.
+    assert (theirs.argmax(0) == ours.argmax(0)).mean() >= 0.95
