@@ -74,6 +74,7 @@ class ToyBenchConfig:
     synth_steps: int = 20
     guidance: float = 4.0
     exact_seed: int = 2000  # render seed of the upper bound's training scenes
+    crf_iterations: int = 5  # the "+ dense CRF" row (first seed only; 0: skipped)
     device: str = "auto"
     dtype: str = "auto"
     work: str | None = None  # None: <out>.work
@@ -173,18 +174,54 @@ def trivial_baselines(val, test, thresholds) -> dict:
 
 
 def _labeller(pipe, preset: str, levels, cfg: ToyBenchConfig, seed: int,
-              bg: float | None = None) -> RealImageLabeller:
+              bg: float | None = None, crf: int = 0) -> RealImageLabeller:
     real = RealImageConfig(noise_levels=levels, template=cfg.template, size=cfg.size,
                            seed=seed)
     p = get_preset(preset, pipe.vae_scale_factor)
     if bg is not None:  # a tuned threshold, no ignore band
         p = replace(p, mask=replace(p.mask, bg_const=bg, ignore_low=bg, ignore_high=bg))
+    if crf:
+        p = replace(p, mask=replace(p.mask, crf_iterations=crf))
     return RealImageLabeller(pipe, p, real)
 
 
-def _pseudo_miou(pipe, preset, levels, cfg, seed, source, classes, bg=None) -> float:
-    with _labeller(pipe, preset, levels, cfg, seed, bg) as labeller:
+def _pseudo_miou(pipe, preset, levels, cfg, seed, source, classes, bg=None, crf=0) -> float:
+    with _labeller(pipe, preset, levels, cfg, seed, bg, crf) as labeller:
         return score_real_pseudo_masks(labeller, classes, source)["mIoU"]
+
+
+def crf_cost(size: int, classes: int, iterations: int, repeats: int = 3) -> dict:
+    """Seconds per image of the dense CRF at this size: the fused kernel this machine runs
+    (numba on CPU, Triton on GPU) and, where it is installed, pydensecrf's lattice."""
+    from attnseg.kernels.crf import dense_crf
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(1, classes, size, size, generator=g).softmax(1)
+    image = (torch.rand(1, 3, size, size, generator=g) * 255).round()
+    dense_crf(probs, image, iterations=iterations)  # compile / warm up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dense_crf(probs, image, iterations=iterations)
+    fused = (time.perf_counter() - t0) / repeats
+    lattice = None
+    try:
+        import pydensecrf.densecrf as densecrf
+    except ImportError:
+        densecrf = None
+    if densecrf is not None:
+        unary = np.ascontiguousarray(-np.log(probs[0].numpy().reshape(classes, -1)))
+        rgb = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            d = densecrf.DenseCRF2D(size, size, classes)
+            d.setUnaryEnergy(unary)
+            d.addPairwiseGaussian(sxy=3, compat=3)
+            d.addPairwiseBilateral(sxy=40, srgb=13, rgbim=rgb, compat=4)
+            d.inference(iterations)
+        lattice = (time.perf_counter() - t0) / repeats
+    return {"size": size, "classes": classes, "iterations": iterations,
+            "fused_seconds_per_image": fused, "pydensecrf_seconds_per_image": lattice,
+            "threads": torch.get_num_threads()}
 
 
 def _train_and_score(cfg: ToyBenchConfig, data: Path, run: Path, seed: int, test) -> float:
@@ -290,6 +327,11 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
         "preset": "attnseg", "bg_const": best, "val_mIoU_by_bg": on_val,
         "test": _mean_spread([_pseudo_miou(pipe, "attnseg", chosen, cfg, s, test, classes, best)
                               for s in cfg.seeds])}
+    if cfg.crf_iterations:
+        report["crf"] = {
+            "test_mIoU": _pseudo_miou(pipe, "attnseg", chosen, cfg, cfg.seeds[0], test, classes,
+                                      crf=cfg.crf_iterations),
+            "seed": cfg.seeds[0], "cost": crf_cost(cfg.size, 4, cfg.crf_iterations)}
     report["localisation"] = two_object_localisation(pipe, cfg, chosen, test, classes)
     report["downstream"] = downstream(cfg, pipe, work, test) if cfg.downstream_images else None
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -325,6 +367,10 @@ def markdown(report: dict) -> str:
     lines.append(f"| preset `attnseg`, background threshold {t['bg_const']} (tuned on "
                  f"validation, no ignore band) | {_pct(t['test']['mean'])} ± "
                  f"{_pct(t['test']['std'])} |")
+    crf = report.get("crf")
+    if crf:
+        lines.append(f"| preset `attnseg` + dense CRF ({crf['cost']['iterations']} iterations; "
+                     f"seed {crf['seed']} only) | {_pct(crf['test_mIoU'])} |")
     loc = report["localisation"]
     lines += ["", f"Localisation, {loc['scenes']} two-object test scenes: each class word's "
               f"map peaks on its own object in {_pct(loc['word_peaks_on_own_object'])} % of "
@@ -332,6 +378,14 @@ def markdown(report: dict) -> str:
               "Labeller tuning (validation mIoU, preset attnseg): " + ", ".join(
                   f"[{k}] {_pct(v)}" for k, v in report["labeller"]
                   ["val_mIoU_by_noise_levels"].items()), ""]
+    if crf:
+        c = crf["cost"]
+        lattice = c["pydensecrf_seconds_per_image"]
+        lines += [f"Dense CRF cost at {c['size']}x{c['size']}, {c['classes']} labels, "
+                  f"{c['iterations']} iterations, {c['threads']} threads: fused kernel "
+                  f"{1000 * c['fused_seconds_per_image']:.1f} ms/image; pydensecrf "
+                  + ("not installed" if lattice is None else f"{1000 * lattice:.1f} ms/image"),
+                  ""]
     d = report.get("downstream")
     if d:
         lines += [f"Downstream ({d['train_model']}, {d['train_steps']} steps, {d['images']} "

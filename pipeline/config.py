@@ -178,9 +178,14 @@ def _preset_attnseg() -> Preset:
 
 
 def _preset_diffumask() -> Preset:
-    # DiffuMask: conditional half, mean over steps/heads/layers per resolution (16, 32, 64 at
-    # 512), each resized bicubically to image size and divided by its max, averaged; a constant
-    # background threshold (swept 0.35-0.54 in the paper; 0.45 here). CRF/AffinityNet omitted.
+    # DiffuMask (public code, Stable_Diffusion/parallel_generate_VOC_Attention_AnyClass.py):
+    # conditional half, mean over steps/heads/layers per resolution (16, 32, 64 at 512), each
+    # resized bicubically to image size and divided by its max, averaged; 50 steps, guidance 7;
+    # a constant background threshold (swept 0.35-0.54 in the paper; 0.45 here). Differences
+    # kept: its VOC-specific exceptions (the 8x8 maps alone for sofa, train and tvmonitor, the
+    # 16x16 alone for diningtable) are not applied; it max-normalises each token's map before
+    # averaging a word's tokens, where the preset sums the tokens' columns first (one-token
+    # words agree); its CRF / AffinityNet refinement is left out.
     return Preset(
         name="diffumask",
         source="DiffuMask (Wu et al., 2023), public code: per-resolution mean, bicubic to image, "
@@ -196,9 +201,14 @@ def _preset_diffumask() -> Preset:
 
 
 def _preset_dataset_diffusion() -> Preset:
-    # Dataset Diffusion: 16x16 cross-attention (32 stride at 512), mean over heads/layers/steps,
-    # bicubic to 32x32, times the 32x32 self-attention matrix to the 4th power, min-max per
-    # class, bicubic to image size; background where max < 0.5 and 255 where 0.5 <= max < 0.6.
+    # Dataset Diffusion (public code, gen_data.py): 16x16 cross-attention (32 stride at 512),
+    # mean over heads/layers/steps (all 100), bicubic to 32x32, times the 32x32 self-attention
+    # matrix to the 4th power, min-max per class, bicubic to image size; foreground where the
+    # best score >= 0.6, 255 where it is in [0.5, 0.6), background below (the same as bg 0.5
+    # with the ignore band [0.5, 0.6)); a word's tokens averaged (the same after min-max as the
+    # sum). Differences kept: it generates with a fixed negative prompt ("ugly, tiling, ...")
+    # and reads the cross-attention of a separate class prompt run beside the caption; here the
+    # maps come from the caption itself with an empty negative prompt.
     return Preset(
         name="dataset-diffusion",
         source="Dataset Diffusion (Nguyen et al., 2023): 16x16 cross-attn, bicubic to 32x32, "

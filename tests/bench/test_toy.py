@@ -42,7 +42,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "presets=[\"attnseg\",\"daam\"]",
                "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]",
                "--set", "bg_candidates=[0.3,0.6]", "--set", "downstream_images=12",
-               "--set", "train_steps=4", "--set", "synth_steps=2"])
+               "--set", "train_steps=4", "--set", "synth_steps=2", "--set", "crf_iterations=1"])
     assert rc == 0
     report = json.loads((tmp_path / "toy.json").read_text())
     assert set(report["pseudo_masks"]) == {"attnseg", "daam"}
@@ -52,6 +52,8 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert report["baselines"]["colour_threshold_tuned"]["threshold"] in (40, 80)
     assert 0.0 <= report["baselines"]["all_background"] < 0.5
     assert report["tuned_threshold"]["bg_const"] in (0.3, 0.6)
+    assert 0.0 <= report["crf"]["test_mIoU"] <= 1.0
+    assert report["crf"]["cost"]["fused_seconds_per_image"] > 0
     d = report["downstream"]
     assert d["images"] == 12 and len(d["synthetic"]["values"]) == 2
     assert all(0.0 <= v <= 1.0 for v in d["synthetic"]["values"] + d["exact_labels"]["values"])
