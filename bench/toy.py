@@ -46,7 +46,7 @@ from attnseg.pipeline.prompts import load_classes
 from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
 from attnseg.pipeline.toy_world import ToyRenderConfig, render_dataset
 
-from .quality import score_real_pseudo_masks
+from .quality import _pct, score_real_pseudo_masks
 from .throughput import machine_info, output_base, with_suffix
 
 
@@ -69,7 +69,7 @@ class ToyBenchConfig:
     bg_candidates: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # default preset, tuned
     # Downstream: images synthesised (and rendered, for the upper bound) per run; 0: skipped.
     downstream_images: int = 240
-    train_steps: int = 500
+    train_steps: int = 2000
     train_model: str = "segformer-tiny"
     synth_steps: int = 20
     guidance: float = 4.0
@@ -337,10 +337,6 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["files"] = write_report(report, base)
     return report
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def markdown(report: dict) -> str:

@@ -40,11 +40,10 @@ from .prompt_augment import LEXICON_FILE, load_lexicon
 from .prompts import data_file, fill_template, load_classes
 from .seeds import sample_seed
 from .tiny import TINY_WORDS
+from .toy_world import BACKGROUND_WORDS
 
-# Prefixes and backgrounds of training captions; they match the toy templates' words.
+# Prefixes of training captions; they match the toy templates' words.
 _PREFIXES = ("", "a photo of ", "a picture of ", "a drawing of ", "a scene with ", "an image of ")
-_BACKGROUNDS = {"source": ("a meadow", "a grassy field", "a garden lawn"),
-                "target": ("a city street", "an asphalt road", "a parking lot")}
 
 
 @dataclass
@@ -66,7 +65,7 @@ class ToyModelConfig:
     vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
-    unet_steps: int = 8000
+    unet_steps: int = 3750
     batch_size: int = 32
     lr: float = 5e-4
     caption_dropout: float = 0.1
@@ -110,7 +109,7 @@ def toy_words() -> list[str]:
         words.append(c.name)
         for phrase in lexicon.get(c.name.casefold(), []):
             words += phrase.split()
-    for text in _PREFIXES + sum(_BACKGROUNDS.values(), ()):
+    for text in _PREFIXES + sum(BACKGROUND_WORDS.values(), ()):
         words += text.split()
     for line in data_file("templates_toy.txt").read_text().splitlines():
         if line and not line.startswith("#"):
@@ -139,7 +138,7 @@ def training_caption(rng: np.random.Generator, objects: list[str], words: dict[s
     if prefix:
         text = prefix + text
     if rng.random() < 0.7:
-        text += " on " + _BACKGROUNDS[domain][rng.integers(3)]
+        text += " on " + BACKGROUND_WORDS[domain][rng.integers(3)]
     return text
 
 

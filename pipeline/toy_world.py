@@ -36,8 +36,9 @@ from .seeds import sample_seed
 DOMAINS = ("source", "target")
 # Where each domain's objects come from and sit (fractions of the image side).
 _DOMAIN_SCALE = {"source": (0.25, 0.5), "target": (0.15, 0.3)}
-_BACKGROUND_WORDS = {"source": ("a meadow", "a grassy field", "a garden lawn"),
-                     "target": ("a city street", "an asphalt road", "a parking lot")}
+# What captions call each domain's background.
+BACKGROUND_WORDS = {"source": ("a meadow", "a grassy field", "a garden lawn"),
+                    "target": ("a city street", "an asphalt road", "a parking lot")}
 
 
 @dataclass
@@ -271,7 +272,7 @@ def _caption(rng: np.random.Generator, objects: list[str], domain: str) -> str:
     """"a circle and a star on a meadow"; every object named by its class word."""
     words = [fill_template("a {}", o) for o in objects]
     listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-    return f"{listed} on {rng.choice(_BACKGROUND_WORDS[domain])}"
+    return f"{listed} on {rng.choice(BACKGROUND_WORDS[domain])}"
 
 
 def render_dataset(cfg: ToyRenderConfig, progress: bool = True) -> dict:

@@ -189,7 +189,7 @@ def test_corrupt_or_mismatched_engine_gives_a_clear_error(ort_engine, tmp_path):
     from attnseg.pipeline.config import get_preset
 
     with pytest.raises(UserError, match="other harvesting settings"):
-        EngineHarvester(pipe, load_engines(folder, pipe), get_preset("daam").harvest)
+        EngineHarvester(pipe, load_engines(folder, pipe), get_preset("dataset-diffusion").harvest)
 
 
 def test_ort_engine_runs_batches_it_was_not_traced_with(ort_engine):
