@@ -31,9 +31,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from attnseg.pipeline.dataset import atomic_write_bytes
-
-from .throughput import machine_info, output_base, with_suffix
+from .throughput import machine_info, output_base, with_suffix, write_json_and_markdown
 
 STEPS = ("kernels", "parity", "kbench", "compile", "throughput")
 REPO = Path(__file__).resolve().parent.parent
@@ -343,9 +341,4 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, base: Path) -> list[str]:
-    base.parent.mkdir(parents=True, exist_ok=True)
-    files = [str(with_suffix(base, ".json")), str(with_suffix(base, ".md"))]
-    atomic_write_bytes(Path(files[0]), json.dumps(report | {"files": files}, indent=1,
-                                                  default=str).encode())
-    atomic_write_bytes(Path(files[1]), markdown(report).encode())
-    return files
+    return write_json_and_markdown(report, base, markdown(report))

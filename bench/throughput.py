@@ -530,6 +530,16 @@ def with_suffix(base: Path, suffix: str) -> Path:
     return base.with_name(base.name + suffix)
 
 
+def write_json_and_markdown(report: dict, base: Path, markdown_text: str) -> list[str]:
+    """BASE.json (the report, with the list of files written) and BASE.md; those paths."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    files = [str(with_suffix(base, ".json")), str(with_suffix(base, ".md"))]
+    atomic_write_bytes(Path(files[0]), json.dumps(report | {"files": files}, indent=1,
+                                                  default=str).encode())
+    atomic_write_bytes(Path(files[1]), markdown_text.encode())
+    return files
+
+
 def write_outputs(result: dict, base: Path, plots: bool = True) -> list[str]:
     """Write BASE.json, BASE.md (and BASE.png); the paths written."""
     base.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ OUT.md; rendered sets live in the work folder (OUT.work) and are reused.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,7 +36,6 @@ import torch
 
 from attnseg.pipeline.config import PRESETS, get_preset
 from attnseg.pipeline.data import open_source
-from attnseg.pipeline.dataset import atomic_write_bytes
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.evaluate import MetricAccumulator
@@ -47,7 +45,7 @@ from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
 from attnseg.pipeline.toy_world import ToyRenderConfig, render_dataset
 
 from .quality import _pct, score_real_pseudo_masks
-from .throughput import machine_info, output_base, with_suffix
+from .throughput import machine_info, output_base, with_suffix, write_json_and_markdown
 
 
 @dataclass
@@ -397,9 +395,5 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, base: Path) -> list[str]:
-    base.parent.mkdir(parents=True, exist_ok=True)
-    files = [str(with_suffix(base, ".json")), str(with_suffix(base, ".md"))]
-    atomic_write_bytes(Path(files[0]), json.dumps(report | {"files": files}, indent=1).encode())
-    atomic_write_bytes(Path(files[1]), markdown(report).encode())
-    return files
+    return write_json_and_markdown(report, base, markdown(report))
 
