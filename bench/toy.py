@@ -37,6 +37,7 @@ import torch
 from attnseg.pipeline.config import PRESETS, get_preset
 from attnseg.pipeline.data import open_source
 from attnseg.pipeline.device import resolve_device, resolve_dtype
+from attnseg.kernels.regions import connected_components
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.evaluate import MetricAccumulator
 from attnseg.pipeline.models import load_pipeline
@@ -72,7 +73,10 @@ class ToyBenchConfig:
     synth_steps: int = 20
     guidance: float = 4.0
     exact_seed: int = 2000  # render seed of the upper bound's training scenes
-    crf_iterations: int = 5  # the "+ dense CRF" row (first seed only; 0: skipped)
+    # The CRF table: each preset with and without (this many iterations where the preset has
+    # none); 0: skipped.
+    crf_iterations: int = 10
+    crf_cost_size: int = 512  # the CRF's cost is also timed at this size, 21 labels (0: not)
     device: str = "auto"
     dtype: str = "auto"
     work: str | None = None  # None: <out>.work
@@ -109,21 +113,6 @@ def _render(work: Path, name: str, seed: int, cfg: ToyBenchConfig, domain: str =
 # Trivial baselines
 
 
-def _components(mask: np.ndarray) -> np.ndarray:
-    """4-connected component ids of a boolean mask (0 outside), by label propagation."""
-    h, w = mask.shape
-    big = h * w + 1
-    lab = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
-    while True:
-        p = np.pad(lab, 1, constant_values=big)
-        nxt = np.minimum.reduce([lab, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
-        nxt = np.where(mask, nxt, big)
-        if np.array_equal(nxt, lab):
-            break
-        lab = nxt
-    return np.where(mask, lab, 0)
-
-
 def colour_threshold_labels(image: np.ndarray, present: list[int], threshold: float) -> np.ndarray:
     """The trivial labeller: foreground = RGB distance from the image's median colour above
     `threshold`; one class: all of it; several: per connected component, largest first,
@@ -137,7 +126,7 @@ def colour_threshold_labels(image: np.ndarray, present: list[int], threshold: fl
     if len(present) == 1:
         out[fg] = present[0]
         return out
-    comp = _components(fg)
+    comp = connected_components(fg)
     ids, counts = np.unique(comp[comp > 0], return_counts=True)
     for k, cid in enumerate(ids[np.argsort(-counts)]):
         out[comp == cid] = present[min(k, len(present) - 1)]
@@ -172,54 +161,70 @@ def trivial_baselines(val, test, thresholds) -> dict:
 
 
 def _labeller(pipe, preset: str, levels, cfg: ToyBenchConfig, seed: int,
-              bg: float | None = None, crf: int = 0) -> RealImageLabeller:
+              bg: float | None = None, crf: int | None = None) -> RealImageLabeller:
     real = RealImageConfig(noise_levels=levels, template=cfg.template, size=cfg.size,
                            seed=seed)
     p = get_preset(preset, pipe.vae_scale_factor)
     if bg is not None:  # a tuned threshold, no ignore band
         p = replace(p, mask=replace(p.mask, bg_const=bg, ignore_low=bg, ignore_high=bg))
-    if crf:
+    if crf is not None:  # None: the preset's own setting
         p = replace(p, mask=replace(p.mask, crf_iterations=crf))
     return RealImageLabeller(pipe, p, real)
 
 
-def _pseudo_miou(pipe, preset, levels, cfg, seed, source, classes, bg=None, crf=0) -> float:
+def _pseudo_miou(pipe, preset, levels, cfg, seed, source, classes, bg=None, crf=None) -> float:
     with _labeller(pipe, preset, levels, cfg, seed, bg, crf) as labeller:
         return score_real_pseudo_masks(labeller, classes, source)["mIoU"]
 
 
-def crf_cost(size: int, classes: int, iterations: int, repeats: int = 3) -> dict:
-    """Seconds per image of the dense CRF at this size: the fused kernel this machine runs
-    (numba on CPU, Triton on GPU) and, where it is installed, pydensecrf's lattice."""
+def crf_cost(size: int, classes: int, iterations: int, repeats: int = 3,
+             exact: bool = True) -> dict:
+    """Seconds per image of the dense CRF at this size (random image and probabilities): the
+    lattice (the CPU default), the exact kernel this machine runs (numba on CPU, Triton on GPU;
+    `exact=False` skips it: O(N^2)), and pydensecrf's lattice where it is installed."""
     from attnseg.kernels.crf import dense_crf
 
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(1, classes, size, size, generator=g).softmax(1)
     image = (torch.rand(1, 3, size, size, generator=g) * 255).round()
-    dense_crf(probs, image, iterations=iterations)  # compile / warm up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        dense_crf(probs, image, iterations=iterations)
-    fused = (time.perf_counter() - t0) / repeats
-    lattice = None
+    params = dict(iterations=iterations, w_app=4.0, sxy_app=40.0, srgb=13.0, w_smooth=3.0,
+                  sxy_smooth=3.0)
+
+    def timed(fn) -> float:
+        fn()  # compile / warm up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p, im = probs.to(device), image.to(device)
+    out = {"size": size, "classes": classes, "iterations": iterations,
+           "threads": torch.get_num_threads(),
+           "lattice_seconds_per_image": timed(lambda: dense_crf(p, im, impl="lattice",
+                                                                **params)),
+           "exact_impl": "triton" if device == "cuda" else "numba",
+           "exact_seconds_per_image": None, "pydensecrf_seconds_per_image": None}
+    if exact:
+        out["exact_seconds_per_image"] = timed(
+            lambda: dense_crf(p, im, impl=out["exact_impl"], **params))
     try:
         import pydensecrf.densecrf as densecrf
     except ImportError:
-        densecrf = None
-    if densecrf is not None:
-        unary = np.ascontiguousarray(-np.log(probs[0].numpy().reshape(classes, -1)))
-        rgb = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            d = densecrf.DenseCRF2D(size, size, classes)
-            d.setUnaryEnergy(unary)
-            d.addPairwiseGaussian(sxy=3, compat=3)
-            d.addPairwiseBilateral(sxy=40, srgb=13, rgbim=rgb, compat=4)
-            d.inference(iterations)
-        lattice = (time.perf_counter() - t0) / repeats
-    return {"size": size, "classes": classes, "iterations": iterations,
-            "fused_seconds_per_image": fused, "pydensecrf_seconds_per_image": lattice,
-            "threads": torch.get_num_threads()}
+        return out
+    unary = np.ascontiguousarray(-np.log(probs[0].numpy().reshape(classes, -1)))
+    rgb = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
+
+    def theirs():
+        d = densecrf.DenseCRF2D(size, size, classes)
+        d.setUnaryEnergy(unary)
+        d.addPairwiseGaussian(sxy=params["sxy_smooth"], compat=params["w_smooth"])
+        d.addPairwiseBilateral(sxy=params["sxy_app"], srgb=params["srgb"], rgbim=rgb,
+                               compat=params["w_app"])
+        d.inference(iterations)
+
+    out["pydensecrf_seconds_per_image"] = timed(theirs)
+    return out
 
 
 def _train_and_score(cfg: ToyBenchConfig, data: Path, run: Path, seed: int, test) -> float:
@@ -326,10 +331,23 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
         "test": _mean_spread([_pseudo_miou(pipe, "attnseg", chosen, cfg, s, test, classes, best)
                               for s in cfg.seeds])}
     if cfg.crf_iterations:
-        report["crf"] = {
-            "test_mIoU": _pseudo_miou(pipe, "attnseg", chosen, cfg, cfg.seeds[0], test, classes,
-                                      crf=cfg.crf_iterations),
-            "seed": cfg.seeds[0], "cost": crf_cost(cfg.size, 4, cfg.crf_iterations)}
+        # Each preset with and without the CRF (the one the published run lacks is run here).
+        by_preset = {}
+        for p in cfg.presets:
+            has = get_preset(p).mask.crf_iterations > 0
+            other = _mean_spread([_pseudo_miou(pipe, p, chosen, cfg, s, test, classes,
+                                               crf=0 if has else cfg.crf_iterations)
+                                  for s in cfg.seeds])
+            published = report["pseudo_masks"][p]
+            by_preset[p] = {"without": other if has else published,
+                            "with": published if has else other,
+                            "iterations": get_preset(p).mask.crf_iterations if has
+                            else cfg.crf_iterations}
+        cost = [crf_cost(cfg.size, 4, cfg.crf_iterations)]
+        if cfg.crf_cost_size:
+            cost.append(crf_cost(cfg.crf_cost_size, 21, cfg.crf_iterations, repeats=1,
+                                 exact=False))
+        report["crf"] = {"by_preset": by_preset, "cost": cost}
     report["localisation"] = two_object_localisation(pipe, cfg, chosen, test, classes)
     report["downstream"] = downstream(cfg, pipe, work, test) if cfg.downstream_images else None
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -362,9 +380,6 @@ def markdown(report: dict) -> str:
                  f"validation, no ignore band) | {_pct(t['test']['mean'])} ± "
                  f"{_pct(t['test']['std'])} |")
     crf = report.get("crf")
-    if crf:
-        lines.append(f"| preset `attnseg` + dense CRF ({crf['cost']['iterations']} iterations; "
-                     f"seed {crf['seed']} only) | {_pct(crf['test_mIoU'])} |")
     loc = report["localisation"]
     lines += ["", f"Localisation, {loc['scenes']} two-object test scenes: each class word's "
               f"map peaks on its own object in {_pct(loc['word_peaks_on_own_object'])} % of "
@@ -373,13 +388,24 @@ def markdown(report: dict) -> str:
                   f"[{k}] {_pct(v)}" for k, v in report["labeller"]
                   ["val_mIoU_by_noise_levels"].items()), ""]
     if crf:
-        c = crf["cost"]
-        lattice = c["pydensecrf_seconds_per_image"]
-        lines += [f"Dense CRF cost at {c['size']}x{c['size']}, {c['classes']} labels, "
-                  f"{c['iterations']} iterations, {c['threads']} threads: fused kernel "
-                  f"{1000 * c['fused_seconds_per_image']:.1f} ms/image; pydensecrf "
-                  + ("not installed" if lattice is None else f"{1000 * lattice:.1f} ms/image"),
-                  ""]
+        lines += ["Dense CRF (the lattice, pydensecrf's model; iterations as the preset says, "
+                  f"else {cfg['crf_iterations']}), same seeds:", "",
+                  "| preset | without CRF | with CRF |", "|---|---|---|"]
+        for name, r in crf["by_preset"].items():
+            lines.append(f"| `{name}` | {_pct(r['without']['mean'])} ± "
+                         f"{_pct(r['without']['std'])} | {_pct(r['with']['mean'])} ± "
+                         f"{_pct(r['with']['std'])} ({r['iterations']} it.) |")
+        lines += ["", "CRF cost per image (random image; one run, this machine):", "",
+                  "| size, labels, iterations | lattice (attnseg) | exact (attnseg) | "
+                  "pydensecrf |", "|---|---|---|---|"]
+        for c in crf["cost"]:
+            def ms(v):
+                return "—" if v is None else f"{1000 * v:.0f} ms"
+            lines.append(f"| {c['size']}x{c['size']}, {c['classes']}, {c['iterations']} | "
+                         f"{ms(c['lattice_seconds_per_image'])} | "
+                         f"{ms(c['exact_seconds_per_image'])} ({c['exact_impl']}) | "
+                         f"{ms(c['pydensecrf_seconds_per_image'])} |")
+        lines.append("")
     d = report.get("downstream")
     if d:
         lines += [f"Downstream ({d['train_model']}, {d['train_steps']} steps, {d['images']} "

@@ -2,7 +2,9 @@
 
 The dense CRF of Krähenbühl and Koltun (2011) with a Potts model, in the form `pydensecrf`
 implements (`DenseCRF2D` with `addPairwiseGaussian` and `addPairwiseBilateral`, symmetric
-kernel normalisation), computed exactly instead of through a permutohedral lattice:
+kernel normalisation), two ways: exactly (torch reference, numba and Triton kernels), and through
+pydensecrf's permutohedral lattice (`PermutohedralLattice`, equal to pydensecrf's results to
+float32 rounding). The exact model:
 
     k_a(i, j) = exp(-|p_i - p_j|^2 / (2 sxy_a^2) - |I_i - I_j|^2 / (2 srgb^2))   (appearance)
     k_s(i, j) = exp(-|p_i - p_j|^2 / (2 sxy_s^2))                               (smoothness)
@@ -13,19 +15,23 @@ kernel normalisation), computed exactly instead of through a permutohedral latti
 (`j` runs over every pixel, `i` included, as the lattice's blur does.) Pixel positions are in
 pixels, colours in 0-255. The fused kernels never materialise the N x N kernel: they walk tiles
 of pixel pairs and accumulate the messages, as attention kernels walk keys (a Gaussian kernel is
-the exponential of -|f_i - f_j|^2 / 2 over scaled features). The cost is O(N^2 C) per iteration,
-so the CRF runs on maps of at most a few hundred thousand pair-tiles: `mask.crf` resizes larger
-images down first.
+the exponential of -|f_i - f_j|^2 / 2 over scaled features). Their cost is O(N^2 C) per
+iteration: on a GPU the Triton kernel is the default up to `EXACT_MAX_PIXELS`; above it, and on
+a CPU, the lattice (O(N d^2 C)) is.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 import torch
 
-from ._dispatch import numba_module, resolve_impl, torch_threads_kept, triton_modules
+from ._dispatch import ENV_VAR, numba_module, resolve_impl, torch_threads_kept, triton_modules
 
-__all__ = ["dense_crf", "dense_crf_numba", "dense_crf_ref", "dense_crf_triton"]
+__all__ = ["PermutohedralLattice", "dense_crf", "dense_crf_lattice", "dense_crf_numba",
+           "dense_crf_ref", "dense_crf_triton"]
 
 
 def _features(image: torch.Tensor, sxy_a: float, srgb: float, sxy_s: float):
@@ -242,7 +248,193 @@ def dense_crf_triton(probs, image, *, iterations=5, w_app=4.0, sxy_app=40.0, srg
     return q.transpose(1, 2).reshape(b, c, h, w)
 
 
-_IMPLS = {"ref": dense_crf_ref, "numba": dense_crf_numba, "triton": dense_crf_triton}
+# --------------------------------------------------------------------------------------------
+# permutohedral lattice (any device; the CPU default)
+# --------------------------------------------------------------------------------------------
+#
+# The exact kernels cost O(N^2) per iteration; pydensecrf filters through a permutohedral lattice
+# (Adams, Baek and Davis, 2010) in O(N d^2): each pixel's features are lifted onto the plane
+# x . 1 = 0 in d+1 dimensions, splatted onto the d+1 vertices of the lattice simplex around it
+# (barycentric weights), blurred with [1 2 1] along the d+1 lattice axes, and read back
+# (sliced) with the same weights. The result approximates the Gaussian filter up to a constant
+# factor, which the symmetric normalisation cancels. Here the lattice is built with torch ops
+# (vertex keys packed into int64 codes, torch.unique as the hash table, sparse matrices for
+# splat and slice), once per image; every mean-field iteration reuses it.
+
+
+class PermutohedralLattice:
+    """The lattice of one image's features ``[N, d]`` (already divided by their scales)."""
+
+    def __init__(self, features: torch.Tensor):
+        f = features.to(torch.float32)
+        n, d = f.shape
+        dev = f.device
+        self.n, self.d = n, d
+        # Lift onto the plane, scaled so that the blur below is a unit Gaussian in f.
+        # float32 arithmetic in pydensecrf's order, so that points on a cell boundary fall on
+        # the same side as there (its scale factors: float32 of a float64 product).
+        inv_std = float(np.float32((2.0 / 3.0) ** 0.5 * (d + 1)))
+        scale = torch.tensor([1.0 / ((i + 2) * (i + 1)) ** 0.5 * inv_std for i in range(d)],
+                             dtype=torch.float32, device=dev)
+        cf = f * scale  # [N, d]
+        down_factor = torch.tensor(1.0 / (d + 1), dtype=torch.float32, device=dev)
+        # elevated[j] = sum_{i >= j} cf_i - j cf_{j-1}, summed from the last coordinate down
+        # one float32 addition at a time (torch.cumsum would accumulate in double).
+        elevated = torch.zeros((n, d + 1), dtype=torch.float32, device=dev)
+        sm = torch.zeros(n, dtype=torch.float32, device=dev)
+        for j in range(d, 0, -1):
+            elevated[:, j] = sm - j * cf[:, j - 1]
+            sm = sm + cf[:, j - 1]
+        elevated[:, 0] = sm
+        # Round to nearest, ties to even, in the scaled coordinates: pydensecrf's SSE path
+        # (every x86-64 build; its scalar fallback breaks ties downwards instead).
+        v0 = torch.round(elevated * down_factor)
+        rem0 = v0 * (d + 1)
+        total = v0.sum(1).to(torch.int64)  # [N]
+        diff = elevated - rem0
+        later = torch.triu(torch.ones(d + 1, d + 1, dtype=torch.bool, device=dev), 1)
+        # rank[i] = #{j > i: diff_j > diff_i} + #{j < i: diff_j >= diff_i}
+        greater = diff[:, None, :] > diff[:, :, None]  # [N, i, j]: diff_j > diff_i
+        geq = diff[:, None, :] >= diff[:, :, None]
+        rank = (greater & later).sum(2) + (geq & later.T).sum(2)
+        rank = rank + total[:, None]
+        low, high = rank < 0, rank > d
+        rank = torch.where(low, rank + d + 1, torch.where(high, rank - d - 1, rank))
+        rem0 = torch.where(low, rem0 + d + 1, torch.where(high, rem0 - d - 1, rem0))
+        # Barycentric weights of the d+1 vertices.
+        v = (elevated - rem0) * down_factor
+        bary = torch.zeros((n, d + 2), dtype=torch.float32, device=dev)
+        rows = torch.arange(n, device=dev)
+        for j in range(d + 1):
+            bary[rows, d - rank[:, j]] += v[:, j]
+            bary[rows, d + 1 - rank[:, j]] -= v[:, j]
+        bary[:, 0] += 1.0 + bary[:, d + 1]
+        bary = bary[:, :d + 1]
+        # Vertex keys (the first d coordinates; the last follows from the plane).
+        rem0 = rem0.to(torch.int64)[:, :d]
+        rank = rank[:, :d]
+        keys = torch.stack([rem0 + torch.where(rank <= d - r, r, r - d - 1)
+                            for r in range(d + 1)], 1)  # [N, d+1, d]
+        lo = int(keys.min()) - d - 2
+        radix = int(keys.max()) - lo + d + 3
+        if radix ** d >= 2 ** 62:
+            raise ValueError("CRF feature scales too small for the lattice's key codes; "
+                             "use an exact implementation (impl='numba' or 'triton')")
+        self._lo, self._radix = lo, radix
+        codes, inverse = torch.unique(self._encode(keys.reshape(-1, d)), return_inverse=True)
+        m = codes.numel()
+        self.m = m
+        # Blur neighbours along each lattice axis j: key - 1 everywhere (+ (d+1) at j), and
+        # key + 1 (- (d+1) at j); a missing neighbour reads row m (zeros).
+        ukeys = self._decode(codes)
+        self.neighbours = []
+        for j in range(d + 1):
+            n1, n2 = ukeys - 1, ukeys + 1
+            if j < d:
+                n1[:, j] += d + 1
+                n2[:, j] -= d + 1
+            self.neighbours.append((self._find(codes, n1), self._find(codes, n2)))
+        # Splat [M, N] and slice [N, M] as sparse matrices of the barycentric weights (CSR:
+        # its products are deterministic and the fastest of torch's sparse layouts on a CPU).
+        point = rows[:, None].expand(n, d + 1).reshape(-1)
+        vertex = inverse.reshape(-1)
+        w = bary.reshape(-1).to(torch.float32)
+        alpha = 1.0 / (1.0 + 2.0 ** (-d))  # the blur's gain at the centre, as pydensecrf
+        # Built directly in CSR form (no coalescing): the slice's rows are the points, each
+        # with its d+1 distinct vertices; the splat's are the vertices (a stable sort).
+        order = torch.argsort(vertex, stable=True)
+        splat_rows = torch.zeros(m + 1, dtype=torch.int64, device=dev)
+        splat_rows[1:] = torch.cumsum(torch.bincount(vertex, minlength=m), 0)
+        slice_rows = torch.arange(0, n * (d + 1) + 1, d + 1, device=dev)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support")
+            self.splat = torch.sparse_csr_tensor(splat_rows, point[order], w[order], (m, n),
+                                                 check_invariants=False)
+            self.slice = torch.sparse_csr_tensor(slice_rows, vertex, w * alpha, (n, m),
+                                                 check_invariants=False)
+
+    def _encode(self, keys: torch.Tensor) -> torch.Tensor:
+        code = torch.zeros(keys.shape[0], dtype=torch.int64, device=keys.device)
+        for j in range(keys.shape[1]):
+            code = code * self._radix + (keys[:, j] - self._lo)
+        return code
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        out = []
+        for _ in range(self.d):
+            out.append(codes % self._radix + self._lo)
+            codes = codes // self._radix
+        return torch.stack(out[::-1], 1)
+
+    def _find(self, codes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        c = self._encode(keys)
+        at = torch.searchsorted(codes, c).clamp_max(codes.numel() - 1)
+        return torch.where(codes[at] == c, at, torch.full_like(at, codes.numel()))
+
+    def filter(self, values: torch.Tensor) -> torch.Tensor:
+        """Approximately sum_j exp(-|f_i - f_j|^2 / 2) values_j (times a constant): [N, C]."""
+        lat = torch.sparse.mm(self.splat, values.float())
+        # Row m stays zero: the value of every missing neighbour.
+        lat = torch.cat([lat, lat.new_zeros((1, lat.shape[1]))])
+        if _nb is not None and lat.device.type == "cpu":
+            other = torch.empty_like(lat)
+            with torch_threads_kept():
+                for n1, n2 in self.neighbours:
+                    _blur_nb(lat.numpy(), n1.numpy(), n2.numpy(), other.numpy())
+                    lat, other = other, lat
+        else:
+            for n1, n2 in self.neighbours:
+                lat = torch.cat([lat[:-1] + 0.5 * (lat[n1] + lat[n2]), lat[-1:]])
+        return torch.sparse.mm(self.slice, lat[:-1])
+
+
+if _nb is not None:
+    @_nb.njit(parallel=True, cache=True)
+    def _blur_nb(lat, n1, n2, out):
+        """One lattice axis of the [1 2 1] blur: out = lat + (lat[n1] + lat[n2]) / 2; the last
+        row (the missing neighbour) stays zero."""
+        m = n1.shape[0]
+        c = lat.shape[1]
+        for i in _nb.prange(m):
+            a, b = n1[i], n2[i]
+            for k in range(c):
+                out[i, k] = lat[i, k] + 0.5 * (lat[a, k] + lat[b, k])
+        for k in range(c):
+            out[m, k] = 0.0
+
+
+def _lattice_features(image: torch.Tensor, sxy_a: float, srgb: float, sxy_s: float):
+    """pydensecrf's feature order: (x, y, r, g, b) / scales and (x, y) / scale, [B, N, *]."""
+    app, smooth = _features(image, sxy_a, srgb, sxy_s)
+    return (torch.cat([app[..., 1:2], app[..., 0:1], app[..., 2:]], -1),
+            smooth[..., [1, 0]])
+
+
+def dense_crf_lattice(probs, image, *, iterations=5, w_app=4.0, sxy_app=40.0, srgb=13.0,
+                      w_smooth=3.0, sxy_smooth=3.0, eps=1e-5):
+    """Permutohedral-lattice version of :func:`dense_crf` (approximate, as pydensecrf; O(N))."""
+    _check_args(probs, image, iterations)
+    b, c, h, w = probs.shape
+    app, smooth = _lattice_features(image, sxy_app, srgb, sxy_smooth)
+    unary = probs.float().clamp_min(eps).log().reshape(b, c, h * w).transpose(1, 2)
+    out = []
+    for i in range(b):
+        lat_a, lat_s = PermutohedralLattice(app[i]), PermutohedralLattice(smooth[i])
+
+        def messages(src_a, src_s, lat_a=lat_a, lat_s=lat_s):
+            return lat_a.filter(src_a[0])[None], lat_s.filter(src_s[0])[None]
+
+        out.append(_mean_field(unary[i:i + 1].contiguous(), messages, iterations, w_app,
+                               w_smooth))
+    q = torch.cat(out) if out else unary.softmax(-1)
+    return q.transpose(1, 2).reshape(b, c, h, w)
+
+
+# Above this many pixels the GPU default is the lattice, not the exact Triton kernel.
+EXACT_MAX_PIXELS = 128 * 128
+
+_IMPLS = {"ref": dense_crf_ref, "numba": dense_crf_numba, "triton": dense_crf_triton,
+          "lattice": dense_crf_lattice}
 
 
 def dense_crf(probs, image, *, iterations=5, w_app=4.0, sxy_app=40.0, srgb=13.0, w_smooth=3.0,
@@ -259,12 +451,22 @@ def dense_crf(probs, image, *, iterations=5, w_app=4.0, sxy_app=40.0, srgb=13.0,
         w_smooth, sxy_smooth: smoothness kernel weight and position scale
             (``addPairwiseGaussian(sxy, compat)``).
         eps: probabilities are clamped at this before the log (the unary).
-        impl: ``None`` (``ATTNSEG_KERNEL_IMPL`` or by device), ``"ref"``, ``"triton"``,
-            ``"numba"``.
+        impl: ``None``: Triton (exact) on CUDA, the lattice on a CPU (unless
+            ``ATTNSEG_KERNEL_IMPL`` names another); ``"ref"``, ``"triton"``, ``"numba"``
+            (exact, O(N^2) per iteration) or ``"lattice"`` (pydensecrf's approximation, O(N)).
 
     Returns the refined probabilities, ``[B, C, H, W]`` float32.
     """
-    which = resolve_impl(impl, probs.device)
+    if impl == "lattice":
+        which = "lattice"
+    else:
+        which = resolve_impl(impl, probs.device)
+        chosen = impl is None and not os.environ.get(ENV_VAR, "").strip()
+        # The exact kernels walk all N^2 pixel pairs: on a CPU the lattice is 100x faster at
+        # 64x64 (bench toy) and the only practical choice above it; on a GPU past
+        # EXACT_MAX_PIXELS (a choice not yet timed on a GPU).
+        if chosen and (which == "numba" or (which == "triton" and
+                                            probs.shape[2] * probs.shape[3] > EXACT_MAX_PIXELS)):
+            which = "lattice"
     return _IMPLS[which](probs, image, iterations=iterations, w_app=w_app, sxy_app=sxy_app,
                          srgb=srgb, w_smooth=w_smooth, sxy_smooth=sxy_smooth, eps=eps)
-

@@ -13,6 +13,7 @@ import torch
 from ..kernels.crf import dense_crf
 from ..kernels.finalize import IGNORE_LABEL, finalize_masks, normalize_maps
 from ..kernels.interp import resize
+from ..kernels.regions import remove_small_regions
 from .attention import grid_size
 from .config import HarvestConfig, MaskConfig
 from .harvest import HarvestResult
@@ -71,6 +72,10 @@ def masks_from_harvest(result: HarvestResult, class_ids: torch.Tensor, harvest: 
             raise ValueError("the mask recipe refines with a CRF: pass the images")
         labels, reliability = crf_refine(maps, class_ids, images, labels, reliability, mask,
                                          mode)
+    if mask.min_region_box > 0:
+        # Rounded up: DiffuMask keeps a box of exactly 250 pixels at 512x512.
+        min_box = int(-(-mask.min_region_box * size[0] * size[1] // 1))
+        labels, reliability = remove_small_regions(labels, reliability, min_box)
     return labels, reliability
 
 

@@ -7,19 +7,8 @@ import json
 
 import numpy as np
 
-from attnseg.bench.toy import _components, colour_threshold_labels
+from attnseg.bench.toy import colour_threshold_labels
 from attnseg.pipeline.cli import main
-
-
-def test_components_are_four_connected():
-    m = np.zeros((6, 6), bool)
-    m[0:2, 0:2] = True  # one block
-    m[2, 2] = True  # touches the block only diagonally: its own component
-    m[4:6, 3:6] = True
-    comp = _components(m)
-    assert (comp[~m] == 0).all()
-    assert len(np.unique(comp[m])) == 3
-    assert len(np.unique(comp[0:2, 0:2])) == 1
 
 
 def test_colour_threshold_baseline_on_a_plain_scene():
@@ -42,7 +31,8 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "presets=[\"attnseg\",\"daam\"]",
                "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]",
                "--set", "bg_candidates=[0.3,0.6]", "--set", "downstream_images=12",
-               "--set", "train_steps=4", "--set", "synth_steps=2", "--set", "crf_iterations=1"])
+               "--set", "train_steps=4", "--set", "synth_steps=2", "--set", "crf_iterations=1",
+               "--set", "crf_cost_size=24"])
     assert rc == 0
     report = json.loads((tmp_path / "toy.json").read_text())
     assert set(report["pseudo_masks"]) == {"attnseg", "daam"}
@@ -52,8 +42,10 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert report["baselines"]["colour_threshold_tuned"]["threshold"] in (40, 80)
     assert 0.0 <= report["baselines"]["all_background"] < 0.5
     assert report["tuned_threshold"]["bg_const"] in (0.3, 0.6)
-    assert 0.0 <= report["crf"]["test_mIoU"] <= 1.0
-    assert report["crf"]["cost"]["fused_seconds_per_image"] > 0
+    for r in report["crf"]["by_preset"].values():
+        assert 0.0 <= r["with"]["mean"] <= 1.0 and 0.0 <= r["without"]["mean"] <= 1.0
+    assert all(c["lattice_seconds_per_image"] > 0 for c in report["crf"]["cost"])
+    assert [c["size"] for c in report["crf"]["cost"]] == [64, 24]
     d = report["downstream"]
     assert d["images"] == 12 and len(d["synthetic"]["values"]) == 2
     assert all(0.0 <= v <= 1.0 for v in d["synthetic"]["values"] + d["exact_labels"]["values"])

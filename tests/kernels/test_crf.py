@@ -1,6 +1,7 @@
 """Op (c), the dense CRF: the torch reference against the model spelled out in float64 loops,
-the numba and Triton kernels against the reference, its effect on a noisy two-region scene,
-and (where the optional `pydensecrf2` installs) agreement with pydensecrf's lattice version."""
+the numba and Triton kernels against the reference, the permutohedral lattice against the exact
+Gaussian filter and the reference, its effect on a noisy two-region scene, and (where the
+optional `pydensecrf2` installs) the lattice against pydensecrf's to float32 rounding."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from attnseg.kernels.crf import dense_crf, dense_crf_numba, dense_crf_ref, dense_crf_triton
+from attnseg.kernels.crf import (
+    PermutohedralLattice,
+    dense_crf,
+    dense_crf_lattice,
+    dense_crf_numba,
+    dense_crf_ref,
+    dense_crf_triton,
+)
 
 from .marks import HAS_CUDA, needs_numba, needs_triton
 
@@ -110,18 +118,63 @@ def test_argument_checks():
         dense_crf_ref(probs, image[..., :3])
 
 
-def test_agrees_with_pydensecrf_where_it_installs():
+@pytest.mark.parametrize("d, spread", [(2, 0.08), (5, 0.25)])
+def test_lattice_filter_approximates_the_gaussian(d, spread):
+    """The lattice's filter is the Gaussian up to one constant factor and an error that grows
+    with the dimension (the approximation pydensecrf makes: 400 points are sparse in 5-d); the
+    symmetric normalisation cancels the factor."""
+    g = torch.Generator().manual_seed(d)
+    f = torch.rand(400, d, generator=g) * 4
+    exact = torch.exp(-0.5 * (f[:, None] - f[None]).square().sum(-1))
+    v = torch.rand(400, 3, generator=g)
+    ratio = PermutohedralLattice(f).filter(v) / (exact @ v)
+    assert (ratio.std() / ratio.mean()).item() < spread
+    # Far-apart points do not exchange anything.
+    far = torch.tensor([[0.0] * d, [50.0] * d])
+    out = PermutohedralLattice(far).filter(torch.tensor([[1.0], [0.0]]))
+    assert out[1, 0].item() == 0.0 and out[0, 0].item() > 0
+
+
+def test_lattice_matches_the_reference_on_a_scene():
+    probs, image, truth = _two_regions(noise=1.2, seed=3)
+    lattice = dense_crf_lattice(probs, image, iterations=5, **PARAMS)
+    exact = dense_crf_ref(probs, image, iterations=5, **PARAMS)
+    assert (lattice.argmax(1) == exact.argmax(1)).float().mean().item() >= 0.99
+    assert (lattice - exact).abs().max().item() < 0.15
+    assert (lattice.argmax(1)[0] == truth).float().mean().item() > 0.97
+    # The default on a CPU is the lattice; a batch is each image's own lattice.
+    both = dense_crf(torch.cat([probs, probs.flip(-1)]), torch.cat([image, image.flip(-1)]),
+                     iterations=5, **PARAMS)
+    torch.testing.assert_close(both[:1], lattice)
+    torch.testing.assert_close(both[1:], dense_crf_lattice(probs.flip(-1), image.flip(-1),
+                                                           iterations=5, **PARAMS))
+
+
+def _pydensecrf(probs, image, iterations):
     densecrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is an optional "
                                    "extra (pip install 'attnseg[crf]'); it builds from source")
-    probs, image, _ = _two_regions(noise=1.2, seed=3)
+    c, h, w = probs.shape[1:]
     p = probs[0].numpy().astype(np.float32)
-    d = densecrf.DenseCRF2D(16, 16, 2)
-    d.setUnaryEnergy(np.ascontiguousarray(-np.log(np.maximum(p, 1e-5)).reshape(2, -1)))
+    d = densecrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(-np.log(np.maximum(p, 1e-5)).reshape(c, -1)))
     img = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
     d.addPairwiseGaussian(sxy=PARAMS["sxy_smooth"], compat=PARAMS["w_smooth"])
     d.addPairwiseBilateral(sxy=PARAMS["sxy_app"], srgb=PARAMS["srgb"], rgbim=img,
                            compat=PARAMS["w_app"])
-    theirs = np.array(d.inference(5)).reshape(2, 16, 16)
-    ours = dense_crf_ref(probs, image, iterations=5, **PARAMS)[0].numpy()
-    # The lattice approximates the Gaussian filters: the same labels on nearly every pixel.
-    assert (theirs.argmax(0) == ours.argmax(0)).mean() >= 0.95
+    return torch.from_numpy(np.array(d.inference(iterations))).reshape(1, c, h, w)
+
+
+def test_agrees_with_pydensecrf_where_it_installs():
+    probs, image, _ = _two_regions(noise=1.2, seed=3)
+    theirs = _pydensecrf(probs, image, 5)
+    # The same lattice (built in float32 in pydensecrf's order of operations): equal to float32
+    # rounding.
+    torch.testing.assert_close(dense_crf_lattice(probs, image, iterations=5, **PARAMS),
+                               theirs.float(), rtol=0, atol=1e-4)
+    # The exact CRF: the lattice approximates its Gaussian filters, so nearly the same labels.
+    ours = dense_crf_ref(probs, image, iterations=5, **PARAMS)
+    assert (theirs.argmax(1) == ours.argmax(1)).float().mean().item() >= 0.95
+    # A random image with 5 labels (many points on cell boundaries): still equal.
+    probs, image = _inputs(1, 5, 24, 20, seed=4)
+    torch.testing.assert_close(dense_crf_lattice(probs, image, iterations=5, **PARAMS),
+                               _pydensecrf(probs, image, 5).float(), rtol=0, atol=1e-4)
