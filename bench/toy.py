@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attnseg.kernels.regions import connected_components
 from attnseg.pipeline.config import PRESETS, get_preset
 from attnseg.pipeline.data import open_source
 from attnseg.pipeline.device import resolve_device, resolve_dtype
-from attnseg.kernels.regions import connected_components
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.evaluate import MetricAccumulator
 from attnseg.pipeline.models import load_pipeline
