@@ -15,7 +15,7 @@ import torch
 from ..pipeline.config import BACKENDS, HarvestConfig
 from ..pipeline.errors import UserError
 from ..pipeline.lora import apply_loras, parse_lora_spec
-from ..pipeline.models import model_fingerprint, weights_fingerprint
+from ..pipeline.models import model_family, model_fingerprint, weights_fingerprint
 from . import cache
 from .backends import DTYPE_NAMES, require_module
 from .export import OPSET, export_onnx, text_encoder_spec, unet_spec, vae_decoder_spec
@@ -39,6 +39,17 @@ def check_backend(backend: str) -> None:
         from .trt import require_tensorrt
 
         require_tensorrt()
+
+
+def check_engine_family(pipe) -> None:
+    """Engines export the SD 1.x/2.x UNet call (sample, timestep, text); SDXL's added
+    conditioning (pooled text, size and crop ids) is not wired through them yet, so another
+    family is refused in one line rather than run without it."""
+    family = model_family(pipe)
+    if family != "sd":
+        raise UserError(f"engines (--backend other than torch, --engine, `attnseg engine`) "
+                        f"support Stable Diffusion 1.x/2.x UNets; this model is {family}: "
+                        "use --backend torch")
 
 
 def fuse_loras(pipe, loras: list[str]) -> list[tuple[str, float, str]]:
@@ -115,6 +126,7 @@ def build_engines(pipe, opts: EngineOptions, out: Path, *, source: dict | None =
     "built"). `source` (model name, LoRA paths and scales) is recorded for `engine verify`."""
     opts.validate()
     check_backend(opts.backend)
+    check_engine_family(pipe)
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     if opts.backend == "onnxruntime" and dtype == torch.bfloat16:

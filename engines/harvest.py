@@ -22,7 +22,14 @@ from ..pipeline.harvest import HarvestResult
 from ..pipeline.models import model_fingerprint
 from . import cache
 from .backends import DTYPE_NAMES, CompiledEngine, Engine, OrtEngine
-from .build import EngineOptions, build_engines, check_backend, engine_key, vae_fingerprint
+from .build import (
+    EngineOptions,
+    build_engines,
+    check_backend,
+    check_engine_family,
+    engine_key,
+    vae_fingerprint,
+)
 from .export import unet_spec
 from .graph import MapGraphSpec, MapOutput, UNetWithMaps
 
@@ -150,6 +157,7 @@ class EngineHarvester:
     """
 
     def __init__(self, pipe, engines: EngineSet, config: HarvestConfig):
+        check_engine_family(pipe)
         config.validate(pipe.vae_scale_factor)
         want = MapGraphSpec.from_harvest(config).to_dict()
         have = {k: v for k, v in engines.key.maps.items() if k != "vae_hash"}
@@ -287,6 +295,7 @@ def engine_harvester(cfg: SynthConfig, pipe, preset: Preset, log=None) -> Engine
     """The harvester `run_synth` uses for `--backend compile|onnxruntime|tensorrt` or
     `--engine DIR`: loads the folder, or builds/reuses one in the engine cache."""
     log = log or (lambda msg: None)
+    check_engine_family(pipe)
     if cfg.engine:
         folder = Path(cfg.engine).expanduser()
         key = cache.check_engine_job(folder, cfg.backend, cfg.height, cfg.width, cfg.batch_size)

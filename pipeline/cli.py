@@ -31,7 +31,9 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per generation call (default: 4)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale "
-                   "(default: the preset's, else 7.5)")
+                   "(default: the preset's, else 7.5; <= 1: no guidance, the batch is not "
+                   "doubled)")
+    cli_args.add_scheduler(p)
     cli_args.add_size(p)
     p.add_argument("--seed", type=int, help="base seed; sample i's seed depends on (seed, i) "
                    "(default: 0)")
@@ -64,7 +66,7 @@ def _synth_config(args):
 
     values = config_values(args, (
         "model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size", "steps",
-        "guidance", "height", "width", "seed", "device", "dtype", "shard", "format",
+        "guidance", "scheduler", "height", "width", "seed", "device", "dtype", "shard", "format",
         "samples_per_tar", "lora_scale", "backend", "engine", "allow_pickle"))
     if args.lora:
         values["loras"] = list(args.lora)

@@ -1,6 +1,6 @@
 """The flags that mean the same thing in every subcommand, defined once: one name, one help
 text and one stated default per concept (`--config`, `--set`, `--device`, `--dtype`,
-`--model`, `--height/--width`, `--allow-pickle`, `--no-progress`).
+`--model`, `--scheduler`, `--height/--width`, `--allow-pickle`, `--no-progress`).
 
 Defaults stay None where a `--config` file may set the value (a flag given overrides the file,
 a flag not given does not); the help says what applies when neither does.
@@ -40,15 +40,24 @@ def add_dtype(p: argparse.ArgumentParser, default: str | None = None,
 def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """`--model`: the text-to-image model, as every command that loads one takes it."""
     p.add_argument("--model", default=default,
-                   help="'tiny' (built-in random model), 'sd15-random' (SD 1.5 architecture, "
-                   "random weights), 'toy' (the shipped toy-world model, 64x64), a hub id, a "
-                   "diffusers folder or one .safetensors file (default: tiny)")
+                   help="'tiny' / 'tiny-sdxl' (built-in random SD / SDXL models), 'sd15-random' "
+                   "/ 'sdxl-random' (the real architectures, random weights), 'toy' (the "
+                   "shipped toy-world model, 64x64), a hub id, a diffusers folder or one "
+                   ".safetensors file; SD 1.x/2.x and SDXL (default: tiny)")
+
+
+def add_scheduler(p: argparse.ArgumentParser) -> None:
+    """`--scheduler`: replace the model's sampler (few-step sampling: lcm with an LCM-LoRA)."""
+    p.add_argument("--scheduler", help="the model's own (default), or lcm, euler, euler-a, "
+                   "ddim, dpm, turbo (euler-a with trailing timesteps, for 1-4 steps at "
+                   "--guidance 0)")
 
 
 def add_size(p: argparse.ArgumentParser) -> None:
     """`--height` and `--width` of the generated images."""
     p.add_argument("--height", type=int, help="image height, multiple of 8 "
-                   "(default: 128 for tiny, 64 for toy, else 512; toy render: 64)")
+                   "(default: 128 for the tiny models, 64 for toy, 1024 for sdxl-random, "
+                   "else 512; toy render: 64)")
     p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as "
                    "--height's)")
 

@@ -303,7 +303,9 @@ class SynthConfig:
     batch_size: int = 4
     steps: int | None = None  # None: the preset's, else 20
     guidance: float | None = None  # None: the preset's, else 7.5
-    height: int | None = None  # None: 128 for the tiny model, else 512
+    # The sampler (models.SCHEDULERS); None: the model's own.
+    scheduler: str | None = None
+    height: int | None = None  # None: 128 for the tiny models, 64 for toy, else 512
     width: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -336,6 +338,9 @@ class SynthConfig:
             raise UserError("--batch-size must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise UserError("--steps must be >= 1")
+        from .models import check_scheduler  # light: no torch at import
+
+        check_scheduler(self.scheduler)
         if self.format not in ("voc", "webdataset"):
             raise UserError(f"--format must be voc or webdataset, not {self.format!r}")
         if self.format == "webdataset" and (

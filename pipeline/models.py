@@ -16,19 +16,39 @@ from pathlib import Path
 
 from .errors import UserError, first_line
 
-RANDOM_MODELS = ("tiny", "sd15-random")
+RANDOM_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random")
 # `toy`: the toy world's trained model (pipeline/toy_model.py), a diffusers folder shipped in
 # the package and loaded like any other folder.
 BUILTIN_MODELS = RANDOM_MODELS + ("toy",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Diffusers folders keep each sub-network's weights in a subfolder of its own.
-_WEIGHT_FOLDERS = ("unet", "text_encoder", "vae")
+_WEIGHT_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "vae")
+# Model families by diffusers pipeline class; harvesting supports the UNet families.
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+            "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+            "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart"}
+SUPPORTED_FAMILIES = ("sd", "sdxl")
+
+
+def model_family(pipe_or_class) -> str:
+    """"sd" (1.x/2.x), "sdxl", "sd3", "flux", "pixart", or the pipeline's class name for any
+    other, from a pipeline or its class name."""
+    name = pipe_or_class if isinstance(pipe_or_class, str) else type(pipe_or_class).__name__
+    return FAMILIES.get(name, name)
+
+
+def _check_family(model: str, class_name: str) -> None:
+    family = model_family(class_name)
+    if family not in SUPPORTED_FAMILIES:
+        raise UserError(f"model {model!r} is a {class_name} ({family}); harvesting supports "
+                        "Stable Diffusion 1.x/2.x and SDXL UNets")
 
 
 def default_size(model: str) -> int:
-    """The image size a model generates by default: 128 for the tiny model, 64 for the toy
-    model (the size it was trained at), else 512."""
-    return {"tiny": 128, "toy": 64}.get(model, 512)
+    """The image size a model generates by default: 128 for the tiny models, 64 for the toy
+    model (the size it was trained at), 1024 for sdxl-random, else 512 (a real SDXL
+    checkpoint's native 1024 is asked for with --height/--width)."""
+    return {"tiny": 128, "tiny-sdxl": 128, "toy": 64, "sdxl-random": 1024}.get(model, 512)
 
 
 def shipped_model_path() -> Path:
@@ -102,36 +122,47 @@ def check_model_path(model: str, allow_pickle: bool = False) -> Path:
 
 
 def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = False):
-    """A diffusers Stable Diffusion 1.x/2.x pipeline from 'tiny' or 'sd15-random' (built-in
-    random weights), 'toy' (the shipped toy-world model), a hub id, a folder or one
-    .safetensors file. Hub ids resolve from the local
+    """A diffusers Stable Diffusion 1.x/2.x or SDXL pipeline from a built-in random model
+    ('tiny', 'sd15-random', 'tiny-sdxl', 'sdxl-random'), 'toy' (the shipped toy-world model), a
+    hub id, a folder or one .safetensors file (the pipeline class comes from the folder's
+    model_index.json; other families are refused in one line). Hub ids resolve from the local
     cache when HF_HUB_OFFLINE=1. Only safetensors weights are read unless `allow_pickle`.
 
     `loras` (lora.LoraSpec) are fused into the UNet (and text encoder) with their scales."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
-    from .tiny import build_sd15_random_pipeline, build_tiny_pipeline
+    from . import tiny
 
-    if model == "tiny":
-        pipe = build_tiny_pipeline(dtype=dtype)
-    elif model == "sd15-random":
-        pipe = build_sd15_random_pipeline(dtype=dtype)
+    builders = {"tiny": tiny.build_tiny_pipeline, "sd15-random": tiny.build_sd15_random_pipeline,
+                "tiny-sdxl": tiny.build_tiny_sdxl_pipeline,
+                "sdxl-random": tiny.build_sdxl_random_pipeline}
+    if model in builders:
+        pipe = builders[model](dtype=dtype)
     else:
         path = check_model_path(model, allow_pickle)
         model = model_source(model)
-        kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        source = str(path) if path.exists() else model
         diffusers.utils.logging.disable_progress_bar()
         try:
             with warnings.catch_warnings():
                 # Newer diffusers renamed torch_dtype; the old name works across versions.
                 warnings.simplefilter("ignore", FutureWarning)
+                # The hub client warns about arguments diffusers still passes it.
+                warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+                class_name = (_single_file_class(path) if path.is_file() else
+                              diffusers.DiffusionPipeline.load_config(source)["_class_name"])
+                _check_family(model, class_name)
+                cls = getattr(diffusers, class_name)
+                kwargs = dict(torch_dtype=dtype)
+                if model_family(class_name) == "sd":
+                    kwargs.update(safety_checker=None, requires_safety_checker=False)
                 if path.is_file():
-                    pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+                    pipe = cls.from_single_file(str(path), **kwargs)
                 else:
-                    pipe = StableDiffusionPipeline.from_pretrained(
-                        str(path) if path.exists() else model,
-                        use_safetensors=None if allow_pickle else True, **kwargs)
+                    pipe = cls.from_pretrained(
+                        source, use_safetensors=None if allow_pickle else True, **kwargs)
+        except UserError:
+            raise
         except Exception as e:  # diffusers/hub raise many types; report them on one line
             raise UserError(f"could not load model {model!r}: {_load_failure(e)}") from None
     pipe.set_progress_bar_config(disable=True)
@@ -141,6 +172,51 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
 
         apply_loras(pipe, list(loras))
     return pipe
+
+
+# --scheduler names: diffusers class and config changes.
+SCHEDULERS = {
+    "lcm": ("LCMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpm": ("DPMSolverMultistepScheduler", {}),
+    # SDXL-Turbo / SD-Turbo's sampler: ancestral Euler from the last timestep down.
+    "turbo": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
+
+
+def check_scheduler(name: str | None) -> None:
+    """Refuse an unknown --scheduler in one line (before anything loads)."""
+    if name and name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)} "
+                        "(or leave it out for the model's own)")
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Give `pipe` the named sampler, built from its own scheduler's config (the noise
+    schedule stays the model's); None or "": keep the model's."""
+    if not name:
+        return
+    check_scheduler(name)
+    import diffusers
+
+    cls_name, changes = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    pipe.scheduler = cls.from_config(dict(pipe.scheduler.config, **changes))
+
+
+def _single_file_class(path: Path) -> str:
+    """The pipeline class of a single-file checkpoint: SDXL's have a second text encoder under
+    conditioner.embedders.1 (read from the safetensors header only); anything else loads as
+    Stable Diffusion 1.x/2.x."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if any(k.startswith("conditioner.embedders.1.") for k in f.keys()):
+                return "StableDiffusionXLPipeline"
+    return "StableDiffusionPipeline"
 
 
 def _load_failure(e: Exception) -> str:
@@ -201,5 +277,6 @@ def weights_fingerprint(modules, keep=lambda name: True) -> str:
 
 
 def model_fingerprint(pipe) -> str:
-    """The content hash of a pipeline's UNet and text encoder weights."""
-    return weights_fingerprint((pipe.unet, pipe.text_encoder))
+    """The content hash of a pipeline's UNet and text encoder(s) weights."""
+    return weights_fingerprint([pipe.unet, pipe.text_encoder] + (
+        [pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else []))

@@ -28,7 +28,13 @@ from .errors import UserError
 from .harvest import AttentionHarvester
 from .lora import check_loras, parse_lora_spec
 from .masks import masks_from_harvest
-from .models import default_size, latent_stride, load_pipeline, model_fingerprint
+from .models import (
+    default_size,
+    latent_stride,
+    load_pipeline,
+    model_fingerprint,
+    set_scheduler,
+)
 from .prompts import (
     ClassInfo,
     PromptSpec,
@@ -248,6 +254,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
     }
     if webdataset:
         job["samples_per_tar"] = cfg.samples_per_tar
+    if cfg.scheduler:  # recorded only when set, as LoRAs: older job files stay valid
+        job["scheduler"] = cfg.scheduler
     if lora_records:  # recorded only when used, so job files of runs without LoRA are unchanged
         job["loras"] = lora_records
     if cfg.backend != "torch" or cfg.engine:  # engines round differently from eager torch
@@ -276,6 +284,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
     written = 0
     if done_count(done, chunks) < mine:
         pipe = pipe or load_pipeline(cfg.model, device, dtype, loras, cfg.allow_pickle)
+        set_scheduler(pipe, cfg.scheduler)
         if pipe.vae_scale_factor != stride:
             raise UserError(f"model {cfg.model}: its VAE downsamples {pipe.vae_scale_factor}x, "
                             f"not the {stride}x its config files say")

@@ -9,6 +9,12 @@ noise and its masks carry no meaning: it exists for tests, demos and benchmarks 
 
 `sd15-random`: Stable Diffusion 1.5's exact architecture (UNet 860 M parameters, CLIP ViT-L/14
 text encoder, SD VAE) with random weights, for timing and memory benchmarks.
+
+`tiny-sdxl`: the SDXL layout in miniature: two CLIP text encoders (the second with a projection,
+its pooled output and the size/crop ids feeding the UNet's added conditioning), no
+cross-attention at the first level (stride 8), transformer depth 1 then 2, linear projections;
+random weights. `sdxl-random`: SDXL 1.0's exact architecture (UNet 2.6 G parameters) with random
+weights, for GPU benchmarks at 1024x1024.
 """
 
 from __future__ import annotations
@@ -186,4 +192,78 @@ def build_sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
              up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512),
         PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       skip_prk_steps=True, steps_offset=1),
+    )
+
+
+def _sdxl_pipeline(seed: int, dtype: torch.dtype, text: dict, text_2: dict, unet_config: dict,
+                   vae_config: dict):
+    """A StableDiffusionXLPipeline of random components (drawn in a fixed order after seeding)
+    with the generated tokenizer for both text encoders."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text, **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2, **ids))
+    unet = UNet2DConditionModel(**unet_config)
+    vae = AutoencoderKL(**vae_config)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder,
+                                     text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """SDXL's layout in miniature with random weights, identical for a given seed."""
+    text = dict(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4)
+    return _sdxl_pipeline(
+        seed, dtype, text, dict(text, projection_dim=32),
+        dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32),
+             layers_per_block=1,
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+             transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4),
+             use_linear_projection=True, addition_embed_type="text_time",
+             addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
+             cross_attention_dim=64, norm_num_groups=8),
+        dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+             down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
+             sample_size=128),
+    )
+
+
+def build_sdxl_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """SDXL 1.0's architecture with random weights (the tiny tokenizer's ids)."""
+    clip = dict(vocab_size=49408, max_position_embeddings=77)
+    return _sdxl_pipeline(
+        seed, dtype,
+        dict(clip, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+             num_attention_heads=12, hidden_act="quick_gelu"),
+        dict(clip, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+             num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
+        dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+             transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+             use_linear_projection=True, addition_embed_type="text_time",
+             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+             cross_attention_dim=2048),
+        dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+             down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024,
+             scaling_factor=0.13025),
     )

@@ -1,0 +1,190 @@
+"""Model families beyond SD 1.x: the tiny SDXL model (two text encoders, added conditioning, no
+cross-attention at stride 8, deeper transformer blocks) harvested like SD 1.5 — images equal to
+the stock pipeline, maps equal to the store-everything reference, memory independent of the
+step count, `attnseg synth` end to end — and loading: folders by their pipeline class, single
+files by their keys, unsupported families refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from attnseg.pipeline.cli import main
+from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.errors import UserError
+from attnseg.pipeline.harvest import AttentionHarvester
+from attnseg.pipeline.masks import combine_maps, refine_maps
+from attnseg.pipeline.models import _single_file_class, load_pipeline, model_family
+from attnseg.pipeline.prompts import class_token_weights, load_classes
+
+from .test_harvest import SIZE, _latents, _naive_maps, _run, _specs, _Store, _StoreEverything
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe():
+    from attnseg.pipeline.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def classes():
+    return load_classes("voc")
+
+
+def test_tiny_sdxl_is_the_sdxl_layout(sdxl_pipe):
+    assert model_family(sdxl_pipe) == "sdxl"
+    unet = sdxl_pipe.unet
+    assert unet.config.addition_embed_type == "text_time"
+    assert sdxl_pipe.text_encoder_2 is not None and sdxl_pipe.tokenizer_2 is not None
+    cross = [n for n in unet.attn_processors if ".attn2." in n]
+    assert not any(n.startswith("down_blocks.0") for n in cross)  # none at stride 8
+    assert any("transformer_blocks.1" in n for n in cross)  # depth 2 at the deepest level
+
+
+def test_images_equal_stock_pipeline(sdxl_pipe, classes, torch_one_thread):
+    latents = _latents(sdxl_pipe)
+    stock = _run(sdxl_pipe, latents, steps=3)
+    weights, _ = class_token_weights(sdxl_pipe.tokenizer, _specs(classes))
+    harvester = AttentionHarvester(sdxl_pipe.unet, get_preset("attnseg").harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=3) as cap:
+            ours = _run(sdxl_pipe, latents, steps=3)
+    finally:
+        harvester.remove()
+    assert torch.equal(ours, stock)
+    assert set(cap.result.maps) == {16, 32}  # SDXL has no cross-attention at stride 8
+
+
+@pytest.mark.parametrize("preset_name", ["attnseg", "dataset-diffusion", "daam"])
+def test_maps_equal_naive_reference(sdxl_pipe, classes, preset_name):
+    preset = get_preset(preset_name)
+    steps = 3
+    weights, _ = class_token_weights(sdxl_pipe.tokenizer, _specs(classes),
+                                     preset.harvest.token_merge)
+    latents = _latents(sdxl_pipe, seed=1)
+    harvester = AttentionHarvester(sdxl_pipe.unet, preset.harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+            _run(sdxl_pipe, latents, steps)
+    finally:
+        harvester.remove()
+    ours = combine_maps(cap.result, preset.harvest)
+    if preset.harvest.refine_power:
+        ours = refine_maps(ours, cap.result.self_attention, preset.harvest, SIZE)
+    store = _Store()
+    unet = sdxl_pipe.unet
+    unet.set_attn_processor({name: _StoreEverything(store, name.rsplit(".processor", 1)[0])
+                             for name in unet.attn_processors})
+    hook = unet.register_forward_pre_hook(lambda *a: setattr(store, "step", store.step + 1))
+    try:
+        _run(sdxl_pipe, latents, steps)
+    finally:
+        hook.remove()
+        unet.set_attn_processor(AttnProcessor2_0())
+    ref = _naive_maps(store, preset, weights, steps)
+    scale = ref.abs().max().item()
+    assert ours.shape == ref.shape and scale > 0
+    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+def test_memory_does_not_grow_with_steps(sdxl_pipe, classes):
+    weights, _ = class_token_weights(sdxl_pipe.tokenizer, _specs(classes))
+    harvester = AttentionHarvester(sdxl_pipe.unet, get_preset("dataset-diffusion").harvest)
+    sizes = {}
+    try:
+        for steps in (2, 5):
+            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+                _run(sdxl_pipe, _latents(sdxl_pipe), steps)
+            sizes[steps] = cap.nbytes()
+    finally:
+        harvester.remove()
+    assert sizes[2] == sizes[5] > 0
+
+
+def test_synth_end_to_end_and_folder_round_trip(tmp_path, sdxl_pipe, torch_one_thread):
+    out = tmp_path / "ds"
+    assert main(["synth", "--model", "tiny-sdxl", "--classes", "dog,cat", "--num-per-class",
+                 "1", "--steps", "2", "--batch-size", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["model"] == "tiny-sdxl"
+    masks = sorted((out / "SegmentationClass").glob("*.png"))
+    assert len(masks) == 2
+    # A saved SDXL folder loads as SDXL through the same --model path.
+    folder = tmp_path / "sdxl"
+    sdxl_pipe.save_pretrained(folder)
+    pipe = load_pipeline(str(folder), torch.device("cpu"), torch.float32)
+    assert model_family(pipe) == "sdxl"
+    assert torch.equal(next(pipe.unet.parameters()), next(sdxl_pipe.unet.parameters()))
+
+
+def test_single_file_class_from_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    sdxl = tmp_path / "xl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, str(sdxl))
+    sd = tmp_path / "sd.safetensors"
+    save_file({"cond_stage_model.transformer.x": torch.zeros(2)}, str(sd))
+    assert _single_file_class(sdxl) == "StableDiffusionXLPipeline"
+    assert _single_file_class(sd) == "StableDiffusionPipeline"
+
+
+def test_unsupported_family_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "flux"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(UserError, match="FluxPipeline.*flux.*supports"):
+        load_pipeline(str(folder), torch.device("cpu"), torch.float32)
+
+
+def test_few_step_sampling_lcm_and_turbo(tmp_path, sdxl_pipe, classes, torch_one_thread):
+    """LCM and Turbo-style sampling: 1-4 steps, each one UNet call; at guidance 0 the batch is
+    not doubled and the harvester takes the conditional batch as it is."""
+    from copy import copy
+
+    from attnseg.pipeline.models import set_scheduler
+
+    pipe = copy(sdxl_pipe)  # the scheduler is swapped on a shallow copy
+    weights, _ = class_token_weights(pipe.tokenizer, _specs(classes))
+    for name, steps, guidance in (("lcm", 4, 1.0), ("turbo", 1, 0.0), ("turbo", 2, 0.0)):
+        set_scheduler(pipe, name)
+        calls = []
+        hook = pipe.unet.register_forward_pre_hook(
+            lambda m, a, k, calls=calls: calls.append((a[0] if a else k["sample"]).shape[0]),
+            with_kwargs=True)
+        harvester = AttentionHarvester(pipe.unet, get_preset("attnseg").harvest)
+        try:
+            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+                _run(pipe, _latents(pipe), steps, guidance=guidance)
+        finally:
+            harvester.remove()
+            hook.remove()
+        assert type(pipe.scheduler).__name__ in ("LCMScheduler",
+                                                 "EulerAncestralDiscreteScheduler")
+        assert calls == [2] * steps  # one call per step, batch 2 (no CFG half)
+        assert cap.result.maps and all(torch.isfinite(m).all() for m in cap.result.maps.values())
+    # Every preset's step window keeps at least one of 1-4 steps.
+    from attnseg.pipeline.config import PRESETS
+
+    for name in PRESETS:
+        for steps in (1, 2, 3, 4):
+            assert len(get_preset(name).harvest.step_range(steps)) >= 1
+    # Through the CLI; an unknown sampler is one line before anything loads.
+    out = tmp_path / "few"
+    assert main(["synth", "--model", "tiny-sdxl", "--classes", "dog,cat", "--steps", "2",
+                 "--guidance", "0", "--scheduler", "turbo", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "job.json").read_text())["scheduler"] == "turbo"
+    assert main(["synth", "--scheduler", "fast", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_engines_refuse_sdxl_in_one_line(tmp_path, capsys):
+    assert main(["synth", "--model", "tiny-sdxl", "--classes", "dog,cat", "--backend", "compile",
+                 "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "support Stable Diffusion 1.x/2.x UNets" in err and "sdxl" in err
+    assert "Traceback" not in err
