@@ -151,6 +151,17 @@ def cmd_toy(args) -> int:
     return 0
 
 
+def cmd_writing(args) -> int:
+    from .writing import WritingBenchConfig, run_writing_bench
+
+    cfg = bench_config(WritingBenchConfig, args, ("model", "device", "dtype", "out"),
+                       "bench writing")
+    report = run_writing_bench(cfg)
+    print(open(report["files"][1]).read(), end="")
+    print(f"results: {', '.join(report['files'])}")
+    return 0
+
+
 def cmd_gpu(args) -> int:
     from .gpu import GpuProofConfig, run_gpu_proof
 
@@ -248,6 +259,17 @@ def register(sub) -> None:
                    "attnseg-bench/toy in the current folder)")
     cli_args.add_no_progress(t, "no progress bars")
     t.set_defaults(func=cmd_toy)
+
+    w = bsub.add_parser("writing", help="`attnseg synth` images/s: generation alone, writing "
+                        "inline, writing on the pool's threads (few-step rates)")
+    cli_args.add_config(w, "writing benchmark")
+    cli_args.add_set(w, "steps=2 --set write_workers=4")
+    cli_args.add_model(w)
+    cli_args.add_device(w)
+    cli_args.add_dtype(w)
+    w.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
+                   "attnseg-bench/writing in the current folder)")
+    w.set_defaults(func=cmd_writing)
 
     g = bsub.add_parser("gpu", help="the GPU proof in one run: kernel tests on the GPU, stock vs "
                         "harvest parity, kernel timings, compile build + verify, throughput "

@@ -57,6 +57,8 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
                    "engines are built once and cached (see `attnseg engine build`)")
     p.add_argument("--engine", help="a folder from `attnseg engine build` to generate with "
                    "(default: none)")
+    p.add_argument("--write-workers", type=int, help="threads that encode and write samples "
+                   "while the next batch generates; 0 writes inline (default: 2)")
     cli_args.add_allow_pickle(p)
     cli_args.add_no_progress(p)
 
@@ -67,7 +69,7 @@ def _synth_config(args):
     values = config_values(args, (
         "model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size", "steps",
         "guidance", "scheduler", "height", "width", "seed", "device", "dtype", "shard", "format",
-        "samples_per_tar", "lora_scale", "backend", "engine", "allow_pickle"))
+        "samples_per_tar", "lora_scale", "backend", "engine", "allow_pickle", "write_workers"))
     if args.lora:
         values["loras"] = list(args.lora)
     sets: dict = {}

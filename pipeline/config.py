@@ -326,8 +326,12 @@ class SynthConfig:
     lora_scale: float = 1.0
     # Load pickle weights (.bin, .ckpt): they can run code, so only when the user says so.
     allow_pickle: bool = False
+    # Threads that encode and write samples while the next batch generates (0: inline).
+    write_workers: int = 2
 
     def validate(self) -> None:
+        if self.write_workers < 0:
+            raise UserError("--write-workers must be >= 0")
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % 8):

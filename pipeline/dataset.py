@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,9 @@ class DatasetWriter:
         self._repair_manifest()
         self.done = {r["index"] for r in read_manifest_records(self.root)}
         self._palette = voc_palette()
+        # Samples may be written from several threads (synth.WritePool): files in parallel,
+        # manifest lines one at a time (a failed append cuts its own line back off).
+        self._manifest_lock = threading.Lock()
 
     def _repair_manifest(self) -> None:
         """Cut a torn last line (a kill mid-append) off this writer's own manifest."""
@@ -294,8 +298,9 @@ class DatasetWriter:
         entry = {"index": index, "name": name, **record, "model": self.job["model"],
                  "model_hash": self.job["model_hash"], "preset": self.job["preset"],
                  "thresholds": self.job["mask"]}
-        append_line(self.manifest, (json.dumps(entry, sort_keys=True) + "\n").encode())
-        self.done.add(index)
+        with self._manifest_lock:
+            append_line(self.manifest, (json.dumps(entry, sort_keys=True) + "\n").encode())
+            self.done.add(index)
 
     def finish(self) -> None:
         write_split(self.root)

@@ -7,6 +7,8 @@ were already written, so a resumed or differently batched run yields the same sa
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -188,9 +190,54 @@ def shard_sample_count(units: range, unit_size: int, total: int) -> int:
     return (len(units) - 1) * unit_size + len(unit_indices(units[-1], unit_size, total))
 
 
+class WritePool:
+    """Encodes and writes samples on worker threads while the next batch generates.
+
+    JPEG/PNG encoding and fsync release the GIL, so at few-step rates the generator does not
+    wait on the disk. At most `max_pending` samples are in flight (memory stays bounded; the
+    generator waits when the disk falls behind). A failed write is raised on the next submit
+    or at `drain`; samples not yet written are simply absent from the manifest, so a resumed
+    run regenerates them. workers=0 writes inline.
+    """
+
+    def __init__(self, workers: int, max_pending: int):
+        self.workers = workers
+        self.max_pending = max(1, max_pending)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="attnseg-write") \
+            if workers > 0 else None
+        self._pending: deque = deque()
+
+    def submit(self, fn, *args) -> None:
+        if self._pool is None:
+            fn(*args)
+            return
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        """Wait for every submitted write; the first failure is raised (after all finished)."""
+        error = None
+        while self._pending:
+            try:
+                self._pending.popleft().result()
+            except BaseException as e:  # keep draining: no write is left running
+                error = error or e
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+
 def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], batch_size: int,
-                bar) -> int:
-    """Generate a unit's batches and write its samples that are not done; returns how many."""
+                bar, pool: WritePool) -> int:
+    """Generate a unit's batches and hand its samples that are not done to `pool` (which
+    writes them into `sink`); returns how many. The caller drains the pool."""
     written = 0
     for start in range(0, len(unit), batch_size):
         batch = unit[start : start + batch_size]
@@ -198,7 +245,7 @@ def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], ba
         for j, s in enumerate(batch):
             if s.index in done:
                 continue  # written before an interruption: generated only as a companion
-            sink.write(s.index, s.name, images[j], labels[j], reliability[j], {
+            pool.submit(sink.write, s.index, s.name, images[j], labels[j], reliability[j], {
                 "prompt": s.spec.text,
                 "classes": [{"id": c.id, "name": c.name, "word": w} for c, w in s.spec.labels],
                 "seed": s.seed,
@@ -296,6 +343,9 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
             harvester = engine_harvester(cfg, pipe, preset, log=print if progress else None)
         synth = Synthesizer(pipe, preset, cfg.height, cfg.width, steps, guidance, harvester)
         lock = bar = None
+        # A tar is written in order: one writer thread for WebDataset chunks.
+        pool = WritePool(min(cfg.write_workers, 1) if webdataset else cfg.write_workers,
+                         max_pending=2 * cfg.batch_size)
         try:
             synth.check_prompts(samples.specs())
             job["model_hash"] = model_fingerprint(pipe)
@@ -319,16 +369,21 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
                 if webdataset:
                     chunk = TarChunkWriter(out, u, job)
                     try:
-                        written += _write_unit(synth, unit, chunk, done, cfg.batch_size, bar)
+                        written += _write_unit(synth, unit, chunk, done, cfg.batch_size, bar,
+                                               pool)
+                        pool.drain()
                         chunk.close()
                     except BaseException:
+                        pool.close()
                         chunk.abort()
                         raise
                 else:
-                    written += _write_unit(synth, unit, writer, done, cfg.batch_size, bar)
+                    written += _write_unit(synth, unit, writer, done, cfg.batch_size, bar, pool)
+            pool.drain()
             if not webdataset:
                 writer.finish()
         finally:
+            pool.close()  # every started write finishes (or fails) before the lock is let go
             synth.harvester.remove()  # the caller's pipeline is left as it was
             if bar is not None:
                 bar.close()

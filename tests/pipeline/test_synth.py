@@ -161,3 +161,47 @@ def test_bad_arguments_are_refused_before_torch_loads(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert r.stdout.split() == ["False", "False"]
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["voc", "webdataset"])
+def test_write_pool_writes_the_same_bytes_as_inline(tmp_path, fmt, torch_one_thread):
+    """Writing on worker threads (the default) against writing inline: the same files, every
+    sample once."""
+    extra = ["--format", fmt, "--samples-per-tar", "4"] if fmt == "webdataset" else []
+    outs = {}
+    for workers in (0, 3):
+        out = tmp_path / f"w{workers}"
+        assert main(["synth", *JOB, *extra, "--write-workers", str(workers),
+                     "--out", str(out)]) == 0
+        outs[workers] = {p.relative_to(out).as_posix(): p.read_bytes()
+                         for p in sorted(out.rglob("*")) if p.is_file()
+                         and p.suffix in (".jpg", ".png", ".tar")}
+    assert outs[0] and outs[0].keys() == outs[3].keys()
+    assert all(outs[0][k] == outs[3][k] for k in outs[0])
+    if fmt == "voc":
+        assert sorted(_manifest_indices(tmp_path / "w3")) == list(range(8))
+
+
+def test_write_pool_raises_the_first_failure_after_all_finish():
+    from attnseg.pipeline.synth import WritePool
+
+    done = []
+
+    def write(i):
+        if i == 1:
+            raise OSError(28, "No space left on device")
+        done.append(i)
+
+    pool = WritePool(workers=2, max_pending=8)  # no submit waits: the error shows at close
+    for i in range(4):
+        pool.submit(write, i)
+    with pytest.raises(OSError, match="No space"):
+        pool.close()
+    assert sorted(done) == [0, 2, 3] and not pool._pending  # the others all finished
+    # With a short queue the failure shows at a later submit instead.
+    done.clear()
+    pool = WritePool(workers=1, max_pending=1)
+    with pytest.raises(OSError, match="No space"):
+        for i in range(4):
+            pool.submit(write, i)
+    pool.close()

@@ -1,0 +1,127 @@
+"""`attnseg bench writing`: does writing hold the generator back?
+
+The same `attnseg synth` job three ways, interleaved over repeats in one run: generation alone
+(the job's batches through the same `Synthesizer`, dropped: the ceiling; it skips the job's
+setup, so the other ratios are if anything understated), generation with writing inline
+(`write_workers=0`), and with the write pool (`write_workers=N`, the default 2). Reported as
+images/s and as ratios to generation alone; the spread (min-max over repeats) says when a
+ratio is within the noise. At few-step rates (1-4 steps) encoding and fsync are a large share of
+each image's time, which is where the pool matters.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnseg.pipeline.config import SynthConfig
+from attnseg.pipeline.device import resolve_device, resolve_dtype
+from attnseg.pipeline.models import RANDOM_MODELS, load_pipeline, set_scheduler
+from attnseg.pipeline.prompts import default_prompts, load_classes
+from attnseg.pipeline.synth import Synthesizer, plan_samples, run_synth
+
+from .throughput import machine_info, output_base, write_json_and_markdown
+
+
+@dataclass
+class WritingBenchConfig:
+    """One `attnseg bench writing` run: an `attnseg synth` job, timed three ways."""
+
+    model: str = "tiny"
+    classes: str = "dog,cat,bus,car"
+    num_per_class: int = 8
+    batch_size: int = 8
+    steps: int = 1
+    guidance: float = 0.0
+    scheduler: str | None = None
+    height: int = 256
+    width: int = 256
+    write_workers: int = 2
+    repeats: int = 3
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = "attnseg-bench/writing"
+
+
+def _generate_only(pipe, cfg: WritingBenchConfig) -> tuple[float, int]:
+    """Seconds to generate the job's batches (images, labels, reliability) and drop them."""
+    classes = load_classes(cfg.classes)
+    samples = plan_samples(classes, default_prompts(classes), cfg.num_per_class, 0)
+    preset = SynthConfig(model=cfg.model).resolve_preset(pipe.vae_scale_factor)
+    synth = Synthesizer(pipe, preset, cfg.height, cfg.width, cfg.steps, cfg.guidance)
+    try:
+        t0 = time.perf_counter()
+        for start in range(0, len(samples), cfg.batch_size):
+            synth.generate(samples[start : start + cfg.batch_size])
+        return time.perf_counter() - t0, len(samples)
+    finally:
+        synth.harvester.remove()
+
+
+def run_writing_bench(cfg: WritingBenchConfig) -> dict:
+    """Time the job with no writing, inline writing and the pool; writes OUT.json / OUT.md."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    pipe = load_pipeline(cfg.model, device, dtype)
+    set_scheduler(pipe, cfg.scheduler)
+    base = SynthConfig(model=cfg.model, classes=cfg.classes, num_per_class=cfg.num_per_class,
+                       batch_size=cfg.batch_size, steps=cfg.steps, guidance=cfg.guidance,
+                       height=cfg.height, width=cfg.width, device=cfg.device, dtype=cfg.dtype)
+    variants = {"generate only": None, "write inline": 0,
+                f"write pool ({cfg.write_workers} threads)": cfg.write_workers}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    images = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(cfg.repeats + 1):  # the first round warms up
+            for name, workers in variants.items():
+                if workers is None:
+                    elapsed, images = _generate_only(pipe, cfg)
+                else:
+                    out = Path(tmp) / f"{r}-{workers}"
+                    t0 = time.perf_counter()
+                    run_synth(replace(base, out=str(out), write_workers=workers),
+                              progress=False, pipe=pipe)
+                    elapsed = time.perf_counter() - t0
+                    shutil.rmtree(out, ignore_errors=True)
+                if r:
+                    seconds[name].append(elapsed)
+    ceiling = float(np.median(seconds["generate only"]))
+    rows = []
+    for name, s in seconds.items():
+        med = float(np.median(s))
+        rows.append({"variant": name, "seconds": s, "median_s": med,
+                     "images_per_s": images / med, "vs_generate_only": ceiling / med,
+                     "spread": (max(s) - min(s)) / med})
+    report = {"benchmark": "writing", "config": asdict(cfg), "machine": machine_info(device),
+              "images": images, "rows": rows, "torch_threads": torch.get_num_threads(),
+              "model_note": "built-in random weights" if cfg.model in RANDOM_MODELS
+              else "real weights"}
+    report["files"] = write_json_and_markdown(report, output_base(cfg.out), markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    spread = max(r["spread"] for r in report["rows"])
+    lines = [f"# Writing beside generation: `{c['model']}`", "",
+             f"`attnseg synth` of {report['images']} images at {c['height']}x{c['width']}, "
+             f"{c['steps']} step(s), guidance {c['guidance']}, batch {c['batch_size']}, on "
+             f"{report['machine'].get('device', '?')}; median of {c['repeats']} interleaved "
+             f"runs (after one warm-up round).", "",
+             "| variant | images/s | vs generation alone | spread (min-max / median) |",
+             "|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['variant']} | {r['images_per_s']:.2f} | "
+                     f"{r['vs_generate_only']:.3f}x | {100 * r['spread']:.0f} % |")
+    lines += ["", f"Ratios closer to 1.000x than the largest spread ({100 * spread:.0f} %) are "
+              "within this machine's noise."]
+    if report["model_note"].startswith("built-in"):
+        lines.append(f"Model `{c['model']}` has random weights: its images are noise (JPEGs "
+                     "of noise are larger than of photos, so writing is dearer than usual).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,22 @@
+"""`attnseg bench writing` end to end through the CLI on the tiny model (the path and the
+report's shape; the figures come from `bench/results/writing.*`)."""
+
+from __future__ import annotations
+
+import json
+
+from attnseg.pipeline.cli import main
+
+
+def test_bench_writing_cli_end_to_end(tmp_path, capsys, torch_one_thread):
+    out = tmp_path / "writing"
+    assert main(["bench", "writing", "--out", str(out), "--set", "repeats=1",
+                 "--set", "num_per_class=1", "--set", "batch_size=2", "--set", "height=64",
+                 "--set", "width=64", "--set", "write_workers=3"]) == 0
+    report = json.loads((tmp_path / "writing.json").read_text())
+    names = [r["variant"] for r in report["rows"]]
+    assert names == ["generate only", "write inline", "write pool (3 threads)"]
+    assert report["images"] == 4
+    assert all(r["images_per_s"] > 0 and len(r["seconds"]) == 1 for r in report["rows"])
+    assert report["rows"][0]["vs_generate_only"] == 1.0
+    assert "| write pool (3 threads) |" in capsys.readouterr().out
