@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -274,9 +273,6 @@ class DatasetWriter:
         self._repair_manifest()
         self.done = {r["index"] for r in read_manifest_records(self.root)}
         self._palette = voc_palette()
-        # Samples may be written from several threads (synth.WritePool): files in parallel,
-        # manifest lines one at a time (a failed append cuts its own line back off).
-        self._manifest_lock = threading.Lock()
 
     def _repair_manifest(self) -> None:
         """Cut a torn last line (a kill mid-append) off this writer's own manifest."""
@@ -291,16 +287,25 @@ class DatasetWriter:
     def write(self, index: int, name: str, image: np.ndarray, label: np.ndarray,
               reliability: np.ndarray, record: dict) -> None:
         """Write one finished sample (its files, then its manifest line)."""
+        self.write_files(name, image, label, reliability)
+        self.record(index, name, record)
+
+    def write_files(self, name: str, image: np.ndarray, label: np.ndarray,
+                    reliability: np.ndarray) -> None:
+        """A sample's image, label and reliability files (safe to call from several threads);
+        the sample counts as written only once `record` has added its manifest line."""
         atomic_write_bytes(self.root / "JPEGImages" / f"{name}.jpg", encode_jpeg(image))
         atomic_write_bytes(self.root / "SegmentationClass" / f"{name}.png",
                            encode_png(label, self._palette))
         atomic_write_bytes(self.root / "Reliability" / f"{name}.png", encode_png(reliability))
+
+    def record(self, index: int, name: str, record: dict) -> None:
+        """Append a written sample's manifest line (one thread, in sample order)."""
         entry = {"index": index, "name": name, **record, "model": self.job["model"],
                  "model_hash": self.job["model_hash"], "preset": self.job["preset"],
                  "thresholds": self.job["mask"]}
-        with self._manifest_lock:
-            append_line(self.manifest, (json.dumps(entry, sort_keys=True) + "\n").encode())
-            self.done.add(index)
+        append_line(self.manifest, (json.dumps(entry, sort_keys=True) + "\n").encode())
+        self.done.add(index)
 
     def finish(self) -> None:
         write_split(self.root)

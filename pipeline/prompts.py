@@ -172,13 +172,16 @@ def find_word(text: str, word: str) -> int:
 
 
 def find_word_tokens(tokenizer, prompt: str, word: str) -> list[int]:
-    """Positions (in the padded, BOS-prefixed token sequence) of `word`'s tokens in `prompt`.
+    """Positions (in the padded token sequence the text encoder sees, special tokens
+    included) of `word`'s tokens in `prompt`.
 
-    CLIP tokenisers split text into words before BPE, so the tokens of a prefix that ends at a
-    word boundary are a prefix of the prompt's tokens: the word's tokens are those between the
-    prefix before it and the prefix through it. Raises UserError naming the prompt when the word
-    is absent, vanishes in tokenisation, becomes the unknown token, or falls beyond the text
-    encoder's context.
+    CLIP's BPE and T5's sentencepiece both split text into words first, so the tokens of a
+    prefix that ends at a word boundary (trailing spaces dropped: sentencepiece would make one a
+    token of its own) are a prefix of the prompt's tokens: the word's tokens are those between
+    the prefix before it and the prefix through it. Positions are shifted past the special
+    tokens the tokenizer puts first (CLIP's BOS; T5 has none). Raises UserError naming the
+    prompt when the word is absent, vanishes in tokenisation, becomes the unknown token, or
+    falls beyond the text encoder's context.
     """
     start = find_word(prompt, word)
     if start < 0:
@@ -187,7 +190,8 @@ def find_word_tokens(tokenizer, prompt: str, word: str) -> list[int]:
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False, truncation=False).input_ids
 
-    before = ids(prompt[:start])
+    lead, n_special = special_token_layout(tokenizer)
+    before = ids(prompt[:start].rstrip())
     through = ids(prompt[: start + len(word)])
     full = ids(prompt)
     pos = list(range(len(before), len(through)))
@@ -200,13 +204,24 @@ def find_word_tokens(tokenizer, prompt: str, word: str) -> list[int]:
             f"class word {word!r} becomes the tokenizer's unknown or special token in prompt "
             f"{prompt!r}"
         )
-    limit = tokenizer.model_max_length - 2  # BOS and EOS take two places
+    limit = tokenizer.model_max_length - n_special  # e.g. CLIP's BOS and EOS, T5's EOS
     if pos[-1] >= limit:
         raise UserError(
             f"class word {word!r} lies beyond the {tokenizer.model_max_length}-token context "
             f"in prompt {prompt!r}"
         )
-    return [p + 1 for p in pos]  # shift past BOS
+    return [p + lead for p in pos]
+
+
+def special_token_layout(tokenizer) -> tuple[int, int]:
+    """(special tokens before the text, special tokens in all) that `tokenizer` adds: (1, 2)
+    for CLIP (BOS, EOS), (0, 1) for T5 (EOS)."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    full = tokenizer("a", add_special_tokens=True).input_ids
+    for lead in range(len(full) - len(plain) + 1):
+        if full[lead : lead + len(plain)] == plain:
+            return lead, len(full) - len(plain)
+    raise UserError(f"cannot tell where the text starts in {type(tokenizer).__name__}'s tokens")
 
 
 def class_token_weights(tokenizer, specs: list[PromptSpec], merge: str = "sum"):

@@ -194,10 +194,12 @@ class WritePool:
     """Encodes and writes samples on worker threads while the next batch generates.
 
     JPEG/PNG encoding and fsync release the GIL, so at few-step rates the generator does not
-    wait on the disk. At most `max_pending` samples are in flight (memory stays bounded; the
-    generator waits when the disk falls behind). A failed write is raised on the next submit
-    or at `drain`; samples not yet written are simply absent from the manifest, so a resumed
-    run regenerates them. workers=0 writes inline.
+    wait on the disk. Each job may have a `then` step that runs on the calling thread, in
+    submission order, once the job is done (the manifest line: the manifest stays in sample
+    order). At most `max_pending` jobs are in flight (memory stays bounded; the generator
+    waits when the disk falls behind). A failed job is raised on a later submit or at `drain`;
+    samples whose line was not written are absent from the manifest, so a resumed run
+    regenerates them. workers=0 runs every job inline.
     """
 
     def __init__(self, workers: int, max_pending: int):
@@ -207,22 +209,35 @@ class WritePool:
             if workers > 0 else None
         self._pending: deque = deque()
 
-    def submit(self, fn, *args) -> None:
+    def submit(self, fn, *args, then=None) -> None:
         if self._pool is None:
             fn(*args)
+            if then is not None:
+                then()
             return
         while len(self._pending) >= self.max_pending:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(fn, *args))
+            self._finish_oldest()
+        self._pending.append((self._pool.submit(fn, *args), then))
+
+    def _finish_oldest(self) -> None:
+        future, then = self._pending.popleft()
+        future.result()
+        if then is not None:
+            then()
 
     def drain(self) -> None:
-        """Wait for every submitted write; the first failure is raised (after all finished)."""
+        """Finish every submitted job in order; after a failure the later jobs still finish
+        (nothing is left running) but their `then` steps are skipped; the failure is raised."""
         error = None
         while self._pending:
-            try:
-                self._pending.popleft().result()
-            except BaseException as e:  # keep draining: no write is left running
-                error = error or e
+            if error is None:
+                try:
+                    self._finish_oldest()
+                except BaseException as e:
+                    error = e
+            else:
+                future, _ = self._pending.popleft()
+                future.exception()  # wait; its own error, if any, is secondary
         if error is not None:
             raise error
 
@@ -236,8 +251,9 @@ class WritePool:
 
 def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], batch_size: int,
                 bar, pool: WritePool) -> int:
-    """Generate a unit's batches and hand its samples that are not done to `pool` (which
-    writes them into `sink`); returns how many. The caller drains the pool."""
+    """Generate a unit's batches and hand its samples that are not done to `pool` (files on
+    its threads, manifest lines in order; a sink without `write_files` writes on one thread);
+    returns how many. The caller drains the pool."""
     written = 0
     for start in range(0, len(unit), batch_size):
         batch = unit[start : start + batch_size]
@@ -245,11 +261,17 @@ def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], ba
         for j, s in enumerate(batch):
             if s.index in done:
                 continue  # written before an interruption: generated only as a companion
-            pool.submit(sink.write, s.index, s.name, images[j], labels[j], reliability[j], {
+            record = {
                 "prompt": s.spec.text,
                 "classes": [{"id": c.id, "name": c.name, "word": w} for c, w in s.spec.labels],
                 "seed": s.seed,
-            })
+            }
+            if hasattr(sink, "write_files"):
+                pool.submit(sink.write_files, s.name, images[j], labels[j], reliability[j],
+                            then=lambda s=s, record=record: sink.record(s.index, s.name, record))
+            else:
+                pool.submit(sink.write, s.index, s.name, images[j], labels[j], reliability[j],
+                            record)
             written += 1
         if bar is not None:
             bar.update(len(batch))

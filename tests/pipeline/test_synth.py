@@ -178,14 +178,15 @@ def test_write_pool_writes_the_same_bytes_as_inline(tmp_path, fmt, torch_one_thr
                          and p.suffix in (".jpg", ".png", ".tar")}
     assert outs[0] and outs[0].keys() == outs[3].keys()
     assert all(outs[0][k] == outs[3][k] for k in outs[0])
-    if fmt == "voc":
-        assert sorted(_manifest_indices(tmp_path / "w3")) == list(range(8))
+    if fmt == "voc":  # the manifest in sample order, as inline
+        assert _manifest_indices(tmp_path / "w3") == _manifest_indices(tmp_path / "w0") \
+            == list(range(8))
 
 
 def test_write_pool_raises_the_first_failure_after_all_finish():
     from attnseg.pipeline.synth import WritePool
 
-    done = []
+    done, recorded = [], []
 
     def write(i):
         if i == 1:
@@ -194,14 +195,23 @@ def test_write_pool_raises_the_first_failure_after_all_finish():
 
     pool = WritePool(workers=2, max_pending=8)  # no submit waits: the error shows at close
     for i in range(4):
-        pool.submit(write, i)
+        pool.submit(write, i, then=lambda i=i: recorded.append(i))
     with pytest.raises(OSError, match="No space"):
         pool.close()
-    assert sorted(done) == [0, 2, 3] and not pool._pending  # the others all finished
-    # With a short queue the failure shows at a later submit instead.
+    # Every job ran; the steps after the failure were not taken (their samples stay unwritten
+    # in the manifest, so a resumed run makes them again).
+    assert sorted(done) == [0, 2, 3] and recorded == [0] and not pool._pending
+    # With a short queue the failure shows at a later submit instead; steps run in order.
     done.clear()
-    pool = WritePool(workers=1, max_pending=1)
+    recorded.clear()
+    pool = WritePool(workers=3, max_pending=1)
     with pytest.raises(OSError, match="No space"):
         for i in range(4):
-            pool.submit(write, i)
+            pool.submit(write, i, then=lambda i=i: recorded.append(i))
     pool.close()
+    assert recorded == [0]
+    pool = WritePool(workers=3, max_pending=4)
+    for i in (0, 2, 3, 4, 5):
+        pool.submit(write, i, then=lambda i=i: recorded.append(i))
+    pool.close()
+    assert recorded == [0, 0, 2, 3, 4, 5]
