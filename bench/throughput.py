@@ -44,7 +44,13 @@ from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.harvest import AttentionHarvester
 from attnseg.pipeline.masks import masks_from_harvest
-from attnseg.pipeline.models import RANDOM_MODELS, default_size, load_pipeline
+from attnseg.pipeline.models import (
+    RANDOM_MODELS,
+    default_size,
+    denoiser,
+    generation_kwargs,
+    load_pipeline,
+)
 from attnseg.pipeline.prompts import class_token_weights, default_prompts, load_classes
 
 VARIANTS = ("stock", "harvest", "store_every_map")
@@ -148,7 +154,7 @@ class _ComponentClock:
         self.seconds = dict.fromkeys(COMPONENTS, 0.0)
         self._handles = []
         self._starts: dict[str, float] = {}
-        for name, module in (("text_encoder", pipe.text_encoder), ("unet", pipe.unet)):
+        for name, module in (("text_encoder", pipe.text_encoder), ("unet", denoiser(pipe))):
             self._handles.append(module.register_forward_pre_hook(self._start(name)))
             self._handles.append(module.register_forward_hook(self._stop(name)))
         self._pipe = pipe
@@ -238,9 +244,9 @@ class _Bench:
             self.harvester = engine_harvester
             return
         self.stock_processor = AttnProcessor2_0()
-        self.harvester = AttentionHarvester(pipe.unet, self.preset.harvest)
+        self.harvester = AttentionHarvester(denoiser(pipe), self.preset.harvest)
         self.harvest_timer = HarvestTimer(self.harvester, device)
-        self.harvest_processors = dict(pipe.unet.attn_processors)
+        self.harvest_processors = dict(denoiser(pipe).attn_processors)
         self.store: list = []
         self.store_processors = {
             n: StoreEveryMapProcessor(self.store) if ".attn2." in n else p
@@ -254,12 +260,13 @@ class _Bench:
     def _generate(self, case: _Case):
         return self.pipe(case.prompts, height=self.size[0], width=self.size[1],
                          num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance,
-                         latents=case.latents.clone(), output_type="np").images
+                         latents=case.latents.clone(), output_type="np",
+                         **generation_kwargs(self.pipe)).images
 
     def _harvest(self, case: _Case) -> int:
         clock, preset = self.clock, self.preset
         if not self.engine:
-            self.pipe.unet.set_attn_processor(dict(self.harvest_processors))  # it pops entries
+            denoiser(self.pipe).set_attn_processor(dict(self.harvest_processors))  # it pops entries
             self.harvest_timer.reset()
         with self.harvester.capture(case.weights, self.size, self.cfg.steps) as cap:
             images = self._generate(case)
@@ -280,7 +287,7 @@ class _Bench:
         return cap.nbytes()
 
     def _store_every_map(self, case: _Case) -> int:
-        self.pipe.unet.set_attn_processor(dict(self.store_processors))
+        denoiser(self.pipe).set_attn_processor(dict(self.store_processors))
         self.store.clear()
         self._generate(case)
         held = sum(p.numel() * p.element_size() for p in self.store)
@@ -299,7 +306,7 @@ class _Bench:
         with PeakRSS() as mem:
             start = self.clock.now()
             if variant == "stock":
-                self.pipe.unet.set_attn_processor(self.stock_processor)
+                denoiser(self.pipe).set_attn_processor(self.stock_processor)
                 self._generate(case)
                 held = 0
             elif variant == "harvest":
@@ -355,7 +362,7 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
             specs = [prompts[classes[i % len(classes)].name][0] for i in range(bs)]
             weights, ids = class_token_weights(pipe.tokenizer, specs)
             f = pipe.vae_scale_factor
-            latents = torch.randn(bs, pipe.unet.config.in_channels, size[0] // f, size[1] // f,
+            latents = torch.randn(bs, denoiser(pipe).config.in_channels, size[0] // f, size[1] // f,
                                   generator=torch.Generator().manual_seed(0))
             writer = DatasetWriter(Path(tmp) / f"{backend}-{bs}", {
                 "model": cfg.model, "model_hash": "", "preset": cfg.preset, "mask": {}}, classes)
@@ -418,7 +425,7 @@ def _measure_engine(cfg: ThroughputConfig, pipe, device, size: tuple[int, int],
                             batch_size=max(c.batch_size for c in cases),
                             backend=cases[0].backend)
     # Export/compile the stock UNet, not whichever torch variant ran last.
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    denoiser(pipe).set_attn_processor(AttnProcessor2_0())
     harvester = engine_harvester(synth_cfg, pipe, get_preset(cfg.preset, pipe.vae_scale_factor))
     bench = _Bench(cfg, pipe, device, size, engine_harvester=harvester)
     # Never fewer than one warm-up: an engine's first call compiles or allocates.

@@ -66,8 +66,19 @@ def stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
     return out, query, key
 
 
+def key_validity(attention_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+    """[batch, keys] bool: the keys an attention mask lets every query see. Masks come as
+    bool (True: attend) or as an additive bias (0: attend, a large negative number: not),
+    broadcast over heads and queries: [batch, 1, keys] or [batch, heads, queries, keys]."""
+    m = attention_mask.reshape(batch, -1, attention_mask.shape[-1])[:, 0, -keys:]
+    return m if m.dtype == torch.bool else m > -1.0
+
+
 def block_of(name: str) -> str:
-    """The UNet block ("down", "mid", "up", else "other") an attention module belongs to."""
+    """The UNet block ("down", "mid", "up"), "transformer" for a DiT's blocks (PixArt), else
+    "other", an attention module belongs to."""
+    if name.startswith("transformer_blocks"):
+        return "transformer"
     if name.startswith("down_blocks"):
         return "down"
     if name.startswith("mid_block"):
@@ -123,12 +134,17 @@ class ObservingAttnProcessor:
         self.name = name
         self.block = block_of(name)
         self.cross = cross
+        # Which keys the current call may attend to, [batch, L] bool, or None for all: T5
+        # text encoders (PixArt) pad the prompt and mask the padding out of cross-attention.
+        self.key_valid: torch.Tensor | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         out, query, key = stock_attention(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb
         )
+        self.key_valid = None if attention_mask is None else key_validity(
+            attention_mask, query.shape[0], key.shape[2])
         # Looked up at each call, so a benchmark can wrap the observer's method to time it.
         self.observer.observe(self, attn, query, key)
         return out

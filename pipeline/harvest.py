@@ -76,6 +76,20 @@ class _Capture:
     def batch(self) -> int:
         return self.token_weights.shape[0]
 
+    def weights_for(self, keys: int) -> torch.Tensor:
+        """The token weights for a layer with `keys` text keys: a tokenizer's context may be
+        longer than the encoder's (PixArt: 300 of T5's 512) or shorter; positions past the
+        weights' length carry no class."""
+        w = self.token_weights
+        if w.shape[1] == keys:
+            return w
+        if w.shape[1] > keys:
+            if bool(w[:, keys:].any()):
+                raise UserError(f"a class word lies past the {keys} text tokens the model "
+                                "attends to; shorten the prompt")
+            return w[:, :keys]
+        return torch.nn.functional.pad(w, (0, 0, 0, keys - w.shape[1]))
+
     def active(self) -> bool:
         return self.step in self.steps
 
@@ -86,6 +100,28 @@ class _Capture:
         if self.self_sum is not None:
             total += self.self_sum.numel() * self.self_sum.element_size()
         return total
+
+
+def valid_prefix_lengths(valid: torch.Tensor) -> list[int]:
+    """Per sample, how many keys are valid, from a [B, L] mask whose valid keys come first
+    (a padded prompt: what T5 pipelines pass). Other masks are refused."""
+    lengths = valid.sum(dim=1).tolist()
+    for row, n in zip(valid, lengths, strict=True):
+        if not bool(row[:n].all()):
+            raise RuntimeError("cross-attention masks that are not a padded prefix are not "
+                               "supported by the harvester")
+    return [int(n) for n in lengths]
+
+
+def _accumulate(query, key, weights, out, lengths, **kwargs) -> None:
+    """`accumulate_class_attention`, with padded keys left out: each sample's softmax runs over
+    its own valid keys (the fused kernel on each sample's key prefix)."""
+    if lengths is None:
+        accumulate_class_attention(query, key, weights, out, **kwargs)
+        return
+    for i, n in enumerate(lengths):
+        accumulate_class_attention(query[i : i + 1], key[i : i + 1, :, :n],
+                                   weights[i : i + 1, :n], out[i : i + 1], **kwargs)
 
 
 class AttentionHarvester:
@@ -149,8 +185,10 @@ class AttentionHarvester:
         cfg = self.config
         b = capture.batch
         total = query.shape[0]
+        valid = proc.key_valid if proc.cross else None
         if total == 2 * b:  # classifier-free guidance: [uncond, cond]; keep the cond half
             query, key = query[b:], key[b:]
+            valid = None if valid is None else valid[b:]
         elif total != b:
             raise RuntimeError(
                 f"attention batch {total} is neither the harvested batch {b} nor twice it"
@@ -160,13 +198,20 @@ class AttentionHarvester:
             if stride == cfg.refine_stride:
                 self._observe_self(query, key, attn.scale, capture)
             return
-        if stride not in cfg.strides or proc.block not in cfg.blocks:
+        # `blocks` names UNet blocks; a DiT's layers are all of one kind and always taken.
+        if stride not in cfg.strides or (proc.block != "transformer" and
+                                         proc.block not in cfg.blocks):
             return
-        weights = capture.token_weights
+        weights = capture.weights_for(key.shape[2])
+        lengths = None
+        if valid is not None and not bool(valid.all()):
+            lengths = valid_prefix_lengths(valid)
         if cfg.accumulate == "per_head":
             # Per-head maps (DAAM's order needs them apart until the end): plain torch ops.
-            probs = torch.softmax(torch.matmul(query.float(), key.float().transpose(-1, -2))
-                                  * attn.scale, dim=-1)  # [B, H, N, L]
+            logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+            if lengths is not None:
+                logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)  # [B, H, N, L]
             maps = torch.matmul(probs, weights[:, None])  # [B, H, N, C]
             maps = maps.transpose(2, 3).reshape(b, query.shape[1], weights.shape[2], h, w)
             held = capture.head_sums.get(proc.name)
@@ -178,7 +223,7 @@ class AttentionHarvester:
                 out = capture.sums[stride] = query.new_zeros(
                     (b, weights.shape[2], h, w), dtype=torch.float32
                 )
-            accumulate_class_attention(query, key, weights, out, hw=(h, w), scale=attn.scale)
+            _accumulate(query, key, weights, out, lengths, hw=(h, w), scale=attn.scale)
             capture.counts[stride] = capture.counts.get(stride, 0.0) + 1.0
         else:
             cs = cfg.combine_stride
@@ -190,10 +235,8 @@ class AttentionHarvester:
                 )
             wgt = cfg.stride_weights.get(stride, 1.0)
             mode = "none" if (h, w) == size else cfg.accumulate_mode
-            accumulate_class_attention(
-                query, key, weights, out, hw=(h, w), scale=attn.scale, weight=wgt,
-                mode=mode, clamp=cfg.clamp_each_step,
-            )
+            _accumulate(query, key, weights, out, lengths, hw=(h, w), scale=attn.scale,
+                        weight=wgt, mode=mode, clamp=cfg.clamp_each_step)
             capture.counts[cs] = capture.counts.get(cs, 0.0) + wgt
 
     def _observe_self(self, query, key, scale, capture: _Capture) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import UserError, first_line
 
-RANDOM_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random")
+RANDOM_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-pixart")
 # `toy`: the toy world's trained model (pipeline/toy_model.py), a diffusers folder shipped in
 # the package and loaded like any other folder.
 BUILTIN_MODELS = RANDOM_MODELS + ("toy",)
@@ -27,7 +27,7 @@ _WEIGHT_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "vae")
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
             "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart"}
-SUPPORTED_FAMILIES = ("sd", "sdxl")
+SUPPORTED_FAMILIES = ("sd", "sdxl", "pixart")
 
 
 def model_family(pipe_or_class) -> str:
@@ -41,14 +41,45 @@ def _check_family(model: str, class_name: str) -> None:
     family = model_family(class_name)
     if family not in SUPPORTED_FAMILIES:
         raise UserError(f"model {model!r} is a {class_name} ({family}); harvesting supports "
-                        "Stable Diffusion 1.x/2.x and SDXL UNets")
+                        "Stable Diffusion 1.x/2.x, SDXL and PixArt")
+
+
+def denoiser(pipe):
+    """The network that denoises: the UNet of SD/SDXL, the transformer of PixArt."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
+# PixArt-Sigma's T5 context (its pipeline's default; the tokenizer allows more).
+PIXART_MAX_TOKENS = 300
+
+
+def generation_kwargs(pipe) -> dict:
+    """Keyword arguments a family's pipeline call needs beyond the common ones: PixArt
+    generates at the asked size (no aspect-ratio binning, which would resize the image after
+    the attention was harvested at another size), without caption cleaning (it needs extra
+    packages and rewrites the words the class tokens were located in), with a T5 context that
+    the class-token weights match."""
+    if model_family(pipe) != "pixart":
+        return {}
+    return {"use_resolution_binning": False, "clean_caption": False,
+            "max_sequence_length": text_length(pipe.tokenizer, pipe)}
+
+
+def text_length(tokenizer, pipe=None) -> int:
+    """Text tokens the denoiser attends to: the tokenizer's context (CLIP: 77), or PixArt's
+    T5 context (300, or the tokenizer's if shorter)."""
+    if pipe is not None and model_family(pipe) == "pixart":
+        return min(PIXART_MAX_TOKENS, tokenizer.model_max_length)
+    return tokenizer.model_max_length
 
 
 def default_size(model: str) -> int:
     """The image size a model generates by default: 128 for the tiny models, 64 for the toy
     model (the size it was trained at), 1024 for sdxl-random, else 512 (a real SDXL
     checkpoint's native 1024 is asked for with --height/--width)."""
-    return {"tiny": 128, "tiny-sdxl": 128, "toy": 64, "sdxl-random": 1024}.get(model, 512)
+    return {"tiny": 128, "tiny-sdxl": 128, "tiny-pixart": 128, "toy": 64,
+            "sdxl-random": 1024}.get(model, 512)
 
 
 def shipped_model_path() -> Path:
@@ -135,7 +166,8 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
 
     builders = {"tiny": tiny.build_tiny_pipeline, "sd15-random": tiny.build_sd15_random_pipeline,
                 "tiny-sdxl": tiny.build_tiny_sdxl_pipeline,
-                "sdxl-random": tiny.build_sdxl_random_pipeline}
+                "sdxl-random": tiny.build_sdxl_random_pipeline,
+                "tiny-pixart": tiny.build_tiny_pixart_pipeline}
     if model in builders:
         pipe = builders[model](dtype=dtype)
     else:
@@ -236,21 +268,21 @@ def _load_failure(e: Exception) -> str:
 def load_tokenizer(model: str, allow_pickle: bool = False):
     """The text tokenizer of a model, without its weights where the model is a folder or hub
     id (a single .safetensors checkpoint is loaded whole: its tokenizer comes from its config)."""
-    if model in RANDOM_MODELS:  # the built-in models share the generated tokenizer
-        from .tiny import tiny_tokenizer
+    if model in RANDOM_MODELS:  # the built-in models share a generated vocabulary
+        from .tiny import tiny_t5_tokenizer, tiny_tokenizer
 
-        return tiny_tokenizer()
+        return tiny_t5_tokenizer() if model == "tiny-pixart" else tiny_tokenizer()
     path = check_model_path(model, allow_pickle)
     if path.is_file():
         import torch
 
         return load_pipeline(model, torch.device("cpu"), torch.float32,
                              allow_pickle=allow_pickle).tokenizer
-    from transformers import CLIPTokenizer
+    from transformers import AutoTokenizer
 
     model = model_source(model)
     try:
-        return CLIPTokenizer.from_pretrained(str(path) if path.exists() else model,
+        return AutoTokenizer.from_pretrained(str(path) if path.exists() else model,
                                              subfolder="tokenizer")
     except Exception as e:  # hub/transformers raise many types; report them on one line
         raise UserError(f"could not load the tokenizer of model {model!r}: {first_line(e)}") \
@@ -277,6 +309,6 @@ def weights_fingerprint(modules, keep=lambda name: True) -> str:
 
 
 def model_fingerprint(pipe) -> str:
-    """The content hash of a pipeline's UNet and text encoder(s) weights."""
-    return weights_fingerprint([pipe.unet, pipe.text_encoder] + (
+    """The content hash of a pipeline's denoiser and text encoder(s) weights."""
+    return weights_fingerprint([denoiser(pipe), pipe.text_encoder] + (
         [pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) is not None else []))

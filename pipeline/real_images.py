@@ -25,6 +25,7 @@ from .config import Preset
 from .errors import UserError
 from .harvest import AttentionHarvester
 from .masks import combine_maps, masks_from_harvest, refine_maps
+from .models import model_family
 from .prompts import ClassInfo, PromptSpec, class_token_weights, fill_template
 from .seeds import sample_seed
 
@@ -73,6 +74,12 @@ class RealImageLabeller:
 
     def __init__(self, pipe, preset: Preset, cfg: RealImageConfig):
         cfg.validate()
+        family = model_family(pipe)
+        if family != "sd":
+            # It calls the UNet itself (noise prediction on noised images) with SD's inputs;
+            # SDXL's added conditioning and PixArt's transformer inputs are not built here.
+            raise UserError(f"labelling real images supports Stable Diffusion 1.x/2.x models; "
+                            f"this one is {family}")
         self.pipe = pipe
         self.cfg = cfg
         self.harvest_cfg = replace(preset.harvest, step_window=(0.0, 1.0))

@@ -32,6 +32,8 @@ from .lora import check_loras, parse_lora_spec
 from .masks import masks_from_harvest
 from .models import (
     default_size,
+    denoiser,
+    generation_kwargs,
     latent_stride,
     load_pipeline,
     model_fingerprint,
@@ -119,16 +121,17 @@ class Synthesizer:
         self.steps = steps
         self.guidance = guidance
         # An engine backend passes its own harvester (attnseg.engines.harvest.EngineHarvester).
-        self.harvester = harvester or AttentionHarvester(pipe.unet, preset.harvest)
+        self.harvester = harvester or AttentionHarvester(denoiser(pipe), preset.harvest)
         self.timings = {"generate": 0.0, "masks": 0.0}
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         """Per-sample Gaussian latents from CPU generators, so any device gives the same noise."""
         pipe = self.pipe
-        shape = (pipe.unet.config.in_channels, self.size[0] // pipe.vae_scale_factor,
+        net = denoiser(pipe)
+        shape = (net.config.in_channels, self.size[0] // pipe.vae_scale_factor,
                  self.size[1] // pipe.vae_scale_factor)
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.stack(noise).to(device=pipe.device, dtype=pipe.unet.dtype)
+        return torch.stack(noise).to(device=pipe.device, dtype=net.dtype)
 
     def check_prompts(self, specs: list[PromptSpec]) -> None:
         """Fail early, naming the prompt, if any class word does not survive tokenisation."""
@@ -150,7 +153,7 @@ class Synthesizer:
             images = self.pipe(
                 [s.text for s in specs], height=self.size[0], width=self.size[1],
                 num_inference_steps=self.steps, guidance_scale=self.guidance, latents=latents,
-                generator=generators, output_type="np",
+                generator=generators, output_type="np", **generation_kwargs(self.pipe),
             ).images
         t1 = time.perf_counter()
         labels, reliability = masks_from_harvest(

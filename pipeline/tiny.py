@@ -15,6 +15,11 @@ its pooled output and the size/crop ids feeding the UNet's added conditioning), 
 cross-attention at the first level (stride 8), transformer depth 1 then 2, linear projections;
 random weights. `sdxl-random`: SDXL 1.0's exact architecture (UNet 2.6 G parameters) with random
 weights, for GPU benchmarks at 1024x1024.
+
+`tiny-pixart`: PixArt-Sigma's layout in miniature: a T5 encoder (relative attention, no BOS,
+padding masked out of the cross-attention) over a generated sentencepiece (Unigram) vocabulary,
+a DiT with patch size 2 (every layer at one resolution: stride 16), cross-attention in every
+block; random weights.
 """
 
 from __future__ import annotations
@@ -267,3 +272,57 @@ def build_sdxl_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
              up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024,
              scaling_factor=0.13025),
     )
+
+
+def tiny_t5_tokenizer(words=None, max_length: int = 64):
+    """A T5-style (sentencepiece Unigram, "\u2581" word marks, EOS appended, no BOS) fast
+    tokenizer over a generated vocabulary in which each of `words` (default: the tiny model's)
+    is one token; any other word spells out in letters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = list(dict.fromkeys(TINY_WORDS if words is None else words))
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789.,-'"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words] + [("\u2581", -3.0)]
+    vocab += [(c, -5.0) for c in letters]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                           pad_token="<pad>", model_max_length=max_length, extra_ids=0)
+
+
+def build_tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """PixArt-Sigma's layout in miniature with random weights, identical for a given seed."""
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    # eval(): modules built in code start in training mode, and T5 has dropout.
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).eval()
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        in_channels=4, out_channels=8, patch_size=2, cross_attention_dim=16,
+        caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8, 8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+                        norm_num_groups=4, sample_size=128)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02,
+                                            beta_schedule="linear")
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                               transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -20,7 +20,16 @@ from attnseg.pipeline.masks import combine_maps, refine_maps
 from attnseg.pipeline.models import _single_file_class, load_pipeline, model_family
 from attnseg.pipeline.prompts import class_token_weights, load_classes
 
-from .test_harvest import SIZE, _latents, _naive_maps, _run, _specs, _Store, _StoreEverything
+from .test_harvest import (
+    PROMPTS,
+    SIZE,
+    _latents,
+    _naive_maps,
+    _run,
+    _specs,
+    _Store,
+    _StoreEverything,
+)
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +197,121 @@ def test_engines_refuse_sdxl_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "support Stable Diffusion 1.x/2.x UNets" in err and "sdxl" in err
     assert "Traceback" not in err
+
+
+# ---- PixArt-Sigma (a DiT with T5: one resolution, padded text keys masked out)
+
+
+@pytest.fixture(scope="module")
+def pixart_pipe():
+    from attnseg.pipeline.tiny import build_tiny_pixart_pipeline
+
+    return build_tiny_pixart_pipeline(seed=0)
+
+
+def _run_pixart(pipe, latents, steps, guidance=4.5):
+    from attnseg.pipeline.models import generation_kwargs
+
+    return pipe(PROMPTS, height=SIZE[0], width=SIZE[1], num_inference_steps=steps,
+                guidance_scale=guidance, latents=latents.clone(), output_type="pt",
+                **generation_kwargs(pipe)).images
+
+
+def test_t5_token_positions(pixart_pipe):
+    from attnseg.pipeline.prompts import find_word_tokens, special_token_layout
+
+    tok = pixart_pipe.tokenizer
+    assert special_token_layout(tok) == (0, 1)  # no BOS; EOS at the end
+    text = "a photo of a dog and an aeroplane"
+    ids = tok(text).input_ids
+    assert tok.convert_ids_to_tokens([ids[i] for i in find_word_tokens(tok, text, "dog")]) \
+        == ["\u2581dog"]
+    plane = find_word_tokens(tok, text, "aeroplane")  # not in the vocabulary: spelt out
+    assert "".join(tok.convert_ids_to_tokens([ids[i] for i in plane])) == "\u2581aeroplane"
+
+
+def test_pixart_images_equal_stock_and_padding_is_left_out(pixart_pipe, classes,
+                                                           torch_one_thread):
+    from attnseg.pipeline.models import denoiser, model_family
+
+    assert model_family(pixart_pipe) == "pixart"
+    latents = _latents(pixart_pipe)
+    stock = _run_pixart(pixart_pipe, latents, steps=3)
+    weights, _ = class_token_weights(pixart_pipe.tokenizer, _specs(classes))
+    harvester = AttentionHarvester(denoiser(pixart_pipe), get_preset("attnseg").harvest)
+    seen = []
+    observe = harvester.observe
+    harvester.observe = lambda proc, *a: (seen.append(proc.key_valid), observe(proc, *a))[1]
+    try:
+        with harvester.capture(weights, SIZE, num_steps=3) as cap:
+            ours = _run_pixart(pixart_pipe, latents, steps=3)
+    finally:
+        harvester.remove()
+    assert torch.equal(ours, stock)
+    assert set(cap.result.maps) == {16}  # patch 2 on the 8x latent: one resolution
+    valid = next(v for v in seen if v is not None)
+    assert not bool(valid.all())  # the prompts were padded, and the padding masked
+
+
+@pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "daam"])
+def test_pixart_maps_equal_naive_reference(pixart_pipe, classes, preset_name):
+    from attnseg.pipeline.models import denoiser
+
+    preset = get_preset(preset_name)
+    steps = 3
+    weights, _ = class_token_weights(pixart_pipe.tokenizer, _specs(classes),
+                                     preset.harvest.token_merge)
+    latents = _latents(pixart_pipe, seed=1)
+    net = denoiser(pixart_pipe)
+    harvester = AttentionHarvester(net, preset.harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+            _run_pixart(pixart_pipe, latents, steps)
+    finally:
+        harvester.remove()
+    ours = combine_maps(cap.result, preset.harvest)
+    store = _Store()
+    net.set_attn_processor({name: _StoreEverything(store, name.rsplit(".processor", 1)[0])
+                            for name in net.attn_processors})
+    hook = net.register_forward_pre_hook(lambda *a: setattr(store, "step", store.step + 1))
+    try:
+        _run_pixart(pixart_pipe, latents, steps)
+    finally:
+        hook.remove()
+        net.set_attn_processor(AttnProcessor2_0())
+    ref = _naive_maps(store, preset, weights, steps)
+    scale = ref.abs().max().item()
+    assert ours.shape == ref.shape and scale > 0
+    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+def test_pixart_synth_end_to_end(tmp_path, torch_one_thread):
+    out = tmp_path / "px"
+    assert main(["synth", "--model", "tiny-pixart", "--classes", "dog,cat", "--steps", "2",
+                 "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
+    assert len(list((out / "SegmentationClass").glob("*.png"))) == 2
+    assert json.loads((out / "job.json").read_text())["model"] == "tiny-pixart"
+
+
+def test_pixart_memory_does_not_grow_with_steps(pixart_pipe, classes):
+    from attnseg.pipeline.models import denoiser
+
+    weights, _ = class_token_weights(pixart_pipe.tokenizer, _specs(classes))
+    harvester = AttentionHarvester(denoiser(pixart_pipe), get_preset("daam").harvest)
+    sizes = {}
+    try:
+        for steps in (2, 5):
+            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+                _run_pixart(pixart_pipe, _latents(pixart_pipe), steps)
+            sizes[steps] = cap.nbytes()
+    finally:
+        harvester.remove()
+    assert sizes[2] == sizes[5] > 0
+
+
+def test_real_image_labelling_refuses_other_families(sdxl_pipe):
+    from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
+
+    with pytest.raises(UserError, match="supports Stable Diffusion 1.x/2.x models; this one "
+                       "is sdxl"):
+        RealImageLabeller(sdxl_pipe, get_preset("attnseg"), RealImageConfig())

@@ -50,7 +50,11 @@ class _StoreEverything:
         q = attn.to_q(hidden_states).view(b, n, heads, -1).transpose(1, 2)
         k = attn.to_k(ctx).view(b, ctx.shape[1], heads, -1).transpose(1, 2)
         v = attn.to_v(ctx).view(b, ctx.shape[1], heads, -1).transpose(1, 2)
-        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+        logits = q @ k.transpose(-1, -2) * attn.scale
+        if attention_mask is not None:  # padded text keys (T5), as the stock processor
+            logits = logits + attn.prepare_attention_mask(
+                attention_mask, ctx.shape[1], b).view(b, heads, -1, ctx.shape[1])
+        probs = torch.softmax(logits, dim=-1)
         self.store.append((self.name, self.store.step, probs.detach().clone()))
         out = (probs @ v).transpose(1, 2).reshape(b, n, -1)
         return attn.to_out[1](attn.to_out[0](out))
@@ -83,8 +87,8 @@ def _naive_maps(store, preset, token_weights, num_steps):
             if stride == cfg.refine_stride:
                 self_maps.append(cond.mean(1))
             continue
-        if stride not in cfg.strides or block not in cfg.blocks:
-            continue
+        if stride not in cfg.strides or (block != "transformer" and block not in cfg.blocks):
+            continue  # `blocks` names UNet blocks; a DiT's are always taken
         if cfg.accumulate == "per_head":  # DAAM: a step-sum per (layer, head), native size
             per = torch.einsum("bhnl,blc->bhcn", cond, token_weights)
             per = per.reshape(B, cond.shape[1], -1, h, w)
