@@ -421,5 +421,53 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, base: Path) -> list[str]:
-    return write_json_and_markdown(report, base, markdown(report))
+    files = write_json_and_markdown(report, base, markdown(report))
+    png = with_suffix(base, ".png")
+    if plot(report, png):
+        files.append(str(png))
+    return files
+
+
+def plot(report: dict, path: Path) -> bool:
+    """Test mIoU of every row (mean and seed spread) as bars, trivial baselines in grey, and
+    the downstream pair; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    b = report["baselines"]
+    rows = [("all background", b["all_background"], 0.0, "0.6"),
+            ("colour threshold", b["colour_threshold"], 0.0, "0.6")]
+    for name, r in report["pseudo_masks"].items():
+        rows.append((name, r["mean"], r["std"], "C0"))
+    t = report["tuned_threshold"]
+    rows.append((f"attnseg bg {t['bg_const']}", t["test"]["mean"], t["test"]["std"], "C1"))
+    for name, r in (report.get("crf") or {}).get("by_preset", {}).items():
+        # The variant the published preset is not (its own row is above).
+        if get_preset(name).mask.crf_iterations:
+            rows.append((f"{name}, no CRF", r["without"]["mean"], r["without"]["std"], "C2"))
+        else:
+            rows.append((f"{name} + CRF", r["with"]["mean"], r["with"]["std"], "C2"))
+    d = report.get("downstream")
+    fig, axes = plt.subplots(1, 2 if d else 1, figsize=(12 if d else 9, 4.2),
+                             gridspec_kw={"width_ratios": [4, 1]} if d else None)
+    ax = axes[0] if d else axes
+    ax.bar(range(len(rows)), [100 * r[1] for r in rows], yerr=[100 * r[2] for r in rows],
+           color=[r[3] for r in rows], capsize=2)
+    ax.set_xticks(range(len(rows)), [r[0] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("test mIoU (%)")
+    ax.set_title(f"pseudo-masks on rendered test scenes, model {report['model']}", fontsize=9)
+    if d:
+        pair = [d["synthetic"], d["exact_labels"]]
+        axes[1].bar([0, 1], [100 * r["mean"] for r in pair],
+                    yerr=[100 * r["std"] for r in pair], color=["C0", "0.6"], capsize=2)
+        axes[1].set_xticks([0, 1], ["synthetic", "exact labels"], fontsize=7)
+        axes[1].set_title(f"downstream {d['train_model']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 

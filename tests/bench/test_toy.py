@@ -49,6 +49,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     d = report["downstream"]
     assert d["images"] == 12 and len(d["synthetic"]["values"]) == 2
     assert all(0.0 <= v <= 1.0 for v in d["synthetic"]["values"] + d["exact_labels"]["values"])
+    assert (tmp_path / "toy.png").stat().st_size > 0  # matplotlib: a dev dependency
     md = (tmp_path / "toy.md").read_text()
     assert "colour threshold" in md and "preset `daam`" in md
     assert "results:" in capsys.readouterr().out
