@@ -10,26 +10,15 @@ import json
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
 
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.harvest import AttentionHarvester
-from attnseg.pipeline.masks import combine_maps, refine_maps
 from attnseg.pipeline.models import _single_file_class, load_pipeline, model_family
 from attnseg.pipeline.prompts import class_token_weights, load_classes
 
-from .test_harvest import (
-    PROMPTS,
-    SIZE,
-    _latents,
-    _naive_maps,
-    _run,
-    _specs,
-    _Store,
-    _StoreEverything,
-)
+from .test_harvest import PROMPTS, SIZE, _latents, _run, _specs, assert_maps_equal_naive_reference
 
 
 @pytest.fixture(scope="module")
@@ -70,34 +59,7 @@ def test_images_equal_stock_pipeline(sdxl_pipe, classes, torch_one_thread):
 
 @pytest.mark.parametrize("preset_name", ["attnseg", "dataset-diffusion", "daam"])
 def test_maps_equal_naive_reference(sdxl_pipe, classes, preset_name):
-    preset = get_preset(preset_name)
-    steps = 3
-    weights, _ = class_token_weights(sdxl_pipe.tokenizer, _specs(classes),
-                                     preset.harvest.token_merge)
-    latents = _latents(sdxl_pipe, seed=1)
-    harvester = AttentionHarvester(sdxl_pipe.unet, preset.harvest)
-    try:
-        with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-            _run(sdxl_pipe, latents, steps)
-    finally:
-        harvester.remove()
-    ours = combine_maps(cap.result, preset.harvest)
-    if preset.harvest.refine_power:
-        ours = refine_maps(ours, cap.result.self_attention, preset.harvest, SIZE)
-    store = _Store()
-    unet = sdxl_pipe.unet
-    unet.set_attn_processor({name: _StoreEverything(store, name.rsplit(".processor", 1)[0])
-                             for name in unet.attn_processors})
-    hook = unet.register_forward_pre_hook(lambda *a: setattr(store, "step", store.step + 1))
-    try:
-        _run(sdxl_pipe, latents, steps)
-    finally:
-        hook.remove()
-        unet.set_attn_processor(AttnProcessor2_0())
-    ref = _naive_maps(store, preset, weights, steps)
-    scale = ref.abs().max().item()
-    assert ours.shape == ref.shape and scale > 0
-    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert_maps_equal_naive_reference(sdxl_pipe, sdxl_pipe.unet, classes, preset_name, _run, 3)
 
 
 def test_memory_does_not_grow_with_steps(sdxl_pipe, classes):
@@ -257,32 +219,8 @@ def test_pixart_images_equal_stock_and_padding_is_left_out(pixart_pipe, classes,
 def test_pixart_maps_equal_naive_reference(pixart_pipe, classes, preset_name):
     from attnseg.pipeline.models import denoiser
 
-    preset = get_preset(preset_name)
-    steps = 3
-    weights, _ = class_token_weights(pixart_pipe.tokenizer, _specs(classes),
-                                     preset.harvest.token_merge)
-    latents = _latents(pixart_pipe, seed=1)
-    net = denoiser(pixart_pipe)
-    harvester = AttentionHarvester(net, preset.harvest)
-    try:
-        with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-            _run_pixart(pixart_pipe, latents, steps)
-    finally:
-        harvester.remove()
-    ours = combine_maps(cap.result, preset.harvest)
-    store = _Store()
-    net.set_attn_processor({name: _StoreEverything(store, name.rsplit(".processor", 1)[0])
-                            for name in net.attn_processors})
-    hook = net.register_forward_pre_hook(lambda *a: setattr(store, "step", store.step + 1))
-    try:
-        _run_pixart(pixart_pipe, latents, steps)
-    finally:
-        hook.remove()
-        net.set_attn_processor(AttnProcessor2_0())
-    ref = _naive_maps(store, preset, weights, steps)
-    scale = ref.abs().max().item()
-    assert ours.shape == ref.shape and scale > 0
-    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert_maps_equal_naive_reference(pixart_pipe, denoiser(pixart_pipe), classes, preset_name,
+                                      _run_pixart, 3)
 
 
 def test_pixart_synth_end_to_end(tmp_path, torch_one_thread):

@@ -174,18 +174,16 @@ def test_images_equal_stock_pipeline(tiny_pipe, impl, monkeypatch, torch_one_thr
     assert all(isinstance(p, AttnProcessor2_0) for p in tiny_pipe.unet.attn_processors.values())
 
 
-@pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "dataset-diffusion", "daam",
-                                         "attn2mask"])
-def test_maps_equal_naive_reference(tiny_pipe, classes, preset_name):
+def assert_maps_equal_naive_reference(pipe, net, classes, preset_name, run, steps):
+    """Harvest `steps` of `run(pipe, latents, steps)` with the preset, run it again with every
+    attention map stored, and compare the harvested maps with the naive aggregation."""
     preset = get_preset(preset_name)
-    steps = 4
-    specs = _specs(classes)
-    weights, ids = class_token_weights(tiny_pipe.tokenizer, specs, preset.harvest.token_merge)
-    latents = _latents(tiny_pipe, seed=1)
-    harvester = AttentionHarvester(tiny_pipe.unet, preset.harvest)
+    weights, _ = class_token_weights(pipe.tokenizer, _specs(classes), preset.harvest.token_merge)
+    latents = _latents(pipe, seed=1)
+    harvester = AttentionHarvester(net, preset.harvest)
     try:
         with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-            _run(tiny_pipe, latents, steps)
+            run(pipe, latents, steps)
     finally:
         harvester.remove()
     ours = combine_maps(cap.result, preset.harvest)
@@ -194,20 +192,25 @@ def test_maps_equal_naive_reference(tiny_pipe, classes, preset_name):
 
     store = _Store()
     procs = {name: _StoreEverything(store, name.rsplit(".processor", 1)[0])
-             for name in tiny_pipe.unet.attn_processors}
-    hook = tiny_pipe.unet.register_forward_pre_hook(lambda *a: setattr(store, "step",
-                                                                       store.step + 1))
-    tiny_pipe.unet.set_attn_processor(procs)
+             for name in net.attn_processors}
+    hook = net.register_forward_pre_hook(lambda *a: setattr(store, "step", store.step + 1))
+    net.set_attn_processor(procs)
     try:
-        _run(tiny_pipe, latents, steps)
+        run(pipe, latents, steps)
     finally:
         hook.remove()
-        tiny_pipe.unet.set_attn_processor(AttnProcessor2_0())
+        net.set_attn_processor(AttnProcessor2_0())
     ref = _naive_maps(store, preset, weights, steps)
     assert ours.shape == ref.shape
     scale = ref.abs().max().item()
     assert scale > 0
     assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "dataset-diffusion", "daam",
+                                         "attn2mask"])
+def test_maps_equal_naive_reference(tiny_pipe, classes, preset_name):
+    assert_maps_equal_naive_reference(tiny_pipe, tiny_pipe.unet, classes, preset_name, _run, 4)
 
 
 def test_daam_order_is_exact_on_sharpened_attention(classes):
