@@ -40,7 +40,7 @@ from attnseg.pipeline.data import open_source
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.evaluate import MetricAccumulator
-from attnseg.pipeline.models import load_pipeline
+from attnseg.pipeline.models import load_pipeline, model_fingerprint
 from attnseg.pipeline.prompts import load_classes
 from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
 from attnseg.pipeline.toy_world import ToyRenderConfig, render_dataset
@@ -248,16 +248,20 @@ def downstream(cfg: ToyBenchConfig, pipe, work: Path, test) -> dict:
     from attnseg.pipeline.synth import run_synth
 
     per_class = max(1, cfg.downstream_images // len(load_classes("toy")))
+    # The model's data and the runs trained on it are keyed by its weights: a work folder
+    # kept from another model's run must not be resumed as this one's (a finished synth job
+    # returns without loading the model, so it would not notice).
+    model_key = model_fingerprint(pipe)
     synthetic, exact = [], []
     for seed in cfg.seeds:
-        data = work / f"synth-{per_class}x6-seed{seed}"
+        data = work / f"synth-{per_class}x6-seed{seed}-{model_key}"
         run_synth(SynthConfig(model=cfg.model, classes="toy", num_per_class=per_class,
                               out=str(data), batch_size=24, steps=cfg.synth_steps,
                               guidance=cfg.guidance, height=cfg.size, width=cfg.size,
                               seed=seed, device=cfg.device, dtype=cfg.dtype), progress=False,
                   pipe=pipe)
-        synthetic.append(_train_and_score(cfg, data, work / f"train-synth-seed{seed}", seed,
-                                          test))
+        synthetic.append(_train_and_score(cfg, data, work / f"train-synth-seed{seed}-{model_key}",
+                                          seed, test))
         rendered = work / f"exact-{per_class * 6}-seed{cfg.exact_seed + seed}"
         render_dataset(ToyRenderConfig(out=str(rendered), num_images=per_class * 6,
                                        seed=cfg.exact_seed + seed, height=cfg.size,
