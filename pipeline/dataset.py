@@ -72,6 +72,14 @@ def stored_job_matches(root: str | Path, job: dict) -> bool:
     return previous == {k: v for k, v in json.loads(json.dumps(job)).items() if k != "model_hash"}
 
 
+def stored_model_hash(root: str | Path) -> str | None:
+    """The weights' hash recorded in `root`'s job.json, None if there is none."""
+    try:
+        return json.loads((Path(root) / "job.json").read_text()).get("model_hash")
+    except (OSError, ValueError):
+        return None
+
+
 def finished_indices(root: str | Path, job: dict) -> set[int]:
     """Indices already written for `job` in `root` (empty if the folder holds another job)."""
     if not stored_job_matches(root, job):

@@ -23,6 +23,7 @@ from .dataset import (
     finished_indices,
     prepare_output,
     stored_job_matches,
+    stored_model_hash,
     write_split,
 )
 from .device import resolve_device, resolve_dtype
@@ -352,6 +353,14 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
         done: set[int] = set()
     else:
         done = finished_indices(out, job)
+    if pipe is not None and stored_job_matches(out, job):
+        # The job file matches without the weights' hash (so that a finished job returns
+        # without loading the model); with the model at hand, other weights under the same
+        # name (a retrained folder) are refused, not taken as this model's samples.
+        stored = stored_model_hash(out)
+        if stored is not None and stored != model_fingerprint(pipe):
+            raise UserError(f"output folder {out} holds samples of other weights of model "
+                            f"{cfg.model!r} (hash {stored}); use another --out")
     synth = None
     written = 0
     if done_count(done, chunks) < mine:

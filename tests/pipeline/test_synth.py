@@ -215,3 +215,23 @@ def test_write_pool_raises_the_first_failure_after_all_finish():
         pool.submit(write, i, then=lambda i=i: recorded.append(i))
     pool.close()
     assert recorded == [0, 0, 2, 3, 4, 5]
+
+
+def test_finished_folder_of_other_weights_is_refused_when_the_model_is_at_hand(tmp_path):
+    """A job whose samples are all written returns without loading the model; a caller that
+    passes its loaded pipeline (benchmarks) is refused if the folder was made with other
+    weights under the same model name (a retrained model), rather than handed old samples."""
+    import torch
+
+    from attnseg.pipeline.errors import UserError
+    from attnseg.pipeline.tiny import build_tiny_pipeline
+
+    cfg = SynthConfig(model="tiny", classes="dog,cat", num_per_class=1, steps=1, height=64,
+                      width=64, out=str(tmp_path / "ds"), write_workers=0)
+    assert run_synth(cfg, progress=False, pipe=build_tiny_pipeline(seed=0))["new"] == 2
+    assert run_synth(cfg, progress=False, pipe=build_tiny_pipeline(seed=0))["new"] == 0
+    other = build_tiny_pipeline(seed=0)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1.0)
+    with pytest.raises(UserError, match="other weights of model 'tiny'"):
+        run_synth(cfg, progress=False, pipe=other)
