@@ -74,6 +74,53 @@ def key_validity(attention_mask: torch.Tensor, batch: int, keys: int) -> torch.T
     return m if m.dtype == torch.bool else m > -1.0
 
 
+def stock_joint_attention(attn, hidden_states, encoder_hidden_states):
+    """The computation of diffusers' JointAttnProcessor2_0 (SD3's MMDiT blocks: image and
+    text tokens in one attention), returning its outputs and the image queries, image keys and
+    text keys [B, heads, *, d] it used. Kept operation for operation equal to the stock
+    processor so outputs match bitwise."""
+    residual = hidden_states
+    batch_size = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    image_query, image_key, text_key = query, key, None
+    if encoder_hidden_states is not None:
+        text_query = attn.add_q_proj(encoder_hidden_states)
+        text_key = attn.add_k_proj(encoder_hidden_states)
+        text_value = attn.add_v_proj(encoder_hidden_states)
+        text_query = text_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        text_key = text_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        text_value = text_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_added_q is not None:
+            text_query = attn.norm_added_q(text_query)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+        query = torch.cat([query, text_query], dim=2)
+        key = torch.cat([key, text_key], dim=2)
+        value = torch.cat([value, text_value], dim=2)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+    out = out.to(query.dtype)
+    text_out = None
+    if encoder_hidden_states is not None:
+        out, text_out = out[:, : residual.shape[1]], out[:, residual.shape[1] :]
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    outputs = (out, text_out) if encoder_hidden_states is not None else out
+    return outputs, image_query, image_key, text_key
+
+
 def block_of(name: str) -> str:
     """The UNet block ("down", "mid", "up"), "transformer" for a DiT's blocks (PixArt), else
     "other", an attention module belongs to."""
@@ -150,16 +197,52 @@ class ObservingAttnProcessor:
         return out
 
 
+class ObservingJointAttnProcessor:
+    """The joint-attention counterpart of `ObservingAttnProcessor` (SD3's MMDiT blocks):
+    computes the stock outputs and reports the image queries against the text keys, as a
+    cross-attention layer would (the class map is the image rows over the class's text
+    columns, softmax over the text keys). Blocks whose text stream has ended (SD3.5's dual
+    attention `attn2`, image tokens only) report nothing."""
+
+    cross = True
+
+    def __init__(self, observer: AttentionObserver, name: str):
+        self.observer = observer
+        self.name = name
+        self.block = block_of(name)
+        self.key_valid: torch.Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        outputs, query, _, text_key = stock_joint_attention(attn, hidden_states,
+                                                            encoder_hidden_states)
+        if text_key is not None:
+            self.observer.observe(self, attn, query, text_key)
+        return outputs
+
+
 def install_observers(unet, observer: AttentionObserver, self_attention: bool) -> dict:
     """Put an `ObservingAttnProcessor` on every cross-attention module of `unet` (and every
-    self-attention module if `self_attention`); the other modules keep theirs. Returns the
-    previous processors, for `unet.set_attn_processor(previous)` to restore them."""
+    self-attention module if `self_attention`), an `ObservingJointAttnProcessor` on every
+    joint-attention module (SD3: the ones with text projections, `add_k_proj`); the other
+    modules keep theirs. Returns the previous processors, for
+    `unet.set_attn_processor(previous)` to restore them."""
     previous = dict(unet.attn_processors)
+    modules = dict(unet.named_modules())
+    joint = {n for n in previous
+             if getattr(modules.get(n.rsplit(".processor", 1)[0]), "add_k_proj", None)
+             is not None}
     processors = {}
     for name, proc in previous.items():
         module_name = name.rsplit(".processor", 1)[0]
         kind = module_name.rsplit(".", 1)[-1]
-        if kind == "attn2" or (kind == "attn1" and self_attention):
+        if name in joint:
+            processors[name] = ObservingJointAttnProcessor(observer, module_name)
+        elif joint:
+            # An MMDiT's other attention modules (SD3.5's image-only `attn2`) are neither
+            # cross- nor UNet self-attention: they keep their processors.
+            processors[name] = proc
+        elif kind == "attn2" or (kind == "attn1" and self_attention):
             processors[name] = ObservingAttnProcessor(observer, module_name, kind == "attn2")
         else:
             processors[name] = proc

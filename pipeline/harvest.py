@@ -149,7 +149,8 @@ class AttentionHarvester:
     def _on_unet_call(self, module, args, kwargs):
         if self._capture is not None:
             self._capture.step += 1
-            sample = args[0] if args else kwargs["sample"]
+            # UNets take `sample`; DiTs take `hidden_states` (SD3 passes it by keyword).
+            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
             self._capture.latent_hw = tuple(sample.shape[-2:])
 
     @contextlib.contextmanager

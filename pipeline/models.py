@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import UserError, first_line
 
-RANDOM_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-pixart")
+RANDOM_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-pixart", "tiny-sd3")
 # `toy`: the toy world's trained model (pipeline/toy_model.py), a diffusers folder shipped in
 # the package and loaded like any other folder.
 BUILTIN_MODELS = RANDOM_MODELS + ("toy",)
@@ -27,7 +27,7 @@ _WEIGHT_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "vae")
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
             "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart"}
-SUPPORTED_FAMILIES = ("sd", "sdxl", "pixart")
+SUPPORTED_FAMILIES = ("sd", "sdxl", "pixart", "sd3")
 
 
 def model_family(pipe_or_class) -> str:
@@ -41,11 +41,11 @@ def _check_family(model: str, class_name: str) -> None:
     family = model_family(class_name)
     if family not in SUPPORTED_FAMILIES:
         raise UserError(f"model {model!r} is a {class_name} ({family}); harvesting supports "
-                        "Stable Diffusion 1.x/2.x, SDXL and PixArt")
+                        "Stable Diffusion 1.x/2.x, SDXL, PixArt and SD3")
 
 
 def denoiser(pipe):
-    """The network that denoises: the UNet of SD/SDXL, the transformer of PixArt."""
+    """The network that denoises: the UNet of SD/SDXL, the transformer of PixArt and SD3."""
     unet = getattr(pipe, "unet", None)
     return unet if unet is not None else pipe.transformer
 
@@ -78,7 +78,7 @@ def default_size(model: str) -> int:
     """The image size a model generates by default: 128 for the tiny models, 64 for the toy
     model (the size it was trained at), 1024 for sdxl-random, else 512 (a real SDXL
     checkpoint's native 1024 is asked for with --height/--width)."""
-    return {"tiny": 128, "tiny-sdxl": 128, "tiny-pixart": 128, "toy": 64,
+    return {"tiny": 128, "tiny-sdxl": 128, "tiny-pixart": 128, "tiny-sd3": 128, "toy": 64,
             "sdxl-random": 1024}.get(model, 512)
 
 
@@ -167,7 +167,8 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
     builders = {"tiny": tiny.build_tiny_pipeline, "sd15-random": tiny.build_sd15_random_pipeline,
                 "tiny-sdxl": tiny.build_tiny_sdxl_pipeline,
                 "sdxl-random": tiny.build_sdxl_random_pipeline,
-                "tiny-pixart": tiny.build_tiny_pixart_pipeline}
+                "tiny-pixart": tiny.build_tiny_pixart_pipeline,
+                "tiny-sd3": tiny.build_tiny_sd3_pipeline}
     if model in builders:
         pipe = builders[model](dtype=dtype)
     else:

@@ -20,6 +20,10 @@ weights, for GPU benchmarks at 1024x1024.
 padding masked out of the cross-attention) over a generated sentencepiece (Unigram) vocabulary,
 a DiT with patch size 2 (every layer at one resolution: stride 16), cross-attention in every
 block; random weights.
+
+`tiny-sd3`: SD3's MMDiT layout in miniature: two CLIP text encoders with projections (no T5:
+the pipeline fills its 256 positions with zeros, as SD3 allows), joint image-text attention in
+every block (the last block's text stream ends), flow-matching Euler; random weights.
 """
 
 from __future__ import annotations
@@ -324,5 +328,41 @@ def build_tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
                                             beta_schedule="linear")
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """SD3's layout in miniature with random weights, identical for a given seed."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer()
+    clip = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip)).eval()
+    # joint_attention_dim: the two CLIPs' 32 + 32 features (padded to it when there is no T5).
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8, 8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+                        norm_num_groups=4, sample_size=128, shift_factor=0.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

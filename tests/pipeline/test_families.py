@@ -253,3 +253,89 @@ def test_real_image_labelling_refuses_other_families(sdxl_pipe):
     with pytest.raises(UserError, match="supports Stable Diffusion 1.x/2.x models; this one "
                        "is sdxl"):
         RealImageLabeller(sdxl_pipe, get_preset("attnseg"), RealImageConfig())
+
+
+# ---- SD3 (MMDiT: image and text tokens in one joint attention)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    from attnseg.pipeline.tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(seed=0)
+
+
+class _StoreJoint:
+    """Stores, per joint-attention call, softmax over the text keys of the image queries,
+    computed apart from the harvester's code; the output is the stock processor's."""
+
+    def __init__(self, store, name):
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        self.store, self.name, self.stock = store, name, JointAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is not None:
+            b, n, _ = hidden_states.shape
+            heads = attn.heads
+            q = attn.to_q(hidden_states).view(b, n, heads, -1).transpose(1, 2)
+            k = attn.add_k_proj(encoder_hidden_states).view(b, -1, heads, q.shape[-1])
+            k = k.transpose(1, 2)
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_added_k is not None:
+                k = attn.norm_added_k(k)
+            probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            self.store.append((self.name, self.store.step, probs.detach().clone()))
+        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+def _run_sd3(pipe, latents, steps, guidance=4.5):
+    return pipe(PROMPTS, height=SIZE[0], width=SIZE[1], num_inference_steps=steps,
+                guidance_scale=guidance, latents=latents.clone(), output_type="pt").images
+
+
+def test_sd3_images_equal_stock(sd3_pipe, classes, torch_one_thread):
+    from attnseg.pipeline.models import denoiser, model_family
+
+    assert model_family(sd3_pipe) == "sd3"
+    latents = _latents(sd3_pipe)
+    stock = _run_sd3(sd3_pipe, latents, steps=3)
+    weights, _ = class_token_weights(sd3_pipe.tokenizer, _specs(classes))
+    harvester = AttentionHarvester(denoiser(sd3_pipe), get_preset("attnseg").harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=3) as cap:
+            ours = _run_sd3(sd3_pipe, latents, steps=3)
+    finally:
+        harvester.remove()
+    assert torch.equal(ours, stock)
+    assert set(cap.result.maps) == {16}
+
+
+@pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "daam"])
+def test_sd3_maps_equal_naive_reference(sd3_pipe, classes, preset_name):
+    from attnseg.pipeline.models import denoiser
+
+    assert_maps_equal_naive_reference(sd3_pipe, denoiser(sd3_pipe), classes, preset_name,
+                                      _run_sd3, 3, store_processor=_StoreJoint)
+
+
+def test_sd3_memory_and_synth_end_to_end(sd3_pipe, classes, tmp_path, torch_one_thread):
+    from attnseg.pipeline.models import denoiser
+
+    weights, _ = class_token_weights(sd3_pipe.tokenizer, _specs(classes))
+    harvester = AttentionHarvester(denoiser(sd3_pipe), get_preset("attnseg").harvest)
+    sizes = {}
+    try:
+        for steps in (2, 5):
+            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+                _run_sd3(sd3_pipe, _latents(sd3_pipe), steps)
+            sizes[steps] = cap.nbytes()
+    finally:
+        harvester.remove()
+    assert sizes[2] == sizes[5] > 0
+    out = tmp_path / "sd3"
+    assert main(["synth", "--model", "tiny-sd3", "--classes", "dog,cat", "--steps", "2",
+                 "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
+    assert len(list((out / "SegmentationClass").glob("*.png"))) == 2

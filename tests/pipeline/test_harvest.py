@@ -89,12 +89,14 @@ def _naive_maps(store, preset, token_weights, num_steps):
             continue
         if stride not in cfg.strides or (block != "transformer" and block not in cfg.blocks):
             continue  # `blocks` names UNet blocks; a DiT's are always taken
+        # Text keys past the tokenizer's context (SD3's T5 positions) carry no class.
+        tw = F.pad(token_weights, (0, 0, 0, cond.shape[-1] - token_weights.shape[1]))
         if cfg.accumulate == "per_head":  # DAAM: a step-sum per (layer, head), native size
-            per = torch.einsum("bhnl,blc->bhcn", cond, token_weights)
+            per = torch.einsum("bhnl,blc->bhcn", cond, tw)
             per = per.reshape(B, cond.shape[1], -1, h, w)
             head_sums[name] = head_sums.get(name, 0) + per
             continue
-        cls = torch.einsum("bnl,blc->bcn", cond.mean(1), token_weights).reshape(B, -1, h, w)
+        cls = torch.einsum("bnl,blc->bcn", cond.mean(1), tw).reshape(B, -1, h, w)
         if cfg.accumulate == "native":
             per_stride.setdefault(stride, []).append(cls)
         else:
@@ -174,9 +176,12 @@ def test_images_equal_stock_pipeline(tiny_pipe, impl, monkeypatch, torch_one_thr
     assert all(isinstance(p, AttnProcessor2_0) for p in tiny_pipe.unet.attn_processors.values())
 
 
-def assert_maps_equal_naive_reference(pipe, net, classes, preset_name, run, steps):
+def assert_maps_equal_naive_reference(pipe, net, classes, preset_name, run, steps,
+                                      store_processor=None):
     """Harvest `steps` of `run(pipe, latents, steps)` with the preset, run it again with every
-    attention map stored, and compare the harvested maps with the naive aggregation."""
+    attention map stored (by `store_processor(store, name)`, default `_StoreEverything`), and
+    compare the harvested maps with the naive aggregation."""
+    store_processor = store_processor or _StoreEverything
     preset = get_preset(preset_name)
     weights, _ = class_token_weights(pipe.tokenizer, _specs(classes), preset.harvest.token_merge)
     latents = _latents(pipe, seed=1)
@@ -191,9 +196,10 @@ def assert_maps_equal_naive_reference(pipe, net, classes, preset_name, run, step
         ours = refine_maps(ours, cap.result.self_attention, preset.harvest, SIZE)
 
     store = _Store()
-    procs = {name: _StoreEverything(store, name.rsplit(".processor", 1)[0])
+    procs = {name: store_processor(store, name.rsplit(".processor", 1)[0])
              for name in net.attn_processors}
-    hook = net.register_forward_pre_hook(lambda *a: setattr(store, "step", store.step + 1))
+    hook = net.register_forward_pre_hook(lambda *a, **k: setattr(store, "step", store.step + 1),
+                                         with_kwargs=True)
     net.set_attn_processor(procs)
     try:
         run(pipe, latents, steps)
