@@ -37,7 +37,7 @@ import numpy as np
 import psutil
 import torch
 
-from attnseg.pipeline.attention import StoreEveryMapProcessor
+from attnseg.pipeline.attention import ObservingJointAttnProcessor, StoreEveryMapProcessor
 from attnseg.pipeline.config import BACKENDS, get_preset
 from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
 from attnseg.pipeline.device import resolve_device, resolve_dtype
@@ -232,8 +232,6 @@ class _Bench:
 
     def __init__(self, cfg: ThroughputConfig, pipe, device: torch.device,
                  size: tuple[int, int], engine_harvester=None):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         self.cfg, self.pipe, self.device, self.size = cfg, pipe, device, size
         self.preset = get_preset(cfg.preset, pipe.vae_scale_factor)
         # An engine harvester has already put its engines in the pipeline: only `harvest`
@@ -243,13 +241,16 @@ class _Bench:
         if self.engine:
             self.harvester = engine_harvester
             return
-        self.stock_processor = AttnProcessor2_0()
+        # The model's own processors (AttnProcessor2_0; SD3's joint ones), for `stock`.
+        self.stock_processors = dict(denoiser(pipe).attn_processors)
         self.harvester = AttentionHarvester(denoiser(pipe), self.preset.harvest)
         self.harvest_timer = HarvestTimer(self.harvester, device)
         self.harvest_processors = dict(denoiser(pipe).attn_processors)
         self.store: list = []
         self.store_processors = {
-            n: StoreEveryMapProcessor(self.store) if ".attn2." in n else p
+            n: StoreEveryMapProcessor(self.store, joint=isinstance(p, ObservingJointAttnProcessor))
+            if ".attn2." in n or isinstance(p, ObservingJointAttnProcessor) else
+            self.stock_processors[n]
             for n, p in self.harvest_processors.items()
         }
 
@@ -306,7 +307,7 @@ class _Bench:
         with PeakRSS() as mem:
             start = self.clock.now()
             if variant == "stock":
-                denoiser(self.pipe).set_attn_processor(self.stock_processor)
+                denoiser(self.pipe).set_attn_processor(dict(self.stock_processors))
                 self._generate(case)
                 held = 0
             elif variant == "harvest":

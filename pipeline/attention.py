@@ -252,15 +252,21 @@ def install_observers(unet, observer: AttentionObserver, self_attention: bool) -
 
 class StoreEveryMapProcessor:
     """Explicit cross-attention softmax of every call kept in a list: how attention-map tools
-    that store every map work (the benchmark's baseline against running aggregation)."""
+    that store every map work (the benchmark's baseline against running aggregation). With
+    `joint`, for SD3's joint attention: the image queries' softmax over the text keys."""
 
-    def __init__(self, store: list):
+    def __init__(self, store: list, joint: bool = False):
         self.store = store
+        self.joint = joint
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        out, query, key = stock_attention(attn, hidden_states, encoder_hidden_states,
-                                          attention_mask, temb)
+        if self.joint:
+            out, query, _, key = stock_joint_attention(attn, hidden_states,
+                                                       encoder_hidden_states)
+        else:
+            out, query, key = stock_attention(attn, hidden_states, encoder_hidden_states,
+                                              attention_mask, temb)
         if encoder_hidden_states is not None:
             self.store.append(torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1))
         return out

@@ -125,3 +125,17 @@ def test_prompts_lora_through_the_cli(tmp_path, capsys):
     assert "results:" in capsys.readouterr().out
     result = json.loads(out.with_suffix(".json").read_text())
     assert {p["class_set"] for p in result["prompts"]} >= {"voc", "cityscapes"}
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-pixart", "tiny-sd3"])
+def test_every_family_runs_every_variant(tmp_path, capsys, model, torch_one_thread):
+    """Stock runs the model's own processors (SD3's are joint), store-every-map keeps the
+    class-relevant maps of each family, harvesting keeps a few bytes."""
+    out = tmp_path / model
+    assert main(["bench", "throughput", "--model", model, "--height", "64", "--width", "64",
+                 "--steps", "2", "--repeats", "1", "--warmup", "0", "--batch-size", "1",
+                 "--no-plots", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.with_suffix(".json").read_text())["summary"]}
+    assert set(rows) == set(VARIANTS)
+    held = {v: r["attention_state_bytes"] for v, r in rows.items()}
+    assert held["stock"] == 0 < held["harvest"] < held["store_every_map"]
