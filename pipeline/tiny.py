@@ -133,6 +133,14 @@ def tiny_tokenizer(words=None, max_length: int = 77):
                              model_max_length=max_length, pad_token="<|endoftext|>")
 
 
+def tiny_vae_config(sample_size: int = 128, **changes) -> dict:
+    """The built-in tiny models' AutoencoderKL: 8x down, 4 latent channels, a few KB."""
+    return dict(in_channels=3, out_channels=3, latent_channels=4,
+                block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
+                sample_size=sample_size, **changes)
+
+
 def _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
@@ -176,10 +184,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
              cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8),
-        dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-             down_block_types=("DownEncoderBlock2D",) * 4,
-             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
-             sample_size=64),
+        tiny_vae_config(sample_size=64),
         DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       clip_sample=False, set_alpha_to_one=False, steps_offset=1),
     )
@@ -248,10 +253,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
              use_linear_projection=True, addition_embed_type="text_time",
              addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
              cross_attention_dim=64, norm_num_groups=8),
-        dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-             down_block_types=("DownEncoderBlock2D",) * 4,
-             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
-             sample_size=128),
+        tiny_vae_config(),
     )
 
 
@@ -319,11 +321,7 @@ def build_tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
         sample_size=16, num_layers=2, num_attention_heads=2, attention_head_dim=8,
         in_channels=4, out_channels=8, patch_size=2, cross_attention_dim=16,
         caption_channels=32, norm_type="ada_norm_single", use_additional_conditions=False).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        block_out_channels=(8, 8, 16, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-                        norm_num_groups=4, sample_size=128)
+    vae = AutoencoderKL(**tiny_vae_config())
     scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02,
                                             beta_schedule="linear")
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
@@ -355,11 +353,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        block_out_channels=(8, 8, 16, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-                        norm_num_groups=4, sample_size=128, shift_factor=0.0)
+    vae = AutoencoderKL(**tiny_vae_config(shift_factor=0.0))  # SD3 shifts latents
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
