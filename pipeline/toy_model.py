@@ -65,7 +65,7 @@ class ToyModelConfig:
     vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
-    unet_steps: int = 6800
+    unet_steps: int = 8000
     batch_size: int = 32
     lr: float = 5e-4
     caption_dropout: float = 0.1

@@ -241,7 +241,7 @@ def _pseudo_miou_20(pipe) -> float:
 
 
 @pytest.mark.skipif(os.environ.get("ATTNSEG_RETRAIN") != "1",
-                    reason="retrains the toy model from scratch (about 2 hours of 2 CPU cores); "
+                    reason="retrains the toy model from scratch (about 2.5 hours of 2 CPU cores); "
                     "opt in with ATTNSEG_RETRAIN=1")
 def test_retraining_reproduces_the_shipped_models_quality(tmp_path, toy_pipe):
     """`attnseg toy train-model` with its defaults, from scratch: pseudo-mask mIoU on the same
