@@ -66,11 +66,11 @@ def stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask, 
     return out, query, key
 
 
-def key_validity(attention_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+def key_validity(attention_mask: torch.Tensor) -> torch.Tensor:
     """[batch, keys] bool: the keys an attention mask lets every query see. Masks come as
     bool (True: attend) or as an additive bias (0: attend, a large negative number: not),
     broadcast over heads and queries: [batch, 1, keys] or [batch, heads, queries, keys]."""
-    m = attention_mask.reshape(batch, -1, attention_mask.shape[-1])[:, 0, -keys:]
+    m = attention_mask.reshape(attention_mask.shape[0], -1, attention_mask.shape[-1])[:, 0]
     return m if m.dtype == torch.bool else m > -1.0
 
 
@@ -181,17 +181,22 @@ class ObservingAttnProcessor:
         self.name = name
         self.block = block_of(name)
         self.cross = cross
-        # Which keys the current call may attend to, [batch, L] bool, or None for all: T5
-        # text encoders (PixArt) pad the prompt and mask the padding out of cross-attention.
-        self.key_valid: torch.Tensor | None = None
+        # The current call's attention mask (None: every key): T5 text encoders (PixArt) pad
+        # the prompt and mask the padding out of cross-attention. Kept as given; observers
+        # that need it read `key_valid`.
+        self.attention_mask: torch.Tensor | None = None
+
+    @property
+    def key_valid(self) -> torch.Tensor | None:
+        """[batch, L] bool: the keys the current call may attend to, None for all."""
+        return None if self.attention_mask is None else key_validity(self.attention_mask)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         out, query, key = stock_attention(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb
         )
-        self.key_valid = None if attention_mask is None else key_validity(
-            attention_mask, query.shape[0], key.shape[2])
+        self.attention_mask = attention_mask
         # Looked up at each call, so a benchmark can wrap the observer's method to time it.
         self.observer.observe(self, attn, query, key)
         return out
@@ -205,12 +210,12 @@ class ObservingJointAttnProcessor:
     attention `attn2`, image tokens only) report nothing."""
 
     cross = True
+    key_valid = None  # joint attention is not masked
 
     def __init__(self, observer: AttentionObserver, name: str):
         self.observer = observer
         self.name = name
         self.block = block_of(name)
-        self.key_valid: torch.Tensor | None = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  *args, **kwargs):

@@ -71,6 +71,9 @@ class _Capture:
         self.self_sum: torch.Tensor | None = None
         self.self_count = 0
         self.result: HarvestResult | None = None
+        self._weights_by_keys: dict[int, torch.Tensor] = {}
+        self._lengths_read = False
+        self._key_lengths: list[int] | None = None
 
     @property
     def batch(self) -> int:
@@ -79,16 +82,30 @@ class _Capture:
     def weights_for(self, keys: int) -> torch.Tensor:
         """The token weights for a layer with `keys` text keys: a tokenizer's context may be
         longer than the encoder's (PixArt: 300 of T5's 512) or shorter; positions past the
-        weights' length carry no class."""
-        w = self.token_weights
-        if w.shape[1] == keys:
+        weights' length carry no class. Made once per capture and key count (every layer of
+        every step asks)."""
+        w = self._weights_by_keys.get(keys)
+        if w is not None:
             return w
+        w = self.token_weights
         if w.shape[1] > keys:
             if bool(w[:, keys:].any()):
                 raise UserError(f"a class word lies past the {keys} text tokens the model "
                                 "attends to; shorten the prompt")
-            return w[:, :keys]
-        return torch.nn.functional.pad(w, (0, 0, 0, keys - w.shape[1]))
+            w = w[:, :keys]
+        elif w.shape[1] < keys:
+            w = torch.nn.functional.pad(w, (0, 0, 0, keys - w.shape[1]))
+        self._weights_by_keys[keys] = w
+        return w
+
+    def key_lengths(self, valid: torch.Tensor) -> list[int] | None:
+        """Each sample's count of valid (unpadded) text keys, None when none is padded; read
+        from the first masked layer and kept for the capture: the prompts, so their padding,
+        do not change while it lasts, and reading a mask waits for the device."""
+        if not self._lengths_read:
+            self._key_lengths = None if bool(valid.all()) else valid_prefix_lengths(valid)
+            self._lengths_read = True
+        return self._key_lengths
 
     def active(self) -> bool:
         return self.step in self.steps
@@ -186,10 +203,8 @@ class AttentionHarvester:
         cfg = self.config
         b = capture.batch
         total = query.shape[0]
-        valid = proc.key_valid if proc.cross else None
         if total == 2 * b:  # classifier-free guidance: [uncond, cond]; keep the cond half
             query, key = query[b:], key[b:]
-            valid = None if valid is None else valid[b:]
         elif total != b:
             raise RuntimeError(
                 f"attention batch {total} is neither the harvested batch {b} nor twice it"
@@ -204,9 +219,10 @@ class AttentionHarvester:
                                          proc.block not in cfg.blocks):
             return
         weights = capture.weights_for(key.shape[2])
-        lengths = None
-        if valid is not None and not bool(valid.all()):
-            lengths = valid_prefix_lengths(valid)
+        valid = proc.key_valid  # padded text keys (T5), None for none
+        if valid is not None:
+            valid = valid[-b:]  # the conditional half (or the whole batch without guidance)
+        lengths = None if valid is None else capture.key_lengths(valid)
         if cfg.accumulate == "per_head":
             # Per-head maps (DAAM's order needs them apart until the end): plain torch ops.
             logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
