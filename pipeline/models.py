@@ -16,13 +16,21 @@ from pathlib import Path
 
 from .errors import UserError, first_line
 
-RANDOM_MODELS = ("tiny", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-pixart", "tiny-sd3")
+# Built-in models with random weights: name -> its builder in pipeline/tiny.py (imported only
+# when one is loaded: this module stays light).
+RANDOM_BUILDERS = {"tiny": "build_tiny_pipeline", "sd15-random": "build_sd15_random_pipeline",
+                   "tiny-sdxl": "build_tiny_sdxl_pipeline",
+                   "sdxl-random": "build_sdxl_random_pipeline",
+                   "tiny-pixart": "build_tiny_pixart_pipeline",
+                   "tiny-sd3": "build_tiny_sd3_pipeline"}
+RANDOM_MODELS = tuple(RANDOM_BUILDERS)
 # `toy`: the toy world's trained model (pipeline/toy_model.py), a diffusers folder shipped in
 # the package and loaded like any other folder.
 BUILTIN_MODELS = RANDOM_MODELS + ("toy",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Diffusers folders keep each sub-network's weights in a subfolder of its own.
-_WEIGHT_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "vae")
+_WEIGHT_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
+                   "vae")
 # Model families by diffusers pipeline class; harvesting supports the UNet families.
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
@@ -63,15 +71,7 @@ def generation_kwargs(pipe) -> dict:
     if model_family(pipe) != "pixart":
         return {}
     return {"use_resolution_binning": False, "clean_caption": False,
-            "max_sequence_length": text_length(pipe.tokenizer, pipe)}
-
-
-def text_length(tokenizer, pipe=None) -> int:
-    """Text tokens the denoiser attends to: the tokenizer's context (CLIP: 77), or PixArt's
-    T5 context (300, or the tokenizer's if shorter)."""
-    if pipe is not None and model_family(pipe) == "pixart":
-        return min(PIXART_MAX_TOKENS, tokenizer.model_max_length)
-    return tokenizer.model_max_length
+            "max_sequence_length": min(PIXART_MAX_TOKENS, pipe.tokenizer.model_max_length)}
 
 
 def default_size(model: str) -> int:
@@ -153,9 +153,9 @@ def check_model_path(model: str, allow_pickle: bool = False) -> Path:
 
 
 def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = False):
-    """A diffusers Stable Diffusion 1.x/2.x or SDXL pipeline from a built-in random model
-    ('tiny', 'sd15-random', 'tiny-sdxl', 'sdxl-random'), 'toy' (the shipped toy-world model), a
-    hub id, a folder or one .safetensors file (the pipeline class comes from the folder's
+    """A diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, PixArt, SD3) from a
+    built-in random model (`RANDOM_BUILDERS`), 'toy' (the shipped toy-world model), a hub id, a
+    folder or one .safetensors file (the pipeline class comes from the folder's
     model_index.json; other families are refused in one line). Hub ids resolve from the local
     cache when HF_HUB_OFFLINE=1. Only safetensors weights are read unless `allow_pickle`.
 
@@ -164,13 +164,8 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
 
     from . import tiny
 
-    builders = {"tiny": tiny.build_tiny_pipeline, "sd15-random": tiny.build_sd15_random_pipeline,
-                "tiny-sdxl": tiny.build_tiny_sdxl_pipeline,
-                "sdxl-random": tiny.build_sdxl_random_pipeline,
-                "tiny-pixart": tiny.build_tiny_pixart_pipeline,
-                "tiny-sd3": tiny.build_tiny_sd3_pipeline}
-    if model in builders:
-        pipe = builders[model](dtype=dtype)
+    if model in RANDOM_BUILDERS:
+        pipe = getattr(tiny, RANDOM_BUILDERS[model])(dtype=dtype)
     else:
         path = check_model_path(model, allow_pickle)
         model = model_source(model)

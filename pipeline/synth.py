@@ -353,12 +353,13 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
         done: set[int] = set()
     else:
         done = finished_indices(out, job)
-    if pipe is not None and stored_job_matches(out, job):
+    model_hash = model_fingerprint(pipe) if pipe is not None else None
+    if model_hash is not None and stored_job_matches(out, job):
         # The job file matches without the weights' hash (so that a finished job returns
         # without loading the model); with the model at hand, other weights under the same
         # name (a retrained folder) are refused, not taken as this model's samples.
         stored = stored_model_hash(out)
-        if stored is not None and stored != model_fingerprint(pipe):
+        if stored is not None and stored != model_hash:
             raise UserError(f"output folder {out} holds samples of other weights of model "
                             f"{cfg.model!r} (hash {stored}); use another --out")
     synth = None
@@ -382,7 +383,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
                          max_pending=2 * cfg.batch_size)
         try:
             synth.check_prompts(samples.specs())
-            job["model_hash"] = model_fingerprint(pipe)
+            job["model_hash"] = model_hash or model_fingerprint(pipe)
             lock = OutputLock(out, shard)  # a second writer of this folder and shard is refused
             if webdataset:
                 job = prepare_output(out, job, classes)

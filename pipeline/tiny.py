@@ -209,10 +209,11 @@ def build_sd15_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     )
 
 
-def _sdxl_pipeline(seed: int, dtype: torch.dtype, text: dict, text_2: dict, unet_config: dict,
+def _sdxl_pipeline(seed: int, dtype: torch.dtype, text, text_2: dict, unet_config: dict,
                    vae_config: dict):
     """A StableDiffusionXLPipeline of random components (drawn in a fixed order after seeding)
-    with the generated tokenizer for both text encoders."""
+    with the generated tokenizer for both text encoders. `text(tokenizer)` gives the first
+    encoder's config; the second's is it with `text_2`'s changes."""
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -224,9 +225,10 @@ def _sdxl_pipeline(seed: int, dtype: torch.dtype, text: dict, text_2: dict, unet
     tokenizer = tiny_tokenizer()
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77)
+    text = text(tokenizer)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text, **ids))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_2, **ids))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(text, **text_2), **ids))
     unet = UNet2DConditionModel(**unet_config)
     vae = AutoencoderKL(**vae_config)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
@@ -234,17 +236,18 @@ def _sdxl_pipeline(seed: int, dtype: torch.dtype, text: dict, text_2: dict, unet
                                        timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder,
                                      text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                                     tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=scheduler)
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """SDXL's layout in miniature with random weights, identical for a given seed."""
-    text = dict(vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4)
     return _sdxl_pipeline(
-        seed, dtype, text, dict(text, projection_dim=32),
+        seed, dtype,
+        lambda tok: dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4),
+        dict(projection_dim=32),
         dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32),
              layers_per_block=1,
              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -259,12 +262,11 @@ def build_tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 def build_sdxl_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     """SDXL 1.0's architecture with random weights (the tiny tokenizer's ids)."""
-    clip = dict(vocab_size=49408, max_position_embeddings=77)
     return _sdxl_pipeline(
         seed, dtype,
-        dict(clip, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-             num_attention_heads=12, hidden_act="quick_gelu"),
-        dict(clip, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+        lambda tok: dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                         num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"),
+        dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
              num_attention_heads=20, hidden_act="gelu", projection_dim=1280),
         dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -357,6 +359,6 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-        tokenizer_2=tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
