@@ -269,7 +269,7 @@ class PermutohedralLattice:
         f = features.to(torch.float32)
         n, d = f.shape
         dev = f.device
-        self.n, self.d = n, d
+        self.d = d
         # Lift onto the plane, scaled so that the blur below is a unit Gaussian in f.
         # float32 arithmetic in pydensecrf's order, so that points on a cell boundary fall on
         # the same side as there (its scale factors: float32 of a float64 product).
@@ -323,7 +323,6 @@ class PermutohedralLattice:
         self._lo, self._radix = lo, radix
         codes, inverse = torch.unique(self._encode(keys.reshape(-1, d)), return_inverse=True)
         m = codes.numel()
-        self.m = m
         # Blur neighbours along each lattice axis j: key - 1 everywhere (+ (d+1) at j), and
         # key + 1 (- (d+1) at j); a missing neighbour reads row m (zeros).
         ukeys = self._decode(codes)
@@ -338,7 +337,7 @@ class PermutohedralLattice:
         # its products are deterministic and the fastest of torch's sparse layouts on a CPU).
         point = rows[:, None].expand(n, d + 1).reshape(-1)
         vertex = inverse.reshape(-1)
-        w = bary.reshape(-1).to(torch.float32)
+        w = bary.reshape(-1)
         alpha = 1.0 / (1.0 + 2.0 ** (-d))  # the blur's gain at the centre, as pydensecrf
         # Built directly in CSR form (no coalescing): the slice's rows are the points, each
         # with its d+1 distinct vertices; the splat's are the vertices (a stable sort).
