@@ -37,7 +37,7 @@ import numpy as np
 import psutil
 import torch
 
-from attnseg.pipeline.attention import ObservingJointAttnProcessor, StoreEveryMapProcessor
+from attnseg.pipeline.attention import MapStore, install_observers
 from attnseg.pipeline.config import BACKENDS, get_preset
 from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
 from attnseg.pipeline.device import resolve_device, resolve_dtype
@@ -49,7 +49,9 @@ from attnseg.pipeline.models import (
     default_size,
     denoiser,
     generation_kwargs,
+    initial_latents,
     load_pipeline,
+    prompt_tokenizer,
 )
 from attnseg.pipeline.prompts import class_token_weights, default_prompts, load_classes
 
@@ -246,13 +248,11 @@ class _Bench:
         self.harvester = AttentionHarvester(denoiser(pipe), self.preset.harvest)
         self.harvest_timer = HarvestTimer(self.harvester, device)
         self.harvest_processors = dict(denoiser(pipe).attn_processors)
-        self.store: list = []
-        self.store_processors = {
-            n: StoreEveryMapProcessor(self.store, joint=isinstance(p, ObservingJointAttnProcessor))
-            if ".attn2." in n or isinstance(p, ObservingJointAttnProcessor) else
-            self.stock_processors[n]
-            for n, p in self.harvest_processors.items()
-        }
+        self.store = MapStore()
+        net = denoiser(pipe)
+        install_observers(net, self.store, self_attention=False)
+        self.store_processors = dict(net.attn_processors)
+        net.set_attn_processor(dict(self.harvest_processors))
 
     def close(self) -> None:
         self.clock.close()
@@ -293,8 +293,9 @@ class _Bench:
         self._generate(case)
         held = sum(p.numel() * p.element_size() for p in self.store)
         t = self.clock.now()
-        # Aggregated afterwards, as those tools do: cond half, mean over heads/steps/layers.
-        maps = [p[case.batch_size:].mean(1) for p in self.store]
+        # Aggregated afterwards, as those tools do: cond half (the whole batch without
+        # guidance), mean over heads/steps/layers.
+        maps = [p[-case.batch_size:].mean(1) for p in self.store]
         del maps
         self.store.clear()
         self.clock.seconds["masks"] += self.clock.now() - t
@@ -361,10 +362,8 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
 
         def case(backend: str, bs: int) -> _Case:
             specs = [prompts[classes[i % len(classes)].name][0] for i in range(bs)]
-            weights, ids = class_token_weights(pipe.tokenizer, specs)
-            f = pipe.vae_scale_factor
-            latents = torch.randn(bs, denoiser(pipe).config.in_channels, size[0] // f, size[1] // f,
-                                  generator=torch.Generator().manual_seed(0))
+            weights, ids = class_token_weights(prompt_tokenizer(pipe), specs)
+            latents = initial_latents(pipe, size, range(bs))
             writer = DatasetWriter(Path(tmp) / f"{backend}-{bs}", {
                 "model": cfg.model, "model_hash": "", "preset": cfg.preset, "mask": {}}, classes)
             return _Case(backend, bs, [s.text for s in specs], weights, ids, latents, writer)

@@ -1,10 +1,11 @@
 """Attention processors for diffusers UNets, and where each attention layer sits.
 
-One module for every place that looks inside a UNet's attention: the harvester
+One module for every place that looks inside a denoiser's attention: the harvester
 (`pipeline.harvest.AttentionHarvester`), the engines' `UNetWithMaps` (the same maps inside an
-exported graph) and the benchmark's store-every-map baseline. Each processor computes the
-layer's output exactly as diffusers' `AttnProcessor2_0` does (so images are unchanged) and hands
-the query and key to whoever observes it. Installed with diffusers' `set_attn_processor`.
+exported graph) and the benchmark's store-every-map baseline (`MapStore`). Each processor
+computes the layer's output exactly as the family's stock processor does (diffusers'
+`AttnProcessor2_0`, `JointAttnProcessor2_0`, `FluxAttnProcessor`; so images are unchanged) and
+hands the query and key to whoever observes it. Installed with diffusers' `set_attn_processor`.
 """
 
 from __future__ import annotations
@@ -121,10 +122,62 @@ def stock_joint_attention(attn, hidden_states, encoder_hidden_states):
     return outputs, image_query, image_key, text_key
 
 
+def stock_flux_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                         image_rotary_emb=None):
+    """The computation of diffusers' FluxAttnProcessor (Flux's double-stream blocks: text and
+    image projected apart, attended jointly; single-stream blocks: one projection of the
+    concatenated [text, image] sequence), returning its outputs and the joint queries and keys
+    [B, S, heads, d] it attended with (text first, rotary embedding applied). Kept operation for
+    operation equal to the stock processor so outputs match bitwise."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if attn.fused_projections:
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = (attn.to_q(hidden_states), attn.to_k(hidden_states),
+                             attn.to_v(hidden_states))
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        if attn.fused_projections:
+            text_query, text_key, text_value = attn.to_added_qkv(
+                encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            text_query = attn.add_q_proj(encoder_hidden_states)
+            text_key = attn.add_k_proj(encoder_hidden_states)
+            text_value = attn.add_v_proj(encoder_hidden_states)
+        text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))
+        text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
+        text_value = text_value.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([text_query, query], dim=1)
+        key = torch.cat([text_key, key], dim=1)
+        value = torch.cat([text_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)
+    out = out.flatten(2, 3).to(query.dtype)
+    if encoder_hidden_states is None:
+        return out, query, key
+    text_len = encoder_hidden_states.shape[1]
+    text_out, out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+    out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+    return (out, attn.to_add_out(text_out.contiguous())), query, key
+
+
+def attention_scale(attn, query: torch.Tensor) -> float:
+    """The softmax scale a module attends with: its `scale` (diffusers' `Attention`), else
+    scaled_dot_product_attention's default 1/sqrt(d) (Flux's modules keep none)."""
+    scale = getattr(attn, "scale", None)
+    return query.shape[-1] ** -0.5 if scale is None else scale
+
+
 def block_of(name: str) -> str:
-    """The UNet block ("down", "mid", "up"), "transformer" for a DiT's blocks (PixArt), else
-    "other", an attention module belongs to."""
-    if name.startswith("transformer_blocks"):
+    """The UNet block ("down", "mid", "up"), "transformer" for a DiT's blocks (PixArt, SD3,
+    Flux's double- and single-stream blocks), else "other", an attention module belongs to."""
+    if name.startswith(("transformer_blocks", "single_transformer_blocks")):
         return "transformer"
     if name.startswith("down_blocks"):
         return "down"
@@ -226,14 +279,66 @@ class ObservingJointAttnProcessor:
         return outputs
 
 
+class FluxTextLength:
+    """How many text tokens lead the joint sequence of the current Flux forward: set by the
+    double-stream blocks (they see the text apart), read by the single-stream blocks, which
+    see one concatenated sequence and run after them."""
+
+    value: int | None = None
+
+
+class ObservingFluxAttnProcessor:
+    """The Flux counterpart of `ObservingJointAttnProcessor`: computes FluxAttnProcessor's
+    outputs and reports the image queries against the text keys of both block kinds (the
+    class map is the image rows over the class's text columns, softmax over the text keys).
+    Flux has no padding mask and no classifier-free guidance batch."""
+
+    cross = True
+    key_valid = None
+
+    def __init__(self, observer: AttentionObserver, name: str, text_length: FluxTextLength):
+        self.observer = observer
+        self.name = name
+        self.block = block_of(name)
+        self.text_length = text_length
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, *args, **kwargs):
+        outputs, query, key = stock_flux_attention(attn, hidden_states, encoder_hidden_states,
+                                                   attention_mask, image_rotary_emb)
+        if encoder_hidden_states is not None:
+            self.text_length.value = encoder_hidden_states.shape[1]
+        n = self.text_length.value
+        if n is None:
+            raise RuntimeError("a Flux single-stream block ran before any double-stream block; "
+                               "its text length is unknown")
+        # [B, S, heads, d] -> [B, heads, *, d]: image queries, text keys.
+        self.observer.observe(self, attn, query[:, n:].transpose(1, 2),
+                              key[:, :n].transpose(1, 2))
+        return outputs
+
+
+def _is_flux_attention(module) -> bool:
+    return type(module).__name__ == "FluxAttention"
+
+
 def install_observers(unet, observer: AttentionObserver, self_attention: bool) -> dict:
     """Put an `ObservingAttnProcessor` on every cross-attention module of `unet` (and every
     self-attention module if `self_attention`), an `ObservingJointAttnProcessor` on every
-    joint-attention module (SD3: the ones with text projections, `add_k_proj`); the other
+    joint-attention module (SD3: the ones with text projections, `add_k_proj`), an
+    `ObservingFluxAttnProcessor` on every attention module of a Flux transformer; the other
     modules keep theirs. Returns the previous processors, for
     `unet.set_attn_processor(previous)` to restore them."""
     previous = dict(unet.attn_processors)
     modules = dict(unet.named_modules())
+    if any(_is_flux_attention(m) for m in modules.values()):
+        text_length = FluxTextLength()
+        unet.set_attn_processor({
+            name: ObservingFluxAttnProcessor(observer, name.rsplit(".processor", 1)[0],
+                                             text_length)
+            if _is_flux_attention(modules.get(name.rsplit(".processor", 1)[0])) else proc
+            for name, proc in previous.items()})
+        return previous
     joint = {n for n in previous
              if getattr(modules.get(n.rsplit(".processor", 1)[0]), "add_k_proj", None)
              is not None}
@@ -255,23 +360,18 @@ def install_observers(unet, observer: AttentionObserver, self_attention: bool) -
     return previous
 
 
-class StoreEveryMapProcessor:
-    """Explicit cross-attention softmax of every call kept in a list: how attention-map tools
-    that store every map work (the benchmark's baseline against running aggregation). With
-    `joint`, for SD3's joint attention: the image queries' softmax over the text keys."""
+class MapStore(list):
+    """An observer that keeps every cross-attention probability map [batch, heads, N, L] of
+    every call (explicit softmax over the text keys, padded keys masked): how attention-map
+    tools that store every map work, the benchmark's baseline against running aggregation.
+    Installed like the harvester, with `install_observers`, so it sees every family's layers
+    as the harvester does."""
 
-    def __init__(self, store: list, joint: bool = False):
-        self.store = store
-        self.joint = joint
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        if self.joint:
-            out, query, _, key = stock_joint_attention(attn, hidden_states,
-                                                       encoder_hidden_states)
-        else:
-            out, query, key = stock_attention(attn, hidden_states, encoder_hidden_states,
-                                              attention_mask, temb)
-        if encoder_hidden_states is not None:
-            self.store.append(torch.softmax(query @ key.transpose(-1, -2) * attn.scale, dim=-1))
-        return out
+    def observe(self, proc, attn, query: torch.Tensor, key: torch.Tensor) -> None:
+        if not proc.cross:
+            return
+        logits = query @ key.transpose(-1, -2) * attention_scale(attn, query)
+        valid = proc.key_valid
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        self.append(torch.softmax(logits, dim=-1))

@@ -40,10 +40,11 @@ def add_dtype(p: argparse.ArgumentParser, default: str | None = None,
 def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """`--model`: the text-to-image model, as every command that loads one takes it."""
     p.add_argument("--model", default=default,
-                   help="'tiny' / 'tiny-sdxl' (built-in random SD / SDXL models), 'sd15-random' "
-                   "/ 'sdxl-random' (the real architectures, random weights), 'toy' (the "
-                   "shipped toy-world model, 64x64), a hub id, a diffusers folder or one "
-                   ".safetensors file; SD 1.x/2.x and SDXL (default: tiny)")
+                   help="'tiny', 'tiny-sdxl', 'tiny-pixart', 'tiny-sd3', 'tiny-flux' (built-in "
+                   "random models of each family), 'sd15-random' / 'sdxl-random' (the real "
+                   "architectures, random weights), 'toy' (the shipped toy-world model, "
+                   "64x64), a hub id, a diffusers folder or one .safetensors file; SD 1.x/2.x, "
+                   "SDXL, PixArt, SD3 and Flux (default: tiny)")
 
 
 def add_scheduler(p: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ from ..kernels.class_attention import accumulate_class_attention
 from ..kernels.interp import resize
 from .attention import (
     ObservingAttnProcessor,
+    attention_scale,
     grid_size,
     install_observers,
     layer_grid,
@@ -119,6 +120,16 @@ class _Capture:
         return total
 
 
+def token_grid(n: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of `n` image tokens laid out with the image's aspect ratio (Flux packs
+    its latents into a sequence; the grid is not in the tensor's shape)."""
+    rows = round((n * image_size[0] / image_size[1]) ** 0.5)
+    if rows < 1 or n % rows:
+        raise RuntimeError(f"cannot lay {n} tokens out as a {image_size[0]}x{image_size[1]} "
+                           "image")
+    return rows, n // rows
+
+
 def valid_prefix_lengths(valid: torch.Tensor) -> list[int]:
     """Per sample, how many keys are valid, from a [B, L] mask whose valid keys come first
     (a padded prompt: what T5 pipelines pass). Other masks are refused."""
@@ -168,7 +179,10 @@ class AttentionHarvester:
             self._capture.step += 1
             # UNets take `sample`; DiTs take `hidden_states` (SD3 passes it by keyword).
             sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-            self._capture.latent_hw = tuple(sample.shape[-2:])
+            if sample.ndim == 3:  # Flux: latents packed into a [B, tokens, C] sequence
+                self._capture.latent_hw = token_grid(sample.shape[1], self._capture.image_size)
+            else:
+                self._capture.latent_hw = tuple(sample.shape[-2:])
 
     @contextlib.contextmanager
     def capture(self, token_weights: torch.Tensor, image_size: tuple[int, int], num_steps: int):
@@ -212,20 +226,21 @@ class AttentionHarvester:
         stride, h, w = layer_grid(query.shape[2], capture.latent_hw, capture.image_size)
         if not proc.cross:
             if stride == cfg.refine_stride:
-                self._observe_self(query, key, attn.scale, capture)
+                self._observe_self(query, key, attention_scale(attn, query), capture)
             return
         # `blocks` names UNet blocks; a DiT's layers are all of one kind and always taken.
         if stride not in cfg.strides or (proc.block != "transformer" and
                                          proc.block not in cfg.blocks):
             return
         weights = capture.weights_for(key.shape[2])
+        scale = attention_scale(attn, query)
         valid = proc.key_valid  # padded text keys (T5), None for none
         if valid is not None:
             valid = valid[-b:]  # the conditional half (or the whole batch without guidance)
         lengths = None if valid is None else capture.key_lengths(valid)
         if cfg.accumulate == "per_head":
             # Per-head maps (DAAM's order needs them apart until the end): plain torch ops.
-            logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
+            logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
             if lengths is not None:
                 logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
             probs = torch.softmax(logits, dim=-1)  # [B, H, N, L]
@@ -240,7 +255,7 @@ class AttentionHarvester:
                 out = capture.sums[stride] = query.new_zeros(
                     (b, weights.shape[2], h, w), dtype=torch.float32
                 )
-            _accumulate(query, key, weights, out, lengths, hw=(h, w), scale=attn.scale)
+            _accumulate(query, key, weights, out, lengths, hw=(h, w), scale=scale)
             capture.counts[stride] = capture.counts.get(stride, 0.0) + 1.0
         else:
             cs = cfg.combine_stride
@@ -252,7 +267,7 @@ class AttentionHarvester:
                 )
             wgt = cfg.stride_weights.get(stride, 1.0)
             mode = "none" if (h, w) == size else cfg.accumulate_mode
-            _accumulate(query, key, weights, out, lengths, hw=(h, w), scale=attn.scale,
+            _accumulate(query, key, weights, out, lengths, hw=(h, w), scale=scale,
                         weight=wgt, mode=mode, clamp=cfg.clamp_each_step)
             capture.counts[cs] = capture.counts.get(cs, 0.0) + wgt
 

@@ -22,7 +22,8 @@ RANDOM_BUILDERS = {"tiny": "build_tiny_pipeline", "sd15-random": "build_sd15_ran
                    "tiny-sdxl": "build_tiny_sdxl_pipeline",
                    "sdxl-random": "build_sdxl_random_pipeline",
                    "tiny-pixart": "build_tiny_pixart_pipeline",
-                   "tiny-sd3": "build_tiny_sd3_pipeline"}
+                   "tiny-sd3": "build_tiny_sd3_pipeline",
+                   "tiny-flux": "build_tiny_flux_pipeline"}
 RANDOM_MODELS = tuple(RANDOM_BUILDERS)
 # `toy`: the toy world's trained model (pipeline/toy_model.py), a diffusers folder shipped in
 # the package and loaded like any other folder.
@@ -31,11 +32,11 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Diffusers folders keep each sub-network's weights in a subfolder of its own.
 _WEIGHT_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
                    "vae")
-# Model families by diffusers pipeline class; harvesting supports the UNet families.
+# Model families by diffusers pipeline class; harvesting supports these.
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
             "PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart"}
-SUPPORTED_FAMILIES = ("sd", "sdxl", "pixart", "sd3")
+SUPPORTED_FAMILIES = ("sd", "sdxl", "pixart", "sd3", "flux")
 
 
 def model_family(pipe_or_class) -> str:
@@ -49,17 +50,51 @@ def _check_family(model: str, class_name: str) -> None:
     family = model_family(class_name)
     if family not in SUPPORTED_FAMILIES:
         raise UserError(f"model {model!r} is a {class_name} ({family}); harvesting supports "
-                        "Stable Diffusion 1.x/2.x, SDXL, PixArt and SD3")
+                        "Stable Diffusion 1.x/2.x, SDXL, PixArt, SD3 and Flux")
 
 
 def denoiser(pipe):
-    """The network that denoises: the UNet of SD/SDXL, the transformer of PixArt and SD3."""
+    """The network that denoises: the UNet of SD/SDXL, the transformer of PixArt, SD3 and
+    Flux."""
     unet = getattr(pipe, "unet", None)
     return unet if unet is not None else pipe.transformer
 
 
 # PixArt-Sigma's T5 context (its pipeline's default; the tokenizer allows more).
 PIXART_MAX_TOKENS = 300
+# Flux's T5 context (FluxPipeline's default; FLUX.1-schnell's tokenizer allows 256).
+FLUX_MAX_TOKENS = 512
+
+
+def prompt_tokenizer(pipe):
+    """The tokenizer of the text sequence the denoiser attends to, where class words are
+    located: T5's for Flux (its CLIP gives only the pooled prompt), else `pipe.tokenizer`
+    (SDXL's and SD3's CLIP tokenizers agree on positions; PixArt's is T5)."""
+    return pipe.tokenizer_2 if model_family(pipe) == "flux" else pipe.tokenizer
+
+
+def pack_latents(latents):
+    """Flux's token layout of latents: [B, C, H, W] -> [B, (H/2)(W/2), 4C], each token a 2x2
+    patch (channels outer, patch rows, patch columns), as FluxPipeline packs them."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def initial_latents(pipe, size: tuple[int, int], seeds):
+    """Gaussian starting latents for images of `size` (H, W), one CPU generator per seed, so
+    any device gives the same noise; in the denoiser's layout and dtype (Flux: packed)."""
+    import torch
+
+    net = denoiser(pipe)
+    packed = model_family(pipe) == "flux"
+    channels = net.config.in_channels // 4 if packed else net.config.in_channels
+    shape = (channels, size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                         for s in seeds])
+    if packed:
+        noise = pack_latents(noise)
+    return noise.to(device=pipe.device, dtype=net.dtype)
 
 
 def generation_kwargs(pipe) -> dict:
@@ -67,8 +102,11 @@ def generation_kwargs(pipe) -> dict:
     generates at the asked size (no aspect-ratio binning, which would resize the image after
     the attention was harvested at another size), without caption cleaning (it needs extra
     packages and rewrites the words the class tokens were located in), with a T5 context that
-    the class-token weights match."""
-    if model_family(pipe) != "pixart":
+    the class-token weights match; Flux with its T5 context no longer than its tokenizer's."""
+    family = model_family(pipe)
+    if family == "flux":
+        return {"max_sequence_length": min(FLUX_MAX_TOKENS, pipe.tokenizer_2.model_max_length)}
+    if family != "pixart":
         return {}
     return {"use_resolution_binning": False, "clean_caption": False,
             "max_sequence_length": min(PIXART_MAX_TOKENS, pipe.tokenizer.model_max_length)}
@@ -78,7 +116,8 @@ def default_size(model: str) -> int:
     """The image size a model generates by default: 128 for the tiny models, 64 for the toy
     model (the size it was trained at), 1024 for sdxl-random, else 512 (a real SDXL
     checkpoint's native 1024 is asked for with --height/--width)."""
-    return {"tiny": 128, "tiny-sdxl": 128, "tiny-pixart": 128, "tiny-sd3": 128, "toy": 64,
+    return {"tiny": 128, "tiny-sdxl": 128, "tiny-pixart": 128, "tiny-sd3": 128,
+            "tiny-flux": 128, "toy": 64,
             "sdxl-random": 1024}.get(model, 512)
 
 
@@ -262,24 +301,30 @@ def _load_failure(e: Exception) -> str:
 
 
 def load_tokenizer(model: str, allow_pickle: bool = False):
-    """The text tokenizer of a model, without its weights where the model is a folder or hub
-    id (a single .safetensors checkpoint is loaded whole: its tokenizer comes from its config)."""
+    """The tokenizer of the text a model attends to (`prompt_tokenizer`), without its
+    weights where the model is a folder or hub id (a single .safetensors checkpoint is loaded
+    whole: its tokenizer comes from its config)."""
     if model in RANDOM_MODELS:  # the built-in models share a generated vocabulary
         from .tiny import tiny_t5_tokenizer, tiny_tokenizer
 
-        return tiny_t5_tokenizer() if model == "tiny-pixart" else tiny_tokenizer()
+        return (tiny_t5_tokenizer() if model in ("tiny-pixart", "tiny-flux")
+                else tiny_tokenizer())
     path = check_model_path(model, allow_pickle)
     if path.is_file():
         import torch
 
-        return load_pipeline(model, torch.device("cpu"), torch.float32,
-                             allow_pickle=allow_pickle).tokenizer
+        return prompt_tokenizer(load_pipeline(model, torch.device("cpu"), torch.float32,
+                                              allow_pickle=allow_pickle))
+    import diffusers
     from transformers import AutoTokenizer
 
     model = model_source(model)
+    source = str(path) if path.exists() else model
     try:
-        return AutoTokenizer.from_pretrained(str(path) if path.exists() else model,
-                                             subfolder="tokenizer")
+        family = model_family(diffusers.DiffusionPipeline.load_config(source)["_class_name"])
+        # Flux's class words are in its T5 sequence (see `prompt_tokenizer`).
+        return AutoTokenizer.from_pretrained(
+            source, subfolder="tokenizer_2" if family == "flux" else "tokenizer")
     except Exception as e:  # hub/transformers raise many types; report them on one line
         raise UserError(f"could not load the tokenizer of model {model!r}: {first_line(e)}") \
             from None

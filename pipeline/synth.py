@@ -35,9 +35,12 @@ from .models import (
     default_size,
     denoiser,
     generation_kwargs,
+    initial_latents,
     latent_stride,
     load_pipeline,
+    model_family,
     model_fingerprint,
+    prompt_tokenizer,
     set_scheduler,
 )
 from .prompts import (
@@ -126,18 +129,14 @@ class Synthesizer:
         self.timings = {"generate": 0.0, "masks": 0.0}
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
-        """Per-sample Gaussian latents from CPU generators, so any device gives the same noise."""
-        pipe = self.pipe
-        net = denoiser(pipe)
-        shape = (net.config.in_channels, self.size[0] // pipe.vae_scale_factor,
-                 self.size[1] // pipe.vae_scale_factor)
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.stack(noise).to(device=pipe.device, dtype=net.dtype)
+        """Per-sample Gaussian latents (`models.initial_latents`)."""
+        return initial_latents(self.pipe, self.size, seeds)
 
     def check_prompts(self, specs: list[PromptSpec]) -> None:
         """Fail early, naming the prompt, if any class word does not survive tokenisation."""
         for spec in specs:
-            class_token_weights(self.pipe.tokenizer, [spec], self.preset.harvest.token_merge)
+            class_token_weights(prompt_tokenizer(self.pipe), [spec],
+                                self.preset.harvest.token_merge)
 
     @torch.no_grad()
     def generate_float(self, samples: list[Sample]):
@@ -145,7 +144,7 @@ class Synthesizer:
         [B, H, W], reliability uint8 [B, H, W], and the HarvestResult they came from."""
         specs = [s.spec for s in samples]
         weights, class_ids = class_token_weights(
-            self.pipe.tokenizer, specs, self.preset.harvest.token_merge
+            prompt_tokenizer(self.pipe), specs, self.preset.harvest.token_merge
         )
         latents = self.initial_latents([s.seed for s in samples])
         generators = [torch.Generator().manual_seed(s.seed + 1) for s in samples]
@@ -370,6 +369,9 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
         if pipe.vae_scale_factor != stride:
             raise UserError(f"model {cfg.model}: its VAE downsamples {pipe.vae_scale_factor}x, "
                             f"not the {stride}x its config files say")
+        if model_family(pipe) == "flux" and (cfg.height % (2 * stride) or cfg.width % (2 * stride)):
+            raise UserError(f"Flux packs 2x2 latent patches: --height and --width must be "
+                            f"multiples of {2 * stride}, not {cfg.height}x{cfg.width}")
         harvester = None
         if cfg.backend != "torch" or cfg.engine:
             if engine_harvester is None:

@@ -135,10 +135,11 @@ def tiny_tokenizer(words=None, max_length: int = 77):
 
 def tiny_vae_config(sample_size: int = 128, **changes) -> dict:
     """The built-in tiny models' AutoencoderKL: 8x down, 4 latent channels, a few KB."""
-    return dict(in_channels=3, out_channels=3, latent_channels=4,
-                block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4,
-                sample_size=sample_size, **changes)
+    return dict(dict(in_channels=3, out_channels=3, latent_channels=4,
+                     block_out_channels=(8, 8, 16, 16),
+                     down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+                     norm_num_groups=4, sample_size=sample_size), **changes)
 
 
 def _assemble(vae, text_encoder, tokenizer, unet, scheduler, dtype: torch.dtype):
@@ -360,5 +361,46 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Flux's layout in miniature with random weights, identical for a given seed: CLIP for the
+    pooled prompt, T5 for the text sequence, double- and single-stream blocks with rotary
+    positions, guidance embedding (FLUX.1-dev's distillation), a 16-channel VAE whose latents
+    are packed 2x2 into the token sequence, flow matching with resolution-dependent shift."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).eval()
+    # in_channels: 16 latent channels x a 2x2 patch; the rotary axes split the head dim.
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    vae = AutoencoderKL(**tiny_vae_config(latent_channels=16, norm_num_groups=4,
+                                          shift_factor=0.1159, scaling_factor=0.3611,
+                                          use_quant_conv=False, use_post_quant_conv=False))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096, shift=3.0)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

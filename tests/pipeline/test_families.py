@@ -105,10 +105,10 @@ def test_single_file_class_from_keys(tmp_path):
 
 
 def test_unsupported_family_is_one_line(tmp_path, capsys):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "auraflow"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(UserError, match="FluxPipeline.*flux.*supports"):
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "AuraFlowPipeline"}))
+    with pytest.raises(UserError, match="AuraFlowPipeline.*supports"):
         load_pipeline(str(folder), torch.device("cpu"), torch.float32)
 
 
@@ -339,3 +339,144 @@ def test_sd3_memory_and_synth_end_to_end(sd3_pipe, classes, tmp_path, torch_one_
     assert main(["synth", "--model", "tiny-sd3", "--classes", "dog,cat", "--steps", "2",
                  "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
     assert len(list((out / "SegmentationClass").glob("*.png"))) == 2
+
+
+# ---- Flux (double- and single-stream joint blocks, T5 text, rotary positions, no CFG half)
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    from attnseg.pipeline.tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(seed=0)
+
+
+def _flux_latents(seed=0):
+    from attnseg.pipeline.models import pack_latents
+
+    g = torch.Generator().manual_seed(seed)
+    return pack_latents(torch.randn(2, 16, SIZE[0] // 8, SIZE[1] // 8, generator=g))
+
+
+def _run_flux(pipe, latents, steps, guidance=3.5):
+    from attnseg.pipeline.models import generation_kwargs
+
+    if latents.ndim == 4:  # the shared reference helper draws SD-shaped latents
+        latents = _flux_latents(1)
+    return pipe(PROMPTS, height=SIZE[0], width=SIZE[1], num_inference_steps=steps,
+                guidance_scale=guidance, latents=latents.clone(), output_type="pt",
+                **generation_kwargs(pipe)).images
+
+
+class _StoreFlux:
+    """Stores, per Flux attention call, softmax over the text keys of the image queries,
+    computed apart from the harvester's code (text length: the T5 context the pipeline was
+    given); the output is the stock processor's."""
+
+    def __init__(self, store, name, text_length=64):
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        self.store, self.name, self.n = store, name, text_length
+        self.stock = FluxAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def heads(x):
+            return x.view(x.shape[0], x.shape[1], -1, attn.head_dim)
+
+        q = attn.norm_q(heads(attn.to_q(hidden_states)))
+        k = attn.norm_k(heads(attn.to_k(hidden_states)))
+        if encoder_hidden_states is not None:
+            q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))),
+                           q], dim=1)
+            k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))),
+                           k], dim=1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1).transpose(1, 2)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1).transpose(1, 2)
+        logits = q[:, :, self.n:] @ k[:, :, : self.n].transpose(-1, -2) / q.shape[-1] ** 0.5
+        self.store.append((self.name, self.store.step, torch.softmax(logits, dim=-1)))
+        return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask,
+                          image_rotary_emb)
+
+
+def test_flux_tokens_and_layout(flux_pipe):
+    from attnseg.pipeline.models import generation_kwargs, model_family, prompt_tokenizer
+    from attnseg.pipeline.prompts import special_token_layout
+
+    assert model_family(flux_pipe) == "flux"
+    tok = prompt_tokenizer(flux_pipe)
+    assert tok is flux_pipe.tokenizer_2 and special_token_layout(tok) == (0, 1)  # T5
+    assert generation_kwargs(flux_pipe) == {"max_sequence_length": 64}
+    net = flux_pipe.transformer
+    assert net.config.guidance_embeds and net.config.num_single_layers == 2
+
+
+def test_flux_images_equal_stock(flux_pipe, classes, torch_one_thread):
+    from attnseg.pipeline.models import denoiser, prompt_tokenizer
+
+    latents = _flux_latents()
+    stock = _run_flux(flux_pipe, latents, steps=3)
+    weights, _ = class_token_weights(prompt_tokenizer(flux_pipe), _specs(classes))
+    harvester = AttentionHarvester(denoiser(flux_pipe), get_preset("attnseg").harvest)
+    layers = []
+    observe = harvester.observe
+    harvester.observe = lambda proc, *a: (layers.append(proc.name), observe(proc, *a))
+    try:
+        with harvester.capture(weights, SIZE, num_steps=3) as cap:
+            ours = _run_flux(flux_pipe, latents, steps=3)
+    finally:
+        harvester.remove()
+    assert torch.equal(ours, stock)
+    assert set(cap.result.maps) == {16}  # Flux's tokens: 2x2 patches of 8x latents
+    # Both block kinds report, once per step, with no CFG half to drop.
+    assert sorted(set(layers)) == ["single_transformer_blocks.0.attn",
+                                   "single_transformer_blocks.1.attn",
+                                   "transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    assert len(layers) == 4 * 3
+
+
+@pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "daam"])
+def test_flux_maps_equal_naive_reference(flux_pipe, classes, preset_name, monkeypatch):
+    from attnseg.pipeline.models import denoiser, prompt_tokenizer
+
+    # The shared helper locates class words with `pipe.tokenizer`; Flux's are T5's.
+    monkeypatch.setattr(flux_pipe, "tokenizer", prompt_tokenizer(flux_pipe), raising=False)
+    assert_maps_equal_naive_reference(flux_pipe, denoiser(flux_pipe), classes, preset_name,
+                                      _run_flux, 3, store_processor=_StoreFlux)
+
+
+def test_flux_memory_and_synth_end_to_end(flux_pipe, classes, tmp_path, torch_one_thread):
+    from attnseg.pipeline.models import denoiser, prompt_tokenizer
+
+    weights, _ = class_token_weights(prompt_tokenizer(flux_pipe), _specs(classes))
+    harvester = AttentionHarvester(denoiser(flux_pipe), get_preset("attnseg").harvest)
+    sizes = {}
+    try:
+        for steps in (2, 5):
+            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+                _run_flux(flux_pipe, _flux_latents(), steps)
+            sizes[steps] = cap.nbytes()
+    finally:
+        harvester.remove()
+    assert sizes[2] == sizes[5] > 0
+    out = tmp_path / "flux"
+    assert main(["synth", "--model", "tiny-flux", "--classes", "dog,cat", "--steps", "2",
+                 "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
+    assert len(list((out / "SegmentationClass").glob("*.png"))) == 2
+    assert main(["synth", "--model", "tiny-flux", "--classes", "dog", "--height", "136",
+                 "--out", str(tmp_path / "odd"), "--no-progress"]) == 2
+
+
+def test_flux_folder_loads_with_its_t5_tokenizer(flux_pipe, tmp_path):
+    from attnseg.pipeline.models import load_tokenizer, prompt_tokenizer
+    from attnseg.pipeline.prompts import special_token_layout
+
+    folder = tmp_path / "flux-folder"
+    flux_pipe.save_pretrained(str(folder))
+    pipe = load_pipeline(str(folder), torch.device("cpu"), torch.float32)
+    assert model_family(pipe) == "flux"
+    tok = load_tokenizer(str(folder))  # what `attnseg prompts --model` checks prompts with
+    assert special_token_layout(tok) == (0, 1)
+    assert tok("a dog").input_ids == prompt_tokenizer(pipe)("a dog").input_ids

@@ -77,12 +77,14 @@ def _naive_maps(store, preset, token_weights, num_steps):
     for name, step, probs in store:
         if step not in steps:
             continue
-        cond = probs[B:]  # [B, heads, N, L]
+        # [B, heads, N, L]: the conditional half (Flux has no unconditional one).
+        cond = probs[B:] if probs.shape[0] == 2 * B else probs
         n = cond.shape[2]
         h, w, stride = H // 8, W // 8, 8  # walk down the UNet levels (they round up)
         while h * w != n:
             h, w, stride = -(-h // 2), -(-w // 2), stride * 2
         block = name.split(".")[0].split("_")[0]
+        block = "transformer" if block == "single" else block  # Flux's single-stream blocks
         if name.endswith("attn1"):
             if stride == cfg.refine_stride:
                 self_maps.append(cond.mean(1))
