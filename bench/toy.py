@@ -19,6 +19,15 @@ trained on other renders (`--model toy`, the shipped one, by default):
    generates with their pseudo-masks (`attnseg synth`, default preset), against the same
    segmenter trained on as many rendered scenes with exact labels (the upper bound), both
    scored on the test set; one synthesis and training seed per entry of `seeds`.
+7. **Ablations** of the method's three techniques, downstream, at the same image budget and
+   training as 6 (paired by seed): each reliability-aware loss against plain CE on the same
+   synthetic data (`losses`); the plain prompts against the toy templates with the class word
+   only and against the augmented set of `attnseg prompts` (synonyms and hyponyms;
+   `prompt_augment`); on the target domain, synthesis without and with a LoRA trained by
+   `attnseg lora train` on unlabelled target-domain renders (`lora_images` > 0), scored on a
+   target-domain test set, beside the exact-label bounds of both domains;
+8. **Scaling** (`scaling_images`): downstream mIoU against the number of synthetic images,
+   with the exact-label segmenter at the same counts (`scaling_seeds` seeds each).
 
 Validation and test sets are rendered from their own seeds (`val_seed`, `test_seed`), apart
 from the training scenes of the model (`ToyModelConfig.render_seed`). Results: OUT.json and
@@ -40,6 +49,7 @@ from attnseg.pipeline.data import open_source
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.evaluate import MetricAccumulator
+from attnseg.pipeline.losses import LossConfig
 from attnseg.pipeline.models import load_pipeline, model_fingerprint
 from attnseg.pipeline.prompts import load_classes
 from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
@@ -73,6 +83,21 @@ class ToyBenchConfig:
     synth_steps: int = 20
     guidance: float = 4.0
     exact_seed: int = 2000  # render seed of the upper bound's training scenes
+    # Ablations (downstream; skipped without downstream_images): reliability-aware losses
+    # trained on the same synthetic data as the CE row; prompt sets at the same budget.
+    losses: tuple[str, ...] = ("ignore-band", "reliability-weighted", "cotrain")
+    prompt_augment: bool = True
+    # Target domain: unlabelled target renders a LoRA is trained on (0: skipped), its settings
+    # (fixed beforehand, not tuned), and the seed of those renders.
+    lora_images: int = 400
+    lora_steps: int = 300
+    lora_rank: int = 8
+    lora_lr: float = 1e-3
+    lora_seed: int = 3000
+    # Scaling: more synthetic-image counts besides downstream_images, on the first
+    # `scaling_seeds` seeds.
+    scaling_images: tuple[int, ...] = (960, 3840)
+    scaling_seeds: int = 1
     # The CRF table: each preset with and without (this many iterations where the preset has
     # none); 0: skipped.
     crf_iterations: int = 10
@@ -87,6 +112,8 @@ class ToyBenchConfig:
         self.presets = tuple(self.presets)
         self.seeds = tuple(self.seeds)
         self.noise_candidates = tuple(tuple(c) for c in self.noise_candidates)
+        self.losses = tuple(self.losses)
+        self.scaling_images = tuple(self.scaling_images)
 
     def validate(self) -> None:
         for p in self.presets:
@@ -99,6 +126,10 @@ class ToyBenchConfig:
             raise UserError("val_seed and test_seed must differ (tune on one, report the other)")
         for c in self.noise_candidates:
             RealImageConfig(noise_levels=c).validate()
+        for name in self.losses:
+            LossConfig(name=name).validate()
+        if not 1 <= self.scaling_seeds <= len(self.seeds):
+            raise UserError("scaling_seeds must be between 1 and the number of seeds")
 
 
 def _render(work: Path, name: str, seed: int, cfg: ToyBenchConfig, domain: str = "source"):
@@ -227,7 +258,10 @@ def crf_cost(size: int, classes: int, iterations: int, repeats: int = 3,
     return out
 
 
-def _train_and_score(cfg: ToyBenchConfig, data: Path, run: Path, seed: int, test) -> float:
+def _train_and_score(cfg: ToyBenchConfig, data: Path, run: Path, seed: int, tests: list,
+                     loss: str = "ce") -> list[float]:
+    """Train the downstream segmenter on `data` (resumes a finished run: nothing retrained)
+    and score it on each of `tests`."""
     from attnseg.pipeline.evaluate import evaluate_model, inference_for
     from attnseg.pipeline.train import load_model, run_training, train_config_from
 
@@ -235,43 +269,180 @@ def _train_and_score(cfg: ToyBenchConfig, data: Path, run: Path, seed: int, test
         data=[str(data)], out=str(run), model=cfg.train_model, steps=cfg.train_steps,
         batch_size=8, lr=2e-3, warmup_steps=cfg.train_steps // 10, head_lr_mult=1.0,
         workers=0, checkpoint_every=cfg.train_steps, log_every=cfg.train_steps,
-        progress=False, seed=seed, augment={"crop_size": [cfg.size, cfg.size],
-                                            "base_scale": None}))
+        progress=False, seed=seed, loss={"name": loss},
+        augment={"crop_size": [cfg.size, cfg.size], "base_scale": None}))
     run_training(tcfg)
-    report = evaluate_model(load_model(run), test, inference_for("synthetic"))
-    return report["mIoU"]
+    model = load_model(run)
+    return [evaluate_model(model, t, inference_for("synthetic"))["mIoU"] for t in tests]
+
+
+def _synthesise(cfg: ToyBenchConfig, pipe, folder: Path, per_class: int, seed: int,
+                prompts: str | None = None, loras: tuple[str, ...] = ()) -> Path:
+    """`attnseg synth` of per_class x 6 images into `folder` (a finished folder is reused).
+    With LoRAs the model is loaded anew with them fused (the shared pipeline stays as is)."""
+    from attnseg.pipeline.config import SynthConfig
+    from attnseg.pipeline.synth import run_synth
+
+    run_synth(SynthConfig(model=cfg.model, classes="toy", num_per_class=per_class,
+                          out=str(folder), batch_size=24, steps=cfg.synth_steps,
+                          guidance=cfg.guidance, height=cfg.size, width=cfg.size, seed=seed,
+                          prompts=prompts, loras=list(loras), device=cfg.device,
+                          dtype=cfg.dtype),
+              progress=False, pipe=None if loras else pipe)
+    return folder
+
+
+def _rendered(cfg: ToyBenchConfig, folder: Path, count: int, seed: int,
+              domain: str = "source") -> Path:
+    render_dataset(ToyRenderConfig(out=str(folder), num_images=count, seed=seed, domain=domain,
+                                   height=cfg.size, width=cfg.size), progress=False)
+    return folder
+
+
+def _per_class(images: int) -> int:
+    return max(1, images // len(load_classes("toy")))
 
 
 def downstream(cfg: ToyBenchConfig, pipe, work: Path, test) -> dict:
     """Segmenters trained on the model's synthetic data vs on exact-label renders."""
-    from attnseg.pipeline.config import SynthConfig
-    from attnseg.pipeline.synth import run_synth
-
-    per_class = max(1, cfg.downstream_images // len(load_classes("toy")))
+    per_class = _per_class(cfg.downstream_images)
     # The model's data and the runs trained on it are keyed by its weights: a work folder
     # kept from another model's run must not be resumed as this one's (a finished synth job
     # returns without loading the model, so it would not notice).
     model_key = model_fingerprint(pipe)
     synthetic, exact = [], []
     for seed in cfg.seeds:
-        data = work / f"synth-{per_class}x6-seed{seed}-{model_key}"
-        run_synth(SynthConfig(model=cfg.model, classes="toy", num_per_class=per_class,
-                              out=str(data), batch_size=24, steps=cfg.synth_steps,
-                              guidance=cfg.guidance, height=cfg.size, width=cfg.size,
-                              seed=seed, device=cfg.device, dtype=cfg.dtype), progress=False,
-                  pipe=pipe)
-        synthetic.append(_train_and_score(cfg, data, work / f"train-synth-seed{seed}-{model_key}",
-                                          seed, test))
-        rendered = work / f"exact-{per_class * 6}-seed{cfg.exact_seed + seed}"
-        render_dataset(ToyRenderConfig(out=str(rendered), num_images=per_class * 6,
-                                       seed=cfg.exact_seed + seed, height=cfg.size,
-                                       width=cfg.size), progress=False)
-        exact.append(_train_and_score(cfg, rendered, work / f"train-exact-seed{seed}", seed,
-                                      test))
+        data = _synthesise(cfg, pipe, work / f"synth-{per_class}x6-seed{seed}-{model_key}",
+                           per_class, seed)
+        synthetic += _train_and_score(cfg, data, work / f"train-synth-seed{seed}-{model_key}",
+                                      seed, [test])
+        rendered = _rendered(cfg, work / f"exact-{per_class * 6}-seed{cfg.exact_seed + seed}",
+                             per_class * 6, cfg.exact_seed + seed)
+        exact += _train_and_score(cfg, rendered, work / f"train-exact-seed{seed}", seed, [test])
     s, e = _mean_spread(synthetic), _mean_spread(exact)
     return {"images": per_class * 6, "train_model": cfg.train_model,
             "train_steps": cfg.train_steps, "synthetic": s, "exact_labels": e,
             "fraction_of_upper_bound": s["mean"] / e["mean"] if e["mean"] else None}
+
+
+def _paired(values: list[float], base: list[float]) -> dict:
+    """Mean and spread of `values`, and of their differences to `base` seed by seed."""
+    return {**_mean_spread(values),
+            "gain": _mean_spread([v - b for v, b in zip(values, base, strict=True)])}
+
+
+def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> dict:
+    """The paper's three techniques, downstream, paired by seed with `base` (the CE row on
+    the plain prompts' synthetic data, `downstream`'s)."""
+    per_class = _per_class(cfg.downstream_images)
+    key = model_fingerprint(pipe)
+    ce = base["synthetic"]["values"]
+    out: dict = {}
+    losses = {}
+    for loss in cfg.losses:
+        scores = []
+        for seed in cfg.seeds:
+            data = work / f"synth-{per_class}x6-seed{seed}-{key}"
+            scores += _train_and_score(cfg, data, work / f"train-{loss}-seed{seed}-{key}", seed,
+                                       [test], loss=loss)
+        losses[loss] = _paired(scores, ce)
+    out["losses"] = losses
+    if cfg.prompt_augment:
+        from attnseg.pipeline.prompt_augment import (
+            PromptsConfig,
+            build_prompt_set,
+            write_prompt_file,
+        )
+
+        arms = {}
+        # The toy templates with the class word only (as many as they make; synth cycles
+        # through them), then with the lexicon's synonyms and hyponyms too.
+        for arm, lexicon, count in (("templates", False, 24), ("augmented", True, per_class)):
+            scores = []
+            for seed in cfg.seeds:
+                file = work / f"prompts-{arm}-{count}-seed{seed}.jsonl"
+                if not file.is_file():
+                    prompt_set = build_prompt_set(PromptsConfig(
+                        classes="toy", num_per_class=count, seed=seed, model=cfg.model,
+                        builtin_lexicon=lexicon))
+                    write_prompt_file(file, prompt_set.records())
+                data = _synthesise(cfg, pipe, work / f"synth-{arm}-{per_class}x6-seed{seed}-{key}",
+                                   per_class, seed, prompts=str(file))
+                scores += _train_and_score(cfg, data, work / f"train-{arm}-seed{seed}-{key}",
+                                           seed, [test])
+            arms[arm] = _paired(scores, ce)
+        out["prompts"] = arms
+    if cfg.lora_images:
+        out["lora"] = target_domain(cfg, pipe, work, key)
+    return out
+
+
+def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str) -> dict:
+    """On the distant target domain: synthesis with and without a LoRA trained on unlabelled
+    target renders, the segmenters scored on a target test set; the exact-label segmenters of
+    both domains beside them."""
+    from attnseg.pipeline.lora_train import LoraTrainConfig, train_lora
+
+    per_class = _per_class(cfg.downstream_images)
+    target_test = _render(work, f"target-test-{cfg.test_seed}", cfg.test_seed, cfg, "target")
+    unlabelled = _rendered(cfg, work / f"target-unlabelled-{cfg.lora_images}-{cfg.lora_seed}",
+                           cfg.lora_images, cfg.lora_seed, "target")
+    lora_dir = work / f"lora-{cfg.lora_steps}-r{cfg.lora_rank}-{key}"
+    t0 = time.perf_counter()
+    lora = train_lora(LoraTrainConfig(
+        images=str(unlabelled / "JPEGImages"), model=cfg.model, out=str(lora_dir),
+        rank=cfg.lora_rank, steps=cfg.lora_steps, lr=cfg.lora_lr, batch_size=8, crop=cfg.size,
+        checkpoint_every=max(1, cfg.lora_steps // 2), device=cfg.device), progress=False)
+    lora_seconds = time.perf_counter() - t0
+    without, with_lora, exact_target, exact_source = [], [], [], []
+    for seed in cfg.seeds:
+        data = work / f"synth-{per_class}x6-seed{seed}-{key}"
+        without += _train_and_score(cfg, data, work / f"train-synth-seed{seed}-{key}", seed,
+                                    [target_test])
+        data = _synthesise(cfg, pipe, work / f"synth-lora-{per_class}x6-seed{seed}-{key}",
+                           per_class, seed, loras=(str(lora_dir),))
+        with_lora += _train_and_score(cfg, data, work / f"train-lora-seed{seed}-{key}", seed,
+                                      [target_test])
+        rendered = _rendered(cfg, work / f"exact-target-{per_class * 6}-seed"
+                             f"{cfg.exact_seed + seed}", per_class * 6, cfg.exact_seed + seed,
+                             "target")
+        exact_target += _train_and_score(cfg, rendered, work / f"train-exact-target-seed{seed}",
+                                         seed, [target_test])
+        exact_source += _train_and_score(cfg, work / f"exact-{per_class * 6}-seed"
+                                         f"{cfg.exact_seed + seed}",
+                                         work / f"train-exact-seed{seed}", seed, [target_test])
+    return {"test_images": cfg.num_images, "lora": {
+                k: lora[k] for k in ("steps", "images", "trainable_params", "probe_loss_start",
+                                     "probe_loss_end")} | {"rank": cfg.lora_rank,
+                                                            "lr": cfg.lora_lr,
+                                                            "seconds": round(lora_seconds, 1)},
+            "without_lora": _mean_spread(without), "with_lora": _paired(with_lora, without),
+            "exact_labels_target": _mean_spread(exact_target),
+            "exact_labels_source": _mean_spread(exact_source)}
+
+
+def scaling(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> list[dict]:
+    """Downstream mIoU against the synthetic images' count (the base row is one point)."""
+    key = model_fingerprint(pipe)
+    seeds = cfg.seeds[: cfg.scaling_seeds]
+    rows = [{"images": base["images"], "seeds": list(cfg.seeds),
+             "synthetic": base["synthetic"], "exact_labels": base["exact_labels"]}]
+    for images in cfg.scaling_images:
+        per_class = _per_class(images)
+        synthetic, exact = [], []
+        for seed in seeds:
+            data = _synthesise(cfg, pipe, work / f"synth-{per_class}x6-seed{seed}-{key}",
+                               per_class, seed)
+            synthetic += _train_and_score(
+                cfg, data, work / f"train-synth-{per_class}x6-seed{seed}-{key}", seed, [test])
+            rendered = _rendered(cfg, work / f"exact-{per_class * 6}-seed{cfg.exact_seed + seed}",
+                                 per_class * 6, cfg.exact_seed + seed)
+            exact += _train_and_score(cfg, rendered,
+                                      work / f"train-exact-{per_class * 6}-seed{seed}", seed,
+                                      [test])
+        rows.append({"images": per_class * 6, "seeds": list(seeds),
+                     "synthetic": _mean_spread(synthetic), "exact_labels": _mean_spread(exact)})
+    return rows
 
 
 def two_object_localisation(pipe, cfg: ToyBenchConfig, levels, source, classes) -> dict:
@@ -354,6 +525,10 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
         report["crf"] = {"by_preset": by_preset, "cost": cost}
     report["localisation"] = two_object_localisation(pipe, cfg, chosen, test, classes)
     report["downstream"] = downstream(cfg, pipe, work, test) if cfg.downstream_images else None
+    report["ablations"] = report["scaling"] = None
+    if report["downstream"]:
+        report["ablations"] = ablations(cfg, pipe, work, test, report["downstream"])
+        report["scaling"] = scaling(cfg, pipe, work, test, report["downstream"])
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["files"] = write_report(report, base)
     return report
@@ -421,7 +596,69 @@ def markdown(report: dict) -> str:
                   f"{_pct(d['exact_labels']['mean'])} ± {_pct(d['exact_labels']['std'])} |",
                   "", f"Synthetic data reaches {_pct(d['fraction_of_upper_bound'])} % of the "
                   "upper bound.", ""]
+    lines += _ablation_lines(report)
     return "\n".join(lines)
+
+
+def _ms(r: dict) -> str:
+    return f"{_pct(r['mean'])} ± {_pct(r['std'])}"
+
+
+def _gain(r: dict) -> str:
+    g = r["gain"]
+    return f"{100 * g['mean']:+.1f} ± {_pct(g['std'])}"
+
+
+def _ablation_lines(report: dict) -> list[str]:
+    a, d, cfg = report.get("ablations"), report.get("downstream"), report["config"]
+    if not a:
+        return []
+    lines = ["## Ablations (downstream, same images and training as above)", "",
+             f"Each row trains {d['train_model']} for {d['train_steps']} steps on "
+             f"{d['images']} synthetic images; test mIoU in %, mean ± std over seeds "
+             f"{cfg['seeds']}; the gain is paired by seed (same synthetic data where the "
+             "data is shared) and its ± is the spread of the per-seed gains.", "",
+             "| technique | variant | test mIoU | gain |", "|---|---|---|---|",
+             f"| loss | plain CE | {_ms(d['synthetic'])} | — |"]
+    for name, r in a["losses"].items():
+        lines.append(f"| loss | `{name}` | {_ms(r)} | {_gain(r)} |")
+    prompts = a.get("prompts")
+    if prompts:
+        lines.append(f"| prompts | plain (`attnseg synth`'s default templates, class word) | "
+                     f"{_ms(d['synthetic'])} | — |")
+        names = {"templates": "the toy templates, class word only",
+                 "augmented": "augmented (`attnseg prompts`: toy templates, synonyms and "
+                              "hyponyms)"}
+        for name, r in prompts.items():
+            lines.append(f"| prompts | {names[name]} | {_ms(r)} | {_gain(r)} |")
+    lines.append("")
+    t = a.get("lora")
+    if t:
+        lo = t["lora"]
+        lines += [f"Target domain (other backgrounds, palette and scale; {t['test_images']} "
+                  f"target test scenes, seed {cfg['test_seed']}): a rank-{lo['rank']} LoRA "
+                  f"trained by `attnseg lora train` for {lo['steps']} steps on {lo['images']} "
+                  f"unlabelled target renders ({lo['seconds']:.0f} s; probe loss "
+                  f"{lo['probe_loss_start']:.4f} -> {lo['probe_loss_end']:.4f}); its settings "
+                  "were fixed beforehand, not tuned.", "",
+                  "| trained on | target test mIoU | gain |", "|---|---|---|",
+                  f"| source renders, exact labels | {_ms(t['exact_labels_source'])} | — |",
+                  f"| target renders, exact labels (upper bound) | "
+                  f"{_ms(t['exact_labels_target'])} | — |",
+                  f"| synthetic, no LoRA | {_ms(t['without_lora'])} | — |",
+                  f"| synthetic, with the target LoRA | {_ms(t['with_lora'])} | "
+                  f"{_gain(t['with_lora'])} |", ""]
+    rows = report.get("scaling")
+    if rows:
+        lines += ["Scaling (same training steps at every count; later counts on seeds "
+                  f"{rows[-1]['seeds']}):", "",
+                  "| images | synthetic | exact labels | fraction |", "|---|---|---|---|"]
+        for r in rows:
+            frac = r["synthetic"]["mean"] / r["exact_labels"]["mean"]
+            lines.append(f"| {r['images']} | {_ms(r['synthetic'])} | "
+                         f"{_ms(r['exact_labels'])} | {_pct(frac)} % |")
+        lines.append("")
+    return lines
 
 
 def write_report(report: dict, base: Path) -> list[str]:
@@ -432,9 +669,28 @@ def write_report(report: dict, base: Path) -> list[str]:
     return files
 
 
+def _downstream_bars(report: dict) -> list[tuple]:
+    """(label, mean, std, colour) of every downstream row: source test, then target test."""
+    d, a = report["downstream"], report.get("ablations") or {}
+    bars = [("synthetic (CE, plain)", d["synthetic"]["mean"], d["synthetic"]["std"], "C0")]
+    for name, r in a.get("losses", {}).items():
+        bars.append((name, r["mean"], r["std"], "C1"))
+    for name, r in (a.get("prompts") or {}).items():
+        bars.append((f"prompts: {name}", r["mean"], r["std"], "C2"))
+    bars.append(("exact labels", d["exact_labels"]["mean"], d["exact_labels"]["std"], "0.6"))
+    t = a.get("lora")
+    if t:
+        for label, r, colour in (("target: no LoRA", t["without_lora"], "C3"),
+                                 ("target: LoRA", t["with_lora"], "C3"),
+                                 ("target: exact labels", t["exact_labels_target"], "0.6")):
+            bars.append((label, r["mean"], r["std"], colour))
+    return bars
+
+
 def plot(report: dict, path: Path) -> bool:
-    """Test mIoU of every row (mean and seed spread) as bars, trivial baselines in grey, and
-    the downstream pair; False (nothing written) without matplotlib."""
+    """Test mIoU of every row (mean and seed spread) as bars, trivial baselines in grey; the
+    downstream rows and ablations; the scaling curve; False (nothing written) without
+    matplotlib."""
     try:
         import matplotlib
 
@@ -456,20 +712,36 @@ def plot(report: dict, path: Path) -> bool:
         else:
             rows.append((f"{name} + CRF", r["with"]["mean"], r["with"]["std"], "C2"))
     d = report.get("downstream")
-    fig, axes = plt.subplots(1, 2 if d else 1, figsize=(12 if d else 9, 4.2),
-                             gridspec_kw={"width_ratios": [4, 1]} if d else None)
-    ax = axes[0] if d else axes
+    down = _downstream_bars(report) if d else []
+    scale = report.get("scaling") or []
+    panels = 1 + bool(down) + bool(len(scale) > 1)
+    fig, axes = plt.subplots(1, panels, figsize=(6 + 4 * panels, 4.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [3] + [2] * (panels - 1)})
+    ax = axes[0][0]
     ax.bar(range(len(rows)), [100 * r[1] for r in rows], yerr=[100 * r[2] for r in rows],
            color=[r[3] for r in rows], capsize=2)
     ax.set_xticks(range(len(rows)), [r[0] for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("test mIoU (%)")
     ax.set_title(f"pseudo-masks on rendered test scenes, model {report['model']}", fontsize=9)
-    if d:
-        pair = [d["synthetic"], d["exact_labels"]]
-        axes[1].bar([0, 1], [100 * r["mean"] for r in pair],
-                    yerr=[100 * r["std"] for r in pair], color=["C0", "0.6"], capsize=2)
-        axes[1].set_xticks([0, 1], ["synthetic", "exact labels"], fontsize=7)
-        axes[1].set_title(f"downstream {d['train_model']}", fontsize=9)
+    if down:
+        ax = axes[0][1]
+        ax.bar(range(len(down)), [100 * r[1] for r in down], yerr=[100 * r[2] for r in down],
+               color=[r[3] for r in down], capsize=2)
+        ax.set_xticks(range(len(down)), [r[0] for r in down], rotation=60, ha="right",
+                      fontsize=7)
+        ax.set_title(f"downstream {d['train_model']}, {d['images']} images", fontsize=9)
+    if len(scale) > 1:
+        ax = axes[0][-1]
+        n = [r["images"] for r in scale]
+        for key, label, colour in (("synthetic", "synthetic", "C0"),
+                                   ("exact_labels", "exact labels", "0.5")):
+            ax.errorbar(n, [100 * r[key]["mean"] for r in scale],
+                        yerr=[100 * r[key]["std"] for r in scale], marker="o", color=colour,
+                        label=label, capsize=2)
+        ax.set_xscale("log")
+        ax.set_xlabel("training images")
+        ax.set_title("scaling (source test)", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -32,7 +32,9 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]",
                "--set", "bg_candidates=[0.3,0.6]", "--set", "downstream_images=12",
                "--set", "train_steps=4", "--set", "synth_steps=2", "--set", "crf_iterations=1",
-               "--set", "crf_cost_size=24"])
+               "--set", "crf_cost_size=24", "--set", "losses=[\"ignore-band\"]",
+               "--set", "lora_images=8", "--set", "lora_steps=2",
+               "--set", "scaling_images=[18]"])
     assert rc == 0
     report = json.loads((tmp_path / "toy.json").read_text())
     assert set(report["pseudo_masks"]) == {"attnseg", "daam"}
@@ -49,9 +51,24 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     d = report["downstream"]
     assert d["images"] == 12 and len(d["synthetic"]["values"]) == 2
     assert all(0.0 <= v <= 1.0 for v in d["synthetic"]["values"] + d["exact_labels"]["values"])
+    a = report["ablations"]
+    # Paired by seed: each gain is the variant's score minus CE's on the same seed.
+    for r in [a["losses"]["ignore-band"], *a["prompts"].values(), a["lora"]["with_lora"]]:
+        assert len(r["values"]) == 2 and all(0.0 <= v <= 1.0 for v in r["values"])
+    r = a["losses"]["ignore-band"]
+    assert r["gain"]["values"] == [v - b for v, b in zip(r["values"], d["synthetic"]["values"],
+                                                          strict=True)]
+    assert set(a["prompts"]) == {"templates", "augmented"}
+    t = a["lora"]
+    assert t["lora"]["steps"] == 2 and t["lora"]["images"] == 8
+    assert len(t["exact_labels_target"]["values"]) == 2
+    assert [r["images"] for r in report["scaling"]] == [12, 18]
+    assert report["scaling"][1]["seeds"] == [0] and len(report["scaling"][1]["synthetic"]
+                                                        ["values"]) == 1
     assert (tmp_path / "toy.png").stat().st_size > 0  # matplotlib: a dev dependency
     md = (tmp_path / "toy.md").read_text()
     assert "colour threshold" in md and "preset `daam`" in md
+    assert "`ignore-band`" in md and "with the target LoRA" in md and "| 18 |" in md
     assert "results:" in capsys.readouterr().out
     # Tuning and reporting on one render seed is refused.
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--set", "val_seed=5",
