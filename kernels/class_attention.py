@@ -30,6 +30,8 @@ __all__ = [
 
 # Widest map the triton resize kernel holds in one tile; wider maps resize in torch.
 _TRITON_MAX_SIDE = 128
+# Most text keys the triton kernel holds in one tile (a query row's every score at once).
+TRITON_MAX_KEYS = 256
 # Warps per program of both triton kernels. With 4, most tile sets spill registers at sm_80 and
 # sm_90; with 8 the tiles `attn_blocks` picks do not (ptxas -v on the AOT builds, asserted in
 # tests/kernels/test_class_attention.py).
@@ -474,8 +476,9 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     if _tr is None:
         raise RuntimeError("triton is not available")
     b, heads, n, d, l_tokens, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
-    if l_tokens > 256:
-        raise ValueError(f"the triton kernel supports L <= 256 tokens, got {l_tokens}")
+    if l_tokens > TRITON_MAX_KEYS:
+        raise ValueError(f"the triton kernel supports L <= {TRITON_MAX_KEYS} tokens, got "
+                         f"{l_tokens}")
     out_h, out_w = out.shape[2], out.shape[3]
     if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
@@ -551,8 +554,13 @@ def accumulate_class_attention(q, k, token_weights, out, *, hw, scale, weight=1.
             ``"numba"``.
 
     Computes ``out += weight * [clamp](resize(mean_h(softmax(scale * q k^T)) @ token_weights))``
-    with the softmax in float32, and returns ``out``.
+    with the softmax in float32, and returns ``out``. Where the automatic choice is triton and
+    there are more than ``TRITON_MAX_KEYS`` text keys (T5 contexts: PixArt's 300, SD3's
+    77 + 256, Flux's 512), the reference runs instead (it holds the [B, H, N, L]
+    probabilities); asking for triton by name with that many raises.
     """
     which = resolve_impl(impl, q.device)
+    if which == "triton" and impl is None and k.shape[2] > TRITON_MAX_KEYS:
+        which = "ref"
     return _IMPLS[which](q, k, token_weights, out, hw=hw, scale=scale, weight=weight, mode=mode,
                          clamp=clamp)

@@ -313,3 +313,23 @@ def test_shipped_tiles_compile_without_register_spills(aot_compile):
 @pytest.mark.parametrize("case", NUMBA_CASES, ids=str)
 def test_triton_cuda_matches_ref(case):
     assert_close_to_ref(case, accumulate_class_attention_triton, device="cuda")
+
+
+@needs_triton
+def test_long_text_takes_the_reference_where_triton_is_chosen(monkeypatch):
+    """T5 contexts (Flux's 512 keys) exceed the triton kernel's one-tile limit: where triton is
+    the automatic choice (a GPU; here the interpreter, through the same branch) the reference
+    runs; triton asked for by name refuses."""
+    from attnseg.kernels.class_attention import TRITON_MAX_KEYS
+
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    device = "cuda" if HAS_CUDA else "cpu"
+    case = Case(1, 2, (8, 8), 16, TRITON_MAX_KEYS + 44, 2, (8, 8))
+    q, k, tw, out0 = make_inputs(case, device=device)
+    ours = out0.clone()
+    accumulate_class_attention(q, k, tw, ours, hw=case.hw, scale=case.d ** -0.5)
+    ref = run(accumulate_class_attention_ref, case, q, k, tw, out0.clone())
+    assert torch.equal(ours, ref)
+    with pytest.raises(ValueError, match="L <= 256"):
+        accumulate_class_attention(q, k, tw, out0.clone(), hw=case.hw, scale=case.d ** -0.5,
+                                   impl="triton")
