@@ -46,14 +46,14 @@ from attnseg.pipeline.harvest import AttentionHarvester
 from attnseg.pipeline.masks import masks_from_harvest
 from attnseg.pipeline.models import (
     RANDOM_MODELS,
+    class_weights,
     default_size,
     denoiser,
     generation_kwargs,
     initial_latents,
     load_pipeline,
-    prompt_tokenizer,
 )
-from attnseg.pipeline.prompts import class_token_weights, default_prompts, load_classes
+from attnseg.pipeline.prompts import default_prompts, load_classes
 
 VARIANTS = ("stock", "harvest", "store_every_map")
 COMPONENTS = ("text_encoder", "unet", "harvest", "vae", "masks", "write")
@@ -362,7 +362,7 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
 
         def case(backend: str, bs: int) -> _Case:
             specs = [prompts[classes[i % len(classes)].name][0] for i in range(bs)]
-            weights, ids = class_token_weights(prompt_tokenizer(pipe), specs)
+            weights, ids = class_weights(pipe, specs)
             latents = initial_latents(pipe, size, range(bs))
             writer = DatasetWriter(Path(tmp) / f"{backend}-{bs}", {
                 "model": cfg.model, "model_hash": "", "preset": cfg.preset, "mask": {}}, classes)

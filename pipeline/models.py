@@ -66,6 +66,23 @@ PIXART_MAX_TOKENS = 300
 FLUX_MAX_TOKENS = 512
 
 
+# SD3's T5 context (its pipeline's default).
+SD3_MAX_TOKENS = 256
+
+
+def class_weights(pipe, specs, merge: str = "sum"):
+    """[B, L, C] token-to-class weights over the text sequence the denoiser attends to, and
+    [B, C] class ids (`prompts.class_token_weights`): SD3 with its T5 encoder attends to CLIP's
+    77 positions then T5's, and a class word weighs on its tokens in both; every other model
+    reads one tokenizer's positions (`prompt_tokenizer`)."""
+    from .prompts import class_token_weights, sequence_token_weights
+
+    if model_family(pipe) == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
+        return sequence_token_weights([(pipe.tokenizer, pipe.tokenizer_max_length),
+                                       (pipe.tokenizer_3, SD3_MAX_TOKENS)], specs, merge)
+    return class_token_weights(prompt_tokenizer(pipe), specs, merge)
+
+
 def prompt_tokenizer(pipe):
     """The tokenizer of the text sequence the denoiser attends to, where class words are
     located: T5's for Flux (its CLIP gives only the pooled prompt), else `pipe.tokenizer`
@@ -102,10 +119,13 @@ def generation_kwargs(pipe) -> dict:
     generates at the asked size (no aspect-ratio binning, which would resize the image after
     the attention was harvested at another size), without caption cleaning (it needs extra
     packages and rewrites the words the class tokens were located in), with a T5 context that
-    the class-token weights match; Flux with its T5 context no longer than its tokenizer's."""
+    the class-token weights match; Flux with its T5 context no longer than its tokenizer's;
+    SD3 with the T5 context `class_weights` lays out."""
     family = model_family(pipe)
     if family == "flux":
         return {"max_sequence_length": min(FLUX_MAX_TOKENS, pipe.tokenizer_2.model_max_length)}
+    if family == "sd3":
+        return {"max_sequence_length": SD3_MAX_TOKENS}
     if family != "pixart":
         return {}
     return {"use_resolution_binning": False, "clean_caption": False,

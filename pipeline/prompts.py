@@ -244,6 +244,28 @@ def class_token_weights(tokenizer, specs: list[PromptSpec], merge: str = "sum"):
     return weights, ids
 
 
+def sequence_token_weights(parts, specs: list[PromptSpec], merge: str = "sum"):
+    """[B, L, C] token-to-class weights and [B, C] class ids over a text sequence made of
+    several encoders' outputs laid end to end (SD3: CLIP's positions, then T5's). `parts` are
+    (tokenizer, length) pairs: each tokenizer's positions fill `length` slots. A class word
+    weighs on its tokens in every part; with merge="mean" the weights of a class sum to 1 over
+    all of them."""
+    import torch
+
+    blocks, ids = [], None
+    for tokenizer, length in parts:
+        w, ids = class_token_weights(tokenizer, specs, "sum")
+        if bool(w[:, length:].any()):
+            raise UserError(f"a class word lies past the {length} tokens the model reads from "
+                            f"{type(tokenizer).__name__}; shorten the prompt")
+        blocks.append(torch.nn.functional.pad(w[:, :length], (0, 0, 0, length - min(
+            length, w.shape[1]))))
+    weights = torch.cat(blocks, dim=1)
+    if merge == "mean":
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return weights, ids
+
+
 # Nouns that take no indefinite article ("a photo of grass"): mass nouns and plurals whose form
 # does not show it. Other plurals are recognised by their ending.
 NO_ARTICLE = frozenset("""people vegetation terrain grass sand soil dirt foliage greenery

@@ -32,6 +32,7 @@ from .harvest import AttentionHarvester
 from .lora import check_loras, parse_lora_spec
 from .masks import masks_from_harvest
 from .models import (
+    class_weights,
     default_size,
     denoiser,
     generation_kwargs,
@@ -40,13 +41,11 @@ from .models import (
     load_pipeline,
     model_family,
     model_fingerprint,
-    prompt_tokenizer,
     set_scheduler,
 )
 from .prompts import (
     ClassInfo,
     PromptSpec,
-    class_token_weights,
     default_prompts,
     load_classes,
     load_prompt_file,
@@ -135,17 +134,14 @@ class Synthesizer:
     def check_prompts(self, specs: list[PromptSpec]) -> None:
         """Fail early, naming the prompt, if any class word does not survive tokenisation."""
         for spec in specs:
-            class_token_weights(prompt_tokenizer(self.pipe), [spec],
-                                self.preset.harvest.token_merge)
+            class_weights(self.pipe, [spec], self.preset.harvest.token_merge)
 
     @torch.no_grad()
     def generate_float(self, samples: list[Sample]):
         """Images float [B, H, W, 3] in [0, 1] as the pipeline returns them, labels uint8
         [B, H, W], reliability uint8 [B, H, W], and the HarvestResult they came from."""
         specs = [s.spec for s in samples]
-        weights, class_ids = class_token_weights(
-            prompt_tokenizer(self.pipe), specs, self.preset.harvest.token_merge
-        )
+        weights, class_ids = class_weights(self.pipe, specs, self.preset.harvest.token_merge)
         latents = self.initial_latents([s.seed for s in samples])
         generators = [torch.Generator().manual_seed(s.seed + 1) for s in samples]
         t0 = time.perf_counter()

@@ -333,8 +333,10 @@ def build_tiny_pixart_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
-def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """SD3's layout in miniature with random weights, identical for a given seed."""
+def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32,
+                            with_t5: bool = False):
+    """SD3's layout in miniature with random weights, identical for a given seed; `with_t5`:
+    with its third text encoder (T5, whose positions follow CLIP's in the text sequence)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -357,10 +359,19 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
         num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32).eval()
     vae = AutoencoderKL(**tiny_vae_config(shift_factor=0.0))  # SD3 shifts latents
+    text_encoder_3 = tokenizer_3 = None
+    if with_t5:  # drawn last: the other weights stay those of the model without it
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer_3 = tiny_t5_tokenizer()
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_3), d_model=64, d_kv=8, d_ff=64, num_layers=2,
+            num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+            eos_token_id=1)).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+        tokenizer_2=tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 

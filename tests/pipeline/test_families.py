@@ -321,6 +321,58 @@ def test_sd3_maps_equal_naive_reference(sd3_pipe, classes, preset_name):
                                       _run_sd3, 3, store_processor=_StoreJoint)
 
 
+@pytest.fixture(scope="module")
+def sd3_t5_pipe():
+    from attnseg.pipeline.tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(seed=0, with_t5=True)
+
+
+def test_sd3_class_words_in_clip_and_t5_positions(sd3_t5_pipe, sd3_pipe, classes):
+    from attnseg.pipeline.models import SD3_MAX_TOKENS, class_weights
+
+    pipe = sd3_t5_pipe
+    specs = _specs(classes)
+    w, ids = class_weights(pipe, specs, "sum")
+    clip, _ = class_token_weights(pipe.tokenizer, specs)
+    t5, _ = class_token_weights(pipe.tokenizer_3, specs)
+    assert w.shape[1] == 77 + SD3_MAX_TOKENS
+    assert torch.equal(w[:, :77], clip) and torch.equal(w[:, 77 : 77 + t5.shape[1]], t5)
+    # "dog" in "a photo of a dog ...": CLIP's BOS first, T5 has none; one token each.
+    assert torch.nonzero(w[0, :, 0]).flatten().tolist() == [5, 77 + 4]
+    mean, _ = class_weights(pipe, specs, "mean")
+    used = w.sum(dim=1) > 0
+    assert torch.allclose(mean.sum(dim=1)[used], torch.ones(int(used.sum())))
+    # Without T5 only CLIP's positions (the pipeline fills T5's with zeros).
+    w_clip, _ = class_weights(sd3_pipe, specs, "sum")
+    assert torch.equal(w_clip, clip)
+
+
+def test_sd3_with_t5_images_equal_stock_and_maps_equal_reference(sd3_t5_pipe, classes,
+                                                                  torch_one_thread):
+    from attnseg.pipeline.models import class_weights, denoiser, generation_kwargs
+
+    pipe = sd3_t5_pipe
+
+    def run(pipe, latents, steps):
+        return pipe(PROMPTS, height=SIZE[0], width=SIZE[1], num_inference_steps=steps,
+                    guidance_scale=4.5, latents=latents.clone(), output_type="pt",
+                    **generation_kwargs(pipe)).images
+
+    latents = _latents(pipe)
+    stock = run(pipe, latents, 2)
+    weights, _ = class_weights(pipe, _specs(classes))
+    harvester = AttentionHarvester(denoiser(pipe), get_preset("attnseg").harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=2):
+            ours = run(pipe, latents, 2)
+    finally:
+        harvester.remove()
+    assert torch.equal(ours, stock)
+    assert_maps_equal_naive_reference(pipe, denoiser(pipe), classes, "attnseg", run, 2,
+                                      store_processor=_StoreJoint)
+
+
 def test_sd3_memory_and_synth_end_to_end(sd3_pipe, classes, tmp_path, torch_one_thread):
     from attnseg.pipeline.models import denoiser
 
@@ -438,11 +490,9 @@ def test_flux_images_equal_stock(flux_pipe, classes, torch_one_thread):
 
 
 @pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "daam"])
-def test_flux_maps_equal_naive_reference(flux_pipe, classes, preset_name, monkeypatch):
-    from attnseg.pipeline.models import denoiser, prompt_tokenizer
+def test_flux_maps_equal_naive_reference(flux_pipe, classes, preset_name):
+    from attnseg.pipeline.models import denoiser
 
-    # The shared helper locates class words with `pipe.tokenizer`; Flux's are T5's.
-    monkeypatch.setattr(flux_pipe, "tokenizer", prompt_tokenizer(flux_pipe), raising=False)
     assert_maps_equal_naive_reference(flux_pipe, denoiser(flux_pipe), classes, preset_name,
                                       _run_flux, 3, store_processor=_StoreFlux)
 

@@ -12,6 +12,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.harvest import AttentionHarvester
 from attnseg.pipeline.masks import combine_maps, refine_maps
+from attnseg.pipeline.models import class_weights
 from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes
 
 SIZE = (128, 96)  # non-square on purpose
@@ -185,7 +186,7 @@ def assert_maps_equal_naive_reference(pipe, net, classes, preset_name, run, step
     compare the harvested maps with the naive aggregation."""
     store_processor = store_processor or _StoreEverything
     preset = get_preset(preset_name)
-    weights, _ = class_token_weights(pipe.tokenizer, _specs(classes), preset.harvest.token_merge)
+    weights, _ = class_weights(pipe, _specs(classes), preset.harvest.token_merge)
     latents = _latents(pipe, seed=1)
     harvester = AttentionHarvester(net, preset.harvest)
     try:
