@@ -259,23 +259,27 @@ class ObservingJointAttnProcessor:
     """The joint-attention counterpart of `ObservingAttnProcessor` (SD3's MMDiT blocks):
     computes the stock outputs and reports the image queries against the text keys, as a
     cross-attention layer would (the class map is the image rows over the class's text
-    columns, softmax over the text keys). Blocks whose text stream has ended (SD3.5's dual
-    attention `attn2`, image tokens only) report nothing."""
+    columns, softmax over the text keys). With `whole_sequence` the keys reported are the
+    text keys followed by the image keys (a softmax over them is the joint one; the text
+    columns come first, where the class weights are). Blocks whose text stream has ended
+    (SD3.5's dual attention `attn2`, image tokens only) report nothing."""
 
     cross = True
     key_valid = None  # joint attention is not masked
 
-    def __init__(self, observer: AttentionObserver, name: str):
+    def __init__(self, observer: AttentionObserver, name: str, whole_sequence: bool = False):
         self.observer = observer
         self.name = name
         self.block = block_of(name)
+        self.whole_sequence = whole_sequence
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  *args, **kwargs):
-        outputs, query, _, text_key = stock_joint_attention(attn, hidden_states,
-                                                            encoder_hidden_states)
+        outputs, query, image_key, text_key = stock_joint_attention(attn, hidden_states,
+                                                                    encoder_hidden_states)
         if text_key is not None:
-            self.observer.observe(self, attn, query, text_key)
+            key = torch.cat([text_key, image_key], dim=2) if self.whole_sequence else text_key
+            self.observer.observe(self, attn, query, key)
         return outputs
 
 
@@ -291,16 +295,19 @@ class ObservingFluxAttnProcessor:
     """The Flux counterpart of `ObservingJointAttnProcessor`: computes FluxAttnProcessor's
     outputs and reports the image queries against the text keys of both block kinds (the
     class map is the image rows over the class's text columns, softmax over the text keys).
-    Flux has no padding mask and no classifier-free guidance batch."""
+    Flux has no padding mask and no classifier-free guidance batch. With `whole_sequence`
+    the keys reported are the whole joint sequence (text first), as for SD3."""
 
     cross = True
     key_valid = None
 
-    def __init__(self, observer: AttentionObserver, name: str, text_length: FluxTextLength):
+    def __init__(self, observer: AttentionObserver, name: str, text_length: FluxTextLength,
+                 whole_sequence: bool = False):
         self.observer = observer
         self.name = name
         self.block = block_of(name)
         self.text_length = text_length
+        self.whole_sequence = whole_sequence
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, *args, **kwargs):
@@ -312,9 +319,9 @@ class ObservingFluxAttnProcessor:
         if n is None:
             raise RuntimeError("a Flux single-stream block ran before any double-stream block; "
                                "its text length is unknown")
-        # [B, S, heads, d] -> [B, heads, *, d]: image queries, text keys.
-        self.observer.observe(self, attn, query[:, n:].transpose(1, 2),
-                              key[:, :n].transpose(1, 2))
+        # [B, S, heads, d] -> [B, heads, *, d]: image queries, text (then image) keys.
+        keys = key if self.whole_sequence else key[:, :n]
+        self.observer.observe(self, attn, query[:, n:].transpose(1, 2), keys.transpose(1, 2))
         return outputs
 
 
@@ -322,11 +329,13 @@ def _is_flux_attention(module) -> bool:
     return type(module).__name__ == "FluxAttention"
 
 
-def install_observers(unet, observer: AttentionObserver, self_attention: bool) -> dict:
+def install_observers(unet, observer: AttentionObserver, self_attention: bool,
+                      joint_softmax: str = "text") -> dict:
     """Put an `ObservingAttnProcessor` on every cross-attention module of `unet` (and every
     self-attention module if `self_attention`), an `ObservingJointAttnProcessor` on every
     joint-attention module (SD3: the ones with text projections, `add_k_proj`), an
-    `ObservingFluxAttnProcessor` on every attention module of a Flux transformer; the other
+    `ObservingFluxAttnProcessor` on every attention module of a Flux transformer (those two
+    report the whole joint sequence's keys when `joint_softmax` is "joint"); the other
     modules keep theirs. Returns the previous processors, for
     `unet.set_attn_processor(previous)` to restore them."""
     previous = dict(unet.attn_processors)
@@ -335,7 +344,7 @@ def install_observers(unet, observer: AttentionObserver, self_attention: bool) -
         text_length = FluxTextLength()
         unet.set_attn_processor({
             name: ObservingFluxAttnProcessor(observer, name.rsplit(".processor", 1)[0],
-                                             text_length)
+                                             text_length, joint_softmax == "joint")
             if _is_flux_attention(modules.get(name.rsplit(".processor", 1)[0])) else proc
             for name, proc in previous.items()})
         return previous
@@ -347,7 +356,8 @@ def install_observers(unet, observer: AttentionObserver, self_attention: bool) -
         module_name = name.rsplit(".processor", 1)[0]
         kind = module_name.rsplit(".", 1)[-1]
         if name in joint:
-            processors[name] = ObservingJointAttnProcessor(observer, module_name)
+            processors[name] = ObservingJointAttnProcessor(observer, module_name,
+                                                           joint_softmax == "joint")
         elif joint:
             # An MMDiT's other attention modules (SD3.5's image-only `attn2`) are neither
             # cross- nor UNet self-attention: they keep their processors.

@@ -58,6 +58,12 @@ class HarvestConfig:
     # Stride of the combined map, and how per-stride maps are resized to it.
     combine_stride: int = 8
     combine_mode: str = "bicubic"
+    # Joint-attention models (SD3's MMDiT, Flux), whose image queries attend to image and text
+    # keys together: the class map is the image queries' softmax over the text keys only
+    # ("text", as a cross-attention layer's) or over the whole joint sequence, of which the
+    # text columns are kept ("joint": lower where the image attends to itself; costs a
+    # softmax over every image key). Other models have text-only cross-attention.
+    joint_softmax: str = "text"
     # Self-attention refinement: map <- A^k . map at `refine_stride` (0 turns it off).
     refine_power: int = 0
     refine_stride: int = 16
@@ -88,6 +94,9 @@ class HarvestConfig:
             raise UserError(f"stride_normalize must be one of {list(NORMALIZATIONS)}")
         if self.refine_power < 0:
             raise UserError("refine_power must be >= 0")
+        if self.joint_softmax not in ("text", "joint"):
+            raise UserError(f"joint_softmax must be 'text' or 'joint', not "
+                            f"{self.joint_softmax!r}")
 
     def step_range(self, num_steps: int) -> range:
         """The denoising step indices that contribute, out of `num_steps` (never empty)."""

@@ -166,7 +166,8 @@ class AttentionHarvester:
         self.unet = unet
         self.config = config
         self._capture: _Capture | None = None
-        self._previous = install_observers(unet, self, self_attention=config.refine_power > 0)
+        self._previous = install_observers(unet, self, self_attention=config.refine_power > 0,
+                                           joint_softmax=config.joint_softmax)
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
 
     def remove(self) -> None:

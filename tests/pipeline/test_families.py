@@ -269,10 +269,11 @@ class _StoreJoint:
     """Stores, per joint-attention call, softmax over the text keys of the image queries,
     computed apart from the harvester's code; the output is the stock processor's."""
 
-    def __init__(self, store, name):
+    def __init__(self, store, name, joint=False):
         from diffusers.models.attention_processor import JointAttnProcessor2_0
 
         self.store, self.name, self.stock = store, name, JointAttnProcessor2_0()
+        self.joint = joint  # softmax over the whole joint sequence, text columns kept
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  *args, **kwargs):
@@ -286,7 +287,13 @@ class _StoreJoint:
                 q = attn.norm_q(q)
             if attn.norm_added_k is not None:
                 k = attn.norm_added_k(k)
+            n_text = k.shape[2]
+            if self.joint:
+                k_img = attn.to_k(hidden_states).view(b, n, heads, -1).transpose(1, 2)
+                k = torch.cat([k, attn.norm_k(k_img) if attn.norm_k is not None else k_img],
+                              dim=2)
             probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+            probs = probs[..., :n_text]
             self.store.append((self.name, self.store.step, probs.detach().clone()))
         return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask)
 
@@ -425,10 +432,10 @@ class _StoreFlux:
     computed apart from the harvester's code (text length: the T5 context the pipeline was
     given); the output is the stock processor's."""
 
-    def __init__(self, store, name, text_length=64):
+    def __init__(self, store, name, text_length=64, joint=False):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-        self.store, self.name, self.n = store, name, text_length
+        self.store, self.name, self.n, self.joint = store, name, text_length, joint
         self.stock = FluxAttnProcessor()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
@@ -447,8 +454,10 @@ class _StoreFlux:
                            k], dim=1)
         q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1).transpose(1, 2)
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1).transpose(1, 2)
-        logits = q[:, :, self.n:] @ k[:, :, : self.n].transpose(-1, -2) / q.shape[-1] ** 0.5
-        self.store.append((self.name, self.store.step, torch.softmax(logits, dim=-1)))
+        keys = k if self.joint else k[:, :, : self.n]
+        logits = q[:, :, self.n:] @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5
+        probs = torch.softmax(logits, dim=-1)[..., : self.n]
+        self.store.append((self.name, self.store.step, probs))
         return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask,
                           image_rotary_emb)
 
@@ -530,3 +539,22 @@ def test_flux_folder_loads_with_its_t5_tokenizer(flux_pipe, tmp_path):
     tok = load_tokenizer(str(folder))  # what `attnseg prompts --model` checks prompts with
     assert special_token_layout(tok) == (0, 1)
     assert tok("a dog").input_ids == prompt_tokenizer(pipe)("a dog").input_ids
+
+
+@pytest.mark.parametrize("preset_name", ["attnseg", "daam"])
+def test_joint_softmax_over_the_whole_sequence(sd3_pipe, flux_pipe, classes, preset_name):
+    """harvest.joint_softmax="joint": the image queries' softmax over text and image keys,
+    text columns kept, for SD3 and Flux, equal to the reference computing it that way; and
+    not the text-only maps."""
+    import functools
+
+    from attnseg.pipeline.models import denoiser
+
+    for pipe, run, store in ((sd3_pipe, _run_sd3, _StoreJoint), (flux_pipe, _run_flux,
+                                                                   _StoreFlux)):
+        assert_maps_equal_naive_reference(pipe, denoiser(pipe), classes, preset_name, run, 2,
+                                          store_processor=functools.partial(store, joint=True),
+                                          joint_softmax="joint")
+        with pytest.raises(AssertionError):  # the text-only reference differs
+            assert_maps_equal_naive_reference(pipe, denoiser(pipe), classes, preset_name, run,
+                                              2, store_processor=store, joint_softmax="joint")

@@ -180,12 +180,14 @@ def test_images_equal_stock_pipeline(tiny_pipe, impl, monkeypatch, torch_one_thr
 
 
 def assert_maps_equal_naive_reference(pipe, net, classes, preset_name, run, steps,
-                                      store_processor=None):
-    """Harvest `steps` of `run(pipe, latents, steps)` with the preset, run it again with every
-    attention map stored (by `store_processor(store, name)`, default `_StoreEverything`), and
-    compare the harvested maps with the naive aggregation."""
+                                      store_processor=None, **harvest_changes):
+    """Harvest `steps` of `run(pipe, latents, steps)` with the preset (and these harvest
+    settings changed), run it again with every attention map stored (by
+    `store_processor(store, name)`, default `_StoreEverything`), and compare the harvested
+    maps with the naive aggregation."""
     store_processor = store_processor or _StoreEverything
     preset = get_preset(preset_name)
+    preset = replace(preset, harvest=replace(preset.harvest, **harvest_changes))
     weights, _ = class_weights(pipe, _specs(classes), preset.harvest.token_merge)
     latents = _latents(pipe, seed=1)
     harvester = AttentionHarvester(net, preset.harvest)
