@@ -188,6 +188,23 @@ def block_of(name: str) -> str:
     return "other"
 
 
+def transformer_layers_at_depth(names, depth: tuple[float, float]) -> set[str]:
+    """Of attention module names, the DiT layers ("transformer" block) whose position in
+    running order (Flux: the double-stream blocks first) falls in the fractions [lo, hi) of
+    their count; at least the one at lo."""
+    import re
+
+    def order(name: str):
+        m = re.match(r"(single_)?transformer_blocks\.(\d+)", name)
+        return (bool(m.group(1)), int(m.group(2)), name)
+
+    layers = sorted((n for n in names if block_of(n) == "transformer"), key=order)
+    lo, hi = depth
+    n = len(layers)
+    chosen = {name for i, name in enumerate(layers) if lo <= i / n < hi}
+    return chosen or set(layers[min(int(lo * n), n - 1):][:1])
+
+
 def layer_grid(n: int, latent_hw: tuple[int, int], image_size: tuple[int, int]):
     """(stride, h, w) of an attention layer with `n` queries.
 

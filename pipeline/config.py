@@ -35,9 +35,13 @@ class HarvestConfig:
     size: at 512x512, stride 8 is the 64x64 maps, 16 is 32x32, 32 is 16x16 and 64 is 8x8.
     """
 
-    # Which cross-attention layers contribute.
+    # Which cross-attention layers contribute: a UNet's by stride and block; a DiT's (PixArt,
+    # SD3, Flux: every layer at one stride, `blocks` does not apply) by depth, the fractions
+    # [lo, hi) of its transformer blocks in the order they run (Flux: the double-stream
+    # blocks, then the single-stream ones).
     strides: tuple[int, ...] = (8, 16, 32)
     blocks: tuple[str, ...] = ("down", "mid", "up")
+    transformer_depth: tuple[float, float] = (0.0, 1.0)
     # Fractions [lo, hi) of the denoising steps that contribute; lo == hi picks one step.
     step_window: tuple[float, float] = (0.0, 1.0)
     # Weight of each stride when the per-stride means are combined (missing strides: 1.0).
@@ -82,6 +86,10 @@ class HarvestConfig:
         lo, hi = self.step_window
         if not (0.0 <= lo <= hi <= 1.0):
             raise UserError(f"step_window {self.step_window} must satisfy 0 <= lo <= hi <= 1")
+        lo, hi = self.transformer_depth
+        if not (0.0 <= lo < hi <= 1.0):
+            raise UserError(f"transformer_depth {self.transformer_depth} must satisfy "
+                            "0 <= lo < hi <= 1")
         if self.token_merge not in ("sum", "mean"):
             raise UserError(f"token_merge must be 'sum' or 'mean', not {self.token_merge!r}")
         if self.accumulate not in ACCUMULATE:

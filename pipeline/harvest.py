@@ -35,6 +35,7 @@ from .attention import (
     install_observers,
     layer_grid,
     self_attention_probs,
+    transformer_layers_at_depth,
 )
 from .config import HarvestConfig
 from .errors import UserError
@@ -168,6 +169,9 @@ class AttentionHarvester:
         self._capture: _Capture | None = None
         self._previous = install_observers(unet, self, self_attention=config.refine_power > 0,
                                            joint_softmax=config.joint_softmax)
+        self.transformer_layers = transformer_layers_at_depth(
+            [p.name for p in unet.attn_processors.values() if getattr(p, "cross", False)],
+            config.transformer_depth)
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
 
     def remove(self) -> None:
@@ -229,9 +233,13 @@ class AttentionHarvester:
             if stride == cfg.refine_stride:
                 self._observe_self(query, key, attention_scale(attn, query), capture)
             return
-        # `blocks` names UNet blocks; a DiT's layers are all of one kind and always taken.
-        if stride not in cfg.strides or (proc.block != "transformer" and
-                                         proc.block not in cfg.blocks):
+        # `blocks` names UNet blocks; a DiT's layers are chosen by depth.
+        if stride not in cfg.strides:
+            return
+        if proc.block == "transformer":
+            if proc.name not in self.transformer_layers:
+                return
+        elif proc.block not in cfg.blocks:
             return
         weights = capture.weights_for(key.shape[2])
         scale = attention_scale(attn, query)

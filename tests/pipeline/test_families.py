@@ -558,3 +558,29 @@ def test_joint_softmax_over_the_whole_sequence(sd3_pipe, flux_pipe, classes, pre
         with pytest.raises(AssertionError):  # the text-only reference differs
             assert_maps_equal_naive_reference(pipe, denoiser(pipe), classes, preset_name, run,
                                               2, store_processor=store, joint_softmax="joint")
+
+
+def test_transformer_depth_chooses_dit_layers(flux_pipe, classes, torch_one_thread):
+    """harvest.transformer_depth: the fractions of a DiT's blocks in running order (Flux: two
+    double-stream blocks, then two single-stream ones) whose maps are taken."""
+    from dataclasses import replace
+
+    from attnseg.pipeline.models import class_weights, denoiser
+
+    weights, _ = class_weights(flux_pipe, _specs(classes))
+    taken = {}
+    for depth in ((0.0, 1.0), (0.5, 1.0), (0.0, 0.25)):
+        cfg = replace(get_preset("attnseg").harvest, transformer_depth=depth)
+        harvester = AttentionHarvester(denoiser(flux_pipe), cfg)
+        try:
+            with harvester.capture(weights, SIZE, num_steps=2) as cap:
+                _run_flux(flux_pipe, _flux_latents(), 2)
+        finally:
+            harvester.remove()
+        taken[depth] = (cap.counts[16], sorted(harvester.transformer_layers))
+    assert taken[(0.0, 1.0)][0] == 4 * 2
+    assert taken[(0.5, 1.0)] == (2 * 2, ["single_transformer_blocks.0.attn",
+                                         "single_transformer_blocks.1.attn"])
+    assert taken[(0.0, 0.25)] == (1 * 2, ["transformer_blocks.0.attn"])
+    with pytest.raises(UserError, match="transformer_depth"):
+        replace(get_preset("attnseg").harvest, transformer_depth=(0.5, 0.5)).validate()
