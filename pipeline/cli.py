@@ -255,11 +255,12 @@ def register(sub) -> None:
     _add_synth_args(p)
     p.set_defaults(func=cmd_synth)
     p = sub.add_parser("demo", help="offline demo: synthesis, report, training, evaluation "
-                       "(tiny: ~20 s on 2 idle CPU cores; toy: about a minute)")
+                       "(toy: about a minute on 2 idle CPU cores; tiny: ~20 s)")
     p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    p.add_argument("--model", default="tiny", help="tiny (the random model: shows the path) or "
-                   "toy (the toy world's trained model: shapes, scored against rendered scenes "
-                   "with exact labels) (default: tiny)")
+    p.add_argument("--model", default="toy", help="toy (the toy world's trained model: shapes "
+                   "with their masks, the segmenter scored against rendered scenes with exact "
+                   "labels) or tiny (the random model: shows the path, its images are noise) "
+                   "(default: toy)")
     cli_args.add_no_progress(p, "no progress bars")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("launch", help="run synth at scale: Slurm array script or Ray Data "
