@@ -41,15 +41,19 @@ def check_backend(backend: str) -> None:
         require_tensorrt()
 
 
+# Families whose UNet call the engines export: SD 1.x/2.x (sample, timestep, text) and SDXL
+# (plus its added conditioning: pooled text, size and crop ids).
+ENGINE_FAMILIES = ("sd", "sdxl")
+
+
 def check_engine_family(pipe) -> None:
-    """Engines export the SD 1.x/2.x UNet call (sample, timestep, text); SDXL's added
-    conditioning (pooled text, size and crop ids) is not wired through them yet, so another
-    family is refused in one line rather than run without it."""
+    """Refuse, in one line, a model whose denoiser the engines do not export (the DiTs:
+    PixArt, SD3, Flux)."""
     family = model_family(pipe)
-    if family != "sd":
+    if family not in ENGINE_FAMILIES:
         raise UserError(f"engines (--backend other than torch, --engine, `attnseg engine`) "
-                        f"support Stable Diffusion 1.x/2.x UNets; this model is {family}: "
-                        "use --backend torch")
+                        f"support Stable Diffusion 1.x/2.x and SDXL UNets; this model is "
+                        f"{family}: use --backend torch")
 
 
 def fuse_loras(pipe, loras: list[str]) -> list[tuple[str, float, str]]:
@@ -181,6 +185,11 @@ def _build_parts(pipe, opts: EngineOptions, folder: Path, log) -> dict:
             return parts
         specs = [text_encoder_spec(pipe.text_encoder, opts.max_batch), u,
                  vae_decoder_spec(pipe.vae, size, opts.max_batch)]
+        if model_family(pipe) == "sdxl":
+            # SDXL's prompt encoding reads two encoders' inner layers and pooled outputs, which
+            # the one-output text engine does not give: its text encoders and VAE stay torch
+            # modules, and the torch-free deploy runtime (SD's loop) does not apply.
+            specs = [u]
         for spec in specs:
             t = time.perf_counter()
             onnx_path = folder / f"{spec.name}.onnx"
@@ -206,7 +215,8 @@ def _build_parts(pipe, opts: EngineOptions, folder: Path, log) -> dict:
                                           plugin=bool(translation) and spec.name == "unet")
                 log(f"  built TensorRT plan for {spec.name} in {time.perf_counter() - t:.1f} s")
             parts[spec.name] = part
-        write_deploy_files(pipe, size, folder)
+        if model_family(pipe) == "sd":
+            write_deploy_files(pipe, size, folder)
     finally:
         u.module.remove()
     return parts

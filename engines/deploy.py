@@ -324,6 +324,9 @@ class DeployRuntime:
                             "engine); use runner='onnxruntime'")
         deploy = self.folder / "deploy"
         if not deploy.is_dir():
+            if set(manifest["parts"]) == {"unet"}:  # SDXL: the UNet alone is an engine
+                raise UserError(f"engine {folder} holds a UNet only (SDXL); the deploy runtime "
+                                "runs Stable Diffusion 1.x/2.x engine sets")
             raise UserError(f"engine {folder} has no deploy/ files; rebuild it")
         from transformers import CLIPTokenizer
 

@@ -105,15 +105,18 @@ def unet_spec(unet, graph: MapGraphSpec, image_size: tuple[int, int], max_batch:
     }
     for m in module.layout:
         io[m.name] = ("float32", ("B", *m.shape))
+    inputs = [sample, timestep, ehs, tw]
+    dynamic = {"sample": {0: 2 * batch}, "timestep": None,
+               "encoder_hidden_states": {0: 2 * batch},
+               "token_weights": {0: batch, 2: classes}}
+    for name, width in (module.added_dims or {}).items():  # SDXL's added conditioning
+        inputs.append(torch.randn(2 * b, width, generator=g).to(p.device, p.dtype))
+        dynamic[name] = {0: 2 * batch}
+        io[name] = (dt, ("2B", width))
     spec = SubnetSpec(
-        name="unet", module=module,
-        input_names=["sample", "timestep", "encoder_hidden_states", "token_weights"],
-        output_names=module.output_names,
-        sample_inputs=(sample, timestep, ehs, tw),
-        dynamic_shapes={"sample": {0: 2 * batch}, "timestep": None,
-                        "encoder_hidden_states": {0: 2 * batch},
-                        "token_weights": {0: batch, 2: classes}},
-        io=io,
+        name="unet", module=module, input_names=module.input_names,
+        output_names=module.output_names, sample_inputs=tuple(inputs),
+        dynamic_shapes=dynamic, io=io,
     )
     for name in spec.input_names:
         spec.profiles[name] = _profile(io[name][1], max_batch, max_classes,

@@ -150,12 +150,24 @@ class MapOutput:
         return cls(d["name"], d["kind"], int(d["stride"]), tuple(d["shape"]), float(d["count"]))
 
 
+def added_condition_dims(unet) -> dict[str, int] | None:
+    """SDXL's added conditioning of a UNet: {"text_embeds": pooled text width, "time_ids": 6}
+    (original size, crop, target size); None for a UNet without it (SD 1.x/2.x)."""
+    cfg = unet.config
+    if getattr(cfg, "addition_embed_type", None) != "text_time":
+        return None
+    ids = 6
+    return {"text_embeds": cfg.projection_class_embeddings_input_dim
+            - ids * cfg.addition_time_embed_dim, "time_ids": ids}
+
+
 class UNetWithMaps(torch.nn.Module):
     """UNet -> (noise prediction, this step's map sums...), harvesting inside the graph.
 
     forward(sample [2B, 4, h, w], timestep [1] float32, encoder_hidden_states [2B, 77, D],
-    token_weights [B, 77, C]) with the batch laid out as classifier-free guidance lays it out
-    ([uncond, cond]); the maps come from the cond half. Outputs follow `self.layout`.
+    token_weights [B, 77, C], and for SDXL text_embeds [2B, P], time_ids [2B, 6]) with the
+    batch laid out as classifier-free guidance lays it out ([uncond, cond]); the maps come
+    from the cond half. Outputs follow `self.layout`.
 
     Installing it replaces the UNet's attention processors; `remove()` restores them.
     """
@@ -171,6 +183,7 @@ class UNetWithMaps(torch.nn.Module):
         self.map_impl = map_impl
         # Class-count tile of the plugin kernel (>= the engine's largest class count).
         self.plugin_block_c = 16
+        self.added_dims = added_condition_dims(unet)
         self._state: dict | None = None
         self._previous = install_observers(unet, self, self_attention=bool(spec.refine_stride))
         self.layout = self._discover_layout()
@@ -178,6 +191,11 @@ class UNetWithMaps(torch.nn.Module):
     def remove(self) -> None:
         """Give the UNet back its previous attention processors."""
         self.unet.set_attn_processor(dict(self._previous))  # diffusers empties the dict it gets
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["sample", "timestep", "encoder_hidden_states", "token_weights"] + list(
+            self.added_dims or ())
 
     @property
     def output_names(self) -> list[str]:
@@ -191,9 +209,11 @@ class UNetWithMaps(torch.nn.Module):
         sample = torch.zeros(2, cfg.in_channels, *lat, device=p.device, dtype=p.dtype)
         ehs = torch.zeros(2, 77, cfg.cross_attention_dim, device=p.device, dtype=p.dtype)
         tw = torch.zeros(1, 77, 1, device=p.device)
+        added = {k: torch.zeros(2, n, device=p.device, dtype=p.dtype)
+                 for k, n in (self.added_dims or {}).items()} or None
         self._layout_counts: dict = {}
         with torch.no_grad():
-            self._run(sample, torch.zeros(1, device=p.device), ehs, tw, count=True)
+            self._run(sample, torch.zeros(1, device=p.device), ehs, tw, added, count=True)
         counts = self._layout_counts
         del self._layout_counts
         layout = []
@@ -210,17 +230,23 @@ class UNetWithMaps(torch.nn.Module):
             )
         return layout
 
-    def _run(self, sample, timestep, encoder_hidden_states, token_weights, count=False):
+    def _run(self, sample, timestep, encoder_hidden_states, token_weights, added=None,
+             count=False):
         self._state = {"tw": token_weights, "latent_hw": tuple(sample.shape[-2:]), "sums": {},
                        "count": count}
         try:
-            noise = self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+            noise = self.unet(sample, timestep, encoder_hidden_states,
+                              added_cond_kwargs=added, return_dict=False)[0]
             return noise, self._state["sums"]
         finally:
             self._state = None
 
-    def forward(self, sample, timestep, encoder_hidden_states, token_weights):
-        noise, sums = self._run(sample, timestep, encoder_hidden_states, token_weights)
+    def forward(self, sample, timestep, encoder_hidden_states, token_weights, text_embeds=None,
+                time_ids=None):
+        added = None
+        if self.added_dims is not None:
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        noise, sums = self._run(sample, timestep, encoder_hidden_states, token_weights, added)
         return (noise, *[sums[(m.kind, m.stride)] for m in self.layout])
 
     def observe(self, proc: ObservingAttnProcessor, attn, query, key) -> None:

@@ -111,6 +111,16 @@ class _ModuleAdapter(torch.nn.Module):
         self._engine = engine
         self._dtype = dtype
         self._device = device
+        # Not registered as a submodule: the adapter holds no weights of its own.
+        object.__setattr__(self, "_original", original)
+
+    def __getattr__(self, name):
+        # What the pipeline reads off the module beyond its config (SDXL checks the width of
+        # `unet.add_embedding`) comes from the original.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
 
     @property
     def dtype(self):
@@ -145,7 +155,8 @@ class _UNetAdapter(_ModuleAdapter):
     def forward(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None,
                 cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
                 **kwargs):
-        return (self._harvester._unet_step(sample, timestep, encoder_hidden_states),)
+        return (self._harvester._unet_step(sample, timestep, encoder_hidden_states,
+                                           added_cond_kwargs),)
 
 
 class EngineHarvester:
@@ -218,23 +229,25 @@ class EngineHarvester:
             self._capture = None
         cap.result = self._finish(cap)
 
-    def _unet_step(self, sample, timestep, encoder_hidden_states):
+    def _unet_step(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         cap = self._capture
         if cap is None:
             raise RuntimeError("the engine UNet runs only inside EngineHarvester.capture")
         cap.step += 1
         b = cap.token_weights.shape[0]
         n = sample.shape[0]
+        unet = self.engines.engines["unet"]
+        # SDXL's added conditioning (pooled text, size and crop ids), by input name.
+        feeds = {name: added_cond_kwargs[name] for name in unet.input_names
+                 if added_cond_kwargs and name in added_cond_kwargs}
+        feeds.update(sample=sample, encoder_hidden_states=encoder_hidden_states)
         if n == b:  # no classifier-free guidance: the engine takes [uncond, cond] pairs
-            sample = torch.cat([sample, sample])
-            encoder_hidden_states = torch.cat([encoder_hidden_states, encoder_hidden_states])
+            feeds = {k: torch.cat([v, v]) for k, v in feeds.items()}
         elif n != 2 * b:
             raise RuntimeError(f"UNet batch {n} is neither the harvested batch {b} nor twice it")
-        t = torch.as_tensor(timestep, device=sample.device).float().reshape(-1)[:1]
-        out = self.engines.engines["unet"].infer({
-            "sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states,
-            "token_weights": cap.token_weights,
-        })
+        feeds["timestep"] = torch.as_tensor(timestep, device=sample.device).float().reshape(-1)[:1]
+        feeds["token_weights"] = cap.token_weights
+        out = unet.infer(feeds)
         if cap.step in cap.steps:
             for m in self.engines.layout:
                 value = out[m.name].float()

@@ -58,3 +58,30 @@ def test_compile_backend_matches_torch_path(tmp_path, capsys):
                  "--batch-size", "2", "--no-progress", "--engine", str(folder), "--out",
                  str(tmp_path / "ds")]) == 0
     assert "wrote 2 samples" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compile_backend_for_sdxl_matches_torch_path():
+    """SDXL through the compile backend (its added conditioning is an input of the graph)."""
+    from attnseg.pipeline.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    preset = get_preset("attnseg", pipe.vae_scale_factor)
+    classes = load_classes("dog,cat,aeroplane")
+    samples = plan_samples(classes, default_prompts(classes), 1, 0)[:2]
+    size = (64, 64)
+    ref_synth = Synthesizer(pipe, preset, *size, 3, 7.5)
+    reference = ref_synth.generate_float(samples)
+    ref_synth.harvester.remove()
+    opts = EngineOptions(backend="compile", height=size[0], width=size[1], max_batch=2,
+                         harvest=preset.harvest)
+    key = engine_key(pipe, opts, torch.float32, model_fingerprint(pipe), [])
+    harvester = EngineHarvester(pipe, compiled_engine_set(pipe, key), preset.harvest)
+    try:
+        candidate = Synthesizer(pipe, preset, *size, 3, 7.5, harvester).generate_float(samples)
+    finally:
+        harvester.remove()
+    diff = compare_paths(reference, candidate)
+    assert diff["image_max_abs_diff"] <= 1e-4, diff
+    assert diff["label_agreement"] >= 0.999, diff
+    assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff

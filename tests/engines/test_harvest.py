@@ -208,3 +208,45 @@ def test_ort_engine_runs_batches_it_was_not_traced_with(ort_engine):
             assert out[m.name].shape == (b, c, *m.shape[1:])
             assert np.isfinite(out[m.name].numpy()).all()
     engines.close()
+
+
+def test_sdxl_unet_engine_matches_torch_path(tmp_path):
+    """SDXL: the UNet engine takes the added conditioning (pooled text, size and crop ids) as
+    inputs; its text encoders and VAE stay torch modules; generation through ONNX Runtime
+    equals the torch path, with and without guidance."""
+    pytest.importorskip("onnxscript")
+    from attnseg.pipeline.config import get_preset
+    from attnseg.pipeline.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    preset = get_preset("attnseg", pipe.vae_scale_factor)
+    size = (64, 64)
+    opts = EngineOptions(backend="onnxruntime", height=size[0], width=size[1],
+                         max_batch=MAX_BATCH, max_classes=8, harvest=preset.harvest)
+    folder = tmp_path / "sdxl-ort"
+    build_engines(pipe, opts, folder, log=lambda msg: None)
+    manifest = json.loads((folder / "engine.json").read_text())
+    assert set(manifest["parts"]) == {"unet"} and not (folder / "deploy").exists()
+    assert manifest["parts"]["unet"]["inputs"][-2:] == ["text_embeds", "time_ids"]
+    from attnseg.engines.deploy import DeployRuntime
+
+    with pytest.raises(UserError, match="UNet only"):  # the torch-free runtime is SD's loop
+        DeployRuntime(folder, runner="onnxruntime")
+    for guidance in (7.5, 1.0):
+        samples = _samples(2)
+        ref_synth = Synthesizer(pipe, preset, *size, 3, guidance)
+        reference = ref_synth.generate_float(samples)
+        ref_synth.harvester.remove()
+        harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
+        try:
+            assert type(pipe.unet).__name__ == "_UNetAdapter"
+            assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+            candidate = Synthesizer(pipe, preset, *size, 3, guidance,
+                                    harvester).generate_float(samples)
+        finally:
+            harvester.remove()
+        diff = compare_paths(reference, candidate)
+        assert diff["image_max_abs_diff"] <= 1e-4, diff
+        assert diff["label_agreement"] >= 0.999, diff
+        assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff
+        assert float(reference[3].maps[16].std()) > 0
