@@ -324,6 +324,45 @@ if _tr is not None:
     triton, tl = _tr
 
     @triton.jit
+    def _head_scores(q_base, k_base, offs_n, mask_n, offs_l, mask_l, D, sq_n, sk_l, scale,
+                     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                     F32_DOT: tl.constexpr):
+        # One head's scaled scores of BLOCK_N query rows against BLOCK_L keys, -inf on keys
+        # past L; the head dim walked in BLOCK_D chunks.
+        s = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            q = tl.load(q_base + offs_n[:, None] * sq_n + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            k = tl.load(k_base + offs_l[:, None] * sk_l + offs_d[None, :],
+                        mask=mask_l[:, None] & mask_d[None, :], other=0.0)
+            if F32_DOT:
+                # "ieee": tf32 would cost ~1e-3 relative error in the scores.
+                s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
+                            input_precision="ieee")
+            else:
+                # fp16/bf16 products are exact in fp32 and the tensor cores accumulate in
+                # fp32, so this equals the fp32 reference up to summation order.
+                s += tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+        return tl.where(mask_l[None, :], s * scale, float("-inf"))
+
+    @triton.jit
+    def _store_maps(dst_ptr, m, b, g, offs_n, mask_n, offs_c, mask_c, N, C, weight,
+                    DIRECT: tl.constexpr, CLAMP: tl.constexpr):
+        # This program's class maps [BLOCK_N, BLOCK_C]: added into the accumulator (DIRECT),
+        # else stored at dst[g] for the launcher to combine.
+        dst = dst_ptr + ((g * tl.num_programs(0) + b) * C + offs_c[None, :]) * N + offs_n[:, None]
+        mask = mask_n[:, None] & mask_c[None, :]
+        if DIRECT:
+            if CLAMP:
+                m = tl.maximum(m, 0.0)
+            old = tl.load(dst, mask=mask, other=0.0)
+            tl.store(dst, old + weight * m, mask=mask)
+        else:
+            tl.store(dst, m, mask=mask)
+
+    @triton.jit
     def class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, HPG, sq_b, sq_h, sq_n,
                            sk_b, sk_h, sk_l, scale, weight, BLOCK_N: tl.constexpr,
                            BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -344,26 +383,9 @@ if _tr is not None:
         mask_c = offs_c < C
         acc = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
         for hd in range(g * HPG, tl.minimum(H, g * HPG + HPG)):
-            q_base = q_ptr + b * sq_b + hd * sq_h
-            k_base = k_ptr + b * sk_b + hd * sk_h
-            s = tl.zeros([BLOCK_N, BLOCK_L], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                mask_d = offs_d < D
-                q = tl.load(q_base + offs_n[:, None] * sq_n + offs_d[None, :],
-                            mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                k = tl.load(k_base + offs_l[:, None] * sk_l + offs_d[None, :],
-                            mask=mask_l[:, None] & mask_d[None, :], other=0.0)
-                if F32_DOT:
-                    # "ieee": tf32 would cost ~1e-3 relative error in the scores.
-                    s += tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
-                                input_precision="ieee")
-                else:
-                    # fp16/bf16 products are exact in fp32 and the tensor cores accumulate in
-                    # fp32, so this equals the fp32 reference up to summation order.
-                    s += tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-            s = s * scale
-            s = tl.where(mask_l[None, :], s, float("-inf"))
+            s = _head_scores(q_ptr + b * sq_b + hd * sq_h, k_ptr + b * sk_b + hd * sk_h,
+                             offs_n, mask_n, offs_l, mask_l, D, sq_n, sk_l, scale,
+                             BLOCK_N, BLOCK_L, BLOCK_D, F32_DOT)
             mx = tl.max(s, axis=1)
             p = tl.exp(s - mx[:, None])
             den = tl.sum(p, axis=1)
@@ -372,15 +394,54 @@ if _tr is not None:
         tw = tl.load(tw_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :],
                      mask=mask_l[:, None] & mask_c[None, :], other=0.0)
         m = tl.dot(acc, tw, input_precision="ieee")  # [BLOCK_N, BLOCK_C]
-        dst = dst_ptr + ((g * tl.num_programs(0) + b) * C + offs_c[None, :]) * N + offs_n[:, None]
-        mask = mask_n[:, None] & mask_c[None, :]
-        if DIRECT:
-            if CLAMP:
-                m = tl.maximum(m, 0.0)
-            old = tl.load(dst, mask=mask, other=0.0)
-            tl.store(dst, old + weight * m, mask=mask)
-        else:
-            tl.store(dst, m, mask=mask)
+        _store_maps(dst_ptr, m, b, g, offs_n, mask_n, offs_c, mask_c, N, C, weight, DIRECT,
+                    CLAMP)
+
+    @triton.jit
+    def class_attn_long_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, HPG, sq_b, sq_h,
+                               sq_n, sk_b, sk_h, sk_l, scale, weight, BLOCK_N: tl.constexpr,
+                               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                               BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr,
+                               DIRECT: tl.constexpr, CLAMP: tl.constexpr):
+        # `class_attn_kernel` for text longer than one tile (T5 contexts: PixArt's 300 keys,
+        # SD3's 333, Flux's 512): per head, a first sweep over the key tiles keeps each row's
+        # running softmax maximum and normaliser (rescaled as the maximum grows, as flash
+        # attention does); a second sweep recomputes each tile's scores and adds its
+        # probabilities times that tile's token weights into the class tile. Nothing held
+        # grows with L; the scores cost two passes.
+        b = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_n = offs_n < N
+        mask_c = offs_c < C
+        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for hd in range(g * HPG, tl.minimum(H, g * HPG + HPG)):
+            q_base = q_ptr + b * sq_b + hd * sq_h
+            k_base = k_ptr + b * sk_b + hd * sk_h
+            row_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+            row_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for l0 in range(0, L, BLOCK_L):
+                offs_l = l0 + tl.arange(0, BLOCK_L)
+                s = _head_scores(q_base, k_base, offs_n, mask_n, offs_l, offs_l < L, D, sq_n,
+                                 sk_l, scale, BLOCK_N, BLOCK_L, BLOCK_D, F32_DOT)
+                new_max = tl.maximum(row_max, tl.max(s, axis=1))
+                row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(
+                    tl.exp(s - new_max[:, None]), axis=1)
+                row_max = new_max
+            for l0 in range(0, L, BLOCK_L):
+                offs_l = l0 + tl.arange(0, BLOCK_L)
+                mask_l = offs_l < L
+                s = _head_scores(q_base, k_base, offs_n, mask_n, offs_l, mask_l, D, sq_n, sk_l,
+                                 scale, BLOCK_N, BLOCK_L, BLOCK_D, F32_DOT)
+                p = tl.exp(s - row_max[:, None]) / row_sum[:, None]
+                tw = tl.load(tw_ptr + (b * L + offs_l[:, None]) * C + offs_c[None, :],
+                             mask=mask_l[:, None] & mask_c[None, :], other=0.0)
+                acc += tl.dot(p, tw, input_precision="ieee")
+        acc = acc / H
+        _store_maps(dst_ptr, acc, b, g, offs_n, mask_n, offs_c, mask_c, N, C, weight, DIRECT,
+                    CLAMP)
 
     @triton.jit
     def _resize_acc_kernel(src_ptr, wy_ptr, wx_ptr, out_ptr, h, w, RH, RW, weight,
@@ -448,6 +509,17 @@ def attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
     }
 
 
+def attn_blocks_long(d: int, c: int, dtype: torch.dtype) -> dict:
+    """Tiles of ``class_attn_long_kernel`` (more than ``TRITON_MAX_KEYS`` text keys): a fixed
+    key tile (the sweeps walk L) of 64 keys, 32 for exact-fp32 dots, and the row tile of a
+    text that long. Per ptxas at sm_80, fp32 with 64-key tiles spilled 12-32 bytes whatever
+    the row tile (16 or 32); 32 x 32 uses 108 registers and does not spill."""
+    block_l = 64
+    if attn_blocks(block_l, d, c, dtype)["F32_DOT"]:
+        block_l = 32
+    return attn_blocks(block_l, d, c, dtype)
+
+
 _SM_COUNTS: dict = {}
 
 
@@ -469,16 +541,15 @@ def head_groups(programs: int, heads: int, device: torch.device) -> int:
 def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, weight=1.0,
                                       mode="none", clamp=False, groups=None):
     """Triton version of :func:`accumulate_class_attention` (CUDA, or CPU tensors under
-    ``TRITON_INTERPRET=1``). Needs L <= 256. q and k are read through their strides (only
-    the head dim must be contiguous). ``groups``: head groups, each a set of programs whose
-    partial maps are summed afterwards (None: `head_groups`, which splits small layers on a
-    GPU)."""
+    ``TRITON_INTERPRET=1``). Up to ``TRITON_MAX_KEYS`` text keys a query row's every score
+    is held in one tile (`class_attn_kernel`); longer text sweeps the keys in tiles twice
+    (`class_attn_long_kernel`). q and k are read through their strides (only the head dim
+    must be contiguous). ``groups``: head groups, each a set of programs whose partial maps
+    are summed afterwards (None: `head_groups`, which splits small layers on a GPU)."""
     if _tr is None:
         raise RuntimeError("triton is not available")
     b, heads, n, d, l_tokens, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
-    if l_tokens > TRITON_MAX_KEYS:
-        raise ValueError(f"the triton kernel supports L <= {TRITON_MAX_KEYS} tokens, got "
-                         f"{l_tokens}")
+    long_text = l_tokens > TRITON_MAX_KEYS
     out_h, out_w = out.shape[2], out.shape[3]
     if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
@@ -487,7 +558,8 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     if k.stride(-1) != 1:
         k = k.contiguous()
     tw = token_weights.to(device=q.device, dtype=torch.float32).contiguous()
-    blocks = attn_blocks(l_tokens, d, c, q.dtype)
+    blocks = attn_blocks_long(d, c, q.dtype) if long_text else attn_blocks(l_tokens, d, c,
+                                                                           q.dtype)
     tiles = triton.cdiv(n, blocks["BLOCK_N"])
     groups = groups or head_groups(b * tiles, heads, q.device)
     per_group = -(-heads // groups)
@@ -499,7 +571,8 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
         dst = torch.empty((b, c, h, w), device=q.device, dtype=torch.float32)
     else:
         dst = torch.empty((groups, b, c, h, w), device=q.device, dtype=torch.float32)
-    class_attn_kernel[(b, tiles, groups)](
+    kernel = class_attn_long_kernel if long_text else class_attn_kernel
+    kernel[(b, tiles, groups)](
         q, k, tw, dst, n, l_tokens, d, c, heads, per_group, q.stride(0), q.stride(1),
         q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(scale), float(weight),
         DIRECT=direct, CLAMP=bool(clamp), num_warps=_TRITON_NUM_WARPS, **blocks)
@@ -554,13 +627,8 @@ def accumulate_class_attention(q, k, token_weights, out, *, hw, scale, weight=1.
             ``"numba"``.
 
     Computes ``out += weight * [clamp](resize(mean_h(softmax(scale * q k^T)) @ token_weights))``
-    with the softmax in float32, and returns ``out``. Where the automatic choice is triton and
-    there are more than ``TRITON_MAX_KEYS`` text keys (T5 contexts: PixArt's 300, SD3's
-    77 + 256, Flux's 512), the reference runs instead (it holds the [B, H, N, L]
-    probabilities); asking for triton by name with that many raises.
+    with the softmax in float32, and returns ``out``.
     """
     which = resolve_impl(impl, q.device)
-    if which == "triton" and impl is None and k.shape[2] > TRITON_MAX_KEYS:
-        which = "ref"
     return _IMPLS[which](q, k, token_weights, out, hw=hw, scale=scale, weight=weight, mode=mode,
                          clamp=clamp)
