@@ -29,3 +29,25 @@ def ort_engine(tmp_path_factory):
     build_engines(pipe, opts, folder, source={"model": "tiny", "loras": [], "preset": "attnseg",
                                               "overrides": {}}, log=lambda msg: None)
     return folder, pipe, preset
+
+
+def torch_vs_engine(pipe, preset, size, steps, guidance, samples, engines, inside=None):
+    """Generate `samples` on the torch path, then through `engines` (an EngineSet: the
+    pipeline's modules swapped for adapters; `inside(pipe)` runs while they are), and
+    return (compare_paths differences, the torch path's result)."""
+    from attnseg.engines.harvest import EngineHarvester
+    from attnseg.engines.verify import compare_paths
+    from attnseg.pipeline.synth import Synthesizer
+
+    ref_synth = Synthesizer(pipe, preset, *size, steps, guidance)
+    reference = ref_synth.generate_float(samples)
+    ref_synth.harvester.remove()
+    harvester = EngineHarvester(pipe, engines, preset.harvest)
+    try:
+        if inside is not None:
+            inside(pipe)
+        candidate = Synthesizer(pipe, preset, *size, steps, guidance,
+                                harvester).generate_float(samples)
+    finally:
+        harvester.remove()
+    return compare_paths(reference, candidate), reference

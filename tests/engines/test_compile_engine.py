@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from attnseg.engines.build import EngineOptions, engine_key
-from attnseg.engines.harvest import EngineHarvester, compiled_engine_set
-from attnseg.engines.verify import compare_paths
+from attnseg.engines.harvest import compiled_engine_set
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.models import model_fingerprint
 from attnseg.pipeline.prompts import default_prompts, load_classes
-from attnseg.pipeline.synth import Synthesizer, plan_samples
+from attnseg.pipeline.synth import plan_samples
 from attnseg.pipeline.tiny import build_tiny_pipeline
 
-from .conftest import SIZE
+from .conftest import SIZE, torch_vs_engine
 
 
 @pytest.mark.slow
@@ -25,26 +24,7 @@ def test_compile_backend_matches_torch_path(tmp_path, capsys):
     """One inductor compile (over a minute on 2 CPU cores the first time; cached after)."""
     pipe = build_tiny_pipeline(seed=0)
     preset = get_preset("attnseg")
-    classes = load_classes("dog,cat,aeroplane")
-    samples = plan_samples(classes, default_prompts(classes), 1, 0)[:2]
-    ref_synth = Synthesizer(pipe, preset, *SIZE, 3, 7.5)
-    reference = ref_synth.generate_float(samples)
-    ref_synth.harvester.remove()
-    opts = EngineOptions(backend="compile", height=SIZE[0], width=SIZE[1], max_batch=2,
-                         harvest=preset.harvest)
-    key = engine_key(pipe, opts, torch.float32, model_fingerprint(pipe), [])
-    engines = compiled_engine_set(pipe, key)
-    # fullgraph=True: a graph break (harvesting falling out of the graph) would raise.
-    assert engines.engines["unet"].compiled is not None
-    harvester = EngineHarvester(pipe, engines, preset.harvest)
-    try:
-        candidate = Synthesizer(pipe, preset, *SIZE, 3, 7.5, harvester).generate_float(samples)
-    finally:
-        harvester.remove()
-    diff = compare_paths(reference, candidate)
-    assert diff["image_max_abs_diff"] <= 1e-4, diff
-    assert diff["label_agreement"] >= 0.999, diff
-    assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff
+    _assert_compile_matches_torch(pipe, preset, SIZE)
 
     # The CLI: a compile engine folder records key and I/O (compiling happens in the process
     # that runs it); synth --engine uses it and writes the dataset.
@@ -66,22 +46,19 @@ def test_compile_backend_for_sdxl_matches_torch_path():
     from attnseg.pipeline.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
-    preset = get_preset("attnseg", pipe.vae_scale_factor)
+    _assert_compile_matches_torch(pipe, get_preset("attnseg", pipe.vae_scale_factor), (64, 64))
+
+
+def _assert_compile_matches_torch(pipe, preset, size):
     classes = load_classes("dog,cat,aeroplane")
     samples = plan_samples(classes, default_prompts(classes), 1, 0)[:2]
-    size = (64, 64)
-    ref_synth = Synthesizer(pipe, preset, *size, 3, 7.5)
-    reference = ref_synth.generate_float(samples)
-    ref_synth.harvester.remove()
     opts = EngineOptions(backend="compile", height=size[0], width=size[1], max_batch=2,
                          harvest=preset.harvest)
     key = engine_key(pipe, opts, torch.float32, model_fingerprint(pipe), [])
-    harvester = EngineHarvester(pipe, compiled_engine_set(pipe, key), preset.harvest)
-    try:
-        candidate = Synthesizer(pipe, preset, *size, 3, 7.5, harvester).generate_float(samples)
-    finally:
-        harvester.remove()
-    diff = compare_paths(reference, candidate)
+    engines = compiled_engine_set(pipe, key)
+    # fullgraph=True: a graph break (harvesting falling out of the graph) would raise.
+    assert engines.engines["unet"].compiled is not None
+    diff, _ = torch_vs_engine(pipe, preset, size, 3, 7.5, samples, engines)
     assert diff["image_max_abs_diff"] <= 1e-4, diff
     assert diff["label_agreement"] >= 0.999, diff
     assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff

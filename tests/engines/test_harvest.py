@@ -13,14 +13,13 @@ import torch
 from attnseg.engines import cache
 from attnseg.engines.build import EngineOptions, build_engines
 from attnseg.engines.harvest import EngineHarvester, load_engines
-from attnseg.engines.verify import compare_paths
 from attnseg.pipeline.attention import layer_grid
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.harvest import AttentionHarvester
 from attnseg.pipeline.prompts import default_prompts, load_classes
-from attnseg.pipeline.synth import Synthesizer, plan_samples
+from attnseg.pipeline.synth import plan_samples
 
-from .conftest import MAX_BATCH, SIZE
+from .conftest import MAX_BATCH, SIZE, torch_vs_engine
 
 pytest.importorskip("onnxruntime")
 
@@ -67,19 +66,11 @@ def test_onnx_export_has_the_specs_io_and_dynamic_axes(ort_engine):
 @pytest.mark.parametrize("batch", [MAX_BATCH, 1])
 def test_onnxruntime_generation_matches_torch_path(ort_engine, batch):
     folder, pipe, preset = ort_engine
-    samples = _samples(batch)
-    ref_synth = Synthesizer(pipe, preset, *SIZE, 4, 7.5)
-    reference = ref_synth.generate_float(samples)
-    ref_synth.harvester.remove()
-    harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
-    try:
-        # The engine really replaced the modules (the diffusers loop runs unchanged).
-        assert type(pipe.unet).__name__ == "_UNetAdapter"
-        candidate = Synthesizer(pipe, preset, *SIZE, 4, 7.5, harvester).generate_float(samples)
-    finally:
-        harvester.remove()
-    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
-    diff = compare_paths(reference, candidate)
+    seen = []  # the engine really replaced the modules (the diffusers loop runs unchanged)
+    diff, reference = torch_vs_engine(pipe, preset, SIZE, 4, 7.5, _samples(batch),
+                                      load_engines(folder, pipe),
+                                      inside=lambda p: seen.append(type(p.unet).__name__))
+    assert seen == ["_UNetAdapter"] and type(pipe.unet).__name__ == "UNet2DConditionModel"
     assert diff["image_max_abs_diff"] <= 1e-4, diff
     assert diff["label_agreement"] >= 0.999, diff
     assert set(diff["map_max_rel_diff"]) == {f"s{s}" for s in reference[3].maps}
@@ -91,16 +82,8 @@ def test_onnxruntime_generation_matches_torch_path(ort_engine, batch):
 
 def test_without_guidance_the_engine_still_harvests_the_same(ort_engine):
     folder, pipe, preset = ort_engine
-    samples = _samples(1)
-    ref_synth = Synthesizer(pipe, preset, *SIZE, 3, 1.0)
-    reference = ref_synth.generate_float(samples)
-    ref_synth.harvester.remove()
-    harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
-    try:
-        candidate = Synthesizer(pipe, preset, *SIZE, 3, 1.0, harvester).generate_float(samples)
-    finally:
-        harvester.remove()
-    diff = compare_paths(reference, candidate)
+    diff, _ = torch_vs_engine(pipe, preset, SIZE, 3, 1.0, _samples(1),
+                              load_engines(folder, pipe))
     assert diff["image_max_abs_diff"] <= 1e-4 and diff["label_agreement"] >= 0.999, diff
 
 
@@ -232,21 +215,16 @@ def test_sdxl_unet_engine_matches_torch_path(tmp_path):
 
     with pytest.raises(UserError, match="UNet only"):  # the torch-free runtime is SD's loop
         DeployRuntime(folder, runner="onnxruntime")
+    seen = []  # the UNet is the engine, the text encoders stay torch
+
+    def modules(p):
+        seen.append((type(p.unet).__name__, type(p.text_encoder_2).__name__))
+
     for guidance in (7.5, 1.0):
-        samples = _samples(2)
-        ref_synth = Synthesizer(pipe, preset, *size, 3, guidance)
-        reference = ref_synth.generate_float(samples)
-        ref_synth.harvester.remove()
-        harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
-        try:
-            assert type(pipe.unet).__name__ == "_UNetAdapter"
-            assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
-            candidate = Synthesizer(pipe, preset, *size, 3, guidance,
-                                    harvester).generate_float(samples)
-        finally:
-            harvester.remove()
-        diff = compare_paths(reference, candidate)
+        diff, reference = torch_vs_engine(pipe, preset, size, 3, guidance, _samples(2),
+                                          load_engines(folder, pipe), inside=modules)
         assert diff["image_max_abs_diff"] <= 1e-4, diff
         assert diff["label_agreement"] >= 0.999, diff
         assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff
         assert float(reference[3].maps[16].std()) > 0
+    assert seen == [("_UNetAdapter", "CLIPTextModelWithProjection")] * 2

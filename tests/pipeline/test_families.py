@@ -21,6 +21,30 @@ from attnseg.pipeline.prompts import class_token_weights, load_classes
 from .test_harvest import PROMPTS, SIZE, _latents, _run, _specs, assert_maps_equal_naive_reference
 
 
+def _assert_memory_flat(pipe, classes, preset_name, run, latents):
+    """The harvester's buffers hold as many bytes after 5 steps as after 2."""
+    from attnseg.pipeline.models import class_weights, denoiser
+
+    weights, _ = class_weights(pipe, _specs(classes))
+    harvester = AttentionHarvester(denoiser(pipe), get_preset(preset_name).harvest)
+    sizes = {}
+    try:
+        for steps in (2, 5):
+            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
+                run(pipe, latents(), steps)
+            sizes[steps] = cap.nbytes()
+    finally:
+        harvester.remove()
+    assert sizes[2] == sizes[5] > 0
+
+
+def _assert_synth_writes(model, tmp_path):
+    out = tmp_path / model
+    assert main(["synth", "--model", model, "--classes", "dog,cat", "--steps", "2",
+                 "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
+    assert len(list((out / "SegmentationClass").glob("*.png"))) == 2
+
+
 @pytest.fixture(scope="module")
 def sdxl_pipe():
     from attnseg.pipeline.tiny import build_tiny_sdxl_pipeline
@@ -63,17 +87,8 @@ def test_maps_equal_naive_reference(sdxl_pipe, classes, preset_name):
 
 
 def test_memory_does_not_grow_with_steps(sdxl_pipe, classes):
-    weights, _ = class_token_weights(sdxl_pipe.tokenizer, _specs(classes))
-    harvester = AttentionHarvester(sdxl_pipe.unet, get_preset("dataset-diffusion").harvest)
-    sizes = {}
-    try:
-        for steps in (2, 5):
-            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-                _run(sdxl_pipe, _latents(sdxl_pipe), steps)
-            sizes[steps] = cap.nbytes()
-    finally:
-        harvester.remove()
-    assert sizes[2] == sizes[5] > 0
+    _assert_memory_flat(sdxl_pipe, classes, "dataset-diffusion", _run,
+                        lambda: _latents(sdxl_pipe))
 
 
 def test_synth_end_to_end_and_folder_round_trip(tmp_path, sdxl_pipe, torch_one_thread):
@@ -225,27 +240,14 @@ def test_pixart_maps_equal_naive_reference(pixart_pipe, classes, preset_name):
 
 
 def test_pixart_synth_end_to_end(tmp_path, torch_one_thread):
-    out = tmp_path / "px"
-    assert main(["synth", "--model", "tiny-pixart", "--classes", "dog,cat", "--steps", "2",
-                 "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
-    assert len(list((out / "SegmentationClass").glob("*.png"))) == 2
-    assert json.loads((out / "job.json").read_text())["model"] == "tiny-pixart"
+    _assert_synth_writes("tiny-pixart", tmp_path)
+    assert json.loads((tmp_path / "tiny-pixart" / "job.json").read_text())["model"] == \
+        "tiny-pixart"
 
 
 def test_pixart_memory_does_not_grow_with_steps(pixart_pipe, classes):
-    from attnseg.pipeline.models import denoiser
-
-    weights, _ = class_token_weights(pixart_pipe.tokenizer, _specs(classes))
-    harvester = AttentionHarvester(denoiser(pixart_pipe), get_preset("daam").harvest)
-    sizes = {}
-    try:
-        for steps in (2, 5):
-            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-                _run_pixart(pixart_pipe, _latents(pixart_pipe), steps)
-            sizes[steps] = cap.nbytes()
-    finally:
-        harvester.remove()
-    assert sizes[2] == sizes[5] > 0
+    _assert_memory_flat(pixart_pipe, classes, "daam", _run_pixart,
+                        lambda: _latents(pixart_pipe))
 
 
 def test_real_image_labelling_refuses_other_families(sdxl_pipe):
@@ -382,23 +384,8 @@ def test_sd3_with_t5_images_equal_stock_and_maps_equal_reference(sd3_t5_pipe, cl
 
 
 def test_sd3_memory_and_synth_end_to_end(sd3_pipe, classes, tmp_path, torch_one_thread):
-    from attnseg.pipeline.models import denoiser
-
-    weights, _ = class_token_weights(sd3_pipe.tokenizer, _specs(classes))
-    harvester = AttentionHarvester(denoiser(sd3_pipe), get_preset("attnseg").harvest)
-    sizes = {}
-    try:
-        for steps in (2, 5):
-            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-                _run_sd3(sd3_pipe, _latents(sd3_pipe), steps)
-            sizes[steps] = cap.nbytes()
-    finally:
-        harvester.remove()
-    assert sizes[2] == sizes[5] > 0
-    out = tmp_path / "sd3"
-    assert main(["synth", "--model", "tiny-sd3", "--classes", "dog,cat", "--steps", "2",
-                 "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
-    assert len(list((out / "SegmentationClass").glob("*.png"))) == 2
+    _assert_memory_flat(sd3_pipe, classes, "attnseg", _run_sd3, lambda: _latents(sd3_pipe))
+    _assert_synth_writes("tiny-sd3", tmp_path)
 
 
 # ---- Flux (double- and single-stream joint blocks, T5 text, rotary positions, no CFG half)
@@ -508,23 +495,8 @@ def test_flux_maps_equal_naive_reference(flux_pipe, classes, preset_name):
 
 
 def test_flux_memory_and_synth_end_to_end(flux_pipe, classes, tmp_path, torch_one_thread):
-    from attnseg.pipeline.models import denoiser, prompt_tokenizer
-
-    weights, _ = class_token_weights(prompt_tokenizer(flux_pipe), _specs(classes))
-    harvester = AttentionHarvester(denoiser(flux_pipe), get_preset("attnseg").harvest)
-    sizes = {}
-    try:
-        for steps in (2, 5):
-            with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-                _run_flux(flux_pipe, _flux_latents(), steps)
-            sizes[steps] = cap.nbytes()
-    finally:
-        harvester.remove()
-    assert sizes[2] == sizes[5] > 0
-    out = tmp_path / "flux"
-    assert main(["synth", "--model", "tiny-flux", "--classes", "dog,cat", "--steps", "2",
-                 "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
-    assert len(list((out / "SegmentationClass").glob("*.png"))) == 2
+    _assert_memory_flat(flux_pipe, classes, "attnseg", _run_flux, _flux_latents)
+    _assert_synth_writes("tiny-flux", tmp_path)
     assert main(["synth", "--model", "tiny-flux", "--classes", "dog", "--height", "136",
                  "--out", str(tmp_path / "odd"), "--no-progress"]) == 2
 
