@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,16 @@ class HarvestConfig:
     refine_stride: int = 16
     refine_mode: str = "bicubic"
 
+    def job_record(self) -> dict:
+        """The settings as a synthesis job records them (job.json). Settings added after job
+        files were first written (`LATER_SETTINGS`) appear only where they differ from their
+        defaults, so a dataset begun before they existed still resumes."""
+        record = asdict(self)
+        for name, default in LATER_SETTINGS.items():
+            if record[name] == default:
+                del record[name]
+        return record
+
     def validate(self, latent_stride: int = 8) -> None:
         """Check the settings; strides are checked against the model's latent stride (its
         VAE's downsampling: 8 for every Stable Diffusion)."""
@@ -112,6 +122,10 @@ class HarvestConfig:
         first = min(int(lo * num_steps), num_steps - 1)
         last = max(first + 1, min(num_steps, math.ceil(hi * num_steps)))
         return range(first, last)
+
+
+# HarvestConfig settings that job files written before them lack (see `job_record`).
+LATER_SETTINGS = {"joint_softmax": "text", "transformer_depth": (0.0, 1.0)}
 
 
 @dataclass

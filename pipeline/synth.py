@@ -315,7 +315,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
     job = {
         "model": cfg.model, "classes": cfg.classes,
         "class_names": [c.name for c in classes], "num_per_class": cfg.num_per_class,
-        "preset": cfg.preset, "harvest": asdict(preset.harvest), "mask": asdict(preset.mask),
+        "preset": cfg.preset, "harvest": preset.harvest.job_record(), "mask": asdict(preset.mask),
         "prompts": cfg.prompts, "steps": steps, "guidance": guidance,
         "size": [cfg.height, cfg.width], "seed": cfg.seed, "dtype": str(dtype),
         "batch_size": cfg.batch_size, "format": cfg.format,

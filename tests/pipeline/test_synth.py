@@ -235,3 +235,18 @@ def test_finished_folder_of_other_weights_is_refused_when_the_model_is_at_hand(t
         next(other.unet.parameters()).add_(1.0)
     with pytest.raises(UserError, match="other weights of model 'tiny'"):
         run_synth(cfg, progress=False, pipe=other)
+
+
+def test_later_harvest_settings_keep_older_job_files_valid(tmp_path):
+    """Harvest settings added after job files were first written are recorded only when set:
+    a dataset begun before them resumes (its job.json lacks them), one made with them set
+    records them."""
+    from dataclasses import replace
+
+    from attnseg.pipeline.config import LATER_SETTINGS, get_preset
+
+    h = get_preset("attnseg").harvest
+    assert not set(LATER_SETTINGS) & set(h.job_record())
+    changed = replace(h, joint_softmax="joint", transformer_depth=(0.5, 1.0))
+    assert changed.job_record()["joint_softmax"] == "joint"
+    assert changed.job_record()["transformer_depth"] == (0.5, 1.0)
