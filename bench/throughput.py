@@ -46,6 +46,7 @@ from attnseg.pipeline.harvest import AttentionHarvester
 from attnseg.pipeline.masks import masks_from_harvest
 from attnseg.pipeline.models import (
     RANDOM_MODELS,
+    check_image_size,
     class_weights,
     default_size,
     denoiser,
@@ -351,6 +352,7 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
     if pipe is None:
         pipe = load_pipeline(cfg.model, device, dtype)
     load_s = time.perf_counter() - t0
+    check_image_size(pipe, *size)
     classes = load_classes("voc")
     prompts = default_prompts(classes)
     engines = [b for b in cfg.backends if b != "torch"]

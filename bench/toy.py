@@ -351,13 +351,17 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> dict:
         from attnseg.pipeline.prompt_augment import (
             PromptsConfig,
             build_prompt_set,
+            default_templates_file,
+            load_templates,
             write_prompt_file,
         )
 
         arms = {}
-        # The toy templates with the class word only (as many as they make; synth cycles
+        # The toy templates with the class word only (as many as there are; synth cycles
         # through them), then with the lexicon's synonyms and hyponyms too.
-        for arm, lexicon, count in (("templates", False, 24), ("augmented", True, per_class)):
+        templates = len(load_templates(default_templates_file("toy")))
+        for arm, lexicon, count in (("templates", False, templates),
+                                    ("augmented", True, per_class)):
             scores = []
             for seed in cfg.seeds:
                 file = work / f"prompts-{arm}-{count}-seed{seed}.jsonl"

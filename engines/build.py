@@ -18,7 +18,7 @@ from ..pipeline.lora import apply_loras, parse_lora_spec
 from ..pipeline.models import model_family, model_fingerprint, weights_fingerprint
 from . import cache
 from .backends import DTYPE_NAMES, require_module
-from .export import OPSET, export_onnx, text_encoder_spec, unet_spec, vae_decoder_spec
+from .export import OPSET, PARTS, export_onnx, text_encoder_spec, unet_spec, vae_decoder_spec
 from .graph import MapGraphSpec
 
 
@@ -41,16 +41,18 @@ def check_backend(backend: str) -> None:
         require_tensorrt()
 
 
-# Families whose UNet call the engines export: SD 1.x/2.x (sample, timestep, text) and SDXL
-# (plus its added conditioning: pooled text, size and crop ids).
-ENGINE_FAMILIES = ("sd", "sdxl")
+# The sub-networks the engines export, per family: SD 1.x/2.x all three (the torch-free deploy
+# runtime runs them); SDXL its UNet, with the added conditioning (pooled text, size and crop
+# ids) as inputs: its prompt encoding reads two encoders' inner layers and pooled outputs,
+# which the one-output text engine does not give, so its text encoders and VAE stay torch.
+ENGINE_PARTS = {"sd": PARTS, "sdxl": ("unet",)}
 
 
 def check_engine_family(pipe) -> None:
     """Refuse, in one line, a model whose denoiser the engines do not export (the DiTs:
     PixArt, SD3, Flux)."""
     family = model_family(pipe)
-    if family not in ENGINE_FAMILIES:
+    if family not in ENGINE_PARTS:
         raise UserError(f"engines (--backend other than torch, --engine, `attnseg engine`) "
                         f"support Stable Diffusion 1.x/2.x and SDXL UNets; this model is "
                         f"{family}: use --backend torch")
@@ -183,13 +185,11 @@ def _build_parts(pipe, opts: EngineOptions, folder: Path, log) -> dict:
             # and I/O so that `synth --engine` and `engine verify` check what they load.
             parts["unet"] = _part_dict(u, None, layout)
             return parts
-        specs = [text_encoder_spec(pipe.text_encoder, opts.max_batch), u,
-                 vae_decoder_spec(pipe.vae, size, opts.max_batch)]
-        if model_family(pipe) == "sdxl":
-            # SDXL's prompt encoding reads two encoders' inner layers and pooled outputs, which
-            # the one-output text engine does not give: its text encoders and VAE stay torch
-            # modules, and the torch-free deploy runtime (SD's loop) does not apply.
-            specs = [u]
+        wanted = ENGINE_PARTS[model_family(pipe)]
+        make = {"text_encoder": lambda: text_encoder_spec(pipe.text_encoder, opts.max_batch),
+                "unet": lambda: u,
+                "vae_decoder": lambda: vae_decoder_spec(pipe.vae, size, opts.max_batch)}
+        specs = [make[name]() for name in wanted]
         for spec in specs:
             t = time.perf_counter()
             onnx_path = folder / f"{spec.name}.onnx"
@@ -215,7 +215,7 @@ def _build_parts(pipe, opts: EngineOptions, folder: Path, log) -> dict:
                                           plugin=bool(translation) and spec.name == "unet")
                 log(f"  built TensorRT plan for {spec.name} in {time.perf_counter() - t:.1f} s")
             parts[spec.name] = part
-        if model_family(pipe) == "sd":
+        if wanted == PARTS:  # the deploy runtime runs a whole set
             write_deploy_files(pipe, size, folder)
     finally:
         u.module.remove()

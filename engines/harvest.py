@@ -120,7 +120,10 @@ class _ModuleAdapter(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_original"], name)
+            original = self.__dict__.get("_original")
+            if original is None:  # before __init__ set it (copy, unpickling)
+                raise
+            return getattr(original, name)
 
     @property
     def dtype(self):

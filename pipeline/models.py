@@ -64,8 +64,6 @@ def denoiser(pipe):
 PIXART_MAX_TOKENS = 300
 # Flux's T5 context (FluxPipeline's default; FLUX.1-schnell's tokenizer allows 256).
 FLUX_MAX_TOKENS = 512
-
-
 # SD3's T5 context (its pipeline's default).
 SD3_MAX_TOKENS = 256
 
@@ -112,6 +110,15 @@ def initial_latents(pipe, size: tuple[int, int], seeds):
     if packed:
         noise = pack_latents(noise)
     return noise.to(device=pipe.device, dtype=net.dtype)
+
+
+def check_image_size(pipe, height: int, width: int) -> None:
+    """Refuse, in one line, a size the pipeline would silently change: Flux packs 2x2 latent
+    patches, so its sides must be multiples of twice the VAE's downsampling."""
+    unit = 2 * pipe.vae_scale_factor
+    if model_family(pipe) == "flux" and (height % unit or width % unit):
+        raise UserError(f"Flux packs 2x2 latent patches: --height and --width must be "
+                        f"multiples of {unit}, not {height}x{width}")
 
 
 def generation_kwargs(pipe) -> dict:

@@ -32,6 +32,7 @@ from .harvest import AttentionHarvester
 from .lora import check_loras, parse_lora_spec
 from .masks import masks_from_harvest
 from .models import (
+    check_image_size,
     class_weights,
     default_size,
     denoiser,
@@ -39,7 +40,6 @@ from .models import (
     initial_latents,
     latent_stride,
     load_pipeline,
-    model_family,
     model_fingerprint,
     set_scheduler,
 )
@@ -365,9 +365,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
         if pipe.vae_scale_factor != stride:
             raise UserError(f"model {cfg.model}: its VAE downsamples {pipe.vae_scale_factor}x, "
                             f"not the {stride}x its config files say")
-        if model_family(pipe) == "flux" and (cfg.height % (2 * stride) or cfg.width % (2 * stride)):
-            raise UserError(f"Flux packs 2x2 latent patches: --height and --width must be "
-                            f"multiples of {2 * stride}, not {cfg.height}x{cfg.width}")
+        check_image_size(pipe, cfg.height, cfg.width)
         harvester = None
         if cfg.backend != "torch" or cfg.engine:
             if engine_harvester is None:
