@@ -373,11 +373,13 @@ def run_throughput(cfg: ThroughputConfig, pipe=None) -> dict:
         try:
             for bs in cfg.batch_sizes:
                 runs += _measure(bench, case("torch", bs), torch_variants, cfg)
-            for backend in engines:
-                runs += _measure_engine(cfg, pipe, device, size,
-                                        [case(backend, bs) for bs in cfg.batch_sizes])
         finally:
+            # Before the engines: the network gets its own processors back and loses the
+            # torch bench's clock hooks (a compiled graph would trace them).
             bench.close()
+        for backend in engines:
+            runs += _measure_engine(cfg, pipe, device, size,
+                                    [case(backend, bs) for bs in cfg.batch_sizes])
     result = {
         "benchmark": "throughput", "config": asdict(cfg), "size": list(size),
         "model_note": ("built-in random weights: timings are real, images are noise"
@@ -418,16 +420,12 @@ def _measure_engine(cfg: ThroughputConfig, pipe, device, size: tuple[int, int],
                     cases: list[_Case]) -> list[dict]:
     """The `harvest` variant through one engine backend (built or reused from the engine
     cache, for the largest batch size) at every batch size."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     from attnseg.engines.harvest import engine_harvester
     from attnseg.pipeline.config import SynthConfig
 
     synth_cfg = SynthConfig(model=cfg.model, preset=cfg.preset, height=size[0], width=size[1],
                             batch_size=max(c.batch_size for c in cases),
                             backend=cases[0].backend)
-    # Export/compile the stock UNet, not whichever torch variant ran last.
-    denoiser(pipe).set_attn_processor(AttnProcessor2_0())
     harvester = engine_harvester(synth_cfg, pipe, get_preset(cfg.preset, pipe.vae_scale_factor))
     bench = _Bench(cfg, pipe, device, size, engine_harvester=harvester)
     # Never fewer than one warm-up: an engine's first call compiles or allocates.

@@ -1,6 +1,8 @@
 """Building engine folders: `build_engines` exports (and for TensorRT compiles) the text
 encoder, the UNet with map outputs and the VAE decoder of a loaded pipeline into an engine
-folder, or reuses the folder when its key matches (`engines.cache`).
+folder, or reuses the folder when its key matches (`engines.cache`). A compile folder (any
+family, the DiTs included) records the key, the I/O names and the map layout: compiling
+happens in the process that runs it.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import torch
 from ..pipeline.config import BACKENDS, HarvestConfig
 from ..pipeline.errors import UserError
 from ..pipeline.lora import apply_loras, parse_lora_spec
-from ..pipeline.models import model_family, model_fingerprint, weights_fingerprint
+from ..pipeline.models import denoiser, model_family, model_fingerprint, weights_fingerprint
 from . import cache
 from .backends import DTYPE_NAMES, require_module
 from .export import OPSET, PARTS, export_onnx, text_encoder_spec, unet_spec, vae_decoder_spec
-from .graph import MapGraphSpec
+from .graph import DIT_INPUTS, MapGraphSpec, TransformerWithMaps, token_stride
 
 
 def vae_fingerprint(vae) -> str:
@@ -48,14 +50,17 @@ def check_backend(backend: str) -> None:
 ENGINE_PARTS = {"sd": PARTS, "sdxl": ("unet",)}
 
 
-def check_engine_family(pipe) -> None:
-    """Refuse, in one line, a model whose denoiser the engines do not export (the DiTs:
-    PixArt, SD3, Flux)."""
+def check_engine_family(pipe, backend: str) -> None:
+    """Refuse, in one line, a model whose denoiser `backend` does not run: the DiTs (PixArt,
+    SD3, Flux) run under `compile` only (no export spec: their calls differ per family)."""
     family = model_family(pipe)
-    if family not in ENGINE_PARTS:
-        raise UserError(f"engines (--backend other than torch, --engine, `attnseg engine`) "
-                        f"support Stable Diffusion 1.x/2.x and SDXL UNets; this model is "
-                        f"{family}: use --backend torch")
+    if family in ENGINE_PARTS or (backend == "compile" and family in DIT_INPUTS):
+        return
+    if family in DIT_INPUTS:
+        raise UserError(f"backend {backend!r} exports Stable Diffusion 1.x/2.x and SDXL UNets; "
+                        f"this model is {family}: use --backend compile or torch")
+    raise UserError(f"engines support Stable Diffusion 1.x/2.x, SDXL, PixArt, SD3 and Flux; "
+                    f"this model is {family}: use --backend torch")
 
 
 def fuse_loras(pipe, loras: list[str]) -> list[tuple[str, float, str]]:
@@ -121,7 +126,7 @@ def engine_key(pipe, opts: EngineOptions, dtype: torch.dtype, base_hash: str,
         base_model_hash=base_hash,
         loras=tuple((f"{scale:g}", fp) for _, scale, fp in loras), height=opts.height,
         width=opts.width, max_batch=opts.max_batch, max_classes=opts.max_classes,
-        dtype=DTYPE_NAMES[pipe.unet.dtype], opset=opts.opset, maps=maps,
+        dtype=DTYPE_NAMES[dtype], opset=opts.opset, maps=maps,
         attnseg_version=cache.attnseg_version(), toolchain=toolchain,
     )
 
@@ -132,9 +137,9 @@ def build_engines(pipe, opts: EngineOptions, out: Path, *, source: dict | None =
     "built"). `source` (model name, LoRA paths and scales) is recorded for `engine verify`."""
     opts.validate()
     check_backend(opts.backend)
-    check_engine_family(pipe)
-    device = pipe.unet.device
-    dtype = pipe.unet.dtype
+    check_engine_family(pipe, opts.backend)
+    device = denoiser(pipe).device
+    dtype = denoiser(pipe).dtype
     if opts.backend == "onnxruntime" and dtype == torch.bfloat16:
         raise UserError("backend onnxruntime has no bf16 kernels; use --dtype fp16 or fp32")
     if opts.backend == "tensorrt" and device.type != "cuda":
@@ -177,6 +182,14 @@ def _build_parts(pipe, opts: EngineOptions, folder: Path, log) -> dict:
     graph = MapGraphSpec.from_harvest(opts.harvest)
     parts = {}
     specs = []
+    if model_family(pipe) in DIT_INPUTS:  # compile only (check_engine_family)
+        module = TransformerWithMaps(pipe.transformer, graph, size, model_family(pipe),
+                                     token_stride(pipe))
+        module.remove()
+        parts["transformer"] = {"inputs": module.input_names, "outputs": module.output_names,
+                                "io": {}, "profiles": {},
+                                "layout": [m.to_dict() for m in module.layout]}
+        return parts
     u = unet_spec(pipe.unet, graph, size, opts.max_batch, opts.max_classes)
     try:
         layout = [m.to_dict() for m in u.module.layout]

@@ -1,5 +1,6 @@
-"""The networks that engines are built from: the UNet with its attention maps as outputs, the
-text encoder and the VAE decoder, each wrapped so that its inputs and outputs are plain tensors.
+"""The networks that engines are built from: the UNet (or a DiT's transformer) with its attention
+maps as outputs, the text encoder and the VAE decoder, each wrapped so that its inputs and outputs
+are plain tensors.
 
 `UNetWithMaps` is the core: it runs the stock UNet (the attention *outputs* are computed exactly
 as `AttentionHarvester` computes them, so the noise prediction is the stock one) and, inside the
@@ -15,6 +16,9 @@ custom op, which dispatches to the Triton kernel on CUDA and stays one opaque no
 `torch.compile` graph; with ``map_impl="plugin"``, the `attnseg::class_attention_maps` op per
 layer (exported as a TensorRT plugin node) followed by the same resize/clamp/accumulate in
 torch ops.
+
+`TransformerWithMaps` does the same for the DiTs (PixArt, SD3, Flux) under the compile backend:
+the inputs are the family's own transformer call, and the layers are chosen by depth.
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ from ..kernels.class_attention import accumulate_class_attention, accumulate_cla
 from ..kernels.interp import resize
 from ..pipeline.attention import (
     ObservingAttnProcessor,
+    attention_scale,
     grid_size,
     install_observers,
     layer_grid,
     self_attention_probs,
+    transformer_layers_at_depth,
 )
-from ..pipeline.config import HarvestConfig
+from ..pipeline.config import LATER_SETTINGS, HarvestConfig
 from ..pipeline.errors import UserError
+from ..pipeline.harvest import token_grid
+from ..pipeline.models import model_family
 
 MAP_IMPLS = ("ref", "op", "plugin")
 
@@ -92,6 +100,10 @@ class MapGraphSpec:
     stride_weights: tuple[tuple[int, float], ...] = ()
     # Stride of the self-attention output, 0 when the recipe does not refine.
     refine_stride: int = 0
+    # DiTs only (the harvester's settings of the same names); left out of `to_dict` at their
+    # defaults, so that the keys of engines built before them stay valid.
+    transformer_depth: tuple[float, float] = LATER_SETTINGS["transformer_depth"]
+    joint_softmax: str = LATER_SETTINGS["joint_softmax"]
 
     @classmethod
     def from_harvest(cls, cfg: HarvestConfig) -> MapGraphSpec:
@@ -110,11 +122,16 @@ class MapGraphSpec:
             stride_weights=tuple(sorted((int(k), float(v)) for k, v in cfg.stride_weights.items()
                                         if int(k) in cfg.strides)) if common else (),
             refine_stride=cfg.refine_stride if cfg.refine_power > 0 else 0,
+            transformer_depth=tuple(cfg.transformer_depth),
+            joint_softmax=cfg.joint_softmax,
         )
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        d = dataclasses.asdict(self)
+        for name, default in LATER_SETTINGS.items():
+            if d[name] == default:
+                del d[name]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> MapGraphSpec:
@@ -122,6 +139,8 @@ class MapGraphSpec:
         d["strides"] = tuple(d["strides"])
         d["blocks"] = tuple(d["blocks"])
         d["stride_weights"] = tuple((int(s), float(w)) for s, w in d.get("stride_weights", ()))
+        if "transformer_depth" in d:
+            d["transformer_depth"] = tuple(d["transformer_depth"])
         return cls(**d)
 
 
@@ -184,13 +203,28 @@ class UNetWithMaps(torch.nn.Module):
         # Class-count tile of the plugin kernel (>= the engine's largest class count).
         self.plugin_block_c = 16
         self.added_dims = added_condition_dims(unet)
-        self._state: dict | None = None
-        self._previous = install_observers(unet, self, self_attention=bool(spec.refine_stride))
+        self._install()
         self.layout = self._discover_layout()
 
+    def _install(self) -> None:
+        """Put the observing processors on the network; pick the DiT layers by depth."""
+        network = self.network
+        self._state: dict | None = None
+        self._previous = install_observers(network, self,
+                                           self_attention=bool(self.spec.refine_stride),
+                                           joint_softmax=self.spec.joint_softmax)
+        self.transformer_layers = transformer_layers_at_depth(
+            [p.name for p in network.attn_processors.values() if getattr(p, "cross", False)],
+            self.spec.transformer_depth)
+
+    @property
+    def network(self):
+        """The wrapped denoiser."""
+        return self.unet
+
     def remove(self) -> None:
-        """Give the UNet back its previous attention processors."""
-        self.unet.set_attn_processor(dict(self._previous))  # diffusers empties the dict it gets
+        """Give the network back its previous attention processors."""
+        self.network.set_attn_processor(dict(self._previous))  # diffusers empties the dict
 
     @property
     def input_names(self) -> list[str]:
@@ -258,8 +292,9 @@ class UNetWithMaps(torch.nn.Module):
         spec = self.spec
         tw = state["tw"]
         b = tw.shape[0]
-        # Classifier-free guidance stacks [uncond, cond]: keep the cond half (as the harvester).
-        query, key = query[b:], key[b:]
+        # Classifier-free guidance stacks [uncond, cond]: keep the cond half (as the harvester);
+        # a batch without guidance (DiTs take one) is all cond.
+        query, key = query[-b:], key[-b:]
         stride, h, w = layer_grid(query.shape[2], state["latent_hw"], self.image_size)
         sums = state["sums"]
         if not proc.cross:
@@ -270,8 +305,21 @@ class UNetWithMaps(torch.nn.Module):
                 sums[slot] = probs if slot not in sums else sums[slot] + probs
                 self._count(slot, probs, 1.0)
             return
-        if stride not in spec.strides or proc.block not in spec.blocks:
+        if stride not in spec.strides:
             return
+        if proc.block == "transformer":  # a DiT's layers are chosen by depth
+            if proc.name not in self.transformer_layers:
+                return
+        elif proc.block not in spec.blocks:
+            return
+        # Padded text keys (PixArt's T5) are left out of the softmax: the kernels take no
+        # mask (the torch harvester runs them on each sample's valid prefix, a loop over
+        # data-dependent lengths that one graph cannot hold), so those layers take the masked
+        # reference, which the compiler fuses.
+        valid = proc.key_valid
+        valid = None if valid is None else valid[-b:]
+        if key.shape[2] > tw.shape[1]:  # joint softmax: the image keys follow, no class
+            tw = torch.nn.functional.pad(tw, (0, 0, 0, key.shape[2] - tw.shape[1]))
         c = tw.shape[2]
         if spec.accumulate == "native":
             slot, size, wgt, mode, clamp = ("stride", stride), (h, w), 1.0, "none", False
@@ -284,13 +332,14 @@ class UNetWithMaps(torch.nn.Module):
         out = sums.get(slot)
         if out is None:
             out = sums[slot] = query.new_zeros((b, c, *size), dtype=torch.float32)
-        if self.map_impl == "ref":
+        scale = attention_scale(attn, query)
+        if self.map_impl == "ref" or valid is not None:
             # In place on a buffer created in this call: traced graphs functionalise it.
-            accumulate_class_attention_ref(query, key, tw, out, hw=(h, w), scale=attn.scale,
-                                           weight=wgt, mode=mode, clamp=clamp)
+            accumulate_class_attention_ref(query, key, tw, out, hw=(h, w), scale=scale,
+                                           weight=wgt, mode=mode, clamp=clamp, key_valid=valid)
         elif self.map_impl == "plugin":
             maps = torch.ops.attnseg.class_attention_maps(
-                query.contiguous(), key.contiguous(), tw, h, w, float(attn.scale),
+                query.contiguous(), key.contiguous(), tw, h, w, float(scale),
                 query.shape[1], query.shape[3], key.shape[2], self.plugin_block_c)
             maps = resize(maps, size, mode)
             if clamp:
@@ -298,7 +347,7 @@ class UNetWithMaps(torch.nn.Module):
             out = sums[slot] = out + wgt * maps
         else:
             torch.ops.attnseg.accumulate_class_attention(
-                query, key, tw, out, h, w, float(attn.scale),
+                query, key, tw, out, h, w, float(scale),
                 float(wgt), mode, bool(clamp))
         self._count(slot, out, wgt)
 
@@ -310,6 +359,98 @@ class UNetWithMaps(torch.nn.Module):
                 shape = ("C", *shape[1:])
             prev = counts.get(slot, (shape, 0.0))[1]
             counts[slot] = (shape, prev + amount)
+
+
+# The transformer call of each DiT family, in engine input order (token_weights follows);
+# optional inputs below are added when the model has them.
+DIT_INPUTS = {
+    "pixart": ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask"),
+    "sd3": ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"),
+    "flux": ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections",
+             "txt_ids", "img_ids"),
+}
+
+
+def token_stride(pipe) -> int:
+    """Image pixels per image token of a DiT pipeline: the VAE's stride times the patch
+    (Flux packs 2x2 latent pixels into a token)."""
+    patch = 2 if model_family(pipe) == "flux" else pipe.transformer.config.patch_size
+    return pipe.vae_scale_factor * patch
+
+
+class TransformerWithMaps(UNetWithMaps):
+    """A DiT's transformer -> (noise prediction, this step's map sums...), harvesting inside
+    the graph, for the compile backend.
+
+    forward(*inputs) takes `input_names`: the family's transformer call (`DIT_INPUTS`; PixArt
+    adds its resolution and aspect-ratio conditioning, Flux its guidance, when the model
+    takes them) followed by token_weights [B, L, C]. The batch is the pipeline's: [uncond,
+    cond] under classifier-free guidance, or the B conditional rows (Flux, guidance <= 1);
+    the maps come from the last B rows either way. Every layer of a DiT is at one stride
+    (`token_stride`), so the layout needs no trial run.
+    """
+
+    def __init__(self, transformer, spec: MapGraphSpec, image_size: tuple[int, int],
+                 family: str, token_stride: int, map_impl: str = "ref"):
+        torch.nn.Module.__init__(self)
+        if map_impl not in ("ref", "op"):
+            raise ValueError(f"map_impl must be 'ref' or 'op' for a DiT, not {map_impl!r}")
+        if spec.refine_stride:
+            raise UserError("refinement needs self-attention maps, which DiT harvesting does "
+                            "not take; use a preset without refinement")
+        self.transformer = transformer
+        self.spec = spec
+        self.image_size = tuple(image_size)
+        self.map_impl = map_impl
+        self.family = family
+        self.added_dims = None
+        names = list(DIT_INPUTS[family])
+        if family == "pixart" and getattr(transformer, "use_additional_conditions", False):
+            names += ["resolution", "aspect_ratio"]
+        if family == "flux" and transformer.config.guidance_embeds:
+            names.append("guidance")
+        self._call_names = names
+        self._install()
+        if token_stride not in spec.strides:
+            self.remove()
+            raise UserError(f"the {family} transformer's layers are all at stride "
+                            f"{token_stride}, which the harvest strides {list(spec.strides)} "
+                            "leave out")
+        layers = float(len(self.transformer_layers))
+        if spec.accumulate == "native":
+            h, w = grid_size(self.image_size, token_stride)
+            self.layout = [MapOutput(f"maps_s{token_stride}", "stride", token_stride,
+                                     ("C", h, w), layers)]
+        else:
+            cs = spec.combine_stride
+            wgt = dict(spec.stride_weights).get(token_stride, 1.0)
+            self.layout = [MapOutput(f"maps_common_s{cs}", "common", cs,
+                                     ("C", *grid_size(self.image_size, cs)), layers * wgt)]
+
+    @property
+    def network(self):
+        return self.transformer
+
+    @property
+    def input_names(self) -> list[str]:
+        return self._call_names + ["token_weights"]
+
+    def forward(self, *inputs):
+        feeds = dict(zip(self.input_names, inputs, strict=True))
+        token_weights = feeds.pop("token_weights")
+        if self.family == "pixart":
+            feeds["added_cond_kwargs"] = {"resolution": feeds.pop("resolution", None),
+                                          "aspect_ratio": feeds.pop("aspect_ratio", None)}
+        latents = feeds["hidden_states"]
+        latent_hw = (token_grid(latents.shape[1], self.image_size) if latents.ndim == 3
+                     else tuple(latents.shape[-2:]))  # Flux packs its latents into tokens
+        self._state = {"tw": token_weights, "latent_hw": latent_hw, "sums": {}}
+        try:
+            noise = self.transformer(**feeds, return_dict=False)[0]
+            sums = self._state["sums"]
+        finally:
+            self._state = None
+        return (noise, *[sums[(m.kind, m.stride)] for m in self.layout])
 
 
 class TextEncoderOutput(torch.nn.Module):

@@ -1,9 +1,10 @@
 """Running engine sets inside the Stable Diffusion pipeline.
 
 `load_engines` opens an engine folder. `EngineHarvester` is a drop-in for the pipeline's
-`AttentionHarvester`: it puts the engines in place of the pipeline's modules, so diffusers' own
-denoising loop runs unchanged, and sums the UNet engine's per-step map outputs over the step
-window into the same `HarvestResult`. `engine_harvester` is what `attnseg synth --backend/
+`AttentionHarvester`: it puts the engines in place of the pipeline's modules (the UNet, or a
+DiT's transformer under the compile backend), so diffusers' own denoising loop runs unchanged,
+and sums the denoiser engine's per-step map outputs over the step window into the same
+`HarvestResult`. `engine_harvester` is what `attnseg synth --backend/
 --engine` hands to `run_synth`.
 """
 
@@ -18,8 +19,8 @@ import torch
 
 from ..pipeline.config import HarvestConfig, Preset, SynthConfig
 from ..pipeline.errors import UserError
-from ..pipeline.harvest import HarvestResult
-from ..pipeline.models import model_fingerprint
+from ..pipeline.harvest import HarvestResult, fit_token_weights
+from ..pipeline.models import denoiser, model_family, model_fingerprint
 from . import cache
 from .backends import DTYPE_NAMES, CompiledEngine, Engine, OrtEngine
 from .build import (
@@ -31,7 +32,14 @@ from .build import (
     vae_fingerprint,
 )
 from .export import unet_spec
-from .graph import MapGraphSpec, MapOutput, UNetWithMaps
+from .graph import (
+    DIT_INPUTS,
+    MapGraphSpec,
+    MapOutput,
+    TransformerWithMaps,
+    UNetWithMaps,
+    token_stride,
+)
 
 
 @dataclass
@@ -42,6 +50,7 @@ class EngineSet:
     engines: dict[str, Engine]
     layout: list[MapOutput]
     folder: Path | None = None
+    # The in-process module (compile): UNetWithMaps or TransformerWithMaps.
     unet_module: UNetWithMaps | None = None
 
     def close(self) -> None:
@@ -60,9 +69,9 @@ def load_engines(folder: Path, pipe=None, device: torch.device | None = None) ->
     key = cache.EngineKey.from_dict(manifest["key"])
     check_backend(key.backend)
     parts = manifest["parts"]
-    layout = [MapOutput.from_dict(m) for m in parts["unet"]["layout"]]
+    layout = [MapOutput.from_dict(m) for m in (parts.get("unet") or parts["transformer"])["layout"]]
     if device is None:
-        device = pipe.unet.device if pipe is not None else torch.device("cpu")
+        device = denoiser(pipe).device if pipe is not None else torch.device("cpu")
     if key.backend == "compile":
         if pipe is None:
             raise UserError("a compile engine needs the model it was built for")
@@ -86,20 +95,26 @@ def load_engines(folder: Path, pipe=None, device: torch.device | None = None) ->
 
 
 def compiled_engine_set(pipe, key: cache.EngineKey, layout=None, mode=None) -> EngineSet:
-    """torch.compile of the pipeline's UNet with harvesting in the graph (Triton kernel op on
-    CUDA, the torch reference traced into the graph on CPU)."""
+    """torch.compile of the pipeline's UNet (or DiT transformer) with harvesting in the graph
+    (Triton kernel op on CUDA, the torch reference traced into the graph on CPU)."""
     graph = MapGraphSpec.from_dict({k: v for k, v in key.maps.items() if k != "vae_hash"})
-    device = pipe.unet.device
-    spec = unet_spec(pipe.unet, graph, (key.height, key.width), key.max_batch, key.max_classes,
-                     map_impl="op" if device.type == "cuda" else "ref")
-    module = spec.module
+    device = denoiser(pipe).device
+    impl = "op" if device.type == "cuda" else "ref"
+    size = (key.height, key.width)
+    if model_family(pipe) in DIT_INPUTS:
+        module = TransformerWithMaps(pipe.transformer, graph, size, model_family(pipe),
+                                     token_stride(pipe), map_impl=impl).eval()
+        name, io = "transformer", {}
+    else:
+        spec = unet_spec(pipe.unet, graph, size, key.max_batch, key.max_classes, map_impl=impl)
+        module, name, io = spec.module, "unet", spec.io_dict()
     if layout is not None and [m.to_dict() for m in module.layout] != [m.to_dict()
                                                                       for m in layout]:
         module.remove()
         raise UserError("the compile engine's map layout differs from this model's; rebuild it")
-    engine = CompiledEngine(module, "unet", spec.input_names, spec.output_names,
-                            spec.io_dict(), device, mode=mode)
-    return EngineSet(key, {"unet": engine}, module.layout, None, module)
+    engine = CompiledEngine(module, name, module.input_names, module.output_names, io, device,
+                            mode=mode)
+    return EngineSet(key, {name: engine}, module.layout, None, module)
 
 
 class _ModuleAdapter(torch.nn.Module):
@@ -162,6 +177,22 @@ class _UNetAdapter(_ModuleAdapter):
                                            added_cond_kwargs),)
 
 
+class _TransformerAdapter(_ModuleAdapter):
+    """A DiT's transformer: every tensor of the call (PixArt's added conditioning included)
+    goes to the engine by name; the rest (attention kwargs, return_dict) does not apply."""
+
+    def __init__(self, original, engine, dtype, device, harvester: EngineHarvester):
+        super().__init__(original, engine, dtype, device)
+        self._harvester = harvester
+
+    def forward(self, hidden_states, **kwargs):
+        feeds = {"hidden_states": hidden_states}
+        for name, value in {**kwargs, **(kwargs.get("added_cond_kwargs") or {})}.items():
+            if isinstance(value, torch.Tensor):
+                feeds[name] = value
+        return (self._harvester._transformer_step(feeds),)
+
+
 class EngineHarvester:
     """Drop-in for `AttentionHarvester` that generates through an `EngineSet`.
 
@@ -171,7 +202,7 @@ class EngineHarvester:
     """
 
     def __init__(self, pipe, engines: EngineSet, config: HarvestConfig):
-        check_engine_family(pipe)
+        check_engine_family(pipe, engines.key.backend)
         config.validate(pipe.vae_scale_factor)
         want = MapGraphSpec.from_harvest(config).to_dict()
         have = {k: v for k, v in engines.key.maps.items() if k != "vae_hash"}
@@ -186,8 +217,9 @@ class EngineHarvester:
         self.backend = engines.key.backend  # what generation runs on, for summaries
         self._capture = None
         self._originals = {}
-        device = pipe.unet.device
+        device = denoiser(pipe).device
         for name, attr, cls in (("unet", "unet", _UNetAdapter),
+                                ("transformer", "transformer", _TransformerAdapter),
                                 ("text_encoder", "text_encoder", _TextEncoderAdapter),
                                 ("vae_decoder", "vae", _VaeAdapter)):
             engine = engines.engines.get(name)
@@ -195,7 +227,8 @@ class EngineHarvester:
                 continue
             original = getattr(pipe, attr)
             args = (original, engine, original.dtype, device)
-            adapter = cls(*args, self) if cls is _UNetAdapter else cls(*args)
+            denoising = cls in (_UNetAdapter, _TransformerAdapter)
+            adapter = cls(*args, self) if denoising else cls(*args)
             self._originals[attr] = original
             setattr(pipe, attr, adapter)
 
@@ -222,7 +255,7 @@ class EngineHarvester:
                             f"prompt, this batch has {c}; rebuild with --max-classes {c}")
         if self._capture is not None:
             raise RuntimeError("EngineHarvester.capture is not re-entrant")
-        device = self.pipe.unet.device
+        device = denoiser(self.pipe).device
         cap = _EngineCapture(token_weights.to(device=device, dtype=torch.float32),
                              tuple(image_size), self.config.step_range(num_steps))
         self._capture = cap
@@ -251,14 +284,41 @@ class EngineHarvester:
         feeds["timestep"] = torch.as_tensor(timestep, device=sample.device).float().reshape(-1)[:1]
         feeds["token_weights"] = cap.token_weights
         out = unet.infer(feeds)
-        if cap.step in cap.steps:
-            for m in self.engines.layout:
-                value = out[m.name].float()
-                prev = cap.sums.get(m.name)
-                cap.sums[m.name] = value.clone() if prev is None else prev.add_(value)
-                cap.counts[m.name] = cap.counts.get(m.name, 0.0) + m.count
+        self._add_maps(cap, out)
         noise = out["noise_pred"]
         return noise[n:] if n == b else noise
+
+    def _transformer_step(self, feeds: dict) -> torch.Tensor:
+        """One call of a DiT's transformer engine (the pipeline's own batch: with or without
+        the guidance half); returns the noise prediction."""
+        cap = self._capture
+        if cap is None:
+            raise RuntimeError("the engine transformer runs only inside EngineHarvester.capture")
+        cap.step += 1
+        engine = self.engines.engines["transformer"]
+        missing = [n for n in engine.input_names if n != "token_weights" and n not in feeds]
+        if missing:
+            raise RuntimeError(f"the transformer call lacks the engine inputs {missing}")
+        feeds = {n: feeds[n] for n in engine.input_names if n != "token_weights"}
+        # The weights fitted to the encoder's text length once per capture (checked there:
+        # a class word past it is refused, as by the torch harvester).
+        text_len = feeds["encoder_hidden_states"].shape[1]
+        if cap.fitted is None or cap.fitted.shape[1] != text_len:
+            cap.fitted = fit_token_weights(cap.token_weights, text_len)
+        feeds["token_weights"] = cap.fitted
+        out = engine.infer(feeds)
+        self._add_maps(cap, out)
+        return out["noise_pred"]
+
+    def _add_maps(self, cap: _EngineCapture, out: dict) -> None:
+        """Add one step's map outputs to the capture's sums when the step is in the window."""
+        if cap.step not in cap.steps:
+            return
+        for m in self.engines.layout:
+            value = out[m.name].float()
+            prev = cap.sums.get(m.name)
+            cap.sums[m.name] = value.clone() if prev is None else prev.add_(value)
+            cap.counts[m.name] = cap.counts.get(m.name, 0.0) + m.count
 
     def _finish(self, cap: _EngineCapture) -> HarvestResult:
         maps, self_attn = {}, None
@@ -287,6 +347,7 @@ class _EngineCapture:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, float] = {}
         self.result: HarvestResult | None = None
+        self.fitted: torch.Tensor | None = None  # token weights at the DiT's text length
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
@@ -302,33 +363,36 @@ def check_engine_model(key: cache.EngineKey, pipe, folder) -> None:
                         "was built from or rebuild the engine")
     if key.maps.get("vae_hash") not in (None, vae_fingerprint(pipe.vae)):
         raise UserError(f"engine {folder} was built with another VAE than the loaded model's")
-    if DTYPE_NAMES[pipe.unet.dtype] != key.dtype:
-        raise UserError(f"engine {folder} is {key.dtype}, the job runs in "
-                        f"{DTYPE_NAMES[pipe.unet.dtype]}; pass --dtype {key.dtype}")
+    dtype = DTYPE_NAMES[denoiser(pipe).dtype]
+    if dtype != key.dtype:
+        raise UserError(f"engine {folder} is {key.dtype}, the job runs in {dtype}; pass "
+                        f"--dtype {key.dtype}")
 
 
 def engine_harvester(cfg: SynthConfig, pipe, preset: Preset, log=None) -> EngineHarvester:
     """The harvester `run_synth` uses for `--backend compile|onnxruntime|tensorrt` or
     `--engine DIR`: loads the folder, or builds/reuses one in the engine cache."""
     log = log or (lambda msg: None)
-    check_engine_family(pipe)
     if cfg.engine:
         folder = Path(cfg.engine).expanduser()
         key = cache.check_engine_job(folder, cfg.backend, cfg.height, cfg.width, cfg.batch_size)
+        check_engine_family(pipe, key.backend)
         check_engine_model(key, pipe, folder)
         harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
         harvester.backend = f"{key.backend} engine in {folder}"
         return harvester
+    check_engine_family(pipe, cfg.backend)
     opts = EngineOptions(backend=cfg.backend, height=cfg.height, width=cfg.width,
                          max_batch=cfg.batch_size, max_classes=8, harvest=preset.harvest)
     check_backend(cfg.backend)
     if cfg.backend == "compile":
-        key = engine_key(pipe, opts, pipe.unet.dtype, model_fingerprint(pipe), [])
+        key = engine_key(pipe, opts, denoiser(pipe).dtype, model_fingerprint(pipe), [])
         harvester = EngineHarvester(pipe, compiled_engine_set(pipe, key), preset.harvest)
-        harvester.backend = "compile (torch.compile of the UNet with maps)"
+        harvester.backend = (f"compile (torch.compile of the {type(denoiser(pipe)).__name__} "
+                             "with maps)")
         return harvester
     base = model_fingerprint(pipe)
-    key = engine_key(pipe, opts, pipe.unet.dtype, base, [])
+    key = engine_key(pipe, opts, denoiser(pipe).dtype, base, [])
     folder = cache.default_cache_root() / f"{cfg.backend}-{key.digest()}"
     build_engines(pipe, opts, folder, source={"model": cfg.model}, base_hash=base, log=log)
     harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)

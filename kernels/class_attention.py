@@ -72,10 +72,16 @@ def _check_args(q, k, token_weights, out, hw, mode):
 
 
 def accumulate_class_attention_ref(q, k, token_weights, out, *, hw, scale, weight=1.0,
-                                   mode="none", clamp=False):
-    """Reference (plain torch) version of :func:`accumulate_class_attention`; the definition."""
+                                   mode="none", clamp=False, key_valid=None):
+    """Reference (plain torch) version of :func:`accumulate_class_attention`; the definition.
+
+    key_valid: optional [B, L] bool, the keys each sample's softmax runs over (a padded
+    prompt); the kernels take none, their callers pass each sample's valid prefix instead.
+    """
     b, _, _, _, _, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1)
     mean = probs.mean(dim=1)  # [B, N, L]
     maps = torch.matmul(mean, token_weights.to(device=q.device, dtype=torch.float32))

@@ -82,22 +82,11 @@ class _Capture:
         return self.token_weights.shape[0]
 
     def weights_for(self, keys: int) -> torch.Tensor:
-        """The token weights for a layer with `keys` text keys: a tokenizer's context may be
-        longer than the encoder's (PixArt: 300 of T5's 512) or shorter; positions past the
-        weights' length carry no class. Made once per capture and key count (every layer of
-        every step asks)."""
+        """The token weights for a layer with `keys` text keys (`fit_token_weights`), made
+        once per capture and key count (every layer of every step asks)."""
         w = self._weights_by_keys.get(keys)
-        if w is not None:
-            return w
-        w = self.token_weights
-        if w.shape[1] > keys:
-            if bool(w[:, keys:].any()):
-                raise UserError(f"a class word lies past the {keys} text tokens the model "
-                                "attends to; shorten the prompt")
-            w = w[:, :keys]
-        elif w.shape[1] < keys:
-            w = torch.nn.functional.pad(w, (0, 0, 0, keys - w.shape[1]))
-        self._weights_by_keys[keys] = w
+        if w is None:
+            w = self._weights_by_keys[keys] = fit_token_weights(self.token_weights, keys)
         return w
 
     def key_lengths(self, valid: torch.Tensor) -> list[int] | None:
@@ -119,6 +108,20 @@ class _Capture:
         if self.self_sum is not None:
             total += self.self_sum.numel() * self.self_sum.element_size()
         return total
+
+
+def fit_token_weights(weights: torch.Tensor, keys: int) -> torch.Tensor:
+    """Token weights [B, L, C] cut or zero-padded to `keys` text positions: a tokenizer's
+    context may be longer than the encoder's (PixArt: 300 of T5's 512) or shorter; positions
+    past the weights' length carry no class. A class word past `keys` is refused."""
+    if weights.shape[1] > keys:
+        if bool(weights[:, keys:].any()):
+            raise UserError(f"a class word lies past the {keys} text tokens the model "
+                            "attends to; shorten the prompt")
+        return weights[:, :keys]
+    if weights.shape[1] < keys:
+        return torch.nn.functional.pad(weights, (0, 0, 0, keys - weights.shape[1]))
+    return weights
 
 
 def token_grid(n: int, image_size: tuple[int, int]) -> tuple[int, int]:

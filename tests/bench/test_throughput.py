@@ -139,3 +139,18 @@ def test_every_family_runs_every_variant(tmp_path, capsys, model, torch_one_thre
     assert set(rows) == set(VARIANTS)
     held = {v: r["attention_state_bytes"] for v, r in rows.items()}
     assert held["stock"] == 0 < held["harvest"] < held["store_every_map"]
+
+
+@pytest.mark.slow
+def test_compile_backend_after_the_torch_variants_on_a_dit(tmp_path, torch_one_thread):
+    """torch variants then the compile backend in one run: the torch bench's clock hooks and
+    processors are gone before the graph is traced (fullgraph would refuse a hook's
+    `time.perf_counter`), and a DiT's own processors are what compile wraps."""
+    out = tmp_path / "flux"
+    assert main(["bench", "throughput", "--model", "tiny-flux", "--backend", "torch,compile",
+                 "--height", "64", "--width", "64", "--steps", "2", "--repeats", "1",
+                 "--warmup", "0", "--batch-size", "1", "--no-plots", "--out", str(out)]) == 0
+    rows = {(r["backend"], r["variant"]): r
+            for r in json.loads(out.with_suffix(".json").read_text())["summary"]}
+    assert set(rows) == {("torch", v) for v in VARIANTS} | {("compile", "harvest")}
+    assert rows[("compile", "harvest")]["attention_state_bytes"] > 0

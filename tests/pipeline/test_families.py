@@ -168,15 +168,6 @@ def test_few_step_sampling_lcm_and_turbo(tmp_path, sdxl_pipe, classes, torch_one
     assert main(["synth", "--scheduler", "fast", "--out", str(tmp_path / "bad")]) == 2
 
 
-@pytest.mark.parametrize("model", ["tiny-pixart", "tiny-sd3", "tiny-flux"])
-def test_engines_refuse_dits_in_one_line(tmp_path, capsys, model):
-    assert main(["synth", "--model", model, "--classes", "dog,cat", "--backend", "compile",
-                 "--out", str(tmp_path / "c"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "support Stable Diffusion 1.x/2.x and SDXL UNets" in err and model[5:] in err
-    assert "Traceback" not in err
-
-
 # ---- PixArt-Sigma (a DiT with T5: one resolution, padded text keys masked out)
 
 
