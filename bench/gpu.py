@@ -12,7 +12,13 @@ the others):
    the head split that fills the GPU and without, CUDA-graph timed;
 4. **compile**: `attnseg engine build --backend compile` and `attnseg engine verify`;
 5. **throughput**: `bench throughput` on `sd15-random`, 512x512 fp16 with CFG: stock, eager
-   harvest and compile + CUDA graphs with harvest, batch 1 and 8, with peak memory.
+   harvest and compile + CUDA graphs with harvest, batch 1 and 8, with peak memory;
+6. **families**: the newer architectures at 1024x1024, stock against harvest (eager): SDXL
+   (`sdxl-random`, fp16, with the store-every-map pattern) and FLUX.1-dev's transformer
+   (`flux-random`, bf16, 512 T5 keys: the long-text kernel), 4 steps, batch 1; then
+   `bench writing` at few-step rates (`sd15-random` 512x512, 2 steps, batch 8): generation
+   alone, inline writing and the write pool. Past the default budget after steps 1-5: run it
+   as a second call (`--steps families`).
 
 `--smoke` runs the same code on a CPU (the tiny model, 64x64, fp32, the Triton interpreter,
 GPU-only steps skipped) so the orchestration is tested where there is no GPU. On a machine
@@ -33,7 +39,7 @@ from pathlib import Path
 
 from .throughput import machine_info, output_base, with_suffix, write_json_and_markdown
 
-STEPS = ("kernels", "parity", "kbench", "compile", "throughput")
+STEPS = ("kernels", "parity", "kbench", "compile", "throughput", "families")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -58,7 +64,8 @@ class GpuProofConfig:
 
 
 # Per-step caps (seconds, on the GPU); smoke runs take what the CPU needs.
-_CAPS = {"kernels": 150, "parity": 90, "kbench": 60, "compile": 150, "throughput": 200}
+_CAPS = {"kernels": 150, "parity": 90, "kbench": 60, "compile": 150, "throughput": 200,
+         "families": 300}
 
 
 def _subprocess(cmd: list[str], cap: float, env: dict | None = None) -> dict:
@@ -252,6 +259,47 @@ def step_throughput(cfg: GpuProofConfig, cap: float, work: Path) -> dict:
     return result
 
 
+def step_families(cfg: GpuProofConfig, cap: float, work: Path) -> dict:
+    """SDXL and Flux architectures at 1024x1024, stock against harvest, then the write pool
+    at few-step rates (each a subprocess under what is left of the cap)."""
+    cli = [sys.executable, "-m", "attnseg.pipeline.cli", "bench"]
+    one = ["--steps", "2" if cfg.smoke else "4", "--batch-size", "1", "--repeats",
+           "1" if cfg.smoke else "3", "--no-plots"]
+    if cfg.smoke:
+        where = ["--device", "cpu", "--dtype", "fp32", "--height", "64", "--width", "64"]
+        runs = {"sdxl": ["--model", "tiny-sdxl", *where],
+                "flux": ["--model", "tiny-flux", *where]}
+        writing = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32",
+                   "--set", "height=64", "--set", "width=64", "--set", "num_per_class=2",
+                   "--set", "batch_size=4", "--set", "repeats=1"]
+    else:
+        size = ["--height", "1024", "--width", "1024", "--device", "cuda"]
+        # Flux without the store-every-map pattern: 57 layers x 24 heads x 4096 x 512 fp32
+        # per step is 11 GB a step.
+        runs = {"sdxl": ["--model", "sdxl-random", *size, "--dtype", "fp16"],
+                "flux": ["--model", "flux-random", *size, "--dtype", "bf16", "--set",
+                         'variants=["stock","harvest"]']}
+        writing = ["--model", "sd15-random", "--device", "cuda", "--dtype", "fp16",
+                   "--set", "height=512", "--set", "width=512", "--set", "steps=2",
+                   "--set", "batch_size=8", "--set", "num_per_class=8", "--set", "repeats=2"]
+    result: dict = {"runs": {}}
+    t0 = time.perf_counter()
+    for name, args in [*runs.items(), ("writing", writing)]:
+        left = cap - (time.perf_counter() - t0)
+        if left < 20:
+            result["runs"][name] = {"skipped": f"{left:.0f} s left"}
+            continue
+        out = work / f"families-{name}"
+        what = ["writing", *args] if name == "writing" else ["throughput", *args, *one]
+        r = _subprocess(cli + what + ["--out", str(out)], left)
+        if r["rc"] == 0:
+            done = json.loads(with_suffix(out, ".json").read_text())
+            r["summary"] = done["rows"] if name == "writing" else done["summary"]
+        result["runs"][name] = r
+    result["ok"] = all(r.get("rc") == 0 for r in result["runs"].values())
+    return result
+
+
 def run_gpu_proof(cfg: GpuProofConfig) -> dict:
     """Run the steps; write OUT.json and OUT.md; return the report."""
     cfg.validate()
@@ -287,6 +335,8 @@ def run_gpu_proof(cfg: GpuProofConfig) -> dict:
                 r = step_kbench(cfg, cap)
             elif name == "compile":
                 r = step_compile(cfg, cap, work)
+            elif name == "families":
+                r = step_families(cfg, cap, work)
             else:
                 r = step_throughput(cfg, cap, work)
         except Exception as e:  # a failing step is a result; the others still run
@@ -325,18 +375,28 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['N']} | {r['D']} | {r['C']} | {r['one_group_us']} | {r['auto_us']} "
                   f"({r['head_groups_auto']}) | {r['q_copy_us']} |" for r in kb["rows"]]
-    tp = report["steps"].get("throughput", {})
-    rows = [row for r in tp.get("runs", {}).values() for row in r.get("summary", [])]
+    runs = {f"throughput {k}": r for k, r in
+            report["steps"].get("throughput", {}).get("runs", {}).items()}
+    runs.update({f"families {k}": r for k, r in
+                 report["steps"].get("families", {}).get("runs", {}).items() if k != "writing"})
+    rows = [(name, row) for name, r in runs.items() for row in r.get("summary", [])]
     if rows:
         lines += ["", "Throughput (`bench throughput`):", "",
-                  "| backend | variant | batch | images/s | time vs stock | peak device MiB |",
-                  "|---|---|---|---|---|---|"]
-        for row in rows:
+                  "| run | backend | variant | batch | images/s | time vs stock | attention "
+                  "state B | peak device MiB |", "|---|---|---|---|---|---|---|---|"]
+        for name, row in rows:
             peak = row.get("peak_device_bytes")
-            lines.append(f"| {row.get('backend', 'torch')} | {row.get('variant')} | "
+            lines.append(f"| {name} | {row.get('backend', 'torch')} | {row.get('variant')} | "
                          f"{row.get('batch_size')} | {row.get('images_per_s', 0):.2f} | "
                          f"{row.get('time_vs_stock') or 1:.3f} | "
+                         f"{row.get('attention_state_bytes', '-')} | "
                          f"{'-' if peak is None else round(peak / 2**20)} |")
+    writing = report["steps"].get("families", {}).get("runs", {}).get("writing", {})
+    if writing.get("summary"):
+        lines += ["", "Writing (`bench writing`):", "",
+                  "| variant | images/s | vs generation alone | spread |", "|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['images_per_s']:.2f} | {r['vs_generate_only']:.3f}x "
+                  f"| {100 * r['spread']:.0f} % |" for r in writing["summary"]]
     return "\n".join(lines) + "\n"
 
 

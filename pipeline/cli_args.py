@@ -41,8 +41,8 @@ def add_model(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """`--model`: the text-to-image model, as every command that loads one takes it."""
     p.add_argument("--model", default=default,
                    help="'tiny', 'tiny-sdxl', 'tiny-pixart', 'tiny-sd3', 'tiny-flux' (built-in "
-                   "random models of each family), 'sd15-random' / 'sdxl-random' (the real "
-                   "architectures, random weights), 'toy' (the shipped toy-world model, "
+                   "random models of each family), 'sd15-random' / 'sdxl-random' / 'flux-random' "
+                   "(the real architectures, random weights), 'toy' (the shipped toy-world model, "
                    "64x64), a hub id, a diffusers folder or one .safetensors file; SD 1.x/2.x, "
                    "SDXL, PixArt, SD3 and Flux (default: tiny)")
 
@@ -57,8 +57,8 @@ def add_scheduler(p: argparse.ArgumentParser) -> None:
 def add_size(p: argparse.ArgumentParser) -> None:
     """`--height` and `--width` of the generated images."""
     p.add_argument("--height", type=int, help="image height, multiple of 8 "
-                   "(default: 128 for the tiny models, 64 for toy, 1024 for sdxl-random, "
-                   "else 512; toy render: 64)")
+                   "(default: 128 for the tiny models, 64 for toy, 1024 for sdxl-random and "
+                   "flux-random, else 512; toy render: 64)")
     p.add_argument("--width", type=int, help="image width, multiple of 8 (default: as "
                    "--height's)")
 

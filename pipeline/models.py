@@ -23,7 +23,8 @@ RANDOM_BUILDERS = {"tiny": "build_tiny_pipeline", "sd15-random": "build_sd15_ran
                    "sdxl-random": "build_sdxl_random_pipeline",
                    "tiny-pixart": "build_tiny_pixart_pipeline",
                    "tiny-sd3": "build_tiny_sd3_pipeline",
-                   "tiny-flux": "build_tiny_flux_pipeline"}
+                   "tiny-flux": "build_tiny_flux_pipeline",
+                   "flux-random": "build_flux_random_pipeline"}
 RANDOM_MODELS = tuple(RANDOM_BUILDERS)
 # `toy`: the toy world's trained model (pipeline/toy_model.py), a diffusers folder shipped in
 # the package and loaded like any other folder.
@@ -141,11 +142,11 @@ def generation_kwargs(pipe) -> dict:
 
 def default_size(model: str) -> int:
     """The image size a model generates by default: 128 for the tiny models, 64 for the toy
-    model (the size it was trained at), 1024 for sdxl-random, else 512 (a real SDXL
-    checkpoint's native 1024 is asked for with --height/--width)."""
+    model (the size it was trained at), 1024 for sdxl-random and flux-random, else 512 (a
+    real SDXL checkpoint's native 1024 is asked for with --height/--width)."""
     return {"tiny": 128, "tiny-sdxl": 128, "tiny-pixart": 128, "tiny-sd3": 128,
             "tiny-flux": 128, "toy": 64,
-            "sdxl-random": 1024}.get(model, 512)
+            "sdxl-random": 1024, "flux-random": 1024}.get(model, 512)
 
 
 def shipped_model_path() -> Path:
@@ -219,7 +220,7 @@ def check_model_path(model: str, allow_pickle: bool = False) -> Path:
 
 
 def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = False):
-    """A diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, PixArt, SD3) from a
+    """A diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, PixArt, SD3, Flux) from a
     built-in random model (`RANDOM_BUILDERS`), 'toy' (the shipped toy-world model), a hub id, a
     folder or one .safetensors file (the pipeline class comes from the folder's
     model_index.json; other families are refused in one line). Hub ids resolve from the local
@@ -227,11 +228,14 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
 
     `loras` (lora.LoraSpec) are fused into the UNet (and text encoder) with their scales."""
     import diffusers
+    import torch
 
     from . import tiny
 
     if model in RANDOM_BUILDERS:
-        pipe = getattr(tiny, RANDOM_BUILDERS[model])(dtype=dtype)
+        # Drawn where they will run: a GPU draws flux-random's 12 B parameters in seconds.
+        with torch.device(device):
+            pipe = getattr(tiny, RANDOM_BUILDERS[model])(dtype=dtype)
     else:
         path = check_model_path(model, allow_pickle)
         model = model_source(model)

@@ -24,6 +24,11 @@ block; random weights.
 `tiny-sd3`: SD3's MMDiT layout in miniature: two CLIP text encoders with projections (no T5:
 the pipeline fills its 256 positions with zeros, as SD3 allows), joint image-text attention in
 every block (the last block's text stream ends), flow-matching Euler; random weights.
+
+`tiny-flux`: Flux's layout in miniature (CLIP pooled prompt, T5 sequence, double- and
+single-stream blocks, guidance embedding, packed 16-channel latents); random weights.
+`flux-random`: FLUX.1-dev's exact transformer (11.9 G parameters) and VAE with random weights,
+for GPU benchmarks at 1024x1024.
 """
 
 from __future__ import annotations
@@ -376,11 +381,11 @@ def build_tiny_sd3_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32,
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
-def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Flux's layout in miniature with random weights, identical for a given seed: CLIP for the
-    pooled prompt, T5 for the text sequence, double- and single-stream blocks with rotary
-    positions, guidance embedding (FLUX.1-dev's distillation), a 16-channel VAE whose latents
-    are packed 2x2 into the token sequence, flow matching with resolution-dependent shift."""
+def _flux_pipeline(seed: int, dtype: torch.dtype, clip: dict, t5: dict, transformer: dict,
+                   vae: dict, t5_length: int):
+    """A FluxPipeline of random components (drawn in a fixed order after seeding): the
+    generated CLIP tokenizer, a T5-style one of `t5_length` positions, and the configs given
+    (the vocabularies are the tokenizers')."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -390,23 +395,19 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer = tiny_tokenizer()
-    tokenizer_2 = tiny_t5_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer(max_length=t5_length)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+        vocab_size=len(tokenizer), max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **clip)).eval()
+    # eval(): modules built in code start in training mode, and T5 has dropout.
     text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).eval()
+        vocab_size=len(tokenizer_2), pad_token_id=0, eos_token_id=1, **t5)).eval()
     # in_channels: 16 latent channels x a 2x2 patch; the rotary axes split the head dim.
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-        guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
-    vae = AutoencoderKL(**tiny_vae_config(latent_channels=16, norm_num_groups=4,
-                                          shift_factor=0.1159, scaling_factor=0.3611,
-                                          use_quant_conv=False, use_post_quant_conv=False))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=True,
+                                         **transformer).eval()
+    vae = AutoencoderKL(**vae)
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096, shift=3.0)
@@ -415,3 +416,51 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
                         tokenizer_2=tokenizer_2, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Flux's layout in miniature with random weights, identical for a given seed: CLIP for the
+    pooled prompt, T5 for the text sequence, double- and single-stream blocks with rotary
+    positions, guidance embedding (FLUX.1-dev's distillation), a 16-channel VAE whose latents
+    are packed 2x2 into the token sequence, flow matching with resolution-dependent shift."""
+    return _flux_pipeline(
+        seed, dtype,
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+             relative_attention_num_buckets=8),
+        dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+        tiny_vae_config(latent_channels=16, norm_num_groups=4, shift_factor=0.1159,
+                        scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False),
+        t5_length=64,
+    )
+
+
+def build_flux_random_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """FLUX.1-dev's transformer (19 double- and 38 single-stream blocks, 11.9 B parameters) and
+    VAE with random weights, 512 T5 positions, for GPU benchmarks. The text encoders have
+    CLIP-L's and T5-XXL's widths but T5 only 2 layers (it runs once per prompt; the benchmark
+    is the denoiser). Parameters are made in `dtype` on the current default device (load the
+    model with --device cuda: the 24 GB of bf16 are drawn on the GPU)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return _flux_pipeline(
+            seed, dtype,
+            dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, hidden_act="quick_gelu"),
+            dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
+                 relative_attention_num_buckets=32, feed_forward_proj="gated-gelu"),
+            dict(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                 axes_dims_rope=(16, 56, 56)),
+            dict(in_channels=3, out_channels=3, latent_channels=16,
+                 block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                 down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+                 sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611,
+                 use_quant_conv=False, use_post_quant_conv=False),
+            t5_length=512,
+        )
+    finally:
+        torch.set_default_dtype(previous)

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_bench_gpu_smoke_through_the_cli(tmp_path, capsys, torch_one_thread):
     out = tmp_path / "gpu"
-    rc = main(["bench", "gpu", "--smoke", "--steps", "parity,kbench,throughput", "--out",
-               str(out)])
+    rc = main(["bench", "gpu", "--smoke", "--steps", "parity,kbench,throughput,families",
+               "--out", str(out)])
     assert rc == 0
     report = json.loads((tmp_path / "gpu.json").read_text())
     parity = report["steps"]["parity"]
@@ -27,7 +27,15 @@ def test_bench_gpu_smoke_through_the_cli(tmp_path, capsys, torch_one_thread):
     runs = report["steps"]["throughput"]["runs"]
     assert runs["1"]["rc"] == 0 and {r["variant"] for r in runs["1"]["summary"]} >= {
         "stock", "harvest"}
-    assert "| parity | ok" in (tmp_path / "gpu.md").read_text()
+    families = report["steps"]["families"]["runs"]
+    assert {r["variant"] for r in families["flux"]["summary"]} == {
+        "stock", "harvest", "store_every_map"}
+    assert families["sdxl"]["rc"] == 0
+    assert {r["variant"] for r in families["writing"]["summary"]} >= {"generate only",
+                                                                     "write inline"}
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| parity | ok" in md and "| families flux | torch | harvest |" in md
+    assert "| write inline |" in md
     assert main(["bench", "gpu", "--steps", "nonsense", "--out", str(out)]) == 2
     assert "unknown step" in capsys.readouterr().err
 

@@ -548,3 +548,21 @@ def test_transformer_depth_chooses_dit_layers(flux_pipe, classes, torch_one_thre
     assert taken[(0.0, 0.25)] == (1 * 2, ["transformer_blocks.0.attn"])
     with pytest.raises(UserError, match="transformer_depth"):
         replace(get_preset("attnseg").harvest, transformer_depth=(0.5, 0.5)).validate()
+
+
+def test_flux_random_is_flux1_dev_sized_and_drawn_in_its_dtype():
+    """`flux-random` (GPU benchmarks): FLUX.1-dev's transformer and VAE parameter counts, 512
+    T5 positions, parameters made in the asked dtype (counted on the meta device: nothing is
+    allocated), and the default dtype given back."""
+    from attnseg.pipeline.tiny import build_flux_random_pipeline
+
+    with torch.device("meta"):
+        pipe = build_flux_random_pipeline(dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32
+    assert model_family(pipe) == "flux"
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == 11_901_408_320
+    assert sum(p.numel() for p in pipe.vae.parameters()) == 83_819_683
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae_scale_factor == 8
+    assert pipe.tokenizer_2.model_max_length == 512
+    assert len(pipe.transformer.transformer_blocks) == 19
+    assert len(pipe.transformer.single_transformer_blocks) == 38
