@@ -24,6 +24,14 @@ def test_colour_threshold_baseline_on_a_plain_scene():
     assert (colour_threshold_labels(img, [3], 400) == 0).all()
 
 
+def _fingerprint(model: str) -> str:
+    import torch
+
+    from attnseg.pipeline.models import load_pipeline, model_fingerprint
+
+    return model_fingerprint(load_pipeline(model, torch.device("cpu"), torch.float32))
+
+
 def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     out = tmp_path / "toy"
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--no-progress",
@@ -31,7 +39,8 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "presets=[\"attnseg\",\"daam\"]",
                "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]",
                "--set", "bg_candidates=[0.3,0.6]", "--set", "downstream_images=12",
-               "--set", "train_steps=4", "--set", "synth_steps=2", "--set", "crf_iterations=1",
+               "--set", "train_candidates=[[4,0.002],[2,0.008]]", "--set", "synth_steps=2",
+               "--set", "crf_iterations=1",
                "--set", "crf_cost_size=24", "--set", "losses=[\"ignore-band\"]",
                "--set", "lora_images=8", "--set", "lora_steps=2",
                "--set", "scaling_images=[18]"])
@@ -48,7 +57,16 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
         assert 0.0 <= r["with"]["mean"] <= 1.0 and 0.0 <= r["without"]["mean"] <= 1.0
     assert all(c["lattice_seconds_per_image"] > 0 for c in report["crf"]["cost"])
     assert [c["size"] for c in report["crf"]["cost"]] == [64, 24]
+    # The training protocol is chosen on the validation set; every row then uses it.
+    protocol = report["protocol"]
+    val = {(r["steps"], r["lr"]): r["mIoU"] for r in protocol["val_mIoU"]}
+    assert set(val) == {(4, 0.002), (2, 0.008)}
+    chosen = (protocol["chosen"]["steps"], protocol["chosen"]["lr"])
+    assert val[chosen] == max(val.values())
     d = report["downstream"]
+    assert (d["train_steps"], d["train_lr"]) == chosen
+    work = tmp_path / "toy.work"
+    assert (work / "train-synth-seed0-" f"{_fingerprint('tiny')}-2s-lr0.008").is_dir()
     assert d["images"] == 12 and len(d["synthetic"]["values"]) == 2
     assert all(0.0 <= v <= 1.0 for v in d["synthetic"]["values"] + d["exact_labels"]["values"])
     a = report["ablations"]
@@ -68,6 +86,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert (tmp_path / "toy.png").stat().st_size > 0  # matplotlib: a dev dependency
     md = (tmp_path / "toy.md").read_text()
     assert "colour threshold" in md and "preset `daam`" in md
+    assert "chosen on the validation set" in md
     assert "`ignore-band`" in md and "with the target LoRA" in md and "| 18 |" in md
     assert "results:" in capsys.readouterr().out
     # Tuning and reporting on one render seed is refused.

@@ -246,7 +246,9 @@ def _pseudo_miou_20(pipe) -> float:
 def test_retraining_reproduces_the_shipped_models_quality(tmp_path, toy_pipe):
     """`attnseg toy train-model` with its defaults, from scratch: pseudo-mask mIoU on the same
     20 scenes within 5 points of the shipped model's (thread counts change summation order,
-    so weights agree only statistically)."""
-    model = ToyModelTrainer(ToyModelConfig(out=str(tmp_path / "run"))).train(progress=False)
+    so weights agree only statistically). ATTNSEG_RETRAIN_DIR keeps the run in that folder,
+    so an interrupted retraining resumes where it stopped."""
+    out = os.environ.get("ATTNSEG_RETRAIN_DIR") or str(tmp_path / "run")
+    model = ToyModelTrainer(ToyModelConfig(out=out)).train(progress=False)
     retrained = load_pipeline(str(model), torch.device("cpu"), torch.float32)
     assert abs(_pseudo_miou_20(retrained) - _pseudo_miou_20(toy_pipe)) <= 0.05
