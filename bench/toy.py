@@ -49,6 +49,7 @@ from attnseg.pipeline.data import open_source
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.evaluate import MetricAccumulator
+from attnseg.pipeline.lora_train import LORA_TARGETS
 from attnseg.pipeline.losses import LossConfig
 from attnseg.pipeline.models import load_pipeline, model_fingerprint
 from attnseg.pipeline.prompts import load_classes
@@ -100,6 +101,10 @@ class ToyBenchConfig:
     lora_rank: int = 8
     lora_lr: float = 1e-3
     lora_seed: int = 3000
+    # The layers the LoRA adapts: the attention projections (`attnseg lora train`'s default),
+    # optionally the ResNet blocks' convolutions too (conv1, conv2), which carry more of a
+    # domain's backgrounds and palette.
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     # Scaling: more synthetic-image counts besides downstream_images, on the first
     # `scaling_seeds` seeds.
     scaling_images: tuple[int, ...] = (960, 3840)
@@ -121,6 +126,7 @@ class ToyBenchConfig:
         self.losses = tuple(self.losses)
         self.scaling_images = tuple(self.scaling_images)
         self.train_candidates = tuple((int(n), float(lr)) for n, lr in self.train_candidates)
+        self.lora_targets = tuple(self.lora_targets)
 
     def validate(self) -> None:
         for p in self.presets:
@@ -416,6 +422,16 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> dict:
     return out
 
 
+def _lora_tag(targets: tuple[str, ...]) -> str:
+    """What names the runs of a LoRA on `targets`: nothing for the default layers (runs from
+    before the setting keep their names), else the layers added to them (or all of them)."""
+    if targets == LORA_TARGETS:
+        return ""
+    if set(targets) >= set(LORA_TARGETS):
+        return "".join(f"-{t}" for t in targets if t not in LORA_TARGETS)
+    return "".join(f"-{t}" for t in targets)
+
+
 def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str) -> dict:
     """On the distant target domain: synthesis with and without a LoRA trained on unlabelled
     target renders, the segmenters scored on a target test set; the exact-label segmenters of
@@ -426,22 +442,24 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str) -> dict:
     target_test = _render(work, f"target-test-{cfg.test_seed}", cfg.test_seed, cfg, "target")
     unlabelled = _rendered(cfg, work / f"target-unlabelled-{cfg.lora_images}-{cfg.lora_seed}",
                            cfg.lora_images, cfg.lora_seed, "target")
-    lora_dir = work / f"lora-{cfg.lora_steps}-r{cfg.lora_rank}-{key}"
+    tag = _lora_tag(cfg.lora_targets)
+    lora_dir = work / f"lora-{cfg.lora_steps}-r{cfg.lora_rank}{tag}-{key}"
     t0 = time.perf_counter()
     lora = train_lora(LoraTrainConfig(
         images=str(unlabelled / "JPEGImages"), model=cfg.model, out=str(lora_dir),
         rank=cfg.lora_rank, steps=cfg.lora_steps, lr=cfg.lora_lr, batch_size=8, crop=cfg.size,
-        checkpoint_every=max(1, cfg.lora_steps // 2), device=cfg.device), progress=False)
+        target_modules=cfg.lora_targets, checkpoint_every=max(1, cfg.lora_steps // 2),
+        device=cfg.device), progress=False)
     lora_seconds = time.perf_counter() - t0
     without, with_lora, exact_target, exact_source = [], [], [], []
     for seed in cfg.seeds:
         data = work / f"synth-{per_class}x6-seed{seed}-{key}"
         without += _train_and_score(cfg, data, work / f"train-synth-seed{seed}-{key}", seed,
                                     [target_test])
-        data = _synthesise(cfg, pipe, work / f"synth-lora-{per_class}x6-seed{seed}-{key}",
+        data = _synthesise(cfg, pipe, work / f"synth-lora{tag}-{per_class}x6-seed{seed}-{key}",
                            per_class, seed, loras=(str(lora_dir),))
-        with_lora += _train_and_score(cfg, data, work / f"train-lora-seed{seed}-{key}", seed,
-                                      [target_test])
+        with_lora += _train_and_score(cfg, data, work / f"train-lora{tag}-seed{seed}-{key}",
+                                      seed, [target_test])
         rendered = _rendered(cfg, work / f"exact-target-{per_class * 6}-seed"
                              f"{cfg.exact_seed + seed}", per_class * 6, cfg.exact_seed + seed,
                              "target")
@@ -454,6 +472,7 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str) -> dict:
                 k: lora[k] for k in ("steps", "images", "trainable_params", "probe_loss_start",
                                      "probe_loss_end")} | {"rank": cfg.lora_rank,
                                                             "lr": cfg.lora_lr,
+                                                            "targets": list(cfg.lora_targets),
                                                             "seconds": round(lora_seconds, 1)},
             "without_lora": _mean_spread(without), "with_lora": _paired(with_lora, without),
             "exact_labels_target": _mean_spread(exact_target),
@@ -687,6 +706,7 @@ def _ablation_lines(report: dict) -> list[str]:
         lo = t["lora"]
         lines += [f"Target domain (other backgrounds, palette and scale; {t['test_images']} "
                   f"target test scenes, seed {cfg['test_seed']}): a rank-{lo['rank']} LoRA "
+                  f"on {', '.join(lo.get('targets', LORA_TARGETS))} "
                   f"trained by `attnseg lora train` for {lo['steps']} steps on {lo['images']} "
                   f"unlabelled target renders ({lo['seconds']:.0f} s; probe loss "
                   f"{lo['probe_loss_start']:.4f} -> {lo['probe_loss_end']:.4f}); its settings "

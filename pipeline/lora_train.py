@@ -179,12 +179,16 @@ def _resolve_train_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _check_targets(unet, targets: tuple[str, ...]) -> None:
-    """Every target must name Linear layers of the UNet (by the end of their module name)."""
-    names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
+    """Every target must name Linear or Conv2d layers of the UNet (by the end of their module
+    name): attention projections, or the ResNet blocks' convolutions, which carry more of an
+    image's style (backgrounds, palette) than attention does."""
+    names = [n for n, m in unet.named_modules()
+             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
-        raise UserError(f"--target-modules {missing} match no Linear layer of the UNet "
-                        "(attention projections are to_q, to_k, to_v, to_out.0)")
+        raise UserError(f"--target-modules {missing} match no Linear or Conv2d layer of the "
+                        "UNet (attention projections are to_q, to_k, to_v, to_out.0; ResNet "
+                        "convolutions conv1, conv2)")
 
 
 def add_lora_adapter(unet, cfg: LoraTrainConfig) -> list[torch.nn.Parameter]:

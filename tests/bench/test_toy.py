@@ -43,6 +43,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "crf_iterations=1",
                "--set", "crf_cost_size=24", "--set", "losses=[\"ignore-band\"]",
                "--set", "lora_images=8", "--set", "lora_steps=2",
+               "--set", "lora_targets=[\"to_k\",\"to_v\",\"conv1\"]",
                "--set", "scaling_images=[18]"])
     assert rc == 0
     report = json.loads((tmp_path / "toy.json").read_text())
@@ -79,6 +80,8 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert set(a["prompts"]) == {"templates", "augmented"}
     t = a["lora"]
     assert t["lora"]["steps"] == 2 and t["lora"]["images"] == 8
+    assert t["lora"]["targets"] == ["to_k", "to_v", "conv1"]
+    assert list(work.glob("synth-lora-to_k-to_v-conv1-2x6-seed1-*"))
     assert len(t["exact_labels_target"]["values"]) == 2
     assert [r["images"] for r in report["scaling"]] == [12, 18]
     assert report["scaling"][1]["seeds"] == [0] and len(report["scaling"][1]["synthetic"]

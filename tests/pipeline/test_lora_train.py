@@ -84,10 +84,26 @@ def test_lora_train_cli_end_to_end(tmp_path):
     keys = load_file(str(out / LORA_WEIGHTS)).keys()
     assert keys and all(".to_k." in k or ".to_v." in k for k in keys)
 
+def test_lora_on_resnet_convolutions_trains_and_fuses(tmp_path):
+    """Targets may be the ResNet blocks' convolutions beside the attention projections: the
+    file holds both kinds, loads through the same --lora path, and changes the UNet's output."""
+    images = write_images(tmp_path / "images", n=2)
+    out = tmp_path / "lora"
+    summary = train_lora(lora_config(images, out, steps=4, target_modules=(
+        "to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")), progress=False)
+    assert summary["probe_loss_end"] < summary["probe_loss_start"]
+    keys = load_file(str(out / LORA_WEIGHTS)).keys()
+    assert any(".conv1." in k for k in keys) and any(".to_q." in k for k in keys)
+    pipe = load_pipeline("tiny", torch.device("cpu"), torch.float32)
+    plain = unet_out(pipe)
+    fused = load_pipeline("tiny", torch.device("cpu"), torch.float32, [LoraSpec(str(out))])
+    assert (unet_out(fused) - plain).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("change, message", [
     ({"images": "/no/such/folder"}, "image folder /no/such/folder does not exist"),
     ({"caption": None}, "has no caption file 1.txt and no --caption"),
-    ({"target_modules": ("to_q", "to_qq")}, "--target-modules ['to_qq'] match no Linear"),
+    ({"target_modules": ("to_q", "to_qq")}, "--target-modules ['to_qq'] match no Linear or Conv2d"),
     ({"crop": 60}, "--crop 60 is not a positive multiple of 8"),
     ({"dtype": "fp16"}, "fp16 training would need loss scaling"),
 ])
