@@ -241,20 +241,30 @@ def step_throughput(cfg: GpuProofConfig, cap: float, work: Path) -> dict:
         common = ["--model", "sd15-random", "--backend", "torch,compile", "--height", "512",
                   "--width", "512", "--steps", "20", "--device", "cuda", "--dtype", "fp16"]
         runs = [("8", common), ("1", common)]
+    cli = [sys.executable, "-m", "attnseg.pipeline.cli", "bench", "throughput"]
+    repeats = "1" if cfg.smoke else "3"
+    return _bench_runs({batch: cli + [*args, "--batch-size", batch, "--repeats", repeats,
+                                      "--no-plots"] for batch, args in runs},
+                       cap, work, "throughput-b")
+
+
+def _bench_runs(commands: dict[str, list[str]], cap: float, work: Path, prefix: str) -> dict:
+    """Run bench commands one after another (each a subprocess under what is left of `cap`,
+    with --out work/PREFIX+NAME); each run's summary rows come from its JSON (`bench
+    writing` calls them rows)."""
     result: dict = {"runs": {}}
     t0 = time.perf_counter()
-    for batch, args in runs:
+    for name, cmd in commands.items():
         left = cap - (time.perf_counter() - t0)
         if left < 20:
-            result["runs"][batch] = {"skipped": f"{left:.0f} s left"}
+            result["runs"][name] = {"skipped": f"{left:.0f} s left"}
             continue
-        out = work / f"throughput-b{batch}"
-        r = _subprocess([sys.executable, "-m", "attnseg.pipeline.cli", "bench", "throughput",
-                         *args, "--batch-size", batch, "--repeats", "1" if cfg.smoke else "3",
-                         "--no-plots", "--out", str(out)], left)
+        out = work / f"{prefix}{name}"
+        r = _subprocess(cmd + ["--out", str(out)], left)
         if r["rc"] == 0:
-            r["summary"] = json.loads(with_suffix(out, ".json").read_text())["summary"]
-        result["runs"][batch] = r
+            done = json.loads(with_suffix(out, ".json").read_text())
+            r["summary"] = done.get("summary", done.get("rows"))
+        result["runs"][name] = r
     result["ok"] = all(r.get("rc") == 0 for r in result["runs"].values())
     return result
 
@@ -282,22 +292,9 @@ def step_families(cfg: GpuProofConfig, cap: float, work: Path) -> dict:
         writing = ["--model", "sd15-random", "--device", "cuda", "--dtype", "fp16",
                    "--set", "height=512", "--set", "width=512", "--set", "steps=2",
                    "--set", "batch_size=8", "--set", "num_per_class=8", "--set", "repeats=2"]
-    result: dict = {"runs": {}}
-    t0 = time.perf_counter()
-    for name, args in [*runs.items(), ("writing", writing)]:
-        left = cap - (time.perf_counter() - t0)
-        if left < 20:
-            result["runs"][name] = {"skipped": f"{left:.0f} s left"}
-            continue
-        out = work / f"families-{name}"
-        what = ["writing", *args] if name == "writing" else ["throughput", *args, *one]
-        r = _subprocess(cli + what + ["--out", str(out)], left)
-        if r["rc"] == 0:
-            done = json.loads(with_suffix(out, ".json").read_text())
-            r["summary"] = done["rows"] if name == "writing" else done["summary"]
-        result["runs"][name] = r
-    result["ok"] = all(r.get("rc") == 0 for r in result["runs"].values())
-    return result
+    commands = {name: cli + ["throughput", *args, *one] for name, args in runs.items()}
+    commands["writing"] = cli + ["writing", *writing]
+    return _bench_runs(commands, cap, work, "families-")
 
 
 def run_gpu_proof(cfg: GpuProofConfig) -> dict:

@@ -324,18 +324,30 @@ def _per_class(images: int) -> int:
     return max(1, images // len(load_classes("toy")))
 
 
+def _synth_dir(work: Path, per_class: int, seed: int, key: str) -> Path:
+    """The plain-prompt synthetic dataset of a seed and model (`key`: its fingerprint): the
+    main row's, which the protocol choice, the loss ablations, the target domain's no-LoRA
+    row and the scaling curve train on too."""
+    return work / f"synth-{per_class}x6-seed{seed}-{key}"
+
+
+def _synth_run(work: Path, seed: int, key: str) -> Path:
+    """The CE segmenter trained on `_synth_dir`'s data (the main row's run, reused)."""
+    return work / f"train-synth-seed{seed}-{key}"
+
+
 def choose_protocol(cfg: ToyBenchConfig, pipe, work: Path, val) -> tuple[ToyBenchConfig, dict]:
     """The training protocol with the best validation mIoU of the segmenter trained on the
     first seed's synthetic data (the main row's); returns the config set to it."""
     per_class = _per_class(cfg.downstream_images)
     key = model_fingerprint(pipe)
     seed = cfg.seeds[0]
-    data = _synthesise(cfg, pipe, work / f"synth-{per_class}x6-seed{seed}-{key}", per_class,
+    data = _synthesise(cfg, pipe, _synth_dir(work, per_class, seed, key), per_class,
                        seed)
     scores = {}
     for steps, lr in cfg.train_candidates:
         c = replace(cfg, train_steps=steps, train_lr=lr)
-        scores[(steps, lr)] = _train_and_score(c, data, work / f"train-synth-seed{seed}-{key}",
+        scores[(steps, lr)] = _train_and_score(c, data, _synth_run(work, seed, key),
                                                seed, [val])[0]
     steps, lr = max(scores, key=scores.get)
     return replace(cfg, train_steps=steps, train_lr=lr), {
@@ -352,9 +364,9 @@ def downstream(cfg: ToyBenchConfig, pipe, work: Path, test) -> dict:
     model_key = model_fingerprint(pipe)
     synthetic, exact = [], []
     for seed in cfg.seeds:
-        data = _synthesise(cfg, pipe, work / f"synth-{per_class}x6-seed{seed}-{model_key}",
+        data = _synthesise(cfg, pipe, _synth_dir(work, per_class, seed, model_key),
                            per_class, seed)
-        synthetic += _train_and_score(cfg, data, work / f"train-synth-seed{seed}-{model_key}",
+        synthetic += _train_and_score(cfg, data, _synth_run(work, seed, model_key),
                                       seed, [test])
         rendered = _rendered(cfg, work / f"exact-{per_class * 6}-seed{cfg.exact_seed + seed}",
                              per_class * 6, cfg.exact_seed + seed)
@@ -383,7 +395,7 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> dict:
     for loss in cfg.losses:
         scores = []
         for seed in cfg.seeds:
-            data = work / f"synth-{per_class}x6-seed{seed}-{key}"
+            data = _synth_dir(work, per_class, seed, key)
             scores += _train_and_score(cfg, data, work / f"train-{loss}-seed{seed}-{key}", seed,
                                        [test], loss=loss)
         losses[loss] = _paired(scores, ce)
@@ -453,8 +465,8 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str) -> dict:
     lora_seconds = time.perf_counter() - t0
     without, with_lora, exact_target, exact_source = [], [], [], []
     for seed in cfg.seeds:
-        data = work / f"synth-{per_class}x6-seed{seed}-{key}"
-        without += _train_and_score(cfg, data, work / f"train-synth-seed{seed}-{key}", seed,
+        data = _synth_dir(work, per_class, seed, key)
+        without += _train_and_score(cfg, data, _synth_run(work, seed, key), seed,
                                     [target_test])
         data = _synthesise(cfg, pipe, work / f"synth-lora{tag}-{per_class}x6-seed{seed}-{key}",
                            per_class, seed, loras=(str(lora_dir),))
@@ -489,7 +501,7 @@ def scaling(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> list[dic
         per_class = _per_class(images)
         synthetic, exact = [], []
         for seed in seeds:
-            data = _synthesise(cfg, pipe, work / f"synth-{per_class}x6-seed{seed}-{key}",
+            data = _synthesise(cfg, pipe, _synth_dir(work, per_class, seed, key),
                                per_class, seed)
             synthetic += _train_and_score(
                 cfg, data, work / f"train-synth-{per_class}x6-seed{seed}-{key}", seed, [test])

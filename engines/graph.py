@@ -42,7 +42,6 @@ from ..pipeline.attention import (
 from ..pipeline.config import LATER_SETTINGS, HarvestConfig
 from ..pipeline.errors import UserError
 from ..pipeline.harvest import token_grid
-from ..pipeline.models import model_family
 
 MAP_IMPLS = ("ref", "op", "plugin")
 
@@ -369,13 +368,6 @@ DIT_INPUTS = {
     "flux": ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections",
              "txt_ids", "img_ids"),
 }
-
-
-def token_stride(pipe) -> int:
-    """Image pixels per image token of a DiT pipeline: the VAE's stride times the patch
-    (Flux packs 2x2 latent pixels into a token)."""
-    patch = 2 if model_family(pipe) == "flux" else pipe.transformer.config.patch_size
-    return pipe.vae_scale_factor * patch
 
 
 class TransformerWithMaps(UNetWithMaps):

@@ -20,7 +20,7 @@ import torch
 from ..pipeline.config import HarvestConfig, Preset, SynthConfig
 from ..pipeline.errors import UserError
 from ..pipeline.harvest import HarvestResult, fit_token_weights
-from ..pipeline.models import denoiser, model_family, model_fingerprint
+from ..pipeline.models import denoiser, model_family, model_fingerprint, token_stride
 from . import cache
 from .backends import DTYPE_NAMES, CompiledEngine, Engine, OrtEngine
 from .build import (
@@ -38,7 +38,6 @@ from .graph import (
     MapOutput,
     TransformerWithMaps,
     UNetWithMaps,
-    token_stride,
 )
 
 

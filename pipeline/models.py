@@ -113,11 +113,20 @@ def initial_latents(pipe, size: tuple[int, int], seeds):
     return noise.to(device=pipe.device, dtype=net.dtype)
 
 
+def token_stride(pipe) -> int:
+    """Image pixels per image token of a DiT pipeline: the VAE's stride times the patch
+    (Flux packs 2x2 latent pixels into a token)."""
+    patch = 2 if model_family(pipe) == "flux" else pipe.transformer.config.patch_size
+    return pipe.vae_scale_factor * patch
+
+
 def check_image_size(pipe, height: int, width: int) -> None:
     """Refuse, in one line, a size the pipeline would silently change: Flux packs 2x2 latent
-    patches, so its sides must be multiples of twice the VAE's downsampling."""
-    unit = 2 * pipe.vae_scale_factor
-    if model_family(pipe) == "flux" and (height % unit or width % unit):
+    patches, so its sides must be multiples of its token stride."""
+    if model_family(pipe) != "flux":
+        return
+    unit = token_stride(pipe)
+    if height % unit or width % unit:
         raise UserError(f"Flux packs 2x2 latent patches: --height and --width must be "
                         f"multiples of {unit}, not {height}x{width}")
 

@@ -12,13 +12,13 @@ import torch
 
 from attnseg.engines.backends import TorchEngine
 from attnseg.engines.build import EngineOptions, engine_key
-from attnseg.engines.graph import MapGraphSpec, TransformerWithMaps, token_stride
+from attnseg.engines.graph import MapGraphSpec, TransformerWithMaps
 from attnseg.engines.harvest import EngineSet, compiled_engine_set
 from attnseg.pipeline import tiny
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.models import model_family, model_fingerprint
+from attnseg.pipeline.models import model_family, model_fingerprint, token_stride
 from attnseg.pipeline.prompts import default_prompts, load_classes
 from attnseg.pipeline.synth import plan_samples
 
