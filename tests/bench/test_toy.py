@@ -38,7 +38,9 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "num_images=6", "--set", "seeds=[0,1]",
                "--set", "presets=[\"attnseg\",\"daam\"]",
                "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]",
-               "--set", "bg_candidates=[0.3,0.6]", "--set", "downstream_images=12",
+               "--set", "bg_candidates=[0.3,0.6]",
+               "--set", "layer_candidates=[[[8],[\"up\"]],[[8,16],[\"down\"]]]",
+               "--set", "downstream_images=12",
                "--set", "train_candidates=[[4,0.002],[2,0.008]]", "--set", "synth_steps=2",
                "--set", "crf_iterations=1",
                "--set", "crf_cost_size=24", "--set", "losses=[\"ignore-band\"]",
@@ -54,6 +56,12 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert report["baselines"]["colour_threshold_tuned"]["threshold"] in (40, 80)
     assert 0.0 <= report["baselines"]["all_background"] < 0.5
     assert report["tuned_threshold"]["bg_const"] in (0.3, 0.6)
+    # Localisation at the layer choice that localises best on validation.
+    by_layers = report["localisation_by_layers"]
+    val_loc = by_layers["val_localisation"]
+    assert set(val_loc) == {"up at stride 8", "down at stride 8,16"}
+    assert val_loc[by_layers["chosen"]] == max(val_loc.values())
+    assert len(by_layers["test_mIoU"]["values"]) == 2
     for r in report["crf"]["by_preset"].values():
         assert 0.0 <= r["with"]["mean"] <= 1.0 and 0.0 <= r["without"]["mean"] <= 1.0
     assert all(c["lattice_seconds_per_image"] > 0 for c in report["crf"]["cost"])
@@ -96,3 +104,10 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--set", "val_seed=5",
                "--set", "test_seed=5"])
     assert rc == 2
+    # A layer choice the model does not have (the tiny model's VAE is 8x: no stride 4) is
+    # refused in one line before anything runs.
+    rc = main(["bench", "toy", "--model", "tiny", "--out", str(tmp_path / "bad"),
+               "--set", "num_images=2", "--set", "layer_candidates=[[[4],[\"up\"]]]"])
+    assert rc == 2
+    assert "stride 4" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
