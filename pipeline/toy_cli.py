@@ -25,7 +25,7 @@ def cmd_toy_train_model(args) -> int:
     from .config import apply_set, config_from, config_values
     from .toy_model import ToyModelConfig, ToyModelTrainer
 
-    values = config_values(args, ("out", "seed"))
+    values = config_values(args, ("out", "seed", "device"))
     apply_set(values, args.set)
     cfg = config_from(ToyModelConfig, values, "toy train-model")
     trainer = ToyModelTrainer(cfg)
@@ -61,6 +61,7 @@ def register(sub) -> None:
     t.add_argument("--out", help="training folder: checkpoint/, loss curves, and model/ at the "
                    "end (default: out/toy-model)")
     t.add_argument("--seed", type=int, help="initial weights and batches (default: 0)")
+    cli_args.add_device(t)
     cli_args.add_set(t, "unet_steps=8000 --set threads=1")
     cli_args.add_no_progress(t)
     t.set_defaults(func=cmd_toy_train_model)

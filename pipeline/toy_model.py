@@ -25,6 +25,7 @@ hyponym of the lexicon, so prompt augmentation has words the model knows.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .dataset import atomic_write_bytes
+from .device import resolve_device
 from .errors import UserError
 from .prompt_augment import LEXICON_FILE, load_lexicon
 from .prompts import data_file, fill_template, load_classes
@@ -74,6 +76,10 @@ class ToyModelConfig:
     checkpoint_every: int = 200
     # torch CPU threads (0: torch's default).
     threads: int = 0
+    # Where it trains ("auto": the GPU when there is one). Every random draw is made on the
+    # CPU from (seed, step) and moved, so a run may resume on another device; weights then
+    # agree with a one-device run up to the devices' arithmetic.
+    device: str = "auto"
 
     def __post_init__(self):
         self.vae_channels = tuple(self.vae_channels)  # a config file gives lists
@@ -204,8 +210,11 @@ class ToyModelTrainer:
         cfg.validate()
         self.cfg = cfg
         self.out = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
         (self.tokenizer, self.text_encoder, self.vae, self.unet,
          self.scheduler) = build_components(cfg)
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.to(self.device)
         self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         self.unet_opt = torch.optim.AdamW(
@@ -218,7 +227,7 @@ class ToyModelTrainer:
         self.latents: torch.Tensor | None = None
         self.words = class_words()
         alphas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-        self.alpha_bar = torch.cumprod(1 - alphas, 0).float()
+        self.alpha_bar = torch.cumprod(1 - alphas, 0).float().to(self.device)
         self._resume()
 
     # -- state ---------------------------------------------------------------------------
@@ -240,7 +249,8 @@ class ToyModelTrainer:
                              ("unet", self.unet)):
             module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items()
                                     if k.startswith(name + ".")})
-        self.ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        self.ema = {k[4:]: v.to(self.device) for k, v in tensors.items()
+                    if k.startswith("ema.")}
         _load_optimizer("vae_opt", self.vae_opt, tensors, info["vae_opt"])
         _load_optimizer("unet_opt", self.unet_opt, tensors, info["unet_opt"])
         if "scaling_factor" in info:
@@ -251,7 +261,7 @@ class ToyModelTrainer:
     def _config_doc(self) -> dict:
         doc = asdict(self.cfg)
         # These change nothing already learnt: a run may be extended by raising unet_steps.
-        for k in ("out", "checkpoint_every", "threads", "unet_steps"):
+        for k in ("out", "checkpoint_every", "threads", "unet_steps", "device"):
             doc.pop(k)
         return json.loads(json.dumps(doc))
 
@@ -261,13 +271,13 @@ class ToyModelTrainer:
         tensors = {}
         for name, module in (("vae", self.vae), ("text", self.text_encoder),
                              ("unet", self.unet)):
-            tensors.update({f"{name}.{k}": v.contiguous() for k, v in
-                            module.state_dict().items()})
-        tensors.update({f"ema.{k}": v.contiguous() for k, v in self.ema.items()})
+            tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
         vae_t, vae_groups = _flatten_optimizer("vae_opt", self.vae_opt)
         unet_t, unet_groups = _flatten_optimizer("unet_opt", self.unet_opt)
         tensors.update(vae_t)
         tensors.update(unet_t)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         info = {"step": self.step, "config": self._config_doc(), "losses": self.losses,
                 "vae_opt": vae_groups, "unet_opt": unet_groups}
         if self.step > self.cfg.vae_steps or self.cfg.vae_steps == 0:
@@ -324,7 +334,7 @@ class ToyModelTrainer:
 
     def _pixels(self, idx: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float()
-        return x / 127.5 - 1.0
+        return (x / 127.5 - 1.0).to(self.device)
 
     @torch.no_grad()
     def _encode_all(self) -> None:
@@ -342,7 +352,7 @@ class ToyModelTrainer:
         gen = torch.Generator().manual_seed(sample_seed(cfg.seed, step))
         x = self._pixels(rng.integers(len(self.images), size=cfg.vae_batch_size))
         dist = self.vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(self.device)
         recon = self.vae.decode(z).sample
         kl = 0.5 * (dist.mean**2 + dist.var - 1.0 - dist.logvar).sum(dim=(1, 2, 3)).mean()
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * kl
@@ -360,10 +370,10 @@ class ToyModelTrainer:
                     training_caption(rng, self.objects[i], self.words, cfg.synonym_rate)
                     for i in idx]
         ids = self.tokenizer(captions, padding="max_length", max_length=cfg.max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        z0 = self.latents[idx] * self.vae.config.scaling_factor
-        t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        z0 = self.latents[torch.from_numpy(idx).to(self.device)] * self.vae.config.scaling_factor
+        t = torch.randint(0, 1000, (cfg.batch_size,), generator=gen).to(self.device)
+        noise = torch.randn(z0.shape, generator=gen).to(self.device)
         ab = self.alpha_bar[t].view(-1, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
         text = self.text_encoder(ids)[0]
@@ -377,10 +387,15 @@ class ToyModelTrainer:
         self.unet_opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, v in self.unet.state_dict().items():
-                if v.dtype.is_floating_point:
-                    self.ema[k].mul_(decay).add_(v, alpha=1 - decay)
-                else:
+            # One fused update over every tensor (a GPU launches a few kernels per step, not
+            # a few per tensor); the same arithmetic as a loop over them.
+            live = self.unet.state_dict()
+            floats = [k for k, v in live.items() if v.dtype.is_floating_point]
+            ema = [self.ema[k] for k in floats]
+            torch._foreach_mul_(ema, decay)
+            torch._foreach_add_(ema, [live[k] for k in floats], alpha=1 - decay)
+            for k, v in live.items():
+                if not v.dtype.is_floating_point:
                     self.ema[k].copy_(v)
         return loss.item()
 
@@ -439,17 +454,15 @@ class ToyModelTrainer:
 
     def pipeline(self, ema: bool = True):
         """The StableDiffusionPipeline of the current weights (the UNet's EMA if `ema`)."""
-        from diffusers import UNet2DConditionModel
-
         from .tiny import _assemble
 
-        unet = self.unet
+        # Copies: exporting (fp16, CPU) must not convert the modules a run goes on training.
+        unet = copy.deepcopy(self.unet)
         if ema:
-            unet = UNet2DConditionModel.from_config(self.unet.config)
             unet.load_state_dict(self.ema)
-        pipe = _assemble(self.vae, self.text_encoder, self.tokenizer, unet, self.scheduler,
-                         torch.float32)
-        return pipe
+        pipe = _assemble(copy.deepcopy(self.vae), copy.deepcopy(self.text_encoder),
+                         self.tokenizer, unet, self.scheduler, torch.float32)
+        return pipe.to(self.device)
 
     def export(self, folder: Path, dtype: torch.dtype = torch.float16) -> Path:
         """Write the model as a diffusers folder (safetensors weights in `dtype`)."""
@@ -457,7 +470,7 @@ class ToyModelTrainer:
 
         from .dataset import tmp_name
 
-        pipe = self.pipeline().to(dtype=dtype)
+        pipe = self.pipeline().to("cpu", dtype=dtype)
         tmp = tmp_name(folder)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         card = {"trained_by": "attnseg toy train-model", "config": asdict(self.cfg),

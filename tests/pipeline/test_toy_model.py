@@ -99,6 +99,33 @@ def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread):
         ToyModelTrainer(small_config(tmp_path / "b", lr=1e-2))
 
 
+def test_ema_update_is_the_plain_per_tensor_average(tmp_path, torch_one_thread):
+    """The fused EMA update (one call over every tensor, for GPUs) is the per-tensor
+    `ema * decay + weight * (1 - decay)` it replaced, bit for bit."""
+    trainer = ToyModelTrainer(small_config(tmp_path / "run", unet_steps=1))
+    trainer.train(progress=False)  # the VAE phase and one UNet step: latents exist
+    before = {k: v.clone() for k, v in trainer.ema.items()}
+    trainer._unet_step(1)
+    decay = min(trainer.cfg.ema_decay, 2 / 11)
+    live = trainer.unet.state_dict()
+    changed = 0
+    for k, v in live.items():
+        expected = before[k].mul(decay).add_(v, alpha=1 - decay)
+        assert torch.equal(trainer.ema[k], expected), k
+        changed += not torch.equal(trainer.ema[k], before[k])
+    assert changed > 0
+
+
+def test_train_model_cli_refuses_an_absent_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc = main(["toy", "train-model", "--out", str(tmp_path / "m"), "--device", "cuda",
+               "--no-progress"])
+    assert rc == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "m" / "checkpoint").exists()
+
+
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     """A few steps of a small toy model, exported: a diffusers folder with a 2x VAE."""
@@ -191,7 +218,9 @@ def test_shipped_model_is_safetensors_and_small():
     card = json.loads((folder / "attnseg_toy_model.json").read_text())
     assert card["trained_by"] == "attnseg toy train-model"
     # The shipped model is what `attnseg toy train-model` with its defaults trains.
-    assert card["config"] | {"out": None, "threads": 0, "checkpoint_every": 0} == \
+    # (`device` came later: where a run trains changes nothing it is asked to learn.)
+    assert card["config"] | {"out": None, "threads": 0, "checkpoint_every": 0,
+                             "device": "auto"} == \
         json.loads(json.dumps(ToyModelConfig(out=None, threads=0, checkpoint_every=0).__dict__))
     assert card["steps"] == ToyModelConfig().vae_steps + ToyModelConfig().unet_steps
 
