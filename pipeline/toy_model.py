@@ -80,6 +80,10 @@ class ToyModelConfig:
     # CPU from (seed, step) and moved, so a run may resume on another device; weights then
     # agree with a one-device run up to the devices' arithmetic.
     device: str = "auto"
+    # Stop after this many seconds of this run (0: no limit): checkpoint, export the model
+    # trained so far (its card says how many steps), resume later where it stopped. For a
+    # lent GPU's fixed minutes.
+    time_limit_s: float = 0.0
 
     def __post_init__(self):
         self.vae_channels = tuple(self.vae_channels)  # a config file gives lists
@@ -92,7 +96,7 @@ class ToyModelConfig:
                      "max_length", "text_dim", "head_dim"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1")
-        for name in ("vae_steps", "unet_steps", "threads"):
+        for name in ("vae_steps", "unet_steps", "threads", "time_limit_s"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0")
         if not 0.0 <= self.caption_dropout < 1.0 or not 0.0 <= self.synonym_rate <= 1.0:
@@ -261,7 +265,8 @@ class ToyModelTrainer:
     def _config_doc(self) -> dict:
         doc = asdict(self.cfg)
         # These change nothing already learnt: a run may be extended by raising unet_steps.
-        for k in ("out", "checkpoint_every", "threads", "unet_steps", "device"):
+        for k in ("out", "checkpoint_every", "threads", "unet_steps", "device",
+                  "time_limit_s"):
             doc.pop(k)
         return json.loads(json.dumps(doc))
 
@@ -414,6 +419,7 @@ class ToyModelTrainer:
         bar = _bar(progress, total, "train", "step", initial=self.step)
         window: list[float] = []
         started = time.time()
+        deadline = started + cfg.time_limit_s if cfg.time_limit_s else None
         while self.step < total:
             if self.step < cfg.vae_steps:
                 self.vae.train()
@@ -431,21 +437,26 @@ class ToyModelTrainer:
                 phase = "unet"
             self.step += 1
             window.append(loss)
-            if self.step % 50 == 0 or self.step in (cfg.vae_steps, total):
+            out_of_time = deadline is not None and time.time() > deadline
+            if self.step % 50 == 0 or self.step in (cfg.vae_steps, total) or out_of_time:
                 self.losses[phase].append([self.step, float(np.mean(window))])
                 window = []
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(phase=phase, loss=f"{loss:.4f}")
-            if self.step % cfg.checkpoint_every == 0 or self.step in (cfg.vae_steps, total):
+            if (self.step % cfg.checkpoint_every == 0 or self.step in (cfg.vae_steps, total)
+                    or out_of_time):
                 self.save_checkpoint()
+            if out_of_time:
+                break
         if bar is not None:
             bar.close()
         if self.latents is None:
             self._encode_all()
         model = self.export(self.out / "model")
-        print(f"trained {total} steps ({time.time() - started:.0f} s in this run); "
-              f"model in {model}")
+        stopped = "" if self.step == total else f", stopped at the time limit of {total}"
+        print(f"trained {self.step} steps{stopped} ({time.time() - started:.0f} s in this "
+              f"run); model in {model}")
         return model
 
     def _stored_info(self) -> dict:

@@ -94,6 +94,16 @@ def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread):
     losses = json.loads((tmp_path / "b" / "loss.json").read_text())
     assert [s for s, _ in losses["vae"]] == [2] and losses["unet"][-1][0] == 5
     assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
+    # A run stopped by its time limit exports what it has and resumes to the same weights.
+    limited = ToyModelTrainer(small_config(tmp_path / "c", time_limit_s=1e-9))
+    model = limited.train(progress=False)
+    assert limited.step == 1
+    assert json.loads((model / "attnseg_toy_model.json").read_text())["steps"] == 1
+    again = ToyModelTrainer(small_config(tmp_path / "c"))
+    assert again.step == 1
+    again.train(progress=False)
+    for k, v in straight.unet.state_dict().items():
+        assert torch.equal(v, again.unet.state_dict()[k]), k
     # Other learnt settings on the same folder are refused, not mixed in.
     with pytest.raises(Exception, match="other settings"):
         ToyModelTrainer(small_config(tmp_path / "b", lr=1e-2))
@@ -218,9 +228,10 @@ def test_shipped_model_is_safetensors_and_small():
     card = json.loads((folder / "attnseg_toy_model.json").read_text())
     assert card["trained_by"] == "attnseg toy train-model"
     # The shipped model is what `attnseg toy train-model` with its defaults trains.
-    # (`device` came later: where a run trains changes nothing it is asked to learn.)
+    # (`device` and `time_limit_s` came later: where and how long a run trains at a time
+    # change nothing it is asked to learn.)
     assert card["config"] | {"out": None, "threads": 0, "checkpoint_every": 0,
-                             "device": "auto"} == \
+                             "device": "auto", "time_limit_s": 0.0} == \
         json.loads(json.dumps(ToyModelConfig(out=None, threads=0, checkpoint_every=0).__dict__))
     assert card["steps"] == ToyModelConfig().vae_steps + ToyModelConfig().unet_steps
 
