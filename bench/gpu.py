@@ -19,6 +19,12 @@ the others):
    `bench writing` at few-step rates (`sd15-random` 512x512, 2 steps, batch 8): generation
    alone, inline writing and the write pool. Past the default budget after steps 1-5: run it
    as a second call (`--steps families`).
+7. **toy**: `attnseg toy train-model` on the GPU for the minutes the cap leaves (batch 128,
+   lr 1e-3, stopped by its time limit, so the folder resumes on a later call), its model
+   exported and packed with the loss curves into one file beside the report
+   (OUT-toy-model.tar.gz) to bring back and measure with `bench toy` on any machine: the toy
+   model trained for CPU hours here is the limit of every toy-world figure. Its own call
+   (`--steps toy`).
 
 `--smoke` runs the same code on a CPU (the tiny model, 64x64, fp32, the Triton interpreter,
 GPU-only steps skipped) so the orchestration is tested where there is no GPU. On a machine
@@ -39,7 +45,7 @@ from pathlib import Path
 
 from .throughput import machine_info, output_base, with_suffix, write_json_and_markdown
 
-STEPS = ("kernels", "parity", "kbench", "compile", "throughput", "families")
+STEPS = ("kernels", "parity", "kbench", "compile", "throughput", "families", "toy")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -65,7 +71,11 @@ class GpuProofConfig:
 
 # Per-step caps (seconds, on the GPU); smoke runs take what the CPU needs.
 _CAPS = {"kernels": 150, "parity": 90, "kbench": 60, "compile": 150, "throughput": 200,
-         "families": 300}
+         "families": 300, "toy": 300}
+# The toy model's GPU training: larger batches than the CPU run's 32 (the GPU is idle at 32),
+# the learning rate raised with them; scene rendering and start-up come out of the cap first.
+TOY_GPU_SETTINGS = ("batch_size=128", "lr=0.001", "unet_steps=100000")
+TOY_STARTUP_S = 90
 
 
 def _subprocess(cmd: list[str], cap: float, env: dict | None = None) -> dict:
@@ -297,6 +307,48 @@ def step_families(cfg: GpuProofConfig, cap: float, work: Path) -> dict:
     return _bench_runs(commands, cap, work, "families-")
 
 
+def step_toy(cfg: GpuProofConfig, cap: float, work: Path, base: Path) -> dict:
+    """Train the toy model for what the cap leaves (resuming the folder of an earlier call);
+    pack the exported model and loss curves into BASE-toy-model.tar.gz."""
+    import tarfile
+
+    folder = work / "toy-model"
+    cmd = [sys.executable, "-m", "attnseg.pipeline.cli", "toy", "train-model", "--out",
+           str(folder), "--no-progress"]
+    if cfg.smoke:
+        cmd += ["--device", "cpu"]
+        sets = ["num_scenes=16", "size=32", "vae_channels=[16,16]", "unet_channels=[16,32]",
+                "head_dim=16", "text_dim=16", "vae_steps=2", "vae_batch_size=2",
+                "unet_steps=3", "batch_size=4", f"time_limit_s={max(1, cap - 60):.0f}"]
+    else:
+        cmd += ["--device", "cuda"]
+        sets = [*TOY_GPU_SETTINGS, f"time_limit_s={max(1, cap - TOY_STARTUP_S):.0f}"]
+    for kv in sets:
+        cmd += ["--set", kv]
+    before = _toy_state(folder)
+    r = _subprocess(cmd, cap)
+    after = _toy_state(folder)
+    model = folder / "model"
+    r["ok"] = r["rc"] == 0 and (model / "attnseg_toy_model.json").exists()
+    r["steps_before"], r["steps"] = before.get("step", 0), after.get("step", 0)
+    unet = after.get("losses", {}).get("unet", [])
+    r["last_unet_loss"] = unet[-1][1] if unet else None
+    if r["ok"]:
+        packed = with_suffix(base, "-toy-model.tar.gz")
+        with tarfile.open(packed, "w:gz") as tar:
+            tar.add(model, arcname="toy-model")
+            for name in ("loss.json", "loss.png"):
+                if (folder / name).exists():
+                    tar.add(folder / name, arcname=f"toy-model/{name}")
+        r["packed"] = str(packed)
+    return r
+
+
+def _toy_state(folder: Path) -> dict:
+    meta = folder / "checkpoint" / "state.json"
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
 def run_gpu_proof(cfg: GpuProofConfig) -> dict:
     """Run the steps; write OUT.json and OUT.md; return the report."""
     cfg.validate()
@@ -334,6 +386,8 @@ def run_gpu_proof(cfg: GpuProofConfig) -> dict:
                 r = step_compile(cfg, cap, work)
             elif name == "families":
                 r = step_families(cfg, cap, work)
+            elif name == "toy":
+                r = step_toy(cfg, cap, work, base)
             else:
                 r = step_throughput(cfg, cap, work)
         except Exception as e:  # a failing step is a result; the others still run
@@ -360,6 +414,9 @@ def markdown(report: dict) -> str:
         what = "ok" if r.get("ok") else f"FAILED {r.get('error', '')}"[:120]
         if name == "kernels" and r.get("summary"):
             what += f" ({r['summary'].strip()})"
+        if name == "toy" and r.get("ok"):
+            what += (f" (toy model steps {r['steps_before']} -> {r['steps']}, last UNet loss "
+                     f"{r['last_unet_loss']}; packed: {Path(r['packed']).name})")
         if name == "parity":
             what += (f" (images bit-identical: {r['images_bit_identical']}, max |d| "
                      f"{r['images_max_abs_diff']:.3g} (tolerance {r['images_tolerance']}); "

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 from attnseg.pipeline.cli import main
@@ -38,6 +39,20 @@ def test_bench_gpu_smoke_through_the_cli(tmp_path, capsys, torch_one_thread):
     assert "| write inline |" in md
     assert main(["bench", "gpu", "--steps", "nonsense", "--out", str(out)]) == 2
     assert "unknown step" in capsys.readouterr().err
+
+
+def test_bench_gpu_toy_step_trains_and_packs_the_model(tmp_path):
+    rc = main(["bench", "gpu", "--smoke", "--steps", "toy", "--out", str(tmp_path / "gpu")])
+    assert rc == 0
+    toy = json.loads((tmp_path / "gpu.json").read_text())["steps"]["toy"]
+    # Trained to its end (2 VAE + 3 UNet steps), then packed into one file to bring back.
+    assert toy["ok"] and (toy["steps_before"], toy["steps"]) == (0, 5), toy
+    assert toy["last_unet_loss"] > 0
+    with tarfile.open(tmp_path / "gpu-toy-model.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"toy-model/unet/diffusion_pytorch_model.safetensors", "toy-model/loss.json",
+            "toy-model/attnseg_toy_model.json"} <= names
+    assert "| toy | ok (toy model steps 0 -> 5" in (tmp_path / "gpu.md").read_text()
 
 
 def test_gpu_proof_script_runs_from_a_bare_checkout(tmp_path):
