@@ -176,6 +176,7 @@ def score_real_pseudo_masks(labeller: RealImageLabeller, classes: list[ClassInfo
         bar.close()
     seconds = time.perf_counter() - t0
     report = acc.result()
+    report.update(foreground_split(acc.hist, source.class_names))
     report.update({
         "images": n - len(skipped), "skipped": len(skipped), "skipped_files": skipped[:20],
         "unlabelled_frac": unsure / counted if counted else None,
@@ -185,6 +186,25 @@ def score_real_pseudo_masks(labeller: RealImageLabeller, classes: list[ClassInfo
                   "each; the preset's maps and mask rule",
     })
     return report
+
+
+def foreground_split(hist: torch.Tensor, class_names: list[str]) -> dict:
+    """Where a labeller's mIoU is lost, from its confusion matrix (rows: truth; columns:
+    prediction, a last "no prediction" column allowed): `foreground_iou`, the IoU of
+    "some object" against background, and `class_accuracy_on_foreground`, the share of pixels
+    that are an object in both truth and prediction given the right class. A low first is the
+    outline; a low second, words bound to the wrong objects. None where there is no
+    background class (at index 0)."""
+    if not class_names or normalize_name(class_names[0]) != "background":
+        return {"foreground_iou": None, "class_accuracy_on_foreground": None}
+    h = hist.double()
+    n = len(class_names)
+    both = float(h[1:n, 1:n].sum())
+    truth, predicted = float(h[1:n].sum()), float(h[:, 1:n].sum())
+    union = truth + predicted - both
+    return {"foreground_iou": both / union if union else None,
+            "class_accuracy_on_foreground": float(h[1:n, 1:n].diagonal().sum()) / both
+            if both else None}
 
 
 def work_folder(cfg: QualityConfig) -> Path:

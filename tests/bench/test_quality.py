@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from attnseg.bench.quality import class_set_names, score_real_pseudo_masks
+from attnseg.bench.quality import class_set_names, foreground_split, score_real_pseudo_masks
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.data import normalize_name, open_source
 from attnseg.pipeline.prompts import load_classes
@@ -80,6 +80,21 @@ class _OracleLabeller:
             for sid, name in enumerate(self.source.class_names):
                 out[gt == sid] = self.by_name.get(normalize_name(name), 0)
         return out, np.zeros_like(out)
+
+
+def test_foreground_split_says_where_the_miou_is_lost():
+    import torch
+
+    # Truth rows (background, cat, dog); prediction columns and a "no prediction" column.
+    hist = torch.tensor([[50, 5, 5, 0],
+                         [4, 20, 10, 6],
+                         [0, 0, 10, 0]])
+    split = foreground_split(hist, ["background", "cat", "dog"])
+    # Object in both: 20 + 10 + 0 + 10 = 40; truth objects 50, predicted objects 50.
+    assert split["foreground_iou"] == pytest.approx(40 / (50 + 50 - 40))
+    assert split["class_accuracy_on_foreground"] == pytest.approx(30 / 40)
+    assert foreground_split(hist, ["cat", "dog", "bird"]) == {
+        "foreground_iou": None, "class_accuracy_on_foreground": None}
 
 
 def test_scoring_maps_class_set_ids_to_the_labelled_sets(voc):

@@ -52,6 +52,8 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert set(report["pseudo_masks"]) == {"attnseg", "daam"}
     for r in report["pseudo_masks"].values():
         assert len(r["values"]) == 2 and all(0.0 <= v <= 1.0 for v in r["values"])
+        assert 0.0 <= r["foreground_iou"] <= 1.0
+    assert "| class accuracy on foreground |" in (tmp_path / "toy.md").read_text()
     assert report["labeller"]["chosen"] in ([0.2], [0.5])
     assert report["baselines"]["colour_threshold_tuned"]["threshold"] in (40, 80)
     assert 0.0 <= report["baselines"]["all_background"] < 0.5
