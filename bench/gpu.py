@@ -319,10 +319,11 @@ def step_toy(cfg: GpuProofConfig, cap: float, work: Path, base: Path) -> dict:
         cmd += ["--device", "cpu"]
         sets = ["num_scenes=16", "size=32", "vae_channels=[16,16]", "unet_channels=[16,32]",
                 "head_dim=16", "text_dim=16", "vae_steps=2", "vae_batch_size=2",
-                "unet_steps=3", "batch_size=4", f"time_limit_s={max(1, cap - 60):.0f}"]
+                "unet_steps=3", "batch_size=4"]
     else:
         cmd += ["--device", "cuda"]
-        sets = [*TOY_GPU_SETTINGS, f"time_limit_s={max(1, cap - TOY_STARTUP_S):.0f}"]
+        sets = list(TOY_GPU_SETTINGS)
+    sets.append(f"time_limit_s={max(1, cap - TOY_STARTUP_S):.0f}")
     for kv in sets:
         cmd += ["--set", kv]
     before = _toy_state(folder)

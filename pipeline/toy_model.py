@@ -454,9 +454,9 @@ class ToyModelTrainer:
         if self.latents is None:
             self._encode_all()
         model = self.export(self.out / "model")
-        stopped = "" if self.step == total else f", stopped at the time limit of {total}"
-        print(f"trained {self.step} steps{stopped} ({time.time() - started:.0f} s in this "
-              f"run); model in {model}")
+        stopped = "" if self.step == total else " (stopped by time_limit_s; rerun to resume)"
+        print(f"trained {self.step} of {total} steps{stopped} ({time.time() - started:.0f} s "
+              f"in this run); model in {model}")
         return model
 
     def _stored_info(self) -> dict:
