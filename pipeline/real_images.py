@@ -65,6 +65,17 @@ def model_input_size(h: int, w: int, long_side: int) -> tuple[int, int]:
     return (max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8))
 
 
+@torch.no_grad()
+def image_latents(pipe, image: np.ndarray, long_side: int) -> tuple[torch.Tensor, tuple]:
+    """(latents, (H, W)): an RGB uint8 image resized to the model input size for `long_side`
+    and encoded by the pipeline's VAE (its distribution's mean, scaled as the UNet expects)."""
+    size = model_input_size(image.shape[0], image.shape[1], long_side)
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    x = (x / 127.5 - 1.0).clamp(-1, 1).to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor, size
+
+
 class RealImageLabeller:
     """Pseudo-masks for real images from a diffusers SD pipeline and a preset.
 
@@ -101,12 +112,7 @@ class RealImageLabeller:
         """(HarvestResult, class ids, model input size) of one image."""
         pipe = self.pipe
         device, dtype = pipe.unet.device, pipe.unet.dtype
-        h, w = image.shape[:2]
-        size = model_input_size(h, w, self.cfg.size)
-        x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        x = (x / 127.5 - 1.0).clamp(-1, 1).to(device=device, dtype=pipe.vae.dtype)
-        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        latents, size = image_latents(pipe, image, self.cfg.size)
         spec = PromptSpec(describe_classes(self.cfg.template, [c.word for c in classes]),
                           tuple((c, c.word) for c in classes))
         weights, ids = class_token_weights(pipe.tokenizer, [spec])

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
+from PIL import Image
 
-from attnseg.bench.toy import colour_threshold_labels
+from attnseg.bench.toy import caption_errors, colour_threshold_labels
 from attnseg.pipeline.cli import main
 
 
@@ -24,9 +26,33 @@ def test_colour_threshold_baseline_on_a_plain_scene():
     assert (colour_threshold_labels(img, [3], 400) == 0).all()
 
 
-def _fingerprint(model: str) -> str:
-    import torch
+def test_caption_errors_batch_equals_one_call_per_caption_level_and_draw():
+    from attnseg.pipeline.models import load_pipeline
 
+    pipe = load_pipeline("tiny", torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    texts = torch.cat([pipe.encode_prompt(t, "cpu", 1, False)[0]
+                       for t in ("a photo of a dog", "a photo of a cat", "a photo of a bus")])
+    levels, draws = (0.3, 0.7), 2
+    got = caption_errors(pipe, latents, texts, levels, draws, torch.Generator().manual_seed(1))
+    # The plain path: the same noise draws in the same order, one UNet call each.
+    noise = torch.randn((len(levels) * draws, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    steps = pipe.scheduler.config.num_train_timesteps
+    want = torch.zeros(3, 8, 8)
+    with torch.no_grad():
+        for k in range(3):
+            for j, level in enumerate(v for v in levels for _ in range(draws)):
+                t = torch.tensor([int(level * (steps - 1))])
+                noisy = pipe.scheduler.add_noise(latents, noise[j:j + 1], t)
+                pred = pipe.unet(noisy, t, encoder_hidden_states=texts[k:k + 1]).sample
+                want[k] += (pred - noise[j:j + 1]).pow(2).sum(1)[0]
+    assert got.shape == (3, 8, 8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], got[1])  # the captions matter
+
+
+def _fingerprint(model: str) -> str:
     from attnseg.pipeline.models import load_pipeline, model_fingerprint
 
     return model_fingerprint(load_pipeline(model, torch.device("cpu"), torch.float32))
@@ -68,6 +94,17 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
         assert 0.0 <= r["with"]["mean"] <= 1.0 and 0.0 <= r["without"]["mean"] <= 1.0
     assert all(c["lattice_seconds_per_image"] > 0 for c in report["crf"]["cost"])
     assert [c["size"] for c in report["crf"]["cost"]] == [64, 24]
+    # Which object is which: over the test scenes with two or more classes, pixel-weighted.
+    w, multi, chance, pixels = report["which_object"], 0, 0.0, 0
+    for png in sorted((tmp_path / "toy.work" / "test-102" / "SegmentationClass").glob("*.png")):
+        label = np.array(Image.open(png))
+        k, fg = len(set(np.unique(label).tolist()) - {0, 255}), int((label > 0).sum())
+        if k >= 2:
+            multi, chance, pixels = multi + 1, chance + fg / k, pixels + fg
+    assert multi >= 1 and w["scenes"] == multi
+    assert abs(w["chance"] - chance / pixels) < 1e-9
+    assert 0.0 <= w["attention"] <= 1.0 and 0.0 <= w["denoising_error"] <= 1.0
+    assert "Which object is which" in (tmp_path / "toy.md").read_text()
     # The training protocol is chosen on the validation set; every row then uses it.
     protocol = report["protocol"]
     val = {(r["steps"], r["lr"]): r["mIoU"] for r in protocol["val_mIoU"]}
