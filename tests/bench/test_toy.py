@@ -133,6 +133,9 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert [r["images"] for r in report["scaling"]] == [12, 18]
     assert report["scaling"][1]["seeds"] == [0] and len(report["scaling"][1]["synthetic"]
                                                         ["values"]) == 1
+    # Every count on the same seeds: the base count's point is its seed-0 run.
+    assert report["scaling"][0]["seeds"] == [0]
+    assert report["scaling"][0]["synthetic"]["values"] == d["synthetic"]["values"][:1]
     assert (tmp_path / "toy.png").stat().st_size > 0  # matplotlib: a dev dependency
     md = (tmp_path / "toy.md").read_text()
     assert "colour threshold" in md and "preset `daam`" in md
