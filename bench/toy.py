@@ -57,7 +57,12 @@ from attnseg.pipeline.lora_train import LORA_TARGETS
 from attnseg.pipeline.losses import LossConfig
 from attnseg.pipeline.models import load_pipeline, model_fingerprint
 from attnseg.pipeline.prompts import fill_template, load_classes
-from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller, image_latents
+from attnseg.pipeline.real_images import (
+    RealImageConfig,
+    RealImageLabeller,
+    image_latents,
+    noise_timesteps,
+)
 from attnseg.pipeline.seeds import sample_seed
 from attnseg.pipeline.toy_world import ToyRenderConfig, render_dataset
 
@@ -600,11 +605,9 @@ def caption_errors(pipe, latents: torch.Tensor, texts: torch.Tensor, levels, dra
     noise-prediction error per latent pixel on `latents` ([1, C, h, w]) noised with the same
     `draws` noise draws at each of `levels` (fractions of the schedule), summed. All K x
     levels x draws calls are one batch."""
-    steps = pipe.scheduler.config.num_train_timesteps
     k, n = texts.shape[0], len(levels) * draws
     noise = torch.randn((n, *latents.shape[1:]), generator=generator).to(latents)
-    t = torch.tensor([int(v * (steps - 1)) for v in levels for _ in range(draws)],
-                     device=latents.device)
+    t = noise_timesteps(pipe, levels, latents.device).repeat_interleave(draws)
     noisy = pipe.scheduler.add_noise(latents.expand(n, -1, -1, -1), noise, t)
     pred = pipe.unet(noisy.repeat(k, 1, 1, 1), t.repeat(k),
                      encoder_hidden_states=texts.repeat_interleave(n, 0)).sample
@@ -621,7 +624,7 @@ def which_object(pipe, cfg: ToyBenchConfig, levels, source, classes) -> dict:
     its attention. Chance: one over the number of classes present, pixel-weighted."""
     by_id = {c.id: c for c in classes}
     right = {"attention": 0, "denoising_error": 0}
-    chance = pixels = scenes = 0.0
+    chance, pixels, scenes = 0.0, 0, 0
     with _labeller(pipe, "attnseg", levels, cfg, cfg.seeds[0]) as labeller:
         for i in range(len(source)):
             s = source.load(i)
@@ -642,11 +645,11 @@ def which_object(pipe, cfg: ToyBenchConfig, levels, source, classes) -> dict:
             err = F.interpolate(err[None], size=s.label.shape, mode="bilinear",
                                 align_corners=False)[0].cpu().numpy()
             right["denoising_error"] += int((ids[err.argmin(0)][fg] == truth).sum())
-            chance += fg.sum() / len(present)
-            pixels += fg.sum()
+            chance += int(fg.sum()) / len(present)
+            pixels += int(fg.sum())
             scenes += 1
     out = {k: v / pixels if pixels else None for k, v in right.items()}
-    return out | {"scenes": int(scenes), "chance": chance / pixels if pixels else None,
+    return out | {"scenes": scenes, "chance": chance / pixels if pixels else None,
                   "levels": list(cfg.error_probe_levels), "draws": cfg.error_probe_draws}
 
 
@@ -793,7 +796,7 @@ def markdown(report: dict) -> str:
     w = report.get("which_object")
     if w:
         lines += [f"Which object is which, on the object pixels of the {w['scenes']} test scenes "
-                  f"with two or three objects (chance {_pct(w['chance'])} %): the preset's maps "
+                  f"with two or more objects (chance {_pct(w['chance'])} %): the preset's maps "
                   f"rank the right present class first on {_pct(w['attention'])} %; the model's "
                   "noise-prediction error with one-word captions (\"a photo of a star\", levels "
                   f"{w['levels']}, {w['draws']} draws each), lowest for the right class on "

@@ -65,6 +65,12 @@ def model_input_size(h: int, w: int, long_side: int) -> tuple[int, int]:
     return (max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8))
 
 
+def noise_timesteps(pipe, levels, device=None) -> torch.Tensor:
+    """The scheduler's training timesteps at these fractions of its schedule, in order."""
+    steps = pipe.scheduler.config.num_train_timesteps
+    return torch.tensor([int(v * (steps - 1)) for v in levels], device=device)
+
+
 @torch.no_grad()
 def image_latents(pipe, image: np.ndarray, long_side: int) -> tuple[torch.Tensor, tuple]:
     """(latents, (H, W)): an RGB uint8 image resized to the model input size for `long_side`
@@ -119,11 +125,9 @@ class RealImageLabeller:
         text, _ = pipe.encode_prompt(spec.text, device, 1, False)
         gen = torch.Generator().manual_seed(sample_seed(self.cfg.seed, index))
         noise = torch.randn(latents.shape, generator=gen).to(device=device, dtype=latents.dtype)
-        train_steps = pipe.scheduler.config.num_train_timesteps
         levels = self.cfg.noise_levels
         with self.harvester.capture(weights, image_size=size, num_steps=len(levels)) as cap:
-            for level in levels:
-                t = torch.tensor([int(level * (train_steps - 1))], device=device)
+            for t in noise_timesteps(pipe, levels, device).split(1):
                 noisy = pipe.scheduler.add_noise(latents, noise, t)
                 pipe.unet(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype))
         return cap.result, ids, size
