@@ -454,6 +454,7 @@ class ToyModelTrainer:
         if self.latents is None:
             self._encode_all()
         model = self.export(self.out / "model")
+        self._write_samples()
         stopped = "" if self.step == total else " (stopped by time_limit_s; rerun to resume)"
         print(f"trained {self.step} of {total} steps{stopped} ({time.time() - started:.0f} s "
               f"in this run); model in {model}")
@@ -491,6 +492,29 @@ class ToyModelTrainer:
             shutil.rmtree(folder)
         tmp.replace(folder)
         return folder
+
+
+    def _write_samples(self) -> None:
+        """`OUT/samples.png`: one row of the exported weights' samples of `SAMPLE_PROMPTS`."""
+        from PIL import Image
+
+        # The fp16 round trip makes these the shipped weights' samples, not the fp32 EMA's.
+        pipe = self.pipeline().to("cpu", dtype=torch.float16).to(dtype=torch.float32)
+        images = sample_toy(pipe, list(SAMPLE_PROMPTS))
+        row = np.concatenate(list(images), axis=1)
+        sheet = Image.fromarray(row).resize((row.shape[1] * 3, row.shape[0] * 3),
+                                            Image.NEAREST)
+        path = self.out / "samples.png"
+        tmp = path.with_name(path.stem + ".tmp.png")
+        sheet.save(tmp)
+        tmp.replace(path)
+
+
+# What `attnseg toy train-model` draws into OUT/samples.png when a run ends: each class alone,
+# then two two-object captions.
+SAMPLE_PROMPTS = ("a photo of a circle", "a photo of a square", "a photo of a triangle",
+                  "a photo of a star", "a photo of a ring", "a photo of a cross",
+                  "a photo of a circle and a square", "a photo of a ring and a star")
 
 
 def _bar(progress: bool, total: int, desc: str, unit: str, initial: int = 0):

@@ -10,12 +10,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.models import latent_stride, load_pipeline
 from attnseg.pipeline.tiny import TINY_WORDS, bpe_pieces, tiny_tokenizer
 from attnseg.pipeline.toy_model import (
+    SAMPLE_PROMPTS,
     ToyModelConfig,
     ToyModelTrainer,
     class_words,
@@ -94,6 +96,10 @@ def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread):
     losses = json.loads((tmp_path / "b" / "loss.json").read_text())
     assert [s for s, _ in losses["vae"]] == [2] and losses["unet"][-1][0] == 5
     assert (tmp_path / "b" / "loss.png").stat().st_size > 1000
+    # The contact sheet of the exported weights' samples, one 3x cell per prompt.
+    with Image.open(tmp_path / "b" / "samples.png") as sheet:
+        size = 3 * small_config(tmp_path / "b").size
+        assert sheet.size == (size * len(SAMPLE_PROMPTS), size) and sheet.mode == "RGB"
     # A run stopped by its time limit exports what it has and resumes to the same weights.
     limited = ToyModelTrainer(small_config(tmp_path / "c", time_limit_s=1e-9))
     model = limited.train(progress=False)
