@@ -67,7 +67,7 @@ class ToyModelConfig:
     vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
-    unet_steps: int = 8000
+    unet_steps: int = 17000
     batch_size: int = 32
     lr: float = 5e-4
     caption_dropout: float = 0.1
@@ -481,8 +481,12 @@ class ToyModelTrainer:
         import shutil
 
         from .dataset import tmp_name
+        from .tiny import tiny_tokenizer
 
         pipe = self.pipeline().to("cpu", dtype=dtype)
+        # A fresh tokenizer: one that has tokenized training batches keeps their padding and
+        # truncation settings in its saved state, so the folder would depend on the process.
+        pipe.tokenizer = tiny_tokenizer(toy_words(), max_length=self.cfg.max_length)
         tmp = tmp_name(folder)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         card = {"trained_by": "attnseg toy train-model", "config": asdict(self.cfg),
