@@ -497,7 +497,6 @@ class ToyModelTrainer:
         tmp.replace(folder)
         return folder
 
-
     def _write_samples(self) -> None:
         """`OUT/samples.png`: one row of the exported weights' samples of `SAMPLE_PROMPTS`."""
         from PIL import Image
