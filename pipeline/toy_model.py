@@ -454,7 +454,7 @@ class ToyModelTrainer:
         if self.latents is None:
             self._encode_all()
         model = self.export(self.out / "model")
-        self._write_samples()
+        self._write_samples(model)
         stopped = "" if self.step == total else " (stopped by time_limit_s; rerun to resume)"
         print(f"trained {self.step} of {total} steps{stopped} ({time.time() - started:.0f} s "
               f"in this run); model in {model}")
@@ -497,12 +497,14 @@ class ToyModelTrainer:
         tmp.replace(folder)
         return folder
 
-    def _write_samples(self) -> None:
-        """`OUT/samples.png`: one row of the exported weights' samples of `SAMPLE_PROMPTS`."""
+    def _write_samples(self, model: Path) -> None:
+        """`OUT/samples.png`: one row of the exported model's samples of `SAMPLE_PROMPTS`,
+        loaded as `--model` loads it."""
         from PIL import Image
 
-        # The fp16 round trip makes these the shipped weights' samples, not the fp32 EMA's.
-        pipe = self.pipeline().to("cpu", dtype=torch.float16).to(dtype=torch.float32)
+        from .models import load_pipeline
+
+        pipe = load_pipeline(str(model), torch.device("cpu"), torch.float32)
         images = sample_toy(pipe, list(SAMPLE_PROMPTS))
         row = np.concatenate(list(images), axis=1)
         sheet = Image.fromarray(row).resize((row.shape[1] * 3, row.shape[0] * 3),
