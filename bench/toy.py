@@ -354,17 +354,19 @@ def _train_and_score(cfg: ToyBenchConfig, data: Path, run: Path, seed: int, test
 
 
 def _synthesise(cfg: ToyBenchConfig, pipe, folder: Path, per_class: int, seed: int,
-                prompts: str | None = None, loras: tuple[str, ...] = ()) -> Path:
-    """`attnseg synth` of per_class x 6 images into `folder` (a finished folder is reused).
-    With LoRAs the model is loaded anew with them fused (the shared pipeline stays as is)."""
+                prompts: str | None = None, loras: tuple[str, ...] = (),
+                overrides: dict | None = None) -> Path:
+    """`attnseg synth` of per_class x 6 images into `folder` (a finished folder is reused),
+    with the default preset (plus `overrides`, synth's own). With LoRAs the model is loaded
+    anew with them fused (the shared pipeline stays as is)."""
     from attnseg.pipeline.config import SynthConfig
     from attnseg.pipeline.synth import run_synth
 
     run_synth(SynthConfig(model=cfg.model, classes="toy", num_per_class=per_class,
                           out=str(folder), batch_size=24, steps=cfg.synth_steps,
                           guidance=cfg.guidance, height=cfg.size, width=cfg.size, seed=seed,
-                          prompts=prompts, loras=list(loras), device=cfg.device,
-                          dtype=cfg.dtype),
+                          prompts=prompts, loras=list(loras), overrides=overrides or {},
+                          device=cfg.device, dtype=cfg.dtype),
               progress=False, pipe=None if loras else pipe)
     return folder
 
@@ -485,9 +487,27 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> dict:
                                            seed, [test])
             arms[arm] = _paired(scores, ce)
         out["prompts"] = arms
+    if cfg.crf_iterations:
+        out["crf"] = crf_arm(cfg, pipe, work, test, key, ce)
     if cfg.lora_images:
         out["lora"] = target_domain(cfg, pipe, work, key)
     return out
+
+
+def crf_arm(cfg: ToyBenchConfig, pipe, work: Path, test, key: str, ce: list[float]) -> dict:
+    """Mask refinement, downstream: the same synthesis (same seeds, prompts and images) with
+    the default preset's dense CRF switched (on at `crf_iterations` where the preset has
+    none, else off), paired by seed with the CE row."""
+    per_class = _per_class(cfg.downstream_images)
+    iterations = 0 if get_preset("attnseg").mask.crf_iterations else cfg.crf_iterations
+    scores = []
+    for seed in cfg.seeds:
+        data = _synthesise(cfg, pipe, work / f"synth-crf{iterations}-{per_class}x6-seed{seed}-"
+                           f"{key}", per_class, seed,
+                           overrides={"mask": {"crf_iterations": iterations}})
+        scores += _train_and_score(cfg, data, work / f"train-crf{iterations}-seed{seed}-{key}",
+                                   seed, [test])
+    return {"iterations": iterations, **_paired(scores, ce)}
 
 
 def _lora_tag(targets: tuple[str, ...]) -> str:
@@ -889,6 +909,11 @@ def _ablation_lines(report: dict) -> list[str]:
                               "hyponyms)"}
         for name, r in prompts.items():
             lines.append(f"| prompts | {names[name]} | {_ms(r)} | {_gain(r)} |")
+    r = a.get("crf")
+    if r:
+        variant = (f"dense CRF ({r['iterations']} iterations) on the default preset's masks"
+                   if r["iterations"] else "the default preset's masks without its CRF")
+        lines.append(f"| mask refinement | {variant} | {_ms(r)} | {_gain(r)} |")
     lines.append("")
     t = a.get("lora")
     if t:
@@ -936,6 +961,10 @@ def _downstream_bars(report: dict) -> list[tuple]:
         bars.append((name, r["mean"], r["std"], "C1"))
     for name, r in (a.get("prompts") or {}).items():
         bars.append((f"prompts: {name}", r["mean"], r["std"], "C2"))
+    r = a.get("crf")
+    if r:
+        bars.append(("CRF-refined masks" if r["iterations"] else "masks without CRF",
+                     r["mean"], r["std"], "C4"))
     bars.append(("exact labels", d["exact_labels"]["mean"], d["exact_labels"]["std"], "0.6"))
     t = a.get("lora")
     if t:

@@ -125,6 +125,16 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert r["gain"]["values"] == [v - b for v, b in zip(r["values"], d["synthetic"]["values"],
                                                           strict=True)]
     assert set(a["prompts"]) == {"templates", "augmented"}
+    # Mask refinement: the default preset has no CRF, so the arm synthesises with one (the
+    # job records it) on the CE row's seeds, paired with it.
+    r = a["crf"]
+    assert r["iterations"] == 1 and len(r["values"]) == 2
+    assert r["gain"]["values"] == [v - b for v, b in zip(r["values"], d["synthetic"]["values"],
+                                                          strict=True)]
+    for seed in (0, 1):
+        job = json.loads(next(work.glob(f"synth-crf1-2x6-seed{seed}-*")).joinpath(
+            "job.json").read_text())
+        assert job["mask"]["crf_iterations"] == 1 and job["preset"] == "attnseg"
     t = a["lora"]
     assert t["lora"]["steps"] == 2 and t["lora"]["images"] == 8
     assert t["lora"]["targets"] == ["to_k", "to_v", "conv1"]
@@ -141,6 +151,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "colour threshold" in md and "preset `daam`" in md
     assert "chosen on the validation set" in md
     assert "`ignore-band`" in md and "with the target LoRA" in md and "| 18 |" in md
+    assert "| mask refinement | dense CRF (1 iterations)" in md
     assert "results:" in capsys.readouterr().out
     # Tuning and reporting on one render seed is refused.
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--set", "val_seed=5",
