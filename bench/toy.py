@@ -21,7 +21,10 @@ trained on other renders (`--model toy`, the shipped one, by default):
 6. **Downstream** (`downstream_images` > 0): a segmenter trained only on images the model
    generates with their pseudo-masks (`attnseg synth`, default preset), against the same
    segmenter trained on as many rendered scenes with exact labels (the upper bound), both
-   scored on the test set; one synthesis and training seed per entry of `seeds`.
+   scored on the test set; one synthesis and training seed per entry of `seeds`. Between the
+   two, the same rendered scenes with the model's pseudo-masks (the real-image labeller of 2,
+   default preset) in place of their exact labels: what the masks alone cost, apart from
+   the synthetic images.
 7. **Ablations** of the method's three techniques, downstream, at the same image budget and
    training as 6 (paired by seed): each reliability-aware loss against plain CE on the same
    synthetic data (`losses`); the plain prompts against the toy templates with the class word
@@ -46,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from attnseg.kernels.regions import connected_components
 from attnseg.pipeline.config import PRESETS, get_preset
@@ -413,14 +417,52 @@ def choose_protocol(cfg: ToyBenchConfig, pipe, work: Path, val) -> tuple[ToyBenc
         "val_mIoU": [{"steps": n, "lr": r, "mIoU": v} for (n, r), v in scores.items()]}
 
 
-def downstream(cfg: ToyBenchConfig, pipe, work: Path, test) -> dict:
-    """Segmenters trained on the model's synthetic data vs on exact-label renders."""
+def _relabelled(cfg: ToyBenchConfig, pipe, levels, rendered: Path, folder: Path, seed: int,
+                key: str) -> Path:
+    """The rendered scenes of `rendered` (same image files) with the real-image labeller's
+    pseudo-masks (default preset, image-level labels, latents noised to `levels`) in place of
+    their exact labels; a finished folder is reused."""
+    from attnseg.pipeline.dataset import (
+        DatasetWriter,
+        atomic_write_bytes,
+        encode_png,
+        read_manifest_records,
+        voc_palette,
+    )
+
+    by_id = {c.id: c for c in load_classes("toy")}
+    job = {"model": cfg.model, "model_hash": key, "preset": "attnseg", "mask": {},
+           "relabelled": rendered.name, "noise_levels": list(levels), "seed": seed}
+    writer = DatasetWriter(folder, job, by_id.values())
+    records = sorted(read_manifest_records(rendered), key=lambda r: r["index"])
+    with _labeller(pipe, "attnseg", levels, cfg, seed) as labeller:
+        for r in records:
+            if r["index"] in writer.done:
+                continue
+            name = r["name"]
+            image = rendered / "JPEGImages" / f"{name}.jpg"
+            label, reliability = labeller.label(
+                np.array(Image.open(image).convert("RGB")),
+                [by_id[c["id"]] for c in r["classes"]], r["index"])
+            atomic_write_bytes(folder / "JPEGImages" / f"{name}.jpg", image.read_bytes())
+            atomic_write_bytes(folder / "SegmentationClass" / f"{name}.png",
+                               encode_png(label, voc_palette()))
+            atomic_write_bytes(folder / "Reliability" / f"{name}.png", encode_png(reliability))
+            writer.record(r["index"], name, {"classes": r["classes"], "prompt": r["prompt"]})
+    writer.finish()
+    return folder
+
+
+def downstream(cfg: ToyBenchConfig, pipe, work: Path, test, levels) -> dict:
+    """Segmenters trained on the model's synthetic data vs on exact-label renders; and, to
+    tell the synthetic images' share of the gap from their masks', on the same renders
+    pseudo-labelled by the model (the real-image labeller at `levels`)."""
     per_class = _per_class(cfg.downstream_images)
     # The model's data and the runs trained on it are keyed by its weights: a work folder
     # kept from another model's run must not be resumed as this one's (a finished synth job
     # returns without loading the model, so it would not notice).
     model_key = model_fingerprint(pipe)
-    synthetic, exact = [], []
+    synthetic, exact, relabelled = [], [], []
     for seed in cfg.seeds:
         data = _synthesise(cfg, pipe, _synth_dir(work, per_class, seed, model_key),
                            per_class, seed)
@@ -429,10 +471,16 @@ def downstream(cfg: ToyBenchConfig, pipe, work: Path, test) -> dict:
         rendered = _rendered(cfg, work / f"exact-{per_class * 6}-seed{cfg.exact_seed + seed}",
                              per_class * 6, cfg.exact_seed + seed)
         exact += _train_and_score(cfg, rendered, work / f"train-exact-seed{seed}", seed, [test])
+        tag = f"{','.join(map(str, levels))}-{model_key}"
+        data = _relabelled(cfg, pipe, levels, rendered,
+                           work / f"relabelled-{per_class * 6}-seed{cfg.exact_seed + seed}-{tag}",
+                           seed, model_key)
+        relabelled += _train_and_score(cfg, data, work / f"train-relabelled-seed{seed}-{tag}",
+                                       seed, [test])
     s, e = _mean_spread(synthetic), _mean_spread(exact)
     return {"images": per_class * 6, "train_model": cfg.train_model,
             "train_steps": cfg.train_steps, "train_lr": cfg.train_lr, "synthetic": s,
-            "exact_labels": e,
+            "exact_labels": e, "rendered_pseudo_masks": _mean_spread(relabelled),
             "fraction_of_upper_bound": s["mean"] / e["mean"] if e["mean"] else None}
 
 
@@ -760,7 +808,8 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
     report["protocol"] = None
     if cfg.downstream_images and cfg.train_candidates:
         cfg, report["protocol"] = choose_protocol(cfg, pipe, work, val)
-    report["downstream"] = downstream(cfg, pipe, work, test) if cfg.downstream_images else None
+    report["downstream"] = (downstream(cfg, pipe, work, test, chosen) if cfg.downstream_images
+                            else None)
     report["ablations"] = report["scaling"] = None
     if report["downstream"]:
         report["ablations"] = ablations(cfg, pipe, work, test, report["downstream"])
@@ -864,8 +913,11 @@ def markdown(report: dict) -> str:
                   f"| the model's images + pseudo-masks (`attnseg synth`) | "
                   f"{_pct(d['synthetic']['mean'])} ± {_pct(d['synthetic']['std'])} |",
                   f"| rendered scenes, exact labels (upper bound) | "
-                  f"{_pct(d['exact_labels']['mean'])} ± {_pct(d['exact_labels']['std'])} |",
-                  "", f"Synthetic data reaches {_pct(d['fraction_of_upper_bound'])} % of the "
+                  f"{_pct(d['exact_labels']['mean'])} ± {_pct(d['exact_labels']['std'])} |"]
+        if d.get("rendered_pseudo_masks"):
+            lines.append("| the same rendered scenes, the model's pseudo-masks (real-image "
+                         f"labeller) | {_ms(d['rendered_pseudo_masks'])} |")
+        lines += ["", f"Synthetic data reaches {_pct(d['fraction_of_upper_bound'])} % of the "
                   "upper bound.", ""]
     lines += _ablation_lines(report)
     return "\n".join(lines)
@@ -965,6 +1017,9 @@ def _downstream_bars(report: dict) -> list[tuple]:
     if r:
         bars.append(("CRF-refined masks" if r["iterations"] else "masks without CRF",
                      r["mean"], r["std"], "C4"))
+    r = d.get("rendered_pseudo_masks")
+    if r:
+        bars.append(("renders + pseudo-masks", r["mean"], r["std"], "C5"))
     bars.append(("exact labels", d["exact_labels"]["mean"], d["exact_labels"]["std"], "0.6"))
     t = a.get("lora")
     if t:

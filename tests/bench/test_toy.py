@@ -117,6 +117,21 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert (work / "train-synth-seed0-" f"{_fingerprint('tiny')}-2s-lr0.008").is_dir()
     assert d["images"] == 12 and len(d["synthetic"]["values"]) == 2
     assert all(0.0 <= v <= 1.0 for v in d["synthetic"]["values"] + d["exact_labels"]["values"])
+    # The exact-label renders relabelled by the labeller: same image files, the labeller's
+    # masks (at the chosen noise levels) in place of the exact ones.
+    assert len(d["rendered_pseudo_masks"]["values"]) == 2
+    exact = work / "exact-12-seed2000"
+    relabelled = next(work.glob("relabelled-12-seed2000-*"))
+    assert json.loads((relabelled / "job.json").read_text())["noise_levels"] == \
+        report["labeller"]["chosen"]
+    names = sorted(p.name for p in (exact / "JPEGImages").glob("*.jpg"))
+    assert names == sorted(p.name for p in (relabelled / "JPEGImages").glob("*.jpg"))
+    assert all((exact / "JPEGImages" / n).read_bytes() ==
+               (relabelled / "JPEGImages" / n).read_bytes() for n in names)
+    assert any(not np.array_equal(
+        np.array(Image.open(exact / "SegmentationClass" / n.replace(".jpg", ".png"))),
+        np.array(Image.open(relabelled / "SegmentationClass" / n.replace(".jpg", ".png"))))
+        for n in names)
     a = report["ablations"]
     # Paired by seed: each gain is the variant's score minus CE's on the same seed.
     for r in [a["losses"]["ignore-band"], *a["prompts"].values(), a["lora"]["with_lora"]]:
@@ -152,6 +167,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "chosen on the validation set" in md
     assert "`ignore-band`" in md and "with the target LoRA" in md and "| 18 |" in md
     assert "| mask refinement | dense CRF (1 iterations)" in md
+    assert "the model's pseudo-masks (real-image labeller)" in md
     assert "results:" in capsys.readouterr().out
     # Tuning and reporting on one render seed is refused.
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--set", "val_seed=5",
