@@ -227,9 +227,14 @@ def save_lora(unet, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(folder / ".lora")
     shutil.rmtree(tmp, ignore_errors=True)
+    metadata = unet.peft_config[_ADAPTER].to_dict()
+    # peft keeps target_modules as a set, whose order changes with each process's string
+    # hashing: sorted, the same weights make the same file (synth jobs record its hash).
+    if isinstance(metadata.get("target_modules"), (set, list, tuple)):
+        metadata["target_modules"] = sorted(metadata["target_modules"])
     StableDiffusionPipeline.save_lora_weights(
         str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
-        unet_lora_adapter_metadata=unet.peft_config[_ADAPTER].to_dict(),
+        unet_lora_adapter_metadata=metadata,
     )
     os.replace(tmp / LORA_WEIGHTS, folder / LORA_WEIGHTS)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -470,10 +475,14 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         bar.close()
     pipe.unet.eval()
     trained = max(start, cfg.steps)
-    if str(trained) not in history["probe_loss"]:  # asked for fewer steps than already done
-        history["probe_loss"][str(trained)] = trainer.probe_loss()
-    weights = save_lora(pipe.unet, out)
-    atomic_write_bytes(out / "history.json", json.dumps(history).encode())
+    weights = out / LORA_WEIGHTS
+    if start != cfg.steps or not weights.is_file():
+        # A finished run asked again for its own steps writes nothing: its LoRA file stays
+        # the one that datasets synthesised with it recorded.
+        if str(trained) not in history["probe_loss"]:  # fewer steps than already done
+            history["probe_loss"][str(trained)] = trainer.probe_loss()
+        weights = save_lora(pipe.unet, out)
+        atomic_write_bytes(out / "history.json", json.dumps(history).encode())
     elapsed = time.perf_counter() - t0
     new_steps = max(0, cfg.steps - start)
     probes = history["probe_loss"]

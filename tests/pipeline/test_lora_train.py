@@ -63,9 +63,21 @@ def test_resume_follows_the_uninterrupted_run(trained, tmp_path):
     ha = json.loads((Path(cfg.out) / "history.json").read_text())
     hb = json.loads((out / "history.json").read_text())
     np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
-    # Started again when done: nothing to train, same weights.
+    # Started again when done: nothing to train, and nothing written: the LoRA file keeps
+    # its bytes (a dataset synthesised with it recorded their hash), in this process or
+    # another, whose string hashing orders peft's target-module set differently.
+    weights = out / LORA_WEIGHTS
+    before = (weights.read_bytes(), weights.stat().st_mtime_ns)
     again = train_lora(lora_config(Path(cfg.images), out), progress=False)
     assert again["new_steps"] == 0 and again["resumed_from"] == 12
+    assert again["probe_loss_end"] == second["probe_loss_end"]
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    modules = meta["unet.target_modules"]
+    assert modules == sorted(modules) and len(modules) > 1
     # Other settings in the same folder are refused.
     with pytest.raises(UserError, match="holds a different LoRA training run"):
         train_lora(lora_config(Path(cfg.images), out, lr=1e-3), progress=False)
