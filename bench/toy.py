@@ -435,6 +435,7 @@ def _relabelled(cfg: ToyBenchConfig, pipe, levels, rendered: Path, folder: Path,
            "relabelled": rendered.name, "noise_levels": list(levels), "seed": seed}
     writer = DatasetWriter(folder, job, by_id.values())
     records = sorted(read_manifest_records(rendered), key=lambda r: r["index"])
+    palette = voc_palette()
     with _labeller(pipe, "attnseg", levels, cfg, seed) as labeller:
         for r in records:
             if r["index"] in writer.done:
@@ -446,7 +447,7 @@ def _relabelled(cfg: ToyBenchConfig, pipe, levels, rendered: Path, folder: Path,
                 [by_id[c["id"]] for c in r["classes"]], r["index"])
             atomic_write_bytes(folder / "JPEGImages" / f"{name}.jpg", image.read_bytes())
             atomic_write_bytes(folder / "SegmentationClass" / f"{name}.png",
-                               encode_png(label, voc_palette()))
+                               encode_png(label, palette))
             atomic_write_bytes(folder / "Reliability" / f"{name}.png", encode_png(reliability))
             writer.record(r["index"], name, {"classes": r["classes"], "prompt": r["prompt"]})
     writer.finish()
@@ -463,6 +464,7 @@ def downstream(cfg: ToyBenchConfig, pipe, work: Path, test, levels) -> dict:
     # returns without loading the model, so it would not notice).
     model_key = model_fingerprint(pipe)
     synthetic, exact, relabelled = [], [], []
+    tag = f"{','.join(map(str, levels))}-{model_key}"  # the labeller's noise and weights
     for seed in cfg.seeds:
         data = _synthesise(cfg, pipe, _synth_dir(work, per_class, seed, model_key),
                            per_class, seed)
@@ -471,7 +473,6 @@ def downstream(cfg: ToyBenchConfig, pipe, work: Path, test, levels) -> dict:
         rendered = _rendered(cfg, work / f"exact-{per_class * 6}-seed{cfg.exact_seed + seed}",
                              per_class * 6, cfg.exact_seed + seed)
         exact += _train_and_score(cfg, rendered, work / f"train-exact-seed{seed}", seed, [test])
-        tag = f"{','.join(map(str, levels))}-{model_key}"
         data = _relabelled(cfg, pipe, levels, rendered,
                            work / f"relabelled-{per_class * 6}-seed{cfg.exact_seed + seed}-{tag}",
                            seed, model_key)
