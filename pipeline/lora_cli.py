@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import cli_args
 
 _FIELDS = ("images", "model", "out", "caption", "rank", "alpha", "steps", "lr", "batch_size",
-           "crop", "seed", "weight_decay", "max_grad_norm", "checkpoint_every",
+           "crop", "seed", "weight_decay", "max_grad_norm", "noise_offset", "checkpoint_every",
            "keep_checkpoints", "device", "dtype", "allow_pickle")
 
 
@@ -72,6 +72,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="seed of initialisation and all draws (default: 0)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 0.01)")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default: 1.0)")
+    p.add_argument("--noise-offset", type=float, help="std of a per-image, per-channel "
+                   "constant added to the training noise, so the LoRA can move a domain's "
+                   "colours, not only its textures (default: 0: plain noise)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
                    "(default: 250)")
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default: 2)")

@@ -73,6 +73,11 @@ class LoraTrainConfig:
     center_crop: bool = False  # else random square crops
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    # Offset noise: a per-image, per-channel constant of this std added to the training noise.
+    # A model trained on plain noise reads each image's mean colour off the noisy latent
+    # (the schedule never hides it fully) and so cannot move it: a LoRA fitted without it
+    # learns a domain's textures but keeps the old domain's colours. 0: plain noise.
+    noise_offset: float = 0.0
     gradient_checkpointing: bool = False
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -88,6 +93,8 @@ class LoraTrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
         if self.lr <= 0:
             raise UserError("--lr must be > 0")
+        if not 0 <= self.noise_offset <= 1:
+            raise UserError("--noise-offset must be between 0 and 1")
         if self.alpha is not None and self.alpha <= 0:
             raise UserError("--alpha must be > 0")
         if self.crop is not None and (self.crop <= 0 or self.crop % 8):
@@ -369,6 +376,9 @@ class LoraTrainer:
         noise = torch.randn(latents.shape, generator=g)
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(idx),), generator=g)
+        if self.cfg.noise_offset:  # drawn last: runs without it keep their draws
+            noise = noise + self.cfg.noise_offset * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=g)
         return self.loss(latents, self.embed([self.images[i][1] for i in idx]), noise, timesteps)
 
     @torch.no_grad()
@@ -415,7 +425,8 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         **{k: v for k, v in asdict(cfg).items()
            if k not in ("images", "model", "out", "steps", "checkpoint_every",
                         "keep_checkpoints", "device", "dtype", "crop",
-                        "gradient_checkpointing")},
+                        "gradient_checkpointing")
+           and not (k == "noise_offset" and not v)},  # runs from before it keep their job
     }
     job = json.loads(json.dumps(job))  # as it reads back (tuples -> lists)
     params = add_lora_adapter(pipe.unet, cfg)
@@ -453,6 +464,9 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
 
         bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="lora", dynamic_ncols=True)
     t0 = time.perf_counter()
+    # Training seconds over every process of the run (saved with each checkpoint), so a
+    # finished run asked again still tells what it cost; None for runs from before.
+    seconds_before = history.get("seconds", 0.0 if start == 0 else None)
     pipe.unet.train()
     for step in range(start, cfg.steps):
         loss = trainer.step_loss(step)
@@ -465,6 +479,8 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             pipe.unet.eval()
             history["probe_loss"][str(done)] = trainer.probe_loss()
+            if seconds_before is not None:
+                history["seconds"] = round(seconds_before + time.perf_counter() - t0, 3)
             pipe.unet.train()
             _save_checkpoint(out, done, pipe.unet, optimizer, {"step": done, "history": history},
                              cfg.keep_checkpoints)
@@ -489,6 +505,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
     return {
         "out": str(out), "weights": str(weights), "steps": trained, "resumed_from": start,
         "new_steps": new_steps, "seconds": round(elapsed, 3),
+        "train_seconds": history.get("seconds"),
         "steps_per_s": round(new_steps / elapsed, 3) if new_steps and elapsed > 0 else None,
         "probe_loss_start": probes["0"], "probe_loss_end": probes[str(trained)],
         "images": len(images), "model": cfg.model, "device": str(device),

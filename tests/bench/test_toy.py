@@ -72,6 +72,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "crf_cost_size=24", "--set", "losses=[\"ignore-band\"]",
                "--set", "lora_images=8", "--set", "lora_steps=2",
                "--set", "lora_targets=[\"to_k\",\"to_v\",\"conv1\"]",
+               "--set", "lora_noise_offset=0.2", "--set", "lora_scale=0.5",
                "--set", "scaling_images=[18]"])
     assert rc == 0
     report = json.loads((tmp_path / "toy.json").read_text())
@@ -153,7 +154,13 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     t = a["lora"]
     assert t["lora"]["steps"] == 2 and t["lora"]["images"] == 8
     assert t["lora"]["targets"] == ["to_k", "to_v", "conv1"]
-    assert list(work.glob("synth-lora-to_k-to_v-conv1-2x6-seed1-*"))
+    assert t["lora"]["noise_offset"] == 0.2 and t["lora"]["scale"] == 0.5
+    assert t["lora"]["seconds"] > 0
+    lora_run = next(work.glob("lora-2-r8-to_k-to_v-conv1-lr0.001-off0.2-*"))
+    assert json.loads((lora_run / "lora_train.json").read_text())["noise_offset"] == 0.2
+    job = json.loads(next(work.glob("synth-lora-to_k-to_v-conv1-lr0.001-off0.2-s0.5-2x6-seed1-*"))
+                     .joinpath("job.json").read_text())
+    assert [lo["scale"] for lo in job["loras"]] == [0.5]
     assert len(t["exact_labels_target"]["values"]) == 2
     assert [r["images"] for r in report["scaling"]] == [12, 18]
     assert report["scaling"][1]["seeds"] == [0] and len(report["scaling"][1]["synthetic"]
@@ -166,6 +173,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "colour threshold" in md and "preset `daam`" in md
     assert "chosen on the validation set" in md
     assert "`ignore-band`" in md and "with the target LoRA" in md and "| 18 |" in md
+    assert "noise offset 0.2" in md and "fused at scale 0.5" in md
     assert "| mask refinement | dense CRF (1 iterations)" in md
     assert "the model's pseudo-masks (real-image labeller)" in md
     assert "results:" in capsys.readouterr().out

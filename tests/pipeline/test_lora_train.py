@@ -71,6 +71,8 @@ def test_resume_follows_the_uninterrupted_run(trained, tmp_path):
     again = train_lora(lora_config(Path(cfg.images), out), progress=False)
     assert again["new_steps"] == 0 and again["resumed_from"] == 12
     assert again["probe_loss_end"] == second["probe_loss_end"]
+    # ... and still tells what training cost, summed over the processes that trained it.
+    assert 0 < first["train_seconds"] < second["train_seconds"] == again["train_seconds"]
     assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
     from safetensors import safe_open
 
@@ -88,13 +90,15 @@ def test_lora_train_cli_end_to_end(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "attnseg.pipeline.cli", "lora", "train", "--images", str(images),
          "--caption", "a street", "--out", str(out), "--steps", "3", "--crop", "64",
-         "--rank", "2", "--target-modules", "to_k,to_v", "--no-progress"],
+         "--rank", "2", "--target-modules", "to_k,to_v", "--noise-offset", "0.1",
+         "--no-progress"],
         env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "trained LoRA to step 3" in r.stdout and "probe loss" in r.stdout
     assert "noise" in r.stdout  # the tiny-model notice
     keys = load_file(str(out / LORA_WEIGHTS)).keys()
     assert keys and all(".to_k." in k or ".to_v." in k for k in keys)
+    assert json.loads((out / "lora_train.json").read_text())["noise_offset"] == 0.1
 
 def test_lora_on_resnet_convolutions_trains_and_fuses(tmp_path):
     """Targets may be the ResNet blocks' convolutions beside the attention projections: the
@@ -112,12 +116,46 @@ def test_lora_on_resnet_convolutions_trains_and_fuses(tmp_path):
     assert (unet_out(fused) - plain).abs().max() > 1e-4
 
 
+def test_noise_offset_adds_a_constant_per_image_and_channel(tmp_path):
+    """--noise-offset shifts each (image, channel) of the training noise by one constant, so
+    the LoRA must read a domain's mean colour from the caption, not the noisy latent; all
+    other draws of a step stay those of a plain run, and a plain run's job (and so its
+    resume) is as it was before the setting existed."""
+    images = write_images(tmp_path / "images", n=2)
+    pipe = build_tiny_pipeline()
+    found = find_training_images(str(images), "a street scene")
+    seen = {}
+    for offset in (0.0, 0.5):
+        trainer = LoraTrainer(pipe, found, lora_config(images, tmp_path / "o",
+                                                       noise_offset=offset), 64)
+        trainer.loss = lambda latents, cond, noise, ts, _o=offset: seen.__setitem__(
+            _o, (latents, noise, ts))
+        trainer.step_loss(3)
+    (lat0, plain, ts0), (lat1, offset_noise, ts1) = seen[0.0], seen[0.5]
+    assert torch.equal(lat0, lat1) and torch.equal(ts0, ts1)
+    shift = offset_noise - plain
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)
+    assert shift[:, :, 0, 0].abs().min() > 0 and shift.abs().max() < 0.5 * 5
+
+    out = tmp_path / "lora"
+    train_lora(lora_config(images, out, steps=2, checkpoint_every=2), progress=False)
+    assert "noise_offset" not in json.loads((out / "lora_train.json").read_text())
+    with pytest.raises(UserError, match="holds a different LoRA training run"):
+        train_lora(lora_config(images, out, steps=4, noise_offset=0.1), progress=False)
+    summary = train_lora(lora_config(images, tmp_path / "offset", steps=2, checkpoint_every=2,
+                                     noise_offset=0.1), progress=False)
+    assert summary["steps"] == 2
+    job = json.loads((tmp_path / "offset" / "lora_train.json").read_text())
+    assert job["noise_offset"] == 0.1
+
+
 @pytest.mark.parametrize("change, message", [
     ({"images": "/no/such/folder"}, "image folder /no/such/folder does not exist"),
     ({"caption": None}, "has no caption file 1.txt and no --caption"),
     ({"target_modules": ("to_q", "to_qq")}, "--target-modules ['to_qq'] match no Linear or Conv2d"),
     ({"crop": 60}, "--crop 60 is not a positive multiple of 8"),
     ({"dtype": "fp16"}, "fp16 training would need loss scaling"),
+    ({"noise_offset": -0.1}, "--noise-offset must be between 0 and 1"),
 ])
 def test_lora_train_bad_input(tmp_path, change, message):
     change = dict(change)
