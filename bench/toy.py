@@ -495,9 +495,9 @@ def _paired(values: list[float], base: list[float]) -> dict:
             "gain": _mean_spread([v - b for v, b in zip(values, base, strict=True)])}
 
 
-def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> dict:
+def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict, levels) -> dict:
     """The paper's three techniques, downstream, paired by seed with `base` (the CE row on
-    the plain prompts' synthetic data, `downstream`'s)."""
+    the plain prompts' synthetic data, `downstream`'s); `levels`: the labeller's noise."""
     per_class = _per_class(cfg.downstream_images)
     key = model_fingerprint(pipe)
     ce = base["synthetic"]["values"]
@@ -543,7 +543,7 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> dict:
     if cfg.crf_iterations:
         out["crf"] = crf_arm(cfg, pipe, work, test, key, ce)
     if cfg.lora_images:
-        out["lora"] = target_domain(cfg, pipe, work, key)
+        out["lora"] = target_domain(cfg, pipe, work, key, levels)
     return out
 
 
@@ -563,6 +563,17 @@ def crf_arm(cfg: ToyBenchConfig, pipe, work: Path, test, key: str, ce: list[floa
     return {"iterations": iterations, **_paired(scores, ce)}
 
 
+def _mean_colour(folder: Path) -> np.ndarray:
+    """The mean RGB of a dataset folder's images (0-255): how far synthesis is from a
+    domain's palette, the plainest measure of a domain gap."""
+    total, count = np.zeros(3), 0
+    for f in sorted((folder / "JPEGImages").glob("*.jpg")):
+        with Image.open(f) as im:
+            total += np.asarray(im.convert("RGB"), dtype=np.float64).mean((0, 1))
+        count += 1
+    return total / max(count, 1)
+
+
 def _seconds(seconds: float | None) -> str:
     """'51 s of training; ' (nothing for runs trained before the time was kept)."""
     return "" if seconds is None else f"{seconds:.0f} s of training; "
@@ -578,14 +589,20 @@ def _lora_tag(targets: tuple[str, ...]) -> str:
     return "".join(f"-{t}" for t in targets)
 
 
-def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str) -> dict:
+def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str, levels) -> dict:
     """On the distant target domain: synthesis with and without a LoRA trained on unlabelled
     target renders, the segmenters scored on a target test set; the exact-label segmenters of
-    both domains beside them."""
+    both domains, the trivial baselines (the colour threshold tuned on a target validation
+    render) and the labeller's pseudo-masks of the target test renders (at `levels`) with and
+    without the LoRA beside them: the last tell whether the LoRA adapts the attention itself,
+    apart from what the synthetic images teach a segmenter."""
+    from attnseg.pipeline.lora import LoraSpec
     from attnseg.pipeline.lora_train import LoraTrainConfig, train_lora
 
     per_class = _per_class(cfg.downstream_images)
     target_test = _render(work, f"target-test-{cfg.test_seed}", cfg.test_seed, cfg, "target")
+    target_val = _render(work, f"target-val-{cfg.val_seed}", cfg.val_seed, cfg, "target")
+    classes = load_classes("toy")
     unlabelled = _rendered(cfg, work / f"target-unlabelled-{cfg.lora_images}-{cfg.lora_seed}",
                            cfg.lora_images, cfg.lora_seed, "target")
     tag = _lora_tag(cfg.lora_targets)
@@ -601,14 +618,18 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str) -> dict:
     if cfg.lora_scale != 1.0:
         tag += f"-s{cfg.lora_scale:g}"
     without, with_lora, exact_target, exact_source = [], [], [], []
+    colour_without, colour_with = [], []
+    target_colour = _mean_colour(work / f"target-test-{cfg.test_seed}")
     for seed in cfg.seeds:
         data = _synth_dir(work, per_class, seed, key)
         without += _train_and_score(cfg, data, _synth_run(work, seed, key), seed,
                                     [target_test])
+        colour_without.append(float(np.linalg.norm(_mean_colour(data) - target_colour)))
         data = _synthesise(cfg, pipe, work / f"synth-lora{tag}-{per_class}x6-seed{seed}-{key}",
                            per_class, seed, loras=(f"{lora_dir}:{cfg.lora_scale:g}",))
         with_lora += _train_and_score(cfg, data, work / f"train-lora{tag}-seed{seed}-{key}",
                                       seed, [target_test])
+        colour_with.append(float(np.linalg.norm(_mean_colour(data) - target_colour)))
         rendered = _rendered(cfg, work / f"exact-target-{per_class * 6}-seed"
                              f"{cfg.exact_seed + seed}", per_class * 6, cfg.exact_seed + seed,
                              "target")
@@ -617,7 +638,19 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str) -> dict:
         exact_source += _train_and_score(cfg, work / f"exact-{per_class * 6}-seed"
                                          f"{cfg.exact_seed + seed}",
                                          work / f"train-exact-seed{seed}", seed, [target_test])
-    return {"test_images": cfg.num_images, "lora": {
+    labels_without = [_pseudo_miou(pipe, "attnseg", levels, cfg, s, target_test, classes)
+                      for s in cfg.seeds]
+    fused = load_pipeline(cfg.model, pipe.unet.device, pipe.unet.dtype,
+                          [LoraSpec(str(lora_dir), cfg.lora_scale)])
+    labels_with = [_pseudo_miou(fused, "attnseg", levels, cfg, s, target_test, classes)
+                   for s in cfg.seeds]
+    del fused
+    return {"test_images": cfg.num_images,
+            "baselines": trivial_baselines(target_val, target_test, cfg.thresholds),
+            "pseudo_masks_without_lora": _mean_spread(labels_without),
+            "pseudo_masks_with_lora": _paired(labels_with, labels_without),
+            "colour_distance_without_lora": _mean_spread(colour_without),
+            "colour_distance_with_lora": _mean_spread(colour_with), "lora": {
                 k: lora[k] for k in ("steps", "images", "trainable_params", "probe_loss_start",
                                      "probe_loss_end")} | {"rank": cfg.lora_rank,
                                                             "lr": cfg.lora_lr,
@@ -828,7 +861,7 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
                             else None)
     report["ablations"] = report["scaling"] = None
     if report["downstream"]:
-        report["ablations"] = ablations(cfg, pipe, work, test, report["downstream"])
+        report["ablations"] = ablations(cfg, pipe, work, test, report["downstream"], chosen)
         report["scaling"] = scaling(cfg, pipe, work, test, report["downstream"])
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["files"] = write_report(report, base)
@@ -950,6 +983,11 @@ def _ms(r: dict) -> str:
     return f"{_pct(r['mean'])} ± {_pct(r['std'])}"
 
 
+def _num(r: dict) -> str:
+    """A mean ± std of raw numbers (not fractions), one decimal."""
+    return f"{r['mean']:.1f} ± {r['std']:.1f}"
+
+
 def _gain(r: dict) -> str:
     g = r["gain"]
     return f"{100 * g['mean']:+.1f} ± {_pct(g['std'])}"
@@ -994,13 +1032,29 @@ def _ablation_lines(report: dict) -> list[str]:
                   f"{lo.get('noise_offset', 0.0):g}; {_seconds(lo['seconds'])}probe loss "
                   f"{lo['probe_loss_start']:.4f} -> {lo['probe_loss_end']:.4f}), fused at "
                   f"scale {lo.get('scale', 1.0):g}.", "",
-                  "| trained on | target test mIoU | gain |", "|---|---|---|",
-                  f"| source renders, exact labels | {_ms(t['exact_labels_source'])} | — |",
+                  "| trained on | target test mIoU | gain |", "|---|---|---|"]
+        tb = t.get("baselines")
+        if tb:  # reports from before these rows
+            lines += [f"| (all background) | {_pct(tb['all_background'])} | — |",
+                      f"| (colour threshold + image labels, threshold "
+                      f"{tb['colour_threshold_tuned']['threshold']} tuned on target "
+                      f"validation seed {cfg['val_seed']}) | {_pct(tb['colour_threshold'])} | — |",
+                      f"| (no training: the labeller's pseudo-masks, no LoRA) | "
+                      f"{_ms(t['pseudo_masks_without_lora'])} | — |",
+                      f"| (no training: the labeller's pseudo-masks, with the LoRA) | "
+                      f"{_ms(t['pseudo_masks_with_lora'])} | "
+                      f"{_gain(t['pseudo_masks_with_lora'])} |"]
+        lines += [f"| source renders, exact labels | {_ms(t['exact_labels_source'])} | — |",
                   f"| target renders, exact labels (upper bound) | "
                   f"{_ms(t['exact_labels_target'])} | — |",
                   f"| synthetic, no LoRA | {_ms(t['without_lora'])} | — |",
                   f"| synthetic, with the target LoRA | {_ms(t['with_lora'])} | "
                   f"{_gain(t['with_lora'])} |", ""]
+        if "colour_distance_with_lora" in t:
+            lines += ["Domain gap in colour: the distance (RGB, 0-255) between the mean colour "
+                      "of the synthetic images and of the target test renders: "
+                      f"{_num(t['colour_distance_without_lora'])} without the LoRA, "
+                      f"{_num(t['colour_distance_with_lora'])} with it.", ""]
     rows = report.get("scaling")
     if rows:
         lines += ["Scaling (same training steps at every count; every count on seeds "

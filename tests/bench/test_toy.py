@@ -162,6 +162,17 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                      .joinpath("job.json").read_text())
     assert [lo["scale"] for lo in job["loras"]] == [0.5]
     assert len(t["exact_labels_target"]["values"]) == 2
+    # The target table's trivial baselines (threshold tuned on a target validation render)
+    # and the labeller's pseudo-masks of the target test renders, paired by seed.
+    assert (work / "target-val-101").is_dir()
+    assert t["baselines"]["colour_threshold_tuned"]["threshold"] in (40, 80)
+    assert 0.0 <= t["baselines"]["all_background"] < 0.5
+    r, plain = t["pseudo_masks_with_lora"], t["pseudo_masks_without_lora"]
+    assert len(r["values"]) == 2 and r["gain"]["values"] == [
+        v - b for v, b in zip(r["values"], plain["values"], strict=True)]
+    assert r["values"] != plain["values"]  # the LoRA is fused: the maps differ
+    for k in ("colour_distance_without_lora", "colour_distance_with_lora"):
+        assert len(t[k]["values"]) == 2 and all(0 < v < 442 for v in t[k]["values"])
     assert [r["images"] for r in report["scaling"]] == [12, 18]
     assert report["scaling"][1]["seeds"] == [0] and len(report["scaling"][1]["synthetic"]
                                                         ["values"]) == 1
@@ -174,6 +185,9 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "chosen on the validation set" in md
     assert "`ignore-band`" in md and "with the target LoRA" in md and "| 18 |" in md
     assert "noise offset 0.2" in md and "fused at scale 0.5" in md
+    assert "tuned on target validation seed 101" in md
+    assert "the labeller's pseudo-masks, with the LoRA" in md
+    assert "Domain gap in colour" in md
     assert "| mask refinement | dense CRF (1 iterations)" in md
     assert "the model's pseudo-masks (real-image labeller)" in md
     assert "results:" in capsys.readouterr().out
