@@ -1034,7 +1034,7 @@ def _ablation_lines(report: dict) -> list[str]:
                   f"scale {lo.get('scale', 1.0):g}.", "",
                   "| trained on | target test mIoU | gain |", "|---|---|---|"]
         tb = t.get("baselines")
-        if tb:  # reports from before these rows
+        if tb:  # reports written before these rows existed lack them
             lines += [f"| (all background) | {_pct(tb['all_background'])} | — |",
                       f"| (colour threshold + image labels, threshold "
                       f"{tb['colour_threshold_tuned']['threshold']} tuned on target "
