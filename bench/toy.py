@@ -1153,6 +1153,8 @@ def plot(report: dict, path: Path) -> bool:
                         yerr=[100 * r[key]["std"] for r in scale], marker="o", color=colour,
                         label=label, capsize=2)
         ax.set_xscale("log")
+        ax.minorticks_off()  # the log axis's minor labels overlap at these few counts
+        ax.set_xticks(n, [str(x) for x in n])
         ax.set_xlabel("training images")
         ax.set_title("scaling (source test)", fontsize=9)
         ax.legend(fontsize=7)
