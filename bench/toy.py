@@ -619,7 +619,7 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str, levels) -> di
         tag += f"-s{cfg.lora_scale:g}"
     without, with_lora, exact_target, exact_source = [], [], [], []
     colour_without, colour_with = [], []
-    target_colour = _mean_colour(work / f"target-test-{cfg.test_seed}")
+    target_colour = _mean_colour(Path(target_test.root))
     for seed in cfg.seeds:
         data = _synth_dir(work, per_class, seed, key)
         without += _train_and_score(cfg, data, _synth_run(work, seed, key), seed,
