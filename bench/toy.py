@@ -107,13 +107,18 @@ class ToyBenchConfig:
     error_probe_draws: int = 4
     # Downstream: images synthesised (and rendered, for the upper bound) per run; 0: skipped.
     downstream_images: int = 240
-    # The segmenters' training protocol (steps, learning rate): chosen on the validation set
-    # among `train_candidates` (trained on the first seed's synthetic data, the main row's);
-    # with no candidates, train_steps and train_lr as given.
-    train_candidates: tuple[tuple[int, float], ...] = ((2000, 2e-3), (6000, 2e-3),
-                                                       (6000, 8e-3))
+    # The segmenters' training protocol (steps, learning rate, input size): chosen on the
+    # validation set among `train_candidates` (trained on the first seed's synthetic data, the
+    # main row's); with no candidates, train_steps, train_lr and train_size as given. The input
+    # size is the side training crops and test images are resized to (0: the render's own
+    # size): segformer predicts at a quarter of its input, so at 64x64 its 16x16 logits cannot
+    # draw the outlines exact labels give, which caps the upper bound; a candidate may leave
+    # the size out (then 0).
+    train_candidates: tuple[tuple, ...] = ((2000, 2e-3), (6000, 2e-3), (6000, 8e-3),
+                                           (6000, 8e-3, 128))
     train_steps: int = 2000
     train_lr: float = 2e-3
+    train_size: int = 0
     train_model: str = "segformer-tiny"
     synth_steps: int = 20
     guidance: float = 4.0
@@ -158,7 +163,8 @@ class ToyBenchConfig:
         self.error_probe_levels = tuple(self.error_probe_levels)
         self.losses = tuple(self.losses)
         self.scaling_images = tuple(self.scaling_images)
-        self.train_candidates = tuple((int(n), float(lr)) for n, lr in self.train_candidates)
+        self.train_candidates = tuple((int(c[0]), float(c[1]), int(c[2]) if len(c) > 2 else 0)
+                                      for c in self.train_candidates)
         self.lora_targets = tuple(self.lora_targets)
         self.layer_candidates = tuple((tuple(int(x) for x in strides), tuple(blocks))
                                       for strides, blocks in self.layer_candidates)
@@ -178,10 +184,12 @@ class ToyBenchConfig:
             raise UserError("error_probe_draws must be >= 0")
         for name in self.losses:
             LossConfig(name=name).validate()
-        for steps, lr in self.train_candidates or ((self.train_steps, self.train_lr),):
-            if steps < 1 or not lr > 0:
-                raise UserError(f"training protocol ({steps} steps, lr {lr}) needs steps >= 1 "
-                                "and lr > 0")
+        for steps, lr, size in self.train_candidates or (
+                (self.train_steps, self.train_lr, self.train_size),):
+            if steps < 1 or not lr > 0 or not (size == 0 or size >= 32):
+                raise UserError(f"training protocol ({steps} steps, lr {lr}, input size {size}) "
+                                "needs steps >= 1, lr > 0 and a size of 0 (the render's) or "
+                                ">= 32")
         if not 1 <= self.scaling_seeds <= len(self.seeds):
             raise UserError("scaling_seeds must be between 1 and the number of seeds")
 
@@ -343,22 +351,32 @@ def _train_and_score(cfg: ToyBenchConfig, data: Path, run: Path, seed: int, test
                      loss: str = "ce") -> list[float]:
     """Train the downstream segmenter on `data` (resumes a finished run: nothing retrained)
     and score it on each of `tests`."""
-    from attnseg.pipeline.evaluate import evaluate_model, inference_for
+    from attnseg.pipeline.evaluate import InferenceConfig, evaluate_model, inference_for
     from attnseg.pipeline.train import load_model, run_training, train_config_from
 
     if (cfg.train_steps, cfg.train_lr) != (2000, 2e-3):
         # Runs of the first protocol keep their names (work folders from before the
         # protocol was a setting); the others are named by it.
         run = run.with_name(f"{run.name}-{cfg.train_steps}s-lr{cfg.train_lr:g}")
+    size = _input_size(cfg)
+    resized = size != cfg.size
+    if resized:
+        run = run.with_name(f"{run.name}-{size}px")
     tcfg = train_config_from(dict(
         data=[str(data)], out=str(run), model=cfg.train_model, steps=cfg.train_steps,
         batch_size=8, lr=cfg.train_lr, warmup_steps=cfg.train_steps // 10, head_lr_mult=1.0,
         workers=0, checkpoint_every=cfg.train_steps, log_every=cfg.train_steps,
         progress=False, seed=seed, loss={"name": loss},
-        augment={"crop_size": [cfg.size, cfg.size], "base_scale": None}))
+        augment={"crop_size": [size, size], "base_scale": [size, size] if resized else None}))
     run_training(tcfg)
     model = load_model(run)
-    return [evaluate_model(model, t, inference_for("synthetic"))["mIoU"] for t in tests]
+    inference = InferenceConfig(scale=(size, size)) if resized else inference_for("synthetic")
+    return [evaluate_model(model, t, inference)["mIoU"] for t in tests]
+
+
+def _input_size(cfg: ToyBenchConfig) -> int:
+    """The side the segmenter's inputs are resized to (train_size, else the render's)."""
+    return cfg.train_size or cfg.size
 
 
 def _synthesise(cfg: ToyBenchConfig, pipe, folder: Path, per_class: int, seed: int,
@@ -411,14 +429,16 @@ def choose_protocol(cfg: ToyBenchConfig, pipe, work: Path, val) -> tuple[ToyBenc
     data = _synthesise(cfg, pipe, _synth_dir(work, per_class, seed, key), per_class,
                        seed)
     scores = {}
-    for steps, lr in cfg.train_candidates:
-        c = replace(cfg, train_steps=steps, train_lr=lr)
-        scores[(steps, lr)] = _train_and_score(c, data, _synth_run(work, seed, key),
-                                               seed, [val])[0]
-    steps, lr = max(scores, key=scores.get)
-    return replace(cfg, train_steps=steps, train_lr=lr), {
-        "chosen": {"steps": steps, "lr": lr}, "seed": seed,
-        "val_mIoU": [{"steps": n, "lr": r, "mIoU": v} for (n, r), v in scores.items()]}
+    for steps, lr, size in cfg.train_candidates:
+        c = replace(cfg, train_steps=steps, train_lr=lr, train_size=size)
+        scores[(steps, lr, size)] = _train_and_score(c, data, _synth_run(work, seed, key),
+                                                     seed, [val])[0]
+    steps, lr, size = max(scores, key=scores.get)
+    chosen = replace(cfg, train_steps=steps, train_lr=lr, train_size=size)
+    return chosen, {
+        "chosen": {"steps": steps, "lr": lr, "size": _input_size(chosen)}, "seed": seed,
+        "val_mIoU": [{"steps": n, "lr": r, "size": _input_size(replace(cfg, train_size=z)),
+                      "mIoU": v} for (n, r, z), v in scores.items()]}
 
 
 def _relabelled(cfg: ToyBenchConfig, pipe, levels, rendered: Path, folder: Path, seed: int,
@@ -484,7 +504,8 @@ def downstream(cfg: ToyBenchConfig, pipe, work: Path, test, levels) -> dict:
                                        seed, [test])
     s, e = _mean_spread(synthetic), _mean_spread(exact)
     return {"images": per_class * 6, "train_model": cfg.train_model,
-            "train_steps": cfg.train_steps, "train_lr": cfg.train_lr, "synthetic": s,
+            "train_steps": cfg.train_steps, "train_lr": cfg.train_lr,
+            "train_size": _input_size(cfg), "synthetic": s,
             "exact_labels": e, "rendered_pseudo_masks": _mean_spread(relabelled),
             "fraction_of_upper_bound": s["mean"] / e["mean"] if e["mean"] else None}
 
@@ -950,14 +971,15 @@ def markdown(report: dict) -> str:
     if d:
         protocol = report.get("protocol")
         if protocol:
-            tried = ", ".join(f"{r['steps']} steps at lr {r['lr']:g}: {_pct(r['mIoU'])}"
+            tried = ", ".join(f"{r['steps']} steps at lr {r['lr']:g}"
+                              f"{_input_words(r.get('size'), cfg)}: {_pct(r['mIoU'])}"
                               for r in protocol["val_mIoU"])
             lines += [f"Training protocol chosen on the validation set (the segmenter trained "
                       f"on seed {protocol['seed']}'s synthetic data; val mIoU in %): {tried}.",
                       ""]
         lines += [f"Downstream ({d['train_model']}, {d['train_steps']} steps, lr "
-                  f"{d.get('train_lr', 2e-3):g}, {d['images']} training images, test mIoU in "
-                  "%):", "",
+                  f"{d.get('train_lr', 2e-3):g}{_input_words(d.get('train_size'), cfg)}, "
+                  f"{d['images']} training images, test mIoU in %):", "",
                   "| trained on | test mIoU |", "|---|---|",
                   f"| the model's images + pseudo-masks (`attnseg synth`) | "
                   f"{_pct(d['synthetic']['mean'])} ± {_pct(d['synthetic']['std'])} |",
@@ -993,15 +1015,21 @@ def _gain(r: dict) -> str:
     return f"{100 * g['mean']:+.1f} ± {_pct(g['std'])}"
 
 
+def _input_words(size: int | None, cfg: dict) -> str:
+    """" at 128x128 input" where the segmenter's inputs were resized, else nothing."""
+    return f" at {size}x{size} input" if size and size != cfg["size"] else ""
+
+
 def _ablation_lines(report: dict) -> list[str]:
     a, d, cfg = report.get("ablations"), report.get("downstream"), report["config"]
     if not a:
         return []
     lines = ["## Ablations (downstream, same images and training as above)", "",
-             f"Each row trains {d['train_model']} for {d['train_steps']} steps on "
-             f"{d['images']} synthetic images; test mIoU in %, mean ± std over seeds "
-             f"{cfg['seeds']}; the gain is paired by seed (same synthetic data where the "
-             "data is shared) and its ± is the spread of the per-seed gains.", "",
+             f"Each row trains {d['train_model']} for {d['train_steps']} steps"
+             f"{_input_words(d.get('train_size'), cfg)} on {d['images']} synthetic images; "
+             f"test mIoU in %, mean ± std over seeds {cfg['seeds']}; the gain is paired by "
+             "seed (same synthetic data where the data is shared) and its ± is the spread of "
+             "the per-seed gains.", "",
              "| technique | variant | test mIoU | gain |", "|---|---|---|---|",
              f"| loss | plain CE | {_ms(d['synthetic'])} | — |"]
     for name, r in a["losses"].items():

@@ -67,7 +67,8 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "bg_candidates=[0.3,0.6]",
                "--set", "layer_candidates=[[[8],[\"up\"]],[[8,16],[\"down\"]]]",
                "--set", "downstream_images=12",
-               "--set", "train_candidates=[[4,0.002],[2,0.008]]", "--set", "synth_steps=2",
+               "--set", "train_candidates=[[4,0.002],[2,0.008],[2,0.008,96]]",
+               "--set", "synth_steps=2",
                "--set", "crf_iterations=1",
                "--set", "crf_cost_size=24", "--set", "losses=[\"ignore-band\"]",
                "--set", "lora_images=8", "--set", "lora_steps=2",
@@ -108,14 +109,19 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "Which object is which" in (tmp_path / "toy.md").read_text()
     # The training protocol is chosen on the validation set; every row then uses it.
     protocol = report["protocol"]
-    val = {(r["steps"], r["lr"]): r["mIoU"] for r in protocol["val_mIoU"]}
-    assert set(val) == {(4, 0.002), (2, 0.008)}
-    chosen = (protocol["chosen"]["steps"], protocol["chosen"]["lr"])
+    val = {(r["steps"], r["lr"], r["size"]): r["mIoU"] for r in protocol["val_mIoU"]}
+    assert set(val) == {(4, 0.002, 64), (2, 0.008, 64), (2, 0.008, 96)}
+    chosen = tuple(protocol["chosen"][k] for k in ("steps", "lr", "size"))
     assert val[chosen] == max(val.values())
     d = report["downstream"]
-    assert (d["train_steps"], d["train_lr"]) == chosen
+    assert (d["train_steps"], d["train_lr"], d["train_size"]) == chosen
     work = tmp_path / "toy.work"
-    assert (work / "train-synth-seed0-" f"{_fingerprint('tiny')}-2s-lr0.008").is_dir()
+    run = work / f"train-synth-seed0-{_fingerprint('tiny')}-2s-lr0.008"
+    assert run.is_dir()
+    # The input-size candidate trains on crops resized to its side, in its own run folder.
+    resized = json.loads((run.with_name(run.name + "-96px") / "run.json").read_text())
+    assert resized["config"]["augment"]["crop_size"] == [96, 96]
+    assert resized["config"]["augment"]["base_scale"] == [96, 96]
     assert d["images"] == 12 and len(d["synthetic"]["values"]) == 2
     assert all(0.0 <= v <= 1.0 for v in d["synthetic"]["values"] + d["exact_labels"]["values"])
     # The exact-label renders relabelled by the labeller: same image files, the labeller's
