@@ -57,9 +57,14 @@ def _eager_set(pipe, harvest, map_impl):
 
 
 def _assert_close(diff, image_tol=0.0):
+    from attnseg.engines.verify import TOLERANCES
+
     assert diff["image_max_abs_diff"] <= image_tol, diff
-    assert diff["label_agreement"] == 1.0, diff
     assert max(diff["map_max_rel_diff"].values()) < 1e-5, diff
+    # The maps agree to 1e-5 (above); a pixel whose value sits on the mask threshold can still
+    # flip with the CPU's summation order (seen on an AMD EPYC: 1 of 6,144 pixels), so labels
+    # are held to the fp32 tolerance `attnseg engine verify` uses, not to exact equality.
+    assert diff["label_agreement"] >= TOLERANCES["fp32"][1], diff
 
 
 @pytest.mark.parametrize("map_impl", ["ref", "op"])
