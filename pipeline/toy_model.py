@@ -84,6 +84,11 @@ class ToyModelConfig:
     # trained so far (its card says how many steps), resume later where it stopped. For a
     # lent GPU's fixed minutes.
     time_limit_s: float = 0.0
+    # A model exported by `attnseg toy train-model` (a folder, or `toy`: the shipped one) to
+    # go on training instead of starting from random weights: its VAE, text encoder and UNet
+    # (the EMA it shipped) and its step count, with fresh optimiser states (an export keeps
+    # none). Batches stay those of (seed, step), so the run goes on where that model stopped.
+    init_from: str = ""
 
     def __post_init__(self):
         self.vae_channels = tuple(self.vae_channels)  # a config file gives lists
@@ -232,7 +237,11 @@ class ToyModelTrainer:
         self.words = class_words()
         alphas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         self.alpha_bar = torch.cumprod(1 - alphas, 0).float().to(self.device)
+        # The card of the model this run went on from (`init_from`), kept in every export.
+        self.init_card: dict | None = None
         self._resume()
+        if self.step == 0 and cfg.init_from:
+            self._init_from(cfg.init_from)
 
     # -- state ---------------------------------------------------------------------------
     def _checkpoint_paths(self) -> tuple[Path, Path]:
@@ -261,6 +270,49 @@ class ToyModelTrainer:
             self.vae.register_to_config(scaling_factor=info["scaling_factor"])
         self.step = info["step"]
         self.losses = info["losses"]
+        self.init_card = info.get("init_from")
+
+    # What must match for an exported model's weights to load into this run's modules.
+    _ARCHITECTURE = ("size", "vae_channels", "unet_channels", "head_dim", "text_dim",
+                     "max_length")
+
+    def _init_from(self, model: str) -> None:
+        from safetensors.torch import load_file
+
+        from .models import model_source
+
+        folder = Path(model_source(model)).expanduser()
+        try:
+            card = json.loads((folder / "attnseg_toy_model.json").read_text())
+            scaling = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"init_from {model}: not a model exported by `attnseg toy "
+                            f"train-model` ({e})") from None
+        wanted = {k: v for k, v in self._config_doc().items() if k in self._ARCHITECTURE}
+        theirs = {k: card["config"].get(k) for k in self._ARCHITECTURE}
+        if wanted != json.loads(json.dumps(theirs)):
+            raise UserError(f"init_from {model}: its architecture {theirs} differs from this "
+                            f"run's {wanted}")
+        if card["steps"] < self.cfg.vae_steps:
+            raise UserError(f"init_from {model}: it stopped at step {card['steps']}, inside "
+                            f"the VAE phase ({self.cfg.vae_steps} steps); resume its own run")
+        parts = (("vae", self.vae, "diffusion_pytorch_model"),
+                 ("text_encoder", self.text_encoder, "model"),
+                 ("unet", self.unet, "diffusion_pytorch_model"))
+        for sub, module, stem in parts:
+            like = module.state_dict()
+            try:
+                weights = load_file(str(folder / sub / f"{stem}.safetensors"))
+                module.load_state_dict({k: v.to(like[k].dtype) if k in like else v
+                                        for k, v in weights.items()})
+            except (OSError, RuntimeError) as e:
+                first = str(e).strip().splitlines()[0]
+                raise UserError(f"init_from {model}: its {sub} weights do not load ({first})"
+                                ) from None
+        self.vae.register_to_config(scaling_factor=float(scaling))
+        self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        self.step = int(card["steps"])
+        self.init_card = {"model": str(folder), "steps": self.step, "config": card["config"]}
 
     def _config_doc(self) -> dict:
         doc = asdict(self.cfg)
@@ -285,6 +337,8 @@ class ToyModelTrainer:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         info = {"step": self.step, "config": self._config_doc(), "losses": self.losses,
                 "vae_opt": vae_groups, "unet_opt": unet_groups}
+        if self.init_card is not None:
+            info["init_from"] = self.init_card
         if self.step > self.cfg.vae_steps or self.cfg.vae_steps == 0:
             info["scaling_factor"] = float(self.vae.config.scaling_factor)
         weights, meta = self._checkpoint_paths()
@@ -428,7 +482,8 @@ class ToyModelTrainer:
             else:
                 if self.latents is None:
                     self._encode_all()
-                    if "scaling_factor" not in self._stored_info():
+                    # A run going on from a model keeps the factor its UNet learnt with.
+                    if "scaling_factor" not in self._stored_info() and self.init_card is None:
                         self._set_scaling_factor()
                 self.vae.requires_grad_(False)
                 self.unet.train()
@@ -491,6 +546,8 @@ class ToyModelTrainer:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         card = {"trained_by": "attnseg toy train-model", "config": asdict(self.cfg),
                 "steps": self.step}
+        if self.init_card is not None:
+            card["init_from"] = self.init_card
         (tmp / "attnseg_toy_model.json").write_text(json.dumps(card, indent=1) + "\n")
         if folder.exists():
             shutil.rmtree(folder)

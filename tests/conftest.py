@@ -2,8 +2,18 @@
 
 import os
 
-import pytest
-import torch
+# Under pytest-xdist (the README's test command: `-n auto`) each worker takes its share of the
+# cores: torch's default, every core in every process, oversubscribes them, and OpenMP threads
+# waiting on each other cost 10-50x. Set before torch loads; subprocesses inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Triton kernels run on CPU through the interpreter when there is no GPU.
 if not torch.cuda.is_available():

@@ -63,11 +63,13 @@ def resources(fn, signature, constexprs, num_warps, arch):
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={{"num_warps": num_warps}})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
     suffix = "a" if arch == 90 else ""
-    out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{{arch}}{{suffix}}", "-v", f.name,
-                          "-o", "/dev/null"], capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:  # gone afterwards, ptx and all
+        ptx = tmp + "/kernel.ptx"
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{{arch}}{{suffix}}", "-v", ptx,
+                              "-o", "/dev/null"], capture_output=True, text=True)
     report = out.stdout + out.stderr
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))

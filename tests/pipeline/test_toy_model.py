@@ -169,6 +169,57 @@ def test_exported_model_loads_like_any_sd_folder(small_model):
     assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
 
 
+def test_training_goes_on_from_an_exported_model(small_model, tmp_path, capsys,
+                                                torch_one_thread):
+    """`init_from`: a run starts from an exported model's weights and step count (fresh
+    optimiser states), records where it came from, and resumes like any run."""
+    from safetensors.torch import load_file
+
+    exported = json.loads((small_model / "attnseg_toy_model.json").read_text())
+    shipped_unet = load_file(str(small_model / "unet" / "diffusion_pytorch_model.safetensors"))
+    # No step left to train: the export is the model it started from (fp16 round trip).
+    same = ToyModelTrainer(small_config(tmp_path / "same", init_from=str(small_model)))
+    assert same.step == exported["steps"] == 5
+    assert same.vae.config.scaling_factor == pytest.approx(
+        json.loads((small_model / "vae" / "config.json").read_text())["scaling_factor"])
+    again = same.train(progress=False)
+    again_unet = load_file(str(again / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, again_unet[k]) for k, v in shipped_unet.items())
+    # Two more UNet steps: they change the weights, the card says where the run began, and the
+    # same run stopped after one step and resumed reaches the same weights.
+    straight = ToyModelTrainer(small_config(tmp_path / "on", init_from=str(small_model),
+                                            unet_steps=5))
+    model = straight.train(progress=False)
+    card = json.loads((model / "attnseg_toy_model.json").read_text())
+    assert card["steps"] == 7 and card["init_from"]["steps"] == 5
+    assert card["init_from"]["model"] == str(small_model)
+    moved = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(v, moved[k]) for k, v in shipped_unet.items())
+    losses = json.loads((tmp_path / "on" / "loss.json").read_text())
+    assert losses["vae"] == [] and [s for s, _ in losses["unet"]] == [7]
+    ToyModelTrainer(small_config(tmp_path / "split", init_from=str(small_model), unet_steps=5,
+                                 time_limit_s=1e-9)).train(progress=False)
+    resumed = ToyModelTrainer(small_config(tmp_path / "split", init_from=str(small_model),
+                                           unet_steps=5))
+    assert resumed.step == 6 and resumed.init_card == straight.init_card
+    resumed.train(progress=False)
+    for k, v in straight.unet.state_dict().items():
+        assert torch.equal(v, resumed.unet.state_dict()[k]), k
+    # Through the CLI: another architecture, or a folder that is no toy model, is one line.
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in
+            [("num_scenes", 12), ("size", 32), ("vae_channels", [16, 16]),
+             ("unet_channels", [16, 48]), ("head_dim", 16), ("text_dim", 16), ("vae_steps", 2),
+             ("init_from", str(small_model))]]
+    rc = main(["toy", "train-model", "--out", str(tmp_path / "other"), "--no-progress"] + sets)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "architecture" in err and "Traceback" not in err
+    rc = main(["toy", "train-model", "--out", str(tmp_path / "none"), "--no-progress",
+               "--set", f"init_from={tmp_path / 'same'}"])
+    assert rc == 2
+    assert "not a model exported" in capsys.readouterr().err
+
+
 def test_presets_follow_the_latent_stride():
     p8, p2 = get_preset("attnseg"), get_preset("attnseg", 2)
     assert p2.harvest.strides == tuple(s // 4 for s in p8.harvest.strides)
@@ -238,9 +289,11 @@ def test_shipped_model_is_safetensors_and_small():
     assert card["trained_by"] == "attnseg toy train-model"
     # The shipped model is what `attnseg toy train-model` with its defaults trains.
     # (`device` and `time_limit_s` came later: where and how long a run trains at a time
-    # change nothing it is asked to learn.)
+    # change nothing it is asked to learn; `init_from` came later too, and the card has no
+    # `init_from` entry: it began from random weights.)
+    assert "init_from" not in card
     assert card["config"] | {"out": None, "threads": 0, "checkpoint_every": 0,
-                             "device": "auto", "time_limit_s": 0.0} == \
+                             "device": "auto", "time_limit_s": 0.0, "init_from": ""} == \
         json.loads(json.dumps(ToyModelConfig(out=None, threads=0, checkpoint_every=0).__dict__))
     assert card["steps"] == ToyModelConfig().vae_steps + ToyModelConfig().unet_steps
 
