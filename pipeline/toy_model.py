@@ -285,16 +285,17 @@ class ToyModelTrainer:
         try:
             card = json.loads((folder / "attnseg_toy_model.json").read_text())
             scaling = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
-        except (OSError, ValueError, KeyError) as e:
+            steps, their_config = int(card["steps"]), dict(card["config"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"init_from {model}: not a model exported by `attnseg toy "
                             f"train-model` ({e})") from None
         wanted = {k: v for k, v in self._config_doc().items() if k in self._ARCHITECTURE}
-        theirs = {k: card["config"].get(k) for k in self._ARCHITECTURE}
+        theirs = {k: their_config.get(k) for k in self._ARCHITECTURE}
         if wanted != json.loads(json.dumps(theirs)):
             raise UserError(f"init_from {model}: its architecture {theirs} differs from this "
                             f"run's {wanted}")
-        if card["steps"] < self.cfg.vae_steps:
-            raise UserError(f"init_from {model}: it stopped at step {card['steps']}, inside "
+        if steps < self.cfg.vae_steps:
+            raise UserError(f"init_from {model}: it stopped at step {steps}, inside "
                             f"the VAE phase ({self.cfg.vae_steps} steps); resume its own run")
         parts = (("vae", self.vae, "diffusion_pytorch_model"),
                  ("text_encoder", self.text_encoder, "model"),
@@ -311,8 +312,8 @@ class ToyModelTrainer:
                                 ) from None
         self.vae.register_to_config(scaling_factor=float(scaling))
         self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
-        self.step = int(card["steps"])
-        self.init_card = {"model": str(folder), "steps": self.step, "config": card["config"]}
+        self.step = steps
+        self.init_card = {"model": str(folder), "steps": steps, "config": their_config}
 
     def _config_doc(self) -> dict:
         doc = asdict(self.cfg)
