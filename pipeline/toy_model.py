@@ -277,14 +277,11 @@ class ToyModelTrainer:
                      "max_length")
 
     def _init_from(self, model: str) -> None:
-        from safetensors.torch import load_file
-
-        from .models import model_source
+        from .models import load_pipeline, model_source
 
         folder = Path(model_source(model)).expanduser()
         try:
             card = json.loads((folder / "attnseg_toy_model.json").read_text())
-            scaling = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
             steps, their_config = int(card["steps"]), dict(card["config"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"init_from {model}: not a model exported by `attnseg toy "
@@ -297,20 +294,17 @@ class ToyModelTrainer:
         if steps < self.cfg.vae_steps:
             raise UserError(f"init_from {model}: it stopped at step {steps}, inside "
                             f"the VAE phase ({self.cfg.vae_steps} steps); resume its own run")
-        parts = (("vae", self.vae, "diffusion_pytorch_model"),
-                 ("text_encoder", self.text_encoder, "model"),
-                 ("unet", self.unet, "diffusion_pytorch_model"))
-        for sub, module, stem in parts:
-            like = module.state_dict()
+        # Loaded as `--model` loads it (safetensors only), widened to fp32 for training.
+        pipe = load_pipeline(str(folder), torch.device("cpu"), torch.float32)
+        for name, module in (("vae", self.vae), ("text_encoder", self.text_encoder),
+                             ("unet", self.unet)):
             try:
-                weights = load_file(str(folder / sub / f"{stem}.safetensors"))
-                module.load_state_dict({k: v.to(like[k].dtype) if k in like else v
-                                        for k, v in weights.items()})
-            except (OSError, RuntimeError) as e:
+                module.load_state_dict(getattr(pipe, name).state_dict())
+            except RuntimeError as e:
                 first = str(e).strip().splitlines()[0]
-                raise UserError(f"init_from {model}: its {sub} weights do not load ({first})"
+                raise UserError(f"init_from {model}: its {name} weights do not load ({first})"
                                 ) from None
-        self.vae.register_to_config(scaling_factor=float(scaling))
+        self.vae.register_to_config(scaling_factor=float(pipe.vae.config.scaling_factor))
         self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
         self.step = steps
         self.init_card = {"model": str(folder), "steps": steps, "config": their_config}
