@@ -28,10 +28,11 @@ trained on other renders (`--model toy`, the shipped one, by default):
 7. **Ablations** of the method's three techniques, downstream, at the same image budget and
    training as 6 (paired by seed): each reliability-aware loss against plain CE on the same
    synthetic data (`losses`); the plain prompts against the toy templates with the class word
-   only and against the augmented set of `attnseg prompts` (synonyms and hyponyms;
-   `prompt_augment`); on the target domain, synthesis without and with a LoRA trained by
-   `attnseg lora train` on unlabelled target-domain renders (`lora_images` > 0), scored on a
-   target-domain test set, beside the exact-label bounds of both domains;
+   only, against the augmented set of `attnseg prompts` (synonyms and hyponyms) and against
+   that set with prompts naming several classes (`prompt_arms`); on the target domain,
+   synthesis without and with a LoRA trained by `attnseg lora train` on unlabelled
+   target-domain renders (`lora_images` > 0), scored on a target-domain test set,
+   beside the exact-label bounds of both domains;
 8. **Scaling** (`scaling_images`): downstream mIoU against the number of synthetic images,
    with the exact-label segmenter at the same counts (`scaling_seeds` seeds each).
 
@@ -60,6 +61,7 @@ from attnseg.pipeline.evaluate import MetricAccumulator
 from attnseg.pipeline.lora_train import LORA_TARGETS
 from attnseg.pipeline.losses import LossConfig
 from attnseg.pipeline.models import load_pipeline, model_fingerprint
+from attnseg.pipeline.prompt_augment import check_classes_per_prompt
 from attnseg.pipeline.prompts import fill_template, load_classes
 from attnseg.pipeline.real_images import (
     RealImageConfig,
@@ -72,6 +74,8 @@ from attnseg.pipeline.toy_world import ToyRenderConfig, render_dataset
 
 from .quality import _pct, score_real_pseudo_masks
 from .throughput import machine_info, output_base, with_suffix, write_json_and_markdown
+
+PROMPT_ARMS = ("templates", "augmented", "several-classes")
 
 
 @dataclass
@@ -126,7 +130,12 @@ class ToyBenchConfig:
     # Ablations (downstream; skipped without downstream_images): reliability-aware losses
     # trained on the same synthetic data as the CE row; prompt sets at the same budget.
     losses: tuple[str, ...] = ("ignore-band", "reliability-weighted", "cotrain")
-    prompt_augment: bool = True
+    # Prompt arms: "templates" (the toy templates, class word only), "augmented" (`attnseg
+    # prompts`: synonyms and hyponyms too), "several-classes" (augmented, a prompt naming 1,
+    # 2, 3 classes at `classes_per_prompt`: the renders' own shares of 1, 2, 3 objects, fixed
+    # from the world, not tuned).
+    prompt_arms: tuple[str, ...] = ("templates", "augmented", "several-classes")
+    classes_per_prompt: tuple[float, ...] = (0.4, 0.35, 0.25)
     # Target domain: unlabelled target renders a LoRA is trained on (0: skipped), its settings
     # (fixed beforehand, not tuned), and the seed of those renders.
     lora_images: int = 400
@@ -162,6 +171,8 @@ class ToyBenchConfig:
         self.noise_candidates = tuple(tuple(c) for c in self.noise_candidates)
         self.error_probe_levels = tuple(self.error_probe_levels)
         self.losses = tuple(self.losses)
+        self.prompt_arms = tuple(self.prompt_arms)
+        self.classes_per_prompt = tuple(float(w) for w in self.classes_per_prompt)
         self.scaling_images = tuple(self.scaling_images)
         self.train_candidates = tuple((int(c[0]), float(c[1]), int(c[2]) if len(c) > 2 else 0)
                                       for c in self.train_candidates)
@@ -184,6 +195,11 @@ class ToyBenchConfig:
             raise UserError("error_probe_draws must be >= 0")
         for name in self.losses:
             LossConfig(name=name).validate()
+        unknown = set(self.prompt_arms) - set(PROMPT_ARMS)
+        if unknown:
+            raise UserError(f"unknown prompt arm(s) {sorted(unknown)}; choose from "
+                            f"{list(PROMPT_ARMS)}")
+        check_classes_per_prompt(self.classes_per_prompt)
         for steps, lr, size in self.train_candidates or (
                 (self.train_steps, self.train_lr, self.train_size),):
             if steps < 1 or not lr > 0 or not (size == 0 or size >= 32):
@@ -532,7 +548,7 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict, levels) -
                                        [test], loss=loss)
         losses[loss] = _paired(scores, ce)
     out["losses"] = losses
-    if cfg.prompt_augment:
+    if cfg.prompt_arms:
         from attnseg.pipeline.prompt_augment import (
             PromptsConfig,
             build_prompt_set,
@@ -543,21 +559,31 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict, levels) -
 
         arms = {}
         # The toy templates with the class word only (as many as there are; synth cycles
-        # through them), then with the lexicon's synonyms and hyponyms too.
+        # through them), then with the lexicon's synonyms and hyponyms too, then those
+        # naming several classes per prompt.
         templates = len(load_templates(default_templates_file("toy")))
-        for arm, lexicon, count in (("templates", False, templates),
-                                    ("augmented", True, per_class)):
+        several = cfg.classes_per_prompt
+        settings = {"templates": (False, templates, (1.0,)),
+                    "augmented": (True, per_class, (1.0,)),
+                    "several-classes": (True, per_class, several)}
+        for arm in cfg.prompt_arms:
+            lexicon, count, weights = settings[arm]
             scores = []
             for seed in cfg.seeds:
-                file = work / f"prompts-{arm}-{count}-seed{seed}.jsonl"
+                # The file is named by what it holds, so a work folder's file of other
+                # weights is not taken for this one.
+                suffix = "" if weights == (1.0,) else "-" + ",".join(f"{w:g}" for w in weights)
+                file = work / f"prompts-{arm}-{count}{suffix}-seed{seed}.jsonl"
                 if not file.is_file():
                     prompt_set = build_prompt_set(PromptsConfig(
                         classes="toy", num_per_class=count, seed=seed, model=cfg.model,
-                        builtin_lexicon=lexicon))
+                        builtin_lexicon=lexicon, classes_per_prompt=weights))
                     write_prompt_file(file, prompt_set.records())
-                data = _synthesise(cfg, pipe, work / f"synth-{arm}-{per_class}x6-seed{seed}-{key}",
+                data = _synthesise(cfg, pipe,
+                                   work / f"synth-{arm}{suffix}-{per_class}x6-seed{seed}-{key}",
                                    per_class, seed, prompts=str(file))
-                scores += _train_and_score(cfg, data, work / f"train-{arm}-seed{seed}-{key}",
+                scores += _train_and_score(cfg, data,
+                                           work / f"train-{arm}{suffix}-seed{seed}-{key}",
                                            seed, [test])
             arms[arm] = _paired(scores, ce)
         out["prompts"] = arms
@@ -1038,9 +1064,14 @@ def _ablation_lines(report: dict) -> list[str]:
     if prompts:
         lines.append(f"| prompts | plain (`attnseg synth`'s default templates, class word) | "
                      f"{_ms(d['synthetic'])} | — |")
+        weights = cfg.get("classes_per_prompt", [1.0])  # reports from before it: [1.0]
+        shares = " / ".join(f"{100 * w / sum(weights):.0f} %" for w in weights)
         names = {"templates": "the toy templates, class word only",
                  "augmented": "augmented (`attnseg prompts`: toy templates, synonyms and "
-                              "hyponyms)"}
+                              "hyponyms)",
+                 "several-classes": "augmented, naming several classes (`attnseg prompts "
+                                    "--classes-per-prompt`: 1 / 2 / 3 classes in "
+                                    f"{shares} of prompts)"}
         for name, r in prompts.items():
             lines.append(f"| prompts | {names[name]} | {_ms(r)} | {_gain(r)} |")
     r = a.get("crf")

@@ -21,6 +21,7 @@ from .prompts import (
     _read_lines,
     _strip_comment,
     data_file,
+    describe_classes,
     fill_template,
     find_word_tokens,
     load_classes,
@@ -181,6 +182,7 @@ class _Candidate:
     spec: PromptSpec
     source: str  # "class word", "lexicon", "wordnet" or "caption"
     group: str  # the (casefolded) word it exercises: selection balances over these
+    template: str = ""  # the template it fills ("" for a caption)
 
 
 @dataclass
@@ -306,7 +308,8 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
                     lexicon: dict[str, list[str]] | None = None,
                     captions: list[str] | None = None,
                     wordnet_lexicon: dict[str, list[str]] | None = None,
-                    tokenizer=None) -> PromptSet:
+                    tokenizer=None, classes_per_prompt: tuple[float, ...] = (1.0,)
+                    ) -> PromptSet:
     """Build `num_per_class` distinct prompts for every class.
 
     Candidates per class are every template filled with every word of the class (its own word,
@@ -317,7 +320,14 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
     spread over the class's words round-robin (own word first; captions before templates within
     a word). With a `tokenizer`, every label word must be found by `find_word_tokens`; words and
     captions that fail are left out and returned as `issues`, never dropped silently.
+
+    `classes_per_prompt` (weights of naming 1, 2, ... classes): a template prompt drawn to
+    name k > 1 classes gets k - 1 other classes of the set, each by one of its words, in
+    random order ("a photo of a star and a disc"); its first label stays the class it was
+    drawn for. Images of several classes teach a segmenter to tell them apart in one image,
+    as real scenes need.
     """
+    check_classes_per_prompt(classes_per_prompt)
     if num_per_class < 1:
         raise UserError("--num-per-class must be >= 1")
     templates = list(templates or DEFAULT_TEMPLATES)
@@ -357,7 +367,7 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
             rng.shuffle(g)
         for word, source in words[cls.name]:
             cands = [_Candidate(PromptSpec(fill_template(t, word), ((cls, word),)), source,
-                                word.casefold()) for t in templates]
+                                word.casefold(), t) for t in templates]
             # Every template prompt is checked up front, so each failing word is reported
             # with how many of its prompts it lost (captions are checked when drawn).
             lost = [(c, failure(c.spec)) for c in cands]
@@ -383,9 +393,55 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
                 f"--num-per-class {num_per_class}: add templates, lexicon words or captions, "
                 "or lower --num-per-class"
             )
+        if len(classes_per_prompt) > 1:
+            # Its own generator, so a set of one class per prompt is the same with or
+            # without this step.
+            picked = _name_more_classes(
+                picked, cls, classes, words, classes_per_prompt,
+                random.Random(f"attnseg-prompts/{seed}/{cls.name}/classes"), taken, failure,
+                issues)
         chosen[cls.name] = picked
     return PromptSet(classes, chosen, issues, {n: len(w) for n, w in words.items()},
                      checked=tokenizer is not None)
+
+
+def check_classes_per_prompt(weights: tuple[float, ...]) -> None:
+    """Weights of naming 1, 2, ... classes per prompt: at least one, none negative, some
+    positive."""
+    if not weights or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+        raise UserError(f"--classes-per-prompt {list(weights)} must be weights of naming 1, 2, "
+                        "... classes: none negative, at least one above 0")
+
+
+def _name_more_classes(picked: list[_Candidate], cls: ClassInfo, classes: list[ClassInfo],
+                       words: dict[str, list[tuple[str, str]]], weights: tuple[float, ...],
+                       rng: random.Random, taken: set[str], failure, issues: list
+                       ) -> list[_Candidate]:
+    """`picked` with each template prompt rewritten, at `weights`, to name more classes
+    (`augment_prompts`); a rewrite that repeats a taken text or fails the tokenizer check
+    keeps the one-class prompt and is reported in `issues`."""
+    others = [c for c in classes if c.name != cls.name]
+    out = []
+    for cand in picked:
+        k = rng.choices(range(1, len(weights) + 1), weights=weights)[0]
+        if k == 1 or not cand.template or not others:
+            out.append(cand)
+            continue
+        labels = [cand.spec.labels[0]] + [(c, rng.choice(words[c.name])[0])
+                                          for c in rng.sample(others, min(k - 1, len(others)))]
+        order = labels[:]
+        rng.shuffle(order)
+        spec = PromptSpec(describe_classes(cand.template, [w for _, w in order]),
+                          tuple(labels))
+        key = _normalise(spec.text)
+        reason = "the same text was drawn already" if key in taken else failure(spec)
+        if reason:
+            issues.append(WordIssue(cls.name, spec.text, "more classes", reason))
+            out.append(cand)
+            continue
+        taken.add(key)
+        out.append(_Candidate(spec, cand.source, cand.group, cand.template))
+    return out
 
 
 def write_prompt_file(path: str | Path, records: list[dict]) -> None:
@@ -422,12 +478,19 @@ class PromptsConfig:
     wordnet_max: int = 20  # at most this many WordNet words per class
     model: str | None = None  # check every prompt against this model's tokenizer
     strict: bool = False  # a word or caption that fails the tokenizer check is an error
+    # Weights of a template prompt naming 1, 2, ... classes (the others drawn from the set):
+    # (1.0,) names one; (0.4, 0.35, 0.25) names two in 35 % and three in 25 % of prompts.
+    classes_per_prompt: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        self.classes_per_prompt = tuple(float(w) for w in self.classes_per_prompt)
 
     def validate(self) -> None:
         if self.num_per_class < 1:
             raise UserError("--num-per-class must be >= 1")
         if self.wordnet_max < 1:
             raise UserError("--wordnet-max must be >= 1")
+        check_classes_per_prompt(self.classes_per_prompt)
 
 
 def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:
@@ -458,7 +521,8 @@ def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:
 
         tokenizer = load_tokenizer(cfg.model)
     result = augment_prompts(classes, cfg.num_per_class, cfg.seed, templates,
-                             merge_lexicons(*lexicons), captions, wordnet_lexicon, tokenizer)
+                             merge_lexicons(*lexicons), captions, wordnet_lexicon, tokenizer,
+                             cfg.classes_per_prompt)
     result.issues = missing + result.issues
     if cfg.strict and result.issues:
         raise UserError(f"{len(result.issues)} word(s) or caption(s) left out (--strict); "

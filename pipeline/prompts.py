@@ -282,12 +282,25 @@ def takes_no_article(word: str) -> bool:
 def fill_template(template: str, word: str) -> str:
     """The template with `word` in place of `{}`; the article before it is fixed: "an" before
     a vowel, dropped before a plural or mass noun ("a photo of trees")."""
+    return _article_for(template, word).replace("{}", word)
+
+
+def _article_for(template: str, word: str) -> str:
+    """The template, `{}` kept, with the article before `{}` made right for `word`."""
     if takes_no_article(word):
-        return re.sub(r"\b[Aa]n? \{\}", "{}", template).replace("{}", word)
+        return re.sub(r"\b[Aa]n? \{\}", "{}", template)
     vowel = word[:1].lower() in "aeiou"
 
     def article(m: re.Match) -> str:
         new = "an" if vowel else "a"
         return (new.capitalize() if m.group(1)[0].isupper() else new) + " {}"
 
-    return re.sub(r"\b([Aa]n?) \{\}", article, template).replace("{}", word)
+    return re.sub(r"\b([Aa]n?) \{\}", article, template)
+
+
+def describe_classes(template: str, words: list[str]) -> str:
+    """"a photo of a cat and a dog on grass": the words listed in place of the template's
+    `{}`, the first after the template's article (made right for it), the others joined with
+    "and" and their own articles."""
+    listed = " and ".join([words[0]] + [fill_template("a {}", w) for w in words[1:]])
+    return _article_for(template, words[0]).replace("{}", listed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from . import cli_args
+from .errors import UserError
 
 
 def _config(args):
@@ -13,6 +14,13 @@ def _config(args):
 
     values = config_values(args, ("classes", "num_per_class", "seed", "out", "templates",
                                   "captions", "model", "wordnet_max"))
+    if args.classes_per_prompt is not None:
+        try:
+            values["classes_per_prompt"] = tuple(float(w) for w in
+                                                 args.classes_per_prompt.split(","))
+        except ValueError:
+            raise UserError(f"--classes-per-prompt {args.classes_per_prompt!r} is not a comma "
+                            "list of weights, such as 0.4,0.35,0.25") from None
     if args.lexicon:
         values["lexicons"] = list(values.get("lexicons", [])) + list(args.lexicon)
     for flag, name, value in ((args.no_builtin_lexicon, "builtin_lexicon", False),
@@ -31,11 +39,15 @@ def cmd_prompts(args) -> int:
     write_prompt_file(cfg.out, records)
     words = list(result.words_per_class.values())
     sources = Counter(r["source"] for r in records)
+    named = Counter(len(r["labels"]) for r in records)
     print(f"wrote {len(records)} prompts ({len(result.classes)} classes x {cfg.num_per_class}) "
           f"to {cfg.out}")
     print(f"words per class: {sum(words) / len(words):.1f} on average (from {min(words)} to "
           f"{max(words)}); prompts by source: "
           + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())))
+    if len(named) > 1 or len(cfg.classes_per_prompt) > 1:
+        print("prompts naming " + ", ".join(f"{k} class{'es' if k > 1 else ''}: {v}"
+                                           for k, v in sorted(named.items())))
     if result.checked:
         print(f"checked against the tokenizer of model {cfg.model!r}: every kept prompt's class "
               "words are found in its tokens")
@@ -77,6 +89,10 @@ def register(sub) -> None:
     p.add_argument("--model", help="check every prompt against this model's tokenizer "
                    "('tiny', hub id, folder or .safetensors); failures are reported "
                    "(default: no check)")
+    p.add_argument("--classes-per-prompt", metavar="W1,W2,...",
+                   help="weights of a template prompt naming 1, 2, ... classes, the others "
+                   "drawn from the set: 0.4,0.35,0.25 names two in 35 %% and three in 25 %% "
+                   "of prompts (default: 1, one class)")
     p.add_argument("--strict", action="store_true",
                    help="fail instead of leaving out words or captions")
     p.set_defaults(func=cmd_prompts)

@@ -26,7 +26,7 @@ from .errors import UserError
 from .harvest import AttentionHarvester
 from .masks import combine_maps, masks_from_harvest, refine_maps
 from .models import model_family
-from .prompts import ClassInfo, PromptSpec, class_token_weights, fill_template
+from .prompts import ClassInfo, PromptSpec, class_token_weights, describe_classes
 from .seeds import sample_seed
 
 
@@ -48,15 +48,6 @@ class RealImageConfig:
             raise UserError(f"template {self.template!r} has no {{}} for the class word")
         if self.size < 64:
             raise UserError(f"size {self.size} is below 64")
-
-
-def describe_classes(template: str, words: list[str]) -> str:
-    """"a photo of a cat and a dog": the template filled with the first word, the others
-    joined with "and" and their own articles."""
-    text = fill_template(template, words[0])
-    for w in words[1:]:
-        text += " and " + fill_template("a {}", w)
-    return text
 
 
 def model_input_size(h: int, w: int, long_side: int) -> tuple[int, int]:

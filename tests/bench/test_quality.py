@@ -13,12 +13,7 @@ from attnseg.bench.quality import class_set_names, foreground_split, score_real_
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.data import normalize_name, open_source
 from attnseg.pipeline.prompts import load_classes
-from attnseg.pipeline.real_images import (
-    RealImageConfig,
-    RealImageLabeller,
-    describe_classes,
-    model_input_size,
-)
+from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller, model_input_size
 from tests.pipeline.test_data import make_voc
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -34,10 +29,7 @@ def voc(tmp_path_factory):
     return root
 
 
-def test_prompt_names_every_class_with_its_article():
-    assert describe_classes("a photo of a {}", ["dog"]) == "a photo of a dog"
-    assert describe_classes("a photo of a {}", ["apple", "trees", "cat"]) == (
-        "a photo of an apple and trees and a cat")
+def test_model_input_size_keeps_the_aspect_in_multiples_of_8():
     assert model_input_size(375, 500, 512) == (384, 512)
     assert model_input_size(500, 333, 128) == (128, 88)
 

@@ -146,7 +146,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     r = a["losses"]["ignore-band"]
     assert r["gain"]["values"] == [v - b for v, b in zip(r["values"], d["synthetic"]["values"],
                                                           strict=True)]
-    assert set(a["prompts"]) == {"templates", "augmented"}
+    assert set(a["prompts"]) == {"templates", "augmented", "several-classes"}
     # Mask refinement: the default preset has no CRF, so the arm synthesises with one (the
     # job records it) on the CE row's seeds, paired with it.
     r = a["crf"]

@@ -24,6 +24,7 @@ from attnseg.pipeline.prompts import (
     CLASS_SETS,
     class_token_weights,
     data_file,
+    describe_classes,
     fill_template,
     find_word_tokens,
     load_classes,
@@ -77,6 +78,13 @@ def test_templates_and_articles(tmp_path):
     assert fill_template("a photo of a {}", "trees") == "a photo of trees"
     assert fill_template("a photo of a {}", "grass") == "a photo of grass"
     assert fill_template("a {} seen from above", "bus") == "a bus seen from above"
+    # Several classes are listed where the word goes, the template's article fixed for the
+    # first and each other with its own.
+    assert describe_classes("a photo of a {}", ["dog"]) == "a photo of a dog"
+    assert describe_classes("a photo of a {}", ["apple", "trees", "cat"]) == (
+        "a photo of an apple and trees and a cat")
+    assert describe_classes("a {} on a meadow", ["egg", "star"]) == (
+        "an egg and a star on a meadow")
     f = tmp_path / "t.txt"
     f.write_text("a photo of {}\n{} and {}\n")
     with pytest.raises(UserError, match="line 2: a template needs exactly one"):
@@ -120,6 +128,34 @@ def test_words_are_spread_and_class_word_comes_first():
     fewer = augment_prompts(classes[:12], 12, seed=0,
                             lexicon=load_lexicon(data_file(LEXICON_FILE)))
     assert [c.spec for c in fewer.prompts["dog"]] == [c.spec for c in dog]
+
+
+def test_prompts_can_name_several_classes(tok):
+    classes = load_classes("voc")
+    lexicon = load_lexicon(data_file(LEXICON_FILE))
+    one = augment_prompts(classes, 12, seed=0, lexicon=lexicon, tokenizer=tok)
+    more = augment_prompts(classes, 12, seed=0, lexicon=lexicon, tokenizer=tok,
+                           classes_per_prompt=(0.4, 0.35, 0.25))
+    assert more.specs() == augment_prompts(classes, 12, seed=0, lexicon=lexicon, tokenizer=tok,
+                                           classes_per_prompt=(0.4, 0.35, 0.25)).specs()
+    counts = Counter()
+    for cls in classes:
+        specs = more.specs()[cls.name]
+        assert len(specs) == 12
+        for single, spec in zip(one.specs()[cls.name], specs, strict=True):
+            # Drawn for this class: its first label, and the word it was drawn with, stay.
+            assert spec.labels[0] == single.labels[0]
+            names = [c.name for c, _ in spec.labels]
+            assert len(set(names)) == len(names)
+            for _, word in spec.labels:  # every class is named and found by the tokenizer
+                find_word_tokens(tok, spec.text, word)
+            counts[len(spec.labels)] += 1
+    # 240 prompts at 0.4 / 0.35 / 0.25 (binomial spread about 7.6, 7.4, 6.7)
+    assert 66 <= counts[1] <= 126 and 54 <= counts[2] <= 114 and 36 <= counts[3] <= 84
+    texts = [s.text.casefold() for specs in more.specs().values() for s in specs]
+    assert len(set(texts)) == len(texts)
+    with pytest.raises(UserError, match="classes-per-prompt"):
+        augment_prompts(classes, 2, classes_per_prompt=(0.0, 0.0))
 
 
 def test_too_few_prompts_is_an_error():
@@ -294,6 +330,21 @@ def test_prompts_cli_end_to_end_into_synth(tmp_path):
         r["prompt"] for r in records]
     assert [m["classes"][0]["word"] for m in manifest] == [
         r["labels"][0]["word"] for r in records]
+    # Every prompt naming both classes: synth harvests a map for each.
+    r = subprocess.run(
+        [sys.executable, "-m", "attnseg.pipeline.cli", "prompts", "--classes", "dog,cat,",
+         "--num-per-class", "3", "--model", "tiny", "--classes-per-prompt", "0,1",
+         "--out", str(prompts)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "prompts naming 2 classes: 6" in r.stdout
+    records = [json.loads(x) for x in prompts.read_text().splitlines()]
+    assert all(sorted(x["class"] for x in r["labels"]) == ["cat", "dog"] for r in records)
+    out = tmp_path / "ds2"
+    assert main(["synth", "--model", "tiny", "--classes", "dog,cat,", "--prompts", str(prompts),
+                 "--num-per-class", "3", "--steps", "2", "--height", "64", "--width", "64",
+                 "--out", str(out), "--no-progress"]) == 0
+    manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert all(len(m["classes"]) == 2 for m in manifest)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -303,6 +354,8 @@ def test_prompts_cli_end_to_end_into_synth(tmp_path):
     (["--captions", "/no/such/captions.txt"], "captions file /no/such/captions.txt does not"),
     (["--model", "./no/such/model"], "model path ./no/such/model does not exist"),
     (["--classes", "sky,", "--num-per-class", "500"], "class 'sky' has only"),
+    (["--classes-per-prompt", "0.4,x"], "is not a comma list of weights"),
+    (["--classes-per-prompt", "0,0"], "none negative, at least one above 0"),
 ])
 def test_prompts_cli_bad_input(tmp_path, capsys, args, message):
     out = tmp_path / "p.jsonl"
