@@ -1060,6 +1060,7 @@ def _ablation_lines(report: dict) -> list[str]:
              f"| loss | plain CE | {_ms(d['synthetic'])} | — |"]
     for name, r in a["losses"].items():
         lines.append(f"| loss | `{name}` | {_ms(r)} | {_gain(r)} |")
+    after = []  # sentences under the table
     prompts = a.get("prompts")
     if prompts:
         lines.append(f"| prompts | plain (`attnseg synth`'s default templates, class word) | "
@@ -1074,12 +1075,21 @@ def _ablation_lines(report: dict) -> list[str]:
                                     f"{shares} of prompts)"}
         for name, r in prompts.items():
             lines.append(f"| prompts | {names[name]} | {_ms(r)} | {_gain(r)} |")
+        exact = d["exact_labels"]["mean"]
+        if exact:
+            fractions = ", ".join(f"{name} {100 * r['mean'] / exact:.1f} %"
+                                  for name, r in prompts.items())
+            after.append(f"Of the upper bound ({_pct(exact)}), the prompt arms reach: "
+                          f"{fractions}; the plain prompts "
+                          f"{100 * d['synthetic']['mean'] / exact:.1f} %.")
     r = a.get("crf")
     if r:
         variant = (f"dense CRF ({r['iterations']} iterations) on the default preset's masks"
                    if r["iterations"] else "the default preset's masks without its CRF")
         lines.append(f"| mask refinement | {variant} | {_ms(r)} | {_gain(r)} |")
     lines.append("")
+    if after:
+        lines += [*after, ""]
     t = a.get("lora")
     if t:
         lo = t["lora"]

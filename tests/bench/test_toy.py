@@ -194,6 +194,8 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "tuned on target validation seed 101" in md
     assert "the labeller's pseudo-masks, with the LoRA" in md
     assert "Domain gap in colour" in md
+    fraction = 100 * a["prompts"]["several-classes"]["mean"] / d["exact_labels"]["mean"]
+    assert "the prompt arms reach: templates" in md and f"several-classes {fraction:.1f} %" in md
     assert "| mask refinement | dense CRF (1 iterations)" in md
     assert "the model's pseudo-masks (real-image labeller)" in md
     assert "results:" in capsys.readouterr().out
