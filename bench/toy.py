@@ -172,7 +172,7 @@ class ToyBenchConfig:
         self.error_probe_levels = tuple(self.error_probe_levels)
         self.losses = tuple(self.losses)
         self.prompt_arms = tuple(self.prompt_arms)
-        self.classes_per_prompt = tuple(float(w) for w in self.classes_per_prompt)
+        self.classes_per_prompt = check_classes_per_prompt(self.classes_per_prompt)
         self.scaling_images = tuple(self.scaling_images)
         self.train_candidates = tuple((int(c[0]), float(c[1]), int(c[2]) if len(c) > 2 else 0)
                                       for c in self.train_candidates)
@@ -199,7 +199,6 @@ class ToyBenchConfig:
         if unknown:
             raise UserError(f"unknown prompt arm(s) {sorted(unknown)}; choose from "
                             f"{list(PROMPT_ARMS)}")
-        check_classes_per_prompt(self.classes_per_prompt)
         for steps, lr, size in self.train_candidates or (
                 (self.train_steps, self.train_lr, self.train_size),):
             if steps < 1 or not lr > 0 or not (size == 0 or size >= 32):

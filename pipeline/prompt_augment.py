@@ -327,7 +327,7 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
     drawn for. Images of several classes teach a segmenter to tell them apart in one image,
     as real scenes need.
     """
-    check_classes_per_prompt(classes_per_prompt)
+    classes_per_prompt = check_classes_per_prompt(classes_per_prompt)
     if num_per_class < 1:
         raise UserError("--num-per-class must be >= 1")
     templates = list(templates or DEFAULT_TEMPLATES)
@@ -405,12 +405,19 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
                      checked=tokenizer is not None)
 
 
-def check_classes_per_prompt(weights: tuple[float, ...]) -> None:
-    """Weights of naming 1, 2, ... classes per prompt: at least one, none negative, some
-    positive."""
-    if not weights or any(not w >= 0 for w in weights) or not sum(weights) > 0:
-        raise UserError(f"--classes-per-prompt {list(weights)} must be weights of naming 1, 2, "
-                        "... classes: none negative, at least one above 0")
+def check_classes_per_prompt(weights) -> tuple[float, ...]:
+    """Weights of naming 1, 2, ... classes per prompt, as floats: at least one, none
+    negative, some positive (a config file's list is checked here, so a bad one is one
+    line, not a traceback)."""
+    try:
+        out = tuple(float(w) for w in weights)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or any(not w >= 0 for w in out) or not sum(out) > 0:
+        shown = list(weights) if isinstance(weights, (list, tuple)) else weights
+        raise UserError(f"--classes-per-prompt {shown!r} must be weights of naming 1, 2, "
+                        "... classes: numbers, none negative, at least one above 0")
+    return out
 
 
 def _name_more_classes(picked: list[_Candidate], cls: ClassInfo, classes: list[ClassInfo],
@@ -418,8 +425,9 @@ def _name_more_classes(picked: list[_Candidate], cls: ClassInfo, classes: list[C
                        rng: random.Random, taken: set[str], failure, issues: list
                        ) -> list[_Candidate]:
     """`picked` with each template prompt rewritten, at `weights`, to name more classes
-    (`augment_prompts`); a rewrite that repeats a taken text or fails the tokenizer check
-    keeps the one-class prompt and is reported in `issues`."""
+    (`augment_prompts`); a rewrite that repeats a taken text keeps the one-class prompt,
+    and so does one that fails the tokenizer check, which is reported in `issues` (a repeat
+    is chance, not a fault: `--strict` must not fail on it)."""
     others = [c for c in classes if c.name != cls.name]
     out = []
     for cand in picked:
@@ -434,9 +442,10 @@ def _name_more_classes(picked: list[_Candidate], cls: ClassInfo, classes: list[C
         spec = PromptSpec(describe_classes(cand.template, [w for _, w in order]),
                           tuple(labels))
         key = _normalise(spec.text)
-        reason = "the same text was drawn already" if key in taken else failure(spec)
-        if reason:
-            issues.append(WordIssue(cls.name, spec.text, "more classes", reason))
+        reason = None if key in taken else failure(spec)
+        if key in taken or reason:
+            if reason:
+                issues.append(WordIssue(cls.name, spec.text, "more classes", reason))
             out.append(cand)
             continue
         taken.add(key)
@@ -483,14 +492,13 @@ class PromptsConfig:
     classes_per_prompt: tuple[float, ...] = (1.0,)
 
     def __post_init__(self):
-        self.classes_per_prompt = tuple(float(w) for w in self.classes_per_prompt)
+        self.classes_per_prompt = check_classes_per_prompt(self.classes_per_prompt)
 
     def validate(self) -> None:
         if self.num_per_class < 1:
             raise UserError("--num-per-class must be >= 1")
         if self.wordnet_max < 1:
             raise UserError("--wordnet-max must be >= 1")
-        check_classes_per_prompt(self.classes_per_prompt)
 
 
 def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:

@@ -18,7 +18,7 @@ def _config(args):
         try:
             values["classes_per_prompt"] = tuple(float(w) for w in
                                                  args.classes_per_prompt.split(","))
-        except ValueError:
+        except ValueError:  # the weights' own check comes with the config
             raise UserError(f"--classes-per-prompt {args.classes_per_prompt!r} is not a comma "
                             "list of weights, such as 0.4,0.35,0.25") from None
     if args.lexicon:

@@ -156,6 +156,8 @@ def test_prompts_can_name_several_classes(tok):
     assert len(set(texts)) == len(texts)
     with pytest.raises(UserError, match="classes-per-prompt"):
         augment_prompts(classes, 2, classes_per_prompt=(0.0, 0.0))
+    with pytest.raises(UserError, match="classes-per-prompt"):
+        PromptsConfig(classes_per_prompt=["x", 1])  # as a config file may give it
 
 
 def test_too_few_prompts_is_an_error():
