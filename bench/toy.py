@@ -561,17 +561,16 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict, levels) -
         # through them), then with the lexicon's synonyms and hyponyms too, then those
         # naming several classes per prompt.
         templates = len(load_templates(default_templates_file("toy")))
-        several = cfg.classes_per_prompt
         settings = {"templates": (False, templates, (1.0,)),
                     "augmented": (True, per_class, (1.0,)),
-                    "several-classes": (True, per_class, several)}
+                    "several-classes": (True, per_class, cfg.classes_per_prompt)}
         for arm in cfg.prompt_arms:
             lexicon, count, weights = settings[arm]
+            # Files and folders are named by the weights, so a work folder's of other
+            # weights is not taken for this one.
+            suffix = "" if weights == (1.0,) else "-" + ",".join(f"{w:g}" for w in weights)
             scores = []
             for seed in cfg.seeds:
-                # The file is named by what it holds, so a work folder's file of other
-                # weights is not taken for this one.
-                suffix = "" if weights == (1.0,) else "-" + ",".join(f"{w:g}" for w in weights)
                 file = work / f"prompts-{arm}-{count}{suffix}-seed{seed}.jsonl"
                 if not file.is_file():
                     prompt_set = build_prompt_set(PromptsConfig(
