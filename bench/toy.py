@@ -15,7 +15,8 @@ trained on other renders (`--model toy`, the shipped one, by default):
    validation set (no ignore band), as a recipe tuned for this model would be;
 5. **Localisation**: in two-object test scenes, how often each class word's map peaks on its
    own object, at the preset's layers and at the layer choice (`layer_candidates`) that
-   localises best on the validation set, with the pseudo-masks' mIoU at that choice; and in
+   localises best on the validation set, with the pseudo-masks' mIoU at that choice; the same
+   for the model's cross-attention heads chosen on validation (`head_candidates`); and in
    test scenes with two or more objects, how often the preset's maps and the model's own
    noise-prediction error per one-word caption name each object pixel's class (`which_object`);
 6. **Downstream** (`downstream_images` > 0): a segmenter trained only on images the model
@@ -43,6 +44,7 @@ OUT.md; rendered sets live in the work folder (OUT.work) and are reused.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from attnseg.kernels.regions import connected_components
+from attnseg.pipeline.attention import cross_attention_heads
 from attnseg.pipeline.config import PRESETS, get_preset
 from attnseg.pipeline.data import open_source
 from attnseg.pipeline.device import resolve_device, resolve_dtype
@@ -102,6 +105,12 @@ class ToyBenchConfig:
     layer_candidates: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...] = (
         ((8,), ("up",)), ((8,), ("down", "up")), ((8, 16), ("mid", "up")), ((4, 8), ("up",)),
         ((4,), ("down",)))
+    # Attention heads, for localisation: each cross-attention head of the model alone is
+    # ranked by localisation on the validation set, then the best k together for k = 1 ..
+    # `head_candidates` (0: skipped); the k that localises best on validation (the fewest
+    # on a tie) is reported on the test set. Some heads of a layer carry the words' places
+    # and others do not, and a layer's mean over its heads blurs the two.
+    head_candidates: int = 6
     # Which object is which, as the model knows it apart from its attention: the noise levels
     # and draws per level of the denoising-error probe (`error_probe_draws` 0: skipped). The
     # levels are the ones whose summed error told the shapes apart best on 60 multi-object
@@ -151,6 +160,9 @@ class ToyBenchConfig:
     # optionally the ResNet blocks' convolutions too (conv1, conv2), which carry more of a
     # domain's backgrounds and palette.
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    # The prompts both target-domain synthesis rows (without and with the LoRA) use: "plain"
+    # (synth's own, the main row's) or one of the prompt arms.
+    lora_prompt_arm: str = "plain"
     # Scaling: more synthetic-image counts besides downstream_images, on the first
     # `scaling_seeds` seeds.
     scaling_images: tuple[int, ...] = (960, 3840)
@@ -193,12 +205,17 @@ class ToyBenchConfig:
             RealImageConfig(noise_levels=c).validate()
         if self.error_probe_draws < 0:
             raise UserError("error_probe_draws must be >= 0")
+        if self.head_candidates < 0:
+            raise UserError("head_candidates must be >= 0")
         for name in self.losses:
             LossConfig(name=name).validate()
         unknown = set(self.prompt_arms) - set(PROMPT_ARMS)
         if unknown:
             raise UserError(f"unknown prompt arm(s) {sorted(unknown)}; choose from "
                             f"{list(PROMPT_ARMS)}")
+        if self.lora_prompt_arm not in ("plain", *PROMPT_ARMS):
+            raise UserError(f"unknown lora_prompt_arm {self.lora_prompt_arm!r}; choose from "
+                            f"{['plain', *PROMPT_ARMS]}")
         for steps, lr, size in self.train_candidates or (
                 (self.train_steps, self.train_lr, self.train_size),):
             if steps < 1 or not lr > 0 or not (size == 0 or size >= 32):
@@ -268,23 +285,29 @@ def trivial_baselines(val, test, thresholds) -> dict:
 # The model's pseudo-masks
 
 
-def _with_layers(preset, layers: tuple | None, latent_stride: int):
-    """The preset with its maps taken from `layers` (strides, blocks; the model's own strides),
-    checked against the model; None: as it is."""
-    if layers is None:
-        return preset
-    strides, blocks = layers
-    preset = replace(preset, harvest=replace(preset.harvest, strides=strides, blocks=blocks))
+def _with_layers(preset, layers: tuple | None, latent_stride: int, heads: dict | None = None):
+    """The preset with its maps taken from `layers` (strides, blocks; the model's own strides)
+    or only from `heads` (`HarvestConfig.heads`, at whatever level each layer is), checked
+    against the model; None: as it is."""
+    if heads:
+        every_level = tuple(latent_stride << k for k in range(8))
+        preset = replace(preset, harvest=replace(preset.harvest, heads=heads,
+                                                 strides=every_level, blocks=("down", "mid",
+                                                                              "up")))
+    if layers is not None:
+        strides, blocks = layers
+        preset = replace(preset, harvest=replace(preset.harvest, strides=strides, blocks=blocks))
     preset.harvest.validate(latent_stride)
     return preset
 
 
 def _labeller(pipe, preset: str, levels, cfg: ToyBenchConfig, seed: int,
               bg: float | None = None, crf: int | None = None,
-              layers: tuple | None = None) -> RealImageLabeller:
+              layers: tuple | None = None, heads: dict | None = None) -> RealImageLabeller:
     real = RealImageConfig(noise_levels=levels, template=cfg.template, size=cfg.size,
                            seed=seed)
-    p = _with_layers(get_preset(preset, pipe.vae_scale_factor), layers, pipe.vae_scale_factor)
+    p = _with_layers(get_preset(preset, pipe.vae_scale_factor), layers, pipe.vae_scale_factor,
+                     heads)
     if bg is not None:  # a tuned threshold, no ignore band
         p = replace(p, mask=replace(p.mask, bg_const=bg, ignore_low=bg, ignore_high=bg))
     if crf is not None:  # None: the preset's own setting
@@ -293,8 +316,8 @@ def _labeller(pipe, preset: str, levels, cfg: ToyBenchConfig, seed: int,
 
 
 def _pseudo_scores(pipe, preset, levels, cfg, seed, source, classes, bg=None, crf=None,
-                   layers=None) -> dict:
-    with _labeller(pipe, preset, levels, cfg, seed, bg, crf, layers) as labeller:
+                   layers=None, heads=None) -> dict:
+    with _labeller(pipe, preset, levels, cfg, seed, bg, crf, layers, heads) as labeller:
         return score_real_pseudo_masks(labeller, classes, source)
 
 
@@ -548,40 +571,12 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict, levels) -
         losses[loss] = _paired(scores, ce)
     out["losses"] = losses
     if cfg.prompt_arms:
-        from attnseg.pipeline.prompt_augment import (
-            PromptsConfig,
-            build_prompt_set,
-            default_templates_file,
-            load_templates,
-            write_prompt_file,
-        )
-
         arms = {}
-        # The toy templates with the class word only (as many as there are; synth cycles
-        # through them), then with the lexicon's synonyms and hyponyms too, then those
-        # naming several classes per prompt.
-        templates = len(load_templates(default_templates_file("toy")))
-        settings = {"templates": (False, templates, (1.0,)),
-                    "augmented": (True, per_class, (1.0,)),
-                    "several-classes": (True, per_class, cfg.classes_per_prompt)}
         for arm in cfg.prompt_arms:
-            lexicon, count, weights = settings[arm]
-            # Files and folders are named by the weights, so a work folder's of other
-            # weights is not taken for this one.
-            suffix = "" if weights == (1.0,) else "-" + ",".join(f"{w:g}" for w in weights)
             scores = []
             for seed in cfg.seeds:
-                file = work / f"prompts-{arm}-{count}{suffix}-seed{seed}.jsonl"
-                if not file.is_file():
-                    prompt_set = build_prompt_set(PromptsConfig(
-                        classes="toy", num_per_class=count, seed=seed, model=cfg.model,
-                        builtin_lexicon=lexicon, classes_per_prompt=weights))
-                    write_prompt_file(file, prompt_set.records())
-                data = _synthesise(cfg, pipe,
-                                   work / f"synth-{arm}{suffix}-{per_class}x6-seed{seed}-{key}",
-                                   per_class, seed, prompts=str(file))
-                scores += _train_and_score(cfg, data,
-                                           work / f"train-{arm}{suffix}-seed{seed}-{key}",
+                data, name = _arm_data(cfg, pipe, work, arm, per_class, seed, key)
+                scores += _train_and_score(cfg, data, work / f"train-{name}-seed{seed}-{key}",
                                            seed, [test])
             arms[arm] = _paired(scores, ce)
         out["prompts"] = arms
@@ -590,6 +585,48 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict, levels) -
     if cfg.lora_images:
         out["lora"] = target_domain(cfg, pipe, work, key, levels)
     return out
+
+
+def _arm_data(cfg: ToyBenchConfig, pipe, work: Path, arm: str, per_class: int, seed: int,
+              key: str, lora: str | None = None, lora_tag: str = "") -> tuple[Path, str]:
+    """The synthetic data of prompt arm `arm` for a seed and model (`key`), with the LoRA
+    `lora` ("DIR:SCALE", named by `lora_tag`) fused or none; and the name its segmenter runs
+    take (`train-NAME-seed...`). "plain" is synth's own prompts (the main row's data: made by
+    `downstream`); the others are a prompt file: the toy templates with the class word only
+    (as many as there are; synth cycles through them), then with the lexicon's synonyms and
+    hyponyms too, then those naming several classes per prompt."""
+    loras = (lora,) if lora else ()
+    if arm == "plain":
+        if not lora:
+            return _synth_dir(work, per_class, seed, key), "synth"
+        name, prompts = f"lora{lora_tag}", None
+    else:
+        from attnseg.pipeline.prompt_augment import (
+            PromptsConfig,
+            build_prompt_set,
+            default_templates_file,
+            load_templates,
+            write_prompt_file,
+        )
+
+        templates = len(load_templates(default_templates_file("toy")))
+        lexicon, count, weights = {"templates": (False, templates, (1.0,)),
+                                   "augmented": (True, per_class, (1.0,)),
+                                   "several-classes": (True, per_class,
+                                                       cfg.classes_per_prompt)}[arm]
+        # Files and folders are named by the weights, so a work folder's of other weights
+        # is not taken for this one.
+        suffix = "" if weights == (1.0,) else "-" + ",".join(f"{w:g}" for w in weights)
+        file = work / f"prompts-{arm}-{count}{suffix}-seed{seed}.jsonl"
+        if not file.is_file():
+            prompt_set = build_prompt_set(PromptsConfig(
+                classes="toy", num_per_class=count, seed=seed, model=cfg.model,
+                builtin_lexicon=lexicon, classes_per_prompt=weights))
+            write_prompt_file(file, prompt_set.records())
+        name, prompts = f"{arm}{suffix}" + (f"-lora{lora_tag}" if lora else ""), str(file)
+    data = _synthesise(cfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
+                       per_class, seed, prompts=prompts, loras=loras)
+    return data, name
 
 
 def crf_arm(cfg: ToyBenchConfig, pipe, work: Path, test, key: str, ce: list[float]) -> dict:
@@ -665,14 +702,15 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str, levels) -> di
     without, with_lora, exact_target, exact_source = [], [], [], []
     colour_without, colour_with = [], []
     target_colour = _mean_colour(Path(target_test.root))
+    arm = cfg.lora_prompt_arm
     for seed in cfg.seeds:
-        data = _synth_dir(work, per_class, seed, key)
-        without += _train_and_score(cfg, data, _synth_run(work, seed, key), seed,
+        data, name = _arm_data(cfg, pipe, work, arm, per_class, seed, key)
+        without += _train_and_score(cfg, data, work / f"train-{name}-seed{seed}-{key}", seed,
                                     [target_test])
         colour_without.append(float(np.linalg.norm(_mean_colour(data) - target_colour)))
-        data = _synthesise(cfg, pipe, work / f"synth-lora{tag}-{per_class}x6-seed{seed}-{key}",
-                           per_class, seed, loras=(f"{lora_dir}:{cfg.lora_scale:g}",))
-        with_lora += _train_and_score(cfg, data, work / f"train-lora{tag}-seed{seed}-{key}",
+        data, name = _arm_data(cfg, pipe, work, arm, per_class, seed, key,
+                               f"{lora_dir}:{cfg.lora_scale:g}", tag)
+        with_lora += _train_and_score(cfg, data, work / f"train-{name}-seed{seed}-{key}",
                                       seed, [target_test])
         colour_with.append(float(np.linalg.norm(_mean_colour(data) - target_colour)))
         rendered = _rendered(cfg, work / f"exact-target-{per_class * 6}-seed"
@@ -690,7 +728,7 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str, levels) -> di
     labels_with = [_pseudo_miou(fused, "attnseg", levels, cfg, s, target_test, classes)
                    for s in cfg.seeds]
     del fused
-    return {"test_images": cfg.num_images,
+    return {"test_images": cfg.num_images, "prompt_arm": arm,
             "baselines": trivial_baselines(target_val, target_test, cfg.thresholds),
             "pseudo_masks_without_lora": _mean_spread(labels_without),
             "pseudo_masks_with_lora": _paired(labels_with, labels_without),
@@ -737,13 +775,17 @@ def scaling(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict) -> list[dic
 
 
 def two_object_localisation(pipe, cfg: ToyBenchConfig, levels, source, classes,
-                            layers: tuple | None = None) -> dict:
+                            layers: tuple | None = None, heads: dict | None = None,
+                            seed: int | None = None) -> dict:
     """Over scenes with exactly two objects: the fraction of (scene, class word) whose map's
     maximum lies on that class's own pixels, and of scenes where both words do; the default
-    preset's maps, from its own layers or from `layers` (strides, blocks)."""
+    preset's maps, from its own layers, from `layers` (strides, blocks) or from `heads`; the
+    labeller's noise drawn with `seed` (default: the first of `cfg.seeds`)."""
     by_id = {c.id: c for c in classes}
     hits = words = both = scenes = 0
-    with _labeller(pipe, "attnseg", levels, cfg, cfg.seeds[0], layers=layers) as labeller:
+    seed = cfg.seeds[0] if seed is None else seed
+    with _labeller(pipe, "attnseg", levels, cfg, seed, layers=layers,
+                   heads=heads) as labeller:
         for i in range(len(source)):
             s = source.load(i)
             present = [int(c) for c in np.unique(s.label) if c in by_id]
@@ -834,6 +876,49 @@ def localisation_by_layers(pipe, cfg: ToyBenchConfig, levels, val, test, classes
                                        for s in cfg.seeds])}
 
 
+def _short_layer(name: str) -> str:
+    """A UNet attention module's name without its fixed tail: "up_blocks.1.attentions.0"."""
+    return name.split(".transformer_blocks.")[0]
+
+
+def _heads_of(picked: list[tuple[str, int]]) -> dict[str, tuple[int, ...]]:
+    """(layer, head) pairs as `HarvestConfig.heads`."""
+    heads: dict[str, tuple[int, ...]] = {}
+    for name, h in picked:
+        heads[name] = (*heads.get(name, ()), h)
+    return heads
+
+
+def localisation_by_heads(pipe, cfg: ToyBenchConfig, levels, val, test, classes) -> dict:
+    """Each cross-attention head of the model alone, ranked by localisation on `val`; then
+    the best k together for k = 1 .. `head_candidates`, the k that localises best on `val`
+    (the fewest on a tie): its localisation and pseudo-mask mIoU (default preset, every
+    seed) on `test`, and the `harvest.heads` setting that gives it."""
+    def on(source, heads):
+        return two_object_localisation(pipe, cfg, levels, source, classes, heads=heads)
+
+    alone = {(name, h): on(val, {name: (h,)})["word_peaks_on_own_object"] or 0.0
+             for name, n in cross_attention_heads(pipe.unet).items() for h in range(n)}
+    ranked = sorted(alone, key=lambda k: -alone[k])  # stable: the model's order on a tie
+    by_k = {k: on(val, _heads_of(ranked[:k]))["word_peaks_on_own_object"] or 0.0
+            for k in range(1, min(cfg.head_candidates, len(ranked)) + 1)}
+    best = max(by_k, key=lambda k: (by_k[k], -k))
+    heads = _heads_of(ranked[:best])
+    # The labeller's noise draw moves a peak now and then: the test figure on every seed.
+    by_seed = [two_object_localisation(pipe, cfg, levels, test, classes, heads=heads, seed=s)
+               for s in cfg.seeds]
+    return {"val_alone": [{"layer": n, "head": h, "localisation": alone[(n, h)]}
+                          for n, h in ranked],
+            "val_by_count": {str(k): v for k, v in by_k.items()}, "chosen": best,
+            "heads": {n: list(h) for n, h in heads.items()},
+            "test": by_seed[0],
+            "test_by_seed": _mean_spread([r["word_peaks_on_own_object"] or 0.0
+                                          for r in by_seed]),
+            "test_mIoU": _mean_spread([_pseudo_miou(pipe, "attnseg", levels, cfg, s, test,
+                                                    classes, heads=heads)
+                                       for s in cfg.seeds])}
+
+
 def _mean_spread(values: list[float]) -> dict:
     a = np.array(values, dtype=float)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
@@ -897,6 +982,9 @@ def run_toy_bench(cfg: ToyBenchConfig) -> dict:
     report["localisation_by_layers"] = (localisation_by_layers(pipe, cfg, chosen, val, test,
                                                                classes)
                                         if cfg.layer_candidates else None)
+    report["localisation_by_heads"] = (localisation_by_heads(pipe, cfg, chosen, val, test,
+                                                             classes)
+                                       if cfg.head_candidates else None)
     report["which_object"] = (which_object(pipe, cfg, chosen, test, classes)
                               if cfg.error_probe_draws else None)
     report["protocol"] = None
@@ -956,6 +1044,24 @@ def markdown(report: dict) -> str:
                   f"{_pct(t['word_peaks_on_own_object'])} % of the test pairs, both words in "
                   f"{_pct(t['both_words'])} % of scenes; pseudo-mask mIoU "
                   f"{_ms(by_layers['test_mIoU'])}.", ""]
+    by_heads = report.get("localisation_by_heads")
+    if by_heads:
+        t = by_heads["test"]
+        best = by_heads["val_alone"][0]
+        per_seed = by_heads.get("test_by_seed")
+        lines += [f"The preset's maps from the {by_heads['chosen']} cross-attention head(s) "
+                  f"that localise best on validation (each of the model's "
+                  f"{len(by_heads['val_alone'])} heads ranked alone, best "
+                  f"{_short_layer(best['layer'])} head {best['head']} at "
+                  f"{_pct(best['localisation'])} %; the best k together, validation: "
+                  + ", ".join(f"k={k} {_pct(v)}" for k, v in by_heads["val_by_count"].items())
+                  + f"): each word's map peaks on its own object in "
+                  f"{_pct(t['word_peaks_on_own_object'])} % of the test pairs"
+                  + (f" (labeller seeds {', '.join(_pct(v) for v in per_seed['values'])}: "
+                     f"{_ms(per_seed)})" if per_seed else "")
+                  + f", both words in {_pct(t['both_words'])} % of scenes; pseudo-mask mIoU "
+                  f"{_ms(by_heads['test_mIoU'])}. As a setting: `--set 'harvest.heads="
+                  f"{json.dumps(by_heads['heads'], separators=(',', ':'))}'`.", ""]
     w = report.get("which_object")
     if w:
         lines += [f"Which object is which, on the object pixels of the {w['scenes']} test scenes "
@@ -1098,7 +1204,9 @@ def _ablation_lines(report: dict) -> list[str]:
                   f"unlabelled target renders (lr {lo['lr']:g}, noise offset "
                   f"{lo.get('noise_offset', 0.0):g}; {_seconds(lo['seconds'])}probe loss "
                   f"{lo['probe_loss_start']:.4f} -> {lo['probe_loss_end']:.4f}), fused at "
-                  f"scale {lo.get('scale', 1.0):g}.", "",
+                  f"scale {lo.get('scale', 1.0):g}."
+                  + ("" if t.get("prompt_arm", "plain") == "plain" else
+                     f" Both synthetic rows: prompts of the `{t['prompt_arm']}` arm."), "",
                   "| trained on | target test mIoU | gain |", "|---|---|---|"]
         tb = t.get("baselines")
         if tb:  # reports written before these rows existed lack them

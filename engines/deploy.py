@@ -347,10 +347,7 @@ class DeployRuntime:
         self.kernels = KernelLibrary(kernels) if kernels and runner == "tensorrt" else None
         p = get_preset(preset)
         saved = manifest.get("harvest")
-        self.harvest = HarvestConfig(**{
-            k: (tuple(v) if isinstance(v, list) else
-                {int(a): b for a, b in v.items()} if isinstance(v, dict) else v)
-            for k, v in saved.items()}) if saved else p.harvest
+        self.harvest = HarvestConfig.from_record(saved) if saved else p.harvest
         self.mask = p.mask
 
     def _encode(self, prompts):

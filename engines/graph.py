@@ -33,9 +33,11 @@ from ..kernels.interp import resize
 from ..pipeline.attention import (
     ObservingAttnProcessor,
     attention_scale,
+    check_head_layers,
     grid_size,
     install_observers,
     layer_grid,
+    pick_heads,
     self_attention_probs,
     transformer_layers_at_depth,
 )
@@ -103,6 +105,9 @@ class MapGraphSpec:
     # defaults, so that the keys of engines built before them stay valid.
     transformer_depth: tuple[float, float] = LATER_SETTINGS["transformer_depth"]
     joint_softmax: str = LATER_SETTINGS["joint_softmax"]
+    # The kept heads (`HarvestConfig.heads`) as sorted (layer, heads) pairs; () keeps every
+    # head and is left out of `to_dict`, as the DiT settings above.
+    heads: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @classmethod
     def from_harvest(cls, cfg: HarvestConfig) -> MapGraphSpec:
@@ -123,13 +128,16 @@ class MapGraphSpec:
             refine_stride=cfg.refine_stride if cfg.refine_power > 0 else 0,
             transformer_depth=tuple(cfg.transformer_depth),
             joint_softmax=cfg.joint_softmax,
+            heads=tuple(sorted((n, tuple(h)) for n, h in cfg.heads.items())),
         )
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for name, default in LATER_SETTINGS.items():
-            if d[name] == default:
+            if d[name] == default or (name == "heads" and not d[name]):
                 del d[name]
+        if "heads" in d:
+            d["heads"] = {n: list(h) for n, h in d["heads"]}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -140,6 +148,8 @@ class MapGraphSpec:
         d["stride_weights"] = tuple((int(s), float(w)) for s, w in d.get("stride_weights", ()))
         if "transformer_depth" in d:
             d["transformer_depth"] = tuple(d["transformer_depth"])
+        if "heads" in d:
+            d["heads"] = tuple(sorted((n, tuple(h)) for n, h in d["heads"].items()))
         return cls(**d)
 
 
@@ -212,9 +222,14 @@ class UNetWithMaps(torch.nn.Module):
         self._previous = install_observers(network, self,
                                            self_attention=bool(self.spec.refine_stride),
                                            joint_softmax=self.spec.joint_softmax)
-        self.transformer_layers = transformer_layers_at_depth(
-            [p.name for p in network.attn_processors.values() if getattr(p, "cross", False)],
-            self.spec.transformer_depth)
+        cross = [p.name for p in network.attn_processors.values() if getattr(p, "cross", False)]
+        self.transformer_layers = transformer_layers_at_depth(cross, self.spec.transformer_depth)
+        self.heads = dict(self.spec.heads)
+        try:
+            check_head_layers(self.heads, network, cross)
+        except UserError:
+            self.remove()
+            raise
 
     @property
     def network(self):
@@ -245,10 +260,17 @@ class UNetWithMaps(torch.nn.Module):
         added = {k: torch.zeros(2, n, device=p.device, dtype=p.dtype)
                  for k, n in (self.added_dims or {}).items()} or None
         self._layout_counts: dict = {}
+        self._layout_headed: set[str] = set()
         with torch.no_grad():
             self._run(sample, torch.zeros(1, device=p.device), ehs, tw, added, count=True)
         counts = self._layout_counts
-        del self._layout_counts
+        missed = sorted(set(self.heads) - self._layout_headed)
+        del self._layout_counts, self._layout_headed
+        if missed:
+            self.remove()
+            raise UserError(f"harvest heads name {missed}, which the harvest strides "
+                            f"{list(self.spec.strides)} and blocks {list(self.spec.blocks)} "
+                            "leave out")
         layout = []
         for (kind, stride), (shape, count) in sorted(counts.items(),
                                                     key=lambda kv: ("scs".index(kv[0][0][0]),
@@ -311,6 +333,12 @@ class UNetWithMaps(torch.nn.Module):
                 return
         elif proc.block not in spec.blocks:
             return
+        picked = pick_heads(query, key, self.heads, proc.name)
+        if picked is None:
+            return
+        query, key = picked
+        if self.heads and state.get("count"):
+            self._layout_headed.add(proc.name)
         # Padded text keys (PixArt's T5) are left out of the softmax: the kernels take no
         # mask (the torch harvester runs them on each sample's valid prefix, a loop over
         # data-dependent lengths that one graph cannot hold), so those layers take the masked
@@ -408,7 +436,15 @@ class TransformerWithMaps(UNetWithMaps):
             raise UserError(f"the {family} transformer's layers are all at stride "
                             f"{token_stride}, which the harvest strides {list(spec.strides)} "
                             "leave out")
-        layers = float(len(self.transformer_layers))
+        layers = self.transformer_layers
+        if self.heads:
+            missed = sorted(set(self.heads) - layers)
+            if missed:
+                self.remove()
+                raise UserError(f"harvest heads name {missed}, which the harvest "
+                                f"transformer_depth {list(spec.transformer_depth)} leaves out")
+            layers = set(self.heads)
+        layers = float(len(layers))
         if spec.accumulate == "native":
             h, w = grid_size(self.image_size, token_stride)
             self.layout = [MapOutput(f"maps_s{token_stride}", "stride", token_stride,

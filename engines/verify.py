@@ -61,10 +61,7 @@ def verify_engines(folder: Path, steps: int = 4, device: str = "auto", log=print
     preset = SynthConfig(preset=source.get("preset", "attnseg"),
                          overrides=source.get("overrides", {})).resolve_preset(
         pipe.vae_scale_factor)
-    preset.harvest = HarvestConfig(**{
-        k: (tuple(v) if isinstance(v, list) else
-            {int(a): b for a, b in v.items()} if isinstance(v, dict) else v)
-        for k, v in manifest["harvest"].items()})
+    preset.harvest = HarvestConfig.from_record(manifest["harvest"])
     classes = load_classes("dog,cat,aeroplane")
     batch = max(1, min(key.max_batch, 2))
     samples = plan_samples(classes, default_prompts(classes), 1, 0)[:batch]

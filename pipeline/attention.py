@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 
 def stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
     """The computation of diffusers' AttnProcessor2_0, returning the output and the q/k used.
@@ -203,6 +205,46 @@ def transformer_layers_at_depth(names, depth: tuple[float, float]) -> set[str]:
     n = len(layers)
     chosen = {name for i, name in enumerate(layers) if lo <= i / n < hi}
     return chosen or set(layers[min(int(lo * n), n - 1):][:1])
+
+
+def cross_attention_heads(unet) -> dict[str, int]:
+    """The text cross-attention modules (`attn2`: UNets, PixArt) of a model, in its order:
+    module name (what `HarvestConfig.heads` names) -> its number of heads."""
+    modules = dict(unet.named_modules())
+    names = (n.rsplit(".processor", 1)[0] for n in unet.attn_processors)
+    return {n: int(modules[n].heads) for n in names if n.rsplit(".", 1)[-1] == "attn2"}
+
+
+def check_head_layers(heads: dict, network, cross_names) -> None:
+    """Refuse a `HarvestConfig.heads` that names a layer the model does not have among its
+    cross-attention modules (`cross_names`), or a head that layer lacks, before anything is
+    generated."""
+    unknown = sorted(set(heads) - set(cross_names))
+    if unknown:
+        known = sorted(cross_names)
+        raise UserError(f"harvest heads name {unknown}, not a cross-attention layer of this "
+                        f"model (it has {len(known)}, e.g. {known[:3]})")
+    modules = dict(network.named_modules())
+    for name, picked in heads.items():
+        count = getattr(modules.get(name), "heads", None)
+        if count is not None and max(picked) >= count:
+            raise UserError(f"harvest heads of {name}: head {max(picked)} does not exist (the "
+                            f"layer has {count})")
+
+
+def pick_heads(query: torch.Tensor, key: torch.Tensor, heads: dict, name: str):
+    """The q/k [B, heads, N, d] of the heads `heads` (`HarvestConfig.heads`) keeps for layer
+    `name`, None when it keeps none of that layer: every head when `heads` is empty."""
+    if not heads:
+        return query, key
+    picked = heads.get(name)
+    if picked is None:
+        return None
+    if max(picked) >= query.shape[1]:
+        raise UserError(f"harvest heads of {name}: head {max(picked)} does not exist (the "
+                        f"layer has {query.shape[1]})")
+    index = torch.tensor(picked, device=query.device)
+    return query.index_select(1, index), key.index_select(1, index)
 
 
 def layer_grid(n: int, latent_hw: tuple[int, int], image_size: tuple[int, int]):

@@ -42,6 +42,11 @@ class HarvestConfig:
     strides: tuple[int, ...] = (8, 16, 32)
     blocks: tuple[str, ...] = ("down", "mid", "up")
     transformer_depth: tuple[float, float] = (0.0, 1.0)
+    # Attention heads, when only some carry the words' places: attention module name (as in
+    # the model, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2") -> the indices
+    # of its heads that contribute. Empty: every head of every selected layer. Otherwise only
+    # the named layers contribute, and each must be one the settings above select.
+    heads: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # Fractions [lo, hi) of the denoising steps that contribute; lo == hi picks one step.
     step_window: tuple[float, float] = (0.0, 1.0)
     # Weight of each stride when the per-stride means are combined (missing strides: 1.0).
@@ -83,6 +88,20 @@ class HarvestConfig:
                 del record[name]
         return record
 
+    @classmethod
+    def from_record(cls, record: dict) -> HarvestConfig:
+        """The settings from a JSON record of them (`job_record`, an engine's manifest)."""
+        values = {}
+        for k, v in record.items():
+            if k == "heads":
+                v = check_heads(v)
+            elif k == "stride_weights":
+                v = {int(a): float(b) for a, b in v.items()}
+            elif isinstance(v, list):
+                v = tuple(v)
+            values[k] = v
+        return cls(**values)
+
     def validate(self, latent_stride: int = 8) -> None:
         """Check the settings; strides are checked against the model's latent stride (its
         VAE's downsampling: 8 for every Stable Diffusion)."""
@@ -115,6 +134,7 @@ class HarvestConfig:
         if self.joint_softmax not in ("text", "joint"):
             raise UserError(f"joint_softmax must be 'text' or 'joint', not "
                             f"{self.joint_softmax!r}")
+        check_heads(self.heads)
 
     def step_range(self, num_steps: int) -> range:
         """The denoising step indices that contribute, out of `num_steps` (never empty)."""
@@ -125,7 +145,28 @@ class HarvestConfig:
 
 
 # HarvestConfig settings that job files written before them lack (see `job_record`).
-LATER_SETTINGS = {"joint_softmax": "text", "transformer_depth": (0.0, 1.0)}
+LATER_SETTINGS = {"joint_softmax": "text", "transformer_depth": (0.0, 1.0), "heads": {}}
+
+
+def check_heads(heads) -> dict[str, tuple[int, ...]]:
+    """`HarvestConfig.heads` from a config file or `--set` (layer name -> list of head
+    indices) as the dataclass holds it; one clear line when it is malformed."""
+    if not isinstance(heads, dict):
+        raise UserError(f"harvest heads must map layer names to lists of head indices, not "
+                        f"{heads!r}")
+    out = {}
+    for name, picked in heads.items():
+        if not isinstance(name, str) or not name:
+            raise UserError(f"harvest heads: {name!r} is not a layer name")
+        if (not isinstance(picked, (list, tuple)) or not picked
+                or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0
+                           for h in picked)):
+            raise UserError(f"harvest heads of {name}: {picked!r} is not a non-empty list of "
+                            "head indices (integers >= 0)")
+        if len(set(picked)) != len(picked):
+            raise UserError(f"harvest heads of {name}: {list(picked)} names a head twice")
+        out[name] = tuple(picked)
+    return out
 
 
 @dataclass
@@ -402,7 +443,9 @@ class SynthConfig:
                 current = getattr(target, key)
                 if isinstance(current, tuple) and isinstance(value, list):
                     value = tuple(value)
-                if isinstance(current, dict) and isinstance(value, dict):
+                if section == "harvest" and key == "heads":
+                    value = check_heads(value)
+                elif isinstance(current, dict) and isinstance(value, dict):
                     value = {int(k): float(v) for k, v in value.items()}
                 setattr(target, key, value)
         unknown = set(self.overrides) - {"harvest", "mask"}

@@ -31,9 +31,11 @@ from ..kernels.interp import resize
 from .attention import (
     ObservingAttnProcessor,
     attention_scale,
+    check_head_layers,
     grid_size,
     install_observers,
     layer_grid,
+    pick_heads,
     self_attention_probs,
     transformer_layers_at_depth,
 )
@@ -70,6 +72,8 @@ class _Capture:
         self.counts: dict[int, float] = {}
         # accumulate="per_head": layer name -> [B, heads, C, h, w] step-sum.
         self.head_sums: dict[str, torch.Tensor] = {}
+        # Layers of `HarvestConfig.heads` that contributed (each must).
+        self.headed: set[str] = set()
         self.self_sum: torch.Tensor | None = None
         self.self_count = 0
         self.result: HarvestResult | None = None
@@ -172,9 +176,13 @@ class AttentionHarvester:
         self._capture: _Capture | None = None
         self._previous = install_observers(unet, self, self_attention=config.refine_power > 0,
                                            joint_softmax=config.joint_softmax)
-        self.transformer_layers = transformer_layers_at_depth(
-            [p.name for p in unet.attn_processors.values() if getattr(p, "cross", False)],
-            config.transformer_depth)
+        cross = [p.name for p in unet.attn_processors.values() if getattr(p, "cross", False)]
+        self.transformer_layers = transformer_layers_at_depth(cross, config.transformer_depth)
+        try:
+            check_head_layers(config.heads, unet, cross)
+        except UserError:
+            unet.set_attn_processor(dict(self._previous))
+            raise
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
 
     def remove(self) -> None:
@@ -244,6 +252,12 @@ class AttentionHarvester:
                 return
         elif proc.block not in cfg.blocks:
             return
+        picked = pick_heads(query, key, cfg.heads, proc.name)
+        if picked is None:
+            return
+        query, key = picked
+        if cfg.heads:
+            capture.headed.add(proc.name)
         weights = capture.weights_for(key.shape[2])
         scale = attention_scale(attn, query)
         valid = proc.key_valid  # padded text keys (T5), None for none
@@ -293,6 +307,11 @@ class AttentionHarvester:
         capture.self_count += 1
 
     def _finish(self, capture: _Capture) -> HarvestResult:
+        missed = sorted(set(self.config.heads) - capture.headed)
+        if missed and capture.step >= 0:  # the UNet ran, and these layers gave nothing
+            raise UserError(f"harvest heads name {missed}, which the harvest strides "
+                            f"{list(self.config.strides)} and blocks {list(self.config.blocks)} "
+                            "leave out")
         if capture.head_sums:
             capture.sums = {self.config.combine_stride: self._combine_heads(capture)}
             capture.counts = {self.config.combine_stride: 1.0}

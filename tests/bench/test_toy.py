@@ -66,6 +66,7 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "noise_candidates=[[0.2],[0.5]]", "--set", "thresholds=[40,80]",
                "--set", "bg_candidates=[0.3,0.6]",
                "--set", "layer_candidates=[[[8],[\"up\"]],[[8,16],[\"down\"]]]",
+               "--set", "head_candidates=2",
                "--set", "downstream_images=12",
                "--set", "train_candidates=[[4,0.002],[2,0.008],[2,0.008,96]]",
                "--set", "synth_steps=2",
@@ -92,6 +93,19 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert set(val_loc) == {"up at stride 8", "down at stride 8,16"}
     assert val_loc[by_layers["chosen"]] == max(val_loc.values())
     assert len(by_layers["test_mIoU"]["values"]) == 2
+    # And from the heads that localise best on validation: every head of the model ranked
+    # alone, then the best k together (k = 1, 2), the k chosen on validation.
+    by_heads = report["localisation_by_heads"]
+    alone = [r["localisation"] for r in by_heads["val_alone"]]
+    assert len(alone) == 80 and alone == sorted(alone, reverse=True)  # tiny: 10 layers x 8
+    by_k = by_heads["val_by_count"]
+    assert set(by_k) == {"1", "2"} and by_k[str(by_heads["chosen"])] == max(by_k.values())
+    assert sum(len(h) for h in by_heads["heads"].values()) == by_heads["chosen"]
+    first = by_heads["val_alone"][0]
+    assert first["head"] in by_heads["heads"][first["layer"]]
+    assert len(by_heads["test_by_seed"]["values"]) == len(by_heads["test_mIoU"]["values"]) == 2
+    assert by_heads["test"]["word_peaks_on_own_object"] == by_heads["test_by_seed"]["values"][0]
+    assert "As a setting: `--set 'harvest.heads={" in (tmp_path / "toy.md").read_text()
     for r in report["crf"]["by_preset"].values():
         assert 0.0 <= r["with"]["mean"] <= 1.0 and 0.0 <= r["without"]["mean"] <= 1.0
     assert all(c["lattice_seconds_per_image"] > 0 for c in report["crf"]["cost"])
@@ -199,6 +213,40 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "| mask refinement | dense CRF (1 iterations)" in md
     assert "the model's pseudo-masks (real-image labeller)" in md
     assert "results:" in capsys.readouterr().out
+    # The target rows with the several-classes prompts: without the LoRA it is the ablation
+    # arm's data and segmenters (reused, scored on the target), with it the same prompt files
+    # synthesised with the LoRA fused.
+    again = tmp_path / "toy-target"
+    rc = main(["bench", "toy", "--model", "tiny", "--out", str(again), "--no-progress",
+               "--set", f"work={work}", "--set", "num_images=6", "--set", "seeds=[0,1]",
+               "--set", "presets=[\"attnseg\"]", "--set", "noise_candidates=[[0.2]]",
+               "--set", "thresholds=[40,80]", "--set", "bg_candidates=[0.3]",
+               "--set", "layer_candidates=[]", "--set", "head_candidates=0",
+               "--set", "error_probe_draws=0", "--set", "crf_iterations=0",
+               "--set", "downstream_images=12",
+               "--set", "train_candidates=[[4,0.002],[2,0.008],[2,0.008,96]]",
+               "--set", "synth_steps=2", "--set", "losses=[]", "--set", "prompt_arms=[]",
+               "--set", "lora_images=8", "--set", "lora_steps=2",
+               "--set", "lora_targets=[\"to_k\",\"to_v\",\"conv1\"]",
+               "--set", "lora_noise_offset=0.2", "--set", "lora_scale=0.5",
+               "--set", "lora_prompt_arm=several-classes", "--set", "scaling_images=[]"])
+    assert rc == 0
+    t2 = json.loads((tmp_path / "toy-target.json").read_text())["ablations"]["lora"]
+    assert t2["prompt_arm"] == "several-classes" and t["prompt_arm"] == "plain"
+    assert t2["exact_labels_target"] == t["exact_labels_target"]  # the same runs, reused
+    assert t2["without_lora"] != t["without_lora"]
+    for seed in (0, 1):
+        with_lora = next(work.glob(f"synth-several-classes-*-lora-to_k-to_v-conv1-lr0.001-"
+                                   f"off0.2-s0.5-2x6-seed{seed}-*"))
+        job = json.loads((with_lora / "job.json").read_text())
+        assert [lo["scale"] for lo in job["loras"]] == [0.5]
+        assert job["prompts"].endswith(f"prompts-several-classes-2-0.4,0.35,0.25-seed{seed}"
+                                       ".jsonl")
+        assert next(work.glob(f"train-several-classes-*-lora-*-seed{seed}-*")).is_dir()
+    assert "Both synthetic rows: prompts of the `several-classes` arm." in (
+        tmp_path / "toy-target.md").read_text()
+    assert main(["bench", "toy", "--model", "tiny", "--out", str(tmp_path / "bad"),
+                 "--set", "lora_prompt_arm=nope"]) == 2
     # Tuning and reporting on one render seed is refused.
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(out), "--set", "val_seed=5",
                "--set", "test_seed=5"])

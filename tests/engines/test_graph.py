@@ -73,3 +73,46 @@ def test_the_op_compiles_with_fullgraph_and_no_graph_break():
     accumulate_class_attention_ref(q, k, tw, want, hw=(4, 4), scale=0.35, weight=0.5,
                                    mode="bicubic", clamp=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_engine_maps_of_chosen_heads_equal_the_harvesters(tiny_pipe):
+    """`harvest.heads` in an engine's graph: its per-stride map outputs, divided by their
+    counts, equal the torch harvester's maps of the same heads in the same UNet call; the
+    spec keeps the heads through its record (and leaves them out when none are chosen)."""
+    from attnseg.pipeline.harvest import AttentionHarvester
+
+    heads = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2": (0, 3),
+             "up_blocks.3.attentions.0.transformer_blocks.0.attn2": (2, 5, 6)}
+    harvest = HarvestConfig(heads=heads)
+    spec = MapGraphSpec.from_harvest(harvest)
+    assert MapGraphSpec.from_dict(spec.to_dict()) == spec
+    assert spec.to_dict()["heads"] == {k: list(v) for k, v in heads.items()}
+    assert "heads" not in MapGraphSpec.from_harvest(HarvestConfig()).to_dict()
+    size = (64, 48)
+    sample, t, text, weights = _inputs(tiny_pipe.unet, size)
+    module = UNetWithMaps(tiny_pipe.unet, spec, size, map_impl="ref")
+    try:
+        with torch.no_grad():
+            outputs = module(sample, t, text, weights)
+        layout = module.layout
+    finally:
+        module.remove()
+    # One layer at each of strides 8 and 16 contributes: each output counts one layer.
+    assert [(m.kind, m.stride, m.count) for m in layout] == [("stride", 8, 1.0),
+                                                            ("stride", 16, 1.0)]
+    harvester = AttentionHarvester(tiny_pipe.unet, harvest)
+    try:
+        with torch.no_grad(), harvester.capture(weights, size, num_steps=1) as cap:
+            tiny_pipe.unet(sample, t, encoder_hidden_states=text)
+    finally:
+        harvester.remove()
+    for m, out in zip(layout, outputs[1:], strict=True):
+        torch.testing.assert_close(out / m.count, cap.result.maps[m.stride], rtol=1e-5,
+                                   atol=1e-7)
+    with pytest.raises(UserError, match="leave out"):
+        UNetWithMaps(tiny_pipe.unet, MapGraphSpec.from_harvest(HarvestConfig(
+            heads=heads, strides=(8,))), size)
+    with pytest.raises(UserError, match="head 8 does not exist"):
+        UNetWithMaps(tiny_pipe.unet, MapGraphSpec.from_harvest(HarvestConfig(
+            heads={"up_blocks.3.attentions.0.transformer_blocks.0.attn2": (8,)})), size)
+    assert not any(hasattr(p, "observer") for p in tiny_pipe.unet.attn_processors.values())

@@ -142,6 +142,11 @@ def test_toy_demo_scores_against_rendered_scenes(tmp_path):
     (["--model", "weights.ckpt"], "pickle checkpoints are not loaded"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--set", "harvest.strides=[12]"], "harvest stride 12"),
+    (["--set", 'harvest.heads={"up_blocks.3.attentions.0.transformer_blocks.0.attn2":[9]}'],
+     "head 9 does not exist (the layer has 8)"),
+    (["--set", 'harvest.heads={"up_blocks.9.attn2":[0]}'], "not a cross-attention layer"),
+    (["--set", "harvest.heads=[0]"], "harvest heads must map layer names"),
+    (["--set", 'harvest.heads={"x":[]}'], "not a non-empty list of head indices"),
     (["--device", "cuda:7"], "no CUDA device"),
     (["--model", "nobody/not-in-the-cache"], "could not load model 'nobody/not-in-the-cache'"),
 ])
@@ -208,6 +213,29 @@ def test_config_file_set_overrides_and_presets(tmp_path, capsys):
     bad.write_text("model = [\n")
     assert main(["synth", "--config", str(bad)]) == 2
     assert "is malformed" in capsys.readouterr().err
+
+
+def test_synth_harvests_the_chosen_heads(tmp_path):
+    """`--set harvest.heads=...`: the job records the heads, the masks come from them (they
+    differ from every head's), and a rerun resumes the same job."""
+    layer = "up_blocks.3.attentions.0.transformer_blocks.0.attn2"
+    heads = f'harvest.heads={{"{layer}": [1, 6]}}'
+    chosen, every = tmp_path / "chosen", tmp_path / "every"
+    assert main(["synth", *SMALL, "--num-per-class", "1", "--out", str(chosen), "--set", heads,
+                 "--set", "harvest.strides=[8]"]) == 0
+    assert main(["synth", *SMALL, "--num-per-class", "1", "--out", str(every),
+                 "--set", "harvest.strides=[8]"]) == 0
+    job = json.loads((chosen / "job.json").read_text())
+    assert job["harvest"]["heads"] == {layer: [1, 6]}
+    assert "heads" not in json.loads((every / "job.json").read_text())["harvest"]
+    masks = sorted(chosen.glob("SegmentationClass/*.png")) + sorted(
+        chosen.glob("Reliability/*.png"))
+    assert len(masks) == 6
+    assert any((every / m.relative_to(chosen)).read_bytes() != m.read_bytes() for m in masks)
+    before = {m.name: m.stat().st_mtime_ns for m in masks}
+    assert main(["synth", *SMALL, "--num-per-class", "1", "--out", str(chosen), "--set", heads,
+                 "--set", "harvest.strides=[8]"]) == 0
+    assert {m.name: m.stat().st_mtime_ns for m in masks} == before
 
 
 def test_help_lists_subcommands():

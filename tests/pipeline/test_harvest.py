@@ -92,6 +92,10 @@ def _naive_maps(store, preset, token_weights, num_steps):
             continue
         if stride not in cfg.strides or (block != "transformer" and block not in cfg.blocks):
             continue  # `blocks` names UNet blocks; a DiT's are always taken
+        if cfg.heads:  # only the named layers, only their named heads
+            if name not in cfg.heads:
+                continue
+            cond = cond[:, list(cfg.heads[name])]
         # Text keys past the tokenizer's context (SD3's T5 positions) carry no class.
         tw = F.pad(token_weights, (0, 0, 0, cond.shape[-1] - token_weights.shape[1]))
         if cfg.accumulate == "per_head":  # DAAM: a step-sum per (layer, head), native size
@@ -222,6 +226,77 @@ def assert_maps_equal_naive_reference(pipe, net, classes, preset_name, run, step
                                          "attn2mask"])
 def test_maps_equal_naive_reference(tiny_pipe, classes, preset_name):
     assert_maps_equal_naive_reference(tiny_pipe, tiny_pipe.unet, classes, preset_name, _run, 4)
+
+
+# Two layers at stride 16 and one at stride 8 of the tiny UNet (8 heads each).
+SOME_HEADS = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2": (0, 3),
+              "up_blocks.2.attentions.1.transformer_blocks.0.attn2": (7,),
+              "up_blocks.3.attentions.0.transformer_blocks.0.attn2": (2, 5, 6)}
+
+
+@pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "daam"])
+def test_chosen_heads_equal_naive_reference(tiny_pipe, classes, preset_name):
+    """`heads`: only the named layers' named heads, through every accumulation mode (native,
+    common, per head) and the fused kernel, against the naive aggregation of those heads."""
+    assert_maps_equal_naive_reference(tiny_pipe, tiny_pipe.unet, classes, preset_name, _run, 3,
+                                      heads=SOME_HEADS)
+
+
+def test_every_head_named_equals_no_choice(tiny_pipe, classes):
+    """Naming every head of every layer is the same harvest as naming none; one head less
+    changes the maps."""
+    from attnseg.pipeline.attention import cross_attention_heads
+
+    every = {n: tuple(range(h)) for n, h in cross_attention_heads(tiny_pipe.unet).items()}
+    one_less = dict(every)
+    name = "up_blocks.3.attentions.0.transformer_blocks.0.attn2"
+    one_less[name] = every[name][1:]
+    weights, _ = class_weights(tiny_pipe, _specs(classes), "sum")
+    latents = _latents(tiny_pipe, seed=2)
+    maps = {}
+    for key, heads in (("none", {}), ("every", every), ("one_less", one_less)):
+        # Every level of the tiny UNet (its mid block is at stride 64).
+        harvester = AttentionHarvester(tiny_pipe.unet, replace(
+            get_preset("attnseg").harvest, heads=heads, strides=(8, 16, 32, 64)))
+        try:
+            with harvester.capture(weights, SIZE, num_steps=2) as cap:
+                _run(tiny_pipe, latents, 2)
+        finally:
+            harvester.remove()
+        maps[key] = cap.result.maps
+    assert sorted(maps["every"]) == sorted(maps["none"]) == [8, 16, 32, 64]
+    for stride, m in maps["none"].items():
+        torch.testing.assert_close(maps["every"][stride], m, rtol=1e-5, atol=1e-7)
+    assert (maps["one_less"][8] - maps["none"][8]).abs().max() > 1e-4
+    torch.testing.assert_close(maps["one_less"][16], maps["none"][16], rtol=1e-5, atol=1e-7)
+
+
+def test_heads_that_do_not_exist_or_are_left_out_are_refused(tiny_pipe, classes):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from attnseg.pipeline.errors import UserError
+
+    base = get_preset("attnseg").harvest
+    weights, _ = class_weights(tiny_pipe, _specs(classes), "sum")
+    latents = _latents(tiny_pipe)
+    layer = "up_blocks.3.attentions.0.transformer_blocks.0.attn2"  # stride 8
+    at_16 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    # A name the model does not have: refused before anything runs, processors given back.
+    with pytest.raises(UserError, match="not a cross-attention layer of this model"):
+        AttentionHarvester(tiny_pipe.unet, replace(base, heads={"up_blocks.9.attn2": (0,)}))
+    assert all(isinstance(p, AttnProcessor2_0) for p in tiny_pipe.unet.attn_processors.values())
+    with pytest.raises(UserError, match="head 8 does not exist"):
+        AttentionHarvester(tiny_pipe.unet, replace(base, heads={layer: (8,)}))
+    assert all(isinstance(p, AttnProcessor2_0) for p in tiny_pipe.unet.attn_processors.values())
+    # A layer the strides leave out: refused when the first capture ends.
+    harvester = AttentionHarvester(tiny_pipe.unet, replace(base, heads={layer: (0,), at_16: (1,)},
+                                                           strides=(16, 32)))
+    try:
+        with pytest.raises(UserError, match="leave out"):
+            with harvester.capture(weights, SIZE, num_steps=1):
+                _run(tiny_pipe, latents, 1)
+    finally:
+        harvester.remove()
 
 
 def test_daam_order_is_exact_on_sharpened_attention(classes):
