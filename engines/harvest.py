@@ -206,10 +206,13 @@ class EngineHarvester:
         want = MapGraphSpec.from_harvest(config).to_dict()
         have = {k: v for k, v in engines.key.maps.items() if k != "vae_hash"}
         if have != want:
-            diff = sorted(k for k in want if want[k] != have.get(k))
+            # Over both sides' keys: settings left out at their defaults (heads, the DiT
+            # ones) are in only one of them.
+            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
             raise UserError(f"the engine was built for other harvesting settings ({diff}: "
                             f"{[have.get(k) for k in diff]}, this job needs "
-                            f"{[want[k] for k in diff]}); build it with the same --preset/--set")
+                            f"{[want.get(k) for k in diff]}); build it with the same "
+                            "--preset/--set")
         self.pipe = pipe
         self.engines = engines
         self.config = config

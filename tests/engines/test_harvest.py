@@ -228,3 +228,21 @@ def test_sdxl_unet_engine_matches_torch_path(tmp_path):
         assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff
         assert float(reference[3].maps[16].std()) > 0
     assert seen == [("_UNetAdapter", "CLIPTextModelWithProjection")] * 2
+
+
+def test_an_engine_for_other_heads_is_refused_in_one_line(ort_engine):
+    """The engine key keeps `harvest.heads` only when set, so a mismatch can be a key that
+    only one side has: it is named either way round."""
+    from dataclasses import replace
+
+    folder, pipe, preset = ort_engine
+    engines = load_engines(folder, pipe)
+    layer = "up_blocks.3.attentions.0.transformer_blocks.0.attn2"
+    with_heads = replace(preset.harvest, heads={layer: (1,)})
+    with pytest.raises(UserError, match=r"\['heads'\]: \[None\], this job needs \[\{"):
+        EngineHarvester(pipe, engines, with_heads)
+    # An engine built with heads (its key says so), asked for every head.
+    engines.key = replace(engines.key, maps={**engines.key.maps, "heads": {layer: [1]}})
+    with pytest.raises(UserError, match=r"\['heads'\]: \[\{.*\}\], this job needs \[None\]"):
+        EngineHarvester(pipe, engines, preset.harvest)
+    engines.close()
