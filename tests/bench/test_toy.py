@@ -215,10 +215,11 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "results:" in capsys.readouterr().out
     # The target rows with the several-classes prompts: without the LoRA it is the ablation
     # arm's data and segmenters (reused, scored on the target), with it the same prompt files
-    # synthesised with the LoRA fused.
+    # synthesised with the LoRA fused. A one-seed command (seed 1) chooses as the whole run
+    # did: on tune_seed 0's runs, reused.
     again = tmp_path / "toy-target"
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(again), "--no-progress",
-               "--set", f"work={work}", "--set", "num_images=6", "--set", "seeds=[0,1]",
+               "--set", f"work={work}", "--set", "num_images=6", "--set", "seeds=[1]",
                "--set", "presets=[\"attnseg\"]", "--set", "noise_candidates=[[0.2]]",
                "--set", "thresholds=[40,80]", "--set", "bg_candidates=[0.3]",
                "--set", "layer_candidates=[]", "--set", "head_candidates=0",
@@ -231,11 +232,16 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
                "--set", "lora_noise_offset=0.2", "--set", "lora_scale=0.5",
                "--set", "lora_prompt_arm=several-classes", "--set", "scaling_images=[]"])
     assert rc == 0
-    t2 = json.loads((tmp_path / "toy-target.json").read_text())["ablations"]["lora"]
+    report2 = json.loads((tmp_path / "toy-target.json").read_text())
+    assert report2["protocol"]["seed"] == 0 and report2["protocol"]["chosen"] == protocol["chosen"]
+    assert report2["protocol"]["val_mIoU"] == protocol["val_mIoU"]  # tune_seed's runs, reused
+    assert report2["labeller"]["chosen"] == report["labeller"]["chosen"]
+    t2 = report2["ablations"]["lora"]
     assert t2["prompt_arm"] == "several-classes" and t["prompt_arm"] == "plain"
-    assert t2["exact_labels_target"] == t["exact_labels_target"]  # the same runs, reused
-    assert t2["without_lora"] != t["without_lora"]
-    for seed in (0, 1):
+    # Seed 1's runs, reused.
+    assert t2["exact_labels_target"]["values"] == t["exact_labels_target"]["values"][1:]
+    assert t2["without_lora"]["values"] != t["without_lora"]["values"][1:]
+    for seed in (1,):
         with_lora = next(work.glob(f"synth-several-classes-*-lora-to_k-to_v-conv1-lr0.001-"
                                    f"off0.2-s0.5-2x6-seed{seed}-*"))
         job = json.loads((with_lora / "job.json").read_text())
