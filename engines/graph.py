@@ -35,6 +35,7 @@ from ..pipeline.attention import (
     attention_scale,
     check_head_layers,
     grid_size,
+    heads_left_out,
     install_observers,
     layer_grid,
     pick_heads,
@@ -268,9 +269,7 @@ class UNetWithMaps(torch.nn.Module):
         del self._layout_counts, self._layout_headed
         if missed:
             self.remove()
-            raise UserError(f"harvest heads name {missed}, which the harvest strides "
-                            f"{list(self.spec.strides)} and blocks {list(self.spec.blocks)} "
-                            "leave out")
+            raise heads_left_out(missed, self.spec.strides, self.spec.blocks)
         layout = []
         for (kind, stride), (shape, count) in sorted(counts.items(),
                                                     key=lambda kv: ("scs".index(kv[0][0][0]),

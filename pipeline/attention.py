@@ -243,8 +243,16 @@ def pick_heads(query: torch.Tensor, key: torch.Tensor, heads: dict, name: str):
     if max(picked) >= query.shape[1]:
         raise UserError(f"harvest heads of {name}: head {max(picked)} does not exist (the "
                         f"layer has {query.shape[1]})")
-    index = torch.tensor(picked, device=query.device)
-    return query.index_select(1, index), key.index_select(1, index)
+    # Slices, not an index tensor: every layer of every denoising step comes here, and an
+    # index made from the list would be a host-to-device copy per call on a GPU.
+    return (torch.cat([query[:, h : h + 1] for h in picked], dim=1),
+            torch.cat([key[:, h : h + 1] for h in picked], dim=1))
+
+
+def heads_left_out(missed: list[str], strides, blocks) -> UserError:
+    """The error for `HarvestConfig.heads` layers that the strides and blocks leave out."""
+    return UserError(f"harvest heads name {missed}, which the harvest strides {list(strides)} "
+                     f"and blocks {list(blocks)} leave out")
 
 
 def layer_grid(n: int, latent_hw: tuple[int, int], image_size: tuple[int, int]):

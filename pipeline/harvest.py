@@ -33,6 +33,7 @@ from .attention import (
     attention_scale,
     check_head_layers,
     grid_size,
+    heads_left_out,
     install_observers,
     layer_grid,
     pick_heads,
@@ -309,9 +310,7 @@ class AttentionHarvester:
     def _finish(self, capture: _Capture) -> HarvestResult:
         missed = sorted(set(self.config.heads) - capture.headed)
         if missed and capture.step >= 0:  # the UNet ran, and these layers gave nothing
-            raise UserError(f"harvest heads name {missed}, which the harvest strides "
-                            f"{list(self.config.strides)} and blocks {list(self.config.blocks)} "
-                            "leave out")
+            raise heads_left_out(missed, self.config.strides, self.config.blocks)
         if capture.head_sums:
             capture.sums = {self.config.combine_stride: self._combine_heads(capture)}
             capture.counts = {self.config.combine_stride: 1.0}
