@@ -30,12 +30,23 @@ __all__ = [
 
 # Widest map the triton resize kernel holds in one tile; wider maps resize in torch.
 _TRITON_MAX_SIDE = 128
-# Most text keys the triton kernel holds in one tile (a query row's every score at once).
-TRITON_MAX_KEYS = 256
-# Warps per program of both triton kernels. With 4, most tile sets spill registers at sm_80 and
-# sm_90; with 8 the tiles `attn_blocks` picks do not (ptxas -v on the AOT builds, asserted in
+# Most text keys `class_attn_kernel` holds in one tile (a query row's every score at once);
+# longer text goes through `class_attn_long_kernel`. A 256-key tile spilled registers at 255
+# per thread at sm_80 or sm_90 for every row tile (16, 32) and warp count (8, 16) tried
+# (ptxas -v), so 129-256 keys take the two sweeps too: the scores are computed twice, but
+# nothing held grows with L.
+TRITON_MAX_KEYS = 128
+# Widest class tile of both attention kernels; the launcher runs more classes in launches of
+# this many (each computes the softmax again).
+_TRITON_MAX_BLOCK_C = 64
+# Warps per program of the triton kernels. With 4, most tile sets spill registers at sm_80 and
+# sm_90; with 8 the tiles `attn_tiles` and `resize_blocks` pick do not (ptxas -v, asserted in
 # tests/kernels/test_class_attention.py).
 _TRITON_NUM_WARPS = 8
+# Under Triton's interpreter bf16 takes the exact-fp32 (FMA) dot path: the interpreter's
+# tl.dot (triton 3.7's InterpreterBuilder.create_dot) multiplies bf16 operands as their raw
+# uint16 bits. Tests set this, with that dot patched, to run the tensor-core path there.
+_INTERPRETER_BF16_MMA = False
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
@@ -484,21 +495,24 @@ if _tr is not None:
 
 
 def attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and dot flavour of ``class_attn_kernel`` for these shapes.
+    """Tile sizes and dot flavour of ``class_attn_kernel`` for these shapes (the launcher
+    takes them from `attn_tiles`, which says which shapes go to which kernel).
 
-    Chosen so that the kernel keeps every tile in registers (no spills) at 8 warps on sm_80
-    and sm_90, as ptxas reports for the AOT builds (tests/kernels/test_class_attention.py
-    asserts it): the score and probability tiles grow with BLOCK_N x BLOCK_L and the class
-    tile with BLOCK_N x BLOCK_C, so BLOCK_N shrinks as the class tile grows; a 64-wide D chunk
+    The score and probability tiles grow with BLOCK_N x BLOCK_L and the class tile with
+    BLOCK_N x BLOCK_C, so BLOCK_N shrinks as the class tile grows (the launcher passes at most
+    ``_TRITON_MAX_BLOCK_C`` classes: it runs more in launches of that many). A 64-wide D chunk
     alone pushed the fp16 kernel to 255 registers and spills, 32 does not.
     """
     # fp16/bf16 scores use the tensor cores directly. fp32 inputs need exact-fp32 (FMA) dots;
-    # so does bf16 in the interpreter, whose dot multiplies the raw uint16 bits of bf16 data.
-    f32_dot = dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreting())
+    # so does bf16 in the interpreter (see _INTERPRETER_BF16_MMA).
+    f32_dot = dtype == torch.float32 or (
+        dtype == torch.bfloat16 and triton_interpreting() and not _INTERPRETER_BF16_MMA)
     block_l = _next_pow2(l_tokens)
     block_c = _next_pow2(c)
-    if f32_dot:  # FMA dots unroll into code that grows with the tile
-        block_n = 32 if block_c <= 32 else 16
+    if f32_dot:
+        # FMA dots unroll into code that grows with the tile. 32 rows with 32 or 64 classes
+        # spilled 12 bytes at sm_80 with 32-key tiles (ptxas -v); 16 rows do not.
+        block_n = 32 if block_c <= 16 else 16
         block_d = 16
     else:
         block_n = 64 if block_c <= 16 else 32 if block_c <= 32 else 16
@@ -516,14 +530,44 @@ def attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
 
 
 def attn_blocks_long(d: int, c: int, dtype: torch.dtype) -> dict:
-    """Tiles of ``class_attn_long_kernel`` (more than ``TRITON_MAX_KEYS`` text keys): a fixed
-    key tile (the sweeps walk L) of 64 keys, 32 for exact-fp32 dots, and the row tile of a
-    text that long. Per ptxas at sm_80, fp32 with 64-key tiles spilled 12-32 bytes whatever
-    the row tile (16 or 32); 32 x 32 uses 108 registers and does not spill."""
-    block_l = 64
-    if attn_blocks(block_l, d, c, dtype)["F32_DOT"]:
-        block_l = 32
-    return attn_blocks(block_l, d, c, dtype)
+    """Tiles of ``class_attn_long_kernel``: a fixed key tile (the sweeps walk L) of 64 keys,
+    32 for exact-fp32 dots, and `attn_blocks`'s row tile for it, 32 rows for exact-fp32 dots.
+    Per ptxas -v, fp32 with 64-key tiles spilled 12-32 bytes at sm_80 whatever the row tile
+    (16 or 32); with 32-key tiles, 16 rows spilled 12-40 bytes at sm_90 (32 or 64 classes) and
+    32 rows use 106-110 registers and do not spill."""
+    blocks = attn_blocks(64, d, c, dtype)
+    if blocks["F32_DOT"]:
+        blocks = dict(attn_blocks(32, d, c, dtype), BLOCK_N=32)
+    return blocks
+
+
+def attn_tiles(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> tuple[bool, dict]:
+    """``(long, tiles)``: whether the launcher runs these shapes (at most ``_TRITON_MAX_BLOCK_C``
+    classes: it launches more in tiles of that many) with `class_attn_long_kernel` rather than
+    `class_attn_kernel`, and that kernel's tiles.
+
+    For head dims above 16 (every model family's: 40-160) every tile this returns, for any
+    text length, compiles at 8 warps for sm_80 and sm_90 with no register spills, per ptxas
+    -v, in fp16, bf16 and fp32 (tests/kernels/test_class_attention.py asserts it for every
+    tile the launchers pick); fp16/bf16 with head dims up to 16 take a 16-wide D chunk, which
+    is not checked. The one-tile kernel takes up to ``TRITON_MAX_KEYS`` keys, except with
+    exact-fp32 dots, 65-128 keys and more than 32 classes, where every row tile (16, 32, 64)
+    spilled 12 to about 700 bytes at sm_80 or sm_90: those take the two sweeps too.
+    """
+    blocks = attn_blocks(l_tokens, d, c, dtype)
+    long_text = blocks["BLOCK_L"] > TRITON_MAX_KEYS or (
+        blocks["F32_DOT"] and blocks["BLOCK_L"] > 64 and blocks["BLOCK_C"] > 32)
+    return (True, attn_blocks_long(d, c, dtype)) if long_text else (False, blocks)
+
+
+def resize_blocks(w: int) -> dict:
+    """Tiles of ``_resize_acc_kernel`` for maps ``w`` wide (up to ``_TRITON_MAX_SIDE``): a
+    full map row (BLOCK_W), source rows in chunks of 32 and 32 x 32 output pixels per program;
+    16 x 16 for 128-wide rows, where 32 x 32 spilled 152-208 bytes at 255 registers (sm_80,
+    sm_90; ptxas -v)."""
+    block_w = _next_pow2(w)
+    side = 16 if block_w > 64 else 32
+    return {"BLOCK_R": side, "BLOCK_Q": side, "BLOCK_K": 32, "BLOCK_W": block_w}
 
 
 _SM_COUNTS: dict = {}
@@ -549,13 +593,25 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     """Triton version of :func:`accumulate_class_attention` (CUDA, or CPU tensors under
     ``TRITON_INTERPRET=1``). Up to ``TRITON_MAX_KEYS`` text keys a query row's every score
     is held in one tile (`class_attn_kernel`); longer text sweeps the keys in tiles twice
-    (`class_attn_long_kernel`). q and k are read through their strides (only the head dim
-    must be contiguous). ``groups``: head groups, each a set of programs whose partial maps
-    are summed afterwards (None: `head_groups`, which splits small layers on a GPU)."""
+    (`class_attn_long_kernel`; `attn_tiles` chooses). q and k are read through their strides
+    (only the head dim must be contiguous). ``groups``: head groups, each a set of programs
+    whose partial maps are summed afterwards (None: `head_groups`, which splits small layers
+    on a GPU)."""
     if _tr is None:
         raise RuntimeError("triton is not available")
     b, heads, n, d, l_tokens, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
-    long_text = l_tokens > TRITON_MAX_KEYS
+    if c > _TRITON_MAX_BLOCK_C:
+        # More classes than the widest class tile: a launch per tile of classes (each one
+        # computes the softmax again), so that no tile wider than the ones checked is built.
+        for c0 in range(0, c, _TRITON_MAX_BLOCK_C):
+            part = out[:, c0:c0 + _TRITON_MAX_BLOCK_C]
+            acc = part if part.is_contiguous() else part.contiguous()
+            accumulate_class_attention_triton(
+                q, k, token_weights[:, :, c0:c0 + _TRITON_MAX_BLOCK_C], acc, hw=hw,
+                scale=scale, weight=weight, mode=mode, clamp=clamp, groups=groups)
+            if acc is not part:
+                part.copy_(acc)
+        return out
     out_h, out_w = out.shape[2], out.shape[3]
     if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
@@ -564,8 +620,7 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     if k.stride(-1) != 1:
         k = k.contiguous()
     tw = token_weights.to(device=q.device, dtype=torch.float32).contiguous()
-    blocks = attn_blocks_long(d, c, q.dtype) if long_text else attn_blocks(l_tokens, d, c,
-                                                                           q.dtype)
+    long_text, blocks = attn_tiles(l_tokens, d, c, q.dtype)
     tiles = triton.cdiv(n, blocks["BLOCK_N"])
     groups = groups or head_groups(b * tiles, heads, q.device)
     per_group = -(-heads // groups)
@@ -578,10 +633,12 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     else:
         dst = torch.empty((groups, b, c, h, w), device=q.device, dtype=torch.float32)
     kernel = class_attn_long_kernel if long_text else class_attn_kernel
+    # CLAMP only acts with DIRECT (else it is applied after the combine or the resize): one
+    # specialisation less to compile.
     kernel[(b, tiles, groups)](
         q, k, tw, dst, n, l_tokens, d, c, heads, per_group, q.stride(0), q.stride(1),
         q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(scale), float(weight),
-        DIRECT=direct, CLAMP=bool(clamp), num_warps=_TRITON_NUM_WARPS, **blocks)
+        DIRECT=direct, CLAMP=direct and bool(clamp), num_warps=_TRITON_NUM_WARPS, **blocks)
     if groups > 1:
         dst = dst.sum(dim=0)  # a fixed order: the same bits every run
         if mode == "none":
@@ -590,7 +647,6 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     if direct:
         return out
     if w > _TRITON_MAX_SIDE:
-        # The kernel keeps a full row of the map in one tile; wider maps resize in torch.
         maps = resize(dst, (out_h, out_w), mode)
         if clamp:
             maps = maps.clamp_min(0.0)
@@ -598,12 +654,11 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
         return out
     wy = interp_matrix(h, out_h, mode, device=q.device)
     wx = interp_matrix(w, out_w, mode, device=q.device)
-    block_r, block_q = 32, 32
-    grid2 = (b * c, triton.cdiv(out_h, block_r), triton.cdiv(out_w, block_q))
+    rblocks = resize_blocks(w)
+    grid2 = (b * c, triton.cdiv(out_h, rblocks["BLOCK_R"]),
+             triton.cdiv(out_w, rblocks["BLOCK_Q"]))
     _resize_acc_kernel[grid2](dst, wy, wx, out, h, w, out_h, out_w, float(weight),
-                              BLOCK_R=block_r, BLOCK_Q=block_q, BLOCK_K=32,
-                              BLOCK_W=_next_pow2(w), CLAMP=bool(clamp),
-                              num_warps=_TRITON_NUM_WARPS)
+                              CLAMP=bool(clamp), num_warps=_TRITON_NUM_WARPS, **rblocks)
     return out
 
 

@@ -4,7 +4,8 @@ The dense CRF of Krähenbühl and Koltun (2011) with a Potts model, in the form 
 implements (`DenseCRF2D` with `addPairwiseGaussian` and `addPairwiseBilateral`, symmetric
 kernel normalisation), two ways: exactly (torch reference, numba and Triton kernels), and through
 pydensecrf's permutohedral lattice (`PermutohedralLattice`, equal to pydensecrf's results to
-float32 rounding). The exact model:
+float32 rounding where the pixel count is a multiple of 4: elsewhere pydensecrf's SSE build adds
+up to 3 padding points at the feature origin, which attnseg does not). The exact model:
 
     k_a(i, j) = exp(-|p_i - p_j|^2 / (2 sxy_a^2) - |I_i - I_j|^2 / (2 srgb^2))   (appearance)
     k_s(i, j) = exp(-|p_i - p_j|^2 / (2 sxy_s^2))                               (smoothness)

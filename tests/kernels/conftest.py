@@ -52,28 +52,6 @@ def aot(fn, signature, constexprs, num_warps=4):
     cubin = compiled.asm["cubin"]
     assert isinstance(cubin, bytes) and len(cubin) > 0, "empty cubin"
     print(fn.__name__, "cubin bytes", len(cubin))
-
-
-def resources(fn, signature, constexprs, num_warps, arch):
-    # (registers, spill bytes) of `fn` compiled for sm_<arch>, as ptxas reports them.
-    import re
-    import tempfile
-
-    sig = dict(signature, **{{name: "constexpr" for name in constexprs}})
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={{"num_warps": num_warps}})
-    suffix = "a" if arch == 90 else ""
-    with tempfile.TemporaryDirectory() as tmp:  # gone afterwards, ptx and all
-        ptx = tmp + "/kernel.ptx"
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        out = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{{arch}}{{suffix}}", "-v", ptx,
-                              "-o", "/dev/null"], capture_output=True, text=True)
-    report = out.stdout + out.stderr
-    regs = int(re.search(r"Used (\d+) registers", report).group(1))
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-    return regs, spills
 """
 
 

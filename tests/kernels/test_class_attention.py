@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from attnseg.kernels.class_attention import (
     accumulate_class_attention_triton,
 )
 
+from . import ptxas
 from .marks import HAS_CUDA, needs_numba, needs_triton
 
 
@@ -109,6 +111,15 @@ TRITON_CASES = [
     Case(1, 2, (8, 8), 40, 300, 3, (8, 8), clamp=True, negative=True),
     Case(2, 2, (8, 4), 16, 333, 2, (16, 8), "bilinear", weight=0.5, dtype=torch.float16),
     Case(1, 3, (4, 4), 24, 512, 2, (4, 4)),
+    # 129-256 keys also take the two sweeps (a 256-key tile spills registers on a GPU).
+    Case(1, 2, (8, 8), 40, 154, 3, (8, 8), dtype=torch.float16),
+    Case(1, 2, (4, 4), 24, 256, 2, (8, 8), "bicubic", clamp=True, negative=True),
+    # More classes than the widest class tile (64): a launch per tile of classes, into
+    # non-contiguous slices of the accumulator (B = 2).
+    Case(2, 1, (4, 4), 16, 77, 70, (4, 4), clamp=True, negative=True),
+    Case(2, 1, (4, 4), 16, 300, 70, (8, 8), "bilinear", weight=0.5),
+    # A 128-wide map: the resize kernel's 16 x 16 output tiles.
+    Case(1, 1, (2, 128), 16, 20, 2, (3, 160), "bilinear", clamp=True, negative=True),
 ]
 
 
@@ -286,38 +297,143 @@ def test_aot_compile_for_hopper(aot_compile):
     assert "class_attn_kernel cubin bytes" in out and "_resize_acc_kernel cubin bytes" in out
 
 
-def test_shipped_tiles_compile_without_register_spills(aot_compile):
-    """The tiles `attn_blocks` picks for SD shapes (77 text tokens, head dims 40-160, 4 to 40
-    classes), and `attn_blocks_long` for T5-length text, compile at sm_80 and sm_90 with no
-    register spills, per ptxas."""
-    out = aot_compile("""
-        import torch
-        from attnseg.kernels import class_attention as ca
-        for arch in (80, 90):
-            for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"),
-                                (torch.float32, "fp32")):
-                sig = {"q_ptr": "*" + name, "k_ptr": "*" + name, "tw_ptr": "*fp32",
-                       "dst_ptr": "*fp32", "N": "i32", "L": "i32", "D": "i32", "C": "i32",
-                       "H": "i32", "HPG": "i32", "sq_b": "i32", "sq_h": "i32", "sq_n": "i32",
-                       "sk_b": "i32", "sk_h": "i32", "sk_l": "i32", "scale": "fp32",
-                       "weight": "fp32"}
-                for d, c in ((40, 4), (160, 4), (40, 20), (40, 40)):
-                    blocks = dict(ca.attn_blocks(77, d, c, dtype), DIRECT=False, CLAMP=False)
-                    regs, spills = resources(ca.class_attn_kernel, sig, blocks,
-                                             ca._TRITON_NUM_WARPS, arch)
-                    print("RESOURCES", arch, name, d, c, regs, spills)
-                # Longer text (PixArt's 300 keys, head dim 72; SD3 64; Flux 128).
-                for d, c in ((72, 4), (64, 20), (128, 4)):
-                    blocks = dict(ca.attn_blocks_long(d, c, dtype), DIRECT=False, CLAMP=False)
-                    regs, spills = resources(ca.class_attn_long_kernel, sig, blocks,
-                                             ca._TRITON_NUM_WARPS, arch)
-                    print("RESOURCES", arch, name, d, c, regs, spills)
-    """)
-    rows = [line.split()[1:] for line in out.splitlines() if line.startswith("RESOURCES")]
-    assert len(rows) == 2 * 3 * (4 + 3)
-    spilling = [r for r in rows if int(r[5]) > 0]
-    assert spilling == [], spilling
-    assert all(int(r[4]) <= 255 for r in rows)
+# Every tile the launchers ship (derived by calling them: see tests/kernels/ptxas.py).
+SHIPPED = ptxas.shipped_launches()
+_ATTENTION = ("class_attn_kernel", "class_attn_long_kernel")
+# The attention launches whose scores take the tensor cores on a GPU.
+HALF_PRECISION = [launch for launch in SHIPPED
+                  if launch.kernel in _ATTENTION and launch.dtype in ("fp16", "bf16")]
+
+
+@pytest.fixture(scope="module")
+def ptxas_reports(request, tmp_path_factory):
+    """ptxas -v at sm_80 and sm_90 of the shipped launches the selected tests ask about (all of
+    them, unless -k narrows the run): compiled once per test process, in parallel, with a
+    private triton cache so that it really compiles; no GPU needed."""
+    selected = {item.callspec.params["launch"] for item in request.session.items
+                if "launch" in getattr(getattr(item, "callspec", None), "params", {})}
+    try:
+        return ptxas.ptxas_reports([launch for launch in SHIPPED if launch in selected],
+                                   cache_dir=tmp_path_factory.mktemp("triton-cache"))
+    except ptxas.CannotCompile as exc:
+        pytest.skip(str(exc))
+
+
+@needs_triton
+def test_shipped_tiles_are_the_documented_ones():
+    from attnseg.kernels import class_attention as ca
+
+    kernels = {launch.kernel for launch in SHIPPED}
+    assert kernels == {*_ATTENTION, "_resize_acc_kernel", "finalize_kernel",
+                       "crf_messages_kernel"}
+    for launch in SHIPPED:
+        consts = dict(launch.constexprs)
+        if launch.kernel == "class_attn_kernel":  # 129+ keys go to the two sweeps
+            assert consts["BLOCK_L"] <= ca.TRITON_MAX_KEYS == 128
+            # and so do exact-fp32 dots with 65-128 keys and more than 32 classes
+            assert not (consts["F32_DOT"] and consts["BLOCK_L"] > 64 and consts["BLOCK_C"] > 32)
+        if launch.kernel in _ATTENTION:
+            assert consts["BLOCK_C"] <= ca._TRITON_MAX_BLOCK_C
+            assert consts["F32_DOT"] == (launch.dtype == "fp32")  # bf16: tensor cores
+            assert consts["CLAMP"] <= consts["DIRECT"]
+        assert launch.num_warps == (4 if launch.kernel in ("finalize_kernel",
+                                                           "crf_messages_kernel") else 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ptxas.ARCHS)
+@pytest.mark.parametrize("launch", SHIPPED, ids=str)
+def test_shipped_tile_compiles_without_register_spills(ptxas_reports, launch, arch):
+    """Every tile the launchers pick (class attention, both kernels, its resize, finalize, the
+    exact CRF) for the model families' shapes, fp16/bf16/fp32, compiles for sm_80 and sm_90
+    with no register spills, per ptxas -v."""
+    report = ptxas_reports[(launch, arch)]
+    assert (report["spill_stores"], report["spill_loads"]) == (0, 0), report
+    assert report["regs"] <= 255
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ptxas.ARCHS)
+@pytest.mark.parametrize("launch", HALF_PRECISION, ids=str)
+def test_half_precision_scores_use_tensor_cores(ptxas_reports, launch, arch):
+    """fp16 and bf16 scores are tensor-core MMAs of that type (mma.sync at sm_80; at sm_90
+    wgmma, or mma.sync where the row tile is under wgmma's 64), with fp32 accumulation: the
+    path bf16 takes on a GPU, which the interpreter tests do not run (see below)."""
+    t = {"fp16": "f16", "bf16": "bf16"}[launch.dtype]  # PTX's type names
+    mma = ptxas_reports[(launch, arch)]["mma"]
+    sync = f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32"
+    wgmma = re.compile(rf"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.{t}\.{t}$")
+    if arch < 90:
+        assert sync in mma, mma
+    else:
+        assert sync in mma or any(wgmma.match(m) for m in mma), mma
+
+
+@pytest.fixture
+def interpreter_bf16_dot(monkeypatch):
+    """Triton 3.7's interpreter multiplies bf16 dot operands as their raw uint16 bits (its
+    InterpreterBuilder.create_dot upcasts only 8-bit floats). This upcasts them to fp32 first,
+    exactly (a bf16 is the high half of an fp32), as the tensor cores multiply them; and makes
+    `attn_blocks` send bf16 down the tensor-core path under the interpreter."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    from attnseg.kernels import class_attention as ca
+
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def as_f32(x):
+        if x.dtype != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32),
+                                        tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, as_f32(a), as_f32(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(ca, "_INTERPRETER_BF16_MMA", True)
+
+
+BF16_DOT_CASES = [
+    Case(1, 2, (8, 16), 64, 77, 3, (16, 32), "bilinear", clamp=True, dtype=torch.bfloat16,
+         negative=True),
+    Case(2, 2, (8, 8), 40, 20, 40, (8, 8), weight=0.5, dtype=torch.bfloat16),
+    Case(1, 2, (8, 8), 40, 154, 3, (8, 8), clamp=True, dtype=torch.bfloat16, negative=True),
+    Case(2, 2, (8, 4), 16, 333, 2, (16, 8), "bilinear", weight=0.5, dtype=torch.bfloat16),
+]
+
+
+@needs_triton
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's run of the tensor-core path")
+@pytest.mark.parametrize("case", BF16_DOT_CASES, ids=str)
+def test_triton_bf16_tensor_core_path_under_interpreter(case, interpreter_bf16_dot):
+    from attnseg.kernels import class_attention as ca
+
+    long_text = case.l > ca.TRITON_MAX_KEYS
+    blocks = (ca.attn_blocks_long(case.d, case.c, case.dtype) if long_text
+              else ca.attn_blocks(case.l, case.d, case.c, case.dtype))
+    assert blocks["F32_DOT"] is False  # the tl.dot(q, k^T) of bf16 tiles, as on a GPU
+    assert_close_to_ref(case, accumulate_class_attention_triton)
+
+
+@needs_triton
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's bf16 dot")
+def test_interpreter_bf16_dot_still_multiplies_raw_bits(monkeypatch):
+    """Why bf16 takes the FMA path under the interpreter: without the patched dot, the
+    tensor-core path's scores are products of bf16 bit patterns read as integers. Should a
+    triton upgrade fix this, drop `_INTERPRETER_BF16_MMA`'s FMA fallback and the patch."""
+    from attnseg.kernels import class_attention as ca
+
+    monkeypatch.setattr(ca, "_INTERPRETER_BF16_MMA", True)
+    case = BF16_DOT_CASES[0]
+    q, k, tw, out0 = make_inputs(case)
+    want = run(accumulate_class_attention_ref, case, q, k, tw, out0.clone())
+    got = run(accumulate_class_attention_triton, case, q, k, tw, out0.clone())
+    err = (got - want).abs().max().item()
+    assert not err <= 1e-2, ("the interpreter's bf16 tl.dot now matches the reference "
+                        f"(max abs err {err:.3g}): remove the workaround")
 
 
 @pytest.mark.gpu

@@ -1,14 +1,20 @@
 """Op (c), the dense CRF: the torch reference against the model spelled out in float64 loops,
 the numba and Triton kernels against the reference, the permutohedral lattice against the exact
-Gaussian filter and the reference, its effect on a noisy two-region scene, and (where the
-optional `pydensecrf2` installs) the lattice against pydensecrf's to float32 rounding."""
+Gaussian filter and the reference, its effect on a noisy two-region scene, and the lattice against
+pydensecrf's to float32 rounding: always against pydensecrf's stored outputs
+(data/crf_pydensecrf_reference.npz, made by make_crf_reference.py), and live where the optional
+`pydensecrf2` installs."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from attnseg.kernels import crf as crf_module
 from attnseg.kernels.crf import (
     PermutohedralLattice,
     dense_crf,
@@ -140,7 +146,9 @@ def test_lattice_matches_the_reference_on_a_scene():
     lattice = dense_crf_lattice(probs, image, iterations=5, **PARAMS)
     exact = dense_crf_ref(probs, image, iterations=5, **PARAMS)
     assert (lattice.argmax(1) == exact.argmax(1)).float().mean().item() >= 0.99
-    assert (lattice - exact).abs().max().item() < 0.15
+    # The lattice's approximation of the exact Gaussian filters (pydensecrf's own, measured
+    # 0.032 here); its agreement with pydensecrf is test_lattice_matches_stored_pydensecrf's.
+    assert (lattice - exact).abs().max().item() < 0.05
     assert (lattice.argmax(1)[0] == truth).float().mean().item() > 0.97
     # The default on a CPU is the lattice; a batch is each image's own lattice.
     both = dense_crf(torch.cat([probs, probs.flip(-1)]), torch.cat([image, image.flip(-1)]),
@@ -170,11 +178,79 @@ def test_agrees_with_pydensecrf_where_it_installs():
     # The same lattice (built in float32 in pydensecrf's order of operations): equal to float32
     # rounding.
     torch.testing.assert_close(dense_crf_lattice(probs, image, iterations=5, **PARAMS),
-                               theirs.float(), rtol=0, atol=1e-4)
+                               theirs.float(), rtol=0, atol=1e-6)
     # The exact CRF: the lattice approximates its Gaussian filters, so nearly the same labels.
     ours = dense_crf_ref(probs, image, iterations=5, **PARAMS)
     assert (theirs.argmax(1) == ours.argmax(1)).float().mean().item() >= 0.95
-    # A random image with 5 labels (many points on cell boundaries): still equal.
+    # A random image with 5 labels (many points on cell boundaries, weak unaries: rounding grows
+    # more over the iterations): still equal.
     probs, image = _inputs(1, 5, 24, 20, seed=4)
     torch.testing.assert_close(dense_crf_lattice(probs, image, iterations=5, **PARAMS),
-                               _pydensecrf(probs, image, 5).float(), rtol=0, atol=1e-4)
+                               _pydensecrf(probs, image, 5).float(), rtol=0, atol=1e-5)
+
+
+# pydensecrf2 1.1's outputs on seeded cases, stored by make_crf_reference.py (which says what each
+# array is), so that the lattice is checked against pydensecrf where it does not install.
+_REF_PATH = Path(__file__).parent / "data" / "crf_pydensecrf_reference.npz"
+with np.load(_REF_PATH) as _f:
+    _REF = {k: _f[k] for k in _f.files}
+_REF_PARAMS = json.loads(str(_REF["params"]))
+# pydensecrf's SSE lattice (every x86-64 build) builds the lattice in blocks of 4 points, padding
+# the last block with points at the feature origin whose lattice vertices it keeps: the blur then
+# carries mass through them. attnseg's lattice has no such vertices, so where H * W is not a
+# multiple of 4 and pixels lie near the origin in the 5-d appearance features (a dark corner
+# here, measured 3e-4), it is not equal to pydensecrf (test_dark_corner_case_is_sse_padding).
+_NOT_EQUAL = {"s23x41_c6_both_it5_dark": "pydensecrf's SSE padding vertices (H * W = 943)"}
+
+
+def _ref_case(name):
+    p = _REF_PARAMS["cases"][name]
+    kernel = {k: p[k] for k in ("w_app", "sxy_app", "srgb", "w_smooth", "sxy_smooth")}
+    probs = torch.from_numpy(_REF[f"{name}_probs"].astype(np.float32))[None]
+    image = torch.from_numpy(_REF[f"{name}_image"]).permute(2, 0, 1)[None].float()
+    return probs, image, p, kernel
+
+
+@pytest.mark.parametrize("blur", [pytest.param("numba", marks=needs_numba), "torch"])
+@pytest.mark.parametrize("name", [
+    pytest.param(str(n), marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                 reason=_NOT_EQUAL[str(n)]))
+    if str(n) in _NOT_EQUAL else str(n) for n in _REF["cases"]])
+def test_lattice_matches_stored_pydensecrf(name, blur, monkeypatch):
+    """The lattice (its blur in numba, the CPU default, or in torch ops, the path on any other
+    device) equals pydensecrf to float32 rounding: measured 2.4e-7 at most on the scenes (the
+    same with either blur), 1.3e-6 on the noise image, whose weak unaries make it ill-conditioned
+    (2-ulp noise on its probabilities moves attnseg's own output by 6e-6); the same labels."""
+    assert str(_REF["pydensecrf2_version"]) == "1.1"
+    if blur == "torch":
+        monkeypatch.setattr(crf_module, "_nb", None)
+    probs, image, p, kernel = _ref_case(name)
+    got = dense_crf_lattice(probs, image, iterations=p["iterations"], **kernel)[0]
+    atol = 1e-5 if p["image"] == "noise" else 1e-6
+    torch.testing.assert_close(got, torch.from_numpy(_REF[f"{name}_q"]), rtol=0, atol=atol)
+    assert torch.equal(got.argmax(0), torch.from_numpy(_REF[f"{name}_labels"]).long())
+
+
+def test_dark_corner_case_is_sse_padding():
+    """The case attnseg does not match is pydensecrf's padding: with its block's 4 - 943 % 4 = 1
+    point at the origin added to both lattices (splatting zeros), the lattice equals it."""
+    name = "s23x41_c6_both_it5_dark"
+    probs, image, p, kernel = _ref_case(name)
+    c, h, w = probs.shape[1:]
+    n, pad = h * w, -(h * w) % 4
+    assert pad > 0
+    app, smooth = crf_module._lattice_features(image, kernel["sxy_app"], kernel["srgb"],
+                                               kernel["sxy_smooth"])
+    lat_a, lat_s = (PermutohedralLattice(torch.cat([f[0], f.new_zeros(pad, f.shape[2])]))
+                    for f in (app, smooth))
+
+    def messages(src_a, src_s):
+        zeros = src_a.new_zeros(pad, src_a.shape[2])
+        return (lat_a.filter(torch.cat([src_a[0], zeros]))[None, :n],
+                lat_s.filter(torch.cat([src_s[0], zeros]))[None, :n])
+
+    unary = probs.clamp_min(1e-5).log().reshape(1, c, n).transpose(1, 2).contiguous()
+    q = crf_module._mean_field(unary, messages, p["iterations"], kernel["w_app"],
+                               kernel["w_smooth"])
+    torch.testing.assert_close(q[0].T.reshape(c, h, w), torch.from_numpy(_REF[f"{name}_q"]),
+                               rtol=0, atol=1e-6)

@@ -1,0 +1,291 @@
+"""`attnseg synth`, `attnseg demo`, `attnseg launch` and `attnseg presets`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from . import cli_args, prompts_cli
+from .errors import UserError
+
+
+def _add_synth_args(p: argparse.ArgumentParser) -> None:
+    cli_args.add_config(p, "synth")
+    cli_args.add_model(p)
+    p.add_argument("--classes", help="'voc', a file with one class per line, or 'a,b,c' "
+                   "(default: voc)")
+    p.add_argument("--num-per-class", type=int, help="images per class (default: 1)")
+    p.add_argument("--out", help="output folder (default: out/synth)")
+    p.add_argument("--preset", help="harvesting recipe, see `attnseg presets` (default: attnseg)")
+    p.add_argument("--prompts", help="prompts JSONL file (prompt + labelled class words; default: "
+                   "template prompts per class)")
+    p.add_argument("--batch-size", type=int, help="images per generation call (default: 4)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale "
+                   "(default: the preset's, else 7.5; <= 1: no guidance, the batch is not "
+                   "doubled)")
+    cli_args.add_scheduler(p)
+    cli_args.add_size(p)
+    p.add_argument("--seed", type=int, help="base seed; sample i's seed depends on (seed, i) "
+                   "(default: 0)")
+    cli_args.add_device(p)
+    cli_args.add_dtype(p)
+    p.add_argument("--format", help="voc (default: files + manifest) or webdataset "
+                   "(tar chunks + parquet, for millions of samples)")
+    p.add_argument("--samples-per-tar", type=int, help="WebDataset chunk size, a multiple of "
+                   "--batch-size (default: 1000)")
+    p.add_argument("--shard", help="do part i/n of the job (0-based), or 'auto' for the "
+                   "launcher's rank (torchrun/accelerate RANK/WORLD_SIZE, Slurm array; default: "
+                   "the whole job)")
+    cli_args.add_set(p, "harvest.strides=[16,32] --set mask.bg_const=0.4 (a preset setting)",
+            "SECTION.KEY=VALUE")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse a LoRA (folder or .safetensors file) into the model before "
+                   "generating; repeat for several, each with its own scale (default: none)")
+    p.add_argument("--lora-scale", type=float,
+                   help="scale of the LoRAs given without one (default: 1.0)")
+    p.add_argument("--backend", help="torch (default), compile, onnxruntime or tensorrt: "
+                   "engines are built once and cached (see `attnseg engine build`)")
+    p.add_argument("--engine", help="a folder from `attnseg engine build` to generate with "
+                   "(default: none)")
+    p.add_argument("--write-workers", type=int, help="threads that encode and write samples "
+                   "while the next batch generates; 0 writes inline (default: 2)")
+    cli_args.add_allow_pickle(p)
+    cli_args.add_no_progress(p)
+
+
+def _synth_config(args):
+    from .config import apply_set, config_values, synth_config_from
+
+    values = config_values(args, (
+        "model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size", "steps",
+        "guidance", "scheduler", "height", "width", "seed", "device", "dtype", "shard", "format",
+        "samples_per_tar", "lora_scale", "backend", "engine", "allow_pickle", "write_workers"))
+    if args.lora:
+        values["loras"] = list(args.lora)
+    sets: dict = {}
+    apply_set(sets, args.set, sections_only=True)
+    if sets:
+        merged = dict(values.get("overrides", {}))
+        for section, kv in sets.items():
+            merged[section] = {**merged.get(section, {}), **kv}
+        values["overrides"] = merged
+    return synth_config_from(values)
+
+
+def _print_summary(summary: dict, tiny_notice: str | None) -> None:
+    rate = summary["images_per_s"]
+    part = "" if summary["shard"] == "0/1" else f" (shard {summary['shard']})"
+    print(
+        f"wrote {summary['samples']} samples{part} to {summary['out']} "
+        f"({summary['new']} new, {summary['already_present']} already present) in "
+        f"{summary['seconds']:.1f} s" + (f", {rate:.2f} images/s" if rate else "")
+    )
+    print(f"model {summary['model']}, preset {summary['preset']}, {summary['steps']} steps, "
+          f"{summary['size'][0]}x{summary['size'][1]}, {summary['device']} {summary['dtype']}, "
+          f"backend {summary['backend']}")
+    if tiny_notice:
+        print(f"note: {tiny_notice}")
+
+
+def check_synth_job(cfg) -> None:
+    """The checks of a synth job that need no model and no torch, run before either loads, so
+    bad arguments are refused within about a second (run_synth makes them again)."""
+    from .config import parse_shard
+    from .dataset import check_output_dir
+    from .models import RANDOM_MODELS, check_model_path, default_size, latent_stride
+    from .prompts import load_classes, load_prompt_file
+
+    cfg.validate()
+    parse_shard(cfg.shard)
+    if cfg.model not in RANDOM_MODELS:
+        check_model_path(cfg.model, cfg.allow_pickle)
+    cfg.resolve_preset(latent_stride(cfg.model))
+    classes = load_classes(cfg.classes)
+    if cfg.prompts:
+        load_prompt_file(cfg.prompts, classes)
+    check_output_dir(Path(cfg.out))
+    if cfg.engine:
+        from ..engines.cache import check_engine_job
+
+        size = default_size(cfg.model)
+        check_engine_job(cfg.engine, cfg.backend, cfg.height or size, cfg.width or size,
+                         cfg.batch_size)
+    if cfg.loras:
+        from .lora import check_loras, parse_lora_spec
+
+        check_loras([parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras])
+
+
+def cmd_synth(args) -> int:
+    cfg = _synth_config(args)
+    check_synth_job(cfg)
+    from .synth import TINY_NOTICE, run_synth
+
+    summary = run_synth(cfg, progress=not args.no_progress,
+                        engine_harvester=_engine_harvester(cfg))
+    _print_summary(summary, TINY_NOTICE if cfg.model == "tiny" else None)
+    return 0
+
+
+def _engine_harvester(cfg):
+    """The engines' harvester factory when the job runs on one (the command line is the one
+    place where the pipeline meets the engines package)."""
+    if cfg.backend == "torch" and not cfg.engine:
+        return None
+    from ..engines.harvest import engine_harvester
+
+    return engine_harvester
+
+
+# The toy demo's rendered test scenes: a seed apart from the toy model's training scenes
+# (1000) and from the toy benchmark's validation seed (101).
+DEMO_TEST_SEED = 102
+
+
+def cmd_demo(args) -> int:
+    from .config import SynthConfig
+    from .report import write_report
+    from .synth import TINY_NOTICE, run_synth
+
+    t0 = time.perf_counter()
+    toy = args.model == "toy"
+    if args.model not in ("tiny", "toy"):
+        raise UserError(f"the demo runs --model tiny or toy, not {args.model!r}")
+    classes, per_class = ("toy", 12) if toy else ("voc", 2)
+    prompts, augmentation = prompts_cli.write_demo_prompts(args.out, classes=classes,
+                                                           num_per_class=per_class,
+                                                           model=args.model)
+    if toy:
+        cfg = SynthConfig(model="toy", classes="toy", num_per_class=per_class, out=args.out,
+                          batch_size=24, steps=15, guidance=4.0, height=64, width=64, seed=0,
+                          device="cpu", prompts=prompts)
+        notice = ("the toy world's model: 64x64 shapes, trained on rendered scenes (no real "
+                  "weights can be downloaded here); see `attnseg bench toy` for its quality")
+    else:
+        cfg = SynthConfig(model="tiny", classes="voc", num_per_class=per_class, out=args.out,
+                          batch_size=8, steps=10, height=128, width=128, seed=0, device="cpu",
+                          prompts=prompts)
+        notice = "tiny random model: images are noise, masks carry no meaning"
+    summary = run_synth(cfg, progress=not args.no_progress)
+    page = write_report(cfg.out, max_samples=40, notice=notice)
+    _print_summary(summary, None if toy else TINY_NOTICE)
+    print(augmentation)
+    print(f"report: {page} and {page.parent / 'contact_sheet.png'}")
+    from .train_cli import demo_train_eval  # train + eval stages on the demo dataset
+
+    if toy:
+        from .toy_world import ToyRenderConfig, render_dataset
+
+        test = Path(args.out) / "test"
+        render_dataset(ToyRenderConfig(out=str(test), num_images=100, seed=DEMO_TEST_SEED),
+                       progress=False)
+        demo_train_eval(cfg.out, test, steps=300, progress=not args.no_progress)
+    else:
+        demo_train_eval(cfg.out, progress=not args.no_progress)
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _synth_config_from_argv(argv: list[str]):
+    """A SynthConfig from `attnseg synth` arguments given after `--` to a launcher."""
+    parser = argparse.ArgumentParser(prog="attnseg synth", add_help=False)
+    _add_synth_args(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        raise UserError(f"cannot parse the synth arguments {' '.join(argv)!r}") from None
+    return _synth_config(args)
+
+
+def cmd_launch_slurm(args) -> int:
+    from .dataset import atomic_write_bytes
+    from .launch import slurm_script
+
+    _synth_config_from_argv(args.synth_args).validate()  # fail now, not on the cluster
+    script = slurm_script(args.synth_args, args.array, job_name=args.job_name,
+                          partition=args.partition, gpus_per_task=args.gpus_per_task,
+                          cpus_per_task=args.cpus_per_task, time=args.time)
+    if args.script:
+        atomic_write_bytes(Path(args.script), script.encode())
+        print(f"wrote {args.script}; submit it with: sbatch {args.script}")
+    else:
+        print(script, end="")
+    return 0
+
+
+def cmd_launch_ray(args) -> int:
+    from .launch import run_ray
+
+    cfg = _synth_config_from_argv(args.synth_args)
+    cfg.validate()
+    result = run_ray(cfg, args.workers, args.gpus_per_worker, args.shards, args.address,
+                     args.cpus_per_worker, engine_harvester=_engine_harvester(cfg))
+    print(f"ray: {result['shards']} shards on {result['workers']} workers, "
+          f"{result['new']} new samples in {cfg.out}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from dataclasses import asdict
+
+    from .config import PRESETS, get_preset
+
+    for name in PRESETS:
+        p = get_preset(name)
+        print(f"{name}: {p.source}")
+        if args.verbose:
+            print(json.dumps({"harvest": asdict(p.harvest), "mask": asdict(p.mask),
+                              "steps": p.steps, "guidance": p.guidance}, indent=1))
+    return 0
+
+
+def register(sub) -> None:
+    """Add this module's subcommands (synth, demo, presets) to the `attnseg` parser."""
+    p = sub.add_parser("synth", help="generate images with pseudo-masks into a VOC-layout folder")
+    _add_synth_args(p)
+    p.set_defaults(func=cmd_synth)
+    p = sub.add_parser("demo", help="offline demo: synthesis, report, training, evaluation "
+                       "(toy: about a minute on 2 idle CPU cores; tiny: ~20 s)")
+    p.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    p.add_argument("--model", default="toy", help="toy (the toy world's trained model: shapes "
+                   "with their masks, the segmenter scored against rendered scenes with exact "
+                   "labels) or tiny (the random model: shows the path, its images are noise) "
+                   "(default: toy)")
+    cli_args.add_no_progress(p, "no progress bars")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("launch", help="run synth at scale: Slurm array script or Ray Data "
+                       "(torchrun/accelerate: use `synth --shard auto`)")
+    lsub = p.add_subparsers(dest="launcher", required=True)
+    q = lsub.add_parser("slurm", help="write an sbatch array script; task k runs shard k/N")
+    q.add_argument("--array", type=int, required=True,
+                   help="number of array tasks (shards); required")
+    q.add_argument("--script", help="write the script here (default: print it)")
+    q.add_argument("--job-name", default="attnseg-synth",
+                   help="Slurm job name (default: attnseg-synth)")
+    q.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    q.add_argument("--gpus-per-task", type=int, default=1,
+                   help="GPUs per array task, 0 for none (default: 1)")
+    q.add_argument("--cpus-per-task", type=int, default=8,
+                   help="CPUs per array task (default: 8)")
+    q.add_argument("--time", default="24:00:00",
+                   help="time limit per array task (default: 24:00:00)")
+    q.add_argument("synth_args", nargs=argparse.REMAINDER,
+                   help="-- then the `attnseg synth` arguments")
+    q.set_defaults(func=cmd_launch_slurm)
+    q = lsub.add_parser("ray", help="Ray Data: shards mapped over a pool of GPU actors")
+    q.add_argument("--workers", type=int, required=True, help="actors (model copies); required")
+    q.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per actor, fractions allowed (default: 0)")
+    q.add_argument("--cpus-per-worker", type=int, default=1,
+                   help="CPU threads per actor (default: 1)")
+    q.add_argument("--shards", type=int, help="pieces of work (default: 4 per worker)")
+    q.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    q.add_argument("synth_args", nargs=argparse.REMAINDER,
+                   help="-- then the `attnseg synth` arguments")
+    q.set_defaults(func=cmd_launch_ray)
+    p = sub.add_parser("presets", help="list the harvesting recipes and their sources")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every setting")
+    p.set_defaults(func=cmd_presets)
