@@ -13,7 +13,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def bench_config(cls, args, flags: tuple[str, ...], what: str, values: dict | None = None):
     """A benchmark's config: its --config file, then the flags given, then --set."""
-    from attnseg.pipeline.config import apply_set, config_from, config_values
+    from attnseg.pipeline.settings import apply_set, config_from, config_values
 
     merged = config_values(args, flags)
     merged.update(values or {})
@@ -24,7 +24,8 @@ def bench_config(cls, args, flags: tuple[str, ...], what: str, values: dict | No
 def cmd_throughput(args) -> int:
     from attnseg.pipeline.errors import UserError
 
-    from .throughput import ThroughputConfig, _table, run_throughput, spread_note
+    from .common import spread_note
+    from .throughput import ThroughputConfig, _table, run_throughput
 
     values: dict = {}
     if args.backend is not None:
@@ -37,7 +38,8 @@ def cmd_throughput(args) -> int:
                 from None
     if args.no_plots:
         values["plots"] = False
-    values["progress"] = not args.no_progress
+    if args.no_progress:
+        values["progress"] = False
     cfg = bench_config(ThroughputConfig, args, (
         "model", "height", "width", "steps", "repeats", "warmup", "preset", "device", "dtype",
         "out"), "bench throughput", values)
@@ -92,9 +94,9 @@ _QUALITY_FLAGS = ("model", "classes", "preset", "num_per_class", "steps", "heigh
 
 def quality_config_from_args(args):
     """QualityConfig from `--config` (JSON/TOML; sections `real` and `train`), then flags."""
-    from attnseg.pipeline.config import apply_set, config_from, config_values
     from attnseg.pipeline.errors import UserError
-    from attnseg.pipeline.real_images import RealImageConfig
+    from attnseg.pipeline.harvest.real_images import RealImageConfig
+    from attnseg.pipeline.settings import apply_set, check_value, config_from, config_values
 
     from .quality import QualityConfig
 
@@ -103,7 +105,7 @@ def quality_config_from_args(args):
         values["throughput"] = ""
     if args.no_progress:
         values["progress"] = False
-    real = dict(values.get("real") or {})
+    real = dict(check_value(dict, values.get("real") or {}, "quality", "real"))
     if args.noise_levels is not None:
         real["noise_levels"] = _floats(args.noise_levels)
     sets: dict = {}
@@ -112,7 +114,7 @@ def quality_config_from_args(args):
     if unknown:
         raise UserError(f"--set sections are real and train, not {unknown}")
     real.update(sets.get("real", {}))
-    train = dict(values.get("train") or {})
+    train = dict(check_value(dict, values.get("train") or {}, "quality", "train"))
     for key, value in sets.get("train", {}).items():  # train.loss.name=ce -> {"loss": {...}}
         section, dot, name = key.partition(".")
         if dot:
@@ -140,9 +142,10 @@ def cmd_quality(args) -> int:
 
 
 def cmd_toy(args) -> int:
-    from .toy import ToyBenchConfig, run_toy_bench
+    from .toy.config import ToyBenchConfig
+    from .toy.run import run_toy_bench
 
-    values = {"progress": not args.no_progress}
+    values = {"progress": False} if args.no_progress else {}
     cfg = bench_config(ToyBenchConfig, args, ("model", "device", "dtype", "out"), "bench toy",
                        values)
     report = run_toy_bench(cfg)

@@ -43,7 +43,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .throughput import machine_info, output_base, with_suffix, write_json_and_markdown
+from .common import machine_info, output_base, with_suffix, write_json_and_markdown
 
 STEPS = ("kernels", "parity", "kbench", "compile", "throughput", "families", "toy")
 REPO = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def step_kernels(cfg: GpuProofConfig, cap: float) -> dict:
 def _pipe(cfg: GpuProofConfig):
     import torch
 
-    from attnseg.pipeline.tiny import build_sd15_random_pipeline, build_tiny_pipeline
+    from attnseg.pipeline.models.tiny import build_sd15_random_pipeline, build_tiny_pipeline
 
     if cfg.smoke:
         return build_tiny_pipeline(seed=0), torch.device("cpu"), torch.float32, 64, 2
@@ -123,8 +123,8 @@ def step_parity(cfg: GpuProofConfig, cap: float) -> dict:
 
     from attnseg.kernels._dispatch import resolve_impl
     from attnseg.pipeline.config import get_preset
-    from attnseg.pipeline.harvest import AttentionHarvester
-    from attnseg.pipeline.masks import masks_from_harvest
+    from attnseg.pipeline.harvest.harvester import AttentionHarvester
+    from attnseg.pipeline.harvest.masks import masks_from_harvest
     from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes
 
     pipe, dev, dtype, size, steps = _pipe(cfg)

@@ -30,26 +30,26 @@ import numpy as np
 import psutil
 import torch
 
-from attnseg.pipeline.dataset import atomic_write_bytes
-from attnseg.pipeline.lora import LoraSpec, apply_loras
-from attnseg.pipeline.lora_train import (
+from attnseg.pipeline.adapt.lora_train import (
     LoraTrainConfig,
     LoraTrainer,
     add_lora_adapter,
     find_training_images,
     save_lora,
 )
-from attnseg.pipeline.prompt_augment import (
+from attnseg.pipeline.adapt.prompt_augment import (
     PromptsConfig,
     build_prompt_set,
     default_templates_file,
     load_templates,
 )
+from attnseg.pipeline.files import atomic_write_bytes
+from attnseg.pipeline.models.lora import LoraSpec, apply_loras
+from attnseg.pipeline.models.tiny import build_sd15_random_pipeline as build_sd15_random
+from attnseg.pipeline.models.tiny import tiny_tokenizer
 from attnseg.pipeline.prompts import CLASS_SETS, DEFAULT_TEMPLATES
-from attnseg.pipeline.tiny import build_sd15_random_pipeline as build_sd15_random
-from attnseg.pipeline.tiny import tiny_tokenizer
 
-from .throughput import output_base, with_suffix
+from .common import output_base, with_suffix
 
 
 def bench_prompts(num_per_class: int = 20) -> list[dict]:

@@ -34,28 +34,29 @@ import numpy as np
 import torch
 
 from attnseg.pipeline.config import SynthConfig, get_preset
-from attnseg.pipeline.data import CorruptSample, SegSource, detect_kind, normalize_name, open_source
-from attnseg.pipeline.dataset import atomic_write_bytes
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.evaluate import (
+from attnseg.pipeline.files import atomic_write_bytes
+from attnseg.pipeline.harvest.real_images import RealImageConfig, RealImageLabeller
+from attnseg.pipeline.models.loading import RANDOM_MODELS, default_size, load_pipeline
+from attnseg.pipeline.prompts import ClassInfo, load_classes
+from attnseg.pipeline.synth.job import run_synth
+from attnseg.pipeline.train.evaluate import (
     MetricAccumulator,
     evaluate_model,
     evaluate_pseudo,
     inference_for,
 )
-from attnseg.pipeline.models import RANDOM_MODELS, default_size, load_pipeline
-from attnseg.pipeline.prompts import ClassInfo, load_classes
-from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
-from attnseg.pipeline.synth import run_synth
-
-from .throughput import (
-    ThroughputConfig,
-    machine_info,
-    output_base,
-    run_throughput,
-    with_suffix,
+from attnseg.pipeline.train.sources import (
+    CorruptSample,
+    SegSource,
+    detect_kind,
+    normalize_name,
+    open_source,
 )
+
+from .common import machine_info, output_base, pct, with_suffix
+from .throughput import ThroughputConfig, run_throughput
 
 
 @dataclass
@@ -230,7 +231,7 @@ def _synthesise(cfg: QualityConfig, pipe, work: Path) -> dict:
 
 def _train_downstream(cfg: QualityConfig, work: Path, source: SegSource | None,
                       kind: str | None) -> dict:
-    from attnseg.pipeline.train import load_model, run_training, train_config_from
+    from attnseg.pipeline.train.trainer import load_model, run_training, train_config_from
 
     values = dict(
         data=[str(work / "dataset")], out=str(work / "train"), model=cfg.train_model,
@@ -272,7 +273,7 @@ def _measure_throughput(cfg: QualityConfig, pipe, work: Path) -> dict:
                             width=cfg.width, steps=cfg.steps
                             or get_preset(cfg.preset).steps or 20, repeats=2, warmup=1,
                             preset=cfg.preset, device=cfg.device, dtype=cfg.dtype,
-                            out=str(work / "throughput"), plots=False)
+                            out=str(work / "throughput"), plots=False, progress=False)
     result = run_throughput(tcfg, pipe=pipe)
     return {"source": "measured in this run", "config": result["config"],
             "summary": result["summary"]}
@@ -329,10 +330,6 @@ def run_quality(cfg: QualityConfig) -> dict:
     return report
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def markdown(report: dict) -> str:
     """The report as a markdown summary and per-class table."""
     cfg = report["config"]
@@ -353,15 +350,15 @@ def markdown(report: dict) -> str:
     real = report.get("pseudo_masks_real")
     if real:
         lines.append(f"| pseudo-mask mIoU, real labelled set ({real['images']} images) | "
-                     f"{_pct(real['mIoU'])} (unsure {_pct(real['unlabelled_frac'])} %) |")
+                     f"{pct(real['mIoU'])} (unsure {pct(real['unlabelled_frac'])} %) |")
     gen = report.get("pseudo_masks_generated")
     if gen:
         lines.append(f"| pseudo-mask mIoU, annotated generated images ({gen['images']}) | "
-                     f"{_pct(gen['mIoU'])} (unsure {_pct(gen['unlabelled_frac'])} %) |")
+                     f"{pct(gen['mIoU'])} (unsure {pct(gen['unlabelled_frac'])} %) |")
     down = report.get("downstream")
     if down:
         ev = down["eval"]
-        value = "- (no labelled set)" if ev is None else _pct(ev["mIoU"])
+        value = "- (no labelled set)" if ev is None else pct(ev["mIoU"])
         lines.append(f"| downstream mIoU: {down['model']}, {down['steps']} steps, "
                      f"{down['loss']} loss | {value} |")
     tables = [("pseudo (real)", real), ("pseudo (generated)", gen),
@@ -375,7 +372,7 @@ def markdown(report: dict) -> str:
             cells = []
             for _, r in tables:
                 row = r["per_class"][k] if k < len(r["per_class"]) else None
-                cells.append("-" if row is None or row["name"] != name else _pct(row["iou"]))
+                cells.append("-" if row is None or row["name"] != name else pct(row["iou"]))
             if any(c != "-" for c in cells):  # leave out classes no table scored
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

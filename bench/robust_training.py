@@ -43,10 +43,11 @@ import torch.nn.functional as F
 
 from attnseg.kernels.finalize import finalize_masks_ref
 from attnseg.pipeline.config import MaskConfig
-from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
+from attnseg.pipeline.files import atomic_write_bytes
 from attnseg.pipeline.prompts import load_classes
+from attnseg.pipeline.synth.writer import DatasetWriter
 
-from .throughput import output_base, with_suffix
+from .common import output_base, with_suffix
 
 CLASSES = ("stripes", "checks", "dots")
 SIZE = 64
@@ -209,7 +210,7 @@ def pseudo_mask(maps: torch.Tensor, present: list[int], size: int = SIZE):
 def write_datasets(root: Path, n_train: int, n_val: int, data_seed: int) -> dict:
     """The noisy training set, its clean twin, and the clean validation set; returns the
     pseudo-masks' mIoU against the clean masks (``attnseg eval --pseudo`` semantics)."""
-    from attnseg.pipeline.evaluate import evaluate_pseudo
+    from attnseg.pipeline.train.evaluate import evaluate_pseudo
 
     classes = load_classes(",".join(CLASSES))
     job = {"model": "procedural", "model_hash": "-", "preset": "attnseg", "mask": {}}
@@ -252,7 +253,7 @@ def loss_settings(steps: int) -> dict[str, dict]:
 def train_one(root: Path, data: str, loss: dict, seed: int, steps: int, model: str,
               workers: int = 1) -> dict:
     """Train on ``root/data`` with ``loss``; mIoU on the clean validation set."""
-    from attnseg.pipeline.train import run_training, train_config_from
+    from attnseg.pipeline.train.trainer import run_training, train_config_from
 
     out = root / "runs" / f"{data}-{loss['name']}-{seed}"
     shutil.rmtree(out, ignore_errors=True)

@@ -24,7 +24,6 @@ library versions are recorded.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,14 +36,14 @@ import numpy as np
 import psutil
 import torch
 
-from attnseg.pipeline.attention import MapStore, install_observers
 from attnseg.pipeline.config import BACKENDS, get_preset
-from attnseg.pipeline.dataset import DatasetWriter, atomic_write_bytes
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.harvest import AttentionHarvester
-from attnseg.pipeline.masks import masks_from_harvest
-from attnseg.pipeline.models import (
+from attnseg.pipeline.files import atomic_write_bytes
+from attnseg.pipeline.harvest.attention import attention_scale, install_observers
+from attnseg.pipeline.harvest.harvester import AttentionHarvester
+from attnseg.pipeline.harvest.masks import masks_from_harvest
+from attnseg.pipeline.models.loading import (
     RANDOM_MODELS,
     check_image_size,
     class_weights,
@@ -55,10 +54,36 @@ from attnseg.pipeline.models import (
     load_pipeline,
 )
 from attnseg.pipeline.prompts import default_prompts, load_classes
+from attnseg.pipeline.synth.writer import DatasetWriter
+
+from .common import (
+    machine_info,
+    output_base,
+    ratio_within_spread,
+    spread_note,
+    spread_summary,
+    with_suffix,
+)
 
 VARIANTS = ("stock", "harvest", "store_every_map")
 COMPONENTS = ("text_encoder", "unet", "harvest", "vae", "masks", "write")
 
+
+class MapStore(list):
+    """An observer that keeps every cross-attention probability map [batch, heads, N, L] of
+    every call (explicit softmax over the text keys, padded keys masked): how attention-map
+    tools that store every map work, the benchmark's baseline against running aggregation.
+    Installed like the harvester, with `install_observers`, so it sees every family's layers
+    as the harvester does."""
+
+    def observe(self, proc, attn, query: torch.Tensor, key: torch.Tensor) -> None:
+        if not proc.cross:
+            return
+        logits = query @ key.transpose(-1, -2) * attention_scale(attn, query)
+        valid = proc.key_valid
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        self.append(torch.softmax(logits, dim=-1))
 
 @dataclass
 class ThroughputConfig:
@@ -79,7 +104,7 @@ class ThroughputConfig:
     dtype: str = "auto"
     out: str = "attnseg-bench/throughput"  # path without suffix: OUT.json, OUT.md, OUT.png
     plots: bool = True
-    progress: bool = False  # a line on stderr per measured run
+    progress: bool = True  # a line on stderr per measured run (--no-progress: off)
     extra: dict = field(default_factory=dict)
 
 
@@ -193,28 +218,6 @@ class _ComponentClock:
         for h in self._handles:
             h.remove()
         self._pipe.vae.decode = self._decode
-
-
-def machine_info(device: torch.device) -> dict:
-    import diffusers
-    import transformers
-
-    info = {
-        "platform": platform.platform(), "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(), "cpu_count": psutil.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "memory_gib": round(
-            psutil.virtual_memory().total / 2**30, 1),
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
 
 
 @dataclass
@@ -450,7 +453,7 @@ def summarise(runs: list[dict], steps: int) -> list[dict]:
         bs = key[1]
         rows.append({
             "backend": key[0], "batch_size": bs, "variant": key[2],
-            "seconds_per_batch": _spread(secs),
+            "seconds_per_batch": spread_summary(secs),
             "images_per_s": bs / med,
             "denoising_steps_per_s": steps / med,
             "seconds_per_image": {c: statistics.median(r["components_s"][c] for r in sel) / bs
@@ -469,19 +472,6 @@ def summarise(runs: list[dict], steps: int) -> list[dict]:
         row["within_spread"] = row is not stock and ratio_within_spread(
             row["time_vs_stock"], row["seconds_per_batch"], stock["seconds_per_batch"])
     return rows
-
-
-def relative_spread(spread: dict) -> float:
-    """(max - min) / median of a `_spread` summary."""
-    return (spread["max"] - spread["min"]) / spread["median"]
-
-
-def ratio_within_spread(ratio: float, a: dict, b: dict) -> bool:
-    """Whether a ratio of two medians differs from 1 by less than the run-to-run spread of
-    either side (or rests on one run each): then it says nothing on this machine."""
-    if a["n"] < 2 or b["n"] < 2:
-        return True
-    return abs(ratio - 1.0) < max(relative_spread(a), relative_spread(b))
 
 
 def _bytes(n: int) -> str:
@@ -516,35 +506,6 @@ def _table(result: dict) -> str:
     if noisy:
         lines += ["", f"~ {spread_note(noisy)}"]
     return "\n".join(lines) + "\n"
-
-
-def spread_note(rows: list[dict]) -> str:
-    """What a ratio marked ~ means."""
-    return (f"{len(rows)} ratio(s) differ from 1.000x by less than the run-to-run spread "
-            "(min-max over the repeats, relative to the median) of the variant or of stock: "
-            "on this machine they are not meaningful (more --repeats or a quieter machine)")
-
-
-def output_base(out: str | Path) -> Path:
-    """A benchmark's `--out` as a path without suffix: "x", "x.json" and "x.md" all mean the
-    files x.json, x.md (and x.png). A dot elsewhere in the name is kept ("run.v2")."""
-    out = Path(out).expanduser()
-    return out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
-
-
-def with_suffix(base: Path, suffix: str) -> Path:
-    """`base` + suffix, without replacing a dot already in the name (unlike Path.with_suffix)."""
-    return base.with_name(base.name + suffix)
-
-
-def write_json_and_markdown(report: dict, base: Path, markdown_text: str) -> list[str]:
-    """BASE.json (the report, with the list of files written) and BASE.md; those paths."""
-    base.parent.mkdir(parents=True, exist_ok=True)
-    files = [str(with_suffix(base, ".json")), str(with_suffix(base, ".md"))]
-    atomic_write_bytes(Path(files[0]), json.dumps(report | {"files": files}, indent=1,
-                                                  default=str).encode())
-    atomic_write_bytes(Path(files[1]), markdown_text.encode())
-    return files
 
 
 def write_outputs(result: dict, base: Path, plots: bool = True) -> list[str]:

@@ -22,11 +22,11 @@ import torch
 
 from attnseg.pipeline.config import SynthConfig
 from attnseg.pipeline.device import resolve_device, resolve_dtype
-from attnseg.pipeline.models import RANDOM_MODELS, load_pipeline, set_scheduler
+from attnseg.pipeline.models.loading import RANDOM_MODELS, load_pipeline, set_scheduler
 from attnseg.pipeline.prompts import default_prompts, load_classes
-from attnseg.pipeline.synth import Synthesizer, plan_samples, run_synth
+from attnseg.pipeline.synth.job import Synthesizer, plan_samples, run_synth
 
-from .throughput import machine_info, output_base, write_json_and_markdown
+from .common import machine_info, output_base, write_json_and_markdown
 
 
 @dataclass

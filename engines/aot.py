@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,8 @@ _EXIT_REPLACEMENT = ("    attnseg_record_cuda_error(code);  /* patched by attnse
 
 
 class _TargetOnlyDriver:
-    """Answers what triton's AOT tool asks a driver when no GPU is present."""
+    """The driver triton's AOT tool asks for its target: the requested architecture, whether or
+    not a GPU (of any architecture) is present."""
 
     def __init__(self, arch: int):
         from triton.backends.compiler import GPUTarget
@@ -92,26 +94,39 @@ class _TargetOnlyDriver:
         return False
 
 
-def _ensure_driver(arch: int) -> None:
+@contextmanager
+def _targeting(arch: int):
+    """Compile for sm_`arch` through the active-driver route of triton's AOT tool, not its
+    `--target` string: triton 3.7's tool passes the architecture parsed from that string as a
+    str, which its ptxas lookup compares with an int (TypeError). The real driver, where a GPU
+    machine has one, is put back afterwards."""
     import triton
 
     drv = triton.runtime.driver
     try:
-        drv.active  # noqa: B018  (a GPU machine has a real driver: use it)
-    except RuntimeError:
-        drv.set_active(_TargetOnlyDriver(arch))
+        previous = drv.active
+    except RuntimeError:  # no GPU driver on this machine
+        previous = None
+    drv.set_active(_TargetOnlyDriver(arch))
+    try:
+        yield
+    finally:
+        if previous is None:
+            drv._active = None  # triton has no public way back to "no driver"
+        else:
+            drv.set_active(previous)
 
 
 def compile_variant(v: Variant, arch: int, out_dir: Path) -> tuple[str, list[Path]]:
     """C source + header for one variant on sm_`arch`; returns (entry point, files)."""
     from triton.tools.compile import CompileArgs, compile_kernel
 
-    _ensure_driver(arch)
     stem = f"{v.name.lower()}_sm{arch}"
     args = CompileArgs(path=str(KERNEL_FILE), kernel_name=v.kernel, signature=v.signature,
-                       grid=v.grid, target=f"cuda:{arch}:32", num_warps=v.num_warps,
+                       grid=v.grid, target=None, num_warps=v.num_warps,
                        num_stages=3, out_name=stem, out_path=out_dir / stem)
-    func, generated = compile_kernel(args)
+    with _targeting(arch):
+        func, generated = compile_kernel(args)
     files = []
     for g in generated:
         # Fixed names (the tool appends a signature hash), so the build knows its outputs.

@@ -16,14 +16,14 @@ import torch
 
 from ..pipeline.config import BACKENDS, HarvestConfig
 from ..pipeline.errors import UserError
-from ..pipeline.lora import apply_loras, parse_lora_spec
-from ..pipeline.models import (
+from ..pipeline.models.loading import (
     denoiser,
     model_family,
     model_fingerprint,
     token_stride,
     weights_fingerprint,
 )
+from ..pipeline.models.lora import apply_loras, parse_lora_spec
 from . import cache
 from .backends import DTYPE_NAMES, require_module
 from .export import OPSET, PARTS, export_onnx, text_encoder_spec, unet_spec, vae_decoder_spec

@@ -17,8 +17,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pipeline.dataset import file_sha256, remove_stale_temporaries, tmp_name
 from ..pipeline.errors import UserError
+from ..pipeline.files import file_sha256, remove_stale_temporaries, tmp_name
 
 MANIFEST = "engine.json"
 # Bumped when the folder layout or the meaning of a manifest field changes.

@@ -14,11 +14,11 @@ from ..pipeline.config import BACKENDS
 
 
 def cmd_build(args) -> int:
-    from ..pipeline.config import SynthConfig, apply_set
-    from ..pipeline.dataset import check_output_dir
+    from ..pipeline.config import SynthConfig
     from ..pipeline.device import resolve_device, resolve_dtype
     from ..pipeline.errors import UserError
-    from ..pipeline.models import (
+    from ..pipeline.files import check_output_dir
+    from ..pipeline.models.loading import (
         RANDOM_MODELS,
         check_model_path,
         default_size,
@@ -26,6 +26,7 @@ def cmd_build(args) -> int:
         load_pipeline,
         model_fingerprint,
     )
+    from ..pipeline.settings import apply_set
     from .build import EngineOptions, build_engines, check_backend, fuse_loras
 
     size = default_size(args.model)
@@ -89,7 +90,7 @@ def cmd_verify(args) -> int:
 def cmd_refit(args) -> int:
     from ..pipeline.device import resolve_device
     from ..pipeline.errors import UserError
-    from ..pipeline.models import load_pipeline, model_fingerprint
+    from ..pipeline.models.loading import load_pipeline, model_fingerprint
     from .backends import DTYPE_NAMES
     from .build import fuse_loras
     from .cache import EngineKey, read_manifest

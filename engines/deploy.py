@@ -15,7 +15,7 @@ diffusers' `DDIMScheduler` computes it, so a DDIM model's images equal the torch
 same initial latents. Models built with another scheduler are sampled with DDIM here.
 
 The host-side math (per-step map sums over the step window, stride combination, refinement,
-normalisation, background/ignore rules) follows `AttentionHarvester`, `pipeline.masks` and
+normalisation, background/ignore rules) follows `AttentionHarvester`, `pipeline.harvest.masks` and
 `kernels.finalize` step for step.
 """
 
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import ctypes
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
+from ..kernels.labels import IGNORE_LABEL
 from ..pipeline.config import HarvestConfig, MaskConfig, get_preset
 from ..pipeline.errors import UserError
+from ..pipeline.prompts import find_word_tokens
 from .cache import check_files, read_manifest
 
 TEXT_LEN = 77
@@ -44,30 +45,9 @@ def host_dtype(name: str) -> np.dtype:
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 _FLAT_EPS = np.float32(1e-12)  # as kernels.finalize
-IGNORE_LABEL = 255
 
 
 # --- text -----------------------------------------------------------------------------------
-
-
-def _word_positions(tokenizer, prompt: str, word: str) -> list[int]:
-    """Token positions of `word` in `prompt` (BOS-shifted): the rule of
-    pipeline.prompts.find_word_tokens (prefix tokenisation around the word)."""
-    m = re.search(r"(?<!\w)" + re.escape(word) + r"(?!\w)", prompt, flags=re.IGNORECASE)
-    if not m:
-        raise UserError(f"class word {word!r} does not occur in prompt {prompt!r}")
-
-    def ids(text):
-        return tokenizer(text, add_special_tokens=False, truncation=False).input_ids
-
-    start = m.start()
-    before, through = ids(prompt[:start]), ids(prompt[: start + len(word)])
-    pos = list(range(len(before), len(through)))
-    if not pos or ids(prompt)[: len(through)] != through:
-        raise UserError(f"class word {word!r} does not survive tokenisation in prompt {prompt!r}")
-    if pos[-1] >= tokenizer.model_max_length - 2:
-        raise UserError(f"class word {word!r} lies beyond the token context in {prompt!r}")
-    return [p + 1 for p in pos]
 
 
 def token_weights(tokenizer, prompts: list[str], labels: list[list[tuple[int, str]]],
@@ -79,7 +59,7 @@ def token_weights(tokenizer, prompts: list[str], labels: list[list[tuple[int, st
     ids = np.zeros((len(prompts), width), np.int64)
     for b, (prompt, pairs) in enumerate(zip(prompts, labels, strict=True)):
         for c, (cid, word) in enumerate(pairs):
-            pos = _word_positions(tokenizer, prompt, word)
+            pos = find_word_tokens(tokenizer, prompt, word)
             weights[b, pos, c] = 1.0 if merge == "sum" else 1.0 / len(pos)
             ids[b, c] = cid
     return weights, ids
@@ -266,7 +246,7 @@ class KernelLibrary:
         return labels, rel
 
 
-# --- masks on the host (numpy forms of pipeline.masks / kernels.finalize) ---------------------
+# --- masks on the host (numpy forms of pipeline.harvest.masks / kernels.finalize) -----------------
 
 
 def _normalize(x: np.ndarray, how: str) -> np.ndarray:
@@ -418,7 +398,7 @@ class DeployRuntime:
         maps = {m["stride"]: means[m["name"]] for m in self.layout if m["kind"] != "self"}
         if cfg.accumulate == "common":
             (combined,) = maps.values()
-        else:  # pipeline.masks.combine_maps
+        else:  # pipeline.harvest.masks.combine_maps
             total, wsum = 0.0, 0.0
             for stride in sorted(maps):
                 wgt = cfg.stride_weights.get(stride, 1.0)
@@ -426,7 +406,7 @@ class DeployRuntime:
                 total = total + wgt * self._resize(m, grid, cfg.combine_mode)
                 wsum += wgt
             combined = (total / wsum).astype(np.float32)
-        if cfg.refine_power > 0:  # pipeline.masks.refine_maps
+        if cfg.refine_power > 0:  # pipeline.harvest.masks.refine_maps
             size = (-(-self.size[0] // cfg.refine_stride), -(-self.size[1] // cfg.refine_stride))
             x = self._resize(combined, size, cfg.refine_mode)
             a = next(means[m["name"]] for m in self.layout if m["kind"] == "self")

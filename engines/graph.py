@@ -30,7 +30,9 @@ import torch
 
 from ..kernels.class_attention import accumulate_class_attention, accumulate_class_attention_ref
 from ..kernels.interp import resize
-from ..pipeline.attention import (
+from ..pipeline.config import LATER_SETTINGS, HarvestConfig
+from ..pipeline.errors import UserError
+from ..pipeline.harvest.attention import (
     ObservingAttnProcessor,
     attention_scale,
     check_head_layers,
@@ -38,13 +40,12 @@ from ..pipeline.attention import (
     heads_left_out,
     install_observers,
     layer_grid,
+    layer_selected,
     pick_heads,
     self_attention_probs,
     transformer_layers_at_depth,
 )
-from ..pipeline.config import LATER_SETTINGS, HarvestConfig
-from ..pipeline.errors import UserError
-from ..pipeline.harvest import token_grid
+from ..pipeline.harvest.harvester import token_grid
 
 MAP_IMPLS = ("ref", "op", "plugin")
 
@@ -325,12 +326,7 @@ class UNetWithMaps(torch.nn.Module):
                 sums[slot] = probs if slot not in sums else sums[slot] + probs
                 self._count(slot, probs, 1.0)
             return
-        if stride not in spec.strides:
-            return
-        if proc.block == "transformer":  # a DiT's layers are chosen by depth
-            if proc.name not in self.transformer_layers:
-                return
-        elif proc.block not in spec.blocks:
+        if not layer_selected(proc, stride, spec.strides, spec.blocks, self.transformer_layers):
             return
         picked = pick_heads(query, key, self.heads, proc.name)
         if picked is None:

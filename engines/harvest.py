@@ -19,8 +19,8 @@ import torch
 
 from ..pipeline.config import HarvestConfig, Preset, SynthConfig
 from ..pipeline.errors import UserError
-from ..pipeline.harvest import HarvestResult, fit_token_weights
-from ..pipeline.models import denoiser, model_family, model_fingerprint, token_stride
+from ..pipeline.harvest.harvester import HarvestResult, fit_token_weights
+from ..pipeline.models.loading import denoiser, model_family, model_fingerprint, token_stride
 from . import cache
 from .backends import DTYPE_NAMES, CompiledEngine, Engine, OrtEngine
 from .build import (
@@ -32,13 +32,7 @@ from .build import (
     vae_fingerprint,
 )
 from .export import unet_spec
-from .graph import (
-    DIT_INPUTS,
-    MapGraphSpec,
-    MapOutput,
-    TransformerWithMaps,
-    UNetWithMaps,
-)
+from .graph import DIT_INPUTS, MapGraphSpec, MapOutput, TransformerWithMaps, UNetWithMaps
 
 
 @dataclass

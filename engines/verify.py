@@ -42,9 +42,9 @@ def verify_engines(folder: Path, steps: int = 4, device: str = "auto", log=print
     """Generate the same samples on the torch path and through the engine folder; report the
     differences and whether they are within `TOLERANCES` for the engine's precision."""
     from ..pipeline.device import resolve_device
-    from ..pipeline.models import load_pipeline
+    from ..pipeline.models.loading import load_pipeline
     from ..pipeline.prompts import default_prompts, load_classes
-    from ..pipeline.synth import Synthesizer, plan_samples
+    from ..pipeline.synth.job import Synthesizer, plan_samples
 
     folder = Path(folder)
     manifest = cache.read_manifest(folder)

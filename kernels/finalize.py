@@ -16,12 +16,12 @@ import torch
 
 from ._dispatch import numba_module, resolve_impl, torch_threads_kept, triton_modules
 from .interp import MODES, interp_taps, interp_taps_np, resize
+from .labels import IGNORE_LABEL
 
 __all__ = ["finalize_masks", "finalize_masks_numba", "finalize_masks_ref", "finalize_masks_triton",
            "normalize_maps"]
 
 NORMALIZE = ("minmax", "max", "none")
-IGNORE_LABEL = 255
 # Spans (max - min, or max) at or below this count as flat maps, which normalise to zeros.
 _FLAT_EPS = 1e-12
 

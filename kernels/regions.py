@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from ._dispatch import numba_module
+from .labels import BACKGROUND_LABEL, IGNORE_LABEL
 
 __all__ = ["connected_components", "connected_components_ref", "remove_small_regions",
            "remove_small_regions_numba", "remove_small_regions_ref"]
 
-_IGNORE = 255
 _N8 = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 _N4 = ((-1, 0), (0, -1), (0, 1), (1, 0))
 
@@ -78,7 +78,7 @@ def _clean_one_ref(lab: np.ndarray, min_box: int) -> np.ndarray:
     h, w = lab.shape
     out = lab.copy()
     for c in np.unique(lab):
-        if c in (0, _IGNORE):
+        if c in (BACKGROUND_LABEL, IGNORE_LABEL):
             continue
         seen = np.zeros((h, w), bool)
         for y0, x0 in zip(*np.nonzero(lab == c), strict=True):

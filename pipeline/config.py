@@ -8,16 +8,13 @@ dataclasses, so a user can see and change exactly what a recipe does.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from .errors import UserError
+from .settings import check_value, field_type, unknown_keys_line
 
 BLOCKS = ("down", "mid", "up")
 # Where the UNet runs: eager torch, or an engine (attnseg.engines).
@@ -152,8 +149,8 @@ def check_heads(heads) -> dict[str, tuple[int, ...]]:
     """`HarvestConfig.heads` from a config file or `--set` (layer name -> list of head
     indices) as the dataclass holds it; one clear line when it is malformed."""
     if not isinstance(heads, dict):
-        raise UserError(f"harvest heads must map layer names to lists of head indices, not "
-                        f"{heads!r}")
+        raise UserError(f"harvest setting 'heads' expects a mapping of layer names to lists of "
+                        f"head indices, got {heads!r}")
     out = {}
     for name, picked in heads.items():
         if not isinstance(name, str) or not name:
@@ -414,7 +411,7 @@ class SynthConfig:
             raise UserError("--batch-size must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise UserError("--steps must be >= 1")
-        from .models import check_scheduler  # light: no torch at import
+        from .models.loading import check_scheduler  # light: no torch at import
 
         check_scheduler(self.scheduler)
         if self.format not in ("voc", "webdataset"):
@@ -437,16 +434,14 @@ class SynthConfig:
             values = dict(self.overrides.get(section, {}))
             target = getattr(preset, section)
             names = {f.name for f in dataclasses.fields(target)}
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise UserError(unknown_keys_line(unknown, names, section))
             for key, value in values.items():
-                if key not in names:
-                    raise UserError(f"unknown {section} setting {key!r}")
-                current = getattr(target, key)
-                if isinstance(current, tuple) and isinstance(value, list):
-                    value = tuple(value)
                 if section == "harvest" and key == "heads":
                     value = check_heads(value)
-                elif isinstance(current, dict) and isinstance(value, dict):
-                    value = {int(k): float(v) for k, v in value.items()}
+                else:
+                    value = check_value(field_type(type(target), key), value, section, key)
                 setattr(target, key, value)
         unknown = set(self.overrides) - {"harvest", "mask"}
         if unknown:
@@ -477,60 +472,8 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return index, count
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML config file into a dict; a clear error if it is malformed."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist")
-    try:
-        if p.suffix == ".toml":
-            return tomllib.loads(p.read_text())
-        return json.loads(p.read_text())
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise UserError(f"config file {p} is malformed: {e}") from None
-
-
-def config_values(args, fields: tuple[str, ...]) -> dict[str, Any]:
-    """A command's settings as a dict: its `--config` file (if given), then each flag in
-    `fields` that was given (argparse dest == config field name) on top."""
-    values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    for name in fields:
-        v = getattr(args, name)
-        if v is not None:
-            values[name] = v
-    return values
-
-
-def apply_set(values: dict[str, Any], items: list[str], sections_only: bool = False) -> None:
-    """Apply `--set KEY=VALUE` items to `values`: VALUE is JSON (or a bare string such as
-    cosine), KEY is `name` or `section.name` (only the latter with `sections_only`)."""
-    form = "SECTION.KEY=VALUE" if sections_only else "KEY=VALUE"
-    for item in items:
-        key, eq, raw = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not eq or not key or (sections_only and not (dot and name)):
-            raise UserError(f"--set {item!r} is not of the form {form}")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        if dot:
-            if not isinstance(values.setdefault(section, {}), dict):
-                raise UserError(f"--set {item!r}: {section} is not a section")
-            values[section][name] = value
-        else:
-            values[key] = value
-
-
-def config_from(cls, values: dict[str, Any], what: str):
-    """Build config dataclass `cls` from a dict (a config file merged with CLI flags)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UserError(f"unknown {what} setting(s) {unknown}")
-    return cls(**values)
-
-
 def synth_config_from(values: dict[str, Any]) -> SynthConfig:
     """Build a SynthConfig from a dict (a config file merged with CLI flags)."""
+    from .settings import config_from
+
     return config_from(SynthConfig, values, "synth")

@@ -18,7 +18,7 @@ CLASS_SETS = {
     "cityscapes": "classes_cityscapes.txt",
     "coco": "classes_coco.txt",
     "imagenet-s50": "classes_imagenet-s50.txt",
-    "toy": "classes_toy.txt",  # the toy world's shapes (pipeline/toy_world.py)
+    "toy": "classes_toy.txt",  # the toy world's shapes (pipeline/toy/world.py)
 }
 
 DEFAULT_TEMPLATES = (

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from attnseg.pipeline.tiny import build_tiny_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
 

@@ -35,16 +35,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset import (
+from ..errors import UserError
+from ..files import (
     atomic_write_bytes,
     check_output_dir,
     holds_same_run,
     remove_stale_temporaries,
     tmp_name,
 )
-from .errors import UserError
-from .lora import LORA_WEIGHTS, require_compatible_peft
-from .seeds import sample_seed
+from ..models.lora import LORA_WEIGHTS, require_compatible_peft
+from ..optim_state import load_optimizer_tensors, optimizer_tensors
+from ..seeds import sample_seed
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _ADAPTER = "default"  # peft's adapter name during training
@@ -263,25 +264,6 @@ def load_lora_into_adapter(unet, file: Path) -> None:
         raise UserError(f"checkpoint {file} does not fit this LoRA: {unexpected[0]} ...")
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            out[f"{index}.{key}"] = t.detach().cpu().contiguous()
-    return out
-
-
-def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict) -> None:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    sd = optimizer.state_dict()
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
-
-
 def _checkpoints(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
@@ -299,7 +281,10 @@ def _save_checkpoint(out: Path, step: int, unet, optimizer, state: dict, keep: i
     from safetensors.torch import save_file
 
     save_lora(unet, tmp)
-    save_file(_optimizer_tensors(optimizer), str(tmp / "optimizer.safetensors"))
+    tensors, meta = optimizer_tensors(optimizer)
+    if meta["scalars"]:  # AdamW keeps tensors only
+        raise RuntimeError("the LoRA optimiser holds non-tensor state")
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state))  # last: marks the checkpoint complete
     if final.exists():
         shutil.rmtree(final)
@@ -403,8 +388,8 @@ class LoraTrainer:
 
 def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
     """Train (or resume training) a LoRA; returns a summary dict."""
-    from .device import resolve_device
-    from .models import default_size, load_pipeline, model_fingerprint
+    from ..device import resolve_device
+    from ..models.loading import default_size, load_pipeline, model_fingerprint
 
     cfg.validate()
     cfg.target_modules = tuple(cfg.target_modules)
@@ -453,7 +438,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         last = checkpoints[-1]
         state = json.loads((last / "state.json").read_text())
         load_lora_into_adapter(pipe.unet, last / LORA_WEIGHTS)
-        _load_optimizer_tensors(optimizer, load_file(str(last / "optimizer.safetensors")))
+        load_optimizer_tensors(optimizer, load_file(str(last / "optimizer.safetensors")))
         start, history = state["step"], state["history"]
     if "0" not in history["probe_loss"]:
         history["probe_loss"]["0"] = trainer.probe_loss()

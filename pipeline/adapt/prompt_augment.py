@@ -12,8 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .prompts import (
+from ..errors import UserError
+from ..prompts import (
     CLASS_SETS,
     DEFAULT_TEMPLATES,
     ClassInfo,
@@ -455,7 +455,7 @@ def _name_more_classes(picked: list[_Candidate], cls: ClassInfo, classes: list[C
 
 def write_prompt_file(path: str | Path, records: list[dict]) -> None:
     """Write prompts JSONL atomically (the format `load_prompt_file` reads)."""
-    from .dataset import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -525,7 +525,7 @@ def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:
                 missing.append(WordIssue(c.name, c.word, "wordnet", "WordNet has no noun sense "
                                          "of the class word", 0, 0))
     if tokenizer is None and cfg.model:
-        from .models import load_tokenizer
+        from ..models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     result = augment_prompts(classes, cfg.num_per_class, cfg.seed, templates,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import cli_args
+from .. import cli_args
 
 _FIELDS = ("images", "model", "out", "caption", "rank", "alpha", "steps", "lr", "batch_size",
            "crop", "seed", "weight_decay", "max_grad_norm", "noise_offset", "checkpoint_every",
@@ -10,8 +10,8 @@ _FIELDS = ("images", "model", "out", "caption", "rank", "alpha", "steps", "lr", 
 
 
 def _config(args):
-    from .config import config_from, config_values
-    from .lora_train import LoraTrainConfig
+    from ..adapt.lora_train import LoraTrainConfig
+    from ..settings import config_from, config_values
 
     values = config_values(args, _FIELDS)
     if args.target_modules is not None:
@@ -26,8 +26,8 @@ def _config(args):
 
 
 def cmd_lora_train(args) -> int:
-    from .lora_train import train_lora
-    from .synth import TINY_NOTICE
+    from ..adapt.lora_train import train_lora
+    from ..synth.job import TINY_NOTICE
 
     cfg = _config(args)
     s = train_lora(cfg, progress=not args.no_progress)

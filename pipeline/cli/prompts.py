@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from . import cli_args
-from .errors import UserError
+from .. import cli_args
+from ..errors import UserError
 
 
 def _config(args):
-    from .config import config_from, config_values
-    from .prompt_augment import PromptsConfig
+    from ..adapt.prompt_augment import PromptsConfig
+    from ..settings import config_from, config_values
 
     values = config_values(args, ("classes", "num_per_class", "seed", "out", "templates",
                                   "captions", "model", "wordnet_max"))
@@ -31,7 +31,7 @@ def _config(args):
 
 
 def cmd_prompts(args) -> int:
-    from .prompt_augment import build_prompt_set, write_prompt_file
+    from ..adapt.prompt_augment import build_prompt_set, write_prompt_file
 
     cfg = _config(args)
     result = build_prompt_set(cfg)
@@ -106,7 +106,7 @@ def write_demo_prompts(out: str, classes: str = "voc", num_per_class: int = 2,
     OUT/prompts.jsonl; returns its path and a line describing it with examples."""
     from pathlib import Path
 
-    from .prompt_augment import PromptsConfig, build_prompt_set, write_prompt_file
+    from ..adapt.prompt_augment import PromptsConfig, build_prompt_set, write_prompt_file
 
     result = build_prompt_set(PromptsConfig(classes=classes, num_per_class=num_per_class,
                                             model=model))

@@ -7,8 +7,9 @@ import json
 import time
 from pathlib import Path
 
-from . import cli_args, prompts_cli
-from .errors import UserError
+from .. import cli_args
+from ..errors import UserError
+from . import prompts as prompts_cli
 
 
 def _add_synth_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +58,8 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
 
 
 def _synth_config(args):
-    from .config import apply_set, config_values, synth_config_from
+    from ..config import synth_config_from
+    from ..settings import apply_set, config_values
 
     values = config_values(args, (
         "model", "classes", "num_per_class", "out", "preset", "prompts", "batch_size", "steps",
@@ -93,10 +95,10 @@ def _print_summary(summary: dict, tiny_notice: str | None) -> None:
 def check_synth_job(cfg) -> None:
     """The checks of a synth job that need no model and no torch, run before either loads, so
     bad arguments are refused within about a second (run_synth makes them again)."""
-    from .config import parse_shard
-    from .dataset import check_output_dir
-    from .models import RANDOM_MODELS, check_model_path, default_size, latent_stride
-    from .prompts import load_classes, load_prompt_file
+    from ..config import parse_shard
+    from ..files import check_output_dir
+    from ..models.loading import RANDOM_MODELS, check_model_path, default_size, latent_stride
+    from ..prompts import load_classes, load_prompt_file
 
     cfg.validate()
     parse_shard(cfg.shard)
@@ -108,13 +110,13 @@ def check_synth_job(cfg) -> None:
         load_prompt_file(cfg.prompts, classes)
     check_output_dir(Path(cfg.out))
     if cfg.engine:
-        from ..engines.cache import check_engine_job
+        from ...engines.cache import check_engine_job
 
         size = default_size(cfg.model)
         check_engine_job(cfg.engine, cfg.backend, cfg.height or size, cfg.width or size,
                          cfg.batch_size)
     if cfg.loras:
-        from .lora import check_loras, parse_lora_spec
+        from ..models.lora import check_loras, parse_lora_spec
 
         check_loras([parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras])
 
@@ -122,7 +124,7 @@ def check_synth_job(cfg) -> None:
 def cmd_synth(args) -> int:
     cfg = _synth_config(args)
     check_synth_job(cfg)
-    from .synth import TINY_NOTICE, run_synth
+    from ..synth.job import TINY_NOTICE, run_synth
 
     summary = run_synth(cfg, progress=not args.no_progress,
                         engine_harvester=_engine_harvester(cfg))
@@ -135,7 +137,7 @@ def _engine_harvester(cfg):
     place where the pipeline meets the engines package)."""
     if cfg.backend == "torch" and not cfg.engine:
         return None
-    from ..engines.harvest import engine_harvester
+    from ...engines.harvest import engine_harvester
 
     return engine_harvester
 
@@ -146,9 +148,9 @@ DEMO_TEST_SEED = 102
 
 
 def cmd_demo(args) -> int:
-    from .config import SynthConfig
-    from .report import write_report
-    from .synth import TINY_NOTICE, run_synth
+    from ..config import SynthConfig
+    from ..synth.job import TINY_NOTICE, run_synth
+    from ..synth.report import write_report
 
     t0 = time.perf_counter()
     toy = args.model == "toy"
@@ -174,10 +176,10 @@ def cmd_demo(args) -> int:
     _print_summary(summary, None if toy else TINY_NOTICE)
     print(augmentation)
     print(f"report: {page} and {page.parent / 'contact_sheet.png'}")
-    from .train_cli import demo_train_eval  # train + eval stages on the demo dataset
+    from .train import demo_train_eval  # train + eval stages on the demo dataset
 
     if toy:
-        from .toy_world import ToyRenderConfig, render_dataset
+        from ..toy.world import ToyRenderConfig, render_dataset
 
         test = Path(args.out) / "test"
         render_dataset(ToyRenderConfig(out=str(test), num_images=100, seed=DEMO_TEST_SEED),
@@ -201,8 +203,8 @@ def _synth_config_from_argv(argv: list[str]):
 
 
 def cmd_launch_slurm(args) -> int:
-    from .dataset import atomic_write_bytes
-    from .launch import slurm_script
+    from ..files import atomic_write_bytes
+    from ..synth.launch import slurm_script
 
     _synth_config_from_argv(args.synth_args).validate()  # fail now, not on the cluster
     script = slurm_script(args.synth_args, args.array, job_name=args.job_name,
@@ -217,7 +219,7 @@ def cmd_launch_slurm(args) -> int:
 
 
 def cmd_launch_ray(args) -> int:
-    from .launch import run_ray
+    from ..synth.launch import run_ray
 
     cfg = _synth_config_from_argv(args.synth_args)
     cfg.validate()
@@ -231,7 +233,7 @@ def cmd_launch_ray(args) -> int:
 def cmd_presets(args) -> int:
     from dataclasses import asdict
 
-    from .config import PRESETS, get_preset
+    from ..config import PRESETS, get_preset
 
     for name in PRESETS:
         p = get_preset(name)

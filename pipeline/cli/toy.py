@@ -3,12 +3,12 @@ train-model` (the small text-to-image model trained on them): the toy world."""
 
 from __future__ import annotations
 
-from . import cli_args
+from .. import cli_args
 
 
 def cmd_toy_render(args) -> int:
-    from .config import apply_set, config_from, config_values
-    from .toy_world import ToyRenderConfig, render_dataset
+    from ..settings import apply_set, config_from, config_values
+    from ..toy.world import ToyRenderConfig, render_dataset
 
     values = config_values(args, ("out", "num_images", "seed", "domain", "height", "width",
                                   "max_objects"))
@@ -22,8 +22,8 @@ def cmd_toy_render(args) -> int:
 
 
 def cmd_toy_train_model(args) -> int:
-    from .config import apply_set, config_from, config_values
-    from .toy_model import ToyModelConfig, ToyModelTrainer
+    from ..settings import apply_set, config_from, config_values
+    from ..toy.model import ToyModelConfig, ToyModelTrainer
 
     values = config_values(args, ("out", "seed", "device"))
     apply_set(values, args.set)

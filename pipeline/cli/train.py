@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import cli_args
-from .errors import UserError
+from ...kernels.labels import IGNORE_LABEL
+from .. import cli_args
+from ..errors import UserError
 
 TINY_MODEL_NOTICE = ("model {name} is a tiny test-size network: it exercises the code, its "
                      "accuracy means nothing")
@@ -86,8 +87,8 @@ _FLAG_FIELDS = ("data", "dataset", "split", "classes", "val_data", "val_dataset"
 
 
 def train_config_from_args(args):
-    from .config import apply_set, config_values
-    from .train import train_config_from
+    from ..settings import apply_set, config_values
+    from ..train.trainer import train_config_from
 
     values = config_values(args, _FLAG_FIELDS)
     if args.loss is not None:
@@ -111,7 +112,7 @@ def train_config_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from .train import run_training
+    from ..train.trainer import run_training
 
     cfg = train_config_from_args(args)
     summary = run_training(cfg)
@@ -120,7 +121,7 @@ def cmd_train(args) -> int:
 
 
 def print_train_summary(summary: dict, model: str) -> None:
-    from .segmodels import TINY_MODELS
+    from ..train.segmodels import TINY_MODELS
 
     if summary["new_steps"] == 0 and summary["resumed_from"] >= summary["steps"]:
         print(f"run {summary['out']} is already complete ({summary['steps']} steps)")
@@ -143,7 +144,7 @@ def print_train_summary(summary: dict, model: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import format_table, write_report
+    from ..train.evaluate import format_table, write_report
 
     if args.pseudo or args.gt:
         if not (args.pseudo and args.gt):
@@ -175,11 +176,11 @@ def eval_checkpoint_from_args(args) -> dict:
 
     import torch
 
-    from .data import detect_kind, open_source
-    from .device import resolve_device
-    from .evaluate import evaluate_model, inference_for
-    from .segmodels import TINY_MODELS
-    from .train import load_model
+    from ..device import resolve_device
+    from ..train.evaluate import evaluate_model, inference_for
+    from ..train.segmodels import TINY_MODELS
+    from ..train.sources import detect_kind, open_source
+    from ..train.trainer import load_model
 
     device = resolve_device(args.device or "auto")
     model = load_model(args.checkpoint, device)
@@ -207,14 +208,14 @@ def eval_checkpoint_from_args(args) -> dict:
 
 
 def eval_pseudo_from_args(args) -> dict:
-    from .data import CITYSCAPES_CLASS_NAMES, VOC_CLASS_NAMES
-    from .evaluate import evaluate_pseudo
+    from ..train.evaluate import evaluate_pseudo
+    from ..train.sources import CITYSCAPES_CLASS_NAMES, VOC_CLASS_NAMES
 
     names = {"voc": VOC_CLASS_NAMES, "cityscapes": CITYSCAPES_CLASS_NAMES}.get(args.dataset)
     if args.dataset and args.dataset not in ("voc", "cityscapes") and names is None:
         raise UserError("--pseudo mode knows the classes of --dataset voc or cityscapes; "
                         "otherwise give --num-classes")
-    ignore = args.ignore_index if args.ignore_index is not None else 255
+    ignore = args.ignore_index if args.ignore_index is not None else IGNORE_LABEL
     report = evaluate_pseudo(args.pseudo, args.gt, args.num_classes, ignore, names)
     report.update({"pseudo": str(args.pseudo), "gt": str(args.gt)})
     return report
@@ -240,9 +241,9 @@ def demo_train_eval(dataset: str | Path, test: str | Path | None = None, steps: 
 
 
 def _demo_train_eval(dataset: Path, test, steps: int, run: Path, progress: bool) -> dict:
-    from .data import open_source
-    from .evaluate import evaluate_model, format_table, inference_for, write_report
-    from .train import load_model, run_training, train_config_from
+    from ..train.evaluate import evaluate_model, format_table, inference_for, write_report
+    from ..train.sources import open_source
+    from ..train.trainer import load_model, run_training, train_config_from
 
     cfg = train_config_from(dict(
         data=[str(dataset)], out=str(run), model="segformer-tiny", steps=steps,

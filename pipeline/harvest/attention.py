@@ -1,8 +1,8 @@
 """Attention processors for diffusers UNets, and where each attention layer sits.
 
 One module for every place that looks inside a denoiser's attention: the harvester
-(`pipeline.harvest.AttentionHarvester`), the engines' `UNetWithMaps` (the same maps inside an
-exported graph) and the benchmark's store-every-map baseline (`MapStore`). Each processor
+(`harvester.AttentionHarvester`), the engines' `UNetWithMaps` (the same maps inside an exported
+graph) and the throughput benchmark's store-every-map baseline. Each processor
 computes the layer's output exactly as the family's stock processor does (diffusers'
 `AttnProcessor2_0`, `JointAttnProcessor2_0`, `FluxAttnProcessor`; so images are unchanged) and
 hands the query and key to whoever observes it. Installed with diffusers' `set_attn_processor`.
@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def stock_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb):
@@ -232,6 +232,16 @@ def check_head_layers(heads: dict, network, cross_names) -> None:
                             f"layer has {count})")
 
 
+def layer_selected(proc, stride: int, strides, blocks, transformer_layers) -> bool:
+    """Whether a cross-attention layer at `stride` contributes: its stride is chosen and, in a
+    UNet, its block (`blocks`); a DiT's layers are chosen by depth (`transformer_layers`)."""
+    if stride not in strides:
+        return False
+    if proc.block == "transformer":
+        return proc.name in transformer_layers
+    return proc.block in blocks
+
+
 def pick_heads(query: torch.Tensor, key: torch.Tensor, heads: dict, name: str):
     """The q/k [B, heads, N, d] of the heads `heads` (`HarvestConfig.heads`) keeps for layer
     `name`, None when it keeps none of that layer: every head when `heads` is empty."""
@@ -435,20 +445,3 @@ def install_observers(unet, observer: AttentionObserver, self_attention: bool,
             processors[name] = proc
     unet.set_attn_processor(processors)
     return previous
-
-
-class MapStore(list):
-    """An observer that keeps every cross-attention probability map [batch, heads, N, L] of
-    every call (explicit softmax over the text keys, padded keys masked): how attention-map
-    tools that store every map work, the benchmark's baseline against running aggregation.
-    Installed like the harvester, with `install_observers`, so it sees every family's layers
-    as the harvester does."""
-
-    def observe(self, proc, attn, query: torch.Tensor, key: torch.Tensor) -> None:
-        if not proc.cross:
-            return
-        logits = query @ key.transpose(-1, -2) * attention_scale(attn, query)
-        valid = proc.key_valid
-        if valid is not None:
-            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        self.append(torch.softmax(logits, dim=-1))

@@ -1,6 +1,6 @@
 """Harvest per-class cross-attention maps from a diffusers UNet while it denoises.
 
-`AttentionHarvester` installs `pipeline.attention`'s observing processors (diffusers'
+`AttentionHarvester` installs `pipeline.harvest.attention`'s observing processors (diffusers'
 `set_attn_processor` mechanism) on the UNet's cross-attention modules. Each processor computes
 the module's output exactly as the stock fused processor does (one
 `scaled_dot_product_attention`), so images are unchanged, and hands the queries and keys to the
@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.class_attention import accumulate_class_attention
-from ..kernels.interp import resize
+from ...kernels.class_attention import accumulate_class_attention
+from ...kernels.interp import resize
+from ..config import HarvestConfig
+from ..errors import UserError
 from .attention import (
     ObservingAttnProcessor,
     attention_scale,
@@ -36,12 +38,11 @@ from .attention import (
     heads_left_out,
     install_observers,
     layer_grid,
+    layer_selected,
     pick_heads,
     self_attention_probs,
     transformer_layers_at_depth,
 )
-from .config import HarvestConfig
-from .errors import UserError
 
 
 @dataclass
@@ -245,13 +246,7 @@ class AttentionHarvester:
             if stride == cfg.refine_stride:
                 self._observe_self(query, key, attention_scale(attn, query), capture)
             return
-        # `blocks` names UNet blocks; a DiT's layers are chosen by depth.
-        if stride not in cfg.strides:
-            return
-        if proc.block == "transformer":
-            if proc.name not in self.transformer_layers:
-                return
-        elif proc.block not in cfg.blocks:
+        if not layer_selected(proc, stride, cfg.strides, cfg.blocks, self.transformer_layers):
             return
         picked = pick_heads(query, key, cfg.heads, proc.name)
         if picked is None:

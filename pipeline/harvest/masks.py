@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.crf import dense_crf
-from ..kernels.finalize import IGNORE_LABEL, finalize_masks, normalize_maps
-from ..kernels.interp import resize
-from ..kernels.regions import remove_small_regions
+from ...kernels.crf import dense_crf
+from ...kernels.finalize import finalize_masks, normalize_maps
+from ...kernels.interp import resize
+from ...kernels.labels import IGNORE_LABEL
+from ...kernels.regions import remove_small_regions
+from ..config import HarvestConfig, MaskConfig
 from .attention import grid_size
-from .config import HarvestConfig, MaskConfig
-from .harvest import HarvestResult
+from .harvester import HarvestResult
 
 
 def combine_maps(result: HarvestResult, cfg: HarvestConfig) -> torch.Tensor:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Preset
-from .errors import UserError
-from .harvest import AttentionHarvester
+from ..config import Preset
+from ..errors import UserError
+from ..models.loading import model_family
+from ..prompts import ClassInfo, PromptSpec, class_token_weights, describe_classes
+from ..seeds import sample_seed
+from .harvester import AttentionHarvester
 from .masks import combine_maps, masks_from_harvest, refine_maps
-from .models import model_family
-from .prompts import ClassInfo, PromptSpec, class_token_weights, describe_classes
-from .seeds import sample_seed
 
 
 @dataclass

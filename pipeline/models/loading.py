@@ -14,9 +14,9 @@ import hashlib
 import warnings
 from pathlib import Path
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
-# Built-in models with random weights: name -> its builder in pipeline/tiny.py (imported only
+# Built-in models with random weights: name -> its builder in pipeline/models/tiny.py (imported only
 # when one is loaded: this module stays light).
 RANDOM_BUILDERS = {"tiny": "build_tiny_pipeline", "sd15-random": "build_sd15_random_pipeline",
                    "tiny-sdxl": "build_tiny_sdxl_pipeline",
@@ -26,9 +26,6 @@ RANDOM_BUILDERS = {"tiny": "build_tiny_pipeline", "sd15-random": "build_sd15_ran
                    "tiny-flux": "build_tiny_flux_pipeline",
                    "flux-random": "build_flux_random_pipeline"}
 RANDOM_MODELS = tuple(RANDOM_BUILDERS)
-# `toy`: the toy world's trained model (pipeline/toy_model.py), a diffusers folder shipped in
-# the package and loaded like any other folder.
-BUILTIN_MODELS = RANDOM_MODELS + ("toy",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Diffusers folders keep each sub-network's weights in a subfolder of its own.
 _WEIGHT_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -74,7 +71,7 @@ def class_weights(pipe, specs, merge: str = "sum"):
     [B, C] class ids (`prompts.class_token_weights`): SD3 with its T5 encoder attends to CLIP's
     77 positions then T5's, and a class word weighs on its tokens in both; every other model
     reads one tokenizer's positions (`prompt_tokenizer`)."""
-    from .prompts import class_token_weights, sequence_token_weights
+    from ..prompts import class_token_weights, sequence_token_weights
 
     if model_family(pipe) == "sd3" and getattr(pipe, "text_encoder_3", None) is not None:
         return sequence_token_weights([(pipe.tokenizer, pipe.tokenizer_max_length),
@@ -161,7 +158,7 @@ def default_size(model: str) -> int:
 def shipped_model_path() -> Path:
     """The folder of the shipped toy model (`attnseg toy train-model`'s model/, copied into
     the package's data folder)."""
-    from .prompts import data_file
+    from ..prompts import data_file
 
     return data_file("toy-model")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .dataset import file_sha256
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
+from ..files import file_sha256
 
 # The file name diffusers writes and `load_lora_weights` looks for in a LoRA folder.
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

@@ -15,23 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Preset, SynthConfig, parse_shard
-from .dataset import (
-    DatasetWriter,
-    OutputLock,
-    check_output_dir,
-    finished_indices,
-    prepare_output,
-    stored_job_matches,
-    stored_model_hash,
-    write_split,
-)
-from .device import resolve_device, resolve_dtype
-from .errors import UserError
-from .harvest import AttentionHarvester
-from .lora import check_loras, parse_lora_spec
-from .masks import masks_from_harvest
-from .models import (
+from ..config import Preset, SynthConfig, parse_shard
+from ..device import resolve_device, resolve_dtype
+from ..errors import UserError
+from ..files import OutputLock, check_output_dir
+from ..harvest.harvester import AttentionHarvester
+from ..harvest.masks import masks_from_harvest
+from ..models.loading import (
     check_image_size,
     class_weights,
     default_size,
@@ -43,15 +33,18 @@ from .models import (
     model_fingerprint,
     set_scheduler,
 )
-from .prompts import (
-    ClassInfo,
-    PromptSpec,
-    default_prompts,
-    load_classes,
-    load_prompt_file,
-)
-from .seeds import sample_seed
+from ..models.lora import check_loras, parse_lora_spec
+from ..prompts import ClassInfo, PromptSpec, default_prompts, load_classes, load_prompt_file
+from ..seeds import sample_seed
 from .webdataset import TarChunkWriter, finished_chunks
+from .writer import (
+    DatasetWriter,
+    finished_indices,
+    prepare_output,
+    stored_job_matches,
+    stored_model_hash,
+    write_split,
+)
 
 TINY_NOTICE = (
     "model 'tiny' is attnseg's built-in tiny random Stable Diffusion: its images are noise "

@@ -1,6 +1,6 @@
 """Scale-out synthesis on engines users already run: torchrun/accelerate, Slurm arrays, Ray Data.
 
-All three split one job by `--shard i/n` (pipeline.synth): a sample's seed, file name and batch
+All three split one job by `--shard i/n` (pipeline.synth.job): a sample's seed, file name and batch
 companions depend only on its global index, so any split yields the same dataset, finished
 shards are skipped, and shards can run in any order or again after a failure.
 
@@ -19,8 +19,8 @@ import shlex
 import sys
 from dataclasses import replace
 
-from .config import SynthConfig
-from .errors import UserError
+from ..config import SynthConfig
+from ..errors import UserError
 
 _SBATCH_VALUE = re.compile(r"[A-Za-z0-9._\-:,+=]+")
 
@@ -68,9 +68,9 @@ class _ShardWorker:
     def __init__(self, cfg: SynthConfig, cpus: int, engine_harvester=None):
         import torch
 
-        from .device import resolve_device, resolve_dtype
-        from .lora import parse_lora_spec
-        from .models import load_pipeline
+        from ..device import resolve_device, resolve_dtype
+        from ..models.loading import load_pipeline
+        from ..models.lora import parse_lora_spec
 
         # Ray pins actors to one CPU thread by default; use the CPUs the actor reserved.
         torch.set_num_threads(cpus)
@@ -82,7 +82,7 @@ class _ShardWorker:
         self.engine_harvester = engine_harvester
 
     def __call__(self, batch):
-        from .synth import run_synth
+        from .job import run_synth
 
         new = []
         for shard in batch["shard"]:
@@ -129,7 +129,7 @@ def run_ray(cfg: SynthConfig, workers: int, gpus_per_worker: float = 0.0,
         if started:
             ray.shutdown()
     if cfg.format == "voc":  # every shard ran: the split file from all shards' manifests
-        from .dataset import write_split
+        from .writer import write_split
 
         write_split(cfg.out)
     return {"shards": shards, "workers": workers, "new": sum(r["new"] for r in out)}

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .dataset import atomic_write_bytes, encode_png, read_manifest_records, voc_palette
+from ...kernels.labels import BACKGROUND_LABEL, IGNORE_LABEL
+from ..files import atomic_write_bytes
+from .writer import encode_png, read_manifest_records, voc_palette
 
 
 def _colour_mask(label: np.ndarray) -> np.ndarray:
@@ -20,7 +22,7 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.55) -> np.nda
     """The image with its label map blended on top (background and ignore left unblended)."""
     colour = _colour_mask(label).astype(np.float32)
     out = image.astype(np.float32)
-    fg = ((label != 0) & (label != 255))[..., None]
+    fg = ((label != BACKGROUND_LABEL) & (label != IGNORE_LABEL))[..., None]
     out = np.where(fg, (1 - alpha) * out + alpha * colour, out)
     out[label == 255] = 0.5 * out[label == 255] + 0.5 * 255.0  # ignore band: washed out
     return out.round().astype(np.uint8)

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dataset import encode_jpeg, encode_png, tmp_name
-from .errors import UserError, naming_file
+from ..errors import UserError, naming_file
+from ..files import tmp_name
+from .writer import encode_jpeg, encode_png
 
 SUBDIR = "webdataset"
 PARQUET_SUBDIR = "parquet"

@@ -18,21 +18,17 @@ dataset as an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
-import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
-import psutil
 from PIL import Image
 
-from .errors import UserError, naming_file
+from ...kernels.labels import BACKGROUND_LABEL, IGNORE_LABEL
+from ..errors import UserError
+from ..files import append_line, atomic_write_bytes, holds_same_run, remove_stale_temporaries
 
-_TMP_TAG = ".tmp-attnseg-"
 _MANIFEST_GLOB = "manifest*.jsonl"
 
 
@@ -102,47 +98,6 @@ def voc_palette() -> list[int]:
     return palette
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one.
-    A failed write (a full disk) removes its temporary: nothing half-written stays behind."""
-    tmp = tmp_name(path)
-    try:
-        with naming_file(path), open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def append_line(path: Path, line: bytes) -> None:
-    """Append one complete line and fsync it. A failed append (a full disk) is cut back off,
-    so the file never ends in a torn line that a later append would glue onto."""
-    with naming_file(path), open(path, "ab") as f:
-        start = f.tell()
-        try:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        except BaseException:
-            try:
-                f.truncate(start)
-            except OSError:
-                pass  # the next run cuts the torn line (DatasetWriter._repair_manifest)
-            raise
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's content (hex), read in chunks (engine files are GBs)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def encode_png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
     img = Image.fromarray(array)
     if palette is not None:
@@ -167,59 +122,6 @@ def write_split(root: str | Path) -> None:
     atomic_write_bytes(split, "".join(n + "\n" for n in names).encode())
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail early, with one line, if `out` cannot be created or written."""
-    probe_parent = out
-    while not probe_parent.exists():
-        if probe_parent.parent == probe_parent:
-            break
-        probe_parent = probe_parent.parent
-    if probe_parent.exists() and not probe_parent.is_dir():
-        raise UserError(f"output folder {out} cannot be created: {probe_parent} is a file")
-    if not os.access(probe_parent, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {out} is not writable")
-
-
-def tmp_name(path: Path) -> Path:
-    # Host and pid in the name: concurrent shards (even on other hosts sharing the folder)
-    # never touch each other's temporaries, and a resume removes only its own host's dead ones.
-    return path.with_name(f"{path.name}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}")
-
-
-def remove_stale_temporaries(root: Path, recursive: bool = True) -> None:
-    """Delete temporary files and folders (`tmp_name`) left by killed processes of this host,
-    under `root` (or, with recursive=False, directly in it)."""
-    host = socket.gethostname()
-    pattern = f"*{_TMP_TAG}*"
-    for path in list(root.rglob(pattern) if recursive else root.glob(pattern)):
-        owner = path.name.rsplit(_TMP_TAG, 1)[1]
-        owner_host, _, pid = owner.rpartition("-")
-        if owner_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-
-
-def holds_same_run(root: Path, doc_name: str, doc: dict, folder: str, thing: str,
-                   key=lambda d: d) -> bool:
-    """The check every resumable command makes before writing into `root`: True when
-    `root/doc_name` records this same run (compared through `key`), False when there is no
-    record yet (the caller writes it once the folder is ready); a one-line error when the
-    folder records a different (or an unreadable) one."""
-    path = root / doc_name
-    if not path.exists():
-        return False
-    try:
-        previous = json.loads(path.read_text())
-    except ValueError:
-        previous = None
-    if previous is None or key(previous) != key(doc):
-        raise UserError(f"{folder} {root} holds a different {thing} (its {doc_name} differs "
-                        "from these settings); use another --out")
-    return True
-
-
 def prepare_output(root: Path, job: dict, classes, subdirs: tuple[str, ...] = ()) -> dict:
     """Create the output folder, check or record the job, and return the job as stored.
 
@@ -235,39 +137,11 @@ def prepare_output(root: Path, job: dict, classes, subdirs: tuple[str, ...] = ()
     remove_stale_temporaries(root)
     if not holds_same_run(root, "job.json", job, "output folder", "job"):
         # job.json last: its presence means the folder's metadata is complete.
-        classes_doc = {"0": "background", "255": "ignore"}
+        classes_doc = {str(BACKGROUND_LABEL): "background", str(IGNORE_LABEL): "ignore"}
         classes_doc.update({str(c.id): c.name for c in classes})
         atomic_write_bytes(root / "classes.json", json.dumps(classes_doc).encode())
         atomic_write_bytes(root / "job.json", json.dumps(job, indent=1, sort_keys=True).encode())
     return job
-
-
-class OutputLock:
-    """Exclusive right to write one shard of an output folder: an `flock` on
-    `OUT/.lock.shard-IIIII-of-NNNNN`. A second process on the same folder and shard is refused
-    with one line; other shards run alongside. The kernel drops the lock when its process
-    dies, so a killed run never leaves a stale lock behind."""
-
-    def __init__(self, root: Path, shard: tuple[int, int]):
-        import fcntl
-
-        i, n = shard
-        root.mkdir(parents=True, exist_ok=True)
-        self.path = root / f".lock.shard-{i:05d}-of-{n:05d}"
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._fd)
-            self._fd = None
-            part = "" if n == 1 else f"shard {i}/{n} of "
-            raise UserError(f"another process is writing {part}{root}; wait for it to finish "
-                            "(then run this again to check) or use another --out") from None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
 
 
 class DatasetWriter:

@@ -35,14 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset import atomic_write_bytes
-from .device import resolve_device
-from .errors import UserError
-from .prompt_augment import LEXICON_FILE, load_lexicon
-from .prompts import data_file, fill_template, load_classes
-from .seeds import sample_seed
-from .tiny import TINY_WORDS
-from .toy_world import BACKGROUND_WORDS
+from ..adapt.prompt_augment import LEXICON_FILE, load_lexicon
+from ..device import resolve_device
+from ..errors import UserError
+from ..files import atomic_write_bytes
+from ..models.tiny import TINY_WORDS
+from ..optim_state import load_optimizer_tensors, optimizer_tensors
+from ..prompts import data_file, fill_template, load_classes
+from ..seeds import sample_seed
+from .world import BACKGROUND_WORDS
 
 # Prefixes of training captions; they match the toy templates' words.
 _PREFIXES = ("", "a photo of ", "a picture of ", "a drawing of ", "a scene with ", "an image of ")
@@ -162,7 +163,7 @@ def build_components(cfg: ToyModelConfig):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tiny import tiny_tokenizer
+    from ..models.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(toy_words(), max_length=cfg.max_length)
     torch.manual_seed(cfg.seed)
@@ -191,21 +192,6 @@ def build_components(cfg: ToyModelConfig):
 
 # --------------------------------------------------------------------------------------------
 # Training
-
-
-def _flatten_optimizer(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict, list]:
-    sd = opt.state_dict()
-    tensors = {f"{prefix}.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
-
-
-def _load_optimizer(prefix: str, opt: torch.optim.Optimizer, tensors: dict, groups: list):
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith(prefix + "."):
-            _, i, k = key.split(".", 2)
-            state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 class ToyModelTrainer:
@@ -264,8 +250,10 @@ class ToyModelTrainer:
                                     if k.startswith(name + ".")})
         self.ema = {k[4:]: v.to(self.device) for k, v in tensors.items()
                     if k.startswith("ema.")}
-        _load_optimizer("vae_opt", self.vae_opt, tensors, info["vae_opt"])
-        _load_optimizer("unet_opt", self.unet_opt, tensors, info["unet_opt"])
+        load_optimizer_tensors(self.vae_opt, tensors, {"param_groups": info["vae_opt"]},
+                               "vae_opt.")
+        load_optimizer_tensors(self.unet_opt, tensors, {"param_groups": info["unet_opt"]},
+                               "unet_opt.")
         if "scaling_factor" in info:
             self.vae.register_to_config(scaling_factor=info["scaling_factor"])
         self.step = info["step"]
@@ -277,7 +265,7 @@ class ToyModelTrainer:
                      "max_length")
 
     def _init_from(self, model: str) -> None:
-        from .models import load_pipeline, model_source
+        from ..models.loading import load_pipeline, model_source
 
         folder = Path(model_source(model)).expanduser()
         try:
@@ -325,8 +313,11 @@ class ToyModelTrainer:
                              ("unet", self.unet)):
             tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
-        vae_t, vae_groups = _flatten_optimizer("vae_opt", self.vae_opt)
-        unet_t, unet_groups = _flatten_optimizer("unet_opt", self.unet_opt)
+        vae_t, vae_meta = optimizer_tensors(self.vae_opt, "vae_opt.")
+        unet_t, unet_meta = optimizer_tensors(self.unet_opt, "unet_opt.")
+        if vae_meta["scalars"] or unet_meta["scalars"]:  # AdamW keeps tensors only
+            raise RuntimeError("the toy model's optimisers hold non-tensor state")
+        vae_groups, unet_groups = vae_meta["param_groups"], unet_meta["param_groups"]
         tensors.update(vae_t)
         tensors.update(unet_t)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -369,7 +360,7 @@ class ToyModelTrainer:
 
     # -- data ----------------------------------------------------------------------------
     def _render(self, progress: bool) -> None:
-        from .toy_world import render_scene
+        from .world import render_scene
 
         cfg = self.cfg
         names = tuple(c.name for c in load_classes("toy"))
@@ -516,7 +507,7 @@ class ToyModelTrainer:
 
     def pipeline(self, ema: bool = True):
         """The StableDiffusionPipeline of the current weights (the UNet's EMA if `ema`)."""
-        from .tiny import _assemble
+        from ..models.tiny import _assemble
 
         # Copies: exporting (fp16, CPU) must not convert the modules a run goes on training.
         unet = copy.deepcopy(self.unet)
@@ -530,8 +521,8 @@ class ToyModelTrainer:
         """Write the model as a diffusers folder (safetensors weights in `dtype`)."""
         import shutil
 
-        from .dataset import tmp_name
-        from .tiny import tiny_tokenizer
+        from ..files import tmp_name
+        from ..models.tiny import tiny_tokenizer
 
         pipe = self.pipeline().to("cpu", dtype=dtype)
         # A fresh tokenizer: one that has tokenized training batches keeps their padding and
@@ -554,7 +545,7 @@ class ToyModelTrainer:
         loaded as `--model` loads it."""
         from PIL import Image
 
-        from .models import load_pipeline
+        from ..models.loading import load_pipeline
 
         pipe = load_pipeline(str(model), torch.device("cpu"), torch.float32)
         images = sample_toy(pipe, list(SAMPLE_PROMPTS))

@@ -28,10 +28,11 @@ from typing import Literal
 
 import numpy as np
 
-from .dataset import DatasetWriter, atomic_write_bytes
-from .errors import UserError
-from .prompts import fill_template, load_classes
-from .seeds import sample_seed
+from ..errors import UserError
+from ..files import atomic_write_bytes
+from ..prompts import fill_template, load_classes
+from ..seeds import sample_seed
+from ..synth.writer import DatasetWriter
 
 DOMAINS = ("source", "target")
 # Where each domain's objects come from and sit (fractions of the image side).

@@ -28,7 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import (
+from ...kernels.labels import IGNORE_LABEL
+from ..errors import UserError
+from ..files import atomic_write_bytes
+from .samples import normalize_image, rescale_size, to_tensors
+from .sources import (
     DECODE_ERRORS,
     CorruptSample,
     SegSource,
@@ -37,9 +41,6 @@ from .data import (
     generic_names,
     normalize_name,
 )
-from .dataset import atomic_write_bytes
-from .errors import UserError
-from .train_data import normalize_image, rescale_size, to_tensors
 
 MIN_SIDE = 32
 
@@ -347,12 +348,12 @@ def _classes_of(root: Path) -> list[str] | None:
     if not f.is_file():
         return None
     doc = json.loads(f.read_text())
-    ids = {int(k): v for k, v in doc.items() if int(k) != 255}
+    ids = {int(k): v for k, v in doc.items() if int(k) != IGNORE_LABEL}
     return [ids.get(i, f"class{i}") for i in range(max(ids) + 1)]
 
 
 def evaluate_pseudo(pseudo: str | Path, gt: str | Path, num_classes: int | None = None,
-                    ignore_index: int = 255, class_names: list[str] | None = None) -> dict:
+                    ignore_index: int = IGNORE_LABEL, class_names: list[str] | None = None) -> dict:
     """mIoU of pseudo-masks against ground truth, files matched by name.
 
     Every pseudo-mask needs a ground-truth file; ground truth without a pseudo-mask is left

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 
 LOSS_NAMES = ("ce", "ignore-band", "reliability-weighted", "cotrain")
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import (
+from ..errors import UserError
+from .sources import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptSample,
@@ -27,7 +28,6 @@ from .data import (
     class_mapping,
     default_ignore_index,
 )
-from .errors import UserError
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError, first_line
+from ..errors import UserError, first_line
 
 # MiT encoder sizes (SegFormer paper, Table 6); heads, patch sizes and SR ratios are the same
 # for every size. The all-MLP decoder is 256 wide for b0/b1 and 768 for b2..b5.

@@ -6,7 +6,7 @@ class names (index = label id), its ignore index, and ``load(i)`` returning a
 
 =============  ==============================================================================
 synthetic      attnseg's own output (VOC layout + ``Reliability/`` + ``manifest.jsonl`` +
-               ``classes.json``), see ``pipeline/dataset.py``
+               ``classes.json``), see ``pipeline/synth/writer.py``
 voc            PASCAL VOC 2012 (``VOCdevkit/VOC2012``: ``JPEGImages``, ``SegmentationClass``
                palette PNGs, ``ImageSets/Segmentation/<split>.txt``; 21 classes, ignore 255)
 cityscapes     ``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
@@ -26,7 +26,7 @@ samples are skipped and counted (the training loop reports how many); a label va
 neither a class of its source nor its ignore index is a :class:`UserError` naming the file.
 
 What the trainer makes of the samples (augmentation, the mixed dataset, the seeded sample
-stream) is `train_data`.
+stream) is `train.samples`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dataset import read_manifest_records
-from .errors import UserError
-from .webdataset import WebDatasetIndex
+from ...kernels.labels import IGNORE_LABEL
+from ..errors import UserError
+from ..synth.webdataset import WebDatasetIndex
+from ..synth.writer import read_manifest_records
 
 # SegFormer, ConvNeXt and mmsegmentation all normalise with the ImageNet statistics.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -189,7 +190,7 @@ def _synthetic_class_names(root: Path) -> list[str]:
         ids = {int(k): str(v) for k, v in doc.items()}
     except (ValueError, AttributeError):
         raise UserError(f"{classes_file} is malformed") from None
-    n = max(k for k in ids if k != 255) + 1
+    n = max(k for k in ids if k != IGNORE_LABEL) + 1
     return [ids.get(i, f"class{i}") for i in range(n)]
 
 
@@ -205,7 +206,7 @@ class SyntheticSource(SegSource):
     def __init__(self, root: str | Path, split: str = "train"):
         self.root = Path(root)
         self.class_names = _synthetic_class_names(self.root)
-        self.ignore_index = 255
+        self.ignore_index = IGNORE_LABEL
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if split_file.is_file():
             self.names = _read_split(split_file)
@@ -249,7 +250,7 @@ class WebDatasetSource(SegSource):
             raise UserError(f"a WebDataset output has only the train split, not {split!r}")
         self.root = Path(root)
         self.class_names = _synthetic_class_names(self.root)
-        self.ignore_index = 255
+        self.ignore_index = IGNORE_LABEL
         self.index = WebDatasetIndex(self.root)
 
     def __len__(self) -> int:
@@ -291,7 +292,7 @@ class VOCSource(SegSource):
     def __init__(self, root: str | Path, split: str = "val"):
         self.root = _find_voc_root(Path(root))
         self.class_names = list(VOC_CLASS_NAMES)
-        self.ignore_index = 255
+        self.ignore_index = IGNORE_LABEL
         self.names = _read_split(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
         aug = self.root / "SegmentationClassAug"
         self.label_dir = aug if split == "trainaug" and aug.is_dir() else (
@@ -325,7 +326,7 @@ class CityscapesSource(SegSource):
         if not img_dir.is_dir():
             raise UserError(f"{self.root} is not a Cityscapes folder (no leftImg8bit/{split}/)")
         self.class_names = list(CITYSCAPES_CLASS_NAMES)
-        self.ignore_index = 255
+        self.ignore_index = IGNORE_LABEL
         self.images = sorted(img_dir.glob("*/*_leftImg8bit.png"))
         if not self.images:
             raise UserError(f"no *_leftImg8bit.png images under {img_dir}")
@@ -492,4 +493,4 @@ def default_ignore_index(num_classes: int) -> int:
     """255 when every class id fits below it, else 1000 (ImageNet-S's convention)."""
     if num_classes > 1000:
         raise UserError(f"{num_classes} classes: at most 1000 are supported")
-    return 255 if num_classes <= 255 else 1000
+    return IGNORE_LABEL if num_classes <= IGNORE_LABEL else 1000

@@ -13,7 +13,7 @@ A run lives in one folder::
     RUN/tb/                            TensorBoard events (when tensorboard is installed)
 
 Determinism: the sample at stream position ``p`` and its augmentation depend only on
-``(seed, p)`` (see ``train_data.StreamSampler``), and the global torch RNG (dropout, drop-path) is
+``(seed, p)`` (see ``samples.StreamSampler``), and the global torch RNG (dropout, drop-path) is
 re-seeded from ``(seed, step)`` before every optimiser step. So a run killed at any point and
 started again with the same command continues from its last checkpoint and ends with exactly
 the weights of an uninterrupted run (on CPU; GPU kernels may add non-determinism of their own).
@@ -33,14 +33,14 @@ from typing import Any
 
 import torch
 
-from .data import default_ignore_index, open_source
-from .dataset import atomic_write_bytes, check_output_dir, holds_same_run
-from .device import resolve_device
-from .errors import UserError
+from ..device import resolve_device
+from ..errors import UserError
+from ..files import atomic_write_bytes, check_output_dir, holds_same_run
+from ..optim_state import load_optimizer_tensors, optimizer_tensors
+from ..settings import config_from
 from .evaluate import InferenceConfig, evaluate_model, inference_for
 from .losses import LossConfig, segmentation_loss
-from .segmodels import TINY_MODELS, SegModel, build_model, model_from_spec
-from .train_data import (
+from .samples import (
     AugmentConfig,
     SegmentationDataset,
     StreamSampler,
@@ -48,6 +48,8 @@ from .train_data import (
     collate_train,
     derive_seed,
 )
+from .segmodels import TINY_MODELS, SegModel, build_model, model_from_spec
+from .sources import default_ignore_index, open_source
 
 CHECKPOINT_FORMAT = "attnseg-train-1"
 MODEL_FORMAT = "attnseg-segmodel-1"
@@ -128,33 +130,9 @@ class TrainConfig:
 def train_config_from(values: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from a dict (config file merged with flags); sections are dicts."""
     values = dict(values)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UserError(f"unknown train setting(s) {unknown}")
-    sections = {}
-    for section, cls in (("loss", LossConfig), ("augment", AugmentConfig)):
-        raw = values.pop(section, {}) or {}
-        if isinstance(raw, (LossConfig, AugmentConfig)):
-            sections[section] = raw
-            continue
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        bad = sorted(set(raw) - set(fields))
-        if bad:
-            raise UserError(f"unknown {section} setting(s) {bad}")
-        kwargs = {}
-        for k, v in raw.items():
-            default = getattr(cls(), k)
-            if isinstance(default, tuple) and isinstance(v, list):
-                v = tuple(v)
-            kwargs[k] = v
-        sections[section] = cls(**kwargs)
     if isinstance(values.get("data"), str):
         values["data"] = [values["data"]]
-    try:
-        return TrainConfig(**values, **sections)
-    except TypeError as e:
-        raise UserError(f"bad train settings: {e}") from None
+    return config_from(TrainConfig, values, "train")
 
 
 def config_dict(cfg: TrainConfig) -> dict:
@@ -193,7 +171,7 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 
 def _class_names(cfg: TrainConfig, first) -> list[str]:
-    from .data import CITYSCAPES_CLASS_NAMES, VOC_CLASS_NAMES
+    from .sources import CITYSCAPES_CLASS_NAMES, VOC_CLASS_NAMES
 
     if cfg.classes is None:
         return list(first.class_names)
@@ -225,30 +203,6 @@ def _optimizer(cfg: TrainConfig, models: list[SegModel]) -> torch.optim.Optimize
 # --------------------------------------------------------------------------------------------
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, pid, key = name.split(".", 2)
-            state.setdefault(int(pid), {})[key] = value
-    for name, value in meta["scalars"].items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def save_checkpoint(path: Path, models: list[SegModel], opt, scaler, counters: dict) -> None:
     """Everything a resume needs, written atomically as one safetensors file."""
     from safetensors.torch import save
@@ -257,7 +211,7 @@ def save_checkpoint(path: Path, models: list[SegModel], opt, scaler, counters: d
     for k, m in enumerate(models):
         for name, value in m.state_dict().items():
             tensors[f"model.{k}.{name}"] = value.detach().cpu().contiguous().clone()
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    opt_tensors, opt_meta = optimizer_tensors(opt, "optim.")
     tensors.update(opt_tensors)
     meta = {"format": CHECKPOINT_FORMAT, "optimizer": json.dumps(opt_meta),
             "scaler": json.dumps(scaler.state_dict() if scaler is not None else {}),
@@ -287,7 +241,7 @@ def load_checkpoint(path: Path, models: list[SegModel], opt, scaler) -> dict:
         prefix = f"model.{k}."
         m.load_state_dict({n[len(prefix):]: v for n, v in tensors.items()
                            if n.startswith(prefix)})
-    opt.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer"])))
+    load_optimizer_tensors(opt, tensors, json.loads(meta["optimizer"]), "optim.")
     scaler_state = json.loads(meta["scaler"])
     if scaler is not None and scaler_state:
         scaler.load_state_dict(scaler_state)
@@ -607,7 +561,7 @@ class _RunLogs:
 def _val_inference(cfg: TrainConfig) -> InferenceConfig:
     if not cfg.val_data:
         return InferenceConfig()
-    from .data import detect_kind
+    from .sources import detect_kind
 
     kind = cfg.val_dataset if cfg.val_dataset != "auto" else detect_kind(cfg.val_data)
     return inference_for(kind)

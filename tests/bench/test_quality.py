@@ -11,10 +11,14 @@ import pytest
 
 from attnseg.bench.quality import class_set_names, foreground_split, score_real_pseudo_masks
 from attnseg.pipeline.config import get_preset
-from attnseg.pipeline.data import normalize_name, open_source
+from attnseg.pipeline.harvest.real_images import (
+    RealImageConfig,
+    RealImageLabeller,
+    model_input_size,
+)
 from attnseg.pipeline.prompts import load_classes
-from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller, model_input_size
-from tests.pipeline.test_data import make_voc
+from attnseg.pipeline.train.sources import normalize_name, open_source
+from tests.pipeline.train.test_sources import make_voc
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

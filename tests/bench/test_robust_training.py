@@ -15,7 +15,7 @@ from attnseg.bench.robust_training import (
     summarize,
     write_datasets,
 )
-from attnseg.pipeline.data import open_source
+from attnseg.pipeline.train.sources import open_source
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

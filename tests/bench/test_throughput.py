@@ -75,7 +75,7 @@ def test_out_with_a_suffix_and_a_non_square_size(tmp_path, capsys):
 
 
 def test_a_ratio_within_the_run_spread_is_marked():
-    from attnseg.bench.throughput import ratio_within_spread
+    from attnseg.bench.common import ratio_within_spread
 
     stock = {"median": 10.0, "min": 9.0, "max": 12.0, "n": 3}
     assert ratio_within_spread(0.95, {"median": 9.5, "min": 9.4, "max": 9.6, "n": 3}, stock)

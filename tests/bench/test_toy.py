@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnseg.bench.toy import caption_errors, colour_threshold_labels
+from attnseg.bench.toy.pseudo_masks import caption_errors, colour_threshold_labels
 from attnseg.pipeline.cli import main
 
 
@@ -27,7 +27,7 @@ def test_colour_threshold_baseline_on_a_plain_scene():
 
 
 def test_caption_errors_batch_equals_one_call_per_caption_level_and_draw():
-    from attnseg.pipeline.models import load_pipeline
+    from attnseg.pipeline.models.loading import load_pipeline
 
     pipe = load_pipeline("tiny", torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -53,7 +53,7 @@ def test_caption_errors_batch_equals_one_call_per_caption_level_and_draw():
 
 
 def _fingerprint(model: str) -> str:
-    from attnseg.pipeline.models import load_pipeline, model_fingerprint
+    from attnseg.pipeline.models.loading import load_pipeline, model_fingerprint
 
     return model_fingerprint(load_pipeline(model, torch.device("cpu"), torch.float32))
 

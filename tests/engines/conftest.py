@@ -19,7 +19,7 @@ def ort_engine(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from attnseg.engines.build import EngineOptions, build_engines
-    from attnseg.pipeline.tiny import build_tiny_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     preset = get_preset("attnseg")
@@ -37,7 +37,7 @@ def torch_vs_engine(pipe, preset, size, steps, guidance, samples, engines, insid
     return (compare_paths differences, the torch path's result)."""
     from attnseg.engines.harvest import EngineHarvester
     from attnseg.engines.verify import compare_paths
-    from attnseg.pipeline.synth import Synthesizer
+    from attnseg.pipeline.synth.job import Synthesizer
 
     ref_synth = Synthesizer(pipe, preset, *size, steps, guidance)
     reference = ref_synth.generate_float(samples)

@@ -66,7 +66,7 @@ def test_engine_info_into_a_closed_pipe_ends_quietly(ort_engine):
 def test_stale_build_folders_of_dead_processes_go(tmp_path):
     """A killed build leaves its temporary folder (GBs for SD-sized engines); the next build
     next to it removes it, and leaves a live process's alone."""
-    from attnseg.pipeline.dataset import tmp_name
+    from attnseg.pipeline.files import tmp_name
 
     target = tmp_path / "eng"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -121,7 +121,7 @@ def test_synth_with_engine_and_with_cached_backend_match_torch(ort_engine, tmp_p
     # --backend onnxruntime finds the engine in the cache (a copy of the fixture's, which has
     # the key a synth job with these settings asks for) and does not export again.
     from attnseg.engines.build import EngineOptions, engine_key
-    from attnseg.pipeline.models import model_fingerprint
+    from attnseg.pipeline.models.loading import model_fingerprint
 
     opts = EngineOptions(backend="onnxruntime", height=SIZE[0], width=SIZE[1],
                          max_batch=MAX_BATCH, harvest=preset.harvest)
@@ -165,7 +165,7 @@ def test_engine_errors_are_one_line_and_write_nothing(ort_engine, tmp_path, caps
         def no_load(*a, **k):
             raise AssertionError("the model was loaded before the job was checked")
 
-        mp.setattr("attnseg.pipeline.synth.load_pipeline", no_load)
+        mp.setattr("attnseg.pipeline.synth.job.load_pipeline", no_load)
         rc = main(["synth", *other, "--engine", str(folder), "--out", str(tmp_path / "s2")])
     err = capsys.readouterr().err
     assert rc == 2 and "built for 64x48" in err and err.count("\n") == 1

@@ -11,10 +11,10 @@ from attnseg.engines.build import EngineOptions, engine_key
 from attnseg.engines.harvest import compiled_engine_set
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
-from attnseg.pipeline.models import model_fingerprint
+from attnseg.pipeline.models.loading import model_fingerprint
+from attnseg.pipeline.models.tiny import build_tiny_pipeline
 from attnseg.pipeline.prompts import default_prompts, load_classes
-from attnseg.pipeline.synth import plan_samples
-from attnseg.pipeline.tiny import build_tiny_pipeline
+from attnseg.pipeline.synth.job import plan_samples
 
 from .conftest import SIZE, torch_vs_engine
 
@@ -43,7 +43,7 @@ def test_compile_backend_matches_torch_path(tmp_path, capsys):
 @pytest.mark.slow
 def test_compile_backend_for_sdxl_matches_torch_path():
     """SDXL through the compile backend (its added conditioning is an input of the graph)."""
-    from attnseg.pipeline.tiny import build_tiny_sdxl_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
     _assert_compile_matches_torch(pipe, get_preset("attnseg", pipe.vae_scale_factor), (64, 64))

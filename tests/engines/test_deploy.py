@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from attnseg.engines.deploy import DDIM, token_weights
+from attnseg.pipeline.models.tiny import build_tiny_pipeline
 from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes
-from attnseg.pipeline.synth import Sample, Synthesizer
-from attnseg.pipeline.tiny import build_tiny_pipeline
+from attnseg.pipeline.synth.job import Sample, Synthesizer
 
 from .conftest import SIZE
 

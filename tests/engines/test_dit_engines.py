@@ -14,13 +14,13 @@ from attnseg.engines.backends import TorchEngine
 from attnseg.engines.build import EngineOptions, engine_key
 from attnseg.engines.graph import MapGraphSpec, TransformerWithMaps
 from attnseg.engines.harvest import EngineSet, compiled_engine_set
-from attnseg.pipeline import tiny
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.models import model_family, model_fingerprint, token_stride
+from attnseg.pipeline.models import tiny
+from attnseg.pipeline.models.loading import model_family, model_fingerprint, token_stride
 from attnseg.pipeline.prompts import default_prompts, load_classes
-from attnseg.pipeline.synth import plan_samples
+from attnseg.pipeline.synth.job import plan_samples
 
 from .conftest import torch_vs_engine
 

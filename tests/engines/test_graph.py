@@ -79,7 +79,7 @@ def test_engine_maps_of_chosen_heads_equal_the_harvesters(tiny_pipe):
     """`harvest.heads` in an engine's graph: its per-stride map outputs, divided by their
     counts, equal the torch harvester's maps of the same heads in the same UNet call; the
     spec keeps the heads through its record (and leaves them out when none are chosen)."""
-    from attnseg.pipeline.harvest import AttentionHarvester
+    from attnseg.pipeline.harvest.harvester import AttentionHarvester
 
     heads = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2": (0, 3),
              "up_blocks.3.attentions.0.transformer_blocks.0.attn2": (2, 5, 6)}

@@ -13,11 +13,11 @@ import torch
 from attnseg.engines import cache
 from attnseg.engines.build import EngineOptions, build_engines
 from attnseg.engines.harvest import EngineHarvester, load_engines
-from attnseg.pipeline.attention import layer_grid
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.harvest import AttentionHarvester
+from attnseg.pipeline.harvest.attention import layer_grid
+from attnseg.pipeline.harvest.harvester import AttentionHarvester
 from attnseg.pipeline.prompts import default_prompts, load_classes
-from attnseg.pipeline.synth import plan_samples
+from attnseg.pipeline.synth.job import plan_samples
 
 from .conftest import MAX_BATCH, SIZE, torch_vs_engine
 
@@ -120,7 +120,7 @@ def test_valid_engine_is_reused_and_stale_one_rebuilt(ort_engine, tmp_path, monk
     assert (copy / "unet.onnx").read_bytes() == b"onnx:unet"
     assert not list(tmp_path.glob(".engine.*")), "temporary build folders were left behind"
     # Other model weights, other image size, or a damaged file: stale as well.
-    from attnseg.pipeline.tiny import build_tiny_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
     key = cache.EngineKey.from_dict(rebuilt["key"])
     other = build_tiny_pipeline(seed=1)
@@ -163,7 +163,7 @@ def test_corrupt_or_mismatched_engine_gives_a_clear_error(ort_engine, tmp_path):
     finally:
         harvester.remove()
     from attnseg.engines.harvest import check_engine_model
-    from attnseg.pipeline.tiny import build_tiny_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
     key = cache.EngineKey.from_dict(json.loads((folder / "engine.json").read_text())["key"])
     with pytest.raises(UserError, match="built for model weights"):
@@ -199,7 +199,7 @@ def test_sdxl_unet_engine_matches_torch_path(tmp_path):
     equals the torch path, with and without guidance."""
     pytest.importorskip("onnxscript")
     from attnseg.pipeline.config import get_preset
-    from attnseg.pipeline.tiny import build_tiny_sdxl_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
     preset = get_preset("attnseg", pipe.vae_scale_factor)

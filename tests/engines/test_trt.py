@@ -14,7 +14,7 @@ import torch
 from attnseg.engines.graph import MapGraphSpec, UNetWithMaps
 from attnseg.engines.trt import plan_config, plugin_onnx_translation
 from attnseg.pipeline.config import HarvestConfig, get_preset
-from attnseg.pipeline.tiny import build_tiny_pipeline
+from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
 from .conftest import MAX_BATCH, SIZE
 

@@ -102,8 +102,8 @@ def test_bad_input_is_refused():
 
 def test_mask_step_uses_the_fraction_of_the_image():
     from attnseg.pipeline.config import MaskConfig, get_preset
-    from attnseg.pipeline.harvest import HarvestResult
-    from attnseg.pipeline.masks import masks_from_harvest
+    from attnseg.pipeline.harvest.harvester import HarvestResult
+    from attnseg.pipeline.harvest.masks import masks_from_harvest
 
     preset = get_preset("diffumask")
     assert preset.mask.min_region_box * 512 * 512 == pytest.approx(250)

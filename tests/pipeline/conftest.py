@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from attnseg.pipeline.lora_train import train_lora
+from attnseg.pipeline.adapt.lora_train import train_lora
 
 from .lora_helpers import lora_config, write_images
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from attnseg.pipeline.adapt.lora_train import LoraTrainConfig
 from attnseg.pipeline.config import get_preset
-from attnseg.pipeline.lora_train import LoraTrainConfig
 from attnseg.pipeline.prompts import PromptSpec, load_classes
-from attnseg.pipeline.synth import Sample, Synthesizer
+from attnseg.pipeline.synth.job import Sample, Synthesizer
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
 CPU = torch.device("cpu")

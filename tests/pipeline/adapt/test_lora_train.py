@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from attnseg.pipeline.adapt.lora_train import LoraTrainer, find_training_images, train_lora
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.lora import LORA_WEIGHTS, LoraSpec
-from attnseg.pipeline.lora_train import LoraTrainer, find_training_images, train_lora
-from attnseg.pipeline.models import load_pipeline
-from attnseg.pipeline.tiny import build_tiny_pipeline
+from attnseg.pipeline.models.loading import load_pipeline
+from attnseg.pipeline.models.lora import LORA_WEIGHTS, LoraSpec
+from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
-from .lora_helpers import ENV, generate, lora_config, unet_out, write_images
+from ..lora_helpers import ENV, generate, lora_config, unet_out, write_images
 
 
 def test_training_lowers_loss_and_writes_a_diffusers_lora(trained):

@@ -9,9 +9,7 @@ from collections import Counter
 
 import pytest
 
-from attnseg.pipeline.cli import main
-from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.prompt_augment import (
+from attnseg.pipeline.adapt.prompt_augment import (
     LEXICON_FILE,
     PromptsConfig,
     augment_prompts,
@@ -20,6 +18,8 @@ from attnseg.pipeline.prompt_augment import (
     load_templates,
     wordnet_words,
 )
+from attnseg.pipeline.cli import main
+from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.prompts import (
     CLASS_SETS,
     class_token_weights,
@@ -34,7 +34,7 @@ from attnseg.pipeline.prompts import (
 
 @pytest.fixture(scope="module")
 def tok():
-    from attnseg.pipeline.tiny import tiny_tokenizer
+    from attnseg.pipeline.models.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -230,7 +230,7 @@ def test_word_that_becomes_the_unknown_token_is_reported(tmp_path):
     """A tokenizer whose vocabulary lacks a character maps it to the unknown token."""
     from transformers import CLIPTokenizer
 
-    from attnseg.pipeline.tiny import write_tiny_tokenizer
+    from attnseg.pipeline.models.tiny import write_tiny_tokenizer
 
     folder = write_tiny_tokenizer(tmp_path / "tok")
     vocab = json.loads((folder / "vocab.json").read_text())

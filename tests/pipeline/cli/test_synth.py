@@ -16,7 +16,7 @@ from PIL import Image
 
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import SynthConfig
-from attnseg.pipeline.synth import run_synth
+from attnseg.pipeline.synth.job import run_synth
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
 SMALL = ["--model", "tiny", "--classes", "aeroplane,dog,cat", "--num-per-class", "2",
@@ -145,7 +145,7 @@ def test_toy_demo_scores_against_rendered_scenes(tmp_path):
     (["--set", 'harvest.heads={"up_blocks.3.attentions.0.transformer_blocks.0.attn2":[9]}'],
      "head 9 does not exist (the layer has 8)"),
     (["--set", 'harvest.heads={"up_blocks.9.attn2":[0]}'], "not a cross-attention layer"),
-    (["--set", "harvest.heads=[0]"], "harvest heads must map layer names"),
+    (["--set", "harvest.heads=[0]"], "harvest setting 'heads' expects a mapping of layer names"),
     (["--set", 'harvest.heads={"x":[]}'], "not a non-empty list of head indices"),
     (["--device", "cuda:7"], "no CUDA device"),
     (["--model", "nobody/not-in-the-cache"], "could not load model 'nobody/not-in-the-cache'"),

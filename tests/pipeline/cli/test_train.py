@@ -101,7 +101,7 @@ def test_a_short_run_says_how_it_warms_up(demo_data, tmp_path, capsys):
     args = ["train", "--data", str(demo_data), "--steps", "20", "--model", "segformer-tiny",
             "--batch-size", "2", "--crop", "64", "--workers", "0", "--no-progress"]
     from attnseg.pipeline.cli import build_parser
-    from attnseg.pipeline.train_cli import train_config_from_args
+    from attnseg.pipeline.cli.train import train_config_from_args
 
     cfg = train_config_from_args(build_parser().parse_args([*args, "--out", str(tmp_path)]))
     assert cfg.warmup_steps == 2  # not the default 1500
@@ -200,7 +200,7 @@ def test_bad_label_value_stops_training_naming_the_file(demo_data, tmp_path):
 
 
 def test_eval_on_a_dataset_whose_classes_the_model_lacks(demo_data, tmp_path, capsys):
-    from tests.pipeline.test_data import make_voc
+    from tests.pipeline.train.test_sources import make_voc
 
     run = tmp_path / "run"
     assert main(["train", "--data", str(demo_data), "--out", str(run), "--steps", "1",

@@ -1,4 +1,4 @@
-"""Attention processors and layer placement (pipeline/attention.py)."""
+"""Attention processors and layer placement (pipeline/harvest/attention.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from attnseg.pipeline.attention import (
+from attnseg.pipeline.harvest.attention import (
     ObservingAttnProcessor,
     block_of,
     grid_size,

@@ -14,16 +14,16 @@ import torch
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.harvest import AttentionHarvester
-from attnseg.pipeline.models import _single_file_class, load_pipeline, model_family
+from attnseg.pipeline.harvest.harvester import AttentionHarvester
+from attnseg.pipeline.models.loading import _single_file_class, load_pipeline, model_family
 from attnseg.pipeline.prompts import class_token_weights, load_classes
 
-from .test_harvest import PROMPTS, SIZE, _latents, _run, _specs, assert_maps_equal_naive_reference
+from .test_harvester import PROMPTS, SIZE, _latents, _run, _specs, assert_maps_equal_naive_reference
 
 
 def _assert_memory_flat(pipe, classes, preset_name, run, latents):
     """The harvester's buffers hold as many bytes after 5 steps as after 2."""
-    from attnseg.pipeline.models import class_weights, denoiser
+    from attnseg.pipeline.models.loading import class_weights, denoiser
 
     weights, _ = class_weights(pipe, _specs(classes))
     harvester = AttentionHarvester(denoiser(pipe), get_preset(preset_name).harvest)
@@ -47,7 +47,7 @@ def _assert_synth_writes(model, tmp_path):
 
 @pytest.fixture(scope="module")
 def sdxl_pipe():
-    from attnseg.pipeline.tiny import build_tiny_sdxl_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(seed=0)
 
@@ -132,7 +132,7 @@ def test_few_step_sampling_lcm_and_turbo(tmp_path, sdxl_pipe, classes, torch_one
     not doubled and the harvester takes the conditional batch as it is."""
     from copy import copy
 
-    from attnseg.pipeline.models import set_scheduler
+    from attnseg.pipeline.models.loading import set_scheduler
 
     pipe = copy(sdxl_pipe)  # the scheduler is swapped on a shallow copy
     weights, _ = class_token_weights(pipe.tokenizer, _specs(classes))
@@ -173,13 +173,13 @@ def test_few_step_sampling_lcm_and_turbo(tmp_path, sdxl_pipe, classes, torch_one
 
 @pytest.fixture(scope="module")
 def pixart_pipe():
-    from attnseg.pipeline.tiny import build_tiny_pixart_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_pixart_pipeline
 
     return build_tiny_pixart_pipeline(seed=0)
 
 
 def _run_pixart(pipe, latents, steps, guidance=4.5):
-    from attnseg.pipeline.models import generation_kwargs
+    from attnseg.pipeline.models.loading import generation_kwargs
 
     return pipe(PROMPTS, height=SIZE[0], width=SIZE[1], num_inference_steps=steps,
                 guidance_scale=guidance, latents=latents.clone(), output_type="pt",
@@ -201,7 +201,7 @@ def test_t5_token_positions(pixart_pipe):
 
 def test_pixart_images_equal_stock_and_padding_is_left_out(pixart_pipe, classes,
                                                            torch_one_thread):
-    from attnseg.pipeline.models import denoiser, model_family
+    from attnseg.pipeline.models.loading import denoiser, model_family
 
     assert model_family(pixart_pipe) == "pixart"
     latents = _latents(pixart_pipe)
@@ -224,7 +224,7 @@ def test_pixart_images_equal_stock_and_padding_is_left_out(pixart_pipe, classes,
 
 @pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "daam"])
 def test_pixart_maps_equal_naive_reference(pixart_pipe, classes, preset_name):
-    from attnseg.pipeline.models import denoiser
+    from attnseg.pipeline.models.loading import denoiser
 
     assert_maps_equal_naive_reference(pixart_pipe, denoiser(pixart_pipe), classes, preset_name,
                                       _run_pixart, 3)
@@ -242,7 +242,7 @@ def test_pixart_memory_does_not_grow_with_steps(pixart_pipe, classes):
 
 
 def test_real_image_labelling_refuses_other_families(sdxl_pipe):
-    from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
+    from attnseg.pipeline.harvest.real_images import RealImageConfig, RealImageLabeller
 
     with pytest.raises(UserError, match="supports Stable Diffusion 1.x/2.x models; this one "
                        "is sdxl"):
@@ -254,7 +254,7 @@ def test_real_image_labelling_refuses_other_families(sdxl_pipe):
 
 @pytest.fixture(scope="module")
 def sd3_pipe():
-    from attnseg.pipeline.tiny import build_tiny_sd3_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_sd3_pipeline
 
     return build_tiny_sd3_pipeline(seed=0)
 
@@ -298,7 +298,7 @@ def _run_sd3(pipe, latents, steps, guidance=4.5):
 
 
 def test_sd3_images_equal_stock(sd3_pipe, classes, torch_one_thread):
-    from attnseg.pipeline.models import denoiser, model_family
+    from attnseg.pipeline.models.loading import denoiser, model_family
 
     assert model_family(sd3_pipe) == "sd3"
     latents = _latents(sd3_pipe)
@@ -316,7 +316,7 @@ def test_sd3_images_equal_stock(sd3_pipe, classes, torch_one_thread):
 
 @pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "daam"])
 def test_sd3_maps_equal_naive_reference(sd3_pipe, classes, preset_name):
-    from attnseg.pipeline.models import denoiser
+    from attnseg.pipeline.models.loading import denoiser
 
     assert_maps_equal_naive_reference(sd3_pipe, denoiser(sd3_pipe), classes, preset_name,
                                       _run_sd3, 3, store_processor=_StoreJoint)
@@ -324,13 +324,13 @@ def test_sd3_maps_equal_naive_reference(sd3_pipe, classes, preset_name):
 
 @pytest.fixture(scope="module")
 def sd3_t5_pipe():
-    from attnseg.pipeline.tiny import build_tiny_sd3_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_sd3_pipeline
 
     return build_tiny_sd3_pipeline(seed=0, with_t5=True)
 
 
 def test_sd3_class_words_in_clip_and_t5_positions(sd3_t5_pipe, sd3_pipe, classes):
-    from attnseg.pipeline.models import SD3_MAX_TOKENS, class_weights
+    from attnseg.pipeline.models.loading import SD3_MAX_TOKENS, class_weights
 
     pipe = sd3_t5_pipe
     specs = _specs(classes)
@@ -351,7 +351,7 @@ def test_sd3_class_words_in_clip_and_t5_positions(sd3_t5_pipe, sd3_pipe, classes
 
 def test_sd3_with_t5_images_equal_stock_and_maps_equal_reference(sd3_t5_pipe, classes,
                                                                   torch_one_thread):
-    from attnseg.pipeline.models import class_weights, denoiser, generation_kwargs
+    from attnseg.pipeline.models.loading import class_weights, denoiser, generation_kwargs
 
     pipe = sd3_t5_pipe
 
@@ -384,20 +384,20 @@ def test_sd3_memory_and_synth_end_to_end(sd3_pipe, classes, tmp_path, torch_one_
 
 @pytest.fixture(scope="module")
 def flux_pipe():
-    from attnseg.pipeline.tiny import build_tiny_flux_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_flux_pipeline
 
     return build_tiny_flux_pipeline(seed=0)
 
 
 def _flux_latents(seed=0):
-    from attnseg.pipeline.models import pack_latents
+    from attnseg.pipeline.models.loading import pack_latents
 
     g = torch.Generator().manual_seed(seed)
     return pack_latents(torch.randn(2, 16, SIZE[0] // 8, SIZE[1] // 8, generator=g))
 
 
 def _run_flux(pipe, latents, steps, guidance=3.5):
-    from attnseg.pipeline.models import generation_kwargs
+    from attnseg.pipeline.models.loading import generation_kwargs
 
     if latents.ndim == 4:  # the shared reference helper draws SD-shaped latents
         latents = _flux_latents(1)
@@ -442,7 +442,11 @@ class _StoreFlux:
 
 
 def test_flux_tokens_and_layout(flux_pipe):
-    from attnseg.pipeline.models import generation_kwargs, model_family, prompt_tokenizer
+    from attnseg.pipeline.models.loading import (
+        generation_kwargs,
+        model_family,
+        prompt_tokenizer,
+    )
     from attnseg.pipeline.prompts import special_token_layout
 
     assert model_family(flux_pipe) == "flux"
@@ -454,7 +458,7 @@ def test_flux_tokens_and_layout(flux_pipe):
 
 
 def test_flux_images_equal_stock(flux_pipe, classes, torch_one_thread):
-    from attnseg.pipeline.models import denoiser, prompt_tokenizer
+    from attnseg.pipeline.models.loading import denoiser, prompt_tokenizer
 
     latents = _flux_latents()
     stock = _run_flux(flux_pipe, latents, steps=3)
@@ -479,7 +483,7 @@ def test_flux_images_equal_stock(flux_pipe, classes, torch_one_thread):
 
 @pytest.mark.parametrize("preset_name", ["attnseg", "diffumask", "daam"])
 def test_flux_maps_equal_naive_reference(flux_pipe, classes, preset_name):
-    from attnseg.pipeline.models import denoiser
+    from attnseg.pipeline.models.loading import denoiser
 
     assert_maps_equal_naive_reference(flux_pipe, denoiser(flux_pipe), classes, preset_name,
                                       _run_flux, 3, store_processor=_StoreFlux)
@@ -493,7 +497,7 @@ def test_flux_memory_and_synth_end_to_end(flux_pipe, classes, tmp_path, torch_on
 
 
 def test_flux_folder_loads_with_its_t5_tokenizer(flux_pipe, tmp_path):
-    from attnseg.pipeline.models import load_tokenizer, prompt_tokenizer
+    from attnseg.pipeline.models.loading import load_tokenizer, prompt_tokenizer
     from attnseg.pipeline.prompts import special_token_layout
 
     folder = tmp_path / "flux-folder"
@@ -512,7 +516,7 @@ def test_joint_softmax_over_the_whole_sequence(sd3_pipe, flux_pipe, classes, pre
     not the text-only maps."""
     import functools
 
-    from attnseg.pipeline.models import denoiser
+    from attnseg.pipeline.models.loading import denoiser
 
     for pipe, run, store in ((sd3_pipe, _run_sd3, _StoreJoint), (flux_pipe, _run_flux,
                                                                    _StoreFlux)):
@@ -529,7 +533,7 @@ def test_transformer_depth_chooses_dit_layers(flux_pipe, classes, torch_one_thre
     double-stream blocks, then two single-stream ones) whose maps are taken."""
     from dataclasses import replace
 
-    from attnseg.pipeline.models import class_weights, denoiser
+    from attnseg.pipeline.models.loading import class_weights, denoiser
 
     weights, _ = class_weights(flux_pipe, _specs(classes))
     taken = {}
@@ -554,7 +558,7 @@ def test_flux_random_is_flux1_dev_sized_and_drawn_in_its_dtype():
     """`flux-random` (GPU benchmarks): FLUX.1-dev's transformer and VAE parameter counts, 512
     T5 positions, parameters made in the asked dtype (counted on the meta device: nothing is
     allocated), and the default dtype given back."""
-    from attnseg.pipeline.tiny import build_flux_random_pipeline
+    from attnseg.pipeline.models.tiny import build_flux_random_pipeline
 
     with torch.device("meta"):
         pipe = build_flux_random_pipeline(dtype=torch.bfloat16)

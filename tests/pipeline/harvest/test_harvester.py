@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from attnseg.pipeline.config import get_preset
-from attnseg.pipeline.harvest import AttentionHarvester
-from attnseg.pipeline.masks import combine_maps, refine_maps
-from attnseg.pipeline.models import class_weights
+from attnseg.pipeline.harvest.harvester import AttentionHarvester
+from attnseg.pipeline.harvest.masks import combine_maps, refine_maps
+from attnseg.pipeline.models.loading import class_weights
 from attnseg.pipeline.prompts import PromptSpec, class_token_weights, load_classes
 
 SIZE = (128, 96)  # non-square on purpose
@@ -245,7 +245,7 @@ def test_chosen_heads_equal_naive_reference(tiny_pipe, classes, preset_name):
 def test_every_head_named_equals_no_choice(tiny_pipe, classes):
     """Naming every head of every layer is the same harvest as naming none; one head less
     changes the maps."""
-    from attnseg.pipeline.attention import cross_attention_heads
+    from attnseg.pipeline.harvest.attention import cross_attention_heads
 
     every = {n: tuple(range(h)) for n, h in cross_attention_heads(tiny_pipe.unet).items()}
     one_less = dict(every)
@@ -303,7 +303,7 @@ def test_daam_order_is_exact_on_sharpened_attention(classes):
     """With sharp attention (query projections scaled up), bicubic upsampling undershoots,
     so where the clamp sits matters: the daam preset follows DAAM's order (per-head step-sums,
     one clamp per head after the resize), not the head mean clamped at every step."""
-    from attnseg.pipeline.tiny import build_tiny_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
     with torch.no_grad():
@@ -384,7 +384,7 @@ def test_no_cfg_batch_is_harvested(tiny_pipe, classes):
 
 
 def test_crf_step_refines_labels_and_keeps_unsure_pixels(tiny_pipe, classes):
-    from attnseg.pipeline.masks import masks_from_harvest
+    from attnseg.pipeline.harvest.masks import masks_from_harvest
 
     preset = get_preset("attnseg")
     weights, ids = class_token_weights(tiny_pipe.tokenizer, _specs(classes))

@@ -8,7 +8,7 @@ import pytest
 
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.models import _load_failure, check_model_path
+from attnseg.pipeline.models.loading import _load_failure, check_model_path
 
 ARGS = ["synth", "--classes", "dog,", "--steps", "1", "--height", "64", "--width", "64",
         "--no-progress"]
@@ -50,7 +50,7 @@ def test_safetensors_are_required_even_past_the_folder_check(pickle_folder, monk
     """Without --allow-pickle, diffusers itself is told to read safetensors only."""
     import torch
 
-    from attnseg.pipeline import models
+    from attnseg.pipeline.models import loading as models
 
     monkeypatch.setattr(models, "_pickle_only_parts", lambda folder: [])
     with pytest.raises(UserError, match="could not load model .*safetensors"):

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.lora import LoraSpec, parse_lora_spec
-from attnseg.pipeline.models import load_pipeline
-from attnseg.pipeline.tiny import build_tiny_pipeline
+from attnseg.pipeline.models.loading import load_pipeline
+from attnseg.pipeline.models.lora import LoraSpec, parse_lora_spec
+from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
-from .lora_helpers import CPU, generate, unet_out
+from ..lora_helpers import CPU, generate, unet_out
 
 
 def test_fused_generation_equals_unfused(trained):

@@ -16,9 +16,9 @@ import pytest
 
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import SynthConfig
-from attnseg.pipeline.dataset import OutputLock
+from attnseg.pipeline.files import OutputLock
 from attnseg.pipeline.prompts import default_prompts, load_classes
-from attnseg.pipeline.synth import plan_batches, plan_samples, run_synth
+from attnseg.pipeline.synth.job import plan_batches, plan_samples, run_synth
 
 ENV = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
 JOB = ["--model", "tiny", "--classes", "dog,cat", "--num-per-class", "4", "--steps", "2",
@@ -131,7 +131,7 @@ def test_planning_is_lazy(tmp_path, monkeypatch):
     def stop(*args, **kwargs):
         raise KeyboardInterrupt  # the first unit of work is reached: start-up is over
 
-    monkeypatch.setattr("attnseg.pipeline.synth._write_unit", stop)
+    monkeypatch.setattr("attnseg.pipeline.synth.job._write_unit", stop)
     peaks = {}
     for n in (1, 10**9):
         cfg = SynthConfig(model="tiny", classes="voc", num_per_class=n, steps=1, height=64,
@@ -184,7 +184,7 @@ def test_write_pool_writes_the_same_bytes_as_inline(tmp_path, fmt, torch_one_thr
 
 
 def test_write_pool_raises_the_first_failure_after_all_finish():
-    from attnseg.pipeline.synth import WritePool
+    from attnseg.pipeline.synth.job import WritePool
 
     done, recorded = [], []
 
@@ -224,7 +224,7 @@ def test_finished_folder_of_other_weights_is_refused_when_the_model_is_at_hand(t
     import torch
 
     from attnseg.pipeline.errors import UserError
-    from attnseg.pipeline.tiny import build_tiny_pipeline
+    from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
     cfg = SynthConfig(model="tiny", classes="dog,cat", num_per_class=1, steps=1, height=64,
                       width=64, out=str(tmp_path / "ds"), write_workers=0)

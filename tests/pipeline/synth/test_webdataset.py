@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from attnseg.pipeline.cli import main
-from attnseg.pipeline.webdataset import iter_webdataset
+from attnseg.pipeline.synth.webdataset import iter_webdataset
 
 ARGS = ["synth", "--model", "tiny", "--classes", "dog,cat", "--num-per-class", "5",
         "--steps", "2", "--height", "64", "--width", "64", "--batch-size", "2",
@@ -78,7 +78,7 @@ def test_stock_webdataset_decoders_give_class_ids(tmp_path):
 
 def test_trainer_reads_webdataset_output(tmp_path):
     """WebDataset chunks round-trip through the trainer's reader and train end to end."""
-    from attnseg.pipeline.data import open_source
+    from attnseg.pipeline.train.sources import open_source
 
     wds, voc = tmp_path / "wds", tmp_path / "voc"
     assert main([*ARGS, "--out", str(wds)]) == 0

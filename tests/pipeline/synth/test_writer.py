@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnseg.pipeline.dataset import DatasetWriter, voc_palette
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.prompts import load_classes
+from attnseg.pipeline.synth.writer import DatasetWriter, voc_palette
 
 JOB = {"model": "tiny", "model_hash": "x", "preset": "attnseg", "mask": {"bg_const": 0.4},
        "size": (8, 8)}

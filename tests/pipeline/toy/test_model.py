@@ -14,9 +14,9 @@ from PIL import Image
 
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
-from attnseg.pipeline.models import latent_stride, load_pipeline
-from attnseg.pipeline.tiny import TINY_WORDS, bpe_pieces, tiny_tokenizer
-from attnseg.pipeline.toy_model import (
+from attnseg.pipeline.models.loading import latent_stride, load_pipeline
+from attnseg.pipeline.models.tiny import TINY_WORDS, bpe_pieces, tiny_tokenizer
+from attnseg.pipeline.toy.model import (
     SAMPLE_PROMPTS,
     ToyModelConfig,
     ToyModelTrainer,
@@ -52,7 +52,7 @@ def test_bpe_pieces_apply_merges_by_rank(tmp_path):
     assert bpe_pieces("trian", ranks) == ["tri", "an</w>"]
     assert bpe_pieces("x", {}) == ["x</w>"]
     # Against the reference: transformers' CLIP tokenizer on the same merges.
-    from attnseg.pipeline.tiny import write_tiny_tokenizer
+    from attnseg.pipeline.models.tiny import write_tiny_tokenizer
 
     folder = write_tiny_tokenizer(tmp_path)
     lines = (folder / "merges.txt").read_text().splitlines()[1:]
@@ -278,7 +278,7 @@ def toy_pipe():
 
 
 def test_shipped_model_is_safetensors_and_small():
-    from attnseg.pipeline.models import shipped_model_path
+    from attnseg.pipeline.models.loading import shipped_model_path
 
     folder = shipped_model_path()
     files = [p for p in folder.rglob("*") if p.is_file()]
@@ -317,8 +317,8 @@ def test_shipped_model_pseudo_masks_beat_chance(toy_pipe):
 
 def _pseudo_miou_20(pipe) -> float:
     from attnseg.bench.quality import score_real_pseudo_masks
+    from attnseg.pipeline.harvest.real_images import RealImageConfig, RealImageLabeller
     from attnseg.pipeline.prompts import load_classes
-    from attnseg.pipeline.real_images import RealImageConfig, RealImageLabeller
 
     class _Rendered:  # a SegSource over scenes rendered in memory
         class_names = ["background"] + [c.name for c in load_classes("toy")]
@@ -332,7 +332,7 @@ def _pseudo_miou_20(pipe) -> float:
             from types import SimpleNamespace
 
             from attnseg.pipeline.seeds import sample_seed
-            from attnseg.pipeline.toy_world import render_scene
+            from attnseg.pipeline.toy.world import render_scene
 
             scene = render_scene(sample_seed(101, i))
             return SimpleNamespace(image=scene.image, label=scene.label)

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from attnseg.pipeline.cli import main
-from attnseg.pipeline.data import open_source
 from attnseg.pipeline.prompts import load_classes
 from attnseg.pipeline.seeds import sample_seed
-from attnseg.pipeline.toy_world import render_scene, shape_mask
+from attnseg.pipeline.toy.world import render_scene, shape_mask
+from attnseg.pipeline.train.sources import open_source
 
 NAMES = [c.name for c in load_classes("toy")]
 
@@ -93,7 +93,8 @@ def test_render_cli_writes_a_dataset_the_readers_read(tmp_path, capsys):
 
 
 def test_bad_render_arguments_are_one_line(tmp_path, capsys):
-    for bad, message in ((["--domain", "moon"], "--domain must be one of"),
+    for bad, message in ((["--domain", "moon"],
+                          "'domain' expects one of 'source', 'target', got the string 'moon'"),
                          (["--height", "60"], "--height 60 must be a multiple of 8"),
                          (["--num-images", "0"], "--num-images must be >= 1")):
         assert main(["toy", "render", "--out", str(tmp_path / "t"), *bad]) == 2

@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from attnseg.pipeline.data import IMAGENET_MEAN, IMAGENET_STD, SegSource
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.evaluate import (
+from attnseg.pipeline.train.evaluate import (
     InferenceConfig,
     MetricAccumulator,
     evaluate_model,
@@ -20,6 +19,7 @@ from attnseg.pipeline.evaluate import (
     format_table,
     predict_logits,
 )
+from attnseg.pipeline.train.sources import IMAGENET_MEAN, IMAGENET_STD, SegSource
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -153,7 +153,7 @@ class ArraySource(SegSource):
         return f"label{i}"
 
     def load(self, i):
-        from attnseg.pipeline.data import CorruptSample, RawSample
+        from attnseg.pipeline.train.sources import CorruptSample, RawSample
 
         if i in self.broken:
             raise CorruptSample(f"label{i}: unreadable")
@@ -241,7 +241,7 @@ def test_nan_free_report_values_are_json_friendly():
 
 
 def test_many_class_path_takes_argmax_before_resizing(monkeypatch):
-    import attnseg.pipeline.evaluate as ev
+    import attnseg.pipeline.train.evaluate as ev
 
     rng = np.random.default_rng(2)
     labels = [np.kron(rng.integers(0, 3, (6, 8)), np.ones((8, 8), np.int64))]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnseg.pipeline.errors import UserError
-from attnseg.pipeline.losses import (
+from attnseg.pipeline.train.losses import (
     LossConfig,
     boundary_band,
     handover,

@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from attnseg.pipeline.data import CorruptSample, detect_kind, open_source
-from attnseg.pipeline.dataset import DatasetWriter, voc_palette
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.prompts import load_classes
-from attnseg.pipeline.train_data import (
+from attnseg.pipeline.synth.writer import DatasetWriter, voc_palette
+from attnseg.pipeline.train.samples import (
     AugmentConfig,
     SegmentationDataset,
     Skipped,
@@ -23,6 +22,7 @@ from attnseg.pipeline.train_data import (
     check_batch,
     collate_train,
 )
+from attnseg.pipeline.train.sources import CorruptSample, detect_kind, open_source
 
 NO_JITTER = dict(brightness=0.0, contrast=0.0, saturation=0.0)
 

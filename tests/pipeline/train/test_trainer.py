@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attnseg.pipeline.dataset import DatasetWriter
 from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.prompts import load_classes
-from attnseg.pipeline.segmodels import build_model
-from attnseg.pipeline.train import (
+from attnseg.pipeline.synth.writer import DatasetWriter
+from attnseg.pipeline.train.segmodels import build_model
+from attnseg.pipeline.train.trainer import (
     TrainConfig,
     load_model,
     lr_factor,
@@ -169,7 +169,7 @@ def test_pretrained_folders(tmp_path):
     assert all(torch.equal(bb[k], u.net.backbone.state_dict()[k]) for k in bb)
     # Its spec rebuilds the same architecture without the folder.
     spec = json.loads(json.dumps(u.spec()))
-    from attnseg.pipeline.segmodels import model_from_spec
+    from attnseg.pipeline.train.segmodels import model_from_spec
 
     model_from_spec(spec).load_state_dict(u.state_dict())
     with pytest.raises(UserError, match="not a SegFormer"):

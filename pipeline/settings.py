@@ -1,0 +1,254 @@
+"""The one override path of every command: a config file, then the command's flags, then
+`--set KEY=VALUE`, built into the command's config dataclass with every value checked against
+its field's type before anything loads.
+
+A value of the wrong type, a non-finite number or an unknown key is one line naming the key,
+what it expects and what it got (`UserError`: exit 2). Sections (a dataclass field holding
+another config dataclass, e.g. `train`'s `loss`) are dicts checked the same way, key by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import tomllib
+
+from .errors import UserError
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a dict; a clear error if it is malformed."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        if p.suffix == ".toml":
+            values = tomllib.loads(p.read_text())
+        else:
+            values = json.loads(p.read_text())
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"config file {p} is malformed: {e}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {p} holds a {type(values).__name__}, not a mapping of "
+                        "settings")
+    return values
+
+
+def config_values(args, fields: tuple[str, ...]) -> dict[str, Any]:
+    """A command's settings as a dict: its `--config` file (if given), then each flag in
+    `fields` that was given (argparse dest == config field name) on top."""
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for name in fields:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v
+    return values
+
+
+def apply_set(values: dict[str, Any], items: list[str], sections_only: bool = False) -> None:
+    """Apply `--set KEY=VALUE` items to `values`: VALUE is JSON (or a bare string such as
+    cosine), KEY is `name` or `section.name` (only the latter with `sections_only`)."""
+    form = "SECTION.KEY=VALUE" if sections_only else "KEY=VALUE"
+    for item in items:
+        key, eq, raw = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not eq or not key or (sections_only and not (dot and name)):
+            raise UserError(f"--set {item!r} is not of the form {form}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        if dot:
+            if not isinstance(values.setdefault(section, {}), dict):
+                raise UserError(f"--set {item!r}: {section} is not a section")
+            values[section][name] = value
+        else:
+            values[key] = value
+
+
+def unknown_keys_line(unknown: list[str], known, what: str) -> str:
+    """'unknown X setting(s) [...]', with the nearest known name for each when there is one."""
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{key!r}: did you mean {close[0]!r}?")
+    return f"unknown {what} setting(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
+def config_from(cls, values: dict[str, Any], what: str):
+    """Build config dataclass `cls` from a dict (a config file merged with CLI flags), every
+    value checked against its field's type; a section's dict builds its own dataclass."""
+    if not isinstance(values, dict):
+        raise UserError(f"{what} settings must be a mapping, not {_shown(values)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(unknown_keys_line(unknown, fields, what))
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: check_value(hints[name], value, what, name)
+              for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def field_type(cls, name: str):
+    """The type annotation of field `name` of dataclass `cls` (resolved)."""
+    return typing.get_type_hints(cls)[name]
+
+
+def check_value(tp, value, what: str, key: str):
+    """`value` as field type `tp` holds it (lists become tuples where the type is a tuple, ints
+    floats where it is a float, JSON's string keys ints where the keys are ints), or a one-line
+    UserError."""
+    try:
+        return _convert(tp, value, key)
+    except _Mismatch:
+        raise UserError(f"{what} setting {key!r} expects {describe(tp)}, got {_shown(value)}") \
+            from None
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(tp, value, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is object:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):  # a section: named by its field
+            return config_from(tp, value, key)
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise _Mismatch
+    if tp in (tuple, list):  # unparametrised: any sequence
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return tp(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, key) for v in value)
+        if args and len(value) != len(args):
+            raise _Mismatch
+        return tuple(_convert(a, v, key) for a, v in zip(args, value, strict=True)) if args else \
+            tuple(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_convert(args[0], v, key) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        if not args:
+            return dict(value)
+        key_tp, value_tp = args
+        return {_dict_key(key_tp, k, key): _convert(value_tp, v, key)
+                for k, v in value.items()}
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise _Mismatch
+    return value
+
+
+def _dict_key(tp, k, key: str):
+    if tp is int and isinstance(k, str):  # JSON and TOML keys are strings
+        try:
+            return int(k)
+        except ValueError:
+            raise _Mismatch from None
+    return _convert(tp, k, key)
+
+
+def describe(tp) -> str:
+    """What a field of type `tp` takes, in words."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        parts = [describe(a) for a in args if a is not type(None)]
+        text = " or ".join(parts)
+        return text + (" or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} settings"
+    words = {bool: "true or false", int: "an integer", float: "a finite number",
+             str: "a string", Path: "a path (string)", tuple: "a list", list: "a list",
+             dict: "a mapping"}
+    if tp in words:
+        return words[tp]
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_plural(args[0])}"
+        return f"a list of {len(args)} {_plural(args[0])}" if len(set(args)) == 1 else \
+            "a list [" + ", ".join(describe(a) for a in args) + "]"
+    if origin is list:
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if origin is dict:
+        if not args:
+            return "a mapping"
+        return f"a mapping of {_plural(args[0])} to {_plural(args[1])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plural(tp) -> str:
+    plural = {int: "integers", float: "finite numbers", str: "strings", bool: "true/false"}
+    return plural.get(tp, describe(tp))
+
+
+def _shown(value) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    text = json.dumps(value) if _jsonable(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        return False
+    return True
