@@ -22,8 +22,8 @@ TOLERANCES = {"fp32": (1e-4, 0.999), "fp16": (2e-2, 0.99), "bf16": (5e-2, 0.98)}
 
 def compare_paths(reference, candidate) -> dict:
     """Differences between two `Synthesizer.generate_float` results."""
-    img_a, lab_a, _, res_a = reference
-    img_b, lab_b, _, res_b = candidate
+    img_a, lab_a, rel_a, res_a = reference
+    img_b, lab_b, rel_b, res_b = candidate
     maps = {}
     for stride, a in res_a.maps.items():
         b = res_b.maps[stride].to(a.device)
@@ -34,6 +34,8 @@ def compare_paths(reference, candidate) -> dict:
     return {
         "image_max_abs_diff": float(np.abs(np.asarray(img_a) - np.asarray(img_b)).max()),
         "label_agreement": float((lab_a == lab_b).mean()),
+        "reliability_max_abs_diff": int(np.abs(np.asarray(rel_a, np.int16)
+                                               - np.asarray(rel_b, np.int16)).max()),
         "map_max_rel_diff": maps,
     }
 

@@ -14,7 +14,9 @@ from attnseg.pipeline.errors import UserError
 ort = pytest.importorskip("onnxruntime")
 
 
-def test_cuda_provider_runs_on_torchs_stream_with_graphs():
+def test_cuda_provider_options_name_torchs_stream_and_graphs():
+    """The options attnseg hands ONNX Runtime's CUDA provider (that the provider then runs on
+    torch's stream with graphs needs a GPU: the GPU proof's compile/onnxruntime steps)."""
     opts = ort_cuda_options(1, 123456, cuda_graphs=True)
     assert opts == {"device_id": "1", "user_compute_stream": "123456",
                     "enable_cuda_graph": "1"}

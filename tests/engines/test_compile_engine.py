@@ -60,5 +60,6 @@ def _assert_compile_matches_torch(pipe, preset, size):
     assert engines.engines["unet"].compiled is not None
     diff, _ = torch_vs_engine(pipe, preset, size, 3, 7.5, samples, engines)
     assert diff["image_max_abs_diff"] <= 1e-4, diff
-    assert diff["label_agreement"] >= 0.999, diff
+    assert diff["label_agreement"] == 1.0, diff
+    assert diff["reliability_max_abs_diff"] <= 1, diff  # uint8 rounding of maps ~1e-7 apart
     assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff

@@ -18,24 +18,37 @@ from attnseg.pipeline.harvest.harvester import AttentionHarvester
 from attnseg.pipeline.models.loading import _single_file_class, load_pipeline, model_family
 from attnseg.pipeline.prompts import class_token_weights, load_classes
 
-from .test_harvester import PROMPTS, SIZE, _latents, _run, _specs, assert_maps_equal_naive_reference
+from .test_harvester import (
+    PROMPTS,
+    SIZE,
+    _latents,
+    _run,
+    _specs,
+    assert_live_memory_flat,
+    assert_maps_equal_naive_reference,
+    live_tensor_bytes,
+)
 
 
 def _assert_memory_flat(pipe, classes, preset_name, run, latents):
-    """The harvester's buffers hold as many bytes after 5 steps as after 2."""
+    """The harvester's buffers hold as many bytes after 5 steps as after 2, and the live tensors
+    of the process (counted by the garbage collector) do not grow with the steps."""
     from attnseg.pipeline.models.loading import class_weights, denoiser
 
     weights, _ = class_weights(pipe, _specs(classes))
     harvester = AttentionHarvester(denoiser(pipe), get_preset(preset_name).harvest)
-    sizes = {}
+    sizes, live = {}, {}
     try:
         for steps in (2, 5):
+            start = latents()
             with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-                run(pipe, latents(), steps)
+                run(pipe, start, steps)
+                live[steps] = live_tensor_bytes()
             sizes[steps] = cap.nbytes()
     finally:
         harvester.remove()
     assert sizes[2] == sizes[5] > 0
+    assert_live_memory_flat(live, sizes[2])
 
 
 def _assert_synth_writes(model, tmp_path):
@@ -153,6 +166,12 @@ def test_few_step_sampling_lcm_and_turbo(tmp_path, sdxl_pipe, classes, torch_one
                                                  "EulerAncestralDiscreteScheduler")
         assert calls == [2] * steps  # one call per step, batch 2 (no CFG half)
         assert cap.result.maps and all(torch.isfinite(m).all() for m in cap.result.maps.values())
+        # The few-step maps are the naive aggregation of every stored attention map (both runs
+        # draw the samplers' step noise, LCM's and Euler-ancestral's, from one seed).
+        assert_maps_equal_naive_reference(
+            pipe, pipe.unet, classes, "attnseg",
+            lambda p, latents, n, g=guidance: (torch.manual_seed(0),
+                                               _run(p, latents, n, guidance=g)), steps)
     # Every preset's step window keeps at least one of 1-4 steps.
     from attnseg.pipeline.config import PRESETS
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 
 import pytest
@@ -343,21 +344,45 @@ def test_daam_order_is_exact_on_sharpened_attention(classes):
     assert (old - ref).abs().max().item() > 1e-3 * scale
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage alive in this process (weights included), counted by the
+    garbage collector, not by the harvester's own accounting."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def assert_live_memory_flat(live: dict[int, int], buffers: int) -> None:
+    """Live tensor bytes at the end of a short and a long capture differ by less than a tenth
+    of the harvester's buffers (the scheduler's per-step tables are a few bytes a step): one
+    step's maps kept per step would add the buffers' size again every step."""
+    short, long_ = sorted(live)
+    assert buffers > 0
+    assert abs(live[long_] - live[short]) < buffers / 10, (live, buffers)
+
+
 @pytest.mark.parametrize("name", ["dataset-diffusion", "daam"])  # + self-attention; per head
 def test_memory_does_not_grow_with_steps(tiny_pipe, classes, name):
     weights, _ = class_token_weights(tiny_pipe.tokenizer, _specs(classes))
     preset = get_preset(name)
     harvester = AttentionHarvester(tiny_pipe.unet, preset.harvest)
-    sizes = {}
+    sizes, live = {}, {}
     try:
         for steps in (2, 7):
+            latents = _latents(tiny_pipe)
             with harvester.capture(weights, SIZE, num_steps=steps) as cap:
-                _run(tiny_pipe, _latents(tiny_pipe), steps)
+                _run(tiny_pipe, latents, steps)
+                live[steps] = live_tensor_bytes()
             sizes[steps] = (cap.nbytes(), len(cap.sums) + len(cap.head_sums))
     finally:
         harvester.remove()
     assert sizes[2][0] == sizes[7][0] > 0
     assert sizes[2][1] == sizes[7][1]
+    assert_live_memory_flat(live, sizes[2][0])
 
 
 def test_step_window_selects_steps():

@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -118,6 +119,41 @@ def test_two_processes_started_together_write_each_sample_once(tmp_path):
     assert sorted(indices) == list(range(8))  # 8 samples, 8 lines
 
 
+def test_a_second_process_on_a_folder_being_written_is_refused(tmp_path):
+    """Deterministic: the first process is stopped (SIGSTOP) while it holds the folder's lock,
+    so the second meets the lock and must be refused in one line; the first then finishes."""
+    import fcntl
+
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "attnseg.pipeline.cli", "synth", *JOB, "--out", str(out)]
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = out / ".lock.shard-00000-of-00001"
+    try:
+        deadline = time.monotonic() + 240
+        while True:  # until the first process holds the lock
+            assert time.monotonic() < deadline and first.poll() is None, first.poll()
+            if lock.exists():
+                fd = os.open(lock, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except OSError:
+                    break  # held
+                finally:
+                    os.close(fd)
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, second.stderr
+    err = second.stderr.strip().splitlines()
+    assert len(err) == 1 and "another process is writing" in err[0], err
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert sorted(_manifest_indices(out)) == list(range(8))  # every sample once
+
+
 def test_planning_is_lazy(tmp_path, monkeypatch):
     """A job of billions of samples starts as fast and as small as a job of one."""
     classes = load_classes("voc")
@@ -175,12 +211,16 @@ def test_write_pool_writes_the_same_bytes_as_inline(tmp_path, fmt, torch_one_thr
                      "--out", str(out)]) == 0
         outs[workers] = {p.relative_to(out).as_posix(): p.read_bytes()
                          for p in sorted(out.rglob("*")) if p.is_file()
-                         and p.suffix in (".jpg", ".png", ".tar")}
-    assert outs[0] and outs[0].keys() == outs[3].keys()
-    assert all(outs[0][k] == outs[3][k] for k in outs[0])
+                         and not p.name.startswith(".lock")}
+    # Every file: images, labels, chunks, and the manifest (sample order), job, classes and
+    # split files, byte for byte.
+    assert outs[0].keys() == outs[3].keys()
+    assert {"job.json", "classes.json"} <= outs[0].keys()
+    assert any(k.endswith(".tar") if fmt == "webdataset" else k == "manifest.jsonl"
+               for k in outs[0])
+    assert [k for k in outs[0] if outs[0][k] != outs[3][k]] == []
     if fmt == "voc":  # the manifest in sample order, as inline
-        assert _manifest_indices(tmp_path / "w3") == _manifest_indices(tmp_path / "w0") \
-            == list(range(8))
+        assert _manifest_indices(tmp_path / "w3") == list(range(8))
 
 
 def test_write_pool_raises_the_first_failure_after_all_finish():
