@@ -326,6 +326,10 @@ class DeployRuntime:
                 self.runners[name] = _TrtRunner(self.folder / part["plan"], part)
         self.kernels = KernelLibrary(kernels) if kernels and runner == "tensorrt" else None
         p = get_preset(preset)
+        if p.mask.crf_iterations or p.mask.min_region_box or p.mask.normalize_at != "maps":
+            raise UserError(f"deploy runtime: preset {preset!r} refines its masks (dense CRF, "
+                            "small regions or normalising at image size), which the torch-free "
+                            "runtime does not do; run `attnseg synth --engine` for it")
         saved = manifest.get("harvest")
         self.harvest = HarvestConfig.from_record(saved) if saved else p.harvest
         self.mask = p.mask

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from .errors import UserError
 from .settings import check_value, field_type, unknown_keys_line
@@ -143,6 +143,7 @@ class HarvestConfig:
 
 # HarvestConfig settings that job files written before them lack (see `job_record`).
 LATER_SETTINGS = {"joint_softmax": "text", "transformer_depth": (0.0, 1.0), "heads": {}}
+MASK_LATER_SETTINGS = {"normalize_at": "maps"}
 
 
 def check_heads(heads) -> dict[str, tuple[int, ...]]:
@@ -178,11 +179,16 @@ class MaskConfig:
     ignore_low: float = 0.35
     ignore_high: float = 0.45
     upsample_mode: str = "bicubic"
+    # Where `normalize` runs: on the combined maps, before they are resized to the image
+    # ("maps": cheaper, the default), or on the image-size maps after the resize ("image":
+    # DAAM's order, whose bicubic overshoot then sets the min and max).
+    normalize_at: Literal["maps", "image"] = "maps"
     # Dense-CRF refinement (kernels.crf, pydensecrf's model): mean-field iterations (0: off);
     # appearance kernel weight, position and colour scales (in pixels of the image); smoothness
     # weight and position scale. Images with a side above crf_max_side are refined at that size
     # and the result resized back (the lattice CRF costs ~0.1-0.4 s per 512x512 iteration on
-    # one CPU core; a smaller side trades boundary detail for time).
+    # one CPU core; a smaller side trades boundary detail for time). These defaults are a
+    # lighter appearance kernel than the presets that cite a codebase use (CRF_PSA below).
     crf_iterations: int = 0
     crf_w_app: float = 4.0
     crf_sxy_app: float = 40.0
@@ -195,6 +201,16 @@ class MaskConfig:
     # and background holes inside the rest take their class (0: off). DiffuMask drops boxes
     # under 250 pixels of a 512x512 image: 250 / 512^2 = 0.00095.
     min_region_box: float = 0.0
+
+    def job_record(self) -> dict:
+        """The settings as a synthesis job records them (job.json, manifest lines); settings
+        added later (`MASK_LATER_SETTINGS`) only where they differ from their defaults, so a
+        dataset begun before they existed still resumes with the same bytes."""
+        record = asdict(self)
+        for name, default in MASK_LATER_SETTINGS.items():
+            if record[name] == default:
+                del record[name]
+        return record
 
     def validate(self) -> None:
         if self.normalize not in NORMALIZATIONS:
@@ -209,6 +225,14 @@ class MaskConfig:
             raise UserError("mask crf_sxy_app, crf_srgb and crf_sxy_smooth must be > 0")
         if not 0.0 <= self.min_region_box < 1.0:
             raise UserError("mask min_region_box must be a fraction of the image in [0, 1)")
+
+
+# The dense CRF of the codebases the diffumask and attn2mask presets cite: psa's
+# `crf_inference` (AffinityNet, the refinement DiffuMask's replicators run), as pydensecrf's
+# README example: a smoothness kernel of compat 3 and sxy 3, an appearance kernel of compat 10,
+# sxy 80, srgb 13, 10 mean-field iterations.
+CRF_PSA = {"crf_iterations": 10, "crf_w_app": 10.0, "crf_sxy_app": 80.0, "crf_srgb": 13.0,
+           "crf_w_smooth": 3.0, "crf_sxy_smooth": 3.0}
 
 
 @dataclass
@@ -264,21 +288,21 @@ def _preset_diffumask() -> Preset:
     # averaging a word's tokens, where the preset sums the tokens' columns first (one-token
     # words agree). Refinement: its public code refines with an AffinityNet trained on the
     # generated set (a second training stage, out of this tool's scope); the paper and its
-    # replicators use a dense CRF, which the preset runs (10 mean-field iterations, pydensecrf's
-    # common setting). Then its contour step (infer_aff.py): regions whose bounding box is
+    # replicators use a dense CRF, which the preset runs with psa's kernels (CRF_PSA). Then its
+    # contour step (infer_aff.py): regions whose bounding box is
     # under 250 pixels of the 512x512 image are dropped, the rest filled.
     return Preset(
         name="diffumask",
         source="DiffuMask (Wu et al., 2023), public code: per-resolution mean, bicubic to image, "
-        "/max, average over resolutions, constant background 0.45; dense CRF (10 iterations); "
+        "/max, average over resolutions, constant background 0.45; dense CRF (psa's kernels, 10 "
+        "iterations); "
         "regions with a bounding box under 250 px (of 512x512) dropped, holes filled.",
         harvest=HarvestConfig(
             strides=(8, 16, 32), stride_normalize="max", combine_stride=1,
             combine_mode="bicubic", stride_weights={8: 1 / 3, 16: 1 / 3, 32: 1 / 3},
         ),
         mask=MaskConfig(normalize="none", bg_const=0.45, ignore_low=1.0, ignore_high=1.0,
-                        upsample_mode="none", crf_iterations=10,
-                        min_region_box=250 / 512 ** 2),
+                        upsample_mode="none", min_region_box=250 / 512 ** 2, **CRF_PSA),
         steps=50, guidance=7.0,
     )
 
@@ -311,31 +335,32 @@ def _preset_daam() -> Preset:
     # except the 8x8 ones (factor 8: the mid block), summed over the steps per (layer, head)
     # at native resolution; each sum resized bicubically to the latent size (64x64 at 512:
     # stride 8) and clamped at 0 once; the mean over layers and heads; a word's tokens
-    # averaged; per-word min-max; threshold 0.4.
+    # averaged; then (heatmap.py, WordHeatMap.expand_as) each word's map resized bicubically to
+    # the image and min-max normalised there; threshold 0.4.
     return Preset(
         name="daam",
         source="DAAM (Tang et al., 2023): up+down blocks, per (layer, head) step-sums at "
         "native resolution, each bicubic to 64x64 and clamped >= 0, mean over layers and "
-        "heads; word tokens averaged; min-max; threshold 0.4.",
+        "heads; word tokens averaged; bicubic to the image, then min-max; threshold 0.4.",
         harvest=HarvestConfig(
             strides=(8, 16, 32, 64), blocks=("down", "up"), accumulate="per_head",
             accumulate_mode="bicubic", combine_stride=8, token_merge="mean",
         ),
         mask=MaskConfig(normalize="minmax", bg_const=0.4, ignore_low=1.0, ignore_high=1.0,
-                        upsample_mode="bicubic"),
+                        upsample_mode="bicubic", normalize_at="image"),
     )
 
 
 def _preset_attn2mask() -> Preset:
     # attn2mask as replicated by others: heat map at one step (50 of 100), min-max,
-    # background = 1 - max - 0.2, argmax, then a dense CRF on the image (10 iterations).
+    # background = 1 - max - 0.2, argmax, then a dense CRF on the image (CRF_PSA).
     return Preset(
         name="attn2mask",
         source="attn2mask (Yoshihashi et al.), as replicated publicly: one step (50/100), "
-        "min-max, background 1 - max - 0.2, argmax, dense CRF (10 iterations).",
+        "min-max, background 1 - max - 0.2, argmax, dense CRF (psa's kernels, 10 iterations).",
         harvest=HarvestConfig(strides=(8, 16, 32), step_window=(0.5, 0.5)),
         mask=MaskConfig(normalize="minmax", bg_const=0.8, bg_slope=-1.0, ignore_low=1.0,
-                        ignore_high=1.0, crf_iterations=10),
+                        ignore_high=1.0, **CRF_PSA),
         steps=100,
     )
 

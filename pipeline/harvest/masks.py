@@ -60,6 +60,8 @@ def masks_from_harvest(result: HarvestResult, class_ids: torch.Tensor, harvest: 
     if harvest.refine_power > 0:
         maps = refine_maps(maps, result.self_attention, harvest, result.image_size)
     size = result.image_size
+    if mask.normalize_at == "image" and tuple(maps.shape[-2:]) != tuple(size):
+        maps = resize(maps.float(), size, mask.upsample_mode)  # DAAM: resize, then normalise
     mode = "none" if tuple(maps.shape[-2:]) == tuple(size) else mask.upsample_mode
     if mode == "none" and tuple(maps.shape[-2:]) != tuple(size):
         raise ValueError("maps are not at image size and upsample_mode is 'none'")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +308,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
     job = {
         "model": cfg.model, "classes": cfg.classes,
         "class_names": [c.name for c in classes], "num_per_class": cfg.num_per_class,
-        "preset": cfg.preset, "harvest": preset.harvest.job_record(), "mask": asdict(preset.mask),
+        "preset": cfg.preset, "harvest": preset.harvest.job_record(),
+        "mask": preset.mask.job_record(),
         "prompts": cfg.prompts, "steps": steps, "guidance": guidance,
         "size": [cfg.height, cfg.width], "seed": cfg.seed, "dtype": str(dtype),
         "batch_size": cfg.batch_size, "format": cfg.format,

@@ -431,3 +431,44 @@ def test_crf_step_refines_labels_and_keeps_unsure_pixels(tiny_pipe, classes):
     assert not torch.equal(labels, plain)  # the CRF changed something
     with pytest.raises(ValueError, match="pass the images"):
         masks_from_harvest(cap.result, ids, preset.harvest, crf_mask)
+
+
+def test_daam_masks_follow_daams_order(tiny_pipe, classes):
+    """DAAM (heatmap.py, WordHeatMap.expand_as): each word's map is resized bicubically to the
+    image, then min-max normalised over it, then thresholded at 0.4. The preset's labels equal
+    that order exactly; normalising before the resize (attnseg's default order) does not."""
+    from attnseg.pipeline.harvest.masks import masks_from_harvest
+
+    preset = get_preset("daam")
+    weights, class_ids = class_weights(tiny_pipe, _specs(classes), preset.harvest.token_merge)
+    harvester = AttentionHarvester(tiny_pipe.unet, preset.harvest)
+    try:
+        with harvester.capture(weights, SIZE, num_steps=3) as cap:
+            _run(tiny_pipe, _latents(tiny_pipe), 3)
+    finally:
+        harvester.remove()
+    maps = combine_maps(cap.result, preset.harvest).float()  # [B, C, 16, 12] at stride 8
+    up = F.interpolate(maps, size=SIZE, mode="bicubic", align_corners=False)
+    lo = up.amin(dim=(2, 3), keepdim=True)
+    hi = up.amax(dim=(2, 3), keepdim=True)
+    heat = (up - lo) / (hi - lo + 1e-8)
+    best, idx = heat.max(dim=1)
+    ids = torch.gather(class_ids, 1, idx.flatten(1)).view_as(idx)
+    expected = torch.where(best > 0.4, ids, torch.zeros_like(ids)).to(torch.uint8)
+    labels, _ = masks_from_harvest(cap.result, class_ids, preset.harvest, preset.mask)
+    assert labels.shape == expected.shape
+    assert torch.equal(labels, expected), (labels != expected).float().mean().item()
+    # The order matters on this model: normalising the small maps first labels other pixels.
+    other, _ = masks_from_harvest(cap.result, class_ids, preset.harvest,
+                                  replace(preset.mask, normalize_at="maps"))
+    assert (other != expected).float().mean().item() > 0.01
+
+
+@pytest.mark.parametrize("name", ["diffumask", "attn2mask"])
+def test_crf_presets_use_the_kernels_of_the_code_they_cite(name):
+    """psa's `crf_inference` (pydensecrf's README example): addPairwiseGaussian(sxy=3,
+    compat=3), addPairwiseBilateral(sxy=80, srgb=13, compat=10), 10 iterations."""
+    mask = get_preset(name).mask
+    assert (mask.crf_iterations, mask.crf_w_smooth, mask.crf_sxy_smooth) == (10, 3.0, 3.0)
+    assert (mask.crf_w_app, mask.crf_sxy_app, mask.crf_srgb) == (10.0, 80.0, 13.0)
+    assert "psa's kernels" in get_preset(name).source
