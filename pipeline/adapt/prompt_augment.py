@@ -453,8 +453,13 @@ def _name_more_classes(picked: list[_Candidate], cls: ClassInfo, classes: list[C
     return out
 
 
+def prompt_file_bytes(records: list[dict]) -> bytes:
+    """Prompts JSONL, one record a line (the format `load_prompt_file` reads)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
 def write_prompt_file(path: str | Path, records: list[dict]) -> None:
-    """Write prompts JSONL atomically (the format `load_prompt_file` reads)."""
+    """Write prompts JSONL atomically (`prompt_file_bytes`)."""
     from ..files import atomic_write_bytes
 
     path = Path(path)
@@ -463,9 +468,8 @@ def write_prompt_file(path: str | Path, records: list[dict]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create folder {path.parent}: {e.strerror}") from None
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     try:
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, prompt_file_bytes(records))
     except OSError as e:
         raise UserError(f"cannot write prompts file {path}: {e.strerror}") from None
 

@@ -106,11 +106,24 @@ def write_demo_prompts(out: str, classes: str = "voc", num_per_class: int = 2,
     OUT/prompts.jsonl; returns its path and a line describing it with examples."""
     from pathlib import Path
 
-    from ..adapt.prompt_augment import PromptsConfig, build_prompt_set, write_prompt_file
+    from ..adapt.prompt_augment import (
+        PromptsConfig,
+        build_prompt_set,
+        prompt_file_bytes,
+        write_prompt_file,
+    )
 
     result = build_prompt_set(PromptsConfig(classes=classes, num_per_class=num_per_class,
                                             model=model))
     path = Path(out) / "prompts.jsonl"
+    if path.exists():  # a rerun of the same demo finds its own file; anything else is the user's
+        try:
+            ours = path.read_bytes() == prompt_file_bytes(result.records())
+        except OSError:
+            ours = False
+        if not ours:
+            raise UserError(f"{path} is not this demo's prompt set, and the demo does not "
+                            "overwrite it: give the demo another --out")
     write_prompt_file(path, result.records())
     replaced = [r for r in result.records() if r["source"] != "class word"]
     examples = "; ".join(f"{r['labels'][0]['class']} -> {r['prompt']!r}" for r in replaced[:3])

@@ -39,17 +39,33 @@ def manifest_name(shard: tuple[int, int]) -> str:
     return "manifest.jsonl" if n == 1 else f"manifest.shard-{i:05d}-of-{n:05d}.jsonl"
 
 
-def _complete_lines(data: bytes) -> list[dict]:
-    """The records of a manifest's complete lines (a torn last line is left out)."""
+def _complete_lines(data: bytes, path: Path) -> list[dict]:
+    """The records of a manifest's complete lines (a torn last line is left out, and cut off
+    by the writer that owns it). A damaged complete line is refused in one line naming it: it
+    is not the last line's torn write, so something else changed the file."""
     keep = data[: data.rfind(b"\n") + 1]
-    return [json.loads(line) for line in keep.decode().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(keep.split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode())
+        except ValueError:
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("index"), int)
+                and isinstance(rec.get("name"), str)):
+            raise UserError(f"{path}, line {number}: not a manifest record (the file was "
+                            "damaged); delete that line (its sample is then written again) and "
+                            "run the same command again")
+        records.append(rec)
+    return records
 
 
 def read_manifest_records(root: str | Path) -> list[dict]:
     """Every finished sample of a dataset folder, from all its manifests, in index order."""
     by_index = {}
     for path in sorted(Path(root).glob(_MANIFEST_GLOB)):
-        for rec in _complete_lines(path.read_bytes()):
+        for rec in _complete_lines(path.read_bytes(), path):
             by_index[rec["index"]] = rec
     return [by_index[i] for i in sorted(by_index)]
 

@@ -333,3 +333,19 @@ def test_synth_with_crf_refinement(tmp_path):
     assert job["mask"]["crf_iterations"] == 2
     _check_dataset(out, 20, set(range(1, 21)))
     assert main(["synth", "--out", str(tmp_path / "x"), "--set", "mask.crf_iterations=-1"]) == 2
+
+
+def test_demo_does_not_overwrite_a_users_prompt_file(tmp_path, capsys):
+    """`attnseg demo --out DIR` into a folder holding the user's own prompts.jsonl: refused in
+    one line before anything is written; the user's file is left as it was."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    mine = folder / "prompts.jsonl"
+    mine.write_text('{"prompt": "my own prompt about a dog", "labels": []}\n')
+    before = sorted(p.name for p in folder.iterdir())
+    capsys.readouterr()
+    assert main(["demo", "--model", "tiny", "--out", str(folder), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not this demo's prompt set" in err[0], err
+    assert mine.read_text() == '{"prompt": "my own prompt about a dog", "labels": []}\n'
+    assert sorted(p.name for p in folder.iterdir()) == before

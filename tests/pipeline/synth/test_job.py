@@ -290,3 +290,24 @@ def test_later_harvest_settings_keep_older_job_files_valid(tmp_path):
     changed = replace(h, joint_softmax="joint", transformer_depth=(0.5, 1.0))
     assert changed.job_record()["joint_softmax"] == "joint"
     assert changed.job_record()["transformer_depth"] == (0.5, 1.0)
+
+
+def test_a_damaged_manifest_line_is_one_line_and_the_rerun_completes(tmp_path, capsys):
+    """A garbage line in the middle of the manifest (not a torn last line: something else
+    changed the file) is refused naming the file and line; once it is deleted, the same command
+    writes that sample again and every sample is listed once."""
+    out = tmp_path / "ds"
+    assert main(["synth", *JOB, "--out", str(out)]) == 0
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    lines[2] = "garbage that is not JSON\n"
+    manifest.write_text("".join(lines))
+    capsys.readouterr()
+    assert main(["synth", *JOB, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{manifest}, line 3: not a manifest record" in err[0], err
+    manifest.write_text("".join(lines[:2] + lines[3:]))  # what the message says to do
+    assert main(["synth", *JOB, "--out", str(out)]) == 0
+    assert sorted(_manifest_indices(out)) == list(range(8))
+    names = (out / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert names == [f"{i:08d}" for i in range(8)]
