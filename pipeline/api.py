@@ -52,12 +52,14 @@ def generate_with_masks(pipe, prompts: list[str], classes: list[str] | dict[str,
     infos = [ClassInfo(i + 1, name, ws[0]) for i, (name, ws) in enumerate(words.items())]
     samples = []
     for i, text in enumerate(prompts):
-        labels = tuple((c, w) for c in infos
-                       for w in [next((w for w in words[c.name] if find_word(text, w) >= 0),
-                                      None)] if w is not None)
+        labels = []
+        for c in infos:  # each class by the first of its words the prompt holds
+            found = [w for w in words[c.name] if find_word(text, w) >= 0]
+            if found:
+                labels.append((c, found[0]))
         if not labels:
             raise UserError(f"prompt {text!r} names none of the classes {dict(words)}")
-        samples.append(Sample(i, PromptSpec(text, labels), sample_seed(seed, i)))
+        samples.append(Sample(i, PromptSpec(text, tuple(labels)), sample_seed(seed, i)))
     cfg = SynthConfig(preset=preset, overrides=overrides or {})
     check_image_size(pipe, height, width)
     synth = Synthesizer(pipe, cfg.resolve_preset(pipe.vae_scale_factor), height, width, steps,

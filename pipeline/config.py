@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import UserError
-from .settings import check_value, field_type, unknown_keys_line
+from .settings import check_value, config_from, field_type, unknown_keys_line
 
 BLOCKS = ("down", "mid", "up")
 # Where the UNet runs: eager torch, or an engine (attnseg.engines).
@@ -76,28 +76,15 @@ class HarvestConfig:
     refine_mode: str = "bicubic"
 
     def job_record(self) -> dict:
-        """The settings as a synthesis job records them (job.json). Settings added after job
-        files were first written (`LATER_SETTINGS`) appear only where they differ from their
-        defaults, so a dataset begun before they existed still resumes."""
-        record = asdict(self)
-        for name, default in LATER_SETTINGS.items():
-            if record[name] == default:
-                del record[name]
-        return record
+        """The settings as a synthesis job records them (job.json): `job_record`."""
+        return job_record(self, LATER_SETTINGS)
 
     @classmethod
     def from_record(cls, record: dict) -> HarvestConfig:
         """The settings from a JSON record of them (`job_record`, an engine's manifest)."""
-        values = {}
-        for k, v in record.items():
-            if k == "heads":
-                v = check_heads(v)
-            elif k == "stride_weights":
-                v = {int(a): float(b) for a, b in v.items()}
-            elif isinstance(v, list):
-                v = tuple(v)
-            values[k] = v
-        return cls(**values)
+        cfg = config_from(cls, record, "harvest")
+        cfg.heads = check_heads(cfg.heads)
+        return cfg
 
     def validate(self, latent_stride: int = 8) -> None:
         """Check the settings; strides are checked against the model's latent stride (its
@@ -144,6 +131,18 @@ class HarvestConfig:
 # HarvestConfig settings that job files written before them lack (see `job_record`).
 LATER_SETTINGS = {"joint_softmax": "text", "transformer_depth": (0.0, 1.0), "heads": {}}
 MASK_LATER_SETTINGS = {"normalize_at": "maps"}
+
+
+def job_record(settings, later: dict) -> dict:
+    """A settings dataclass as a synthesis job records it (job.json, manifest lines). Settings
+    added after job files were first written (`later`: name -> default) appear only where they
+    differ from their defaults, so a dataset begun before they existed still resumes with the
+    same bytes."""
+    record = asdict(settings)
+    for name, default in later.items():
+        if record[name] == default:
+            del record[name]
+    return record
 
 
 def check_heads(heads) -> dict[str, tuple[int, ...]]:
@@ -203,14 +202,8 @@ class MaskConfig:
     min_region_box: float = 0.0
 
     def job_record(self) -> dict:
-        """The settings as a synthesis job records them (job.json, manifest lines); settings
-        added later (`MASK_LATER_SETTINGS`) only where they differ from their defaults, so a
-        dataset begun before they existed still resumes with the same bytes."""
-        record = asdict(self)
-        for name, default in MASK_LATER_SETTINGS.items():
-            if record[name] == default:
-                del record[name]
-        return record
+        """The settings as a synthesis job records them (job.json, manifest lines)."""
+        return job_record(self, MASK_LATER_SETTINGS)
 
     def validate(self) -> None:
         if self.normalize not in NORMALIZATIONS:

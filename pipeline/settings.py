@@ -163,28 +163,20 @@ def _convert(tp, value, key: str):
         if isinstance(value, (str, Path)):
             return Path(value)
         raise _Mismatch
-    if tp in (tuple, list):  # unparametrised: any sequence
+    sequence = origin or tp
+    if sequence in (tuple, list):  # JSON has lists only: either is taken for either
         if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        return tp(value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, key) for v in value)
-        if args and len(value) != len(args):
-            raise _Mismatch
-        return tuple(_convert(a, v, key) for a, v in zip(args, value, strict=True)) if args else \
-            tuple(value)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _Mismatch
-        return [_convert(args[0], v, key) for v in value] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
             raise _Mismatch
         if not args:
-            return dict(value)
+            return sequence(value)
+        if sequence is tuple and not (len(args) == 2 and args[1] is Ellipsis):  # fixed length
+            if len(value) != len(args):
+                raise _Mismatch
+            return tuple(_convert(a, v, key) for a, v in zip(args, value, strict=True))
+        return sequence(_convert(args[0], v, key) for v in value)
+    if origin is dict:  # dict[K, V] (a bare dict is checked as any class below)
+        if not isinstance(value, dict):
+            raise _Mismatch
         key_tp, value_tp = args
         return {_dict_key(key_tp, k, key): _convert(value_tp, v, key)
                 for k, v in value.items()}
