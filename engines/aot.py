@@ -202,23 +202,41 @@ def trim_entry_params(ptx: str, name: str, keep: int) -> str:
 PLUGIN_PARAMS = 10
 
 
+def plugin_constants(dtype: str, scale: float, l_tokens: int, head_dim: int,
+                     block_c: int) -> tuple[dict, dict]:
+    """(signature of the runtime arguments, compile-time constants) of
+    `class_attention_maps_plugin` for these shapes: the tiles and kernel (one key tile or the
+    two sweeps) that the launcher in attnseg.kernels picks, at most its widest class tile,
+    and how many such tiles `block_c` classes take (the kernel refuses none: the export caps
+    the class count at `block_c`)."""
+    import torch
+
+    from ..kernels.class_attention import TRITON_MAX_BLOCK_C, attn_tiles
+
+    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    long_text, blocks = attn_tiles(l_tokens, head_dim, min(block_c, TRITON_MAX_BLOCK_C), tdt)
+    if long_text and not blocks["F32_DOT"]:
+        # Inside this wrapper ptxas keeps the two sweeps' half-precision tiles to 128 registers
+        # and spilled 40-48 bytes with 64 rows and 16 classes or 32 rows and 32 classes
+        # (sm_80, sm_90): half the rows there.
+        blocks["BLOCK_N"] = min(blocks["BLOCK_N"], 32 if blocks["BLOCK_C"] <= 16 else 16)
+    sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "tw_ptr": "*fp32", "B": "i32",
+           "N": "i32", "L": "i32", "D": "i32", "C": "i32", "H": "i32", "dst_ptr": "*fp32"}
+    tiles = -(-block_c // blocks["BLOCK_C"])
+    return sig, {"SCALE": float(scale), **blocks, "LONG": long_text, "CLASS_TILES": tiles}
+
+
 def plugin_ptx(dtype: str, scale: float, l_tokens: int, head_dim: int, block_c: int,
                arch: int) -> tuple[str, str, int, int, int]:
     """PTX of `class_attention_maps_plugin` for TensorRT: (kernel name, ptx, threads per
     block, shared memory bytes, BLOCK_N). Its parameters are exactly TensorRT's AOT-plugin
     convention (see `trim_entry_params`)."""
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from ..kernels.class_attention import attn_blocks
     from . import triton_kernels as tk
 
-    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    blocks = attn_blocks(l_tokens, head_dim, block_c, tdt)
-    sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "tw_ptr": "*fp32", "B": "i32",
-           "N": "i32", "L": "i32", "D": "i32", "C": "i32", "H": "i32", "dst_ptr": "*fp32"}
-    constexprs = {"SCALE": float(scale), **blocks}
+    sig, constexprs = plugin_constants(dtype, scale, l_tokens, head_dim, block_c)
     sig.update({k: "constexpr" for k in constexprs})
     src = triton.compiler.ASTSource(fn=tk.class_attention_maps_plugin, signature=sig,
                                     constexprs=constexprs)
@@ -234,7 +252,7 @@ def plugin_ptx(dtype: str, scale: float, l_tokens: int, head_dim: int, block_c: 
                                "AOT plugin cannot provide")
     ptx = trim_entry_params(compiled.asm["ptx"], name, PLUGIN_PARAMS)
     return (name, ptx, compiled.metadata.num_warps * 32, compiled.metadata.shared,
-            blocks["BLOCK_N"])
+            constexprs["BLOCK_N"])
 
 
 if __name__ == "__main__":

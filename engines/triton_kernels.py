@@ -16,7 +16,7 @@ This file is executed standalone by `triton.tools.compile`, hence absolute impor
 import triton
 import triton.language as tl
 
-from attnseg.kernels.class_attention import class_attn_kernel
+from attnseg.kernels.class_attention import class_attn_kernel, class_attn_long_kernel
 from attnseg.kernels.finalize import finalize_kernel
 
 
@@ -27,20 +27,43 @@ def class_attention_maps_aot(q_ptr, k_ptr, tw_ptr, dst_ptr, B, N, L, D, C, H, sc
                              F32_DOT: tl.constexpr):
     # dst[b, c, n] = sum_l mean_h softmax(scale q k^T)[b, h, n, l] * tw[b, l, c]; grid (B, N/BN)
     scale = scale_bits.to(tl.float32, bitcast=True)
-    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, H, H * N * D, N * D, D,
+    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, 0, H, H, H * N * D, N * D, D,
                        H * L * D, L * D, D, scale, 1.0, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
                        F32_DOT, False, False)
+
+
+@triton.jit
+def _plugin_class_tile(q_ptr, k_ptr, tw_ptr, N, L, D, C, c0, H, dst_ptr, SCALE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr, LONG: tl.constexpr):
+    if LONG:
+        class_attn_long_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, c0, H, H, H * N * D,
+                               N * D, D, H * L * D, L * D, D, SCALE, 1.0, BLOCK_N, BLOCK_L,
+                               BLOCK_D, BLOCK_C, F32_DOT, False, False)
+    else:
+        class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, c0, H, H, H * N * D, N * D,
+                          D, H * L * D, L * D, D, SCALE, 1.0, BLOCK_N, BLOCK_L, BLOCK_D,
+                          BLOCK_C, F32_DOT, False, False)
 
 
 @triton.jit
 def class_attention_maps_plugin(q_ptr, k_ptr, tw_ptr, B, N, L, D, C, H, dst_ptr,
                                 SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr):
-    # The same maps in TensorRT's AOT-plugin calling convention (contiguous q and k).
-    class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, H, H * N * D, N * D, D,
-                       H * L * D, L * D, D, SCALE, 1.0, BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C,
-                       F32_DOT, False, False)
+                                BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr,
+                                LONG: tl.constexpr, CLASS_TILES: tl.constexpr):
+    # The same maps in TensorRT's AOT-plugin calling convention (contiguous q and k), with the
+    # launcher's choices made at compile time: the two key sweeps for long text (LONG), and
+    # more classes than one tile holds in BLOCK_C-wide tiles, the softmax recomputed per tile
+    # (CLASS_TILES > 1: the export's class count is above the widest tile). A loop around one
+    # tile would hold more registers (ptxas: 4 spilled bytes at 16 keys), so one tile has none.
+    if CLASS_TILES == 1:
+        _plugin_class_tile(q_ptr, k_ptr, tw_ptr, N, L, D, C, 0, H, dst_ptr, SCALE, BLOCK_N,
+                           BLOCK_L, BLOCK_D, BLOCK_C, F32_DOT, LONG)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            _plugin_class_tile(q_ptr, k_ptr, tw_ptr, N, L, D, C, c0, H, dst_ptr, SCALE,
+                               BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C, F32_DOT, LONG)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ _TRITON_MAX_SIDE = 128
 TRITON_MAX_KEYS = 128
 # Widest class tile of both attention kernels; the launcher runs more classes in launches of
 # this many (each computes the softmax again).
-_TRITON_MAX_BLOCK_C = 64
+TRITON_MAX_BLOCK_C = 64
 # Warps per program of the triton kernels. With 4, most tile sets spill registers at sm_80 and
 # sm_90; with 8 the tiles `attn_tiles` and `resize_blocks` pick do not (ptxas -v, asserted in
 # tests/kernels/test_class_attention.py).
@@ -380,21 +380,22 @@ if _tr is not None:
             tl.store(dst, m, mask=mask)
 
     @triton.jit
-    def class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, HPG, sq_b, sq_h, sq_n,
-                           sk_b, sk_h, sk_l, scale, weight, BLOCK_N: tl.constexpr,
+    def class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, C0, H, HPG, sq_b, sq_h,
+                           sq_n, sk_b, sk_h, sk_l, scale, weight, BLOCK_N: tl.constexpr,
                            BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                            F32_DOT: tl.constexpr, DIRECT: tl.constexpr, CLAMP: tl.constexpr):
-        # One program: one sample b, BLOCK_N query rows, the HPG heads of head group g, all
-        # classes. q and k are read through their strides (the head dim must be contiguous):
-        # the projections' [B, N, H*D] views need no copy. The head dim is walked in BLOCK_D
-        # chunks (one chunk for D <= BLOCK_D). With several head groups (grid axis 2), each
-        # stores its partial maps at dst[g] and the launcher sums them in a fixed order.
+        # One program: one sample b, BLOCK_N query rows, the HPG heads of head group g, the
+        # classes C0 .. C0 + BLOCK_C (of C). q and k are read through their strides (the head
+        # dim must be contiguous): the projections' [B, N, H*D] views need no copy. The head
+        # dim is walked in BLOCK_D chunks (one chunk for D <= BLOCK_D). With several head
+        # groups (grid axis 2), each stores its partial maps at dst[g] and the launcher sums
+        # them in a fixed order.
         b = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_l = tl.arange(0, BLOCK_L)
-        offs_c = tl.arange(0, BLOCK_C)
+        offs_c = C0 + tl.arange(0, BLOCK_C)
         mask_n = offs_n < N
         mask_l = offs_l < L
         mask_c = offs_c < C
@@ -415,8 +416,9 @@ if _tr is not None:
                     CLAMP)
 
     @triton.jit
-    def class_attn_long_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, H, HPG, sq_b, sq_h,
-                               sq_n, sk_b, sk_h, sk_l, scale, weight, BLOCK_N: tl.constexpr,
+    def class_attn_long_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, C0, H, HPG, sq_b,
+                               sq_h, sq_n, sk_b, sk_h, sk_l, scale, weight,
+                               BLOCK_N: tl.constexpr,
                                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr,
                                DIRECT: tl.constexpr, CLAMP: tl.constexpr):
@@ -430,7 +432,7 @@ if _tr is not None:
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_c = tl.arange(0, BLOCK_C)
+        offs_c = C0 + tl.arange(0, BLOCK_C)
         mask_n = offs_n < N
         mask_c = offs_c < C
         acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
@@ -500,7 +502,7 @@ def attn_blocks(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> dict:
 
     The score and probability tiles grow with BLOCK_N x BLOCK_L and the class tile with
     BLOCK_N x BLOCK_C, so BLOCK_N shrinks as the class tile grows (the launcher passes at most
-    ``_TRITON_MAX_BLOCK_C`` classes: it runs more in launches of that many). A 64-wide D chunk
+    ``TRITON_MAX_BLOCK_C`` classes: it runs more in launches of that many). A 64-wide D chunk
     alone pushed the fp16 kernel to 255 registers and spills, 32 does not.
     """
     # fp16/bf16 scores use the tensor cores directly. fp32 inputs need exact-fp32 (FMA) dots;
@@ -542,7 +544,7 @@ def attn_blocks_long(d: int, c: int, dtype: torch.dtype) -> dict:
 
 
 def attn_tiles(l_tokens: int, d: int, c: int, dtype: torch.dtype) -> tuple[bool, dict]:
-    """``(long, tiles)``: whether the launcher runs these shapes (at most ``_TRITON_MAX_BLOCK_C``
+    """``(long, tiles)``: whether the launcher runs these shapes (at most ``TRITON_MAX_BLOCK_C``
     classes: it launches more in tiles of that many) with `class_attn_long_kernel` rather than
     `class_attn_kernel`, and that kernel's tiles.
 
@@ -600,18 +602,6 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     if _tr is None:
         raise RuntimeError("triton is not available")
     b, heads, n, d, l_tokens, c, h, w = _check_args(q, k, token_weights, out, hw, mode)
-    if c > _TRITON_MAX_BLOCK_C:
-        # More classes than the widest class tile: a launch per tile of classes (each one
-        # computes the softmax again), so that no tile wider than the ones checked is built.
-        for c0 in range(0, c, _TRITON_MAX_BLOCK_C):
-            part = out[:, c0:c0 + _TRITON_MAX_BLOCK_C]
-            acc = part if part.is_contiguous() else part.contiguous()
-            accumulate_class_attention_triton(
-                q, k, token_weights[:, :, c0:c0 + _TRITON_MAX_BLOCK_C], acc, hw=hw,
-                scale=scale, weight=weight, mode=mode, clamp=clamp, groups=groups)
-            if acc is not part:
-                part.copy_(acc)
-        return out
     out_h, out_w = out.shape[2], out.shape[3]
     if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         q, k = q.float(), k.float()
@@ -620,7 +610,10 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     if k.stride(-1) != 1:
         k = k.contiguous()
     tw = token_weights.to(device=q.device, dtype=torch.float32).contiguous()
-    long_text, blocks = attn_tiles(l_tokens, d, c, q.dtype)
+    # More classes than the widest class tile: a launch per tile of classes (each computes
+    # the softmax again), so that no tile wider than the ones checked is built.
+    c_tile = min(c, TRITON_MAX_BLOCK_C)
+    long_text, blocks = attn_tiles(l_tokens, d, c_tile, q.dtype)
     tiles = triton.cdiv(n, blocks["BLOCK_N"])
     groups = groups or head_groups(b * tiles, heads, q.device)
     per_group = -(-heads // groups)
@@ -633,12 +626,14 @@ def accumulate_class_attention_triton(q, k, token_weights, out, *, hw, scale, we
     else:
         dst = torch.empty((groups, b, c, h, w), device=q.device, dtype=torch.float32)
     kernel = class_attn_long_kernel if long_text else class_attn_kernel
-    # CLAMP only acts with DIRECT (else it is applied after the combine or the resize): one
-    # specialisation less to compile.
-    kernel[(b, tiles, groups)](
-        q, k, tw, dst, n, l_tokens, d, c, heads, per_group, q.stride(0), q.stride(1),
-        q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(scale), float(weight),
-        DIRECT=direct, CLAMP=direct and bool(clamp), num_warps=_TRITON_NUM_WARPS, **blocks)
+    for c0 in range(0, c, c_tile):
+        # CLAMP only acts with DIRECT (else it is applied after the combine or the resize):
+        # one specialisation less to compile.
+        kernel[(b, tiles, groups)](
+            q, k, tw, dst, n, l_tokens, d, c, c0, heads, per_group, q.stride(0), q.stride(1),
+            q.stride(2), k.stride(0), k.stride(1), k.stride(2), float(scale), float(weight),
+            DIRECT=direct, CLAMP=direct and bool(clamp), num_warps=_TRITON_NUM_WARPS,
+            **blocks)
     if groups > 1:
         dst = dst.sum(dim=0)  # a fixed order: the same bits every run
         if mode == "none":

@@ -162,6 +162,9 @@ def dense_crf_numba(probs, image, *, iterations=5, w_app=4.0, sxy_app=40.0, srgb
 # --------------------------------------------------------------------------------------------
 
 _tr = triton_modules()
+# Widest channel tile of the exact messages kernel: a 128-wide tile spilled registers at sm_80
+# and sm_90 (ptxas -v), so 65 channels and more are walked in tiles of 64.
+CRF_MAX_BLOCK_C = 64
 
 if _tr is not None:
     triton, tl = _tr
@@ -170,11 +173,12 @@ if _tr is not None:
     def crf_messages_kernel(app_ptr, smooth_ptr, src_a_ptr, src_s_ptr, out_a_ptr, out_s_ptr, N,
                             C, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                             BLOCK_C: tl.constexpr):
-        # One program: one image b, BLOCK_I pixels i; walks every pixel j in BLOCK_J tiles.
-        # Features are padded to 8 (appearance: 5 used) and 2 (smoothness) columns.
+        # One program: one image b, BLOCK_I pixels i, BLOCK_C channels (grid axis 2 walks
+        # wider channel counts in tiles); walks every pixel j in BLOCK_J tiles. Features are
+        # padded to 8 (appearance: 5 used) and 2 (smoothness) columns.
         b = tl.program_id(0)
         offs_i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        offs_c = tl.arange(0, BLOCK_C)
+        offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         offs_f = tl.arange(0, 8)
         mask_i = offs_i < N
         mask_c = offs_c < C
@@ -240,9 +244,11 @@ def dense_crf_triton(probs, image, *, iterations=5, w_app=4.0, sxy_app=40.0, srg
         cc = src_a.shape[2]
         out_a = torch.empty((b, n, cc), dtype=torch.float32, device=probs.device)
         out_s = torch.empty_like(out_a)
-        crf_messages_kernel[(b, triton.cdiv(n, block_i))](
+        # Channel tiles up to CRF_MAX_BLOCK_C wide; each recomputes the pixel kernel tiles.
+        block_c = min(CRF_MAX_BLOCK_C, max(16, 1 << (cc - 1).bit_length()))
+        crf_messages_kernel[(b, triton.cdiv(n, block_i), triton.cdiv(cc, block_c))](
             app8, smooth8, src_a, src_s, out_a, out_s, n, cc, BLOCK_I=block_i,
-            BLOCK_J=block_j, BLOCK_C=max(16, 1 << (cc - 1).bit_length()), num_warps=4)
+            BLOCK_J=block_j, BLOCK_C=block_c, num_warps=4)
         return out_a, out_s
 
     q = _mean_field(unary, messages, iterations, w_app, w_smooth)

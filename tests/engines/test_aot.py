@@ -37,9 +37,8 @@ def _inputs(dtype, b=2, heads=2, n=24, l_tokens=77, d=40, c=3, seed=0):
 
 
 @needs_triton
-@pytest.mark.parametrize("entry", ["aot", "plugin"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_class_attention_entry_points_match_reference(entry, dtype):
+def test_aot_class_attention_entry_point_matches_reference(dtype):
     from attnseg.engines import triton_kernels as tk
 
     b, heads, n, d, c = 2, 2, 24, 40, 3
@@ -51,12 +50,40 @@ def test_class_attention_entry_points_match_reference(entry, dtype):
     blocks = attn_blocks(77, d, 16, dtype)
     blocks["BLOCK_C"] = 16
     grid = (b, -(-n // blocks["BLOCK_N"]))
-    if entry == "aot":
-        tk.class_attention_maps_aot[grid](q, k, tw, out, b, n, 77, d, c, heads, _bits(scale),
-                                          num_warps=8, **blocks)
-    else:
-        tk.class_attention_maps_plugin[grid](q, k, tw, b, n, 77, d, c, heads, out,
-                                             SCALE=scale, num_warps=8, **blocks)
+    tk.class_attention_maps_aot[grid](q, k, tw, out, b, n, 77, d, c, heads, _bits(scale),
+                                      num_warps=8, **blocks)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(out.view(b, c, 4, 6), ref, atol=tol, rtol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,l_tokens,c,long_text", [
+    (torch.float32, 77, 3, False),
+    (torch.float16, 77, 3, False),
+    (torch.float16, 154, 3, True),   # past one key tile: the two sweeps
+    (torch.float32, 77, 70, True),   # exact-fp32 dots with more than 32 classes: two sweeps
+    (torch.float16, 40, 70, False),  # more classes than the widest class tile: two tiles
+])
+def test_plugin_entry_point_matches_reference(dtype, l_tokens, c, long_text):
+    """The TensorRT plugin's kernel, compiled with the constants `plugin_constants` picks
+    (the launcher's tiles and kernel), gives the reference maps: one key tile or the two
+    sweeps, one class tile or several."""
+    from attnseg.engines import triton_kernels as tk
+    from attnseg.engines.aot import plugin_constants
+
+    b, heads, n, d = 1, 2, 24, 40
+    q, k, tw = _inputs(dtype, b, heads, n, l_tokens, d, c)
+    scale = d ** -0.5
+    ref = torch.zeros(b, c, 4, 6, device=DEVICE)
+    accumulate_class_attention_ref(q, k, tw, ref, hw=(4, 6), scale=scale)
+    block_c = max(16, 1 << (c - 1).bit_length())  # as the export sets it
+    dtype_name = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+    _, consts = plugin_constants(dtype_name, scale, l_tokens, d, block_c)
+    assert consts["LONG"] is long_text and consts["BLOCK_C"] <= 64
+    out = torch.full((b, c, n), float("nan"), device=DEVICE)
+    grid = (b, -(-n // consts["BLOCK_N"]))
+    tk.class_attention_maps_plugin[grid](q, k, tw, b, n, l_tokens, d, c, heads, out,
+                                         num_warps=8, **consts)
     tol = 1e-5 if dtype == torch.float32 else 1e-4
     torch.testing.assert_close(out.view(b, c, 4, 6), ref, atol=tol, rtol=tol)
 

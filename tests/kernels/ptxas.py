@@ -3,10 +3,11 @@
 `shipped_launches()` calls the launchers themselves (class attention with its resize, finalize,
 the exact CRF) over the shapes of the model families, each kernel replaced by a recorder: every
 (kernel, argument types, compile-time constants, warps) a launcher would compile on a GPU is one
-`Launch`, so a tile a launcher newly picks is covered without a hand-kept list. `ptxas_reports`
-compiles launches for sm_80/sm_90 in a fresh interpreter (no TRITON_INTERPRET, no GPU needed)
-and returns what ptxas -v reports for each cubin (registers, spill bytes) and the MMA
-instructions of its PTX.
+`Launch`, so a tile a launcher newly picks is covered without a hand-kept list. The TensorRT
+plugin's kernel is added with the constants its PTX is built with (`plugin_launches`).
+`ptxas_reports` compiles launches for sm_80/sm_90 in a fresh interpreter (no TRITON_INTERPRET,
+no GPU needed) and returns what ptxas -v reports for each cubin (registers, spill bytes) and
+the MMA instructions of its PTX.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ HEAD_DIMS = (40, 64, 72, 80, 128, 160)
 CLASSES = (1, 20, 40, 100)
 MAP_WIDTHS = (8, 16, 32, 64, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The exact CRF's channels: background plus up to 63 classes (its class tile is the channel
-# count's next power of two; 65 channels and more take a 128 tile, which spills: not shipped
-# as spill-free, see kernels/crf.py).
-CRF_CHANNELS = (2, 21, 64)
+# The exact CRF's channels: its channel tile is the count's next power of two, at most 64 (more
+# channels are walked in tiles of 64: 100 checks that).
+CRF_CHANNELS = (2, 21, 64, 100)
 FINALIZE_MODES = ("nearest", "bilinear", "bicubic")
 
 ARCHS = (80, 90)
@@ -164,7 +164,28 @@ def shipped_launches() -> tuple[Launch, ...]:
         for channels in CRF_CHANNELS:
             crf.dense_crf_triton(torch.full((1, channels, 4, 4), 1.0 / channels),
                                  torch.zeros(1, 3, 4, 4), iterations=1)
+        sink.extend(plugin_launches())
     return tuple(dict.fromkeys(sink))  # distinct, in first-seen order
+
+
+def plugin_launches() -> list[Launch]:
+    """The TensorRT plugin's kernel as `engines.aot.plugin_ptx` compiles it for the model
+    families' shapes: its export passes the key length, the head dim and a class tile of the
+    class count's next power of two (16 at least). Scores are scaled by a compile-time
+    constant there; one value stands for every head dim (it changes no tile)."""
+    from attnseg.engines.aot import NUM_WARPS, plugin_constants
+
+    launches = []
+    for dtype in DTYPES:
+        for l_tokens in KEY_LENGTHS:
+            for d in HEAD_DIMS:
+                for c in CLASSES:
+                    block_c = max(16, 1 << (c - 1).bit_length())
+                    sig, consts = plugin_constants(_TYPES[dtype], 0.125, l_tokens, d, block_c)
+                    launches.append(Launch("attnseg.engines.triton_kernels",
+                                           "class_attention_maps_plugin", tuple(sig.items()),
+                                           tuple(consts.items()), NUM_WARPS))
+    return launches
 
 
 # Exit status of the compile script when this machine cannot compile for NVIDIA GPUs.

@@ -281,7 +281,7 @@ def test_aot_compile_for_hopper(aot_compile):
     out = aot_compile("""
         from attnseg.kernels import class_attention as ca
         attn_sig = {"q_ptr": "*fp16", "k_ptr": "*fp16", "tw_ptr": "*fp32", "dst_ptr": "*fp32",
-                    "N": "i32", "L": "i32", "D": "i32", "C": "i32", "H": "i32",
+                    "N": "i32", "L": "i32", "D": "i32", "C": "i32", "C0": "i32", "H": "i32",
                     "HPG": "i32", "sq_b": "i32", "sq_h": "i32", "sq_n": "i32", "sk_b": "i32",
                     "sk_h": "i32", "sk_l": "i32", "scale": "fp32", "weight": "fp32"}
         import torch
@@ -300,9 +300,11 @@ def test_aot_compile_for_hopper(aot_compile):
 # Every tile the launchers ship (derived by calling them: see tests/kernels/ptxas.py).
 SHIPPED = ptxas.shipped_launches()
 _ATTENTION = ("class_attn_kernel", "class_attn_long_kernel")
-# The attention launches whose scores take the tensor cores on a GPU.
+# The attention launches (the TensorRT plugin's included) whose scores take the tensor cores on
+# a GPU.
 HALF_PRECISION = [launch for launch in SHIPPED
-                  if launch.kernel in _ATTENTION and launch.dtype in ("fp16", "bf16")]
+                  if launch.kernel in (*_ATTENTION, "class_attention_maps_plugin")
+                  and launch.dtype in ("fp16", "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +327,7 @@ def test_shipped_tiles_are_the_documented_ones():
 
     kernels = {launch.kernel for launch in SHIPPED}
     assert kernels == {*_ATTENTION, "_resize_acc_kernel", "finalize_kernel",
-                       "crf_messages_kernel"}
+                       "crf_messages_kernel", "class_attention_maps_plugin"}
     for launch in SHIPPED:
         consts = dict(launch.constexprs)
         if launch.kernel == "class_attn_kernel":  # 129+ keys go to the two sweeps
@@ -333,9 +335,10 @@ def test_shipped_tiles_are_the_documented_ones():
             # and so do exact-fp32 dots with 65-128 keys and more than 32 classes
             assert not (consts["F32_DOT"] and consts["BLOCK_L"] > 64 and consts["BLOCK_C"] > 32)
         if launch.kernel in _ATTENTION:
-            assert consts["BLOCK_C"] <= ca._TRITON_MAX_BLOCK_C
-            assert consts["F32_DOT"] == (launch.dtype == "fp32")  # bf16: tensor cores
             assert consts["CLAMP"] <= consts["DIRECT"]
+        if launch.kernel in (*_ATTENTION, "class_attention_maps_plugin"):
+            assert consts["BLOCK_C"] <= ca.TRITON_MAX_BLOCK_C
+            assert consts["F32_DOT"] == (launch.dtype == "fp32")  # bf16: tensor cores
         assert launch.num_warps == (4 if launch.kernel in ("finalize_kernel",
                                                            "crf_messages_kernel") else 8)
 
