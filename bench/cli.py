@@ -6,6 +6,10 @@ import sys
 
 from attnseg.pipeline import cli_args
 
+# `bench gpu`'s phases, for its help (bench/gpu.py's PHASES; it imports torch, this module must
+# not: tests/bench/test_gpu.py checks that the two agree).
+GPU_PHASES = ("kernels", "parity", "kbench", "compile", "throughput", "families", "toy")
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
@@ -96,7 +100,13 @@ def quality_config_from_args(args):
     """QualityConfig from `--config` (JSON/TOML; sections `real` and `train`), then flags."""
     from attnseg.pipeline.errors import UserError
     from attnseg.pipeline.harvest.real_images import RealImageConfig
-    from attnseg.pipeline.settings import apply_set, check_value, config_from, config_values
+    from attnseg.pipeline.settings import (
+        apply_set,
+        check_value,
+        config_from,
+        config_values,
+        unknown_keys_line,
+    )
 
     from .quality import QualityConfig
 
@@ -112,7 +122,8 @@ def quality_config_from_args(args):
     apply_set(sets, args.set, sections_only=True)
     unknown = sorted(set(sets) - {"real", "train"})
     if unknown:
-        raise UserError(f"--set sections are real and train, not {unknown}")
+        raise UserError(unknown_keys_line(unknown, ("real", "train"), "bench quality",
+                                          "section"))
     real.update(sets.get("real", {}))
     train = dict(check_value(dict, values.get("train") or {}, "quality", "train"))
     for key, value in sets.get("train", {}).items():  # train.loss.name=ce -> {"loss": {...}}
@@ -157,8 +168,9 @@ def cmd_toy(args) -> int:
 def cmd_writing(args) -> int:
     from .writing import WritingBenchConfig, run_writing_bench
 
+    values = {"progress": False} if args.no_progress else {}
     cfg = bench_config(WritingBenchConfig, args, ("model", "device", "dtype", "out"),
-                       "bench writing")
+                       "bench writing", values)
     report = run_writing_bench(cfg)
     print(open(report["files"][1]).read(), end="")
     print(f"results: {', '.join(report['files'])}")
@@ -169,8 +181,8 @@ def cmd_gpu(args) -> int:
     from .gpu import GpuProofConfig, run_gpu_proof
 
     values: dict = {}
-    if args.steps:
-        values["steps"] = tuple(x.strip() for x in args.steps.split(",") if x.strip())
+    if args.phases:
+        values["phases"] = tuple(x.strip() for x in args.phases.split(",") if x.strip())
     if args.smoke:
         values["smoke"] = True
     cfg = bench_config(GpuProofConfig, args, ("out",), "bench gpu", values)
@@ -183,18 +195,19 @@ def cmd_gpu(args) -> int:
 
 def register(sub) -> None:
     """Add `attnseg bench` and its subcommands."""
-    bench = sub.add_parser("bench", help="benchmarks: throughput (speed, memory), quality "
-                           "(pseudo-mask and downstream mIoU)")
+    bench = sub.add_parser("bench", help="benchmarks (named below, once they are added)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("throughput", help="generation speed/memory: stock vs harvesting vs "
-                        "store-every-map, per component, batch sizes swept")
+                        "store-every-map, per component, batch sizes swept",
+                        description="Time generation three ways (stock, harvesting the maps, "
+                        "storing every map) on each --backend and --batch-size, runs "
+                        "interleaved, per component, with peak memory; writes OUT.json, OUT.md "
+                        "and a plot.")
     cli_args.add_config(p, "throughput")
     cli_args.add_set(p, "repeats=5")
     cli_args.add_model(p)
-    p.add_argument("--backend",
-                   help="where the UNet runs: torch, compile, onnxruntime, tensorrt, or a comma "
-                   "list of them (default: torch); engine backends run the harvest variant "
-                   "against the torch stock baseline; compile uses CUDA graphs on a GPU")
+    cli_args.add_backend(p, several=True, extra="engine backends run the harvest variant "
+                         "against the torch stock baseline; compile uses CUDA graphs on a GPU")
     p.add_argument("--batch-size",
                    help="images per generation call, or a comma list to sweep (default: 1,2)")
     cli_args.add_size(p)
@@ -213,10 +226,13 @@ def register(sub) -> None:
 
     q = bsub.add_parser(
         "quality", help="pseudo-mask mIoU against a labelled set, downstream mIoU after "
-        "training on the generated data, and throughput, in one report")
+        "training on the generated data, and throughput, in one report",
+        description="Generate a small dataset, score its pseudo-masks (against --pseudo-gt, and "
+        "the real-image labeller's against --labelled), train a segmenter on it and score that "
+        "on --labelled, and measure throughput: one report, OUT.json and OUT.md.")
     cli_args.add_config(q, "quality", sections="real, train")
     cli_args.add_model(q)
-    q.add_argument("--classes", help="class set or class file (default: voc)")
+    cli_args.add_classes(q)
     q.add_argument("--preset", help="harvesting recipe (default: attnseg)")
     q.add_argument("--num-per-class", type=int, help="images generated per class (default: 2)")
     q.add_argument("--steps", type=int, help="denoising steps (default: the preset's, else 20)")
@@ -238,8 +254,9 @@ def register(sub) -> None:
     q.add_argument("--train-steps", type=int, help="downstream training steps, 0 for none "
                    "(default: 200)")
     q.add_argument("--train-model", help="segmenter to train (default: segformer-b0)")
-    cli_args.add_set(q, "real.noise_levels=[0.3] --set train.loss.name=ce --set train.batch_size=4 "
-            "(the real-image labeller's or the downstream training's)", "SECTION.KEY=VALUE")
+    cli_args.add_set(q, "real.noise_levels=[0.3] --set train.loss.name=ce --set "
+                     "train.batch_size=4", sections="real (the real-image labeller's), train "
+                     "(the downstream training's)", sections_only=True)
     q.add_argument("--throughput", help="embed this `bench throughput` JSON instead of "
                    "measuring a short one (default: measure)")
     q.add_argument("--no-throughput", action="store_true", help="leave throughput out")
@@ -251,7 +268,11 @@ def register(sub) -> None:
 
     t = bsub.add_parser("toy", help="the toy world: trivial baselines, pseudo-mask mIoU per "
                         "preset and localisation against exact labels of rendered scenes "
-                        "(seeds, spread; tuned on a validation seed, reported on a test seed)")
+                        "(seeds, spread; tuned on a validation seed, reported on a test seed)",
+                        description="The toy world's study, scored against exact labels of "
+                        "rendered scenes: trivial baselines, pseudo-mask mIoU per preset and "
+                        "localisation, over seeds with their spread; choices tuned on a "
+                        "validation seed, figures reported on a test seed.")
     cli_args.add_config(t, "toy benchmark")
     cli_args.add_set(t, "num_images=50 --set seeds=[0]")
     t.add_argument("--model", help="a toy-world model: 'toy' (shipped) or the model/ folder of "
@@ -264,7 +285,10 @@ def register(sub) -> None:
     t.set_defaults(func=cmd_toy)
 
     w = bsub.add_parser("writing", help="`attnseg synth` images/s: generation alone, writing "
-                        "inline, writing on the pool's threads (few-step rates)")
+                        "inline, writing on the pool's threads (few-step rates)",
+                        description="Time one `attnseg synth` job three ways, interleaved: "
+                        "generation alone, writing inline and writing on the pool's threads, "
+                        "as images/s and as ratios to generation alone with their spread.")
     cli_args.add_config(w, "writing benchmark")
     cli_args.add_set(w, "steps=2 --set write_workers=4")
     cli_args.add_model(w)
@@ -272,15 +296,22 @@ def register(sub) -> None:
     cli_args.add_dtype(w)
     w.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
                    "attnseg-bench/writing in the current folder)")
+    cli_args.add_no_progress(w, "no line per timed run on stderr")
     w.set_defaults(func=cmd_writing)
 
     g = bsub.add_parser("gpu", help="the GPU proof in one run: kernel tests on the GPU, stock vs "
-                        "harvest parity, kernel timings, compile build + verify, throughput "
-                        "(bench/gpu_proof.sh runs it on a machine without the project installed)")
+                        "harvest parity, kernel timings, compile build + verify, throughput, "
+                        "newer families, toy model training (bench/gpu_proof.sh runs it on a "
+                        "machine without the project installed)",
+                        description="The GPU proof in one run, each phase capped and recorded "
+                        "even when it fails: kernel tests on the GPU, stock vs harvest parity, "
+                        "kernel timings, compile build + verify, throughput, the newer families "
+                        "and the toy model's GPU training (--phases picks them).")
     cli_args.add_config(g, "gpu proof")
     cli_args.add_set(g, "budget_s=400")
-    g.add_argument("--steps", help="comma list of kernels, parity, kbench, compile, throughput "
-                   "(default: all)")
+    g.add_argument("--phases", metavar="PHASE[,PHASE...]",
+                   help=f"which phases of the proof to run (not denoising steps): a comma list "
+                   f"of {', '.join(GPU_PHASES)} (default: all, in that order)")
     g.add_argument("--smoke", action="store_true", help="CPU dry run: tiny model, small sizes, "
                    "Triton interpreter, GPU-only steps skipped")
     g.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
@@ -288,7 +319,11 @@ def register(sub) -> None:
     g.set_defaults(func=cmd_gpu)
 
     r = bsub.add_parser("robust-training", help="plain CE against the reliability-aware losses "
-                        "on procedural shapes with attention-like noisy masks (seeds, spread)")
+                        "on procedural shapes with attention-like noisy masks (seeds, spread)",
+                        description="Train on procedural shapes whose masks carry "
+                        "attention-like noise, with plain cross-entropy and with the "
+                        "reliability-aware losses, over seeds; report mIoU against the clean "
+                        "labels with its spread.")
     cli_args.add_config(r, "robust-training")
     cli_args.add_set(r, "seeds=5 --set steps=400")
     r.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 30 steps")
@@ -297,9 +332,20 @@ def register(sub) -> None:
     r.set_defaults(func=cmd_robust_training)
 
     r = bsub.add_parser("prompts-lora", help="prompt augmentation counts and cost, fused vs "
-                        "unfused LoRA generation, LoRA training step cost")
+                        "unfused LoRA generation, LoRA training step cost",
+                        description="Prompt augmentation (prompts per class and their cost), "
+                        "generation with a LoRA fused against unfused, and the cost of a LoRA "
+                        "training step.")
     cli_args.add_config(r, "prompts-lora")
     cli_args.add_set(r, "parts=prompts")
     r.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
                    "attnseg-bench/prompts_lora in the current folder)")
     r.set_defaults(func=cmd_prompts_lora)
+
+    # `attnseg --help` and `attnseg bench --help` name every bench, from the subparsers.
+    names = list(bsub.choices)
+    bench.description = (f"Benchmarks, each writing OUT.json and OUT.md: {', '.join(names)} "
+                         "(each described below; `attnseg bench NAME --help` for its flags).")
+    for action in sub._choices_actions:
+        if action.dest == "bench":
+            action.help = f"benchmarks: {', '.join(names)}"

@@ -1,8 +1,8 @@
 """`attnseg bench gpu`: the GPU path proven in one prepared run (under 8 minutes, cold, on one
 H100/H200-class GPU), results in `bench/results/gpu/` (JSON + markdown).
 
-Steps, each under its own time cap, each recorded even when it fails (a failure does not stop
-the others):
+Phases (`--phases`), each under its own time cap, each recorded even when it fails (a failure
+does not stop the others):
 
 1. **kernels**: the kernel test suite on the GPU (`pytest tests/kernels`: Triton on CUDA
    against the torch reference, AOT builds, register/spill checks);
@@ -17,14 +17,14 @@ the others):
    (`sdxl-random`, fp16, with the store-every-map pattern) and FLUX.1-dev's transformer
    (`flux-random`, bf16, 512 T5 keys: the long-text kernel), 4 steps, batch 1; then
    `bench writing` at few-step rates (`sd15-random` 512x512, 2 steps, batch 8): generation
-   alone, inline writing and the write pool. Past the default budget after steps 1-5: run it
-   as a second call (`--steps families`).
+   alone, inline writing and the write pool. Past the default budget after phases 1-5: run it
+   as a second call (`--phases families`).
 7. **toy**: `attnseg toy train-model` on the GPU for the minutes the cap leaves (batch 128,
    lr 1e-3, stopped by its time limit, so the folder resumes on a later call), its model
    exported and packed with the loss curves into one file beside the report
    (OUT-toy-model.tar.gz) to bring back and measure with `bench toy` on any machine: the toy
    model trained for CPU hours here is the limit of every toy-world figure. Its own call
-   (`--steps toy`).
+   (`--phases toy`).
 
 `--smoke` runs the same code on a CPU (the tiny model, 64x64, fp32, the Triton interpreter,
 GPU-only steps skipped) so the orchestration is tested where there is no GPU. On a machine
@@ -43,9 +43,12 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from attnseg.pipeline.settings import PositiveInt
+
 from .common import machine_info, output_base, with_suffix, write_json_and_markdown
 
-STEPS = ("kernels", "parity", "kbench", "compile", "throughput", "families", "toy")
+# The proof's phases (`--phases`; not denoising steps), in running order.
+PHASES = ("kernels", "parity", "kbench", "compile", "throughput", "families", "toy")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,20 +56,20 @@ REPO = Path(__file__).resolve().parent.parent
 class GpuProofConfig:
     """One `attnseg bench gpu` run."""
 
-    steps: tuple[str, ...] = STEPS
+    phases: tuple[str, ...] = PHASES
     smoke: bool = False  # CPU dry run: tiny model, small sizes, GPU-only steps skipped
-    budget_s: int = 450  # the whole run; a step that no longer fits is skipped
+    budget_s: PositiveInt = 450  # the whole run; a step that no longer fits is skipped
     out: str = "bench/results/gpu/gpu"
 
     def __post_init__(self):
-        self.steps = tuple(self.steps)
+        self.phases = tuple(self.phases)
 
     def validate(self) -> None:
         from attnseg.pipeline.errors import UserError
 
-        bad = [s for s in self.steps if s not in STEPS]
+        bad = [s for s in self.phases if s not in PHASES]
         if bad:
-            raise UserError(f"unknown step(s) {bad}; choose from {list(STEPS)}")
+            raise UserError(f"unknown phase(s) {bad}; choose from {list(PHASES)}")
 
 
 # Per-step caps (seconds, on the GPU); smoke runs take what the CPU needs.
@@ -366,7 +369,7 @@ def run_gpu_proof(cfg: GpuProofConfig) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.smoke else "cpu")
     report = {"benchmark": "gpu", "config": asdict(cfg), "machine": machine_info(device),
               "steps": {}}
-    for name in cfg.steps:
+    for name in cfg.phases:
         left = cfg.budget_s - (time.perf_counter() - t0)
         cap = min(_CAPS[name] * (10 if cfg.smoke else 1), left)
         if cap < 20:

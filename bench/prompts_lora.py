@@ -48,6 +48,7 @@ from attnseg.pipeline.models.lora import LoraSpec, apply_loras
 from attnseg.pipeline.models.tiny import build_sd15_random_pipeline as build_sd15_random
 from attnseg.pipeline.models.tiny import tiny_tokenizer
 from attnseg.pipeline.prompts import CLASS_SETS, DEFAULT_TEMPLATES
+from attnseg.pipeline.settings import PositiveInt
 
 from .common import output_base, with_suffix
 
@@ -175,11 +176,11 @@ def bench_training(pipe, size: int, steps: int, rank: int) -> dict:
 class PromptsLoraConfig:
     """One `attnseg bench prompts-lora` run."""
 
-    height: int = 256  # generation size of the fused-vs-unfused comparison (square)
-    steps: int = 10
-    repeats: int = 3
-    rank: int = 16
-    train_steps: int = 3
+    height: PositiveInt = 256  # generation size of the fused-vs-unfused comparison (square)
+    steps: PositiveInt = 10
+    repeats: PositiveInt = 3
+    rank: PositiveInt = 16
+    train_steps: PositiveInt = 3
     # What to run: "prompts", "lora" (generation + training) or both; parts not run are kept
     # from the existing result file.
     parts: str = "prompts,lora"

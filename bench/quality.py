@@ -40,6 +40,7 @@ from attnseg.pipeline.files import atomic_write_bytes
 from attnseg.pipeline.harvest.real_images import RealImageConfig, RealImageLabeller
 from attnseg.pipeline.models.loading import RANDOM_MODELS, default_size, load_pipeline
 from attnseg.pipeline.prompts import ClassInfo, load_classes
+from attnseg.pipeline.settings import PositiveInt
 from attnseg.pipeline.synth.job import run_synth
 from attnseg.pipeline.train.evaluate import (
     MetricAccumulator,
@@ -66,17 +67,17 @@ class QualityConfig:
     model: str = "tiny"
     classes: str = "voc"
     preset: str = "attnseg"
-    num_per_class: int = 2
-    steps: int | None = None  # denoising steps (None: the preset's, else 20)
-    height: int | None = None  # None: 128 for tiny, else 512
-    width: int | None = None
+    num_per_class: PositiveInt = 2
+    steps: PositiveInt | None = None  # denoising steps (None: the preset's, else 20)
+    height: PositiveInt | None = None  # None: 128 for tiny, else 512
+    width: PositiveInt | None = None
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
     labelled: str | None = None
     labelled_kind: str = "auto"
     labelled_split: str = "val"
-    limit: int | None = None  # score the first N labelled images only
+    limit: PositiveInt | None = None  # score the first N labelled images only
     real: RealImageConfig = field(default_factory=RealImageConfig)
     pseudo_gt: str | None = None
     train_steps: int = 200  # 0: no downstream training
@@ -144,9 +145,9 @@ def score_real_pseudo_masks(labeller: RealImageLabeller, classes: list[ClassInfo
     unsure = counted = 0
     bar = None
     if progress:
-        from tqdm import tqdm
+        from attnseg.pipeline.progress import progress_bar
 
-        bar = tqdm(total=n, unit="img", desc="pseudo-masks (real)", dynamic_ncols=True)
+        bar = progress_bar(total=n, unit="img", desc="pseudo-masks (real)")
     t0 = time.perf_counter()
     for i in range(n):
         try:

@@ -45,6 +45,7 @@ from attnseg.kernels.finalize import finalize_masks_ref
 from attnseg.pipeline.config import MaskConfig
 from attnseg.pipeline.files import atomic_write_bytes
 from attnseg.pipeline.prompts import load_classes
+from attnseg.pipeline.settings import NonNegativeInt, PositiveInt
 from attnseg.pipeline.synth.writer import DatasetWriter
 
 from .common import output_base, with_suffix
@@ -360,15 +361,15 @@ def render_markdown(doc: dict) -> str:
 class RobustTrainingConfig:
     """One `attnseg bench robust-training` run."""
 
-    seeds: int = 3  # training seeds per loss
-    steps: int = 800
-    train: int = 400  # training images
-    val: int = 100  # clean validation images
+    seeds: PositiveInt = 3  # training seeds per loss
+    steps: PositiveInt = 800
+    train: PositiveInt = 400  # training images
+    val: PositiveInt = 100  # clean validation images
     data_seed: int = 1
     model: str = "segformer-tiny"
-    threads: int = 1  # torch threads (a tiny model gains nothing from more)
-    clean_seeds: int = 1  # seeds of the clean-label reference run (its spread is small)
-    workers: int = 1  # data loader processes per run
+    threads: NonNegativeInt = 1  # torch threads (a tiny model gains nothing from more)
+    clean_seeds: NonNegativeInt = 1  # seeds of the clean-label reference run (its spread is small)
+    workers: NonNegativeInt = 1  # data loader processes per run
     quick: bool = False  # smoke run: 2 seeds, 30 steps, 32 + 8 images
     out: str = "attnseg-bench/robust_training"  # OUT.json, OUT.md; "" writes nothing
 

@@ -54,6 +54,7 @@ from attnseg.pipeline.models.loading import (
     load_pipeline,
 )
 from attnseg.pipeline.prompts import default_prompts, load_classes
+from attnseg.pipeline.settings import NonNegativeFloat, NonNegativeInt, PositiveInt
 from attnseg.pipeline.synth.writer import DatasetWriter
 
 from .common import (
@@ -91,13 +92,13 @@ class ThroughputConfig:
 
     model: str = "tiny"
     backends: tuple[str, ...] = ("torch",)
-    batch_sizes: tuple[int, ...] = (1, 2)
-    height: int | None = None  # None: 128 for tiny, else 512
-    width: int | None = None
-    steps: int = 10
-    guidance: float = 7.5
-    repeats: int = 3
-    warmup: int = 1
+    batch_sizes: tuple[PositiveInt, ...] = (1, 2)
+    height: PositiveInt | None = None  # None: 128 for tiny, else 512
+    width: PositiveInt | None = None
+    steps: PositiveInt = 10
+    guidance: NonNegativeFloat = 7.5
+    repeats: PositiveInt = 3
+    warmup: NonNegativeInt = 1
     preset: str = "attnseg"
     variants: tuple[str, ...] = VARIANTS
     device: str = "auto"

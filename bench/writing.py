@@ -12,6 +12,7 @@ each image's time, which is where the pool matters.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +25,7 @@ from attnseg.pipeline.config import SynthConfig
 from attnseg.pipeline.device import resolve_device, resolve_dtype
 from attnseg.pipeline.models.loading import RANDOM_MODELS, load_pipeline, set_scheduler
 from attnseg.pipeline.prompts import default_prompts, load_classes
+from attnseg.pipeline.settings import NonNegativeFloat, NonNegativeInt, PositiveInt
 from attnseg.pipeline.synth.job import Synthesizer, plan_samples, run_synth
 
 from .common import machine_info, output_base, write_json_and_markdown
@@ -35,18 +37,19 @@ class WritingBenchConfig:
 
     model: str = "tiny"
     classes: str = "dog,cat,bus,car"
-    num_per_class: int = 8
-    batch_size: int = 8
-    steps: int = 1
-    guidance: float = 0.0
+    num_per_class: PositiveInt = 8
+    batch_size: PositiveInt = 8
+    steps: PositiveInt = 1
+    guidance: NonNegativeFloat = 0.0
     scheduler: str | None = None
-    height: int = 256
-    width: int = 256
-    write_workers: int = 2
-    repeats: int = 3
+    height: PositiveInt = 256
+    width: PositiveInt = 256
+    write_workers: NonNegativeInt = 2
+    repeats: PositiveInt = 3
     device: str = "auto"
     dtype: str = "auto"
     out: str = "attnseg-bench/writing"
+    progress: bool = True  # a line per timed run on stderr (`--no-progress`: none)
 
 
 def _generate_only(pipe, cfg: WritingBenchConfig) -> tuple[float, int]:
@@ -91,6 +94,9 @@ def run_writing_bench(cfg: WritingBenchConfig) -> dict:
                     shutil.rmtree(out, ignore_errors=True)
                 if r:
                     seconds[name].append(elapsed)
+                if cfg.progress:
+                    what = f"repeat {r}/{cfg.repeats}" if r else "warm-up"
+                    print(f"  {what}, {name}: {elapsed:.2f} s", file=sys.stderr, flush=True)
     ceiling = float(np.median(seconds["generate only"]))
     rows = []
     for name, s in seconds.items():

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 from ..pipeline import cli_args
-from ..pipeline.config import BACKENDS
 
 
 def cmd_build(args) -> int:
@@ -25,6 +24,7 @@ def cmd_build(args) -> int:
         latent_stride,
         load_pipeline,
         model_fingerprint,
+        random_model_notice,
     )
     from ..pipeline.settings import apply_set
     from .build import EngineOptions, build_engines, check_backend, fuse_loras
@@ -55,8 +55,9 @@ def cmd_build(args) -> int:
     folder, status = build_engines(pipe, opts, args.out, source=source, base_hash=base,
                                    loras=loras)
     print(f"{status} {args.backend} engine in {folder}")
-    if args.model == "tiny":
-        print("note: built from the tiny random model (its images are noise)")
+    notice = random_model_notice(args.model)
+    if notice:
+        print(f"note: {notice}")
     return 0
 
 
@@ -145,17 +146,22 @@ def cmd_info(args) -> int:
 def register(sub) -> None:
     """Add `attnseg engine {build,verify,info}`."""
     p = sub.add_parser("engine", help="compiled engines (torch.compile, ONNX Runtime, TensorRT) "
-                       "whose UNet also outputs the attention maps")
+                       "whose UNet also outputs the attention maps",
+                       description="Compiled engines (torch.compile, ONNX Runtime, TensorRT) "
+                       "whose denoiser also outputs the harvested attention maps: build them, "
+                       "check them against torch, swap LoRAs into TensorRT ones, inspect them.")
     esub = p.add_subparsers(dest="engine_command", required=True)
     b = esub.add_parser("build", help="export/compile a model into an engine folder (reused "
-                        "when up to date)")
+                        "when up to date)",
+                        description="Export or compile --model (LoRAs merged) into an engine "
+                        "folder for --backend, with the map outputs of --preset; a folder that "
+                        "is up to date is reused. `attnseg synth --engine DIR` generates with it.")
     cli_args.add_model(b, default="tiny")
     b.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA (folder or .safetensors file) to merge before export; repeat for "
                    "several (default: none)")
     cli_args.add_allow_pickle(b)
-    b.add_argument("--backend", required=True, choices=BACKENDS[1:],
-                   help="compile, onnxruntime or tensorrt; required")
+    cli_args.add_backend(b, engines_only=True)
     b.add_argument("--out", required=True, help="engine folder; required")
     cli_args.add_size(b)
     b.add_argument("--batch-size", type=int, default=4,
@@ -167,8 +173,8 @@ def register(sub) -> None:
     b.add_argument("--preset", default="attnseg",
                    help="harvesting recipe whose map outputs the engine computes "
                    "(default: attnseg)")
-    cli_args.add_set(b, "harvest.strides=[16,32] (a preset setting, as for synth)",
-                     "SECTION.KEY=VALUE")
+    cli_args.add_set(b, "harvest.strides=[16,32]", sections="harvest, mask (the preset's "
+                     "settings, as for synth)", sections_only=True)
     b.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     b.add_argument("--trt-plugin", default="auto", choices=("auto", "on", "off"),
                    help="TensorRT: aggregate maps with the Triton kernel as a plugin "
@@ -176,20 +182,28 @@ def register(sub) -> None:
     b.add_argument("--refit", action="store_true",
                    help="TensorRT: keep weights refittable (LoRA swaps without a rebuild)")
     b.set_defaults(func=cmd_build)
-    v = esub.add_parser("verify", help="generate through the engine and through torch; compare")
+    v = esub.add_parser("verify", help="generate through the engine and through torch; compare",
+                        description="Generate the same samples through the engine and through "
+                        "torch and compare images, labels and maps against tolerances; exit 1 "
+                        "when parity fails.")
     v.add_argument("dir", help="engine folder")
     v.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4)")
     cli_args.add_device(v, default="auto")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(func=cmd_verify)
     r = esub.add_parser("refit", help="TensorRT: swap in other LoRAs without a rebuild "
-                        "(engine built with --refit)")
+                        "(engine built with --refit)",
+                        description="Refit a TensorRT engine built with --refit: the recorded "
+                        "model is reloaded, the given LoRAs merged and the engine's weights "
+                        "replaced, without a rebuild.")
     r.add_argument("dir", help="engine folder built with --refit")
     r.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA (folder or .safetensors file) to merge; repeat for several "
                    "(default: none, the base model)")
     r.set_defaults(func=cmd_refit)
-    i = esub.add_parser("info", help="print what an engine folder holds")
+    i = esub.add_parser("info", help="print what an engine folder holds",
+                        description="Print an engine folder's model, LoRAs, shapes, dtype, "
+                        "parts and files (--json: the manifest).")
     i.add_argument("dir", help="engine folder")
     i.add_argument("--json", action="store_true",
                    help="print the manifest (key, inputs and outputs, files) as JSON")

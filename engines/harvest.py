@@ -349,14 +349,31 @@ class _EngineCapture:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
 
 
-def check_engine_model(key: cache.EngineKey, pipe, folder) -> None:
-    """The loaded pipeline must hold the weights the engine was built from (with or without
-    the engine's LoRA merged) and the same VAE."""
+def engine_model_name(folder) -> str | None:
+    """The model an engine folder was built from, as its build named it (the manifest's
+    `source`, written by every build), or None where it is not recorded. Only the weights'
+    hashes decide whether a model fits an engine; the name is for messages."""
+    try:
+        source = cache.read_manifest(Path(folder)).get("source") or {}
+    except UserError:
+        return None
+    name = source.get("model") if isinstance(source, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def check_engine_model(key: cache.EngineKey, pipe, folder, model: str | None = None) -> None:
+    """The loaded pipeline (`model`, as the job names it) must hold the weights the engine was
+    built from (with or without the engine's LoRA merged) and the same VAE. The weights'
+    hashes decide; the message names both models."""
     have = model_fingerprint(pipe)
     if have not in (key.model_hash, key.base_model_hash):
-        raise UserError(f"engine {folder} was built for model weights {key.model_hash} (base "
-                        f"{key.base_model_hash}), the loaded model has {have}; use the model it "
-                        "was built from or rebuild the engine")
+        built = engine_model_name(folder) or key.model
+        built_for = f"model {built}" if built else "a model whose name it does not record"
+        given = f"model {model}" if model else "the loaded model"
+        fix = f"pass --model {built}" if built else "use the model it was built from"
+        raise UserError(f"engine {folder} was built for {built_for} (weights "
+                        f"{key.base_model_hash[:12]}), not for {given} (weights {have[:12]}); "
+                        f"{fix} or rebuild the engine")
     if key.maps.get("vae_hash") not in (None, vae_fingerprint(pipe.vae)):
         raise UserError(f"engine {folder} was built with another VAE than the loaded model's")
     dtype = DTYPE_NAMES[denoiser(pipe).dtype]
@@ -373,7 +390,7 @@ def engine_harvester(cfg: SynthConfig, pipe, preset: Preset, log=None) -> Engine
         folder = Path(cfg.engine).expanduser()
         key = cache.check_engine_job(folder, cfg.backend, cfg.height, cfg.width, cfg.batch_size)
         check_engine_family(pipe, key.backend)
-        check_engine_model(key, pipe, folder)
+        check_engine_model(key, pipe, folder, cfg.model)
         harvester = EngineHarvester(pipe, load_engines(folder, pipe), preset.harvest)
         harvester.backend = f"{key.backend} engine in {folder}"
         return harvester

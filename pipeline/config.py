@@ -14,7 +14,17 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import UserError
-from .settings import check_value, config_from, field_type, unknown_keys_line
+from .settings import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitFloat,
+    check_value,
+    config_from,
+    field_type,
+    unknown_keys_line,
+)
 
 BLOCKS = ("down", "mid", "up")
 # Where the UNet runs: eager torch, or an engine (attnseg.engines).
@@ -36,18 +46,18 @@ class HarvestConfig:
     # SD3, Flux: every layer at one stride, `blocks` does not apply) by depth, the fractions
     # [lo, hi) of its transformer blocks in the order they run (Flux: the double-stream
     # blocks, then the single-stream ones).
-    strides: tuple[int, ...] = (8, 16, 32)
+    strides: tuple[PositiveInt, ...] = (8, 16, 32)
     blocks: tuple[str, ...] = ("down", "mid", "up")
-    transformer_depth: tuple[float, float] = (0.0, 1.0)
+    transformer_depth: tuple[UnitFloat, UnitFloat] = (0.0, 1.0)
     # Attention heads, when only some carry the words' places: attention module name (as in
     # the model, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2") -> the indices
     # of its heads that contribute. Empty: every head of every selected layer. Otherwise only
     # the named layers contribute, and each must be one the settings above select.
-    heads: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    heads: dict[str, tuple[NonNegativeInt, ...]] = field(default_factory=dict)
     # Fractions [lo, hi) of the denoising steps that contribute; lo == hi picks one step.
-    step_window: tuple[float, float] = (0.0, 1.0)
+    step_window: tuple[UnitFloat, UnitFloat] = (0.0, 1.0)
     # Weight of each stride when the per-stride means are combined (missing strides: 1.0).
-    stride_weights: dict[int, float] = field(default_factory=dict)
+    stride_weights: dict[PositiveInt, NonNegativeFloat] = field(default_factory=dict)
     # How the sub-tokens of one class word are merged: "sum" or "mean" of their columns.
     token_merge: str = "sum"
     # Where per-step maps are accumulated: "native" keeps one running mean per stride
@@ -62,7 +72,7 @@ class HarvestConfig:
     # Per-stride normalisation applied to each stride's mean before combining.
     stride_normalize: str = "none"
     # Stride of the combined map, and how per-stride maps are resized to it.
-    combine_stride: int = 8
+    combine_stride: PositiveInt = 8
     combine_mode: str = "bicubic"
     # Joint-attention models (SD3's MMDiT, Flux), whose image queries attend to image and text
     # keys together: the class map is the image queries' softmax over the text keys only
@@ -71,8 +81,8 @@ class HarvestConfig:
     # softmax over every image key). Other models have text-only cross-attention.
     joint_softmax: str = "text"
     # Self-attention refinement: map <- A^k . map at `refine_stride` (0 turns it off).
-    refine_power: int = 0
-    refine_stride: int = 16
+    refine_power: NonNegativeInt = 0
+    refine_stride: PositiveInt = 16
     refine_mode: str = "bicubic"
 
     def job_record(self) -> dict:
@@ -172,11 +182,11 @@ class MaskConfig:
 
     normalize: str = "minmax"
     # Background score = bg_const + bg_slope * (max foreground score).
-    bg_const: float = 0.45
+    bg_const: UnitFloat = 0.45
     bg_slope: float = 0.0
     # Pixels whose max foreground score lies in [ignore_low, ignore_high) are labelled 255.
-    ignore_low: float = 0.35
-    ignore_high: float = 0.45
+    ignore_low: UnitFloat = 0.35
+    ignore_high: UnitFloat = 0.45
     upsample_mode: str = "bicubic"
     # Where `normalize` runs: on the combined maps, before they are resized to the image
     # ("maps": cheaper, the default), or on the image-size maps after the resize ("image":
@@ -188,18 +198,18 @@ class MaskConfig:
     # and the result resized back (the lattice CRF costs ~0.1-0.4 s per 512x512 iteration on
     # one CPU core; a smaller side trades boundary detail for time). These defaults are a
     # lighter appearance kernel than the presets that cite a codebase use (CRF_PSA below).
-    crf_iterations: int = 0
-    crf_w_app: float = 4.0
-    crf_sxy_app: float = 40.0
-    crf_srgb: float = 13.0
-    crf_w_smooth: float = 3.0
-    crf_sxy_smooth: float = 3.0
-    crf_max_side: int = 512
+    crf_iterations: NonNegativeInt = 0
+    crf_w_app: NonNegativeFloat = 4.0
+    crf_sxy_app: PositiveFloat = 40.0
+    crf_srgb: PositiveFloat = 13.0
+    crf_w_smooth: NonNegativeFloat = 3.0
+    crf_sxy_smooth: PositiveFloat = 3.0
+    crf_max_side: PositiveInt = 512
     # Small-region removal (kernels.regions, DiffuMask's contour step): each class's connected
     # regions whose bounding box covers less than this fraction of the image become background,
     # and background holes inside the rest take their class (0: off). DiffuMask drops boxes
     # under 250 pixels of a 512x512 image: 250 / 512^2 = 0.00095.
-    min_region_box: float = 0.0
+    min_region_box: UnitFloat = 0.0
 
     def job_record(self) -> dict:
         """The settings as a synthesis job records them (job.json, manifest lines)."""
@@ -383,23 +393,23 @@ class SynthConfig:
 
     model: str = "tiny"
     classes: str = "voc"
-    num_per_class: int = 1
+    num_per_class: PositiveInt = 1
     out: str = "out/synth"
     preset: str = "attnseg"
     prompts: str | None = None
-    batch_size: int = 4
-    steps: int | None = None  # None: the preset's, else 20
-    guidance: float | None = None  # None: the preset's, else 7.5
+    batch_size: PositiveInt = 4
+    steps: PositiveInt | None = None  # None: the preset's, else 20
+    guidance: NonNegativeFloat | None = None  # None: the preset's, else 7.5
     # The sampler (models.SCHEDULERS); None: the model's own.
     scheduler: str | None = None
-    height: int | None = None  # None: 128 for the tiny models, 64 for toy, else 512
-    width: int | None = None
+    height: PositiveInt | None = None  # None: 128 for the tiny models, 64 for toy, else 512
+    width: PositiveInt | None = None
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
     # Output layout: "voc" (files + manifest) or "webdataset" (tar chunks + parquet).
     format: str = "voc"
-    samples_per_tar: int = 1000  # a multiple of batch_size
+    samples_per_tar: PositiveInt = 1000  # a multiple of batch_size
     # Which part of the job this process does: "i/n", "auto" (launcher's rank), None: all.
     shard: str | None = None
     # Where the UNet runs: torch (eager), compile, onnxruntime, tensorrt; or a built engine.
@@ -414,7 +424,7 @@ class SynthConfig:
     # Load pickle weights (.bin, .ckpt): they can run code, so only when the user says so.
     allow_pickle: bool = False
     # Threads that encode and write samples while the next batch generates (0: inline).
-    write_workers: int = 2
+    write_workers: NonNegativeInt = 2
 
     def validate(self) -> None:
         if self.write_workers < 0:
@@ -431,7 +441,7 @@ class SynthConfig:
             raise UserError("--steps must be >= 1")
         from .models.loading import check_scheduler  # light: no torch at import
 
-        check_scheduler(self.scheduler)
+        check_scheduler(self.scheduler, self.model)  # the family too, where known unloaded
         if self.format not in ("voc", "webdataset"):
             raise UserError(f"--format must be voc or webdataset, not {self.format!r}")
         if self.format == "webdataset" and (
@@ -461,9 +471,9 @@ class SynthConfig:
                 else:
                     value = check_value(field_type(type(target), key), value, section, key)
                 setattr(target, key, value)
-        unknown = set(self.overrides) - {"harvest", "mask"}
+        unknown = sorted(set(self.overrides) - {"harvest", "mask"})
         if unknown:
-            raise UserError(f"unknown config section(s) {sorted(unknown)}")
+            raise UserError(unknown_keys_line(unknown, ("harvest", "mask"), "config", "section"))
         preset.harvest.validate(latent_stride)
         preset.mask.validate()
         return preset

@@ -8,6 +8,9 @@ temporaries a killed process left behind are removed by the next run on the same
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import hashlib
 import json
 import os
@@ -118,19 +121,57 @@ def holds_same_run(root: Path, doc_name: str, doc: dict, folder: str, thing: str
     except ValueError:
         previous = None
     if previous is None or key(previous) != key(doc):
+        differ = "" if previous is None else differing_settings(key(previous), key(doc))
         raise UserError(f"{folder} {root} holds a different {thing} (its {doc_name} differs "
-                        "from these settings); use another --out")
+                        f"from these settings{differ}); use another --out")
     return True
+
+
+
+def differing_settings(previous, current, limit: int = 3) -> str:
+    """Where two settings records (nested dicts, as job files hold them) differ, as a clause
+    for a one-line error: ": seed 0 there, 5 here; steps 3 there, 2 here and 2 more" (dotted
+    names for nested settings, "unset" for a setting one of them lacks); "" when they are not
+    both mappings."""
+    if not isinstance(previous, dict) or not isinstance(current, dict):
+        return ""
+    unset = object()
+    there, here = _flat_settings(previous), _flat_settings(current)
+    names = [k for k in dict.fromkeys([*here, *there]) if there.get(k, unset) != here.get(k, unset)]
+
+    def show(value) -> str:
+        if value is unset:
+            return "unset"
+        text = json.dumps(value, sort_keys=True)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = [f"{k} {show(there.get(k, unset))} there, {show(here.get(k, unset))} here"
+             for k in names[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (": " + "; ".join(parts) + more) if parts else ""
+
+
+
+def _flat_settings(doc: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in doc.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flat_settings(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
 
 
 
 class OutputLock:
     """Exclusive right to write one shard of an output folder: an `flock` on
     `OUT/.lock.shard-IIIII-of-NNNNN`. A second process on the same folder and shard is refused
-    with one line; other shards run alongside. The kernel drops the lock when its process
-    dies, so a killed run never leaves a stale lock behind."""
+    with one line; other shards run alongside (of one count: synth refuses a VOC folder's run
+    of another count, checking the job record under `folder_lock`). Every command that
+    writes a folder holds one (unsharded: shard 0/1; see `hold_output`). The kernel drops the
+    lock when its process dies, so a killed run never leaves a stale lock behind."""
 
-    def __init__(self, root: Path, shard: tuple[int, int]):
+    def __init__(self, root: Path, shard: tuple[int, int] = (0, 1)):
         import fcntl
 
         i, n = shard
@@ -150,3 +191,72 @@ class OutputLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+
+@contextlib.contextmanager
+def folder_lock(root: Path, wait_s: float = 30.0):
+    """A short exclusive lock on a whole output folder (`OUT/.lock`), held while a run
+    compares the folder's job record with its own and records it: runs that start at once see
+    each other's record, so of two different jobs (or shard counts) on one folder the second is
+    refused. The holder keeps it for a moment only: a run waits up to `wait_s` for it (then is
+    refused in one line: the holder is stopped or hung)."""
+    import fcntl
+    import time
+
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"another process is writing {root} (it holds "
+                                    f"{root / '.lock'}); wait for it to finish (then run this "
+                                    "again to check) or use another --out") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+# The locks `hold_output` took in the running `@holding_output` call.
+_HELD: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnseg_held", default=None)
+
+
+def holding_output(fn):
+    """Decorator of a command's run function: the `OutputLock`s it takes with `hold_output`
+    are released when it returns or raises (the process may go on to other work)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        held: list[OutputLock] = []
+        token = _HELD.set(held)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _HELD.reset(token)
+            for lock in reversed(held):
+                lock.release()
+
+    return run
+
+
+def hold_output(root: Path) -> OutputLock:
+    """Take `root`'s (unsharded) `OutputLock` for the rest of the running `@holding_output`
+    call: a second process writing the folder is refused in one line. Take it once the
+    arguments are checked (it creates the folder) and before the first write."""
+    held = _HELD.get()
+    if held is None:
+        raise RuntimeError("hold_output outside a @holding_output call")
+    lock = OutputLock(root)
+    held.append(lock)
+    return lock

@@ -2,9 +2,13 @@
 `--set KEY=VALUE`, built into the command's config dataclass with every value checked against
 its field's type before anything loads.
 
-A value of the wrong type, a non-finite number or an unknown key is one line naming the key,
-what it expects and what it got (`UserError`: exit 2). Sections (a dataclass field holding
-another config dataclass, e.g. `train`'s `loss`) are dicts checked the same way, key by key.
+A value of the wrong type, a non-finite number, a number outside its field's documented range
+or an unknown key is one line naming the key, what it expects and what it got (`UserError`:
+exit 2). Ranges travel with the field's type (`Annotated[int, Range(1)]`, spelled by the
+aliases below: `PositiveInt`, `NonNegativeInt`, `PositiveFloat`, `NonNegativeFloat`,
+`UnitFloat`), so the check, the error and the help's wording come from one place. Sections (a
+dataclass field holding another config dataclass, e.g. `train`'s `loss`) are dicts checked the
+same way, key by key.
 """
 
 from __future__ import annotations
@@ -16,11 +20,45 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import tomllib
 
 from .errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a field takes: at least `low` (more than it when `low_open`), at most
+    `high`; None leaves that side open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def holds(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def __str__(self) -> str:
+        def num(x):
+            return str(int(x)) if float(x).is_integer() else str(x)
+        if self.low is not None and self.high is not None and not self.low_open:
+            return f"in [{num(self.low)}, {num(self.high)}]"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {num(self.low)}")
+        if self.high is not None:
+            parts.append(f"<= {num(self.high)}")
+        return " and ".join(parts)
+
+
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+UnitFloat = Annotated[float, Range(0, 1)]  # a fraction, a probability, a normalised score
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -73,14 +111,19 @@ def apply_set(values: dict[str, Any], items: list[str], sections_only: bool = Fa
             values[key] = value
 
 
-def unknown_keys_line(unknown: list[str], known, what: str) -> str:
-    """'unknown X setting(s) [...]', with the nearest known name for each when there is one."""
+def unknown_keys_line(unknown: list[str], known, what: str, noun: str = "setting") -> str:
+    """'unknown X setting(s) [...]' (or another `noun`, e.g. section), with the nearest known
+    name for each when there is one, else the known names when they are few. Every refusal of
+    an unknown key or section is worded by this function."""
+    known = sorted(known)
     hints = []
     for key in unknown:
-        close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         if close:
             hints.append(f"{key!r}: did you mean {close[0]!r}?")
-    return f"unknown {what} setting(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
+    if not hints and len(known) <= 8:
+        hints.append(f"known: {', '.join(known)}")
+    return f"unknown {what} {noun}(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
 def config_from(cls, values: dict[str, Any], what: str):
@@ -92,15 +135,15 @@ def config_from(cls, values: dict[str, Any], what: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UserError(unknown_keys_line(unknown, fields, what))
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {name: check_value(hints[name], value, what, name)
               for name, value in values.items()}
     return cls(**kwargs)
 
 
 def field_type(cls, name: str):
-    """The type annotation of field `name` of dataclass `cls` (resolved)."""
-    return typing.get_type_hints(cls)[name]
+    """The type annotation of field `name` of dataclass `cls` (resolved, with its range)."""
+    return typing.get_type_hints(cls, include_extras=True)[name]
 
 
 def check_value(tp, value, what: str, key: str):
@@ -121,6 +164,11 @@ class _Mismatch(Exception):
 def _convert(tp, value, key: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is object:
+        return value
+    if origin is Annotated:
+        value = _convert(args[0], value, key)
+        if not all(r.holds(value) for r in args[1:] if isinstance(r, Range)):
+            raise _Mismatch
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -199,6 +247,8 @@ def _dict_key(tp, k, key: str):
 def describe(tp) -> str:
     """What a field of type `tp` takes, in words."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return " ".join([describe(args[0]), *(str(r) for r in args[1:] if isinstance(r, Range))])
     if origin in (Union, types.UnionType):
         parts = [describe(a) for a in args if a is not type(None)]
         text = " or ".join(parts)
@@ -227,6 +277,9 @@ def describe(tp) -> str:
 
 
 def _plural(tp) -> str:
+    if typing.get_origin(tp) is Annotated:
+        base, *extras = typing.get_args(tp)
+        return " ".join([_plural(base), *(str(r) for r in extras if isinstance(r, Range))])
     plural = {int: "integers", float: "finite numbers", str: "strings", bool: "true/false"}
     return plural.get(tp, describe(tp))
 

@@ -11,6 +11,13 @@ from attnseg.pipeline.errors import UserError
 from attnseg.pipeline.harvest.real_images import (
     RealImageConfig,
 )
+from attnseg.pipeline.settings import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitFloat,
+)
 from attnseg.pipeline.train.losses import LossConfig
 
 PROMPT_ARMS = ("templates", "augmented", "several-classes")
@@ -30,14 +37,15 @@ class ToyBenchConfig:
     tune_seed: int = 0
     val_seed: int = 101
     test_seed: int = 102
-    num_images: int = 200  # per rendered set (validation, test)
-    size: int = 64
+    num_images: PositiveInt = 200  # per rendered set (validation, test)
+    size: PositiveInt = 64
     # Candidate noise levels of the labeller, tuned on the validation set.
-    noise_candidates: tuple[tuple[float, ...], ...] = (
+    noise_candidates: tuple[tuple[UnitFloat, ...], ...] = (
         (0.1,), (0.2,), (0.3,), (0.5,), (0.1, 0.3), (0.2, 0.4))
     template: str = "a photo of a {}"
-    thresholds: tuple[float, ...] = tuple(range(10, 201, 10))  # colour baseline, RGB distance
-    bg_candidates: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # default preset, tuned
+    # the colour baseline's thresholds, RGB distance
+    thresholds: tuple[NonNegativeFloat, ...] = tuple(range(10, 201, 10))
+    bg_candidates: tuple[UnitFloat, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # default preset, tuned
     # Layer choices (the model's own strides, UNet blocks) the default preset's maps are also
     # taken from, for localisation: which layers bind a word to its object differs between
     # models, and the preset's every-layer mean is not tuned to one. The defaults are the toy
@@ -50,16 +58,16 @@ class ToyBenchConfig:
     # `head_candidates` (0: skipped); the k that localises best on validation (the fewest
     # on a tie) is reported on the test set. Some heads of a layer carry the words' places
     # and others do not, and a layer's mean over its heads blurs the two.
-    head_candidates: int = 6
+    head_candidates: NonNegativeInt = 6
     # Which object is which, as the model knows it apart from its attention: the noise levels
     # and draws per level of the denoising-error probe (`error_probe_draws` 0: skipped). The
     # levels are the ones whose summed error told the shapes apart best on 60 multi-object
     # scenes of the validation render for the shipped model (0.3: 60.5 %, 0.5: 66.1 %,
     # 0.7: 58.4 %, all three summed: 69.9 %).
-    error_probe_levels: tuple[float, ...] = (0.3, 0.5, 0.7)
-    error_probe_draws: int = 4
+    error_probe_levels: tuple[UnitFloat, ...] = (0.3, 0.5, 0.7)
+    error_probe_draws: NonNegativeInt = 4
     # Downstream: images synthesised (and rendered, for the upper bound) per run; 0: skipped.
-    downstream_images: int = 240
+    downstream_images: NonNegativeInt = 240
     # The segmenters' training protocol (steps, learning rate, input size): chosen on the
     # validation set among `train_candidates` (trained on `tune_seed`'s synthetic data, a
     # main row's); with no candidates, train_steps, train_lr and train_size as given. The input
@@ -69,12 +77,12 @@ class ToyBenchConfig:
     # the size out (then 0).
     train_candidates: tuple[tuple, ...] = ((2000, 2e-3), (6000, 2e-3), (6000, 8e-3),
                                            (6000, 8e-3, 128))
-    train_steps: int = 2000
-    train_lr: float = 2e-3
-    train_size: int = 0
+    train_steps: PositiveInt = 2000
+    train_lr: PositiveFloat = 2e-3
+    train_size: NonNegativeInt = 0
     train_model: str = "segformer-tiny"
-    synth_steps: int = 20
-    guidance: float = 4.0
+    synth_steps: PositiveInt = 20
+    guidance: NonNegativeFloat = 4.0
     exact_seed: int = 2000  # render seed of the upper bound's training scenes
     # Ablations (downstream; skipped without downstream_images): reliability-aware losses
     # trained on the same synthetic data as the CE row; prompt sets at the same budget.
@@ -84,17 +92,17 @@ class ToyBenchConfig:
     # 2, 3 classes at `classes_per_prompt`: the renders' own shares of 1, 2, 3 objects, fixed
     # from the world, not tuned).
     prompt_arms: tuple[str, ...] = ("templates", "augmented", "several-classes")
-    classes_per_prompt: tuple[float, ...] = (0.4, 0.35, 0.25)
+    classes_per_prompt: tuple[NonNegativeFloat, ...] = (0.4, 0.35, 0.25)
     # Target domain: unlabelled target renders a LoRA is trained on (0: skipped), its settings
     # (fixed beforehand, not tuned), and the seed of those renders.
-    lora_images: int = 400
-    lora_steps: int = 300
-    lora_rank: int = 8
-    lora_lr: float = 1e-3
+    lora_images: NonNegativeInt = 400
+    lora_steps: PositiveInt = 300
+    lora_rank: PositiveInt = 8
+    lora_lr: PositiveFloat = 1e-3
     lora_seed: int = 3000
     # Offset noise in the LoRA's training (`lora train --noise-offset`; without it the LoRA
     # learns the target's textures but not its colours) and the scale the LoRA is fused at.
-    lora_noise_offset: float = 0.0
+    lora_noise_offset: NonNegativeFloat = 0.0
     lora_scale: float = 1.0
     # The layers the LoRA adapts: the attention projections (`attnseg lora train`'s default),
     # optionally the ResNet blocks' convolutions too (conv1, conv2), which carry more of a
@@ -105,12 +113,13 @@ class ToyBenchConfig:
     lora_prompt_arm: str = "plain"
     # Scaling: more synthetic-image counts besides downstream_images, on the first
     # `scaling_seeds` seeds.
-    scaling_images: tuple[int, ...] = (960, 3840)
-    scaling_seeds: int = 1
+    scaling_images: tuple[PositiveInt, ...] = (960, 3840)
+    scaling_seeds: PositiveInt = 1
     # The CRF table: each preset with and without (this many iterations where the preset has
     # none); 0: skipped.
-    crf_iterations: int = 10
-    crf_cost_size: int = 512  # the CRF's cost is also timed at this size, 21 labels (0: not)
+    crf_iterations: NonNegativeInt = 10
+    # the CRF's cost is also timed at this size, 21 labels (0: not)
+    crf_cost_size: NonNegativeInt = 512
     device: str = "auto"
     dtype: str = "auto"
     work: str | None = None  # None: <out>.work

@@ -39,13 +39,17 @@ from ..errors import UserError
 from ..files import (
     atomic_write_bytes,
     check_output_dir,
+    hold_output,
+    holding_output,
     holds_same_run,
     remove_stale_temporaries,
     tmp_name,
 )
+from ..jsonfile import read_json
 from ..models.lora import LORA_WEIGHTS, require_compatible_peft
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..seeds import sample_seed
+from ..settings import NonNegativeFloat, PositiveFloat, PositiveInt
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _ADAPTER = "default"  # peft's adapter name during training
@@ -62,26 +66,27 @@ class LoraTrainConfig:
     model: str = "tiny"
     out: str = "out/lora"
     caption: str | None = None  # for images without a caption file <image>.txt
-    rank: int = 4
-    alpha: float | None = None  # None: equal to rank (LoRA scale alpha / rank = 1)
+    rank: PositiveInt = 4
+    alpha: PositiveFloat | None = None  # None: equal to rank (LoRA scale alpha / rank = 1)
     target_modules: tuple[str, ...] = LORA_TARGETS  # UNet attention projections
-    steps: int = 1000  # total optimiser steps; a rerun with more steps continues training
-    lr: float = 1e-4
-    batch_size: int = 1
-    crop: int | None = None  # square training crop side; None: 128 for the tiny model, else 512
+    steps: PositiveInt = 1000  # total optimiser steps; a rerun with more steps continues training
+    lr: PositiveFloat = 1e-4
+    batch_size: PositiveInt = 1
+    # square training crop side; None: 128 for the tiny model, else 512
+    crop: PositiveInt | None = None
     seed: int = 0
     flip: bool = True  # random horizontal flips
     center_crop: bool = False  # else random square crops
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
+    weight_decay: NonNegativeFloat = 1e-2
+    max_grad_norm: PositiveFloat = 1.0
     # Offset noise: a per-image, per-channel constant of this std added to the training noise.
     # A model trained on plain noise reads each image's mean colour off the noisy latent
     # (the schedule never hides it fully) and so cannot move it: a LoRA fitted without it
     # learns a domain's textures but keeps the old domain's colours. 0: plain noise.
-    noise_offset: float = 0.0
+    noise_offset: NonNegativeFloat = 0.0
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
+    checkpoint_every: PositiveInt = 250
+    keep_checkpoints: PositiveInt = 2
     device: str = "auto"
     dtype: str = "auto"  # weights of the frozen model: fp32 on CPU, bf16 on GPU; LoRA is fp32
     allow_pickle: bool = False  # load pickle (.bin) weights: they can run code
@@ -386,6 +391,7 @@ class LoraTrainer:
         return float(np.mean(losses))
 
 
+@holding_output
 def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
     """Train (or resume training) a LoRA; returns a summary dict."""
     from ..device import resolve_device
@@ -424,6 +430,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"output folder {out} cannot be written: {e.strerror}") from None
+    hold_output(out)  # a second process training into the folder is refused
     _remove_half_written(out)
     if not holds_same_run(out, "lora_train.json", job, "output folder", "LoRA training run"):
         atomic_write_bytes(out / "lora_train.json",
@@ -436,7 +443,11 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         from safetensors.torch import load_file
 
         last = checkpoints[-1]
-        state = json.loads((last / "state.json").read_text())
+        hint = f"delete {last} to resume from the checkpoint before it"
+        state = read_json(last / "state.json", hint=hint)
+        if not (isinstance(state.get("step"), int) and isinstance(state.get("history"), dict)):
+            raise UserError(f"{last / 'state.json'} is damaged: it lacks the step or the "
+                            f"history; {hint}")
         load_lora_into_adapter(pipe.unet, last / LORA_WEIGHTS)
         load_optimizer_tensors(optimizer, load_file(str(last / "optimizer.safetensors")))
         start, history = state["step"], state["history"]
@@ -445,9 +456,9 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
 
     bar = None
     if progress and start < cfg.steps:
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="lora", dynamic_ncols=True)
+        bar = progress_bar(total=cfg.steps, initial=start, unit="step", desc="lora")
     t0 = time.perf_counter()
     # Training seconds over every process of the run (saved with each checkpoint), so a
     # finished run asked again still tells what it cost; None for runs from before.

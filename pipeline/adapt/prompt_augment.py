@@ -26,6 +26,7 @@ from ..prompts import (
     find_word_tokens,
     load_classes,
 )
+from ..settings import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 LEXICON_FILE = "lexicon.txt"
 
@@ -479,7 +480,7 @@ class PromptsConfig:
     """Prompt augmentation (`attnseg prompts`): which words, templates and captions, how many."""
 
     classes: str = "voc"
-    num_per_class: int = 20
+    num_per_class: PositiveInt = 20
     seed: int = 0
     out: str = "prompts.jsonl"
     # Lexicon files (`class name: word, word`) added to the built-in synonyms and hyponyms.
@@ -488,12 +489,12 @@ class PromptsConfig:
     templates: str | None = None  # None: the class set's built-in templates
     captions: str | None = None  # one caption per line; those naming a class become prompts
     wordnet: bool = False  # add WordNet synonyms and hyponyms (needs nltk and its corpus)
-    wordnet_max: int = 20  # at most this many WordNet words per class
+    wordnet_max: NonNegativeInt = 20  # at most this many WordNet words per class
     model: str | None = None  # check every prompt against this model's tokenizer
     strict: bool = False  # a word or caption that fails the tokenizer check is an error
     # Weights of a template prompt naming 1, 2, ... classes (the others drawn from the set):
     # (1.0,) names one; (0.4, 0.35, 0.25) names two in 35 % and three in 25 % of prompts.
-    classes_per_prompt: tuple[float, ...] = (1.0,)
+    classes_per_prompt: tuple[NonNegativeFloat, ...] = (1.0,)
 
     def __post_init__(self):
         self.classes_per_prompt = check_classes_per_prompt(self.classes_per_prompt)

@@ -14,11 +14,11 @@ import sys
 from ...bench import cli as bench_cli
 from ...engines import cli as engines_cli
 from ..errors import UserError, os_error_line
-from . import lora, prompts, synth, toy, train
+from . import lora, prompts, report, synth, toy, train
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
-REGISTRARS = [synth.register, bench_cli.register, train.register, prompts.register,
-              lora.register, toy.register, engines_cli.register]
+REGISTRARS = [synth.register, report.register, bench_cli.register, train.register,
+              prompts.register, lora.register, toy.register, engines_cli.register]
 
 
 def _version() -> str:

@@ -27,7 +27,7 @@ def _config(args):
 
 def cmd_lora_train(args) -> int:
     from ..adapt.lora_train import train_lora
-    from ..synth.job import TINY_NOTICE
+    from ..models.loading import random_model_notice
 
     cfg = _config(args)
     s = train_lora(cfg, progress=not args.no_progress)
@@ -39,14 +39,17 @@ def cmd_lora_train(args) -> int:
     print(f"probe loss {s['probe_loss_start']:.5f} -> {s['probe_loss_end']:.5f} "
           f"(step 0 -> {s['steps']})")
     print(f"LoRA: {s['weights']} (use: attnseg synth --lora {s['out']})")
-    if cfg.model == "tiny":
-        print(f"note: {TINY_NOTICE}")
+    notice = random_model_notice(cfg.model)
+    if notice:
+        print(f"note: {notice}")
     return 0
 
 
 def register(sub) -> None:
     """Add `attnseg lora train` to the `attnseg` parser."""
-    lora = sub.add_parser("lora", help="LoRA domain adaptation of the diffusion UNet")
+    lora = sub.add_parser("lora", help="LoRA domain adaptation of the diffusion UNet",
+                          description="LoRA domain adaptation: `lora train` fits adapters on "
+                          "unlabeled target-domain images; `synth --lora` generates with them.")
     lsub = lora.add_subparsers(dest="lora_command", required=True)
     p = lsub.add_parser(
         "train", help="train a LoRA on a folder of unlabeled target-domain images",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from .. import cli_args
@@ -16,11 +17,13 @@ def _config(args):
                                   "captions", "model", "wordnet_max"))
     if args.classes_per_prompt is not None:
         try:
-            values["classes_per_prompt"] = tuple(float(w) for w in
-                                                 args.classes_per_prompt.split(","))
+            weights = tuple(float(w) for w in args.classes_per_prompt.split(","))
+            if not all(math.isfinite(w) for w in weights):  # float() takes inf and nan
+                raise ValueError
         except ValueError:  # the weights' own check comes with the config
             raise UserError(f"--classes-per-prompt {args.classes_per_prompt!r} is not a comma "
-                            "list of weights, such as 0.4,0.35,0.25") from None
+                            "list of finite weights, such as 0.4,0.35,0.25") from None
+        values["classes_per_prompt"] = weights
     if args.lexicon:
         values["lexicons"] = list(values.get("lexicons", [])) + list(args.lexicon)
     for flag, name, value in ((args.no_builtin_lexicon, "builtin_lexicon", False),
@@ -69,8 +72,7 @@ def register(sub) -> None:
         "the class; deterministic given --seed, de-duplicated, --num-per-class prompts per class.",
     )
     cli_args.add_config(p, "prompts")
-    p.add_argument("--classes", help="voc, cityscapes, coco, imagenet-s50, a class file, or "
-                   "'a,b,c' (default: voc)")
+    cli_args.add_classes(p)
     p.add_argument("--num-per-class", type=int, help="prompts per class (default: 20)")
     p.add_argument("--seed", type=int, help="selection seed (default: 0)")
     p.add_argument("--out", help="output JSONL file (default: prompts.jsonl)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ...kernels.labels import IGNORE_LABEL
@@ -64,7 +65,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, help="AdamW/SGD weight decay (default: 0.01)")
     p.add_argument("--schedule", help="poly (default), cosine or constant")
     p.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 1500)")
-    p.add_argument("--crop", type=_pair, metavar="N|H,W", help="training crop (default: 512)")
+    p.add_argument("--crop", type=_pair, metavar="N|H,W", help="training crop (default: 512 on "
+                   "every device: the crop is part of the recipe the weights, and a resume on "
+                   "another machine, depend on; on a CPU a step of 8 crops of 512 takes tens of "
+                   "seconds, so there the run prints, after its second step, the measured time "
+                   "of a step and of the steps left when that is over 10 minutes; 256 costs about "
+                   "a quarter)")
     p.add_argument("--amp", help="auto (default: bf16/fp16 on GPU, off on CPU), off, fp16, bf16")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the networks (slow first step, faster after)")
@@ -73,10 +79,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    "(default: 0)")
     cli_args.add_device(p)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
-                   "(default: 1000)")
+                   "(default: 1000; Ctrl-C also saves one, and the same command resumes)")
     p.add_argument("--log-every", type=int, help="steps between log rows (default: 10)")
     cli_args.add_set(p, "loss.band_threshold=0.3 --set augment.scale_range=[0.5,2.0] --set "
-            "head_lr_mult=1", "[SECTION.]KEY=VALUE")
+                     "head_lr_mult=1", sections="loss, augment")
     cli_args.add_no_progress(p)
 
 
@@ -152,6 +158,11 @@ def cmd_eval(args) -> int:
         if args.checkpoint:
             raise UserError("give either --checkpoint or --pseudo/--gt, not both")
         report = eval_pseudo_from_args(args)
+        left = report["gt_without_pseudo"]
+        if left:  # scored on the names the two folders share only: say so
+            total = report["images"] + report["skipped"] + left
+            print(f"note: scored {report['images']} of the {total} ground-truth samples in "
+                  f"{args.gt}: {left} have no pseudo-mask in {args.pseudo}", file=sys.stderr)
         print(format_table(report))
         if report.get("unlabelled_frac"):
             print(f"pseudo-mask pixels marked ignore (counted as wrong): "
@@ -268,10 +279,18 @@ def _demo_train_eval(dataset: Path, test, steps: int, run: Path, progress: bool)
 
 def register(sub) -> None:
     """Add `train` and `eval` to the `attnseg` parser."""
-    p = sub.add_parser("train", help="train a segmentation model (reliability-aware losses)")
+    p = sub.add_parser("train", help="train a segmentation model (reliability-aware losses)",
+                       description="Train a SegFormer or UperNet segmenter on generated "
+                       "(pseudo-mask) data, labelled datasets or a mix, with plain or "
+                       "reliability-aware losses. Checkpoints as it goes; the same command "
+                       "resumes a killed or finished run.")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="mIoU of a trained model, or of pseudo-masks vs ground truth")
+    p = sub.add_parser("eval", help="mIoU of a trained model, or of pseudo-masks vs ground truth",
+                       description="Score a trained model (--checkpoint RUN --data ROOT) on a "
+                       "dataset's split, or pseudo-masks against ground-truth masks matched by "
+                       "file name (--pseudo DIR --gt DIR); prints the per-class table and writes "
+                       "a JSON report.")
     p.add_argument("--checkpoint", help="run folder, model .safetensors or training "
                    "checkpoint (default: none; or --pseudo/--gt)")
     p.add_argument("--data", help="dataset root (VOCdevkit, Cityscapes, ImageNetS50, an "

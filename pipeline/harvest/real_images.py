@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..models.loading import model_family
 from ..prompts import ClassInfo, PromptSpec, class_token_weights, describe_classes
 from ..seeds import sample_seed
+from ..settings import PositiveInt, UnitFloat
 from .harvester import AttentionHarvester
 from .masks import combine_maps, masks_from_harvest, refine_maps
 
@@ -36,9 +37,9 @@ class RealImageConfig:
 
     # Fractions of the scheduler's training timesteps the latents are noised to; one UNet call
     # each, and their maps are averaged. Low levels keep the image's layout in the latents.
-    noise_levels: tuple[float, ...] = (0.2, 0.4)
+    noise_levels: tuple[UnitFloat, ...] = (0.2, 0.4)
     template: str = "a photo of a {}"
-    size: int = 512  # the long side is resized to this, then both sides to multiples of 8
+    size: PositiveInt = 512  # the long side is resized to this, then both sides to multiples of 8
     seed: int = 0
 
     def validate(self) -> None:

@@ -146,13 +146,26 @@ def generation_kwargs(pipe) -> dict:
             "max_sequence_length": min(PIXART_MAX_TOKENS, pipe.tokenizer.model_max_length)}
 
 
+# The image size a model generates by default (`--height/--width` not given; the help texts
+# are written from this table): the toy model's is the size it was trained at; any other model
+# gets DEFAULT_SIZE (a real SDXL checkpoint's native 1024 is asked for with --height/--width).
+DEFAULT_SIZES = {"tiny": 128, "tiny-sdxl": 128, "tiny-pixart": 128, "tiny-sd3": 128,
+                 "tiny-flux": 128, "toy": 64, "sdxl-random": 1024, "flux-random": 1024}
+DEFAULT_SIZE = 512
+
+
 def default_size(model: str) -> int:
-    """The image size a model generates by default: 128 for the tiny models, 64 for the toy
-    model (the size it was trained at), 1024 for sdxl-random and flux-random, else 512 (a
-    real SDXL checkpoint's native 1024 is asked for with --height/--width)."""
-    return {"tiny": 128, "tiny-sdxl": 128, "tiny-pixart": 128, "tiny-sd3": 128,
-            "tiny-flux": 128, "toy": 64,
-            "sdxl-random": 1024, "flux-random": 1024}.get(model, 512)
+    """The image size a model generates by default (`DEFAULT_SIZES`, else `DEFAULT_SIZE`)."""
+    return DEFAULT_SIZES.get(model, DEFAULT_SIZE)
+
+
+def random_model_notice(model: str) -> str | None:
+    """The note for a built-in random model (any of `RANDOM_MODELS`): its outputs mean
+    nothing. None for any other model."""
+    if model not in RANDOM_MODELS:
+        return None
+    return (f"model {model!r} is one of attnseg's built-in random models: its images are "
+            "noise and its masks carry no meaning (it exercises the code, not the method)")
 
 
 def shipped_model_path() -> Path:
@@ -235,6 +248,7 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
     `loras` (lora.LoraSpec) are fused into the UNet (and text encoder) with their scales."""
     import diffusers
     import torch
+    import transformers
 
     from . import tiny
 
@@ -247,28 +261,36 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
         model = model_source(model)
         source = str(path) if path.exists() else model
         diffusers.utils.logging.disable_progress_bar()
-        try:
-            with warnings.catch_warnings():
-                # Newer diffusers renamed torch_dtype; the old name works across versions.
-                warnings.simplefilter("ignore", FutureWarning)
-                # The hub client warns about arguments diffusers still passes it.
-                warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
-                class_name = (_single_file_class(path) if path.is_file() else
-                              diffusers.DiffusionPipeline.load_config(source)["_class_name"])
-                _check_family(model, class_name)
-                cls = getattr(diffusers, class_name)
-                kwargs = dict(torch_dtype=dtype)
-                if model_family(class_name) == "sd":
-                    kwargs.update(safety_checker=None, requires_safety_checker=False)
-                if path.is_file():
-                    pipe = cls.from_single_file(str(path), **kwargs)
-                else:
-                    pipe = cls.from_pretrained(
-                        source, use_safetensors=None if allow_pickle else True, **kwargs)
-        except UserError:
-            raise
-        except Exception as e:  # diffusers/hub raise many types; report them on one line
-            raise UserError(f"could not load model {model!r}: {_load_failure(e)}") from None
+        transformers.utils.logging.disable_progress_bar()  # its text encoders' loading bar
+
+        def load(local_files_only: bool = False):
+            try:
+                with warnings.catch_warnings():
+                    # Newer diffusers renamed torch_dtype; the old name works across versions.
+                    warnings.simplefilter("ignore", FutureWarning)
+                    # The hub client warns about arguments diffusers still passes it.
+                    warnings.filterwarnings("ignore", category=UserWarning,
+                                            module="huggingface_hub")
+                    class_name = (_single_file_class(path) if path.is_file() else
+                                  diffusers.DiffusionPipeline.load_config(
+                                      source, local_files_only=local_files_only)["_class_name"])
+                    _check_family(model, class_name)
+                    cls = getattr(diffusers, class_name)
+                    kwargs = dict(torch_dtype=dtype)
+                    if model_family(class_name) == "sd":
+                        kwargs.update(safety_checker=None, requires_safety_checker=False)
+                    if path.is_file():
+                        return cls.from_single_file(str(path), **kwargs)
+                    return cls.from_pretrained(
+                        source, use_safetensors=None if allow_pickle else True,
+                        local_files_only=local_files_only, **kwargs)
+            except UserError:
+                raise
+            except Exception as e:  # diffusers/hub raise many types; report them on one line
+                raise UserError(f"could not load model {model!r}: {_load_failure(e)}") \
+                    from None
+
+        pipe = load() if path.exists() else from_hub(model, load)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     if loras:
@@ -276,6 +298,79 @@ def load_pipeline(model: str, device, dtype, loras=(), allow_pickle: bool = Fals
 
         apply_loras(pipe, list(loras))
     return pipe
+
+
+def _cached_hub_file(repo_id: str, filename: str) -> str | None:
+    """The path of `filename` of hub repo `repo_id` in the local hub cache, else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # not a repo id at all: nothing cached under it
+        return None
+    return found if isinstance(found, str) else None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    check = getattr(constants, "is_offline_mode", None)
+    return bool(check() if check is not None else constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host (or the proxy the environment names for it) takes a TCP
+    connection within about `timeout` seconds, name lookup included (the probe runs in a
+    thread that is not waited for longer)."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    except ValueError:  # a malformed port
+        return False
+    answered: list[bool] = []
+
+    def probe():
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answered.append(True)
+        except (OSError, UnicodeError):
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answered and answered[0])
+
+
+def from_hub(model: str, load):
+    """`load(local_files_only)` for the hub id `model`: from the local hub cache first (the
+    hub is not asked, as with HF_HUB_OFFLINE=1), from the hub only where the cache cannot
+    serve it, and then only after a quick check that the hub answers; else one line at once
+    (the hub client would retry an unreachable host for half a minute and then say that the
+    repo has no model_index.json)."""
+    offline = _hub_offline()
+    why_not = ("HF_HUB_OFFLINE is set" if offline else
+               "the hub cannot be reached (no network?)")
+    if _cached_hub_file(model, "model_index.json") is not None:
+        try:
+            return load(True)
+        except UserError as e:
+            if offline or not hub_reachable():
+                raise UserError(f"{model}: the local cache holds only part of it ({e}) and "
+                                f"{why_not}") from None
+    elif offline or not hub_reachable():
+        raise UserError(f"{model}: not in the local cache and {why_not}")
+    return load(False)
 
 
 # --scheduler names: diffusers class and config changes.
@@ -290,19 +385,89 @@ SCHEDULERS = {
 }
 
 
-def check_scheduler(name: str | None) -> None:
-    """Refuse an unknown --scheduler in one line (before anything loads)."""
-    if name and name not in SCHEDULERS:
+# The samplers above step a noise-prediction (DDPM) schedule. SD3 and Flux are flow-matching
+# models: a discrete sampler built from their FlowMatchEulerDiscreteScheduler's config gets
+# the default beta schedule (wrong noise levels: SD3 runs on and makes noise), and Flux's
+# pipeline passes `mu` (its resolution-dependent timestep shift) that only flow-matching
+# samplers take. They keep their own sampler.
+FLOW_MATCHING_FAMILIES = ("sd3", "flux")
+# The family of each built-in random model (and of toy, an SD 1.x folder), known by name.
+RANDOM_FAMILIES = {"tiny": "sd", "sd15-random": "sd", "tiny-sdxl": "sdxl", "sdxl-random": "sdxl",
+                   "tiny-pixart": "pixart", "tiny-sd3": "sd3", "tiny-flux": "flux",
+                   "flux-random": "flux", "toy": "sd"}
+
+
+def known_family(model: str) -> str | None:
+    """A model's family without loading it: by name for the built-in models, from the
+    model_index.json of a folder or of a hub id in the local cache, from the header of a
+    .safetensors file; None when it cannot be told before loading."""
+    if model in RANDOM_FAMILIES:
+        return RANDOM_FAMILIES[model]
+    try:
+        path = Path(model).expanduser()
+        if path.is_file():
+            return model_family(_single_file_class(path)) if path.suffix == ".safetensors" \
+                else None
+        index = path / "model_index.json"
+        if not index.is_file():
+            index = _cached_hub_file(model, "model_index.json")
+        if index is None:
+            return None
+        import json
+
+        return model_family(json.loads(Path(index).read_text())["_class_name"])
+    except Exception:  # anything unreadable is reported when the model loads
+        return None
+
+
+def check_scheduler(name: str | None, model: str | None = None, family: str | None = None,
+                    flow: bool | None = None) -> None:
+    """Refuse in one line an unknown --scheduler, or any for a flow-matching model (`flow`;
+    by default told by `family`, else by `known_family(model)` before anything loads)."""
+    if not name:
+        return
+    if name not in SCHEDULERS:
         raise UserError(f"unknown scheduler {name!r}; choose from {sorted(SCHEDULERS)} "
                         "(or leave it out for the model's own)")
+    if family is None and model is not None:
+        family = known_family(model)
+    if not (flow if flow is not None else family in FLOW_MATCHING_FAMILIES):
+        return
+    which = f"model {model!r}" if model else "this model"
+    raise UserError(f"--scheduler {name} does not fit {which} ({family}, a flow-matching "
+                    "model): it takes no --scheduler (leave it out: its own flow-matching "
+                    f"Euler sampler runs); {', '.join(sorted(SCHEDULERS))} are for SD 1.x/2.x, "
+                    "SDXL and PixArt")
+
+
+def scheduler_note(name: str | None, guidance: float, model: str, loras=()) -> str | None:
+    """What a few-step --scheduler does where the run may not be what it was made for (a line
+    for the user, not an error: the maps are harvested either way): turbo with
+    classifier-free guidance, lcm without an LCM-LoRA (told by 'lcm' in a --lora or model
+    name)."""
+    if name == "turbo" and guidance > 1:
+        return (f"--scheduler turbo is the sampler SD-Turbo and SDXL-Turbo were distilled for "
+                f"(1-4 steps without guidance); at --guidance {guidance:g} every step runs "
+                "the model twice and a Turbo model's images come out over-saturated: give "
+                "--guidance 0 for a Turbo model")
+    if name == "lcm" and not any("lcm" in str(s).lower() for s in (model, *loras)):
+        return ("--scheduler lcm samples as a latent-consistency model expects; without an "
+                "LCM-LoRA (--lora lcm-lora...safetensors, no 'lcm' in any --lora or --model "
+                f"name here) model {model!r} is not one, and its few-step images come out "
+                "blurred")
+    return None
 
 
 def set_scheduler(pipe, name: str | None) -> None:
     """Give `pipe` the named sampler, built from its own scheduler's config (the noise
-    schedule stays the model's); None or "": keep the model's."""
+    schedule stays the model's); None or "": keep the model's. A flow-matching model (SD3,
+    Flux, or any whose own sampler is a flow-matching one) is refused in one line."""
     if not name:
         return
-    check_scheduler(name)
+    family = model_family(pipe)
+    flow = family in FLOW_MATCHING_FAMILIES or \
+        type(pipe.scheduler).__name__.startswith("FlowMatch")
+    check_scheduler(name, getattr(pipe, "name_or_path", None) or None, family, flow)
     import diffusers
 
     cls_name, changes = SCHEDULERS[name]
@@ -357,14 +522,20 @@ def load_tokenizer(model: str, allow_pickle: bool = False):
 
     model = model_source(model)
     source = str(path) if path.exists() else model
-    try:
-        family = model_family(diffusers.DiffusionPipeline.load_config(source)["_class_name"])
-        # Flux's class words are in its T5 sequence (see `prompt_tokenizer`).
-        return AutoTokenizer.from_pretrained(
-            source, subfolder="tokenizer_2" if family == "flux" else "tokenizer")
-    except Exception as e:  # hub/transformers raise many types; report them on one line
-        raise UserError(f"could not load the tokenizer of model {model!r}: {first_line(e)}") \
-            from None
+
+    def load(local_files_only: bool = False):
+        try:
+            family = model_family(diffusers.DiffusionPipeline.load_config(
+                source, local_files_only=local_files_only)["_class_name"])
+            # Flux's class words are in its T5 sequence (see `prompt_tokenizer`).
+            return AutoTokenizer.from_pretrained(
+                source, subfolder="tokenizer_2" if family == "flux" else "tokenizer",
+                local_files_only=local_files_only)
+        except Exception as e:  # hub/transformers raise many types; report them on one line
+            raise UserError(f"could not load the tokenizer of model {model!r}: "
+                            f"{first_line(e)}") from None
+
+    return load() if path.exists() else from_hub(model, load)
 
 
 def weights_fingerprint(modules, keep=lambda name: True) -> str:

@@ -18,7 +18,7 @@ import torch
 from ..config import Preset, SynthConfig, parse_shard
 from ..device import resolve_device, resolve_dtype
 from ..errors import UserError
-from ..files import OutputLock, check_output_dir
+from ..files import check_output_dir
 from ..harvest.harvester import AttentionHarvester
 from ..harvest.masks import masks_from_harvest
 from ..models.loading import (
@@ -36,19 +36,15 @@ from ..models.loading import (
 from ..models.lora import check_loras, parse_lora_spec
 from ..prompts import ClassInfo, PromptSpec, default_prompts, load_classes, load_prompt_file
 from ..seeds import sample_seed
-from .webdataset import TarChunkWriter, finished_chunks
+from ..toy.world import check_toy_words
+from .webdataset import TarChunkWriter, finished_chunks, require_pyarrow
 from .writer import (
     DatasetWriter,
-    finished_indices,
-    prepare_output,
-    stored_job_matches,
+    check_job,
+    open_job,
+    read_manifest_records,
     stored_model_hash,
     write_split,
-)
-
-TINY_NOTICE = (
-    "model 'tiny' is attnseg's built-in tiny random Stable Diffusion: its images are noise "
-    "and its masks carry no meaning (it exercises the code, not the method)"
 )
 
 
@@ -68,22 +64,36 @@ class Sample:
 class SamplePlan:
     """Every sample of a job, planned lazily: sample i is class i // N, that class's prompt
     (i % N) modulo its prompt count, and seed `sample_seed(base, i)`. Nothing is built per
-    sample up front, so start-up time and memory do not depend on the job's size."""
+    sample up front, so start-up time and memory do not depend on the job's size.
+
+    A folder grown from N0 to N per class (`grown_from`: the earlier counts, ascending) keeps
+    its N0 * C samples and plans the new ones after them, class by class: sample i >= N0 * C
+    is class (i - N0 * C) // (N - N0), prompt N0 + its remainder (modulo the prompt count),
+    seed `sample_seed(base, i)`. With one class this is the plan of N; with several, a grown
+    folder is not the folder a run of N from scratch makes (there, sample i's class depends on
+    N), but the same growth steps always make the same folder."""
 
     def __init__(self, classes: list[ClassInfo], prompts: dict[str, list[PromptSpec]],
-                 num_per_class: int, base_seed: int):
+                 num_per_class: int, base_seed: int, grown_from: tuple[int, ...] = ()):
         self.classes = classes
         self.prompts = prompts
         self.num_per_class = num_per_class
         self.base_seed = base_seed
+        self.counts = (*grown_from, num_per_class)
 
     def __len__(self) -> int:
         return len(self.classes) * self.num_per_class
 
     def sample(self, i: int) -> Sample:
-        ci, k = divmod(i, self.num_per_class)
+        start = before = 0  # the growth step's first index, and the count before it
+        for step, count in enumerate(self.counts):
+            size = len(self.classes) * (count - before)
+            if i < start + size or step == len(self.counts) - 1:
+                break
+            start, before = start + size, count
+        ci, k = divmod(i - start, count - before)
         options = self.prompts[self.classes[ci].name]
-        return Sample(i, options[k % len(options)], sample_seed(self.base_seed, i))
+        return Sample(i, options[(before + k) % len(options)], sample_seed(self.base_seed, i))
 
     def __getitem__(self, key):
         if isinstance(key, slice):
@@ -101,9 +111,10 @@ class SamplePlan:
 
 
 def plan_samples(classes: list[ClassInfo], prompts: dict[str, list[PromptSpec]],
-                 num_per_class: int, base_seed: int) -> SamplePlan:
+                 num_per_class: int, base_seed: int,
+                 grown_from: tuple[int, ...] = ()) -> SamplePlan:
     """The job's samples (a lazy sequence, see `SamplePlan`)."""
-    return SamplePlan(classes, prompts, num_per_class, base_seed)
+    return SamplePlan(classes, prompts, num_per_class, base_seed, grown_from)
 
 
 class Synthesizer:
@@ -119,6 +130,7 @@ class Synthesizer:
         # An engine backend passes its own harvester (attnseg.engines.harvest.EngineHarvester).
         self.harvester = harvester or AttentionHarvester(denoiser(pipe), preset.harvest)
         self.timings = {"generate": 0.0, "masks": 0.0}
+        self._primed = None  # (samples' key, generate_float's result), see `prime`
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         """Per-sample Gaussian latents (`models.initial_latents`)."""
@@ -129,10 +141,23 @@ class Synthesizer:
         for spec in specs:
             class_weights(self.pipe, [spec], self.preset.harvest.token_merge)
 
+    @staticmethod
+    def _key(samples: list[Sample]) -> tuple:
+        return tuple((s.index, s.seed, s.spec.text) for s in samples)
+
+    def prime(self, samples: list[Sample]) -> None:
+        """Generate `samples` now, and hand the result to the `generate_float` call that asks
+        for the same samples: a job generates its first batch before it creates its folder, so
+        settings that fail only when the model runs fail with nothing written."""
+        self._primed = (self._key(samples), self.generate_float(samples))
+
     @torch.no_grad()
     def generate_float(self, samples: list[Sample]):
         """Images float [B, H, W, 3] in [0, 1] as the pipeline returns them, labels uint8
         [B, H, W], reliability uint8 [B, H, W], and the HarvestResult they came from."""
+        if self._primed is not None and self._primed[0] == self._key(samples):
+            result, self._primed = self._primed[1], None
+            return result
         specs = [s.spec for s in samples]
         weights, class_ids = class_weights(self.pipe, specs, self.preset.harvest.token_merge)
         latents = self.initial_latents([s.seed for s in samples])
@@ -291,18 +316,18 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
     guidance = cfg.guidance if cfg.guidance is not None else (preset.guidance or 7.5)
     classes = load_classes(cfg.classes)
     prompts = load_prompt_file(cfg.prompts, classes) if cfg.prompts else default_prompts(classes)
+    check_toy_words(cfg.model, prompts)
     out = Path(cfg.out)
     check_output_dir(out)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cpu" and dtype == torch.float16:
         raise UserError("--dtype fp16 is not supported on CPU; use fp32 or bf16")
-    samples = plan_samples(classes, prompts, cfg.num_per_class, cfg.seed)
     webdataset = cfg.format == "webdataset"
+    if webdataset:
+        require_pyarrow()
     # The unit of work and of resume: one batch (VOC files) or one tar chunk (WebDataset).
     unit_size = cfg.samples_per_tar if webdataset else cfg.batch_size
-    units = plan_batches(len(samples), unit_size, shard)
-    mine = shard_sample_count(units, unit_size, len(samples))
     loras = [parse_lora_spec(s, cfg.lora_scale) for s in cfg.loras]
     lora_records = check_loras(loras)  # before anything is loaded or written
     job = {
@@ -322,6 +347,15 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
         job["loras"] = lora_records
     if cfg.backend != "torch" or cfg.engine:  # engines round differently from eager torch
         job["backend"] = cfg.backend if not cfg.engine else f"engine {Path(cfg.engine).name}"
+    if shard[1] > 1 and not webdataset:  # VOC shards write manifests of their own; recorded
+        job["shards"] = shard[1]  # only when sharded, so unsharded job files are unchanged
+    # The folder's job, before the model loads: None (a new folder), or the per-class counts
+    # its samples are planned with (several when it grows); a different job is refused here.
+    counts = check_job(out, job, shard)
+    samples = plan_samples(classes, prompts, cfg.num_per_class, cfg.seed,
+                           tuple(counts[:-1]) if counts else ())
+    units = plan_batches(len(samples), unit_size, shard)
+    mine = shard_sample_count(units, unit_size, len(samples))
     t0 = time.perf_counter()
 
     def unit_done(u: int, done: set[int], chunks: set[int]) -> bool:
@@ -337,13 +371,13 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
         return sum(1 for i in done if i < len(samples) and (i // unit_size) in units)
 
     chunks: set[int] = set()
-    if webdataset:
-        chunks = finished_chunks(out) if stored_job_matches(out, job) else set()
-        done: set[int] = set()
-    else:
-        done = finished_indices(out, job)
+    done: set[int] = set()
+    if counts is not None and webdataset:
+        chunks = finished_chunks(out)
+    elif counts is not None:
+        done = {rec["index"] for rec in read_manifest_records(out)}
     model_hash = model_fingerprint(pipe) if pipe is not None else None
-    if model_hash is not None and stored_job_matches(out, job):
+    if model_hash is not None and counts is not None:
         # The job file matches without the weights' hash (so that a finished job returns
         # without loading the model); with the model at hand, other weights under the same
         # name (a retrained folder) are refused, not taken as this model's samples.
@@ -374,19 +408,22 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
         try:
             synth.check_prompts(samples.specs())
             job["model_hash"] = model_hash or model_fingerprint(pipe)
-            lock = OutputLock(out, shard)  # a second writer of this folder and shard is refused
+            first = next(u for u in units if not unit_done(u, done, chunks))
+            # Its first batch before the folder is made: what fails only when the model runs
+            # (harvest heads the strides leave out, ...) fails with nothing written.
+            synth.prime(samples[first * unit_size : first * unit_size + cfg.batch_size])
+            lock, job = open_job(out, job, classes, shard, counts)
             if webdataset:
-                job = prepare_output(out, job, classes)
                 chunks = finished_chunks(out)  # read again under the lock
             else:
                 writer = DatasetWriter(out, job, classes, shard=shard)
                 done = writer.done
             if progress:
-                from tqdm import tqdm
+                from ..progress import progress_bar
 
-                bar = tqdm(total=mine, initial=done_count(done, chunks), unit="img",
-                           dynamic_ncols=True,
-                           desc="synth" if shard[1] == 1 else f"synth {shard[0]}/{shard[1]}")
+                bar = progress_bar(total=mine, initial=done_count(done, chunks), unit="img",
+                                   dynamic_ncols=True, desc="synth" if shard[1] == 1
+                                   else f"synth {shard[0]}/{shard[1]}")
             for u in units:
                 if unit_done(u, done, chunks):
                     continue
@@ -414,7 +451,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True, pipe=None,
                 bar.close()
             if lock is not None:
                 lock.release()
-    elif not webdataset and stored_job_matches(out, job):
+    elif not webdataset and counts is not None:
         write_split(out)
     elapsed = time.perf_counter() - t0
     return {

@@ -108,6 +108,15 @@ def run_ray(cfg: SynthConfig, workers: int, gpus_per_worker: float = 0.0,
     if cfg.shard is not None:
         raise UserError("leave --shard out: the Ray launcher splits the job itself")
     shards = shards or 4 * workers  # a few pieces per worker keeps the pool busy to the end
+    if cfg.format == "voc":  # its shards keep manifests of their own: one count per folder
+        from .writer import folder_shard_count, read_job
+
+        stored = read_job(cfg.out)
+        count = folder_shard_count(cfg.out, stored) if stored is not None else shards
+        if count != shards:
+            raise UserError(f"output folder {cfg.out} is written in {count} shard(s); give "
+                            f"--shards {count} to go on with it (this run would cut it in "
+                            f"{shards}), or use another --out")
     started = False
     if not ray.is_initialized():
         if address:

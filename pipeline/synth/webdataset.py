@@ -41,6 +41,16 @@ def chunk_paths(root: Path, chunk: int) -> tuple[Path, Path]:
             Path(root) / PARQUET_SUBDIR / f"{chunk:06d}.parquet")
 
 
+def require_pyarrow() -> None:
+    """Refuse `--format webdataset` in one line where pyarrow (its parquet files) is missing;
+    a job checks this before it loads the model or writes anything."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise UserError("--format webdataset needs pyarrow: pip install 'attnseg[scale]'") \
+            from None
+
+
 def finished_chunks(root: str | Path) -> set[int]:
     return {int(p.stem) for p in (Path(root) / SUBDIR).glob("*.tar") if p.stem.isdigit()}
 
@@ -49,11 +59,7 @@ class TarChunkWriter:
     """Collects one chunk's samples into a tar and a parquet file, published atomically."""
 
     def __init__(self, root: str | Path, chunk: int, job: dict):
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise UserError("--format webdataset needs pyarrow: pip install 'attnseg[scale]'") \
-                from None
+        require_pyarrow()
         self.tar_path, self.parquet_path = chunk_paths(Path(root), chunk)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
         self.parquet_path.parent.mkdir(parents=True, exist_ok=True)

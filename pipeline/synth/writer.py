@@ -6,7 +6,8 @@
     OUT/ImageSets/Segmentation/train.txt      sample names, one per line
     OUT/manifest.jsonl                        one JSON record per finished sample
                                               (shard i of n: manifest.shard-IIIII-of-NNNNN.jsonl)
-    OUT/job.json                              the job's settings (a resume must match them)
+    OUT/job.json                              the job's settings (a resume must match them:
+                                              `check_job`)
     OUT/classes.json                          class ids and names
 
 Crash safety: every file is written to a temporary name and renamed into place; a sample's
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,16 @@ from PIL import Image
 
 from ...kernels.labels import BACKGROUND_LABEL, IGNORE_LABEL
 from ..errors import UserError
-from ..files import append_line, atomic_write_bytes, holds_same_run, remove_stale_temporaries
+from ..files import (
+    OutputLock,
+    append_line,
+    atomic_write_bytes,
+    differing_settings,
+    folder_lock,
+    holds_same_run,
+    remove_stale_temporaries,
+)
+from ..jsonfile import read_json
 
 _MANIFEST_GLOB = "manifest*.jsonl"
 
@@ -70,33 +81,128 @@ def read_manifest_records(root: str | Path) -> list[dict]:
     return [by_index[i] for i in sorted(by_index)]
 
 
-def stored_job_matches(root: str | Path, job: dict) -> bool:
-    """Whether `root` holds `job` (compared without the model hash, which needs the model
-    loaded: a finished shard can then return without loading it; the writer checks the hash)."""
-    job_file = Path(root) / "job.json"
-    if not job_file.exists():
-        return False
-    try:
-        previous = json.loads(job_file.read_text())
-    except ValueError:
-        return False
-    previous.pop("model_hash", None)
-    return previous == {k: v for k, v in json.loads(json.dumps(job)).items() if k != "model_hash"}
+def read_job(root: str | Path) -> dict | None:
+    """`root/job.json` as recorded, None when there is none; one line when it is damaged."""
+    path = Path(root) / "job.json"
+    if not path.exists():
+        return None
+    return read_json(path, hint="its samples cannot be matched to a job: use another --out")
 
 
 def stored_model_hash(root: str | Path) -> str | None:
     """The weights' hash recorded in `root`'s job.json, None if there is none."""
-    try:
-        return json.loads((Path(root) / "job.json").read_text()).get("model_hash")
-    except (OSError, ValueError):
+    job = read_job(root)
+    return None if job is None else job.get("model_hash")
+
+
+# What a folder's job record holds besides its settings: how the folder came to be (the
+# per-class counts it grew through, its shard count). The last two are recorded only when they
+# are not the plain case (one count, one shard), so the job files of such jobs keep their bytes.
+_HISTORY_KEYS = ("num_per_class", "grown_from", "shards")
+_SHARD_COUNT = re.compile(r"(?:manifest|\.lock)\.shard-\d+-of-(\d+)(?:\.jsonl)?$")
+
+
+def folder_shard_count(root: str | Path, stored: dict) -> int:
+    """How many shards write `root`: its job record's `shards` (absent: one), or for a folder
+    from before the count was recorded, the count its manifests' (else its locks') names show."""
+    if "shards" in stored:
+        return stored["shards"]
+    root = Path(root)
+
+    def counts(names) -> set[int]:
+        return {1 if n == "manifest.jsonl" else int(m.group(1))
+                for n in names if n == "manifest.jsonl" or (m := _SHARD_COUNT.match(n))}
+
+    written = counts(p.name for p in root.glob("manifest*.jsonl"))
+    if len(written) > 1:
+        raise UserError(f"output folder {root} holds manifests of runs with different shard "
+                        f"counts ({', '.join(map(str, sorted(written)))}), so samples may be "
+                        "listed twice; use another --out")
+    locked = counts(p.name for p in root.glob(".lock.shard-*"))
+    return next(iter(written or (locked if len(locked) == 1 else {1})))
+
+
+def _shards_text(count: int) -> str:
+    return "without --shard" if count == 1 else f"with --shard i/{count} ({count} shards)"
+
+
+def check_job(root: str | Path, job: dict, shard: tuple[int, int]) -> list[int] | None:
+    """How the folder `root` stands to the synthesis job `job` (its settings as run_synth
+    builds them) run as shard `shard`: None when it holds no job yet; else the per-class counts
+    its samples are planned with, oldest first and ending with `job`'s. One count, unless the
+    folder grows: `--num-per-class` may grow on a folder with otherwise identical settings (the
+    samples there are kept, the new ones take the next indices; see `SamplePlan`).
+
+    Refused in one line: a folder of a different job (naming the settings that differ), of
+    another shard count (each shard of a VOC folder appends to its own manifest; a WebDataset
+    chunk is one tar whatever the sharding, so those folders take any count), of more samples
+    per class (a dataset does not shrink), or a WebDataset folder to grow whose last chunk is
+    short (a chunk is a finished tar). The model hash is compared only when `job` has one (it
+    needs the model loaded)."""
+    root = Path(root)
+    stored = read_job(root)
+    if stored is None:
         return None
+    job = json.loads(json.dumps(job))  # as it reads back (tuples -> lists, int keys -> str)
+    skip = set(_HISTORY_KEYS) | ({"model_hash"} if "model_hash" not in job else set())
+    there = {k: v for k, v in stored.items() if k not in skip}
+    here = {k: v for k, v in job.items() if k not in skip}
+    if there != here:
+        raise UserError(f"output folder {root} holds a different job (its job.json differs "
+                        f"from these settings{differing_settings(there, here)}); use another "
+                        "--out")
+    count = shard[1] if job.get("format") == "webdataset" else folder_shard_count(root, stored)
+    if count != shard[1]:
+        run = "runs without --shard" if shard[1] == 1 else f"runs --shard {shard[0]}/{shard[1]}"
+        raise UserError(f"output folder {root} is written {_shards_text(count)}; this one "
+                        f"{run}: give every run on the folder the same shard count, or use "
+                        "another --out")
+    counts = [*stored.get("grown_from", []), stored["num_per_class"]]
+    n = job["num_per_class"]
+    if n < counts[-1]:
+        raise UserError(f"output folder {root} holds {counts[-1]} images per class; "
+                        f"--num-per-class {n} would shrink it (a dataset only grows): give "
+                        f"{counts[-1]} or more, or use another --out")
+    if n > counts[-1]:
+        total = len(stored["class_names"]) * counts[-1]
+        if stored.get("format") == "webdataset" and total % stored["samples_per_tar"]:
+            raise UserError(f"output folder {root} holds {total} samples, which end inside a "
+                            f"finished tar chunk (--samples-per-tar "
+                            f"{stored['samples_per_tar']}): a WebDataset folder grows only "
+                            "from whole chunks; use another --out")
+        counts.append(n)
+    return counts
 
 
-def finished_indices(root: str | Path, job: dict) -> set[int]:
-    """Indices already written for `job` in `root` (empty if the folder holds another job)."""
-    if not stored_job_matches(root, job):
-        return set()
-    return {rec["index"] for rec in read_manifest_records(root)}
+def open_job(root: Path, job: dict, classes, shard: tuple[int, int],
+             counts: list[int] | None) -> tuple[OutputLock, dict]:
+    """Start writing shard `shard` of the synthesis job `job` into `root`: under the folder's
+    lock, check the folder again (`check_job`: it must plan the samples as `counts`, what the
+    caller planned with), take this shard's `OutputLock`, and record the job (a new folder's
+    job.json, or a grown count: job.json replaced atomically, the samples there kept). Returns
+    the lock (the caller releases it) and the job as the folder records it."""
+    with folder_lock(root):
+        now = check_job(root, job, shard)
+        plain = [job["num_per_class"]]
+        if (now or plain) != (counts or plain):
+            raise UserError(f"output folder {root} changed while this run started (another run "
+                            "began or grew it); run the same command again")
+        lock = OutputLock(root, shard)  # a second writer of this folder and shard is refused
+        try:
+            stored = read_job(root)
+            if stored is not None:  # kept as recorded (a folder from before `shards` too)
+                grown = {**stored, "num_per_class": now[-1]}
+                if len(now) > 1:
+                    grown["grown_from"] = now[:-1]
+                if grown != stored:
+                    atomic_write_bytes(root / "job.json",
+                                       json.dumps(grown, indent=1, sort_keys=True).encode())
+                job = grown
+            job = prepare_output(root, job, classes)
+        except BaseException:
+            lock.release()
+            raise
+    return lock, job
 
 
 def voc_palette() -> list[int]:

@@ -39,11 +39,13 @@ from ..adapt.prompt_augment import LEXICON_FILE, load_lexicon
 from ..device import resolve_device
 from ..errors import UserError
 from ..files import atomic_write_bytes
+from ..jsonfile import read_json
 from ..models.tiny import TINY_WORDS
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..prompts import data_file, fill_template, load_classes
 from ..seeds import sample_seed
-from .world import BACKGROUND_WORDS
+from ..settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitFloat
+from .world import BACKGROUND_WORDS, toy_class_words
 
 # Prefixes of training captions; they match the toy templates' words.
 _PREFIXES = ("", "a photo of ", "a picture of ", "a drawing of ", "a scene with ", "an image of ")
@@ -58,25 +60,25 @@ class ToyModelConfig:
     # Training scenes are (render_seed, i) for i < num_scenes: keep it apart from the seeds
     # that render validation and test sets.
     render_seed: int = 1000
-    num_scenes: int = 20000
-    size: int = 64
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    unet_channels: tuple[int, ...] = (48, 96, 96)
-    head_dim: int = 32
-    text_dim: int = 64
-    max_length: int = 32
-    vae_steps: int = 3000
-    vae_batch_size: int = 16
-    vae_lr: float = 1e-3
-    unet_steps: int = 17000
-    batch_size: int = 32
-    lr: float = 5e-4
-    caption_dropout: float = 0.1
-    synonym_rate: float = 0.3
-    ema_decay: float = 0.999
-    checkpoint_every: int = 200
+    num_scenes: PositiveInt = 20000
+    size: PositiveInt = 64
+    vae_channels: tuple[PositiveInt, ...] = (16, 32, 64)
+    unet_channels: tuple[PositiveInt, ...] = (48, 96, 96)
+    head_dim: PositiveInt = 32
+    text_dim: PositiveInt = 64
+    max_length: PositiveInt = 32
+    vae_steps: NonNegativeInt = 3000
+    vae_batch_size: PositiveInt = 16
+    vae_lr: PositiveFloat = 1e-3
+    unet_steps: NonNegativeInt = 17000
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 5e-4
+    caption_dropout: UnitFloat = 0.1
+    synonym_rate: UnitFloat = 0.3
+    ema_decay: UnitFloat = 0.999
+    checkpoint_every: PositiveInt = 200
     # torch CPU threads (0: torch's default).
-    threads: int = 0
+    threads: NonNegativeInt = 0
     # Where it trains ("auto": the GPU when there is one). Every random draw is made on the
     # CPU from (seed, step) and moved, so a run may resume on another device; weights then
     # agree with a one-device run up to the devices' arithmetic.
@@ -84,7 +86,7 @@ class ToyModelConfig:
     # Stop after this many seconds of this run (0: no limit): checkpoint, export the model
     # trained so far (its card says how many steps), resume later where it stopped. For a
     # lent GPU's fixed minutes.
-    time_limit_s: float = 0.0
+    time_limit_s: NonNegativeFloat = 0.0
     # A model exported by `attnseg toy train-model` (a folder, or `toy`: the shipped one) to
     # go on training instead of starting from random weights: its VAE, text encoder and UNet
     # (the EMA it shipped) and its step count, with fresh optimiser states (an export keeps
@@ -135,8 +137,7 @@ def toy_words() -> list[str]:
 
 def class_words() -> dict[str, list[str]]:
     """Per toy class: its name, then its lexicon words (synonyms and hyponyms)."""
-    lexicon = load_lexicon(data_file(LEXICON_FILE))
-    return {c.name: [c.name] + lexicon.get(c.name.casefold(), []) for c in load_classes("toy")}
+    return toy_class_words()
 
 
 def training_caption(rng: np.random.Generator, objects: list[str], words: dict[str, list[str]],
@@ -239,8 +240,8 @@ class ToyModelTrainer:
         weights, meta = self._checkpoint_paths()
         if not meta.exists():
             return
-        info = json.loads(meta.read_text())
-        if info["config"] != self._config_doc():
+        info = read_json(meta, hint="use another --out, or delete that folder to start over")
+        if info.get("config") != self._config_doc():
             raise UserError(f"{self.out} holds a toy-model training with other settings; "
                             "use another --out, or delete that folder to start over")
         tensors = load_file(str(weights))
@@ -503,7 +504,7 @@ class ToyModelTrainer:
 
     def _stored_info(self) -> dict:
         meta = self._checkpoint_paths()[1]
-        return json.loads(meta.read_text()) if meta.exists() else {}
+        return read_json(meta) if meta.exists() else {}
 
     def pipeline(self, ema: bool = True):
         """The StableDiffusionPipeline of the current weights (the UNet's EMA if `ema`)."""
@@ -568,9 +569,9 @@ SAMPLE_PROMPTS = ("a photo of a circle", "a photo of a square", "a photo of a tr
 def _bar(progress: bool, total: int, desc: str, unit: str, initial: int = 0):
     if not progress:
         return None
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, desc=desc, unit=unit)
 
 
 def sample_toy(pipe, prompts: list[str], seed: int = 0, steps: int = 25, guidance: float = 4.0):

@@ -29,9 +29,10 @@ from typing import Literal
 import numpy as np
 
 from ..errors import UserError
-from ..files import atomic_write_bytes
-from ..prompts import fill_template, load_classes
+from ..files import atomic_write_bytes, hold_output, holding_output
+from ..prompts import data_file, fill_template, load_classes
 from ..seeds import sample_seed
+from ..settings import PositiveInt
 from ..synth.writer import DatasetWriter
 
 DOMAINS = ("source", "target")
@@ -47,12 +48,12 @@ class ToyRenderConfig:
     """One `attnseg toy render` job."""
 
     out: str = "out/toy"
-    num_images: int = 100
+    num_images: PositiveInt = 100
     seed: int = 0
     domain: Literal["source", "target"] = "source"
-    height: int = 64
-    width: int = 64
-    max_objects: int = 3
+    height: PositiveInt = 64
+    width: PositiveInt = 64
+    max_objects: PositiveInt = 3
 
     def validate(self) -> None:
         if self.num_images < 1:
@@ -276,6 +277,40 @@ def _caption(rng: np.random.Generator, objects: list[str], domain: str) -> str:
     return f"{listed} on {rng.choice(BACKGROUND_WORDS[domain])}"
 
 
+def toy_class_words() -> dict[str, list[str]]:
+    """Per toy class: its name, then its lexicon words (synonyms and hyponyms): the class
+    words the toy model learnt."""
+    from ..adapt.prompt_augment import LEXICON_FILE, load_lexicon
+
+    lexicon = load_lexicon(data_file(LEXICON_FILE))
+    return {c.name: [c.name] + lexicon.get(c.name.casefold(), []) for c in load_classes("toy")}
+
+
+def is_toy_model(model: str) -> bool:
+    """Whether `model` is a toy-world model: the shipped `toy`, or a folder that
+    `attnseg toy train-model` exported (its card, attnseg_toy_model.json, says so)."""
+    return model == "toy" or (Path(model).expanduser() / "attnseg_toy_model.json").is_file()
+
+
+def check_toy_words(model: str, prompts: dict) -> None:
+    """Refuse class words a toy-world model never learnt (it knows the toy shapes' words
+    only: `--classes voc` would make minutes of meaningless images), naming them and the words
+    it knows. Other models are not checked (their vocabularies are open)."""
+    if not is_toy_model(model):
+        return
+    known = [w for words in toy_class_words().values() for w in words]
+    folded = {w.casefold() for w in known}
+    unknown = list(dict.fromkeys(w for specs in prompts.values() for spec in specs
+                                 for _, w in spec.labels if w.casefold() not in folded))
+    if unknown:
+        shown = ", ".join(repr(w) for w in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise UserError(f"model {model} does not know the class word(s) {shown}{more}: it "
+                        f"learnt the toy world's shapes only ({', '.join(known)}); use "
+                        "--classes toy or those words")
+
+
+@holding_output
 def render_dataset(cfg: ToyRenderConfig, progress: bool = True) -> dict:
     """Render (or resume rendering) a dataset of toy scenes into `cfg.out`."""
     cfg.validate()
@@ -283,15 +318,16 @@ def render_dataset(cfg: ToyRenderConfig, progress: bool = True) -> dict:
     out = Path(cfg.out)
     job = {"model": "toy-render", "model_hash": "exact", "preset": "exact", "mask": {},
            "render": asdict(cfg) | {"out": None}}
+    hold_output(out)  # a second process rendering into the folder is refused
     writer = DatasetWriter(out, job, classes)
     todo = [i for i in range(cfg.num_images) if i not in writer.done]
     by_name = {c.name: c for c in classes}
     bar = None
     if progress and todo:
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=cfg.num_images, initial=cfg.num_images - len(todo), unit="img",
-                   desc="render", dynamic_ncols=True)
+        bar = progress_bar(total=cfg.num_images, initial=cfg.num_images - len(todo), unit="img",
+                           desc="render")
     try:
         for i in todo:
             scene = render_scene(sample_seed(cfg.seed, i), cfg.height, cfg.width, cfg.domain,

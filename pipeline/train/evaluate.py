@@ -40,6 +40,7 @@ from .sources import (
     class_mapping,
     generic_names,
     normalize_name,
+    read_class_names,
 )
 
 MIN_SIDE = 32
@@ -279,9 +280,9 @@ def evaluate_model(model, source: SegSource, cfg: InferenceConfig, limit: int | 
     model.eval()
     bar = None
     if progress:
-        from tqdm import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=n, unit="img", desc="eval", dynamic_ncols=True)
+        bar = progress_bar(total=n, unit="img", desc="eval")
     try:
         for i in range(n):
             try:
@@ -345,11 +346,7 @@ def _read_label(path: Path) -> np.ndarray:
 
 def _classes_of(root: Path) -> list[str] | None:
     f = root / "classes.json"
-    if not f.is_file():
-        return None
-    doc = json.loads(f.read_text())
-    ids = {int(k): v for k, v in doc.items() if int(k) != IGNORE_LABEL}
-    return [ids.get(i, f"class{i}") for i in range(max(ids) + 1)]
+    return read_class_names(f) if f.is_file() else None
 
 
 def evaluate_pseudo(pseudo: str | Path, gt: str | Path, num_classes: int | None = None,
@@ -365,6 +362,9 @@ def evaluate_pseudo(pseudo: str | Path, gt: str | Path, num_classes: int | None 
     """
     pseudo, gt = Path(pseudo), Path(gt)
     pred_files, gt_files = _label_files(pseudo), _label_files(gt)
+    if not set(pred_files) & set(gt_files):  # two unrelated datasets: nothing to score
+        raise UserError(f"{pseudo} and {gt} share no sample names (e.g. {next(iter(pred_files))} "
+                        f"and {next(iter(gt_files))}): the ground truth is not of these images")
     missing = [k for k in pred_files if k not in gt_files]
     if missing:
         raise UserError(f"{len(missing)} pseudo-mask(s) have no ground truth in {gt} "

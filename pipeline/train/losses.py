@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..settings import NonNegativeFloat, NonNegativeInt, UnitFloat
 
 LOSS_NAMES = ("ce", "ignore-band", "reliability-weighted", "cotrain")
 
@@ -42,28 +43,28 @@ class LossConfig:
 
     name: str = "ce"
     # ignore-band: pixels with reliability below this join the ignore set ...
-    band_threshold: float = 0.2
+    band_threshold: UnitFloat = 0.2
     # ... and so do pixels within this many pixels of a label boundary (0: none).
-    band_boundary: int = 0
+    band_boundary: NonNegativeInt = 0
     # reliability-weighted: w = max(r ** weight_power, weight_floor).
-    weight_power: float = 1.0
-    weight_floor: float = 0.0
+    weight_power: NonNegativeFloat = 1.0
+    weight_floor: UnitFloat = 0.0
     # cotrain: fraction of each class's pixels (per image, by reliability) that is reliable.
-    reliable_fraction: float = 0.5
+    reliable_fraction: UnitFloat = 0.5
     # cotrain: weight of the peer-supervised term.
-    peer_weight: float = 1.0
+    peer_weight: NonNegativeFloat = 1.0
     # cotrain: steps over which the unreliable pixels are handed from the pseudo-mask to the
     # peer (the peer's predictions are noise at the start); see cotrain_loss.
-    peer_warmup: int = 1000
+    peer_warmup: NonNegativeInt = 1000
     # cotrain: a peer prediction is only used as a target where the peer's softmax
     # probability reaches this (0: everywhere). Without it two networks confidently teach
     # each other a late-learned class away (seen in bench/robust_training.py).
-    peer_confidence: float = 0.9
+    peer_confidence: UnitFloat = 0.9
     # cotrain: ignore-labelled pixels (attnseg's "unsure" band) learn from the peer too.
     peer_on_ignore: bool = False
     # cotrain: weight of reliable pixels within boundary_width px of a pseudo-mask boundary.
-    boundary_width: int = 2
-    boundary_weight: float = 0.5
+    boundary_width: NonNegativeInt = 2
+    boundary_weight: NonNegativeFloat = 0.5
 
     def validate(self) -> None:
         if self.name not in LOSS_NAMES:

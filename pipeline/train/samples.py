@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..settings import PositiveFloat, PositiveInt, UnitFloat
 from .sources import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -40,13 +41,13 @@ class AugmentConfig:
     smaller), flipped horizontally with probability ``flip``, and its colours jittered.
     """
 
-    crop_size: tuple[int, int] = (512, 512)
-    base_scale: tuple[int, int] | None = (2048, 512)
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    flip: float = 0.5
-    brightness: float = 0.125  # add U(-b, b) * 255
-    contrast: float = 0.25  # scale around the mean by U(1 - c, 1 + c)
-    saturation: float = 0.25  # blend with the grey image by U(1 - s, 1 + s)
+    crop_size: tuple[PositiveInt, PositiveInt] = (512, 512)
+    base_scale: tuple[PositiveInt, PositiveInt] | None = (2048, 512)
+    scale_range: tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)
+    flip: UnitFloat = 0.5
+    brightness: UnitFloat = 0.125  # add U(-b, b) * 255
+    contrast: UnitFloat = 0.25  # scale around the mean by U(1 - c, 1 + c)
+    saturation: UnitFloat = 0.25  # blend with the grey image by U(1 - s, 1 + s)
 
     def validate(self) -> None:
         if min(self.crop_size) < 1:

@@ -16,7 +16,6 @@ rebuilds the same network to load a checkpoint into, with no pretrained folder n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError, first_line
+from ..jsonfile import read_json
 
 # MiT encoder sizes (SegFormer paper, Table 6); heads, patch sizes and SR ratios are the same
 # for every size. The all-MLP decoder is 256 wide for b0/b1 and 768 for b2..b5.
@@ -106,10 +106,7 @@ def _check_pretrained_folder(path: Path) -> dict:
             raise UserError(f"pretrained folder {path} holds only pickle weights (.bin/.pt), "
                             "which are not loaded (they can run code); convert to safetensors")
         raise UserError(f"pretrained folder {path} has no .safetensors weights")
-    try:
-        return json.loads((path / "config.json").read_text())
-    except ValueError:
-        raise UserError(f"{path / 'config.json'} is malformed") from None
+    return read_json(path / "config.json")
 
 
 def _from_pretrained(cls, path: Path, **kwargs):

@@ -32,7 +32,6 @@ stream) is `train.samples`.
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from PIL import Image
 
 from ...kernels.labels import IGNORE_LABEL
 from ..errors import UserError
+from ..jsonfile import read_json
 from ..synth.webdataset import WebDatasetIndex
 from ..synth.writer import read_manifest_records
 
@@ -177,7 +177,40 @@ class SegSource:
 def _read_split(path: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"split file {path} does not exist")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"split file {path} is damaged: it is not UTF-8 text (one sample "
+                        "name a line)") from None
+    if "\0" in text:  # binary damage that happens to decode
+        raise UserError(f"split file {path} is damaged: it holds NUL bytes (one sample name "
+                        "a line)")
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+# Label ids a classes.json may name (the ImageNet-S ids, R + 256 G, stay far below).
+_MAX_LABEL_ID = 1 << 16
+
+
+def read_class_names(classes_file: Path) -> list[str]:
+    """Class names by label id from a classes.json ({"id": "name", ...}; the ignore id 255
+    left out, ids it skips named class<i>); a damaged file is refused in one line naming it."""
+    doc = read_json(classes_file)
+    try:
+        ids = {int(k): v for k, v in doc.items()}
+    except ValueError:
+        raise UserError(f"{classes_file} is damaged: its keys must be label ids (\"0\", "
+                        "\"1\", ...)") from None
+    ids.pop(IGNORE_LABEL, None)
+    if not ids:
+        raise UserError(f"{classes_file} is damaged: it names no class")
+    if not all(isinstance(v, str) for v in ids.values()):
+        raise UserError(f"{classes_file} is damaged: its values must be class names (strings)")
+    outside = [k for k in ids if not 0 <= k < _MAX_LABEL_ID]
+    if outside:
+        raise UserError(f"{classes_file} is damaged: label id {outside[0]} is outside "
+                        f"0..{_MAX_LABEL_ID - 1}")
+    return [ids.get(i, f"class{i}") for i in range(max(ids) + 1)]
 
 
 def _synthetic_class_names(root: Path) -> list[str]:
@@ -185,13 +218,7 @@ def _synthetic_class_names(root: Path) -> list[str]:
     classes_file = root / "classes.json"
     if not classes_file.is_file():
         raise UserError(f"{root} is not an attnseg synthetic dataset (no classes.json)")
-    try:
-        doc = json.loads(classes_file.read_text())
-        ids = {int(k): str(v) for k, v in doc.items()}
-    except (ValueError, AttributeError):
-        raise UserError(f"{classes_file} is malformed") from None
-    n = max(k for k in ids if k != IGNORE_LABEL) + 1
-    return [ids.get(i, f"class{i}") for i in range(n)]
+    return read_class_names(classes_file)
 
 
 class SyntheticSource(SegSource):

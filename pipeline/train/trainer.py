@@ -26,7 +26,11 @@ import dataclasses
 import io
 import json
 import math
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +39,22 @@ import torch
 
 from ..device import resolve_device
 from ..errors import UserError
-from ..files import atomic_write_bytes, check_output_dir, holds_same_run
+from ..files import (
+    atomic_write_bytes,
+    check_output_dir,
+    hold_output,
+    holding_output,
+    holds_same_run,
+)
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
-from ..settings import config_from
+from ..settings import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    UnitFloat,
+    config_from,
+)
 from .evaluate import InferenceConfig, evaluate_model, inference_for
 from .losses import LossConfig, segmentation_loss
 from .samples import (
@@ -71,34 +88,35 @@ class TrainConfig:
     val_data: str | None = None
     val_dataset: str = "auto"
     val_split: str = "val"
-    val_every: int = 0  # steps between validations (0: only at the end, if val_data is set)
-    val_limit: int | None = None  # validate on the first N images only
+    # steps between validations (0: only at the end, if val_data is set)
+    val_every: NonNegativeInt = 0
+    val_limit: PositiveInt | None = None  # validate on the first N images only
     model: str = "segformer-b0"
     pretrained: str | None = None
     out: str = "runs/train"
-    steps: int = 20000
-    batch_size: int = 8
-    accum_steps: int = 1
+    steps: PositiveInt = 20000
+    batch_size: PositiveInt = 8
+    accum_steps: PositiveInt = 1
     optimizer: str = "adamw"
-    lr: float = 6e-5
-    head_lr_mult: float = 10.0  # decoder heads learn this much faster (SegFormer's recipe)
-    weight_decay: float = 0.01
-    momentum: float = 0.9  # SGD only
+    lr: PositiveFloat = 6e-5
+    head_lr_mult: PositiveFloat = 10.0  # decoder heads learn this much faster (SegFormer's recipe)
+    weight_decay: NonNegativeFloat = 0.01
+    momentum: UnitFloat = 0.9  # SGD only
     schedule: str = "poly"
-    poly_power: float = 1.0
-    min_lr: float = 0.0
-    warmup_steps: int = 1500
-    warmup_ratio: float = 1e-6  # the first step's lr, as a fraction of the scheduled lr
+    poly_power: NonNegativeFloat = 1.0
+    min_lr: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 1500
+    warmup_ratio: UnitFloat = 1e-6  # the first step's lr, as a fraction of the scheduled lr
     amp: str = "auto"  # auto (bf16/fp16 on GPU, off on CPU), off, fp16, bf16
     compile: bool = False
-    workers: int = 2
+    workers: NonNegativeInt = 2
     seed: int = 0
     device: str = "auto"
-    log_every: int = 10
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 1000
+    keep_checkpoints: PositiveInt = 2
     progress: bool = True
-    stop_after: int | None = None  # stop (as if killed) after this many steps of this call
+    stop_after: PositiveInt | None = None  # stop (as if killed) after this many steps of this call
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -346,8 +364,9 @@ def _prepare_out(cfg: TrainConfig, run_doc: dict) -> tuple[Path, bool]:
         c = dict(doc.get("config", {})) if isinstance(doc, dict) else {}
         for k in RUNTIME_FIELDS:
             c.pop(k, None)
-        return c, doc.get("classes") if isinstance(doc, dict) else None
+        return {"config": c, "classes": doc.get("classes") if isinstance(doc, dict) else None}
 
+    hold_output(out)  # a second process training into the folder is refused
     if holds_same_run(out, "run.json", run_doc, "run folder", "run", key=weights_relevant):
         return out, True
     try:
@@ -363,6 +382,7 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+@holding_output
 def run_training(cfg: TrainConfig) -> dict:
     """Train as configured (resuming a killed run in the same folder); returns a summary."""
     cfg.validate()
@@ -405,7 +425,15 @@ def run_training(cfg: TrainConfig) -> dict:
     last_val = None
     stream = iter(loader)
     step = start
+    saved = start  # the newest step whose checkpoint is on disk
+    val_pending = counters.pop("val_pending", False)
+    committed = dict(counters)  # the counters as of `step` (a step cut short adds nothing)
+    cost = _CpuCost(cfg, device, logs)
     try:
+        if val_pending and val_source is not None:
+            # Interrupted while validating this step: validate it now.
+            last_val = evaluate_model(models[0], val_source, infer, cfg.val_limit)
+            logs.validation(step, last_val)
         while step < cfg.steps:
             if cfg.stop_after is not None and step - start >= cfg.stop_after:
                 break
@@ -419,25 +447,41 @@ def run_training(cfg: TrainConfig) -> dict:
                 counters)
             if used == 0 and counters["skipped"] >= len(dataset) and counters["images"] == 0:
                 raise UserError(f"none of the {len(dataset)} training samples could be read")
-            if used:
-                if scaler is not None:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-            step += 1
-            counters["step"] = step
-            counters["images"] += used
-            images_this_call += used
-            elapsed = time.perf_counter() - t0
-            rate = images_this_call / elapsed if elapsed > 0 else 0.0
-            logs.step(step, cfg.lr * factor, loss_sum, parts, counters, rate, elapsed)
+            with _held_interrupts():  # the update, its count and its log row are one step
+                if used:
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
+                step += 1
+                counters["step"] = step
+                counters["images"] += used
+                images_this_call += used
+                elapsed = time.perf_counter() - t0
+                rate = images_this_call / elapsed if elapsed > 0 else 0.0
+                logs.step(step, cfg.lr * factor, loss_sum, parts, counters, rate, elapsed)
+                committed = dict(counters)
+            cost.step_done(step)
             if val_source is not None and (
                     (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps):
+                committed["val_pending"] = True
                 last_val = evaluate_model(models[0], val_source, infer, cfg.val_limit)
                 logs.validation(step, last_val)
+                committed.pop("val_pending")
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _save_step_checkpoint(cfg, out, step, models, opt, scaler, counters)
+                saved = step
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what this call trained (the checkpoint interval may be hours on a
+        # CPU); the same command resumes from it. A second Ctrl-C while it is written
+        # leaves the previous checkpoint (the write is atomic).
+        if step > saved:
+            logs.close()
+            path = _save_step_checkpoint(cfg, out, step, models, opt, scaler, committed)
+            print(f"attnseg: stopped after step {step} of {cfg.steps}; saved checkpoint {path}",
+                  file=sys.stderr)
+        raise
     finally:
         logs.close()
         del stream
@@ -451,6 +495,68 @@ def run_training(cfg: TrainConfig) -> dict:
             "images_per_s": round(images_this_call / elapsed, 3) if elapsed > 0 else None,
             "skipped": counters["skipped"], "final": final, "device": str(device),
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
+
+
+@contextmanager
+def _held_interrupts():
+    """Ctrl-C (SIGINT) inside the block is held until it ends, then raised: the block is one
+    step's optimiser update, count and log row, which the checkpoint an interrupt saves must
+    hold whole or not at all. Outside the main thread (no signal handlers there) or under a
+    handler other than Python's own, the block runs as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+class _CpuCost:
+    """On a CPU, what the run's settings cost: after this call's second step, the measured
+    time of a step and of the steps left, with what would cost less, when the rest takes
+    more than `NOTE_ABOVE_S` (the defaults are a GPU recipe: on a CPU, 512x512 crops of
+    batch 8 take tens of seconds a step)."""
+
+    NOTE_ABOVE_S = 600.0
+
+    def __init__(self, cfg: TrainConfig, device, logs: _RunLogs):
+        self.cfg, self.logs = cfg, logs
+        self.pending = device.type == "cpu"
+        self.first: tuple[int, float] | None = None
+
+    def step_done(self, step: int) -> None:
+        if not self.pending:
+            return
+        now = time.perf_counter()
+        if self.first is None:  # the first step also starts the loader: timed from its end
+            self.first = (step, now)
+            return
+        self.pending = False
+        per_step = (now - self.first[1]) / (step - self.first[0])
+        left = self.cfg.steps - step
+        if per_step * left <= self.NOTE_ABOVE_S:
+            return
+        h, w = self.cfg.augment.crop_size
+        self.logs.note(
+            f"note: on the CPU a step takes {per_step:.1f} s "
+            f"({self.cfg.batch_size * self.cfg.accum_steps} crops of {h}x{w}), so the {left} "
+            "steps left take about "
+            f"{_duration(per_step * left)}; a CUDA GPU is many times faster, a smaller --crop "
+            "(256: about a quarter of the pixels) or fewer --steps cost less, and Ctrl-C saves "
+            "a checkpoint to resume from")
 
 
 def _build_models(cfg: TrainConfig, class_names: list[str], device) -> list:
@@ -503,12 +609,13 @@ def _accumulate_gradients(cfg: TrainConfig, stream, models, forward, scaler, amp
 
 
 def _save_step_checkpoint(cfg: TrainConfig, out: Path, step: int, models, opt, scaler,
-                          counters: dict) -> None:
+                          counters: dict) -> Path:
     """Checkpoint this step; keep the newest `keep_checkpoints`."""
     path = out / "checkpoints" / f"step_{step:08d}.safetensors"
     save_checkpoint(path, models, opt, scaler, counters)
     for old in sorted((out / "checkpoints").glob("step_*.safetensors"))[: -cfg.keep_checkpoints]:
         old.unlink(missing_ok=True)
+    return path
 
 
 class _RunLogs:
@@ -525,10 +632,9 @@ class _RunLogs:
         self.tb = _tensorboard(out / "tb")
         self.bar = None
         if cfg.progress:
-            from tqdm import tqdm
+            from ..progress import progress_bar
 
-            self.bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="train",
-                            dynamic_ncols=True)
+            self.bar = progress_bar(total=cfg.steps, initial=start, unit="step", desc="train")
 
     def step(self, step: int, lr: float, loss: float, parts: dict, counters: dict, rate: float,
              elapsed: float) -> None:
@@ -551,11 +657,20 @@ class _RunLogs:
         if self.tb is not None and result["mIoU"] is not None:
             self.tb.add_scalar("val/mIoU", result["mIoU"], step)
 
-    def close(self) -> None:
+    def note(self, line: str) -> None:
+        """A line for the user that leaves the progress bar whole."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line)
+
+    def close(self) -> None:  # may be called twice (an interrupt closes the logs first)
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def _val_inference(cfg: TrainConfig) -> InferenceConfig:

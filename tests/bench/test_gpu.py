@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_bench_gpu_smoke_through_the_cli(tmp_path, capsys, torch_one_thread):
     out = tmp_path / "gpu"
-    rc = main(["bench", "gpu", "--smoke", "--steps", "parity,kbench,throughput,families",
+    rc = main(["bench", "gpu", "--smoke", "--phases", "parity,kbench,throughput,families",
                "--out", str(out)])
     assert rc == 0
     report = json.loads((tmp_path / "gpu.json").read_text())
@@ -37,12 +37,12 @@ def test_bench_gpu_smoke_through_the_cli(tmp_path, capsys, torch_one_thread):
     md = (tmp_path / "gpu.md").read_text()
     assert "| parity | ok" in md and "| families flux | torch | harvest |" in md
     assert "| write inline |" in md
-    assert main(["bench", "gpu", "--steps", "nonsense", "--out", str(out)]) == 2
-    assert "unknown step" in capsys.readouterr().err
+    assert main(["bench", "gpu", "--phases", "nonsense", "--out", str(out)]) == 2
+    assert "unknown phase" in capsys.readouterr().err
 
 
 def test_bench_gpu_toy_step_trains_and_packs_the_model(tmp_path):
-    rc = main(["bench", "gpu", "--smoke", "--steps", "toy", "--out", str(tmp_path / "gpu")])
+    rc = main(["bench", "gpu", "--smoke", "--phases", "toy", "--out", str(tmp_path / "gpu")])
     assert rc == 0
     toy = json.loads((tmp_path / "gpu.json").read_text())["steps"]["toy"]
     # Trained to its end (2 VAE + 3 UNet steps), then packed into one file to bring back.
@@ -60,7 +60,7 @@ def test_gpu_proof_script_runs_from_a_bare_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PY=sys.executable, SITE=str(tmp_path / "site"), ROOT=str(tmp_path / "root"),
                OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", "bench/gpu_proof.sh", str(tmp_path), "--smoke", "--steps",
+    proc = subprocess.run(["bash", "bench/gpu_proof.sh", str(tmp_path), "--smoke", "--phases",
                            "parity", "--out", str(tmp_path / "gpu")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

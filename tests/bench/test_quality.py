@@ -166,9 +166,9 @@ def test_quality_cli_end_to_end_and_resume(voc, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--labelled", "nowhere"], "labelled set nowhere does not exist"),
-    (["--noise-levels", "0.2,1.5"], "must be in [0, 1)"),
+    (["--noise-levels", "0.2,1.5"], "'noise_levels' expects a list of finite numbers in [0, 1]"),
     (["--set", "nonsense"], "is not of the form SECTION.KEY=VALUE"),
-    (["--set", "other.x=1"], "--set sections are real and train"),
+    (["--set", "other.x=1"], "unknown bench quality section(s) ['other'] (known: real, train)"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     run = _cli(*args, "--out", str(tmp_path / "q"), cwd=tmp_path)

@@ -19,4 +19,7 @@ def test_bench_writing_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert report["images"] == 4
     assert all(r["images_per_s"] > 0 and len(r["seconds"]) == 1 for r in report["rows"])
     assert report["rows"][0]["vs_generate_only"] == 1.0
-    assert "| write pool (3 threads) |" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| write pool (3 threads) |" in captured.out
+    # A line per timed run on stderr (warm-up round, then the repeat), as `--no-progress` stops.
+    assert "warm-up, write inline:" in captured.err and "repeat 1/1, generate only:" in captured.err

@@ -41,7 +41,7 @@ def test_build_cli_reuses_an_up_to_date_engine_and_verify_passes(ort_engine, tmp
                str(copy), "--height", str(SIZE[0]), "--width", str(SIZE[1]), "--batch-size",
                str(MAX_BATCH), "--device", "cpu"])
     out = capsys.readouterr().out
-    assert rc == 0 and "reused onnxruntime engine" in out and "tiny random model" in out
+    assert rc == 0 and "reused onnxruntime engine" in out and "built-in random model" in out
     rc = main(["engine", "verify", str(copy), "--steps", "3", "--device", "cpu", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and report["ok"], report

@@ -168,8 +168,9 @@ def test_corrupt_or_mismatched_engine_gives_a_clear_error(ort_engine, tmp_path):
     from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
     key = cache.EngineKey.from_dict(json.loads((folder / "engine.json").read_text())["key"])
-    with pytest.raises(UserError, match="built for model weights"):
-        check_engine_model(key, build_tiny_pipeline(seed=1), folder)
+    with pytest.raises(UserError, match=r"built for model tiny \(weights [0-9a-f]{12}\), not "
+                       r"for model other-tiny \(weights [0-9a-f]{12}\); pass --model tiny"):
+        check_engine_model(key, build_tiny_pipeline(seed=1), folder, "other-tiny")
     # Other harvesting settings than the engine computes.
     from attnseg.pipeline.config import get_preset
 
@@ -262,3 +263,30 @@ def test_an_engine_for_other_heads_is_refused_in_one_line(ort_engine):
     with pytest.raises(UserError, match=r"\['heads'\]: \[\{.*\}\], this job needs \[None\]"):
         EngineHarvester(pipe, engines, preset.harvest)
     engines.close()
+
+
+def test_engine_model_mismatch_names_both_models(tmp_path, monkeypatch):
+    """The refusal names the model the engine was built for (recorded in its manifest's
+    source) and the one given; the hashes alone decide (an engine without the name recorded
+    still loads and is still checked)."""
+    from attnseg.engines import harvest
+
+    key = cache.EngineKey(backend="onnxruntime", model="", model_hash="a" * 64,
+                          base_model_hash="b" * 64, loras=(), height=64, width=64, max_batch=1,
+                          max_classes=1, dtype="fp32", opset=18, maps={})
+    manifest = {"format": cache.FORMAT_VERSION, "key": key.to_dict(), "parts": {},
+                "source": {"model": "runwayml/stable-diffusion-v1-5"}}
+    (tmp_path / cache.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr(harvest, "model_fingerprint", lambda pipe: "c" * 64)
+    with pytest.raises(UserError) as err:
+        harvest.check_engine_model(key, object(), tmp_path, "my/other-model")
+    line = str(err.value)
+    assert "\n" not in line
+    assert ("built for model runwayml/stable-diffusion-v1-5 (weights bbbbbbbbbbbb), not for "
+            "model my/other-model (weights cccccccccccc)") in line
+    assert "pass --model runwayml/stable-diffusion-v1-5" in line
+    # An engine whose manifest records no name: the hashes, and no made-up name.
+    del manifest["source"]
+    (tmp_path / cache.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="a model whose name it does not record"):
+        harvest.check_engine_model(key, object(), tmp_path, "my/other-model")

@@ -4,8 +4,11 @@ field before anything loads (pipeline/settings.py), walked over every command's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import operator
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -78,8 +81,9 @@ def _wrong_value(tp, takes_a_string=False):
 
 
 def _fields(cls, prefix=()):
-    """(key path, type) of every field, sections (dataclass fields) walked into."""
-    hints = typing.get_type_hints(cls)
+    """(key path, type with its range) of every field, sections (dataclass fields) walked
+    into."""
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -178,6 +182,97 @@ def test_every_preset_setting_refuses_a_wrong_type_through_set(command, section,
         assert not out.exists()
         checked += 1
     assert checked == len([f for f in dataclasses.fields(cls) if f.init])
+
+
+# --- ranges: every documented range refused through the CLI --------------------------------
+
+OUT_OF_RANGE_CANDIDATES = (0, -1, 1.5, 0.0, [0], [-1], [1.5], [0.0], [0, 1], [1.5, 0.5],
+                           [[1.5]], {"1": -1.0}, {"0": 1.0}, {"x": [-1]})
+
+
+def _strip_ranges(tp):
+    """`tp` with every Annotated range taken off (the type alone)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _strip_ranges(args[0])
+    if not args or origin is typing.Literal:
+        return tp
+    stripped = tuple(a if a is Ellipsis else _strip_ranges(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, stripped)
+    return origin[stripped]
+
+
+def _out_of_range(tp):
+    """A value of the right type that the field's range refuses (None: it has no range)."""
+    bare = _strip_ranges(tp)
+    if bare == tp:
+        return None
+    for candidate in OUT_OF_RANGE_CANDIDATES:
+        try:
+            check_value(bare, candidate, "probe", "probe")
+        except UserError:
+            continue
+        try:
+            check_value(tp, candidate, "probe", "probe")
+        except UserError:
+            return candidate
+    return None
+
+
+def _range_cases():
+    for command, cls in _config_classes():
+        for path, tp in _fields(cls):
+            if path == ("overrides",):
+                continue
+            bad = _out_of_range(tp)
+            if bad is not None:
+                yield pytest.param(command, path, bad, id=" ".join(command) + ":" +
+                                   ".".join(path))
+    for section, cls in (("harvest", HarvestConfig), ("mask", MaskConfig)):
+        for (name,), tp in _fields(cls):
+            bad = _out_of_range(tp)
+            if bad is not None:
+                yield pytest.param(["synth"], ("overrides", section, name), bad,
+                                   id=f"synth:{section}.{name}")
+
+
+def test_ranges_are_documented_on_the_counts_and_fractions():
+    cases = {c.id for c in _range_cases()}
+    assert len(cases) > 150
+    for expected in ("bench writing:batch_size", "bench writing:repeats", "synth:num_per_class",
+                     "synth:mask.crf_sxy_app", "synth:harvest.strides", "train:loss.band_threshold",
+                     "toy train-model:time_limit_s", "train:augment.crop_size"):
+        assert expected in cases, expected
+
+
+@pytest.mark.parametrize("command, path, bad", list(_range_cases()))
+def test_every_documented_range_is_refused_in_one_line(command, path, bad, tmp_path, capsys):
+    """A value of the right type outside its field's range, through `--config FILE`: one line
+    naming the key and the range, exit 2, nothing written."""
+    config = tmp_path / "settings.json"
+    config.write_text(json.dumps(_nested(path, bad)))
+    out = tmp_path / "out"
+    rc, err = _run([*command, "--config", str(config), *(["--out", str(out)]
+                   if "out" != path[0] else [])], capsys)
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("attnseg: error: "), err
+    assert path[-1] in err[0], err  # (harvest heads have their own check, naming the range too)
+    assert any(word in err[0] for word in (">= ", "> 0", "in [")), err
+    assert not out.exists()
+
+
+def test_ranges_read_as_words():
+    from attnseg.pipeline.settings import NonNegativeFloat, PositiveFloat, PositiveInt, UnitFloat
+
+    assert describe(PositiveInt) == "an integer >= 1"
+    assert describe(PositiveFloat | None) == "a finite number > 0 or null"
+    assert describe(tuple[UnitFloat, UnitFloat]) == "a list of 2 finite numbers in [0, 1]"
+    assert describe(dict[PositiveInt, NonNegativeFloat]) == \
+        "a mapping of integers >= 1 to finite numbers >= 0"
+    with pytest.raises(UserError, match=r"^bench writing setting 'batch_size' expects an "
+                                         r"integer >= 1, got 0$"):
+        check_value(PositiveInt, 0, "bench writing", "batch_size")
 
 
 def test_described_types_read_as_words():

@@ -226,3 +226,86 @@ def test_help_lists_train_and_eval(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "train" in out and "eval" in out
+
+
+def _log_steps(run) -> list[int]:
+    return [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
+
+
+def test_ctrl_c_saves_a_checkpoint_the_same_command_resumes_from(demo_data, tmp_path):
+    """SIGINT mid-run (the checkpoint interval far away) saves the last whole step; the same
+    command continues from it: log.csv counts every step once, and the resumed steps are the
+    uninterrupted run's (same losses)."""
+    run = tmp_path / "run"
+    args = ["train", "--data", str(demo_data), "--steps", "100000", "--log-every", "1",
+            "--checkpoint-every", "1000", *TRAIN, "--out", str(run)]
+    proc = subprocess.Popen([sys.executable, "-m", "attnseg.pipeline.cli", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not ((run / "log.csv").is_file() and len(_log_steps(run)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, "training ended early"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    ckpts = sorted((run / "checkpoints").glob("step_*.safetensors"))
+    assert len(ckpts) == 1, ckpts
+    stopped = int(ckpts[0].stem.split("_")[1])
+    assert err.splitlines()[-2:] == [
+        f"attnseg: stopped after step {stopped} of 100000; saved checkpoint {ckpts[0]}",
+        "attnseg: interrupted; run the same command again to resume"]
+    assert _log_steps(run) == list(range(1, stopped + 1))
+    resumed = _cli(*args, "--set", "stop_after=3")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {stopped}" in resumed.stdout
+    assert _log_steps(run) == list(range(1, stopped + 4))  # no step twice, none left out
+    # The same steps without the interruption (in this process, one torch thread as there).
+    whole = tmp_path / "whole"
+    assert main([*args[:-1], str(whole), "--set", f"stop_after={stopped + 3}"]) == 0
+    rows = (run / "log.csv").read_text().splitlines()
+    assert [r.split(",")[:4] for r in rows] == \
+        [r.split(",")[:4] for r in (whole / "log.csv").read_text().splitlines()]
+
+
+def test_a_long_cpu_run_says_what_it_costs(demo_data, tmp_path, capsys):
+    """On the CPU the default recipe can take days: after two steps the run says how long a
+    step and the rest take, and what costs less."""
+    assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "run"), "--steps",
+                 "10000000", "--device", "cpu", "--set", "stop_after=3", *TRAIN]) == 0
+    out = capsys.readouterr().out
+    note = [line for line in out.splitlines() if line.startswith("note: on the CPU a step")]
+    assert len(note) == 1 and "2 crops of 64x64" in note[0] and "9999998 steps left" in note[0]
+    assert "--crop" in note[0] and "Ctrl-C saves a checkpoint" in note[0]
+    # A short run is not told.
+    assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "short"), "--steps",
+                 "4", "--device", "cpu", *TRAIN]) == 0
+    assert "note: on the CPU" not in capsys.readouterr().out
+
+
+def _label_png(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((4, 6), value, np.uint8)).save(path)
+
+
+def test_eval_pseudo_refuses_unrelated_folders_and_says_what_it_scored(tmp_path, capsys):
+    """Folders that share no sample name are not the same images: one line, exit 2. Ground
+    truth beyond the pseudo-masks: scored on the shared names, and stderr says how many."""
+    pseudo, gt, other = tmp_path / "pseudo", tmp_path / "gt", tmp_path / "other"
+    for name in ("a", "b"):
+        _label_png(pseudo / f"{name}.png", 1)
+    for name in ("a", "b", "c"):
+        _label_png(gt / f"{name}.png", 1)
+    for name in ("x", "y"):
+        _label_png(other / f"{name}.png", 1)
+    assert main(["eval", "--pseudo", str(pseudo), "--gt", str(other), "--num-classes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "share no sample names" in err, err
+    assert main(["eval", "--pseudo", str(pseudo), "--gt", str(gt), "--num-classes", "2"]) == 0
+    captured = capsys.readouterr()
+    assert f"note: scored 2 of the 3 ground-truth samples in {gt}: 1 have no pseudo-mask" \
+        in captured.err
+    assert "(2 images" in captured.out
+    # The same names on both sides: no note.
+    (gt / "c.png").unlink()
+    assert main(["eval", "--pseudo", str(pseudo), "--gt", str(gt), "--num-classes", "2"]) == 0
+    assert "note:" not in capsys.readouterr().err

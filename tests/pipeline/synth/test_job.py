@@ -49,6 +49,33 @@ def _debris(out: Path) -> list[Path]:
     return [p for p in out.rglob("*") if "tmp-attnseg" in p.name]
 
 
+def _held(lock: Path) -> bool:
+    """Whether another process holds the flock on `lock`."""
+    import fcntl
+
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _stop_once_writing(proc: subprocess.Popen, out: Path, lock_name: str) -> None:
+    """Stop `proc` (SIGSTOP) once it writes `out`: it holds its shard's lock `lock_name` and
+    no longer the folder's (`.lock`, held while a run checks and records the folder's job)."""
+    deadline = time.monotonic() + 240
+    while not (_held(out / lock_name) and not _held(out / ".lock")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGSTOP)
+
+
 # 128x128 noise images: a JPEG is ~15 KB, past the 12 KB limit; the model's own start-up
 # files (a 10 KB tokenizer vocabulary) stay under it.
 BIG = ["--height", "128", "--width", "128"]
@@ -88,18 +115,18 @@ def test_full_disk_with_webdataset_output(tmp_path):
 
 def test_a_second_writer_of_the_same_folder_and_shard_is_refused(tmp_path, capsys):
     out = tmp_path / "ds"
-    held = OutputLock(out, (0, 1))  # another process writing this folder
+    held = OutputLock(out, (0, 2))  # another process writing shard 0/2 of this folder
     try:
-        assert main(["synth", *JOB, "--out", str(out)]) == 2
+        assert main(["synth", *JOB, "--shard", "0/2", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "another process is writing" in err[0]
-        assert not (out / "manifest.jsonl").exists()
+        assert len(err) == 1 and "another process is writing shard 0/2" in err[0]
+        assert not list(out.glob("manifest*")) and not (out / "job.json").exists()
         # A different shard of the same folder runs alongside.
-        assert main(["synth", *JOB, "--shard", "0/2", "--out", str(out)]) == 0
+        assert main(["synth", *JOB, "--shard", "1/2", "--out", str(out)]) == 0
     finally:
         held.release()
-    assert sorted(_manifest_indices(out)) == [0, 1, 4, 5]
-    assert main(["synth", *JOB, "--out", str(out)]) == 0  # lock gone: the job finishes
+    assert sorted(_manifest_indices(out)) == [2, 3, 6, 7]
+    assert main(["synth", *JOB, "--shard", "0/2", "--out", str(out)]) == 0  # lock gone
     capsys.readouterr()
     assert sorted(_manifest_indices(out)) == list(range(8))
 
@@ -122,28 +149,12 @@ def test_two_processes_started_together_write_each_sample_once(tmp_path):
 def test_a_second_process_on_a_folder_being_written_is_refused(tmp_path):
     """Deterministic: the first process is stopped (SIGSTOP) while it holds the folder's lock,
     so the second meets the lock and must be refused in one line; the first then finishes."""
-    import fcntl
-
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "attnseg.pipeline.cli", "synth", *JOB, "--out", str(out)]
     first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    lock = out / ".lock.shard-00000-of-00001"
     try:
-        deadline = time.monotonic() + 240
-        while True:  # until the first process holds the lock
-            assert time.monotonic() < deadline and first.poll() is None, first.poll()
-            if lock.exists():
-                fd = os.open(lock, os.O_RDWR)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                except OSError:
-                    break  # held
-                finally:
-                    os.close(fd)
-            time.sleep(0.02)
-        first.send_signal(signal.SIGSTOP)
+        _stop_once_writing(first, out, ".lock.shard-00000-of-00001")
         second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     finally:
         first.send_signal(signal.SIGCONT)

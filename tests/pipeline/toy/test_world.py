@@ -96,7 +96,7 @@ def test_bad_render_arguments_are_one_line(tmp_path, capsys):
     for bad, message in ((["--domain", "moon"],
                           "'domain' expects one of 'source', 'target', got the string 'moon'"),
                          (["--height", "60"], "--height 60 must be a multiple of 8"),
-                         (["--num-images", "0"], "--num-images must be >= 1")):
+                         (["--num-images", "0"], "'num_images' expects an integer >= 1, got 0")):
         assert main(["toy", "render", "--out", str(tmp_path / "t"), *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]

@@ -190,11 +190,14 @@ def test_tensorboard_events_hold_the_logged_losses(shapes_data, tmp_path):
     run_training(_cfg(shapes_data, tmp_path / "r", steps=2, loss={"name": "ce"}))
     events = EventAccumulator(str(tmp_path / "r" / "tb"))
     events.Reload()
-    tags = events.Tags()["scalars"]
-    assert tags, events.Tags()
-    loss_tag = next(t for t in tags if "loss" in t)
-    assert [e.step for e in events.Scalars(loss_tag)] and all(
-        math.isfinite(e.value) for e in events.Scalars(loss_tag))
+    assert "train/loss" in events.Tags()["scalars"], events.Tags()
+    # The event files hold the losses the CSV log holds, step for step.
+    with open(tmp_path / "r" / "log.csv", newline="") as f:
+        logged = {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == sorted(logged)
+    for e in scalars:
+        assert math.isfinite(e.value) and e.value == pytest.approx(logged[e.step], rel=1e-6)
 
 
 def test_without_tensorboard_training_keeps_csv_logs_only(shapes_data, tmp_path, monkeypatch):
