@@ -172,24 +172,18 @@ class OutputLock:
     lock when its process dies, so a killed run never leaves a stale lock behind."""
 
     def __init__(self, root: Path, shard: tuple[int, int] = (0, 1)):
-        import fcntl
-
         i, n = shard
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / f".lock.shard-{i:05d}-of-{n:05d}"
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._fd)
-            self._fd = None
+        self._fd: int | None = _try_lock_file(self.path)
+        if self._fd is None:
             part = "" if n == 1 else f"shard {i}/{n} of "
             raise UserError(f"another process is writing {part}{root}; wait for it to finish "
-                            "(then run this again to check) or use another --out") from None
+                            "(then run this again to check) or use another --out")
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
+            _unlock_file(self._fd, self.path)
             self._fd = None
 
     def __enter__(self) -> OutputLock:
@@ -207,26 +201,53 @@ def folder_lock(root: Path, wait_s: float = 30.0):
     each other's record, so of two different jobs (or shard counts) on one folder the second is
     refused. The holder keeps it for a moment only: a run waits up to `wait_s` for it (then is
     refused in one line: the holder is stopped or hung)."""
-    import fcntl
     import time
 
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    path = root / ".lock"
+    deadline = time.monotonic() + wait_s
+    while (fd := _try_lock_file(path)) is None:
+        if time.monotonic() > deadline:
+            raise UserError(f"another process is writing {root} (it holds {path}); wait for it "
+                            "to finish (then run this again to check) or use another --out")
+        time.sleep(0.05)
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise UserError(f"another process is writing {root} (it holds "
-                                    f"{root / '.lock'}); wait for it to finish (then run this "
-                                    "again to check) or use another --out") from None
-                time.sleep(0.05)
         yield
     finally:
-        os.close(fd)  # closing drops the flock
+        _unlock_file(fd, path)
+
+
+def _try_lock_file(path: Path) -> int | None:
+    """An open descriptor of `path` holding its exclusive `flock`, or None when another
+    process holds it. Holders remove the file when they let go (`_unlock_file`), so a lock
+    taken on a file that has since been removed or replaced is dropped and taken again on the
+    file now at `path`: no finished folder keeps an empty lock file."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev,
+                                                                       mine.st_ino):
+            return fd
+        os.close(fd)  # the holder before us removed it: lock the file now at `path`
+
+
+def _unlock_file(fd: int, path: Path) -> None:
+    """Remove the lock file while still holding it, then drop the lock (closing the
+    descriptor): a process waiting on the removed file sees it is gone and takes a new one."""
+    with contextlib.suppress(OSError):  # a lock file left behind is harmless
+        os.unlink(path)
+    os.close(fd)
 
 
 # The locks `hold_output` took in the running `@holding_output` call.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,36 @@ def test_lora_train_holds_its_folder(tmp_path, capsys):
     _refused_while_held(out, ["lora", "train", "--images", str(images), "--caption", "a street",
                               "--out", str(out), "--steps", "1", "--crop", "64", "--rank", "2",
                               "--no-progress"], capsys)
+
+
+def test_a_finished_folder_keeps_no_lock_file(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert main(["toy", "render", "--out", str(out), "--num-images", "2", "--no-progress"]) == 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".lock")]
+
+
+def test_a_lock_taken_on_a_removed_lock_file_is_taken_again(tmp_path, monkeypatch):
+    """The holder lets go (removing the file) between a waiter's open and its flock: the
+    waiter must not keep the removed file's lock, but lock the file now at the path."""
+    import fcntl
+
+    from attnseg.pipeline import files
+
+    path = tmp_path / ".lock.shard-00000-of-00001"
+    real_flock = fcntl.flock
+    calls = []
+
+    def flock_after_the_holder_left(fd, op):
+        if not calls:  # the first try: the holder removes the file just before our flock
+            os.unlink(path)
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_the_holder_left)
+    fd = files._try_lock_file(path)
+    assert len(calls) == 2  # taken again
+    assert (os.fstat(fd).st_dev, os.fstat(fd).st_ino) == (path.stat().st_dev, path.stat().st_ino)
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert files._try_lock_file(path) is None  # the lock at the path is held
+    files._unlock_file(fd, path)
+    assert not path.exists()
