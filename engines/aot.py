@@ -200,21 +200,25 @@ def trim_entry_params(ptx: str, name: str, keep: int) -> str:
 
 # Parameters of class_attention_maps_plugin: q, k, token_weights, B, N, L, D, C, H, maps.
 PLUGIN_PARAMS = 10
+# Classes per prompt the plugin takes: one class tile. Two tiles in one kernel spilled 8-100
+# bytes at sm_80/sm_90 (ptxas -v), whether unrolled or looped with a runtime class offset.
+PLUGIN_MAX_CLASSES = 64
 
 
 def plugin_constants(dtype: str, scale: float, l_tokens: int, head_dim: int,
                      block_c: int) -> tuple[dict, dict]:
     """(signature of the runtime arguments, compile-time constants) of
     `class_attention_maps_plugin` for these shapes: the tiles and kernel (one key tile or the
-    two sweeps) that the launcher in attnseg.kernels picks, at most its widest class tile,
-    and how many such tiles `block_c` classes take (the kernel refuses none: the export caps
-    the class count at `block_c`)."""
+    two sweeps) that the launcher in attnseg.kernels picks, for one class tile of `block_c`
+    (at most `PLUGIN_MAX_CLASSES`: the export refuses more)."""
     import torch
 
-    from ..kernels.class_attention import TRITON_MAX_BLOCK_C, attn_tiles
+    from ..kernels.class_attention import attn_tiles
 
+    if block_c > PLUGIN_MAX_CLASSES:
+        raise ValueError(f"the plugin takes at most {PLUGIN_MAX_CLASSES} classes, not {block_c}")
     tdt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    long_text, blocks = attn_tiles(l_tokens, head_dim, min(block_c, TRITON_MAX_BLOCK_C), tdt)
+    long_text, blocks = attn_tiles(l_tokens, head_dim, block_c, tdt)
     if long_text and not blocks["F32_DOT"]:
         # Inside this wrapper ptxas keeps the two sweeps' half-precision tiles to 128 registers
         # and spilled 40-48 bytes with 64 rows and 16 classes or 32 rows and 32 classes
@@ -222,8 +226,7 @@ def plugin_constants(dtype: str, scale: float, l_tokens: int, head_dim: int,
         blocks["BLOCK_N"] = min(blocks["BLOCK_N"], 32 if blocks["BLOCK_C"] <= 16 else 16)
     sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "tw_ptr": "*fp32", "B": "i32",
            "N": "i32", "L": "i32", "D": "i32", "C": "i32", "H": "i32", "dst_ptr": "*fp32"}
-    tiles = -(-block_c // blocks["BLOCK_C"])
-    return sig, {"SCALE": float(scale), **blocks, "LONG": long_text, "CLASS_TILES": tiles}
+    return sig, {"SCALE": float(scale), **blocks, "LONG": long_text}
 
 
 def plugin_ptx(dtype: str, scale: float, l_tokens: int, head_dim: int, block_c: int,

@@ -214,10 +214,15 @@ def _build_parts(pipe, opts: EngineOptions, folder: Path, log) -> dict:
             onnx_path = folder / f"{spec.name}.onnx"
             translation = None
             if spec.name == "unet" and opts.backend == "tensorrt":
+                from .aot import PLUGIN_MAX_CLASSES
                 from .trt import plugin_translation_table
 
                 translation = plugin_translation_table(opts.trt_plugin)
                 if translation:
+                    if opts.max_classes > PLUGIN_MAX_CLASSES:
+                        raise UserError(f"the TensorRT plugin takes at most "
+                                        f"{PLUGIN_MAX_CLASSES} labelled words per prompt, not "
+                                        f"--max-classes {opts.max_classes}")
                     u.module.map_impl = "plugin"
                     u.module.plugin_block_c = max(16, 1 << (opts.max_classes - 1).bit_length())
             export_onnx(spec, onnx_path, opts.opset, custom_translation_table=translation)

@@ -33,37 +33,21 @@ def class_attention_maps_aot(q_ptr, k_ptr, tw_ptr, dst_ptr, B, N, L, D, C, H, sc
 
 
 @triton.jit
-def _plugin_class_tile(q_ptr, k_ptr, tw_ptr, N, L, D, C, c0, H, dst_ptr, SCALE: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr, LONG: tl.constexpr):
-    if LONG:
-        class_attn_long_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, c0, H, H, H * N * D,
-                               N * D, D, H * L * D, L * D, D, SCALE, 1.0, BLOCK_N, BLOCK_L,
-                               BLOCK_D, BLOCK_C, F32_DOT, False, False)
-    else:
-        class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, c0, H, H, H * N * D, N * D,
-                          D, H * L * D, L * D, D, SCALE, 1.0, BLOCK_N, BLOCK_L, BLOCK_D,
-                          BLOCK_C, F32_DOT, False, False)
-
-
-@triton.jit
 def class_attention_maps_plugin(q_ptr, k_ptr, tw_ptr, B, N, L, D, C, H, dst_ptr,
                                 SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr,
-                                LONG: tl.constexpr, CLASS_TILES: tl.constexpr):
+                                LONG: tl.constexpr):
     # The same maps in TensorRT's AOT-plugin calling convention (contiguous q and k), with the
-    # launcher's choices made at compile time: the two key sweeps for long text (LONG), and
-    # more classes than one tile holds in BLOCK_C-wide tiles, the softmax recomputed per tile
-    # (CLASS_TILES > 1: the export's class count is above the widest tile). A loop around one
-    # tile would hold more registers (ptxas: 4 spilled bytes at 16 keys), so one tile has none.
-    if CLASS_TILES == 1:
-        _plugin_class_tile(q_ptr, k_ptr, tw_ptr, N, L, D, C, 0, H, dst_ptr, SCALE, BLOCK_N,
-                           BLOCK_L, BLOCK_D, BLOCK_C, F32_DOT, LONG)
+    # launcher's choice of kernel made at compile time: the two key sweeps for long text.
+    if LONG:
+        class_attn_long_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, 0, H, H, H * N * D,
+                               N * D, D, H * L * D, L * D, D, SCALE, 1.0, BLOCK_N, BLOCK_L,
+                               BLOCK_D, BLOCK_C, F32_DOT, False, False)
     else:
-        for c0 in range(0, C, BLOCK_C):
-            _plugin_class_tile(q_ptr, k_ptr, tw_ptr, N, L, D, C, c0, H, dst_ptr, SCALE,
-                               BLOCK_N, BLOCK_L, BLOCK_D, BLOCK_C, F32_DOT, LONG)
+        class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, 0, H, H, H * N * D, N * D,
+                          D, H * L * D, L * D, D, SCALE, 1.0, BLOCK_N, BLOCK_L, BLOCK_D,
+                          BLOCK_C, F32_DOT, False, False)
 
 
 @triton.jit

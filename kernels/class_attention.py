@@ -380,16 +380,18 @@ if _tr is not None:
             tl.store(dst, m, mask=mask)
 
     @triton.jit
-    def class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, C0, H, HPG, sq_b, sq_h,
-                           sq_n, sk_b, sk_h, sk_l, scale, weight, BLOCK_N: tl.constexpr,
+    def class_attn_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, C0: tl.constexpr, H, HPG,
+                           sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, scale, weight,
+                           BLOCK_N: tl.constexpr,
                            BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
                            F32_DOT: tl.constexpr, DIRECT: tl.constexpr, CLAMP: tl.constexpr):
         # One program: one sample b, BLOCK_N query rows, the HPG heads of head group g, the
-        # classes C0 .. C0 + BLOCK_C (of C). q and k are read through their strides (the head
-        # dim must be contiguous): the projections' [B, N, H*D] views need no copy. The head
-        # dim is walked in BLOCK_D chunks (one chunk for D <= BLOCK_D). With several head
-        # groups (grid axis 2), each stores its partial maps at dst[g] and the launcher sums
-        # them in a fixed order.
+        # classes C0 .. C0 + BLOCK_C of C (a compile-time offset: a runtime one held more
+        # registers, and ptxas spilled 4-16 bytes at sm_90). q and k are read through their
+        # strides (the head dim must be contiguous): the projections' [B, N, H*D] views need
+        # no copy. The head dim is walked in BLOCK_D chunks (one chunk for D <= BLOCK_D). With
+        # several head groups (grid axis 2), each stores its partial maps at dst[g] and the
+        # launcher sums them in a fixed order.
         b = tl.program_id(0)
         pid_n = tl.program_id(1)
         g = tl.program_id(2)
@@ -416,7 +418,8 @@ if _tr is not None:
                     CLAMP)
 
     @triton.jit
-    def class_attn_long_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, C0, H, HPG, sq_b,
+    def class_attn_long_kernel(q_ptr, k_ptr, tw_ptr, dst_ptr, N, L, D, C, C0: tl.constexpr,
+                               H, HPG, sq_b,
                                sq_h, sq_n, sk_b, sk_h, sk_l, scale, weight,
                                BLOCK_N: tl.constexpr,
                                BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,

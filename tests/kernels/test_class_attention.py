@@ -281,13 +281,14 @@ def test_aot_compile_for_hopper(aot_compile):
     out = aot_compile("""
         from attnseg.kernels import class_attention as ca
         attn_sig = {"q_ptr": "*fp16", "k_ptr": "*fp16", "tw_ptr": "*fp32", "dst_ptr": "*fp32",
-                    "N": "i32", "L": "i32", "D": "i32", "C": "i32", "C0": "i32", "H": "i32",
+                    "N": "i32", "L": "i32", "D": "i32", "C": "i32", "H": "i32",
                     "HPG": "i32", "sq_b": "i32", "sq_h": "i32", "sq_n": "i32", "sk_b": "i32",
                     "sk_h": "i32", "sk_l": "i32", "scale": "fp32", "weight": "fp32"}
         import torch
         blocks = ca.attn_blocks(77, 40, 3, torch.float16)
         warps = ca._TRITON_NUM_WARPS
-        aot(ca.class_attn_kernel, attn_sig, dict(blocks, DIRECT=False, CLAMP=False), warps)
+        aot(ca.class_attn_kernel, attn_sig, dict(blocks, C0=0, DIRECT=False, CLAMP=False),
+            warps)
         resize_sig = {"src_ptr": "*fp32", "wy_ptr": "*fp32", "wx_ptr": "*fp32",
                       "out_ptr": "*fp32", "h": "i32", "w": "i32", "RH": "i32", "RW": "i32",
                       "weight": "fp32"}

@@ -351,12 +351,12 @@ def test_prompts_cli_end_to_end_into_synth(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--classes", "vocc"], "unknown class set 'vocc'"),
-    (["--num-per-class", "0"], "--num-per-class must be >= 1"),
+    (["--num-per-class", "0"], "'num_per_class' expects an integer >= 1, got 0"),
     (["--lexicon", "/no/such/lexicon.txt"], "lexicon file /no/such/lexicon.txt does not exist"),
     (["--captions", "/no/such/captions.txt"], "captions file /no/such/captions.txt does not"),
     (["--model", "./no/such/model"], "model path ./no/such/model does not exist"),
     (["--classes", "sky,", "--num-per-class", "500"], "class 'sky' has only"),
-    (["--classes-per-prompt", "0.4,x"], "is not a comma list of weights"),
+    (["--classes-per-prompt", "0.4,x"], "is not a comma list of finite weights"),
     (["--classes-per-prompt", "0,0"], "none negative, at least one above 0"),
 ])
 def test_prompts_cli_bad_input(tmp_path, capsys, args, message):
