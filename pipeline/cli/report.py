@@ -3,24 +3,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from ..errors import UserError
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects an integer >= 1, got {text!r}")
-    return value
-
-
 def cmd_report(args) -> int:
+    from ..settings import PositiveInt, check_value
+
+    per_class = check_value(PositiveInt, args.show_per_class, "report", "show_per_class")
     root = Path(args.folder)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
@@ -32,7 +24,7 @@ def cmd_report(args) -> int:
                         "the folders `attnseg synth --format voc` writes")
     from ..synth.report import format_class_statistics, write_report
 
-    page = write_report(root, per_class=args.show_per_class)
+    page = write_report(root, per_class=per_class)
     stats = json.loads((page.parent / "class_stats.json").read_text())
     print(format_class_statistics(stats))
     print(f"report: {page} and {page.parent / 'contact_sheet.png'}")
@@ -48,6 +40,6 @@ def register(sub) -> None:
         "with up to --show-per-class samples of every class (image | mask overlay | reliability) "
         "and index.html. Reads a folder `attnseg synth` wrote in the VOC layout.")
     p.add_argument("folder", metavar="DIR", help="the dataset folder (attnseg synth's --out)")
-    p.add_argument("--show-per-class", type=_positive, default=4,
+    p.add_argument("--show-per-class", type=int, default=4,
                    help="samples of each class on the contact sheet (default: 4)")
     p.set_defaults(func=cmd_report)
