@@ -165,6 +165,17 @@ def cmd_toy(args) -> int:
     return 0
 
 
+def cmd_toy_downstream(args) -> int:
+    from .toy.instrument import ToyDownstreamConfig, run_toy_downstream
+
+    cfg = bench_config(ToyDownstreamConfig, args, ("model", "device", "dtype", "out"),
+                       "bench toy-downstream")
+    report = run_toy_downstream(cfg)
+    print(open(report["files"][1]).read(), end="")
+    print(f"results: {', '.join(report['files'])}")
+    return 0
+
+
 def cmd_writing(args) -> int:
     from .writing import WritingBenchConfig, run_writing_bench
 
@@ -172,6 +183,17 @@ def cmd_writing(args) -> int:
     cfg = bench_config(WritingBenchConfig, args, ("model", "device", "dtype", "out"),
                        "bench writing", values)
     report = run_writing_bench(cfg)
+    print(open(report["files"][1]).read(), end="")
+    print(f"results: {', '.join(report['files'])}")
+    return 0
+
+
+def cmd_crf(args) -> int:
+    from .crf import CrfBenchConfig, run_crf_bench
+
+    values = {"progress": False} if args.no_progress else {}
+    cfg = bench_config(CrfBenchConfig, args, ("out",), "bench crf", values)
+    report = run_crf_bench(cfg)
     print(open(report["files"][1]).read(), end="")
     print(f"results: {', '.join(report['files'])}")
     return 0
@@ -284,6 +306,25 @@ def register(sub) -> None:
     cli_args.add_no_progress(t, "no progress bars")
     t.set_defaults(func=cmd_toy)
 
+    d = bsub.add_parser("toy-downstream", help="the toy world's downstream instrument: the "
+                        "training protocol chosen on validation, then each arm (exact labels, "
+                        "synthetic data, losses, prompts, CRF, image counts) over training "
+                        "seeds and test renders, gains paired by seed with 95 % intervals",
+                        description="Segmenters trained on rendered or synthetic toy scenes, "
+                        "scored against exact labels on several test renders: the training "
+                        "protocol chosen on the validation render by a rule fixed beforehand "
+                        "(highest mean among seed spreads <= max_spread), then every arm over "
+                        "the training seeds, each gain paired by seed with the synthetic arm.")
+    cli_args.add_config(d, "toy downstream instrument")
+    cli_args.add_set(d, "arms=[\"exact\",\"synthetic\"] --set seeds=[0,1]")
+    d.add_argument("--model", help="a toy-world model: 'toy' (shipped) or the model/ folder of "
+                   "`attnseg toy train-model` (default: toy)")
+    cli_args.add_device(d)
+    cli_args.add_dtype(d)
+    d.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
+                   "attnseg-bench/toy-downstream in the current folder)")
+    d.set_defaults(func=cmd_toy_downstream)
+
     w = bsub.add_parser("writing", help="`attnseg synth` images/s: generation alone, writing "
                         "inline, writing on the pool's threads (few-step rates)",
                         description="Time one `attnseg synth` job three ways, interleaved: "
@@ -298,6 +339,18 @@ def register(sub) -> None:
                    "attnseg-bench/writing in the current folder)")
     cli_args.add_no_progress(w, "no line per timed run on stderr")
     w.set_defaults(func=cmd_writing)
+
+    c = bsub.add_parser("crf", help="the CPU dense CRF: attnseg's lattice against pydensecrf "
+                        "(single-threaded) and at each thread count, side by side",
+                        description="Time the dense CRF on a photo at each size, interleaved: "
+                        "pydensecrf2 (where it imports) and attnseg's lattice at each torch "
+                        "thread count, as medians with their spread and as ratios.")
+    cli_args.add_config(c, "crf benchmark")
+    cli_args.add_set(c, "sizes=[64,512] --set repeats=3")
+    c.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
+                   "attnseg-bench/crf in the current folder)")
+    cli_args.add_no_progress(c, "no line per size and repeat on stderr")
+    c.set_defaults(func=cmd_crf)
 
     g = bsub.add_parser("gpu", help="the GPU proof in one run: kernel tests on the GPU, stock vs "
                         "harvest parity, kernel timings, compile build + verify, throughput, "

@@ -38,22 +38,24 @@ def numba_module():
 
 
 @contextlib.contextmanager
-def torch_threads_kept():
-    """Run numba kernels with torch's thread count, and leave torch's as it was.
+def torch_threads_kept(threads: int | None = None):
+    """Run numba kernels with torch's thread count (or `threads`, at most numba's), and leave
+    torch's as it was.
 
     numba's OpenMP threading layer shares the OpenMP runtime with torch, and a parallel numba
     call sets the runtime's thread count to numba's own: torch's count changed under it, and
     with it the summation order (so the bits) of every later torch reduction, e.g. the images
     generated while harvesting on a CPU."""
     nb = numba_module()
-    threads = torch.get_num_threads()
+    kept = torch.get_num_threads()
     if nb is not None:
-        nb.set_num_threads(max(1, min(threads, nb.config.NUMBA_NUM_THREADS)))
+        want = kept if threads is None else threads
+        nb.set_num_threads(max(1, min(want, nb.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        if torch.get_num_threads() != kept:
+            torch.set_num_threads(kept)
 
 
 def triton_interpreting() -> bool:

@@ -72,6 +72,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    "of a step and of the steps left when that is over 10 minutes; 256 costs about "
                    "a quarter)")
     p.add_argument("--amp", help="auto (default: bf16/fp16 on GPU, off on CPU), off, fp16, bf16")
+    p.add_argument("--full-res-head", action="store_true", default=None,
+                   help="add a head that predicts at the input's own resolution (SegFormer and "
+                   "UperNet predict at a quarter of it: outlines of small images suffer)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the networks (slow first step, faster after)")
     p.add_argument("--workers", type=int, help="data loader processes (default: 2)")
@@ -87,9 +90,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("data", "dataset", "split", "classes", "val_data", "val_dataset", "val_split",
-                "val_every", "val_limit", "model", "pretrained", "out", "steps", "batch_size",
-                "accum_steps", "optimizer", "lr", "weight_decay", "schedule", "warmup_steps",
-                "amp", "compile", "workers", "seed", "device", "checkpoint_every", "log_every")
+                "val_every", "val_limit", "model", "full_res_head", "pretrained", "out", "steps",
+                "batch_size", "accum_steps", "optimizer", "lr", "weight_decay", "schedule",
+                "warmup_steps", "amp", "compile", "workers", "seed", "device",
+                "checkpoint_every", "log_every")
 
 
 def train_config_from_args(args):

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ...kernels.crf import dense_crf
@@ -56,6 +58,16 @@ def masks_from_harvest(result: HarvestResult, class_ids: torch.Tensor, harvest: 
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label maps and reliability maps (uint8 [B, H, W] each) from a HarvestResult.
     `images` (RGB [B, H, W, 3] in 0-255) are needed when the recipe refines with a CRF."""
+    return mask_steps(result, class_ids, harvest, mask, images)()
+
+
+def mask_steps(result: HarvestResult, class_ids: torch.Tensor, harvest: HarvestConfig,
+               mask: MaskConfig, images: torch.Tensor | None = None
+               ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """`masks_from_harvest` in two parts: the steps that read `result` now, and the rest (the
+    CRF refinement and the small-region removal, on tensors of its own) as a function that
+    returns the masks when called, on any thread: a job can run it beside the next batch's
+    generation."""
     maps = combine_maps(result, harvest)
     if harvest.refine_power > 0:
         maps = refine_maps(maps, result.self_attention, harvest, result.image_size)
@@ -70,16 +82,22 @@ def masks_from_harvest(result: HarvestResult, class_ids: torch.Tensor, harvest: 
         bg_const=mask.bg_const, bg_slope=mask.bg_slope, ignore_low=mask.ignore_low,
         ignore_high=mask.ignore_high, mode=mode,
     )
-    if mask.crf_iterations > 0:
-        if images is None:
-            raise ValueError("the mask recipe refines with a CRF: pass the images")
-        labels, reliability = crf_refine(maps, class_ids, images, labels, reliability, mask,
-                                         mode)
-    if mask.min_region_box > 0:
-        # Rounded up: DiffuMask keeps a box of exactly 250 pixels at 512x512.
-        min_box = int(-(-mask.min_region_box * size[0] * size[1] // 1))
-        labels, reliability = remove_small_regions(labels, reliability, min_box)
-    return labels, reliability
+    if mask.crf_iterations > 0 and images is None:
+        raise ValueError("the mask recipe refines with a CRF: pass the images")
+
+    def rest() -> tuple[torch.Tensor, torch.Tensor]:
+        out_labels, out_reliability = labels, reliability
+        if mask.crf_iterations > 0:
+            out_labels, out_reliability = crf_refine(maps, class_ids, images, out_labels,
+                                                     out_reliability, mask, mode)
+        if mask.min_region_box > 0:
+            # Rounded up: DiffuMask keeps a box of exactly 250 pixels at 512x512.
+            min_box = int(-(-mask.min_region_box * size[0] * size[1] // 1))
+            out_labels, out_reliability = remove_small_regions(out_labels, out_reliability,
+                                                               min_box)
+        return out_labels, out_reliability
+
+    return rest
 
 
 def crf_refine(maps: torch.Tensor, class_ids: torch.Tensor, images: torch.Tensor,

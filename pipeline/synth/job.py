@@ -6,6 +6,7 @@ were already written, so a resumed or differently batched run yields the same sa
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from ..device import resolve_device, resolve_dtype
 from ..errors import UserError
 from ..files import check_output_dir
 from ..harvest.harvester import AttentionHarvester
-from ..harvest.masks import masks_from_harvest
+from ..harvest.masks import mask_steps
 from ..models.loading import (
     check_image_size,
     class_weights,
@@ -130,6 +131,7 @@ class Synthesizer:
         # An engine backend passes its own harvester (attnseg.engines.harvest.EngineHarvester).
         self.harvester = harvester or AttentionHarvester(denoiser(pipe), preset.harvest)
         self.timings = {"generate": 0.0, "masks": 0.0}
+        self._timings_lock = threading.Lock()
         self._primed = None  # (samples' key, generate_float's result), see `prime`
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
@@ -158,6 +160,23 @@ class Synthesizer:
         if self._primed is not None and self._primed[0] == self._key(samples):
             result, self._primed = self._primed[1], None
             return result
+        images, finish, result = self._generate(samples)
+        labels, reliability = finish()
+        return images, labels, reliability, result
+
+    @torch.no_grad()
+    def generate_deferred(self, samples: list[Sample]):
+        """Images uint8 [B, H, W, 3], and a function returning labels and reliability (uint8
+        [B, H, W] each) that may run on another thread: when the preset refines with a CRF,
+        the CRF and what follows it run there (the masks are those of `generate`)."""
+        if self._primed is not None and self._primed[0] == self._key(samples):
+            images, labels, reliability, _ = self.generate_float(samples)
+            return _to_uint8(images), lambda: (labels, reliability)
+        images, finish, _ = self._generate(samples)
+        return _to_uint8(images), finish
+
+    def _generate(self, samples: list[Sample]):
+        """Images float, a function finishing the masks (as numpy), the HarvestResult."""
         specs = [s.spec for s in samples]
         weights, class_ids = class_weights(self.pipe, specs, self.preset.harvest.token_merge)
         latents = self.initial_latents([s.seed for s in samples])
@@ -170,20 +189,48 @@ class Synthesizer:
                 generator=generators, output_type="np", **generation_kwargs(self.pipe),
             ).images
         t1 = time.perf_counter()
-        labels, reliability = masks_from_harvest(
+        rest = mask_steps(
             cap.result, class_ids, self.preset.harvest, self.preset.mask,
             images=torch.from_numpy(np.clip(images, 0.0, 1.0) * 255.0)
             if self.preset.mask.crf_iterations else None)
         t2 = time.perf_counter()
         self.timings["generate"] += t1 - t0
         self.timings["masks"] += t2 - t1
-        return images, labels.cpu().numpy(), reliability.cpu().numpy(), cap.result
+
+        def finish():
+            t3 = time.perf_counter()
+            with torch.no_grad():  # grad mode is per thread
+                labels, reliability = rest()
+            with self._timings_lock:  # may run on a write-pool thread
+                self.timings["masks"] += time.perf_counter() - t3
+            return labels.cpu().numpy(), reliability.cpu().numpy()
+
+        return images, finish, cap.result
 
     def generate(self, samples: list[Sample]):
         """Images uint8 [B, H, W, 3], labels uint8 [B, H, W], reliability uint8 [B, H, W]."""
         images, labels, reliability, _ = self.generate_float(samples)
-        images = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        return images, labels, reliability
+        return _to_uint8(images), labels, reliability
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+class _Once:
+    """A function's result, computed by the first caller (on any thread) and shared."""
+
+    def __init__(self, fn):
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._result = None
+
+    def __call__(self):
+        with self._lock:
+            if self._result is None:
+                self._result = self._fn()
+                self._fn = None
+            return self._result
 
 
 def plan_batches(total: int, batch_size: int, shard: tuple[int, int]) -> range:
@@ -272,9 +319,17 @@ def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], ba
     its threads, manifest lines in order; a sink without `write_files` writes on one thread);
     returns how many. The caller drains the pool."""
     written = 0
+    # A preset that refines with a CRF finishes its masks on the pool's threads, beside the
+    # next batch's generation: the batch's first job to start runs the CRF, the others wait.
+    defer = pool.workers > 0 and synth.preset.mask.crf_iterations > 0
     for start in range(0, len(unit), batch_size):
         batch = unit[start : start + batch_size]
-        images, labels, reliability = synth.generate(batch)
+        if defer:
+            images, finish = synth.generate_deferred(batch)
+            masks = _Once(finish)
+        else:
+            images, labels, reliability = synth.generate(batch)
+            masks = None
         for j, s in enumerate(batch):
             if s.index in done:
                 continue  # written before an interruption: generated only as a companion
@@ -283,7 +338,19 @@ def _write_unit(synth: Synthesizer, unit: list[Sample], sink, done: set[int], ba
                 "classes": [{"id": c.id, "name": c.name, "word": w} for c, w in s.spec.labels],
                 "seed": s.seed,
             }
-            if hasattr(sink, "write_files"):
+            if masks is not None:
+                write = getattr(sink, "write_files", None)
+
+                def job(j=j, s=s, record=record, write=write, masks=masks, images=images):
+                    labels, reliability = masks()
+                    if write is not None:
+                        write(s.name, images[j], labels[j], reliability[j])
+                    else:
+                        sink.write(s.index, s.name, images[j], labels[j], reliability[j], record)
+
+                pool.submit(job, then=None if write is None else
+                            lambda s=s, record=record: sink.record(s.index, s.name, record))
+            elif hasattr(sink, "write_files"):
                 pool.submit(sink.write_files, s.name, images[j], labels[j], reliability[j],
                             then=lambda s=s, record=record: sink.record(s.index, s.name, record))
             else:

@@ -152,15 +152,43 @@ def build_hf_model(name: str, class_names: list[str], pretrained: str | None = N
                     "or ConvNeXt folder")
 
 
-class SegModel(nn.Module):
-    """One segmentation network behind a common interface (see the module docstring)."""
+class FullResolutionHead(nn.Module):
+    """Corrects the decoder's upsampled logits at the input's own resolution.
 
-    def __init__(self, hf_model, family: str, class_names: list[str], name: str):
+    SegFormer and UperNet predict at a quarter of their input, so an object's outline is
+    drawn from logits four pixels apart: on small images (the toy world's 64x64) thin parts and
+    corners are lost whatever the labels say. A shallow convolutional stream over the image
+    itself sees every pixel's edges; it is fused with the upsampled logits and its output added
+    to them (a residual: at initialisation the prediction is the decoder's).
+    """
+
+    def __init__(self, num_classes: int, width: int = 8):
+        super().__init__()
+        # One 3x3 convolution over the image and one over the fused maps: wider or deeper
+        # streams, and batch norm, cost more than the whole tiny segmenter on a CPU at 64x64.
+        self.image = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.fuse = nn.Sequential(nn.Conv2d(width + num_classes, 2 * width, 3, padding=1),
+                                  nn.ReLU(), nn.Conv2d(2 * width, num_classes, 1))
+        nn.init.zeros_(self.fuse[-1].weight)
+        nn.init.zeros_(self.fuse[-1].bias)
+
+    def forward(self, pixels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.fuse(torch.cat([logits, self.image(pixels)], 1))
+
+
+class SegModel(nn.Module):
+    """One segmentation network behind a common interface (see the module docstring).
+
+    With ``full_res_head`` the logits pass through a :class:`FullResolutionHead`."""
+
+    def __init__(self, hf_model, family: str, class_names: list[str], name: str,
+                 full_res_head: bool = False):
         super().__init__()
         self.net = hf_model
         self.family = family
         self.class_names = list(class_names)
         self.name = name
+        self.full_res = FullResolutionHead(len(class_names)) if full_res_head else None
 
     @property
     def aux_weight(self) -> float:
@@ -181,19 +209,24 @@ class SegModel(nn.Module):
             aux = self.net.auxiliary_head(features) if self.net.auxiliary_head is not None \
                 else None
         logits = _upsample(logits, size)
+        if self.full_res is not None:
+            logits = self.full_res(pixels, logits)
         if aux is not None:
             aux = _upsample(aux, size)
         return logits, aux
 
     def head_parameter_names(self) -> set[str]:
         """Parameters of the decoder head(s): trained with the head learning-rate multiplier."""
-        prefixes = ("net.decode_head.", "net.auxiliary_head.")
+        prefixes = ("net.decode_head.", "net.auxiliary_head.", "full_res.")
         return {n for n, _ in self.named_parameters() if n.startswith(prefixes)}
 
     def spec(self) -> dict:
         """What :func:`model_from_spec` needs to rebuild this network (JSON-able)."""
-        return {"name": self.name, "family": self.family, "class_names": self.class_names,
+        spec = {"name": self.name, "family": self.family, "class_names": self.class_names,
                 "config": self.net.config.to_dict()}
+        if self.full_res is not None:  # absent otherwise: older runs' specs stay as they were
+            spec["full_res_head"] = True
+        return spec
 
 
 def _upsample(x: torch.Tensor, size) -> torch.Tensor:
@@ -202,12 +235,13 @@ def _upsample(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
-def build_model(name: str, class_names: list[str], pretrained: str | None = None) -> SegModel:
+def build_model(name: str, class_names: list[str], pretrained: str | None = None,
+                full_res_head: bool = False) -> SegModel:
     """A :class:`SegModel` for ``name`` with one output per class in ``class_names``."""
     if len(class_names) < 2:
         raise UserError("a segmentation model needs at least two classes")
     hf = build_hf_model(name, class_names, pretrained)
-    return SegModel(hf, _family(name), class_names, name)
+    return SegModel(hf, _family(name), class_names, name, full_res_head)
 
 
 def model_from_spec(spec: dict) -> SegModel:
@@ -224,6 +258,7 @@ def model_from_spec(spec: dict) -> SegModel:
             hf = UperNetForSemanticSegmentation(UperNetConfig.from_dict(config))
         else:
             raise KeyError(family)
-        return SegModel(hf, family, spec["class_names"], spec["name"])
+        return SegModel(hf, family, spec["class_names"], spec["name"],
+                        bool(spec.get("full_res_head", False)))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint's model description is invalid ({e})") from None

@@ -92,6 +92,8 @@ class TrainConfig:
     val_every: NonNegativeInt = 0
     val_limit: PositiveInt | None = None  # validate on the first N images only
     model: str = "segformer-b0"
+    # A head predicting at the input's resolution (segmodels.FullResolutionHead).
+    full_res_head: bool = False
     pretrained: str | None = None
     out: str = "runs/train"
     steps: PositiveInt = 20000
@@ -525,12 +527,14 @@ def _duration(seconds: float) -> str:
 
 
 class _CpuCost:
-    """On a CPU, what the run's settings cost: after this call's second step, the measured
-    time of a step and of the steps left, with what would cost less, when the rest takes
-    more than `NOTE_ABOVE_S` (the defaults are a GPU recipe: on a CPU, 512x512 crops of
-    batch 8 take tens of seconds a step)."""
+    """On a CPU, what the run's settings cost: after this call's first `MEASURED_STEPS` + 1
+    steps, the measured time of a step (the mean past the first, which starts the loader; one
+    step alone carries the allocator's and the threads' warm-up) and of the steps left, with
+    what would cost less, when the rest takes more than `NOTE_ABOVE_S` (the defaults are a
+    GPU recipe: on a CPU, 512x512 crops of batch 8 take tens of seconds a step)."""
 
     NOTE_ABOVE_S = 600.0
+    MEASURED_STEPS = 5
 
     def __init__(self, cfg: TrainConfig, device, logs: _RunLogs):
         self.cfg, self.logs = cfg, logs
@@ -543,6 +547,8 @@ class _CpuCost:
         now = time.perf_counter()
         if self.first is None:  # the first step also starts the loader: timed from its end
             self.first = (step, now)
+            return
+        if step - self.first[0] < self.MEASURED_STEPS:
             return
         self.pending = False
         per_step = (now - self.first[1]) / (step - self.first[0])
@@ -565,7 +571,8 @@ def _build_models(cfg: TrainConfig, class_names: list[str], device) -> list:
     models = []
     for k in range(cfg.loss.networks):
         torch.manual_seed(derive_seed(cfg.seed, 0x1A17, k))
-        models.append(build_model(cfg.model, class_names, cfg.pretrained).to(device))
+        models.append(build_model(cfg.model, class_names, cfg.pretrained,
+                                  cfg.full_res_head).to(device))
     return models
 
 

@@ -82,6 +82,7 @@ STARTS = {
     ("bench", "quality"): ("attnseg.bench.quality", "run_quality"),
     ("bench", "toy"): ("attnseg.bench.toy.run", "run_toy_bench"),
     ("bench", "writing"): ("attnseg.bench.writing", "run_writing_bench"),
+    ("bench", "crf"): ("attnseg.bench.crf", "run_crf_bench"),
     ("bench", "robust-training"): ("attnseg.bench.robust_training", "run_robust_training"),
     ("bench", "prompts-lora"): ("attnseg.bench.prompts_lora", "run_prompts_lora"),
     ("synth",): ("attnseg.pipeline.synth.job", "run_synth"),

@@ -113,7 +113,7 @@ def _recording(sink: list):
 
     kernels = [(ca, "class_attn_kernel"), (ca, "class_attn_long_kernel"),
                (ca, "_resize_acc_kernel"), (finalize, "finalize_kernel"),
-               (crf, "crf_messages_kernel")]
+               (crf, "crf_messages_kernel"), (crf, "lattice_blur_kernel")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in kernels]
     saved_interp = ca.triton_interpreting
     try:
@@ -164,6 +164,9 @@ def shipped_launches() -> tuple[Launch, ...]:
         for channels in CRF_CHANNELS:
             crf.dense_crf_triton(torch.full((1, channels, 4, 4), 1.0 / channels),
                                  torch.zeros(1, 3, 4, 4), iterations=1)
+            # The GPU lattice's blur (one launch per axis; the recorder runs nothing).
+            crf.lattice_blur_triton(torch.zeros(9, channels),
+                                    [(torch.zeros(8, dtype=torch.int64),) * 2])
         sink.extend(plugin_launches())
     return tuple(dict.fromkeys(sink))  # distinct, in first-seen order
 

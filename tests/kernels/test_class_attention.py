@@ -328,7 +328,7 @@ def test_shipped_tiles_are_the_documented_ones():
 
     kernels = {launch.kernel for launch in SHIPPED}
     assert kernels == {*_ATTENTION, "_resize_acc_kernel", "finalize_kernel",
-                       "crf_messages_kernel", "class_attention_maps_plugin"}
+                       "crf_messages_kernel", "lattice_blur_kernel", "class_attention_maps_plugin"}
     for launch in SHIPPED:
         consts = dict(launch.constexprs)
         if launch.kernel == "class_attn_kernel":  # 129+ keys go to the two sweeps
@@ -341,7 +341,8 @@ def test_shipped_tiles_are_the_documented_ones():
             assert consts["BLOCK_C"] <= ca.TRITON_MAX_BLOCK_C
             assert consts["F32_DOT"] == (launch.dtype == "fp32")  # bf16: tensor cores
         assert launch.num_warps == (4 if launch.kernel in ("finalize_kernel",
-                                                           "crf_messages_kernel") else 8)
+                                                           "crf_messages_kernel",
+                                                           "lattice_blur_kernel") else 8)
 
 
 @pytest.mark.slow
@@ -349,8 +350,8 @@ def test_shipped_tiles_are_the_documented_ones():
 @pytest.mark.parametrize("launch", SHIPPED, ids=str)
 def test_shipped_tile_compiles_without_register_spills(ptxas_reports, launch, arch):
     """Every tile the launchers pick (class attention, both kernels, its resize, finalize, the
-    exact CRF) for the model families' shapes, fp16/bf16/fp32, compiles for sm_80 and sm_90
-    with no register spills, per ptxas -v."""
+    exact CRF, the GPU lattice's blur) for the model families' shapes, fp16/bf16/fp32, compiles
+    for sm_80 and sm_90 with no register spills, per ptxas -v."""
     report = ptxas_reports[(launch, arch)]
     assert (report["spill_stores"], report["spill_loads"]) == (0, 0), report
     assert report["regs"] <= 255

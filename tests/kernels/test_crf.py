@@ -255,3 +255,62 @@ def test_dark_corner_case_is_sse_padding():
                                kernel["w_smooth"])
     torch.testing.assert_close(q[0].T.reshape(c, h, w), torch.from_numpy(_REF[f"{name}_q"]),
                                rtol=0, atol=1e-6)
+
+
+@needs_numba
+@pytest.mark.parametrize("c, w_app", [(2, 4.0), (5, 4.0), (5, 0.0)])
+def test_numba_lattice_matches_the_torch_lattice(c, w_app, monkeypatch):
+    """The numba lattice mean field (the CPU default) against `PermutohedralLattice` in torch
+    ops (the path on other devices): to float32 rounding, with pydensecrf's two arithmetic
+    paths (up to 2 channels, more) and with a kernel left out (weight 0); splitting a batch's
+    images over threads does not change a bit."""
+    probs, image = _inputs(3, c, 13, 11, seed=c)
+    params = {**PARAMS, "w_app": w_app}
+    fast = dense_crf_lattice(probs, image, iterations=4, threads=1, **params)
+    torch.testing.assert_close(dense_crf_lattice(probs, image, iterations=4, threads=2, **params),
+                               fast, rtol=0, atol=0)
+    monkeypatch.setattr(crf_module, "_nb", None)
+    plain = dense_crf_lattice(probs, image, iterations=4, **params)
+    # A noise image: its weak unaries turn the paths' 1-ulp differences into up to 1e-5, as on
+    # the stored noise case against pydensecrf (test_lattice_matches_stored_pydensecrf).
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    assert (fast - plain).abs().mean().item() < 1e-7
+
+
+@needs_triton
+@pytest.mark.parametrize("c", [1, 21, 40])  # 40: two channel tiles
+def test_triton_lattice_blur_matches_the_reference(c):
+    """The GPU lattice's Triton blur against its torch-ops reference, bit for bit (0.5 * s is
+    exact, so a fused multiply-add rounds as the two ops do)."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    g = torch.Generator().manual_seed(c)
+    lat = PermutohedralLattice((torch.rand(200, 5, generator=g) * 3).to(device))
+    m = lat.neighbours[0][0].numel()
+    assert any((n == m).any() for pair in lat.neighbours for n in pair)  # missing neighbours
+    values = torch.rand(m + 1, c, generator=g).to(device)
+    values[m] = 0.0
+    want = crf_module.lattice_blur_ref(values, lat.neighbours)
+    got = crf_module.lattice_blur_triton(values, lat.neighbours)
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+
+
+@needs_triton
+def test_gpu_lattice_matches_the_cpu_lattice():
+    """The lattice mean field through torch ops and the Triton blur (the GPU path) against the
+    numba lattice (the CPU default): to float32 rounding."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    probs, image, _ = _two_regions(noise=1.2, seed=5)
+    want = dense_crf_lattice(probs, image, iterations=4, **PARAMS)
+    app, smooth = crf_module._lattice_features(image.to(device), PARAMS["sxy_app"],
+                                               PARAMS["srgb"], PARAMS["sxy_smooth"])
+    lat_a, lat_s = PermutohedralLattice(app[0]), PermutohedralLattice(smooth[0])
+
+    def messages(src_a, src_s):
+        return (lat_a.filter(src_a[0], blur="triton")[None],
+                lat_s.filter(src_s[0], blur="triton")[None])
+
+    c, n = probs.shape[1], probs.shape[2] * probs.shape[3]
+    unary = probs.to(device).clamp_min(1e-5).log().reshape(1, c, n).transpose(1, 2).contiguous()
+    q = crf_module._mean_field(unary, messages, 4, PARAMS["w_app"], PARAMS["w_smooth"])
+    got = q.transpose(1, 2).reshape(probs.shape)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-6)

@@ -157,7 +157,7 @@ def test_bench_help_names_every_bench():
     parser = build_parser()
     bench = dict(_parsers(parser))["attnseg bench"]
     names = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert len(names) == 7
+    assert len(names) == 9
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     line = next(c.help for c in commands._choices_actions if c.dest == "bench")
     assert line in " ".join(parser.format_help().split())  # what `attnseg --help` shows

@@ -322,3 +322,41 @@ def test_a_damaged_manifest_line_is_one_line_and_the_rerun_completes(tmp_path, c
     assert sorted(_manifest_indices(out)) == list(range(8))
     names = (out / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     assert names == [f"{i:08d}" for i in range(8)]
+
+
+@pytest.mark.parametrize("fmt", ["voc", "webdataset"])
+def test_crf_on_the_write_pool_writes_the_same_bytes_as_inline(tmp_path, fmt, monkeypatch,
+                                                               torch_one_thread):
+    """A preset that refines with a dense CRF (attn2mask) runs the CRF on the write pool's
+    threads, beside the next batch's generation, and writes the folder it writes inline (the CRF
+    on the main thread): byte for byte. (Splitting a batch over threads changes no bit either:
+    test_numba_lattice_matches_the_torch_lattice.)"""
+    import threading
+
+    from attnseg.pipeline.harvest import masks as masks_module
+
+    where = []
+    real = masks_module.crf_refine
+
+    def crf_refine(*args, **kwargs):
+        where.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(masks_module, "crf_refine", crf_refine)
+    extra = ["--format", fmt, "--samples-per-tar", "4"] if fmt == "webdataset" else []
+    outs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        where.clear()
+        assert main(["synth", *JOB, *extra, "--preset", "attn2mask", "--write-workers",
+                     str(workers), "--out", str(out)]) == 0
+        # Inline: every batch's CRF on the main thread; on the pool: all but the first batch's
+        # (generated before the folder is made, with its masks).
+        assert where[0] and all(where) == (workers == 0) and len(where) == 4
+        outs[workers] = {p.relative_to(out).as_posix(): p.read_bytes()
+                         for p in sorted(out.rglob("*")) if p.is_file()
+                         and not p.name.startswith(".lock")}
+    assert outs[0].keys() == outs[2].keys()
+    assert [k for k in outs[0] if outs[0][k] != outs[2][k]] == []
+    if fmt == "voc":
+        assert _manifest_indices(tmp_path / "w2") == list(range(8))

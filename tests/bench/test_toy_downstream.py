@@ -1,0 +1,82 @@
+"""`attnseg bench toy-downstream`: the interval, the protocol rule, the arms' pairing and the
+resume, end to end through the CLI on the shipped toy model (a few steps: the path, not the
+figures)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from attnseg.bench.toy.instrument import interval95
+from attnseg.pipeline.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def test_interval95_is_the_t_interval_of_the_mean():
+    r = interval95([1.0, 2.0, 3.0])
+    assert r["mean"] == 2.0 and r["std"] == 1.0
+    half = 4.303 / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert r["ci95"] == pytest.approx([2.0 - half, 2.0 + half])
+    five = interval95([0.5, 0.7, 0.6, 0.4, 0.8])
+    assert five["ci95"] == pytest.approx([0.6 - 2.776 * five["std"] / math.sqrt(5),
+                                          0.6 + 2.776 * five["std"] / math.sqrt(5)])
+    assert interval95([0.3, 0.3])["ci95"] == [0.3, 0.3]
+
+
+ARGS = ["--device", "cpu", "--set",
+        'candidates=[["segformer-tiny", 0, 2, 0.002], ["segformer-tiny", 0, 2, 0.05, true]]',
+        "--set", "protocol_seeds=[0,1]", "--set", "seeds=[0,1]", "--set", "test_seeds=[7,8]",
+        "--set", "test_images=4", "--set", "images=12", "--set", "synth_steps=2", "--set",
+        'arms=["exact", "synthetic", "loss:ignore-band"]']
+
+
+def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
+    out = tmp_path / "inst"
+    assert main(["bench", "toy-downstream", "--out", str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "inst.json").read_text())
+    protocol = report["protocol"]
+    rows = protocol["candidates"]
+    assert len(rows) == 2 and all(len(r["values"]) == 2 for r in rows)
+    steady = [r for r in rows if r["std"] <= 0.015]
+    best = max(steady, key=lambda r: r["mean"]) if steady else min(rows, key=lambda r: r["std"])
+    assert protocol["chosen"] == best["candidate"]
+    arms = report["arms"]
+    assert list(arms) == ["exact", "synthetic", "loss:ignore-band"]
+    for row in arms.values():
+        assert len(row["values"]) == 2 and len(row["by_render"]) == 2
+        for seed in range(2):  # a seed's figure is its mean over the test renders
+            assert row["values"][seed] == pytest.approx(
+                sum(r["values"][seed] for r in row["by_render"]) / 2)
+    gain = arms["loss:ignore-band"]["gain"]
+    assert gain["values"] == pytest.approx(
+        [a - b for a, b in zip(arms["loss:ignore-band"]["values"], arms["synthetic"]["values"],
+                               strict=True)])
+    assert "gain" not in arms["exact"] and "gain" not in arms["synthetic"]
+    assert "| loss:ignore-band |" in printed and "Rule: highest mean" in printed
+    # A second run reuses every finished training run: same figures, no weights rewritten.
+    work = tmp_path / "inst.work"
+    weights = {p: p.stat().st_mtime_ns for p in work.rglob("model.safetensors")}
+    # protocol: 2 candidates x 2 seeds (the chosen one's are the exact arm's); synthetic and
+    # loss arms: 2 seeds each
+    assert len(weights) == 2 * 2 + 2 * 2
+    assert main(["bench", "toy-downstream", "--out", str(out), *ARGS]) == 0
+    again = json.loads((tmp_path / "inst.json").read_text())
+    assert again["arms"] == report["arms"] and again["protocol"] == report["protocol"]
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("model.safetensors")} == weights
+
+
+def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
+    for setting, words in (('arms=["crf:3"]', "unknown arm"),
+                           ('arms=["images:2"]', "integer >= 6"),
+                           ('arms=["loss:nope"]', "loss"),
+                           ("test_seeds=[101]", "must not include val_seed"),
+                           ("seeds=[0]", "at least two")):
+        assert main(["bench", "toy-downstream", "--out", str(tmp_path / "x"), "--set",
+                     setting]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()
