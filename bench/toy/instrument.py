@@ -255,11 +255,9 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     tests = [_render(work, f"test-{s}-{cfg.test_images}", s, first) for s in cfg.test_seeds]
     report: dict = {"benchmark": "toy-downstream", "config": asdict(cfg),
                     "machine": machine_info(device), "model": cfg.model}
-    if len(cfg.candidates) > 1:
-        candidate, report["protocol"] = choose_protocol(cfg, work, val)
-    else:
-        candidate, report["protocol"] = cfg.candidates[0], {
-            "chosen": _candidate_dict(cfg.candidates[0]), "rule": "the only candidate"}
+    # Run for a single candidate too: its validation spread is reported, and its runs are the
+    # exact arm's.
+    candidate, report["protocol"] = choose_protocol(cfg, work, val)
     pipe = None
     if any(a != "exact" for a in cfg.arms):
         from attnseg.pipeline.models.loading import load_pipeline

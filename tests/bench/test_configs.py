@@ -81,6 +81,7 @@ STARTS = {
     ("bench", "throughput"): ("attnseg.bench.throughput", "run_throughput"),
     ("bench", "quality"): ("attnseg.bench.quality", "run_quality"),
     ("bench", "toy"): ("attnseg.bench.toy.run", "run_toy_bench"),
+    ("bench", "toy-downstream"): ("attnseg.bench.toy.instrument", "run_toy_downstream"),
     ("bench", "writing"): ("attnseg.bench.writing", "run_writing_bench"),
     ("bench", "crf"): ("attnseg.bench.crf", "run_crf_bench"),
     ("bench", "robust-training"): ("attnseg.bench.robust_training", "run_robust_training"),
