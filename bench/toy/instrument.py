@@ -321,12 +321,11 @@ def to_markdown(report: dict) -> str:
     chosen = protocol["chosen"]
     lines += ["## Protocol (chosen on the validation render)", "",
               f"Rule: {protocol['rule']}. Chosen: {_describe(chosen)}.", ""]
-    if "candidates" in protocol:
-        lines += ["| candidate | validation mIoU | std | minutes per run |", "|---|---|---|---|"]
-        for r in protocol["candidates"]:
-            lines.append(f"| {_describe(r['candidate'])} | {_pct(r['mean'])} | "
-                         f"{_pct(r['std'])} | {r['train_seconds'] / 60:.1f} |")
-        lines.append("")
+    lines += ["| candidate | validation mIoU | std | minutes per run |", "|---|---|---|---|"]
+    for r in protocol["candidates"]:
+        lines.append(f"| {_describe(r['candidate'])} | {_pct(r['mean'])} | "
+                     f"{_pct(r['std'])} | {r['train_seconds'] / 60:.1f} |")
+    lines.append("")
     lines += ["## Arms (test renders)", "",
               "| arm | mIoU | std (seeds) | 95 % interval | gain vs synthetic [95 % interval] | "
               "per render | minutes per run |", "|---|---|---|---|---|---|---|"]
