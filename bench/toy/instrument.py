@@ -11,6 +11,12 @@ data scored against exact labels with a protocol sharp enough to resolve a one-p
    other than `exact` and `synthetic` are paired by seed with `synthetic` (plain prompts, CE,
    the default preset): the gain's mean and its 95 % t-interval over the seeds.
 
+3. **Pseudo-masks** (`presets`; validation and test renders): each preset as published and
+   with its dense CRF switched, labelling the rendered scenes with the real-image labeller;
+   the recipe with the best validation mIoU is named, and every row's test figure is its mean
+   over the test renders (each render's figure: its mean over `labeller_seeds`) with the
+   spread over the renders; the default preset's two-object localisation likewise.
+
 Arms: `exact` (rendered scenes, exact labels: the bound), `synthetic`, `loss:NAME` (a
 reliability-aware loss on the `synthetic` data), `prompts:ARM` (bench toy's prompt arms),
 `crf` (the default preset's dense CRF switched), `images:N` (`synthetic` with N images, and
@@ -25,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnseg.pipeline.settings import NonNegativeFloat, PositiveFloat, PositiveInt
+from attnseg.pipeline.settings import NonNegativeFloat, PositiveFloat, PositiveInt, UnitFloat
 
 from ..common import machine_info, output_base, with_suffix
 
@@ -56,6 +62,11 @@ class ToyDownstreamConfig:
     guidance: NonNegativeFloat = 4.0
     exact_seed: int = 2000  # render seed of the exact arm's training scenes (plus the seed)
     crf_iterations: PositiveInt = 10  # the crf arm's, where the default preset has none
+    # Pseudo-masks (3): the presets scored (() skips), with the labeller's noise levels (bench
+    # toy chooses them on validation: 0.1 for the shipped model) and its seeds per render.
+    presets: tuple[str, ...] = ()
+    labeller_noise: tuple[UnitFloat, ...] = (0.1,)
+    labeller_seeds: tuple[int, ...] = (0,)
     device: str = "auto"
     dtype: str = "auto"
     work: str | None = None  # None: <out>.work
@@ -68,8 +79,12 @@ class ToyDownstreamConfig:
         self.arms = tuple(self.arms)
         self.scale_range = tuple(self.scale_range)
         self.candidates = tuple(_candidate(c) for c in self.candidates)
+        self.presets = tuple(self.presets)
+        self.labeller_noise = tuple(self.labeller_noise)
+        self.labeller_seeds = tuple(self.labeller_seeds)
 
     def validate(self) -> None:
+        from attnseg.pipeline.config import PRESETS
         from attnseg.pipeline.errors import UserError
         from attnseg.pipeline.train.losses import LossConfig
         from attnseg.pipeline.train.segmodels import MODEL_NAMES
@@ -89,6 +104,11 @@ class ToyDownstreamConfig:
             if steps < 1 or not lr > 0 or not (side == 0 or side >= 32):
                 raise UserError(f"candidate ({name}, {side}, {steps}, {lr}) needs steps >= 1, "
                                 "lr > 0 and an input side of 0 (the scenes') or >= 32")
+        for preset in self.presets:
+            if preset not in PRESETS:
+                raise UserError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
+        if self.presets and not (self.labeller_seeds and self.labeller_noise):
+            raise UserError("labeller_seeds and labeller_noise must not be empty with presets")
         for arm in self.arms:
             kind, _, value = arm.partition(":")
             if kind not in ARM_KINDS or bool(value) != (kind in ("loss", "prompts", "images")):
@@ -237,6 +257,74 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
     return data, work / f"train-crf{iterations}-{per_class * 6}-seed{seed}-{key}", "ce"
 
 
+def _pseudo_row(cfg: ToyDownstreamConfig, pipe, work: Path, preset: str, crf: int,
+                source, render: str, seed: int) -> dict:
+    """One preset's pseudo-mask scores on one render with one labeller seed (kept in `work`
+    by model, recipe, render and seed: a rerun scores nothing twice)."""
+    import json
+
+    from attnseg.pipeline.files import atomic_write_bytes
+    from attnseg.pipeline.models.loading import model_fingerprint
+    from attnseg.pipeline.prompts import load_classes
+
+    from .pseudo_masks import _pseudo_scores
+
+    noise = ",".join(f"{x:g}" for x in cfg.labeller_noise)
+    path = work / "pseudo" / (f"{model_fingerprint(pipe)}-{preset}-crf{crf}-noise{noise}-"
+                              f"{render}-seed{seed}.json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    scores = _pseudo_scores(pipe, preset, cfg.labeller_noise,
+                            _bench_config(cfg, cfg.candidates[0]), seed, source,
+                            load_classes("toy"), crf=crf)
+    row = {k: scores.get(k) for k in ("mIoU", "foreground_iou", "class_accuracy_on_foreground")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(row) + "\n").encode())
+    return row
+
+
+def pseudo_masks(cfg: ToyDownstreamConfig, pipe, work: Path, val, tests: list) -> dict:
+    """Part 3 of the module docstring: every preset with and without its CRF on validation
+    and on each test render, the best recipe on validation, and the default preset's
+    localisation over the test renders."""
+    from attnseg.pipeline.config import get_preset
+    from attnseg.pipeline.prompts import load_classes
+
+    from .pseudo_masks import two_object_localisation
+
+    def on(preset, crf, source, name) -> dict:
+        rows = [_pseudo_row(cfg, pipe, work, preset, crf, source, name, s)
+                for s in cfg.labeller_seeds]
+        out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if
+               all(r[k] is not None for r in rows)}
+        out["labeller_std"] = float(np.std([r["mIoU"] for r in rows], ddof=1)) \
+            if len(rows) > 1 else 0.0
+        return out
+
+    names = [f"test-{s}-{cfg.test_images}" for s in cfg.test_seeds]
+    recipes = []
+    for preset in cfg.presets:
+        own = get_preset(preset).mask.crf_iterations
+        for crf in (own, 0 if own else cfg.crf_iterations):  # as published, then switched
+            validation = on(preset, crf, val, f"val-{cfg.val_seed}-{cfg.test_images}")
+            per_render = [on(preset, crf, t, n) for t, n in zip(tests, names, strict=True)]
+            recipes.append({
+                "preset": preset, "crf_iterations": crf, "published": crf == own,
+                "validation": validation["mIoU"],
+                "test": interval95([r["mIoU"] for r in per_render]),
+                "per_render": per_render})
+    best = max(recipes, key=lambda r: r["validation"])
+    bcfg = _bench_config(cfg, cfg.candidates[0])
+    local = [two_object_localisation(pipe, bcfg, cfg.labeller_noise, t, load_classes("toy"),
+                                     seed=cfg.labeller_seeds[0]) for t in tests]
+    return {"noise_levels": list(cfg.labeller_noise), "labeller_seeds": list(cfg.labeller_seeds),
+            "recipes": recipes,
+            "best_on_validation": {"preset": best["preset"],
+                                   "crf_iterations": best["crf_iterations"]},
+            "localisation": {key: interval95([float(r[key]) for r in local])
+                             for key in ("word_peaks_on_own_object", "both_words")}}
+
+
 def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     """Run the instrument; writes OUT.json and OUT.md and returns the report."""
     from attnseg.pipeline.device import resolve_device, resolve_dtype
@@ -259,10 +347,11 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     # exact arm's.
     candidate, report["protocol"] = choose_protocol(cfg, work, val)
     pipe = None
-    if any(a != "exact" for a in cfg.arms):
+    if cfg.presets or any(a != "exact" for a in cfg.arms):
         from attnseg.pipeline.models.loading import load_pipeline
 
         pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device))
+    report["pseudo_masks"] = pseudo_masks(cfg, pipe, work, val, tests) if cfg.presets else None
     arms: dict = {}
     for arm in cfg.arms:
         per_seed, per_render, seconds = [], [], []
@@ -337,8 +426,45 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {arm} | {_pct(r['mean'])} | {_pct(r['std'])} | "
                      f"[{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] | {g} | {per_render} | "
                      f"{r['train_minutes']:.1f} |")
-    lines += ["", f"Wall time: {report['seconds'] / 60:.0f} min.", ""]
+    lines.append("")
+    if report.get("pseudo_masks"):
+        lines += _pseudo_markdown(report["pseudo_masks"], cfg)
+    lines += [f"Wall time: {report['seconds'] / 60:.0f} min.", ""]
     return "\n".join(lines)
+
+
+def _pseudo_markdown(pm: dict, cfg: dict) -> list[str]:
+    best = pm["best_on_validation"]
+    seeds = ", ".join(map(str, pm["labeller_seeds"]))
+    lines = ["## Pseudo-masks (validation and test renders)", "",
+             f"The real-image labeller (noise levels {pm['noise_levels']}, seeds {seeds}) on the "
+             f"rendered scenes; unsure pixels count as wrong. Test: mean over the "
+             f"{len(cfg['test_seeds'])} renders of each render's mean over the labeller's "
+             "seeds, the standard deviation over the renders, and the 95 % t-interval. "
+             f"Best recipe on validation: `{best['preset']}` with "
+             f"{best['crf_iterations']} CRF iterations.", "",
+             "| preset | dense CRF | validation mIoU | test mIoU | std (renders) | "
+             "95 % interval | per render | foreground IoU | class accuracy on foreground |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in pm["recipes"]:
+        crf = f"{r['crf_iterations']} it." if r["crf_iterations"] else "off"
+        crf += "" if r["published"] else " (switched)"
+        t = r["test"]
+        extra = [np.mean([x.get(k, np.nan) for x in r["per_render"]])
+                 for k in ("foreground_iou", "class_accuracy_on_foreground")]
+        lines.append(
+            f"| `{r['preset']}` | {crf} | {_pct(r['validation'])} | {_pct(t['mean'])} | "
+            f"{_pct(t['std'])} | [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}] | "
+            f"{', '.join(_pct(x['mIoU']) for x in r['per_render'])} | "
+            + " | ".join("—" if np.isnan(x) else _pct(x) for x in extra) + " |")
+    loc = pm["localisation"]
+    w, b = loc["word_peaks_on_own_object"], loc["both_words"]
+    lines += ["", "Two-object localisation (the default preset's maps, test renders): each "
+              f"class word's map peaks on its own object in {_pct(w['mean'])} ± "
+              f"{_pct(w['std'])} % of (scene, word) pairs (per render: "
+              f"{', '.join(_pct(x) for x in w['values'])}); both words in {_pct(b['mean'])} ± "
+              f"{_pct(b['std'])} % of scenes.", ""]
+    return lines
 
 
 def _describe(c: dict) -> str:

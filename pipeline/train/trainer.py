@@ -556,13 +556,15 @@ class _CpuCost:
         if per_step * left <= self.NOTE_ABOVE_S:
             return
         h, w = self.cfg.augment.crop_size
+        # Half the side is a quarter of the pixels; below 32 a crop holds too little context.
+        smaller = f"--crop {h // 2},{w // 2} (a quarter of the pixels), " \
+            if min(h, w) >= 64 else ""
         self.logs.note(
             f"note: on the CPU a step takes {per_step:.1f} s "
             f"({self.cfg.batch_size * self.cfg.accum_steps} crops of {h}x{w}), so the {left} "
             "steps left take about "
-            f"{_duration(per_step * left)}; a CUDA GPU is many times faster, a smaller --crop "
-            "(256: about a quarter of the pixels) or fewer --steps cost less, and Ctrl-C saves "
-            "a checkpoint to resume from")
+            f"{_duration(per_step * left)}; a CUDA GPU is many times faster, {smaller}"
+            "fewer --steps cost less, and Ctrl-C saves a checkpoint to resume from")
 
 
 def _build_models(cfg: TrainConfig, class_names: list[str], device) -> list:

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from attnseg.bench.toy.instrument import interval95
 from attnseg.pipeline.cli import main
@@ -30,7 +31,8 @@ ARGS = ["--device", "cpu", "--set",
         'candidates=[["segformer-tiny", 0, 2, 0.002], ["segformer-tiny", 0, 2, 0.05, true]]',
         "--set", "protocol_seeds=[0,1]", "--set", "seeds=[0,1]", "--set", "test_seeds=[7,8]",
         "--set", "test_images=4", "--set", "images=12", "--set", "synth_steps=2", "--set",
-        'arms=["exact", "synthetic", "loss:ignore-band"]']
+        'arms=["exact", "synthetic", "loss:ignore-band"]', "--set",
+        'presets=["attnseg", "daam"]', "--set", "labeller_seeds=[0, 1]"]
 
 
 def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
@@ -57,9 +59,13 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
                                strict=True)])
     assert "gain" not in arms["exact"] and "gain" not in arms["synthetic"]
     assert "| loss:ignore-band |" in printed and "Rule: highest mean" in printed
+    _check_pseudo_masks(report, tmp_path / "inst.work", printed)
     # A second run reuses every finished training run: same figures, no weights rewritten.
     work = tmp_path / "inst.work"
     weights = {p: p.stat().st_mtime_ns for p in work.rglob("model.safetensors")}
+    scored = {p: p.stat().st_mtime_ns for p in (work / "pseudo").iterdir()}
+    # 2 presets x CRF on/off x 3 renders (validation, 2 tests) x 2 labeller seeds
+    assert len(scored) == 2 * 2 * 3 * 2
     # protocol: 2 candidates x 2 seeds (the chosen one's are the exact arm's); synthetic and
     # loss arms: 2 seeds each
     assert len(weights) == 2 * 2 + 2 * 2
@@ -67,6 +73,44 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     again = json.loads((tmp_path / "inst.json").read_text())
     assert again["arms"] == report["arms"] and again["protocol"] == report["protocol"]
     assert {p: p.stat().st_mtime_ns for p in work.rglob("model.safetensors")} == weights
+    assert again["pseudo_masks"] == report["pseudo_masks"]
+    assert {p: p.stat().st_mtime_ns for p in (work / "pseudo").iterdir()} == scored
+
+
+def _check_pseudo_masks(report, work, printed):
+    """Each preset as published and with its CRF switched; a render's figure is the mean over
+    the labeller's seeds, the test figure the mean over the renders; the best recipe is the
+    best on validation; one stored score recomputed from scratch agrees."""
+    from attnseg.bench.toy.instrument import ToyDownstreamConfig, _bench_config
+    from attnseg.bench.toy.pseudo_masks import _pseudo_scores
+    from attnseg.pipeline.models.loading import load_pipeline
+    from attnseg.pipeline.prompts import load_classes
+    from attnseg.pipeline.train.sources import open_source
+
+    pm = report["pseudo_masks"]
+    recipes = pm["recipes"]
+    assert [(r["preset"], r["crf_iterations"], r["published"]) for r in recipes] == [
+        ("attnseg", 0, True), ("attnseg", 10, False), ("daam", 0, True), ("daam", 10, False)]
+    for r in recipes:
+        assert len(r["per_render"]) == 2
+        assert r["test"]["mean"] == pytest.approx(
+            sum(x["mIoU"] for x in r["per_render"]) / 2)
+    best = max(recipes, key=lambda r: r["validation"])
+    assert pm["best_on_validation"] == {"preset": best["preset"],
+                                        "crf_iterations": best["crf_iterations"]}
+    stored = [json.loads(p.read_text())["mIoU"] for p in sorted((work / "pseudo").glob(
+        "*-daam-crf10-noise0.1-test-8-4-seed*.json"))]
+    assert len(stored) == 2 and recipes[3]["per_render"][1]["mIoU"] == pytest.approx(
+        sum(stored) / 2)
+    pipe = load_pipeline("toy", torch.device("cpu"), torch.float32)
+    cfg = ToyDownstreamConfig(size=64, test_images=4, candidates=[["segformer-tiny", 0, 2, 0.002]])
+    fresh = _pseudo_scores(pipe, "daam", (0.1,), _bench_config(cfg, cfg.candidates[0]), 1,
+                           open_source(work / "test-8-4", "synthetic", "train"),
+                           load_classes("toy"), crf=10)["mIoU"]
+    assert fresh == pytest.approx(stored[1])
+    loc = pm["localisation"]["word_peaks_on_own_object"]
+    assert len(loc["values"]) == 2
+    assert "## Pseudo-masks" in printed and "`daam` | 10 it. (switched)" in printed
 
 
 def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
@@ -74,7 +118,8 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
                            ('arms=["images:2"]', "integer >= 6"),
                            ('arms=["loss:nope"]', "loss"),
                            ("test_seeds=[101]", "must not include val_seed"),
-                           ("seeds=[0]", "at least two")):
+                           ("seeds=[0]", "at least two"),
+                           ('presets=["nope"]', "unknown preset")):
         assert main(["bench", "toy-downstream", "--out", str(tmp_path / "x"), "--set",
                      setting]) == 2
         err = capsys.readouterr().err

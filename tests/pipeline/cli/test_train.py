@@ -275,7 +275,8 @@ def test_a_long_cpu_run_says_what_it_costs(demo_data, tmp_path, capsys):
     out = capsys.readouterr().out
     note = [line for line in out.splitlines() if line.startswith("note: on the CPU a step")]
     assert len(note) == 1 and "2 crops of 64x64" in note[0] and "9999994 steps left" in note[0]
-    assert "--crop" in note[0] and "Ctrl-C saves a checkpoint" in note[0]
+    assert "--crop 32,32 (a quarter of the pixels)" in note[0]
+    assert "Ctrl-C saves a checkpoint" in note[0]
     # A short run is not told.
     assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "short"), "--steps",
                  "4", "--device", "cpu", *TRAIN]) == 0
