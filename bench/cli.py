@@ -215,6 +215,11 @@ def cmd_gpu(args) -> int:
     return 1 if failed else 0
 
 
+def _add_toy_model(p) -> None:
+    p.add_argument("--model", help="a toy-world model: 'toy' (shipped) or the model/ folder of "
+                   "`attnseg toy train-model` (default: toy)")
+
+
 def register(sub) -> None:
     """Add `attnseg bench` and its subcommands."""
     bench = sub.add_parser("bench", help="benchmarks (named below, once they are added)")
@@ -297,8 +302,7 @@ def register(sub) -> None:
                         "validation seed, figures reported on a test seed.")
     cli_args.add_config(t, "toy benchmark")
     cli_args.add_set(t, "num_images=50 --set seeds=[0]")
-    t.add_argument("--model", help="a toy-world model: 'toy' (shipped) or the model/ folder of "
-                   "`attnseg toy train-model` (default: toy)")
+    _add_toy_model(t)
     cli_args.add_device(t)
     cli_args.add_dtype(t)
     t.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "
@@ -317,8 +321,7 @@ def register(sub) -> None:
                         "the training seeds, each gain paired by seed with the synthetic arm.")
     cli_args.add_config(d, "toy downstream instrument")
     cli_args.add_set(d, "arms=[\"exact\",\"synthetic\"] --set seeds=[0,1]")
-    d.add_argument("--model", help="a toy-world model: 'toy' (shipped) or the model/ folder of "
-                   "`attnseg toy train-model` (default: toy)")
+    _add_toy_model(d)
     cli_args.add_device(d)
     cli_args.add_dtype(d)
     d.add_argument("--out", help="where results go: OUT.json, OUT.md (default: "

@@ -33,7 +33,7 @@ import numpy as np
 
 from attnseg.pipeline.settings import NonNegativeFloat, PositiveFloat, PositiveInt, UnitFloat
 
-from ..common import machine_info, output_base, with_suffix
+from ..common import machine_info, output_base, pct, with_suffix, write_json_and_markdown
 
 ARM_KINDS = ("exact", "synthetic", "loss", "prompts", "crf", "images")
 
@@ -328,7 +328,6 @@ def pseudo_masks(cfg: ToyDownstreamConfig, pipe, work: Path, val, tests: list) -
 def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     """Run the instrument; writes OUT.json and OUT.md and returns the report."""
     from attnseg.pipeline.device import resolve_device, resolve_dtype
-    from attnseg.pipeline.files import atomic_write_bytes
 
     from .pseudo_masks import _render
 
@@ -382,17 +381,8 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     report["arms"] = arms
     report["test_renders"] = {"seeds": list(cfg.test_seeds), "images": cfg.test_images}
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    import json
-
-    files = [str(with_suffix(base, ".json")), str(with_suffix(base, ".md"))]
-    atomic_write_bytes(Path(files[0]), (json.dumps(report, indent=1) + "\n").encode())
-    atomic_write_bytes(Path(files[1]), to_markdown(report).encode())
-    report["files"] = files
+    report["files"] = write_json_and_markdown(report, base, to_markdown(report))
     return report
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
 
 
 def to_markdown(report: dict) -> str:
@@ -412,8 +402,8 @@ def to_markdown(report: dict) -> str:
               f"Rule: {protocol['rule']}. Chosen: {_describe(chosen)}.", ""]
     lines += ["| candidate | validation mIoU | std | minutes per run |", "|---|---|---|---|"]
     for r in protocol["candidates"]:
-        lines.append(f"| {_describe(r['candidate'])} | {_pct(r['mean'])} | "
-                     f"{_pct(r['std'])} | {r['train_seconds'] / 60:.1f} |")
+        lines.append(f"| {_describe(r['candidate'])} | {pct(r['mean'])} | "
+                     f"{pct(r['std'])} | {r['train_seconds'] / 60:.1f} |")
     lines.append("")
     lines += ["## Arms (test renders)", "",
               "| arm | mIoU | std (seeds) | 95 % interval | gain vs synthetic [95 % interval] | "
@@ -422,9 +412,9 @@ def to_markdown(report: dict) -> str:
         gain = r.get("gain")
         g = (f"{100 * gain['mean']:+.1f} [{100 * gain['ci95'][0]:+.1f}, "
              f"{100 * gain['ci95'][1]:+.1f}]") if gain else ""
-        per_render = ", ".join(_pct(x["mean"]) for x in r["by_render"])
-        lines.append(f"| {arm} | {_pct(r['mean'])} | {_pct(r['std'])} | "
-                     f"[{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] | {g} | {per_render} | "
+        per_render = ", ".join(pct(x["mean"]) for x in r["by_render"])
+        lines.append(f"| {arm} | {pct(r['mean'])} | {pct(r['std'])} | "
+                     f"[{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] | {g} | {per_render} | "
                      f"{r['train_minutes']:.1f} |")
     lines.append("")
     if report.get("pseudo_masks"):
@@ -453,17 +443,17 @@ def _pseudo_markdown(pm: dict, cfg: dict) -> list[str]:
         extra = [np.mean([x.get(k, np.nan) for x in r["per_render"]])
                  for k in ("foreground_iou", "class_accuracy_on_foreground")]
         lines.append(
-            f"| `{r['preset']}` | {crf} | {_pct(r['validation'])} | {_pct(t['mean'])} | "
-            f"{_pct(t['std'])} | [{_pct(t['ci95'][0])}, {_pct(t['ci95'][1])}] | "
-            f"{', '.join(_pct(x['mIoU']) for x in r['per_render'])} | "
-            + " | ".join("—" if np.isnan(x) else _pct(x) for x in extra) + " |")
+            f"| `{r['preset']}` | {crf} | {pct(r['validation'])} | {pct(t['mean'])} | "
+            f"{pct(t['std'])} | [{pct(t['ci95'][0])}, {pct(t['ci95'][1])}] | "
+            f"{', '.join(pct(x['mIoU']) for x in r['per_render'])} | "
+            + " | ".join("—" if np.isnan(x) else pct(x) for x in extra) + " |")
     loc = pm["localisation"]
     w, b = loc["word_peaks_on_own_object"], loc["both_words"]
     lines += ["", "Two-object localisation (the default preset's maps, test renders): each "
-              f"class word's map peaks on its own object in {_pct(w['mean'])} ± "
-              f"{_pct(w['std'])} % of (scene, word) pairs (per render: "
-              f"{', '.join(_pct(x) for x in w['values'])}); both words in {_pct(b['mean'])} ± "
-              f"{_pct(b['std'])} % of scenes.", ""]
+              f"class word's map peaks on its own object in {pct(w['mean'])} ± "
+              f"{pct(w['std'])} % of (scene, word) pairs (per render: "
+              f"{', '.join(pct(x) for x in w['values'])}); both words in {pct(b['mean'])} ± "
+              f"{pct(b['std'])} % of scenes.", ""]
     return lines
 
 
