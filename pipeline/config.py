@@ -387,6 +387,32 @@ def get_preset(name: str, latent_stride: int = 8) -> Preset:
     return preset.for_latent_stride(latent_stride)
 
 
+def preset_with_overrides(name: str, overrides: dict[str, Any], latent_stride: int = 8
+                          ) -> Preset:
+    """Preset `name` for a model of this latent stride with `overrides` ({"harvest": {...},
+    "mask": {...}}, the sections' field names) applied, every value checked, validated."""
+    preset = get_preset(name, latent_stride)
+    for section in ("harvest", "mask"):
+        values = dict(overrides.get(section, {}))
+        target = getattr(preset, section)
+        names = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise UserError(unknown_keys_line(unknown, names, section))
+        for key, value in values.items():
+            if section == "harvest" and key == "heads":
+                value = check_heads(value)
+            else:
+                value = check_value(field_type(type(target), key), value, section, key)
+            setattr(target, key, value)
+    unknown = sorted(set(overrides) - {"harvest", "mask"})
+    if unknown:
+        raise UserError(unknown_keys_line(unknown, ("harvest", "mask"), "config", "section"))
+    preset.harvest.validate(latent_stride)
+    preset.mask.validate()
+    return preset
+
+
 @dataclass
 class SynthConfig:
     """One dataset-synthesis job (`attnseg synth`)."""
@@ -457,26 +483,7 @@ class SynthConfig:
     def resolve_preset(self, latent_stride: int = 8) -> Preset:
         """The preset for a model of this latent stride with this job's overrides applied
         (override strides are the model's own: image pixels per map pixel), validated."""
-        preset = get_preset(self.preset, latent_stride)
-        for section in ("harvest", "mask"):
-            values = dict(self.overrides.get(section, {}))
-            target = getattr(preset, section)
-            names = {f.name for f in dataclasses.fields(target)}
-            unknown = sorted(set(values) - names)
-            if unknown:
-                raise UserError(unknown_keys_line(unknown, names, section))
-            for key, value in values.items():
-                if section == "harvest" and key == "heads":
-                    value = check_heads(value)
-                else:
-                    value = check_value(field_type(type(target), key), value, section, key)
-                setattr(target, key, value)
-        unknown = sorted(set(self.overrides) - {"harvest", "mask"})
-        if unknown:
-            raise UserError(unknown_keys_line(unknown, ("harvest", "mask"), "config", "section"))
-        preset.harvest.validate(latent_stride)
-        preset.mask.validate()
-        return preset
+        return preset_with_overrides(self.preset, self.overrides, latent_stride)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:

@@ -58,10 +58,10 @@ def _input_size(cfg: ToyBenchConfig) -> int:
 
 def _synthesise(cfg: ToyBenchConfig, pipe, folder: Path, per_class: int, seed: int,
                 prompts: str | None = None, loras: tuple[str, ...] = (),
-                overrides: dict | None = None) -> Path:
+                overrides: dict | None = None, preset: str = "attnseg") -> Path:
     """`attnseg synth` of per_class x 6 images into `folder` (a finished folder is reused),
-    with the default preset (plus `overrides`, synth's own). With LoRAs the model is loaded
-    anew with them fused (the shared pipeline stays as is)."""
+    with `preset` (the default preset unless given; plus `overrides`, synth's own). With
+    LoRAs the model is loaded anew with them fused (the shared pipeline stays as is)."""
     from attnseg.pipeline.config import SynthConfig
     from attnseg.pipeline.synth.job import run_synth
 
@@ -69,6 +69,7 @@ def _synthesise(cfg: ToyBenchConfig, pipe, folder: Path, per_class: int, seed: i
                           out=str(folder), batch_size=24, steps=cfg.synth_steps,
                           guidance=cfg.guidance, height=cfg.size, width=cfg.size, seed=seed,
                           prompts=prompts, loras=list(loras), overrides=overrides or {},
+                          preset=preset,
                           device=cfg.device, dtype=cfg.dtype),
               progress=False, pipe=None if loras else pipe)
     return folder

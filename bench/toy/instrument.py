@@ -15,19 +15,24 @@ data scored against exact labels with a protocol sharp enough to resolve a one-p
    with its dense CRF switched, labelling the rendered scenes with the real-image labeller;
    the recipe with the best validation mIoU is named, and every row's test figure is its mean
    over the test renders (each render's figure: its mean over `labeller_seeds`) with the
-   spread over the renders; the default preset's two-object localisation likewise.
+   spread over the renders; the default preset's two-object localisation likewise. Each of
+   `recipes` (a preset with harvest and mask overrides and its own labeller noise) is scored
+   on validation beside them; where one is the best on validation, it is scored on the test
+   renders too.
 
 Arms: `exact` (rendered scenes, exact labels: the bound), `synthetic`, `loss:NAME` (a
 reliability-aware loss on the `synthetic` data), `prompts:ARM` (bench toy's prompt arms),
 `crf` (the default preset's dense CRF switched), `images:N` (`synthetic` with N images, and
-`exact` at N beside it).
+`exact` at N beside it), `recipe:NAME` (the `synthetic` images with the masks of recipe NAME).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +40,37 @@ from attnseg.pipeline.settings import NonNegativeFloat, PositiveFloat, PositiveI
 
 from ..common import machine_info, output_base, pct, with_suffix, write_json_and_markdown
 
-ARM_KINDS = ("exact", "synthetic", "loss", "prompts", "crf", "images")
+ARM_KINDS = ("exact", "synthetic", "loss", "prompts", "crf", "images", "recipe")
+
+
+@dataclass
+class Recipe:
+    """A pseudo-mask recipe tried on validation: preset `preset` with `harvest` and `mask`
+    overrides (a synth job's `overrides`, checked the same way) and the labeller's noise
+    levels (empty: the instrument's `labeller_noise`)."""
+
+    name: str
+    preset: str = "attnseg"
+    harvest: dict[str, Any] = field(default_factory=dict)
+    mask: dict[str, Any] = field(default_factory=dict)
+    noise: tuple[UnitFloat, ...] = ()
+
+    def validate(self) -> None:
+        import re
+
+        from attnseg.pipeline.config import preset_with_overrides
+        from attnseg.pipeline.errors import UserError
+        from attnseg.pipeline.harvest.real_images import RealImageConfig
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", self.name):
+            raise UserError(f"recipe name {self.name!r} must be letters, digits and _.+- "
+                            "(it names its score files)")
+        try:
+            preset_with_overrides(self.preset, {"harvest": self.harvest, "mask": self.mask})
+            if self.noise:
+                RealImageConfig(noise_levels=tuple(self.noise)).validate()
+        except UserError as e:
+            raise UserError(f"recipe {self.name!r}: {e}") from None
 
 
 @dataclass
@@ -67,6 +102,7 @@ class ToyDownstreamConfig:
     presets: tuple[str, ...] = ()
     labeller_noise: tuple[UnitFloat, ...] = (0.1,)
     labeller_seeds: tuple[int, ...] = (0,)
+    recipes: tuple[Recipe, ...] = ()  # needs `presets`
     device: str = "auto"
     dtype: str = "auto"
     work: str | None = None  # None: <out>.work
@@ -82,6 +118,7 @@ class ToyDownstreamConfig:
         self.presets = tuple(self.presets)
         self.labeller_noise = tuple(self.labeller_noise)
         self.labeller_seeds = tuple(self.labeller_seeds)
+        self.recipes = tuple(r if isinstance(r, Recipe) else Recipe(**r) for r in self.recipes)
 
     def validate(self) -> None:
         from attnseg.pipeline.config import PRESETS
@@ -109,11 +146,21 @@ class ToyDownstreamConfig:
                 raise UserError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
         if self.presets and not (self.labeller_seeds and self.labeller_noise):
             raise UserError("labeller_seeds and labeller_noise must not be empty with presets")
+        for recipe in self.recipes:
+            recipe.validate()
+        names = [r.name for r in self.recipes]
+        if len(set(names)) != len(names):
+            raise UserError(f"recipe names must differ: {names}")
+        if self.recipes and not self.presets:
+            raise UserError("recipes are scored beside the presets: give presets too")
         for arm in self.arms:
             kind, _, value = arm.partition(":")
-            if kind not in ARM_KINDS or bool(value) != (kind in ("loss", "prompts", "images")):
+            if kind not in ARM_KINDS or bool(value) != (kind in ("loss", "prompts", "images",
+                                                                 "recipe")):
                 raise UserError(f"unknown arm {arm!r}; arms are exact, synthetic, crf, "
-                                "loss:NAME, prompts:ARM, images:N")
+                                "loss:NAME, prompts:ARM, images:N, recipe:NAME")
+            if kind == "recipe" and value not in names:
+                raise UserError(f"arm {arm!r}: no recipe named {value!r} (recipes: {names})")
             if kind == "loss":
                 LossConfig(name=value).validate()
             if kind == "prompts" and value not in PROMPT_ARMS:
@@ -251,19 +298,37 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
     if kind == "prompts":
         data, name = _arm_data(bcfg, pipe, work, value, per_class, seed, key)
         return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
+    if kind == "recipe":  # the synthetic arm's images, the recipe's masks
+        recipe = next(r for r in cfg.recipes if r.name == value)
+        name = f"recipe-{value}-{_recipe_digest(replace(recipe, noise=()))}"
+        data = _synthesise(bcfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
+                           per_class, seed, preset=recipe.preset,
+                           overrides={"harvest": recipe.harvest, "mask": recipe.mask})
+        return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
     iterations = 0 if get_preset("attnseg").mask.crf_iterations else cfg.crf_iterations
     data = _synthesise(bcfg, pipe, work / f"synth-crf{iterations}-{per_class}x6-seed{seed}-{key}",
                        per_class, seed, overrides={"mask": {"crf_iterations": iterations}})
     return data, work / f"train-crf{iterations}-{per_class * 6}-seed{seed}-{key}", "ce"
 
 
+def _stored_row(path: Path, score) -> dict:
+    """The pseudo-mask figures kept at `path`, else `score()`'s, kept there (atomic write): a
+    rerun scores nothing twice."""
+    from attnseg.pipeline.files import atomic_write_bytes
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    scores = score()
+    row = {k: scores.get(k) for k in ("mIoU", "foreground_iou", "class_accuracy_on_foreground")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(row) + "\n").encode())
+    return row
+
+
 def _pseudo_row(cfg: ToyDownstreamConfig, pipe, work: Path, preset: str, crf: int,
                 source, render: str, seed: int) -> dict:
     """One preset's pseudo-mask scores on one render with one labeller seed (kept in `work`
-    by model, recipe, render and seed: a rerun scores nothing twice)."""
-    import json
-
-    from attnseg.pipeline.files import atomic_write_bytes
+    by model, recipe, render and seed)."""
     from attnseg.pipeline.models.loading import model_fingerprint
     from attnseg.pipeline.prompts import load_classes
 
@@ -272,55 +337,96 @@ def _pseudo_row(cfg: ToyDownstreamConfig, pipe, work: Path, preset: str, crf: in
     noise = ",".join(f"{x:g}" for x in cfg.labeller_noise)
     path = work / "pseudo" / (f"{model_fingerprint(pipe)}-{preset}-crf{crf}-noise{noise}-"
                               f"{render}-seed{seed}.json")
-    if path.is_file():
-        return json.loads(path.read_text())
-    scores = _pseudo_scores(pipe, preset, cfg.labeller_noise,
-                            _bench_config(cfg, cfg.candidates[0]), seed, source,
-                            load_classes("toy"), crf=crf)
-    row = {k: scores.get(k) for k in ("mIoU", "foreground_iou", "class_accuracy_on_foreground")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(row) + "\n").encode())
-    return row
+    return _stored_row(path, lambda: _pseudo_scores(
+        pipe, preset, cfg.labeller_noise, _bench_config(cfg, cfg.candidates[0]), seed, source,
+        load_classes("toy"), crf=crf))
+
+
+def _recipe_noise(cfg: ToyDownstreamConfig, recipe: Recipe) -> tuple[float, ...]:
+    return tuple(recipe.noise) or tuple(cfg.labeller_noise)
+
+
+def _recipe_digest(recipe: Recipe, levels: tuple[float, ...] | None = None) -> str:
+    """12 hex digits naming the recipe's content (with the labeller's noise `levels` where
+    they matter): files made with an edited recipe are not taken for its old ones."""
+    import hashlib
+
+    content = {**asdict(recipe), "noise": list(levels) if levels is not None else None}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _recipe_row(cfg: ToyDownstreamConfig, pipe, work: Path, recipe: Recipe, source,
+                render: str, seed: int) -> dict:
+    """`_pseudo_row` for a recipe; its files are named by the recipe's content, so an edited
+    recipe is scored again."""
+
+    from attnseg.pipeline.config import preset_with_overrides
+    from attnseg.pipeline.models.loading import model_fingerprint
+    from attnseg.pipeline.prompts import load_classes
+
+    from .pseudo_masks import _pseudo_scores
+
+    levels = _recipe_noise(cfg, recipe)
+    path = work / "pseudo" / (f"{model_fingerprint(pipe)}-recipe-{recipe.name}-"
+                              f"{_recipe_digest(recipe, levels)}-{render}-seed{seed}.json")
+    preset = preset_with_overrides(recipe.preset, {"harvest": recipe.harvest,
+                                                   "mask": recipe.mask}, pipe.vae_scale_factor)
+    return _stored_row(path, lambda: _pseudo_scores(
+        pipe, preset, levels, _bench_config(cfg, cfg.candidates[0]), seed, source,
+        load_classes("toy")))
 
 
 def pseudo_masks(cfg: ToyDownstreamConfig, pipe, work: Path, val, tests: list) -> dict:
     """Part 3 of the module docstring: every preset with and without its CRF on validation
-    and on each test render, the best recipe on validation, and the default preset's
-    localisation over the test renders."""
+    and on each test render, each recipe on validation, the best on validation (on the test
+    renders too), and the default preset's localisation over the test renders."""
+    from functools import partial
+
     from attnseg.pipeline.config import get_preset
     from attnseg.pipeline.prompts import load_classes
 
     from .pseudo_masks import two_object_localisation
 
-    def on(preset, crf, source, name) -> dict:
-        rows = [_pseudo_row(cfg, pipe, work, preset, crf, source, name, s)
-                for s in cfg.labeller_seeds]
+    def on(row, source, name) -> dict:
+        rows = [row(source, name, s) for s in cfg.labeller_seeds]
         out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if
                all(r[k] is not None for r in rows)}
         out["labeller_std"] = float(np.std([r["mIoU"] for r in rows], ddof=1)) \
             if len(rows) > 1 else 0.0
         return out
 
+    def on_tests(row) -> dict:
+        per_render = [on(row, t, n) for t, n in zip(tests, names, strict=True)]
+        return {"test": interval95([r["mIoU"] for r in per_render]), "per_render": per_render}
+
     names = [f"test-{s}-{cfg.test_images}" for s in cfg.test_seeds]
+    val_name = f"val-{cfg.val_seed}-{cfg.test_images}"
     recipes = []
     for preset in cfg.presets:
         own = get_preset(preset).mask.crf_iterations
         for crf in (own, 0 if own else cfg.crf_iterations):  # as published, then switched
-            validation = on(preset, crf, val, f"val-{cfg.val_seed}-{cfg.test_images}")
-            per_render = [on(preset, crf, t, n) for t, n in zip(tests, names, strict=True)]
-            recipes.append({
-                "preset": preset, "crf_iterations": crf, "published": crf == own,
-                "validation": validation["mIoU"],
-                "test": interval95([r["mIoU"] for r in per_render]),
-                "per_render": per_render})
-    best = max(recipes, key=lambda r: r["validation"])
+            row = partial(_pseudo_row, cfg, pipe, work, preset, crf)
+            recipes.append({"preset": preset, "crf_iterations": crf, "published": crf == own,
+                            "validation": on(row, val, val_name)["mIoU"], **on_tests(row)})
+    tried = []
+    for recipe in cfg.recipes:
+        validation = on(partial(_recipe_row, cfg, pipe, work, recipe), val, val_name)
+        tried.append({**asdict(recipe), "noise": list(_recipe_noise(cfg, recipe)),
+                      "validation": validation["mIoU"],
+                      **{k: validation.get(k) for k in ("foreground_iou",
+                                                        "class_accuracy_on_foreground")}})
+    best = max(recipes + tried, key=lambda r: r["validation"])
+    if "name" in best:  # a recipe: scored on the test renders too
+        best.update(on_tests(partial(_recipe_row, cfg, pipe, work,
+                                     cfg.recipes[tried.index(best)])))
+        chosen = {"recipe": best["name"]}
+    else:
+        chosen = {"preset": best["preset"], "crf_iterations": best["crf_iterations"]}
     bcfg = _bench_config(cfg, cfg.candidates[0])
     local = [two_object_localisation(pipe, bcfg, cfg.labeller_noise, t, load_classes("toy"),
                                      seed=cfg.labeller_seeds[0]) for t in tests]
     return {"noise_levels": list(cfg.labeller_noise), "labeller_seeds": list(cfg.labeller_seeds),
-            "recipes": recipes,
-            "best_on_validation": {"preset": best["preset"],
-                                   "crf_iterations": best["crf_iterations"]},
+            "recipes": recipes, "tried_on_validation": tried, "best_on_validation": chosen,
             "localisation": {key: interval95([float(r[key]) for r in local])
                              for key in ("word_peaks_on_own_object", "both_words")}}
 
@@ -425,14 +531,15 @@ def to_markdown(report: dict) -> str:
 
 def _pseudo_markdown(pm: dict, cfg: dict) -> list[str]:
     best = pm["best_on_validation"]
+    chosen = (f"the recipe `{best['recipe']}` (below)" if "recipe" in best else
+              f"`{best['preset']}` with {best['crf_iterations']} CRF iterations")
     seeds = ", ".join(map(str, pm["labeller_seeds"]))
     lines = ["## Pseudo-masks (validation and test renders)", "",
              f"The real-image labeller (noise levels {pm['noise_levels']}, seeds {seeds}) on the "
              f"rendered scenes; unsure pixels count as wrong. Test: mean over the "
              f"{len(cfg['test_seeds'])} renders of each render's mean over the labeller's "
              "seeds, the standard deviation over the renders, and the 95 % t-interval. "
-             f"Best recipe on validation: `{best['preset']}` with "
-             f"{best['crf_iterations']} CRF iterations.", "",
+             f"Best on validation: {chosen}.", "",
              "| preset | dense CRF | validation mIoU | test mIoU | std (renders) | "
              "95 % interval | per render | foreground IoU | class accuracy on foreground |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -447,6 +554,24 @@ def _pseudo_markdown(pm: dict, cfg: dict) -> list[str]:
             f"{pct(t['std'])} | [{pct(t['ci95'][0])}, {pct(t['ci95'][1])}] | "
             f"{', '.join(pct(x['mIoU']) for x in r['per_render'])} | "
             + " | ".join("—" if np.isnan(x) else pct(x) for x in extra) + " |")
+    if pm["tried_on_validation"]:
+        lines += ["", "Recipes tried on validation (a preset with overrides; the best on "
+                  "validation is also scored on the test renders):", "",
+                  "| recipe | preset | overrides | labeller noise | validation mIoU | "
+                  "foreground IoU | class accuracy on foreground | test mIoU (renders) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in pm["tried_on_validation"]:
+            overrides = "; ".join(f"{section}.{k}={json.dumps(v)}" for section in
+                                  ("harvest", "mask") for k, v in r[section].items()) or "none"
+            t = r.get("test")
+            test = (f"{pct(t['mean'])} ± {pct(t['std'])} "
+                    f"({', '.join(pct(x['mIoU']) for x in r['per_render'])})") if t else ""
+            lines.append(
+                f"| {r['name']} | `{r['preset']}` | `{overrides}` | "
+                f"{', '.join(f'{x:g}' for x in r['noise'])} | {pct(r['validation'])} | "
+                + " | ".join("—" if r[k] is None else pct(r[k]) for k in
+                             ("foreground_iou", "class_accuracy_on_foreground"))
+                + f" | {test} |")
     loc = pm["localisation"]
     w, b = loc["word_peaks_on_own_object"], loc["both_words"]
     lines += ["", "Two-object localisation (the default preset's maps, test renders): each "

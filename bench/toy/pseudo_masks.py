@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from attnseg.kernels.regions import connected_components
-from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.config import Preset, get_preset
 from attnseg.pipeline.harvest.attention import cross_attention_heads
 from attnseg.pipeline.harvest.real_images import (
     RealImageConfig,
@@ -98,13 +98,16 @@ def _with_layers(preset, layers: tuple | None, latent_stride: int, heads: dict |
     return preset
 
 
-def _labeller(pipe, preset: str, levels, cfg: ToyBenchConfig, seed: int,
+def _labeller(pipe, preset: str | Preset, levels, cfg: ToyBenchConfig, seed: int,
               bg: float | None = None, crf: int | None = None,
               layers: tuple | None = None, heads: dict | None = None) -> RealImageLabeller:
+    """The real-image labeller of `preset` (a name, or a preset already resolved for this
+    model) with the bench's optional threshold, CRF, layer or head setting."""
     real = RealImageConfig(noise_levels=levels, template=cfg.template, size=cfg.size,
                            seed=seed)
-    p = _with_layers(get_preset(preset, pipe.vae_scale_factor), layers, pipe.vae_scale_factor,
-                     heads)
+    if isinstance(preset, str):
+        preset = get_preset(preset, pipe.vae_scale_factor)
+    p = _with_layers(preset, layers, pipe.vae_scale_factor, heads)
     if bg is not None:  # a tuned threshold, no ignore band
         p = replace(p, mask=replace(p.mask, bg_const=bg, ignore_low=bg, ignore_high=bg))
     if crf is not None:  # None: the preset's own setting

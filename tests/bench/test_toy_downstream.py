@@ -31,8 +31,10 @@ ARGS = ["--device", "cpu", "--set",
         'candidates=[["segformer-tiny", 0, 2, 0.002], ["segformer-tiny", 0, 2, 0.05, true]]',
         "--set", "protocol_seeds=[0,1]", "--set", "seeds=[0,1]", "--set", "test_seeds=[7,8]",
         "--set", "test_images=4", "--set", "images=12", "--set", "synth_steps=2", "--set",
-        'arms=["exact", "synthetic", "loss:ignore-band"]', "--set",
-        'presets=["attnseg", "daam"]', "--set", "labeller_seeds=[0, 1]"]
+        'arms=["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3"]', "--set",
+        'presets=["attnseg", "daam"]', "--set", "labeller_seeds=[0, 1]", "--set",
+        'recipes=[{"name": "daam-bg0.3", "preset": "daam", "mask": {"bg_const": 0.3}, '
+        '"noise": [0.2]}]']
 
 
 def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
@@ -47,7 +49,7 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     best = max(steady, key=lambda r: r["mean"]) if steady else min(rows, key=lambda r: r["std"])
     assert protocol["chosen"] == best["candidate"]
     arms = report["arms"]
-    assert list(arms) == ["exact", "synthetic", "loss:ignore-band"]
+    assert list(arms) == ["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3"]
     for row in arms.values():
         assert len(row["values"]) == 2 and len(row["by_render"]) == 2
         for seed in range(2):  # a seed's figure is its mean over the test renders
@@ -58,23 +60,46 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
         [a - b for a, b in zip(arms["loss:ignore-band"]["values"], arms["synthetic"]["values"],
                                strict=True)])
     assert "gain" not in arms["exact"] and "gain" not in arms["synthetic"]
+    assert "gain" in arms["recipe:daam-bg0.3"]
+    _check_recipe_arm(tmp_path / "inst.work")
     assert "| loss:ignore-band |" in printed and "Rule: highest mean" in printed
     _check_pseudo_masks(report, tmp_path / "inst.work", printed)
     # A second run reuses every finished training run: same figures, no weights rewritten.
     work = tmp_path / "inst.work"
     weights = {p: p.stat().st_mtime_ns for p in work.rglob("model.safetensors")}
     scored = {p: p.stat().st_mtime_ns for p in (work / "pseudo").iterdir()}
-    # 2 presets x CRF on/off x 3 renders (validation, 2 tests) x 2 labeller seeds
-    assert len(scored) == 2 * 2 * 3 * 2
-    # protocol: 2 candidates x 2 seeds (the chosen one's are the exact arm's); synthetic and
-    # loss arms: 2 seeds each
-    assert len(weights) == 2 * 2 + 2 * 2
+    # 2 presets x CRF on/off x 3 renders (validation, 2 tests) x 2 labeller seeds; the
+    # recipe on validation (and on the tests where it is the best there) x 2 labeller seeds
+    recipe_renders = 3 if "recipe" in report["pseudo_masks"]["best_on_validation"] else 1
+    assert len(scored) == 2 * 2 * 3 * 2 + recipe_renders * 2
+    # protocol: 2 candidates x 2 seeds (the chosen one's are the exact arm's); synthetic,
+    # loss and recipe arms: 2 seeds each
+    assert len(weights) == 2 * 2 + 3 * 2
     assert main(["bench", "toy-downstream", "--out", str(out), *ARGS]) == 0
     again = json.loads((tmp_path / "inst.json").read_text())
     assert again["arms"] == report["arms"] and again["protocol"] == report["protocol"]
     assert {p: p.stat().st_mtime_ns for p in work.rglob("model.safetensors")} == weights
     assert again["pseudo_masks"] == report["pseudo_masks"]
     assert {p: p.stat().st_mtime_ns for p in (work / "pseudo").iterdir()} == scored
+
+
+def _check_recipe_arm(work):
+    """The recipe arm trains on the synthetic arm's images with the recipe's masks: same
+    pictures, other labels (daam's maps at a 0.3 threshold, no ignore band)."""
+    import numpy as np
+    from PIL import Image
+
+    for seed in (0, 1):
+        plain = next(work.glob(f"synth-2x6-seed{seed}-*"))
+        recipe = next(work.glob(f"synth-recipe-daam-bg0.3-*-2x6-seed{seed}-*"))
+        names = sorted(p.name for p in (plain / "JPEGImages").iterdir())
+        assert names == sorted(p.name for p in (recipe / "JPEGImages").iterdir())
+        same = [np.array_equal(np.asarray(Image.open(plain / "JPEGImages" / n)),
+                               np.asarray(Image.open(recipe / "JPEGImages" / n))) for n in names]
+        assert all(same)
+        job = json.loads((recipe / "job.json").read_text())
+        assert job["preset"] == "daam" and job["mask"]["bg_const"] == 0.3
+    assert len(list(work.glob("train-recipe-daam-bg0.3-*-12-seed*"))) == 2
 
 
 def _check_pseudo_masks(report, work, printed):
@@ -95,9 +120,13 @@ def _check_pseudo_masks(report, work, printed):
         assert len(r["per_render"]) == 2
         assert r["test"]["mean"] == pytest.approx(
             sum(x["mIoU"] for x in r["per_render"]) / 2)
-    best = max(recipes, key=lambda r: r["validation"])
-    assert pm["best_on_validation"] == {"preset": best["preset"],
-                                        "crf_iterations": best["crf_iterations"]}
+    tried = pm["tried_on_validation"]
+    assert [(r["name"], r["preset"], r["mask"], r["noise"]) for r in tried] == [
+        ("daam-bg0.3", "daam", {"bg_const": 0.3}, [0.2])]
+    best = max(recipes + tried, key=lambda r: r["validation"])
+    assert pm["best_on_validation"] == ({"recipe": best["name"]} if "name" in best else {
+        "preset": best["preset"], "crf_iterations": best["crf_iterations"]})
+    assert ("test" in tried[0]) == (best is tried[0])
     stored = [json.loads(p.read_text())["mIoU"] for p in sorted((work / "pseudo").glob(
         "*-daam-crf10-noise0.1-test-8-4-seed*.json"))]
     assert len(stored) == 2 and recipes[3]["per_render"][1]["mIoU"] == pytest.approx(
@@ -108,6 +137,16 @@ def _check_pseudo_masks(report, work, printed):
                            open_source(work / "test-8-4", "synthetic", "train"),
                            load_classes("toy"), crf=10)["mIoU"]
     assert fresh == pytest.approx(stored[1])
+    # The recipe: its preset with its override and its own noise level, scored afresh.
+    from attnseg.pipeline.config import preset_with_overrides
+
+    recipe_preset = preset_with_overrides("daam", {"mask": {"bg_const": 0.3}},
+                                          pipe.vae_scale_factor)
+    val = open_source(work / "val-101-4", "synthetic", "train")
+    fresh = [_pseudo_scores(pipe, recipe_preset, (0.2,), _bench_config(cfg, cfg.candidates[0]),
+                            s, val, load_classes("toy"))["mIoU"] for s in (0, 1)]
+    assert tried[0]["validation"] == pytest.approx(sum(fresh) / 2)
+    assert "| daam-bg0.3 | `daam` | `mask.bg_const=0.3` | 0.2 |" in printed
     loc = pm["localisation"]["word_peaks_on_own_object"]
     assert len(loc["values"]) == 2
     assert "## Pseudo-masks" in printed and "`daam` | 10 it. (switched)" in printed
@@ -119,7 +158,14 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
                            ('arms=["loss:nope"]', "loss"),
                            ("test_seeds=[101]", "must not include val_seed"),
                            ("seeds=[0]", "at least two"),
-                           ('presets=["nope"]', "unknown preset")):
+                           ('presets=["nope"]', "unknown preset"),
+                           ('recipes=[{"name": "a b"}]', "recipe name"),
+                           ('recipes=[{"name": "x", "mask": {"bg": 0.3}}]', "unknown mask"),
+                           ('recipes=[{"name": "x", "noise": [1.5]}]', "noise"),
+                           ('recipes=[{"name": "x"}, {"name": "x"}]', "must differ"),
+                           ('recipes=[{"name": "x", "size": 3}]', "unknown recipes"),
+                           ('recipes=[{"name": "x"}]', "give presets too"),
+                           ('arms=["recipe:nope"]', "no recipe named")):
         assert main(["bench", "toy-downstream", "--out", str(tmp_path / "x"), "--set",
                      setting]) == 2
         err = capsys.readouterr().err
