@@ -215,6 +215,8 @@ def test_config_file_set_overrides_and_presets(tmp_path, capsys):
     listed = capsys.readouterr().out
     for name in ("attnseg", "diffumask", "dataset-diffusion", "daam", "attn2mask"):
         assert f"{name}:" in listed
+    assert "toy world: 48.7 ± 1.2 mIoU; 66.7 ± 1.7 with the dense CRF on" in listed
+    assert "45.5 ± 2.4 mIoU; 32.4 ± 0.3 with the dense CRF off" in listed
     bad = tmp_path / "bad.toml"
     bad.write_text("model = [\n")
     assert main(["synth", "--config", str(bad)]) == 2
@@ -360,3 +362,33 @@ def test_demo_does_not_overwrite_a_users_prompt_file(tmp_path, capsys):
     assert len(err) == 1 and "is not this demo's prompt set" in err[0], err
     assert mine.read_text() == '{"prompt": "my own prompt about a dog", "labels": []}\n'
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_preset_figures_are_the_instruments():
+    """`attnseg presets` cites each preset's toy-world figures: they must be those of the
+    instrument's result file, rounded as printed."""
+    from pathlib import Path
+
+    from attnseg.pipeline.cli.synth import TOY_BEST_RECIPE, TOY_FIGURES, TOY_RESULT
+    from attnseg.pipeline.config import PRESETS, get_preset
+
+    root = Path(__file__).resolve().parents[3]
+    report = json.loads((root / TOY_RESULT).with_suffix(".json").read_text())
+    pm = report["pseudo_masks"]
+    measured = {}
+    for row in pm["recipes"]:
+        figure = (round(100 * row["test"]["mean"], 1), round(100 * row["test"]["std"], 1))
+        measured.setdefault(row["preset"], {})[row["published"]] = figure
+    assert set(measured) == set(PRESETS) == set(TOY_FIGURES)
+    for name, (published, switched) in TOY_FIGURES.items():
+        assert measured[name] == {True: published, False: switched}
+        own = get_preset(name).mask.crf_iterations
+        assert [r["crf_iterations"] for r in pm["recipes"] if r["preset"] == name] == [
+            own, 0 if own else report["config"]["crf_iterations"]]
+    name, flags, figure = TOY_BEST_RECIPE
+    assert pm["best_on_validation"] == {"recipe": name}
+    best = next(r for r in pm["tried_on_validation"] if r["name"] == name)
+    assert (round(100 * best["test"]["mean"], 1), round(100 * best["test"]["std"], 1)) == figure
+    assert flags == f"--preset {best['preset']} " + " ".join(
+        f"--set mask.{k}={v}" for k, v in best["mask"].items())
+    assert not best["harvest"] and best["noise"] == report["pseudo_masks"]["noise_levels"]
