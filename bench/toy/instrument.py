@@ -28,7 +28,9 @@ reliability-aware loss on the `synthetic` data), `prompts:ARM` (bench toy's prom
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,28 +51,51 @@ class Recipe:
     overrides (a synth job's `overrides`, checked the same way) and the labeller's noise
     levels (empty: the instrument's `labeller_noise`)."""
 
-    name: str
+    name: str = ""
     preset: str = "attnseg"
     harvest: dict[str, Any] = field(default_factory=dict)
     mask: dict[str, Any] = field(default_factory=dict)
     noise: tuple[UnitFloat, ...] = ()
 
-    def validate(self) -> None:
-        import re
-
-        from attnseg.pipeline.config import preset_with_overrides
+    def validate(self, latent_stride: int) -> None:
+        """Check the recipe for a model of this latent stride (its heads are checked against
+        the model itself by `check_recipe_heads`)."""
         from attnseg.pipeline.errors import UserError
         from attnseg.pipeline.harvest.real_images import RealImageConfig
 
+        if not self.name:
+            raise UserError("every recipe needs a name")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", self.name):
             raise UserError(f"recipe name {self.name!r} must be letters, digits and _.+- "
                             "(it names its score files)")
         try:
-            preset_with_overrides(self.preset, {"harvest": self.harvest, "mask": self.mask})
+            self.resolve(latent_stride)
             if self.noise:
                 RealImageConfig(noise_levels=tuple(self.noise)).validate()
         except UserError as e:
             raise UserError(f"recipe {self.name!r}: {e}") from None
+
+    def resolve(self, latent_stride: int):
+        """The recipe's preset for a model of this latent stride, overrides applied."""
+        from attnseg.pipeline.config import preset_with_overrides
+
+        return preset_with_overrides(self.preset, {"harvest": self.harvest, "mask": self.mask},
+                                     latent_stride)
+
+
+def check_recipe_heads(recipes, pipe) -> None:
+    """Refuse, before any training, a recipe whose `harvest.heads` names a layer or head the
+    model lacks (or one its strides and blocks leave out)."""
+    from attnseg.pipeline.errors import UserError
+    from attnseg.pipeline.harvest.harvester import AttentionHarvester
+
+    for recipe in recipes:
+        if recipe.harvest.get("heads"):
+            try:
+                AttentionHarvester(pipe.unet, recipe.resolve(pipe.vae_scale_factor).harvest
+                                   ).remove()
+            except UserError as e:
+                raise UserError(f"recipe {recipe.name!r}: {e}") from None
 
 
 @dataclass
@@ -123,6 +148,8 @@ class ToyDownstreamConfig:
     def validate(self) -> None:
         from attnseg.pipeline.config import PRESETS
         from attnseg.pipeline.errors import UserError
+        from attnseg.pipeline.harvest.real_images import RealImageConfig
+        from attnseg.pipeline.models.loading import latent_stride
         from attnseg.pipeline.train.losses import LossConfig
         from attnseg.pipeline.train.segmodels import MODEL_NAMES
 
@@ -146,8 +173,11 @@ class ToyDownstreamConfig:
                 raise UserError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
         if self.presets and not (self.labeller_seeds and self.labeller_noise):
             raise UserError("labeller_seeds and labeller_noise must not be empty with presets")
+        if self.presets:
+            RealImageConfig(noise_levels=tuple(self.labeller_noise)).validate()
+        stride = latent_stride(self.model) if self.recipes else 8
         for recipe in self.recipes:
-            recipe.validate()
+            recipe.validate(stride)
         names = [r.name for r in self.recipes]
         if len(set(names)) != len(names):
             raise UserError(f"recipe names must differ: {names}")
@@ -300,7 +330,7 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
         return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
     if kind == "recipe":  # the synthetic arm's images, the recipe's masks
         recipe = next(r for r in cfg.recipes if r.name == value)
-        name = f"recipe-{value}-{_recipe_digest(replace(recipe, noise=()))}"
+        name = f"recipe-{value}-{_recipe_digest(recipe, pipe.vae_scale_factor)}"
         data = _synthesise(bcfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
                            per_class, seed, preset=recipe.preset,
                            overrides={"harvest": recipe.harvest, "mask": recipe.mask})
@@ -346,12 +376,13 @@ def _recipe_noise(cfg: ToyDownstreamConfig, recipe: Recipe) -> tuple[float, ...]
     return tuple(recipe.noise) or tuple(cfg.labeller_noise)
 
 
-def _recipe_digest(recipe: Recipe, levels: tuple[float, ...] | None = None) -> str:
-    """12 hex digits naming the recipe's content (with the labeller's noise `levels` where
-    they matter): files made with an edited recipe are not taken for its old ones."""
-    import hashlib
-
-    content = {**asdict(recipe), "noise": list(levels) if levels is not None else None}
+def _recipe_digest(recipe: Recipe, latent_stride: int,
+                   levels: tuple[float, ...] | None = None) -> str:
+    """12 hex digits naming what the recipe resolves to (every setting of its preset with the
+    overrides applied, and the labeller's noise `levels` where they matter): files made with
+    an edited recipe, or after its preset changed, are not taken for its old ones."""
+    content = {"preset": asdict(recipe.resolve(latent_stride)),
+               "noise": list(levels) if levels is not None else None}
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -359,20 +390,17 @@ def _recipe_row(cfg: ToyDownstreamConfig, pipe, work: Path, recipe: Recipe, sour
                 render: str, seed: int) -> dict:
     """`_pseudo_row` for a recipe; its files are named by the recipe's content, so an edited
     recipe is scored again."""
-
-    from attnseg.pipeline.config import preset_with_overrides
     from attnseg.pipeline.models.loading import model_fingerprint
     from attnseg.pipeline.prompts import load_classes
 
     from .pseudo_masks import _pseudo_scores
 
     levels = _recipe_noise(cfg, recipe)
+    stride = pipe.vae_scale_factor
     path = work / "pseudo" / (f"{model_fingerprint(pipe)}-recipe-{recipe.name}-"
-                              f"{_recipe_digest(recipe, levels)}-{render}-seed{seed}.json")
-    preset = preset_with_overrides(recipe.preset, {"harvest": recipe.harvest,
-                                                   "mask": recipe.mask}, pipe.vae_scale_factor)
+                              f"{_recipe_digest(recipe, stride, levels)}-{render}-seed{seed}.json")
     return _stored_row(path, lambda: _pseudo_scores(
-        pipe, preset, levels, _bench_config(cfg, cfg.candidates[0]), seed, source,
+        pipe, recipe.resolve(stride), levels, _bench_config(cfg, cfg.candidates[0]), seed, source,
         load_classes("toy")))
 
 
@@ -438,11 +466,17 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     from .pseudo_masks import _render
 
     cfg.validate()
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    pipe = None
+    if cfg.presets or any(a != "exact" for a in cfg.arms):
+        from attnseg.pipeline.models.loading import load_pipeline
+
+        pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device))
+        check_recipe_heads(cfg.recipes, pipe)
     base = output_base(cfg.out)
     work = Path(cfg.work) if cfg.work else with_suffix(base, ".work")
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
     first = _bench_config(cfg, cfg.candidates[0])
     val = _render(work, f"val-{cfg.val_seed}-{cfg.test_images}", cfg.val_seed, first)
     tests = [_render(work, f"test-{s}-{cfg.test_images}", s, first) for s in cfg.test_seeds]
@@ -451,11 +485,6 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     # Run for a single candidate too: its validation spread is reported, and its runs are the
     # exact arm's.
     candidate, report["protocol"] = choose_protocol(cfg, work, val)
-    pipe = None
-    if cfg.presets or any(a != "exact" for a in cfg.arms):
-        from attnseg.pipeline.models.loading import load_pipeline
-
-        pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device))
     report["pseudo_masks"] = pseudo_masks(cfg, pipe, work, val, tests) if cfg.presets else None
     arms: dict = {}
     for arm in cfg.arms:

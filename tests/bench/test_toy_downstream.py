@@ -97,6 +97,10 @@ def _check_recipe_arm(work):
         same = [np.array_equal(np.asarray(Image.open(plain / "JPEGImages" / n)),
                                np.asarray(Image.open(recipe / "JPEGImages" / n))) for n in names]
         assert all(same)
+        masks = sorted(p.name for p in (plain / "SegmentationClass").iterdir())
+        assert any(not np.array_equal(np.asarray(Image.open(plain / "SegmentationClass" / n)),
+                                      np.asarray(Image.open(recipe / "SegmentationClass" / n)))
+                   for n in masks)
         job = json.loads((recipe / "job.json").read_text())
         assert job["preset"] == "daam" and job["mask"]["bg_const"] == 0.3
     assert len(list(work.glob("train-recipe-daam-bg0.3-*-12-seed*"))) == 2
@@ -152,22 +156,81 @@ def _check_pseudo_masks(report, work, printed):
     assert "## Pseudo-masks" in printed and "`daam` | 10 it. (switched)" in printed
 
 
+@pytest.mark.parametrize("recipe_wins", [True, False])
+def test_the_best_on_validation_and_only_it_is_scored_on_the_tests(monkeypatch, recipe_wins):
+    """Presets and recipes compete on validation; a winning recipe alone among the recipes is
+    scored on each test render (mean over the labeller's seeds, then over the renders)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from attnseg.bench.toy import instrument
+    from attnseg.bench.toy import pseudo_masks as pseudo_module
+
+    scored = []
+
+    def preset_row(cfg, pipe, work, preset, crf, source, render, seed):
+        return {"mIoU": 0.7 if recipe_wins else 0.9, "foreground_iou": 0.6,
+                "class_accuracy_on_foreground": 0.7}
+
+    def recipe_row(cfg, pipe, work, recipe, source, render, seed):
+        scored.append((recipe.name, render))
+        value = {"good": 0.8, "bad": 0.1}[recipe.name] + (0.01 * seed if "test-7" in render
+                                                          else 0.0)
+        return {"mIoU": value, "foreground_iou": None, "class_accuracy_on_foreground": 0.9}
+
+    monkeypatch.setattr(instrument, "_pseudo_row", preset_row)
+    monkeypatch.setattr(instrument, "_recipe_row", recipe_row)
+    monkeypatch.setattr(pseudo_module, "two_object_localisation", lambda *a, **k: {
+        "word_peaks_on_own_object": 0.5, "both_words": 0.25})
+    cfg = instrument.ToyDownstreamConfig(
+        presets=("daam",), test_seeds=(7, 8), test_images=4, labeller_seeds=(0, 2),
+        recipes=(instrument.Recipe(name="bad"),
+                 instrument.Recipe(name="good", preset="daam", mask={"bg_const": 0.3})))
+    out = instrument.pseudo_masks(cfg, None, Path("unused"), "val", ["t7", "t8"])
+    bad, good = out["tried_on_validation"]
+    assert "test" not in bad
+    assert good["mask"] == {"bg_const": 0.3} and good["noise"] == [0.1]
+    if recipe_wins:
+        assert out["best_on_validation"] == {"recipe": "good"}
+        # test-7: seeds 0 and 2 give 0.80 and 0.82 (mean 0.81); test-8: 0.80
+        assert [r["mIoU"] for r in good["per_render"]] == pytest.approx([0.81, 0.80])
+        assert good["test"]["mean"] == pytest.approx(0.805)
+        assert sorted(set(scored)) == [("bad", "val-101-4"), ("good", "test-7-4"),
+                                       ("good", "test-8-4"), ("good", "val-101-4")]
+        markdown = "\n".join(instrument._pseudo_markdown(out, asdict(cfg)))
+        assert "| good | `daam` | `mask.bg_const=0.3` | 0.1 | 80.0 | — | 90.0 | 80.5 ± 0.7 " \
+               "(81.0, 80.0) |" in markdown
+        assert "Best on validation: the recipe `good`" in markdown
+    else:
+        assert out["best_on_validation"] == {"preset": "daam", "crf_iterations": 0}
+        assert "test" not in good and {r for _, r in scored} == {"val-101-4"}
+
+
 def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
-    for setting, words in (('arms=["crf:3"]', "unknown arm"),
-                           ('arms=["images:2"]', "integer >= 6"),
-                           ('arms=["loss:nope"]', "loss"),
-                           ("test_seeds=[101]", "must not include val_seed"),
-                           ("seeds=[0]", "at least two"),
-                           ('presets=["nope"]', "unknown preset"),
-                           ('recipes=[{"name": "a b"}]', "recipe name"),
-                           ('recipes=[{"name": "x", "mask": {"bg": 0.3}}]', "unknown mask"),
-                           ('recipes=[{"name": "x", "noise": [1.5]}]', "noise"),
-                           ('recipes=[{"name": "x"}, {"name": "x"}]', "must differ"),
-                           ('recipes=[{"name": "x", "size": 3}]', "unknown recipes"),
-                           ('recipes=[{"name": "x"}]', "give presets too"),
-                           ('arms=["recipe:nope"]', "no recipe named")):
-        assert main(["bench", "toy-downstream", "--out", str(tmp_path / "x"), "--set",
-                     setting]) == 2
+    daam = 'presets=["daam"]'
+    for settings, words in (
+            (['arms=["crf:3"]'], "unknown arm"),
+            (['arms=["images:2"]'], "integer >= 6"),
+            (['arms=["loss:nope"]'], "loss"),
+            (["test_seeds=[101]"], "must not include val_seed"),
+            (["seeds=[0]"], "at least two"),
+            (['presets=["nope"]'], "unknown preset"),
+            ([daam, "labeller_noise=[1.0]"], "noise levels [1.0]"),
+            (['recipes=[{"name": "a b"}]'], "recipe name"),
+            (['recipes=[{"preset": "daam"}]'], "needs a name"),
+            (['recipes=[{"name": "x", "mask": {"bg": 0.3}}]'], "unknown mask"),
+            (['recipes=[{"name": "x", "noise": [1.0]}]'], "noise levels [1.0]"),
+            (['recipes=[{"name": "x"}, {"name": "x"}]'], "must differ"),
+            (['recipes=[{"name": "x", "size": 3}]'], "unknown recipes"),
+            (['recipes=[{"name": "x"}]'], "give presets too"),
+            # stride 4 is the toy model's first level (its latent stride), so it is accepted
+            (['recipes=[{"name": "x", "harvest": {"strides": [4]}}]'], "give presets too"),
+            (['arms=["recipe:nope"]'], "no recipe named"),
+            # a head the model lacks is refused before any render or training
+            ([daam, 'recipes=[{"name": "h", "harvest": {"heads": {"nope": [0]}}}]'],
+             "recipe 'h': harvest heads name")):
+        args = [x for setting in settings for x in ("--set", setting)]
+        assert main(["bench", "toy-downstream", "--out", str(tmp_path / "x"), *args]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "x.json").exists()
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.work").exists()
