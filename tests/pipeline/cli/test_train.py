@@ -241,12 +241,17 @@ def test_ctrl_c_saves_a_checkpoint_the_same_command_resumes_from(demo_data, tmp_
             "--checkpoint-every", "1000", *TRAIN, "--out", str(run)]
     proc = subprocess.Popen([sys.executable, "-m", "attnseg.pipeline.cli", *args], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not ((run / "log.csv").is_file() and len(_log_steps(run)) >= 3):
-        assert proc.poll() is None and time.time() < deadline, "training ended early"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:  # a failure here must not leave a 100,000-step run behind on the machine
+        deadline = time.time() + 240
+        while not ((run / "log.csv").is_file() and len(_log_steps(run)) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "training ended early"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err
     ckpts = sorted((run / "checkpoints").glob("step_*.safetensors"))
     assert len(ckpts) == 1, ckpts
