@@ -313,8 +313,8 @@ def register(sub) -> None:
     d = bsub.add_parser("toy-downstream", help="the toy world's downstream instrument: the "
                         "training protocol chosen on validation, then each arm (exact labels, "
                         "synthetic data, losses, prompts, CRF, image counts, recipes) over "
-                        "training "
-                        "seeds and test renders, gains paired by seed with 95 % intervals",
+                        "training seeds and test renders, gains paired by seed with 95 % "
+                        "intervals",
                         description="Segmenters trained on rendered or synthetic toy scenes, "
                         "scored against exact labels on several test renders: the training "
                         "protocol chosen on the validation render by a rule fixed beforehand "

@@ -341,14 +341,20 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
     return data, work / f"train-crf{iterations}-{per_class * 6}-seed{seed}-{key}", "ce"
 
 
-def _stored_row(path: Path, score) -> dict:
-    """The pseudo-mask figures kept at `path`, else `score()`'s, kept there (atomic write): a
+def _stored_row(cfg: ToyDownstreamConfig, pipe, path: Path, preset, levels, source,
+                seed: int, crf: int | None = None) -> dict:
+    """The pseudo-mask figures of `preset` (a name, or one resolved for this model) with the
+    labeller at noise `levels` and `seed` on `source`: kept at `path` (atomic write), so a
     rerun scores nothing twice."""
     from attnseg.pipeline.files import atomic_write_bytes
+    from attnseg.pipeline.prompts import load_classes
+
+    from .pseudo_masks import _pseudo_scores
 
     if path.is_file():
         return json.loads(path.read_text())
-    scores = score()
+    scores = _pseudo_scores(pipe, preset, levels, _bench_config(cfg, cfg.candidates[0]), seed,
+                            source, load_classes("toy"), crf=crf)
     row = {k: scores.get(k) for k in ("mIoU", "foreground_iou", "class_accuracy_on_foreground")}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(row) + "\n").encode())
@@ -360,16 +366,11 @@ def _pseudo_row(cfg: ToyDownstreamConfig, pipe, work: Path, preset: str, crf: in
     """One preset's pseudo-mask scores on one render with one labeller seed (kept in `work`
     by model, recipe, render and seed)."""
     from attnseg.pipeline.models.loading import model_fingerprint
-    from attnseg.pipeline.prompts import load_classes
-
-    from .pseudo_masks import _pseudo_scores
 
     noise = ",".join(f"{x:g}" for x in cfg.labeller_noise)
     path = work / "pseudo" / (f"{model_fingerprint(pipe)}-{preset}-crf{crf}-noise{noise}-"
                               f"{render}-seed{seed}.json")
-    return _stored_row(path, lambda: _pseudo_scores(
-        pipe, preset, cfg.labeller_noise, _bench_config(cfg, cfg.candidates[0]), seed, source,
-        load_classes("toy"), crf=crf))
+    return _stored_row(cfg, pipe, path, preset, cfg.labeller_noise, source, seed, crf=crf)
 
 
 def _recipe_noise(cfg: ToyDownstreamConfig, recipe: Recipe) -> tuple[float, ...]:
@@ -391,17 +392,12 @@ def _recipe_row(cfg: ToyDownstreamConfig, pipe, work: Path, recipe: Recipe, sour
     """`_pseudo_row` for a recipe; its files are named by the recipe's content, so an edited
     recipe is scored again."""
     from attnseg.pipeline.models.loading import model_fingerprint
-    from attnseg.pipeline.prompts import load_classes
-
-    from .pseudo_masks import _pseudo_scores
 
     levels = _recipe_noise(cfg, recipe)
     stride = pipe.vae_scale_factor
     path = work / "pseudo" / (f"{model_fingerprint(pipe)}-recipe-{recipe.name}-"
                               f"{_recipe_digest(recipe, stride, levels)}-{render}-seed{seed}.json")
-    return _stored_row(path, lambda: _pseudo_scores(
-        pipe, recipe.resolve(stride), levels, _bench_config(cfg, cfg.candidates[0]), seed, source,
-        load_classes("toy")))
+    return _stored_row(cfg, pipe, path, recipe.resolve(stride), levels, source, seed)
 
 
 def pseudo_masks(cfg: ToyDownstreamConfig, pipe, work: Path, val, tests: list) -> dict:

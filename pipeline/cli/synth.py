@@ -314,9 +314,8 @@ def cmd_presets(args) -> int:
                               "steps": p.steps, "guidance": p.guidance}, indent=1))
     name, flags, (mean, std) = TOY_BEST_RECIPE
     print(f"Best recipe measured ({name}: {flags}): {mean:.1f} ± {std:.1f} on the toy world. "
-          f"The default stays until the instrument's crf arm measures the CRF downstream. "
-          f"Figures: {TOY_RESULT}, "
-          "bench/toy/README.md.")
+          "The default stays until the instrument's crf arm measures the CRF downstream. "
+          f"Figures: {TOY_RESULT}, bench/toy/README.md.")
     return 0
 
 
