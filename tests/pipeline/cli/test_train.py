@@ -239,8 +239,15 @@ def test_ctrl_c_saves_a_checkpoint_the_same_command_resumes_from(demo_data, tmp_
     run = tmp_path / "run"
     args = ["train", "--data", str(demo_data), "--steps", "100000", "--log-every", "1",
             "--checkpoint-every", "1000", *TRAIN, "--out", str(run)]
-    proc = subprocess.Popen([sys.executable, "-m", "attnseg.pipeline.cli", *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A terminal's Ctrl-C reaches a foreground run. Started in the background of a shell
+    # without job control, this test (and so its subprocess) would inherit an ignored SIGINT:
+    # the subprocess gets Python's own handler whatever this process was started with.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "attnseg.pipeline.cli", *args], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     try:  # a failure here must not leave a 100,000-step run behind on the machine
         deadline = time.time() + 240
         while not ((run / "log.csv").is_file() and len(_log_steps(run)) >= 3):
