@@ -312,14 +312,16 @@ def register(sub) -> None:
 
     d = bsub.add_parser("toy-downstream", help="the toy world's downstream instrument: the "
                         "training protocol chosen on validation, then each arm (exact labels, "
-                        "synthetic data, losses, prompts, CRF, image counts, recipes) over "
+                        "synthetic data, losses, prompts, CRF, image counts, recipes, the "
+                        "target-domain LoRA) over "
                         "training seeds and test renders, gains paired by seed with 95 % "
                         "intervals",
                         description="Segmenters trained on rendered or synthetic toy scenes, "
                         "scored against exact labels on several test renders: the training "
                         "protocol chosen on the validation render by a rule fixed beforehand "
                         "(highest mean among seed spreads <= max_spread), then every arm over "
-                        "the training seeds, each gain paired by seed with the synthetic arm.")
+                        "the training seeds, each gain paired by seed with the synthetic arm "
+                        "(a target-domain LoRA's with the synthetic arm on target renders).")
     cli_args.add_config(d, "toy downstream instrument")
     cli_args.add_set(d, "arms=[\"exact\",\"synthetic\"] --set seeds=[0,1]")
     _add_toy_model(d)

@@ -24,6 +24,10 @@ Arms: `exact` (rendered scenes, exact labels: the bound), `synthetic`, `loss:NAM
 reliability-aware loss on the `synthetic` data), `prompts:ARM` (bench toy's prompt arms),
 `crf` (the default preset's dense CRF switched), `images:N` (`synthetic` with N images, and
 `exact` at N beside it), `recipe:NAME` (the `synthetic` images with the masks of recipe NAME).
+On the distant target domain (scored on target-domain renders of the same test seeds):
+`target` (the `synthetic` arm's segmenters themselves) and `lora:NAME` (the `synthetic` arm's
+prompts and seeds drawn by the model with LoRA NAME fused, trained on unlabelled target
+renders), paired by seed with `target`.
 """
 
 from __future__ import annotations
@@ -38,11 +42,25 @@ from typing import Any
 
 import numpy as np
 
+from attnseg.pipeline.adapt.lora_train import LORA_TARGETS
 from attnseg.pipeline.settings import NonNegativeFloat, PositiveFloat, PositiveInt, UnitFloat
 
 from ..common import machine_info, output_base, pct, with_suffix, write_json_and_markdown
 
-ARM_KINDS = ("exact", "synthetic", "loss", "prompts", "crf", "images", "recipe")
+ARM_KINDS = ("exact", "synthetic", "loss", "prompts", "crf", "images", "recipe", "target",
+             "lora")
+TARGET_ARMS = ("target", "lora")  # scored on the target-domain test renders
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"  # a recipe's or LoRA's name: it names files
+
+
+def _check_name(kind: str, name: str) -> None:
+    from attnseg.pipeline.errors import UserError
+
+    if not name:
+        raise UserError(f"every {kind} needs a name")
+    if not re.fullmatch(_NAME, name):
+        raise UserError(f"{kind} name {name!r} must be letters, digits and _.+- (it names its "
+                        "files)")
 
 
 @dataclass
@@ -63,11 +81,7 @@ class Recipe:
         from attnseg.pipeline.errors import UserError
         from attnseg.pipeline.harvest.real_images import RealImageConfig
 
-        if not self.name:
-            raise UserError("every recipe needs a name")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", self.name):
-            raise UserError(f"recipe name {self.name!r} must be letters, digits and _.+- "
-                            "(it names its score files)")
+        _check_name("recipe", self.name)
         try:
             self.resolve(latent_stride)
             if self.noise:
@@ -81,6 +95,60 @@ class Recipe:
 
         return preset_with_overrides(self.preset, {"harvest": self.harvest, "mask": self.mask},
                                      latent_stride)
+
+
+@dataclass
+class LoraArm:
+    """A target-domain LoRA tried downstream (arm `lora:NAME`): `attnseg lora train` on
+    `images` unlabelled target-domain renders of render seed `render_seed`, at `rank`, `steps`,
+    `lr`, on the UNet layers `targets`, with offset noise `noise_offset`; fused at `scale` into
+    the model that draws the `synthetic` arm's prompts and seeds. Trained once for all seeds."""
+
+    name: str = ""
+    images: PositiveInt = 400
+    render_seed: int = 3000
+    rank: PositiveInt = 8
+    steps: PositiveInt = 300
+    lr: PositiveFloat = 1e-3
+    targets: tuple[str, ...] = LORA_TARGETS
+    noise_offset: NonNegativeFloat = 0.0
+    scale: PositiveFloat = 1.0
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+
+    def validate(self) -> None:
+        from attnseg.pipeline.errors import UserError
+
+        _check_name("LoRA", self.name)
+        try:
+            if not self.targets:
+                raise UserError("targets must name at least one UNet layer")
+            if not self.scale > 0:
+                raise UserError("scale must be > 0")
+            self.training_config(Path("."), "toy", 64, "cpu").validate()
+        except UserError as e:
+            raise UserError(f"LoRA {self.name!r}: {e}") from None
+
+    def training_config(self, work: Path, model: str, size: int, device: str):
+        """`attnseg lora train`'s settings for this LoRA (crops of the scenes' `size`),
+        writing into `work`."""
+        from attnseg.pipeline.adapt.lora_train import LoraTrainConfig
+
+        return LoraTrainConfig(
+            images=str(work / f"target-unlabelled-{self.images}-{self.render_seed}" /
+                       "JPEGImages"),
+            model=model, out=str(work / f"lora-{self.digest(training_only=True)}"),
+            rank=self.rank, steps=self.steps, lr=self.lr, batch_size=8, crop=size,
+            target_modules=self.targets, checkpoint_every=max(1, self.steps // 2),
+            noise_offset=self.noise_offset, device=device)
+
+    def digest(self, training_only: bool = False) -> str:
+        """12 hex digits naming the LoRA's settings (without its scale: what its training
+        depends on), so an edited LoRA is not taken for its old files."""
+        content = {k: v for k, v in asdict(self).items()
+                   if k != "name" and not (training_only and k == "scale")}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def check_recipe_heads(recipes, pipe) -> None:
@@ -128,6 +196,7 @@ class ToyDownstreamConfig:
     labeller_noise: tuple[UnitFloat, ...] = (0.1,)
     labeller_seeds: tuple[int, ...] = (0,)
     recipes: tuple[Recipe, ...] = ()  # needs `presets`
+    loras: tuple[LoraArm, ...] = ()  # the LoRAs of the `lora:NAME` arms
     device: str = "auto"
     dtype: str = "auto"
     work: str | None = None  # None: <out>.work
@@ -144,6 +213,7 @@ class ToyDownstreamConfig:
         self.labeller_noise = tuple(self.labeller_noise)
         self.labeller_seeds = tuple(self.labeller_seeds)
         self.recipes = tuple(r if isinstance(r, Recipe) else Recipe(**r) for r in self.recipes)
+        self.loras = tuple(r if isinstance(r, LoraArm) else LoraArm(**r) for r in self.loras)
 
     def validate(self) -> None:
         from attnseg.pipeline.config import PRESETS
@@ -183,14 +253,25 @@ class ToyDownstreamConfig:
             raise UserError(f"recipe names must differ: {names}")
         if self.recipes and not self.presets:
             raise UserError("recipes are scored beside the presets: give presets too")
+        for lora in self.loras:
+            lora.validate()
+        lora_names = [r.name for r in self.loras]
+        if len(set(lora_names)) != len(lora_names):
+            raise UserError(f"LoRA names must differ: {lora_names}")
         for arm in self.arms:
             kind, _, value = arm.partition(":")
             if kind not in ARM_KINDS or bool(value) != (kind in ("loss", "prompts", "images",
-                                                                 "recipe")):
+                                                                 "recipe", "lora")):
                 raise UserError(f"unknown arm {arm!r}; arms are exact, synthetic, crf, "
-                                "loss:NAME, prompts:ARM, images:N, recipe:NAME")
+                                "loss:NAME, prompts:ARM, images:N, recipe:NAME, target, "
+                                "lora:NAME")
             if kind == "recipe" and value not in names:
                 raise UserError(f"arm {arm!r}: no recipe named {value!r} (recipes: {names})")
+            if kind == "lora" and value not in lora_names:
+                raise UserError(f"arm {arm!r}: no LoRA named {value!r} (loras: {lora_names})")
+            if kind == "lora" and "target" not in self.arms:
+                raise UserError(f"arm {arm!r} is paired with arm target (the same prompts "
+                                "without the LoRA, on the same renders): add it to arms")
             if kind == "loss":
                 LossConfig(name=value).validate()
             if kind == "prompts" and value not in PROMPT_ARMS:
@@ -321,6 +402,8 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
                          per_class * 6, cfg.exact_seed + seed)
         return data, work / f"train-exact-{per_class * 6}-seed{seed}", "ce"
     key = model_fingerprint(pipe)
+    if kind == "target":  # the synthetic arm's segmenters, scored on the target domain
+        kind = "synthetic"
     if kind in ("synthetic", "loss", "images"):
         data = _synthesise(bcfg, pipe, _synth_dir(work, per_class, seed, key), per_class, seed)
         loss = value if kind == "loss" else "ce"
@@ -335,10 +418,38 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
                            per_class, seed, preset=recipe.preset,
                            overrides={"harvest": recipe.harvest, "mask": recipe.mask})
         return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
+    if kind == "lora":
+        lora = next(r for r in cfg.loras if r.name == value)
+        folder = train_arm_lora(cfg, lora, work)
+        name = f"lora-{value}-{lora.digest()}"
+        data = _synthesise(bcfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
+                           per_class, seed, loras=(f"{folder}:{lora.scale:g}",))
+        return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
     iterations = 0 if get_preset("attnseg").mask.crf_iterations else cfg.crf_iterations
     data = _synthesise(bcfg, pipe, work / f"synth-crf{iterations}-{per_class}x6-seed{seed}-{key}",
                        per_class, seed, overrides={"mask": {"crf_iterations": iterations}})
     return data, work / f"train-crf{iterations}-{per_class * 6}-seed{seed}-{key}", "ce"
+
+
+def train_arm_lora(cfg: ToyDownstreamConfig, lora: LoraArm, work: Path) -> Path:
+    """`lora`'s folder, trained on its target renders (a finished one is reused; its summary
+    is kept beside it for the report)."""
+    from attnseg.pipeline.adapt.lora_train import train_lora
+    from attnseg.pipeline.files import atomic_write_bytes
+
+    from .downstream import _rendered
+
+    tcfg = lora.training_config(work, cfg.model, cfg.size, cfg.device)
+    folder = Path(tcfg.out)
+    summary = folder.with_name(folder.name + ".json")
+    if not summary.is_file():
+        _rendered(_bench_config(cfg, cfg.candidates[0]), Path(tcfg.images).parent,
+                  lora.images, lora.render_seed, "target")
+        done = train_lora(tcfg, progress=False)
+        keep = {k: done[k] for k in ("steps", "images", "trainable_params", "probe_loss_start",
+                                     "probe_loss_end", "train_seconds")}
+        atomic_write_bytes(summary, (json.dumps(keep) + "\n").encode())
+    return folder
 
 
 def _stored_row(cfg: ToyDownstreamConfig, pipe, path: Path, preset, levels, source,
@@ -476,6 +587,9 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     first = _bench_config(cfg, cfg.candidates[0])
     val = _render(work, f"val-{cfg.val_seed}-{cfg.test_images}", cfg.val_seed, first)
     tests = [_render(work, f"test-{s}-{cfg.test_images}", s, first) for s in cfg.test_seeds]
+    target_tests = [_render(work, f"target-test-{s}-{cfg.test_images}", s, first, "target")
+                    for s in cfg.test_seeds] if any(
+        a.partition(":")[0] in TARGET_ARMS for a in cfg.arms) else []
     report: dict = {"benchmark": "toy-downstream", "config": asdict(cfg),
                     "machine": machine_info(device), "model": cfg.model}
     # Run for a single candidate too: its validation spread is reported, and its runs are the
@@ -485,17 +599,23 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     arms: dict = {}
     for arm in cfg.arms:
         per_seed, per_render, seconds = [], [], []
+        domain = "target" if arm.partition(":")[0] in TARGET_ARMS else "source"
         for seed in cfg.seeds:
             data, run, loss = _arm_runs(cfg, arm, candidate, pipe, work, seed)
-            scores, s = train_and_score(candidate, data, run, seed, tests, loss,
+            scores, s = train_and_score(candidate, data, run, seed,
+                                        target_tests if domain == "target" else tests, loss,
                                         cfg.scale_range)
             per_seed.append(float(np.mean(scores)))
             per_render.append(scores)
             seconds.append(s)
         by_render = np.asarray(per_render)  # [seed, render]
-        arms[arm] = {**interval95(per_seed),
+        arms[arm] = {**interval95(per_seed), "test_domain": domain,
                      "by_render": [interval95(list(col)) for col in by_render.T],
                      "train_minutes": float(np.mean(seconds)) / 60}
+        if arm.startswith("lora:"):
+            lora = next(r for r in cfg.loras if r.name == arm.partition(":")[2])
+            folder = train_arm_lora(cfg, lora, work)
+            arms[arm]["lora"] = json.loads(folder.with_name(folder.name + ".json").read_text())
         if arm.startswith("images:"):  # the bound at the same count beside it
             at_count = replace(cfg, images=int(arm.partition(":")[2]))
             exact = []
@@ -505,9 +625,11 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
                     candidate, data, run, seed, tests, scale_range=cfg.scale_range)[0])))
             arms[arm]["exact"] = interval95(exact)
     base_values = arms.get("synthetic", {}).get("values")
+    target_values = arms.get("target", {}).get("values")
     for arm, row in arms.items():
-        if base_values and arm not in ("exact", "synthetic"):
-            row["gain"] = interval95([v - b for v, b in zip(row["values"], base_values,
+        paired = target_values if arm.startswith("lora:") else base_values
+        if paired and arm not in ("exact", "synthetic", "target"):
+            row["gain"] = interval95([v - b for v, b in zip(row["values"], paired,
                                                             strict=True)])
     report["arms"] = arms
     report["test_renders"] = {"seeds": list(cfg.test_seeds), "images": cfg.test_images}
@@ -537,17 +659,31 @@ def to_markdown(report: dict) -> str:
                      f"{pct(r['std'])} | {r['train_seconds'] / 60:.1f} |")
     lines.append("")
     lines += ["## Arms (test renders)", "",
-              "| arm | mIoU | std (seeds) | 95 % interval | gain vs synthetic [95 % interval] | "
+              "Arms marked (target) are scored on target-domain renders of the same seeds; "
+              "their gain is against `target` (the synthetic arm's segmenters there), the "
+              "others' against `synthetic`.", "",
+              "| arm | mIoU | std (seeds) | 95 % interval | gain [95 % interval] | "
               "per render | minutes per run |", "|---|---|---|---|---|---|---|"]
     for arm, r in report["arms"].items():
         gain = r.get("gain")
         g = (f"{100 * gain['mean']:+.1f} [{100 * gain['ci95'][0]:+.1f}, "
              f"{100 * gain['ci95'][1]:+.1f}]") if gain else ""
         per_render = ", ".join(pct(x["mean"]) for x in r["by_render"])
-        lines.append(f"| {arm} | {pct(r['mean'])} | {pct(r['std'])} | "
+        label = f"{arm} (target)" if r.get("test_domain") == "target" else arm
+        lines.append(f"| {label} | {pct(r['mean'])} | {pct(r['std'])} | "
                      f"[{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] | {g} | {per_render} | "
                      f"{r['train_minutes']:.1f} |")
     lines.append("")
+    for arm, r in report["arms"].items():
+        if "lora" in r:
+            lora = next(x for x in cfg["loras"] if x["name"] == arm.partition(":")[2])
+            done = r["lora"]
+            lines += [f"LoRA `{lora['name']}`: rank {lora['rank']}, {done['steps']} steps at lr "
+                      f"{lora['lr']:g} on {', '.join(lora['targets'])}, offset noise "
+                      f"{lora['noise_offset']:g}, {done['images']} unlabelled target renders "
+                      f"(seed {lora['render_seed']}), fused at scale {lora['scale']:g}; "
+                      f"{done['trainable_params']} parameters, probe loss "
+                      f"{done['probe_loss_start']:.4f} -> {done['probe_loss_end']:.4f}.", ""]
     if report.get("pseudo_masks"):
         lines += _pseudo_markdown(report["pseudo_masks"], cfg)
     lines += [f"Wall time: {report['seconds'] / 60:.0f} min.", ""]

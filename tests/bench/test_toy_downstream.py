@@ -226,6 +226,17 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
             # stride 4 is the toy model's first level (its latent stride), so it is accepted
             (['recipes=[{"name": "x", "harvest": {"strides": [4]}}]'], "give presets too"),
             (['arms=["recipe:nope"]'], "no recipe named"),
+            (['arms=["lora"]'], "unknown arm"),
+            (['arms=["lora:r"]', 'loras=[{"name": "r"}]'], "paired with arm target"),
+            (['arms=["target", "lora:x"]', 'loras=[{"name": "r"}]'], "no LoRA named 'x'"),
+            (['loras=[{"name": "r", "rank": 0}]'], "rank"),
+            (['loras=[{"name": "r", "steps": 0}]'], "steps"),
+            (['loras=[{"name": "r", "targets": []}]'], "LoRA 'r': targets"),
+            (['loras=[{"name": "r", "noise_offset": 2.0}]'], "noise-offset"),
+            (['loras=[{"name": "r", "scale": 0}]'], "scale"),
+            (['loras=[{"name": "r"}, {"name": "r"}]'], "must differ"),
+            (['loras=[{"rank": 4}]'], "every LoRA needs a name"),
+            (['loras=[{"name": "r", "size": 3}]'], "unknown loras"),
             # a head the model lacks is refused before any render or training
             ([daam, 'recipes=[{"name": "h", "harvest": {"heads": {"nope": [0]}}}]'],
              "recipe 'h': harvest heads name")):
@@ -234,3 +245,68 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.work").exists()
+
+
+LORA_ARGS = ["--device", "cpu", "--set", 'candidates=[["segformer-tiny", 0, 2, 0.01, true]]',
+             "--set", "protocol_seeds=[0,1]", "--set", "seeds=[0,1]", "--set", "test_seeds=[7,8]",
+             "--set", "test_images=4", "--set", "images=12", "--set", "synth_steps=2", "--set",
+             'arms=["synthetic", "target", "lora:r2"]', "--set",
+             'loras=[{"name": "r2", "images": 8, "rank": 2, "steps": 2, "lr": 0.01}]']
+
+
+def test_the_target_domain_lora_arm_end_to_end_and_resumed(tmp_path, capsys):
+    """`target` scores the synthetic arm's own segmenters on target-domain renders; `lora:NAME`
+    trains one LoRA on unlabelled target renders, draws the synthetic arm's prompts and seeds
+    with it, and is paired by seed with `target`; a rerun trains nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from attnseg.pipeline.train.evaluate import InferenceConfig, evaluate_model
+    from attnseg.pipeline.train.sources import open_source
+    from attnseg.pipeline.train.trainer import load_model
+
+    out = tmp_path / "inst"
+    assert main(["bench", "toy-downstream", "--out", str(out), *LORA_ARGS]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "inst.json").read_text())
+    arms = report["arms"]
+    assert list(arms) == ["synthetic", "target", "lora:r2"]
+    assert [arms[a]["test_domain"] for a in arms] == ["source", "target", "target"]
+    work = tmp_path / "inst.work"
+    # target: the synthetic arm's segmenter of each seed, scored afresh on the target renders
+    for seed in (0, 1):
+        run = next(work.glob(f"train-synth-12-ce-seed{seed}-*"))
+        model = load_model(run)
+        for r, render in enumerate((7, 8)):
+            target = open_source(work / f"target-test-{render}-4", "synthetic", "train")
+            assert arms["target"]["by_render"][r]["values"][seed] == pytest.approx(
+                evaluate_model(model, target, InferenceConfig())["mIoU"])
+    source = np.asarray(Image.open(next((work / "test-7-4/JPEGImages").iterdir())))
+    target = np.asarray(Image.open(next((work / "target-test-7-4/JPEGImages").iterdir())))
+    assert not np.array_equal(source, target)
+    gain = arms["lora:r2"]["gain"]
+    assert gain["values"] == pytest.approx([a - b for a, b in zip(
+        arms["lora:r2"]["values"], arms["target"]["values"], strict=True)])
+    assert "gain" not in arms["target"] and arms["lora:r2"]["lora"]["steps"] == 2
+    # One LoRA for both seeds, trained on 8 unlabelled target renders; its images are the
+    # synthetic arm's prompts and seeds drawn by the adapted model.
+    loras = [p for p in work.glob("lora-*") if p.is_dir()]
+    assert len(loras) == 1 and arms["lora:r2"]["lora"]["images"] == 8
+    for seed in (0, 1):
+        plain = next(work.glob(f"synth-2x6-seed{seed}-*"))
+        adapted = next(work.glob(f"synth-lora-r2-*-2x6-seed{seed}-*"))
+        names = sorted(p.name for p in (plain / "JPEGImages").iterdir())
+        assert names == sorted(p.name for p in (adapted / "JPEGImages").iterdir())
+        assert any(not np.array_equal(np.asarray(Image.open(plain / "JPEGImages" / n)),
+                                      np.asarray(Image.open(adapted / "JPEGImages" / n)))
+                   for n in names)
+        assert (json.loads((plain / "manifest.jsonl").read_text().splitlines()[0])["prompt"]
+                == json.loads((adapted / "manifest.jsonl").read_text().splitlines()[0])[
+                    "prompt"])
+    assert "| lora:r2 (target) |" in printed and "LoRA `r2`: rank 2, 2 steps" in printed
+    # the protocol's one candidate x 2 seeds, then the synthetic and lora arms' 2 seeds each
+    weights = {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")}
+    assert len([p for p in weights if p.name == "model.safetensors"]) == 2 + 2 + 2
+    assert main(["bench", "toy-downstream", "--out", str(out), *LORA_ARGS]) == 0
+    assert json.loads((tmp_path / "inst.json").read_text())["arms"] == arms
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")} == weights
