@@ -306,6 +306,35 @@ def _lora_tag(targets: tuple[str, ...]) -> str:
     return "".join(f"-{t}" for t in targets)
 
 
+LORA_SUMMARY_KEYS = ("steps", "images", "trainable_params", "probe_loss_start",
+                     "probe_loss_end")  # what a report keeps of `train_lora`'s summary
+
+
+def target_lora_config(cfg: ToyBenchConfig, work: Path, out: Path, images: int,
+                       render_seed: int, rank: int, steps: int, lr: float,
+                       targets: tuple[str, ...], noise_offset: float):
+    """`attnseg lora train`'s settings for a LoRA on `images` unlabelled target-domain renders
+    of `render_seed` (in `work`, shared by every LoRA on the same renders), written to `out`:
+    crops of the scenes' size, batch 8, a checkpoint halfway."""
+    from attnseg.pipeline.adapt.lora_train import LoraTrainConfig
+
+    unlabelled = work / f"target-unlabelled-{images}-{render_seed}"
+    return LoraTrainConfig(
+        images=str(unlabelled / "JPEGImages"), model=cfg.model, out=str(out), rank=rank,
+        steps=steps, lr=lr, batch_size=8, crop=cfg.size, target_modules=tuple(targets),
+        checkpoint_every=max(1, steps // 2), noise_offset=noise_offset, device=cfg.device)
+
+
+def train_target_lora(cfg: ToyBenchConfig, tcfg, images: int, render_seed: int) -> dict:
+    """Render the `images` unlabelled target scenes of `render_seed` that `tcfg` (made by
+    `target_lora_config` with them) trains on, and train the LoRA; a finished LoRA is not
+    trained again. Returns `train_lora`'s summary."""
+    from attnseg.pipeline.adapt.lora_train import train_lora
+
+    _rendered(cfg, Path(tcfg.images).parent, images, render_seed, "target")
+    return train_lora(tcfg, progress=False)
+
+
 def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str, levels) -> dict:
     """On the distant target domain: synthesis with and without a LoRA trained on unlabelled
     target renders, the segmenters scored on a target test set; the exact-label segmenters of
@@ -313,25 +342,20 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str, levels) -> di
     render) and the labeller's pseudo-masks of the target test renders (at `levels`) with and
     without the LoRA beside them: the last tell whether the LoRA adapts the attention itself,
     apart from what the synthetic images teach a segmenter."""
-    from attnseg.pipeline.adapt.lora_train import LoraTrainConfig, train_lora
     from attnseg.pipeline.models.lora import LoraSpec
 
     per_class = _per_class(cfg.downstream_images)
     target_test = _render(work, f"target-test-{cfg.test_seed}", cfg.test_seed, cfg, "target")
     target_val = _render(work, f"target-val-{cfg.val_seed}", cfg.val_seed, cfg, "target")
     classes = load_classes("toy")
-    unlabelled = _rendered(cfg, work / f"target-unlabelled-{cfg.lora_images}-{cfg.lora_seed}",
-                           cfg.lora_images, cfg.lora_seed, "target")
     tag = _lora_tag(cfg.lora_targets)
     # Runs of the first settings (lr 1e-3, plain noise, scale 1) keep their names.
     if (cfg.lora_lr, cfg.lora_noise_offset) != (1e-3, 0.0):
         tag += f"-lr{cfg.lora_lr:g}-off{cfg.lora_noise_offset:g}"
     lora_dir = work / f"lora-{cfg.lora_steps}-r{cfg.lora_rank}{tag}-{key}"
-    lora = train_lora(LoraTrainConfig(
-        images=str(unlabelled / "JPEGImages"), model=cfg.model, out=str(lora_dir),
-        rank=cfg.lora_rank, steps=cfg.lora_steps, lr=cfg.lora_lr, batch_size=8, crop=cfg.size,
-        target_modules=cfg.lora_targets, checkpoint_every=max(1, cfg.lora_steps // 2),
-        noise_offset=cfg.lora_noise_offset, device=cfg.device), progress=False)
+    lora = train_target_lora(cfg, target_lora_config(
+        cfg, work, lora_dir, cfg.lora_images, cfg.lora_seed, cfg.lora_rank, cfg.lora_steps,
+        cfg.lora_lr, cfg.lora_targets, cfg.lora_noise_offset), cfg.lora_images, cfg.lora_seed)
     if cfg.lora_scale != 1.0:
         tag += f"-s{cfg.lora_scale:g}"
     without, with_lora, exact_target, exact_source = [], [], [], []
@@ -369,8 +393,7 @@ def target_domain(cfg: ToyBenchConfig, pipe, work: Path, key: str, levels) -> di
             "pseudo_masks_with_lora": _paired(labels_with, labels_without),
             "colour_distance_without_lora": _mean_spread(colour_without),
             "colour_distance_with_lora": _mean_spread(colour_with), "lora": {
-                k: lora[k] for k in ("steps", "images", "trainable_params", "probe_loss_start",
-                                     "probe_loss_end")} | {"rank": cfg.lora_rank,
+                k: lora[k] for k in LORA_SUMMARY_KEYS} | {"rank": cfg.lora_rank,
                                                             "lr": cfg.lora_lr,
                                                             "targets": list(cfg.lora_targets),
                                                             "noise_offset": cfg.lora_noise_offset,

@@ -8,8 +8,9 @@ data scored against exact labels with a protocol sharp enough to resolve a one-p
    if none qualifies, the smallest deviation.
 2. **Arms** (test renders): each arm trained with every entry of `seeds` and scored on every
    test render (`test_seeds`); an arm's figure per seed is its mean over the renders. Arms
-   other than `exact` and `synthetic` are paired by seed with `synthetic` (plain prompts, CE,
-   the default preset): the gain's mean and its 95 % t-interval over the seeds.
+   other than `exact`, `synthetic` and `target` are paired by seed with `synthetic` (plain
+   prompts, CE, the default preset), a `lora:NAME` arm with `target`: the gain's mean and its
+   95 % t-interval over the seeds.
 
 3. **Pseudo-masks** (`presets`; validation and test renders): each preset as published and
    with its dense CRF switched, labelling the rendered scenes with the real-image labeller;
@@ -111,44 +112,59 @@ class LoraArm:
     steps: PositiveInt = 300
     lr: PositiveFloat = 1e-3
     targets: tuple[str, ...] = LORA_TARGETS
-    noise_offset: NonNegativeFloat = 0.0
+    noise_offset: UnitFloat = 0.0
     scale: PositiveFloat = 1.0
 
     def __post_init__(self):
+        # As a settings file reads them, so that lr=1 and lr=1.0 name the same files.
         self.targets = tuple(self.targets)
+        self.lr, self.noise_offset, self.scale = (float(self.lr), float(self.noise_offset),
+                                                  float(self.scale))
 
-    def validate(self) -> None:
+    def validate(self, cfg: ToyDownstreamConfig) -> None:
+        """Check the LoRA for the instrument `cfg` (its layers are checked against the model
+        itself by `check_lora_targets`)."""
         from attnseg.pipeline.errors import UserError
 
         _check_name("LoRA", self.name)
         try:
             if not self.targets:
                 raise UserError("targets must name at least one UNet layer")
-            if not self.scale > 0:
-                raise UserError("scale must be > 0")
-            self.training_config(Path("."), "toy", 64, "cpu").validate()
+            if self.render_seed in (*cfg.test_seeds, cfg.val_seed):
+                raise UserError(f"render_seed {self.render_seed} is a test or validation "
+                                "render's seed: the LoRA would learn the scenes it is scored on")
+            self.training_config(cfg, Path("."), "").validate()
         except UserError as e:
             raise UserError(f"LoRA {self.name!r}: {e}") from None
 
-    def training_config(self, work: Path, model: str, size: int, device: str):
-        """`attnseg lora train`'s settings for this LoRA (crops of the scenes' `size`),
-        writing into `work`."""
-        from attnseg.pipeline.adapt.lora_train import LoraTrainConfig
+    def training_config(self, cfg: ToyDownstreamConfig, work: Path, key: str):
+        """`attnseg lora train`'s settings for this LoRA on the model of fingerprint `key`, in
+        `work` (named by what its training depends on and by the model)."""
+        from .downstream import target_lora_config
 
-        return LoraTrainConfig(
-            images=str(work / f"target-unlabelled-{self.images}-{self.render_seed}" /
-                       "JPEGImages"),
-            model=model, out=str(work / f"lora-{self.digest(training_only=True)}"),
-            rank=self.rank, steps=self.steps, lr=self.lr, batch_size=8, crop=size,
-            target_modules=self.targets, checkpoint_every=max(1, self.steps // 2),
-            noise_offset=self.noise_offset, device=device)
+        return target_lora_config(
+            _bench_config(cfg, cfg.candidates[0]), work,
+            work / f"lora-{self.digest(training_only=True)}-{key}", self.images,
+            self.render_seed, self.rank, self.steps, self.lr, self.targets, self.noise_offset)
 
     def digest(self, training_only: bool = False) -> str:
-        """12 hex digits naming the LoRA's settings (without its scale: what its training
-        depends on), so an edited LoRA is not taken for its old files."""
+        """12 hex digits naming the LoRA's settings (with `training_only`, those its training
+        depends on: all but the scale), so an edited LoRA is not taken for its old files."""
         content = {k: v for k, v in asdict(self).items()
                    if k != "name" and not (training_only and k == "scale")}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_lora_targets(loras, pipe) -> None:
+    """Refuse, before any training, a LoRA whose `targets` match no layer of the model."""
+    from attnseg.pipeline.adapt.lora_train import check_target_modules
+    from attnseg.pipeline.errors import UserError
+
+    for lora in loras:
+        try:
+            check_target_modules(pipe.unet, lora.targets)
+        except UserError as e:
+            raise UserError(f"LoRA {lora.name!r}: {e}") from None
 
 
 def check_recipe_heads(recipes, pipe) -> None:
@@ -254,7 +270,7 @@ class ToyDownstreamConfig:
         if self.recipes and not self.presets:
             raise UserError("recipes are scored beside the presets: give presets too")
         for lora in self.loras:
-            lora.validate()
+            lora.validate(self)
         lora_names = [r.name for r in self.loras]
         if len(set(lora_names)) != len(lora_names):
             raise UserError(f"LoRA names must differ: {lora_names}")
@@ -420,7 +436,7 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
         return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
     if kind == "lora":
         lora = next(r for r in cfg.loras if r.name == value)
-        folder = train_arm_lora(cfg, lora, work)
+        folder, _ = train_arm_lora(cfg, lora, work, key)
         name = f"lora-{value}-{lora.digest()}"
         data = _synthesise(bcfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
                            per_class, seed, loras=(f"{folder}:{lora.scale:g}",))
@@ -431,25 +447,16 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
     return data, work / f"train-crf{iterations}-{per_class * 6}-seed{seed}-{key}", "ce"
 
 
-def train_arm_lora(cfg: ToyDownstreamConfig, lora: LoraArm, work: Path) -> Path:
-    """`lora`'s folder, trained on its target renders (a finished one is reused; its summary
-    is kept beside it for the report)."""
-    from attnseg.pipeline.adapt.lora_train import train_lora
-    from attnseg.pipeline.files import atomic_write_bytes
+def train_arm_lora(cfg: ToyDownstreamConfig, lora: LoraArm, work: Path, key: str
+                   ) -> tuple[Path, dict]:
+    """`lora`'s folder for the model of fingerprint `key`, trained on its target renders (a
+    finished one is not trained again), and what the report keeps of its training."""
+    from .downstream import LORA_SUMMARY_KEYS, train_target_lora
 
-    from .downstream import _rendered
-
-    tcfg = lora.training_config(work, cfg.model, cfg.size, cfg.device)
-    folder = Path(tcfg.out)
-    summary = folder.with_name(folder.name + ".json")
-    if not summary.is_file():
-        _rendered(_bench_config(cfg, cfg.candidates[0]), Path(tcfg.images).parent,
-                  lora.images, lora.render_seed, "target")
-        done = train_lora(tcfg, progress=False)
-        keep = {k: done[k] for k in ("steps", "images", "trainable_params", "probe_loss_start",
-                                     "probe_loss_end", "train_seconds")}
-        atomic_write_bytes(summary, (json.dumps(keep) + "\n").encode())
-    return folder
+    tcfg = lora.training_config(cfg, work, key)
+    done = train_target_lora(_bench_config(cfg, cfg.candidates[0]), tcfg, lora.images,
+                             lora.render_seed)
+    return Path(tcfg.out), {k: done[k] for k in (*LORA_SUMMARY_KEYS, "train_seconds")}
 
 
 def _stored_row(cfg: ToyDownstreamConfig, pipe, path: Path, preset, levels, source,
@@ -569,6 +576,7 @@ def pseudo_masks(cfg: ToyDownstreamConfig, pipe, work: Path, val, tests: list) -
 def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     """Run the instrument; writes OUT.json and OUT.md and returns the report."""
     from attnseg.pipeline.device import resolve_device, resolve_dtype
+    from attnseg.pipeline.models.loading import model_fingerprint
 
     from .pseudo_masks import _render
 
@@ -581,6 +589,7 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
 
         pipe = load_pipeline(cfg.model, device, resolve_dtype(cfg.dtype, device))
         check_recipe_heads(cfg.recipes, pipe)
+        check_lora_targets(cfg.loras, pipe)
     base = output_base(cfg.out)
     work = Path(cfg.work) if cfg.work else with_suffix(base, ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -614,8 +623,7 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
                      "train_minutes": float(np.mean(seconds)) / 60}
         if arm.startswith("lora:"):
             lora = next(r for r in cfg.loras if r.name == arm.partition(":")[2])
-            folder = train_arm_lora(cfg, lora, work)
-            arms[arm]["lora"] = json.loads(folder.with_name(folder.name + ".json").read_text())
+            arms[arm]["lora"] = train_arm_lora(cfg, lora, work, model_fingerprint(pipe))[1]
         if arm.startswith("images:"):  # the bound at the same count beside it
             at_count = replace(cfg, images=int(arm.partition(":")[2]))
             exact = []
@@ -683,7 +691,9 @@ def to_markdown(report: dict) -> str:
                       f"{lora['noise_offset']:g}, {done['images']} unlabelled target renders "
                       f"(seed {lora['render_seed']}), fused at scale {lora['scale']:g}; "
                       f"{done['trainable_params']} parameters, probe loss "
-                      f"{done['probe_loss_start']:.4f} -> {done['probe_loss_end']:.4f}.", ""]
+                      f"{done['probe_loss_start']:.4f} -> {done['probe_loss_end']:.4f}"
+                      + (f", trained in {done['train_seconds'] / 60:.1f} min"
+                         if done["train_seconds"] is not None else "") + ".", ""]
     if report.get("pseudo_masks"):
         lines += _pseudo_markdown(report["pseudo_masks"], cfg)
     lines += [f"Wall time: {report['seconds'] / 60:.0f} min.", ""]

@@ -191,7 +191,7 @@ def _resolve_train_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
 
 
-def _check_targets(unet, targets: tuple[str, ...]) -> None:
+def check_target_modules(unet, targets: tuple[str, ...]) -> None:
     """Every target must name Linear or Conv2d layers of the UNet (by the end of their module
     name): attention projections, or the ResNet blocks' convolutions, which carry more of an
     image's style (backgrounds, palette) than attention does."""
@@ -209,7 +209,7 @@ def add_lora_adapter(unet, cfg: LoraTrainConfig) -> list[torch.nn.Parameter]:
     (kept in fp32 whatever the UNet's dtype)."""
     from peft import LoraConfig
 
-    _check_targets(unet, tuple(cfg.target_modules))
+    check_target_modules(unet, tuple(cfg.target_modules))
     unet.requires_grad_(False)
     config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank,
                         target_modules=list(cfg.target_modules), init_lora_weights=True)

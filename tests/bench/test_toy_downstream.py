@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,10 +32,11 @@ ARGS = ["--device", "cpu", "--set",
         'candidates=[["segformer-tiny", 0, 2, 0.002], ["segformer-tiny", 0, 2, 0.05, true]]',
         "--set", "protocol_seeds=[0,1]", "--set", "seeds=[0,1]", "--set", "test_seeds=[7,8]",
         "--set", "test_images=4", "--set", "images=12", "--set", "synth_steps=2", "--set",
-        'arms=["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3"]', "--set",
-        'presets=["attnseg", "daam"]', "--set", "labeller_seeds=[0, 1]", "--set",
-        'recipes=[{"name": "daam-bg0.3", "preset": "daam", "mask": {"bg_const": 0.3}, '
-        '"noise": [0.2]}]']
+        'arms=["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3", "target", '
+        '"lora:r2"]', "--set", 'presets=["attnseg", "daam"]', "--set", "labeller_seeds=[0, 1]",
+        "--set", 'recipes=[{"name": "daam-bg0.3", "preset": "daam", "mask": {"bg_const": 0.3}, '
+        '"noise": [0.2]}]', "--set",
+        'loras=[{"name": "r2", "images": 8, "rank": 2, "steps": 2, "lr": 0.01, "scale": 0.5}]']
 
 
 def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
@@ -49,7 +51,8 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     best = max(steady, key=lambda r: r["mean"]) if steady else min(rows, key=lambda r: r["std"])
     assert protocol["chosen"] == best["candidate"]
     arms = report["arms"]
-    assert list(arms) == ["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3"]
+    assert list(arms) == ["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3",
+                          "target", "lora:r2"]
     for row in arms.values():
         assert len(row["values"]) == 2 and len(row["by_render"]) == 2
         for seed in range(2):  # a seed's figure is its mean over the test renders
@@ -62,23 +65,24 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     assert "gain" not in arms["exact"] and "gain" not in arms["synthetic"]
     assert "gain" in arms["recipe:daam-bg0.3"]
     _check_recipe_arm(tmp_path / "inst.work")
+    _check_target_arms(arms, tmp_path / "inst.work", printed)
     assert "| loss:ignore-band |" in printed and "Rule: highest mean" in printed
     _check_pseudo_masks(report, tmp_path / "inst.work", printed)
     # A second run reuses every finished training run: same figures, no weights rewritten.
     work = tmp_path / "inst.work"
-    weights = {p: p.stat().st_mtime_ns for p in work.rglob("model.safetensors")}
+    weights = {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")}
     scored = {p: p.stat().st_mtime_ns for p in (work / "pseudo").iterdir()}
     # 2 presets x CRF on/off x 3 renders (validation, 2 tests) x 2 labeller seeds; the
     # recipe on validation (and on the tests where it is the best there) x 2 labeller seeds
     recipe_renders = 3 if "recipe" in report["pseudo_masks"]["best_on_validation"] else 1
     assert len(scored) == 2 * 2 * 3 * 2 + recipe_renders * 2
     # protocol: 2 candidates x 2 seeds (the chosen one's are the exact arm's); synthetic,
-    # loss and recipe arms: 2 seeds each
-    assert len(weights) == 2 * 2 + 3 * 2
+    # loss, recipe and lora arms: 2 seeds each (target: the synthetic arm's runs)
+    assert len([p for p in weights if p.name == "model.safetensors"]) == 2 * 2 + 4 * 2
     assert main(["bench", "toy-downstream", "--out", str(out), *ARGS]) == 0
     again = json.loads((tmp_path / "inst.json").read_text())
     assert again["arms"] == report["arms"] and again["protocol"] == report["protocol"]
-    assert {p: p.stat().st_mtime_ns for p in work.rglob("model.safetensors")} == weights
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")} == weights
     assert again["pseudo_masks"] == report["pseudo_masks"]
     assert {p: p.stat().st_mtime_ns for p in (work / "pseudo").iterdir()} == scored
 
@@ -104,6 +108,70 @@ def _check_recipe_arm(work):
         job = json.loads((recipe / "job.json").read_text())
         assert job["preset"] == "daam" and job["mask"]["bg_const"] == 0.3
     assert len(list(work.glob("train-recipe-daam-bg0.3-*-12-seed*"))) == 2
+
+
+def _check_target_arms(arms, work, printed):
+    """`target` scores the synthetic arm's own segmenters on target-domain renders of the test
+    seeds; `lora:r2` trains one LoRA on unlabelled target renders, draws the synthetic arm's
+    prompts and seeds with it fused at its scale, and is paired by seed with `target`."""
+    import numpy as np
+    from PIL import Image
+
+    from attnseg.pipeline.train.evaluate import InferenceConfig, evaluate_model
+    from attnseg.pipeline.train.sources import open_source
+    from attnseg.pipeline.train.trainer import load_model
+
+    assert [arms[a]["test_domain"] for a in arms] == ["source"] * 4 + ["target"] * 2
+    for seed in (0, 1):  # target: the synthetic arm's segmenter, scored afresh
+        model = load_model(next(work.glob(f"train-synth-12-ce-seed{seed}-*")))
+        for r, render in enumerate((7, 8)):
+            target = open_source(work / f"target-test-{render}-4", "synthetic", "train")
+            assert json.loads((target.root / "job.json").read_text())["render"]["domain"] == \
+                "target"
+            assert arms["target"]["by_render"][r]["values"][seed] == pytest.approx(
+                evaluate_model(model, target, InferenceConfig())["mIoU"])
+    lora = arms["lora:r2"]
+    assert lora["gain"]["values"] == pytest.approx(
+        [a - b for a, b in zip(lora["values"], arms["target"]["values"], strict=True)])
+    assert "gain" not in arms["target"]
+    assert lora["lora"]["steps"] == 2 and lora["lora"]["images"] == 8
+    folders = [p for p in work.glob("lora-*") if p.is_dir()]  # one LoRA for both seeds
+    assert len(folders) == 1 and (folders[0] / "pytorch_lora_weights.safetensors").is_file()
+    unlabelled = work / "target-unlabelled-8-3000"
+    assert json.loads((unlabelled / "job.json").read_text())["render"]["domain"] == "target"
+    for seed in (0, 1):
+        plain = next(work.glob(f"synth-2x6-seed{seed}-*"))
+        adapted = next(work.glob(f"synth-lora-r2-*-2x6-seed{seed}-*"))
+        job = json.loads((adapted / "job.json").read_text())
+        assert [(Path(x["path"]).name, x["scale"]) for x in job["loras"]] == [
+            (folders[0].name, 0.5)]
+        names = sorted(p.name for p in (plain / "JPEGImages").iterdir())
+        assert names == sorted(p.name for p in (adapted / "JPEGImages").iterdir())
+        assert any(not np.array_equal(np.asarray(Image.open(plain / "JPEGImages" / n)),
+                                      np.asarray(Image.open(adapted / "JPEGImages" / n)))
+                   for n in names)
+        prompts = [[json.loads(line)["prompt"] for line in
+                    (d / "manifest.jsonl").read_text().splitlines()] for d in (plain, adapted)]
+        assert prompts[0] == prompts[1]
+    assert "| lora:r2 (target) |" in printed and "LoRA `r2`: rank 2, 2 steps" in printed
+
+
+def test_a_lora_is_named_by_its_settings_and_the_model():
+    """An edited LoRA is not taken for its old files: its scale names the synthesis only,
+    its training settings and the model name its folder; lr=1 reads as lr=1.0 does."""
+    from attnseg.bench.toy.instrument import LoraArm, ToyDownstreamConfig
+
+    cfg = ToyDownstreamConfig()
+    base = LoraArm(name="a", lr=1)
+    folder = Path(base.training_config(cfg, Path("w"), "m1").out)
+    assert base.digest() == LoraArm(name="b", lr=1.0).digest()  # the name is only a label
+    scaled = LoraArm(name="a", lr=1, scale=0.5)
+    assert Path(scaled.training_config(cfg, Path("w"), "m1").out) == folder
+    assert scaled.digest() != base.digest()
+    for other in (LoraArm(name="a", lr=1, rank=4), LoraArm(name="a", lr=1, render_seed=1),
+                  LoraArm(name="a", lr=1, targets=("to_q",))):
+        assert Path(other.training_config(cfg, Path("w"), "m1").out) != folder
+    assert Path(base.training_config(cfg, Path("w"), "m2").out) != folder
 
 
 def _check_pseudo_masks(report, work, printed):
@@ -232,7 +300,11 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
             (['loras=[{"name": "r", "rank": 0}]'], "rank"),
             (['loras=[{"name": "r", "steps": 0}]'], "steps"),
             (['loras=[{"name": "r", "targets": []}]'], "LoRA 'r': targets"),
-            (['loras=[{"name": "r", "noise_offset": 2.0}]'], "noise-offset"),
+            (['loras=[{"name": "r", "noise_offset": 2.0}]'], "noise_offset"),
+            (['loras=[{"name": "r", "render_seed": 103}]'], "learn the scenes it is scored on"),
+            # a layer the model lacks is refused before any render or training
+            (['arms=["target", "lora:r"]', 'loras=[{"name": "r", "targets": ["to_qq"]}]'],
+             "LoRA 'r': --target-modules ['to_qq'] match no"),
             (['loras=[{"name": "r", "scale": 0}]'], "scale"),
             (['loras=[{"name": "r"}, {"name": "r"}]'], "must differ"),
             (['loras=[{"rank": 4}]'], "every LoRA needs a name"),
@@ -246,67 +318,3 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "x.work").exists()
 
-
-LORA_ARGS = ["--device", "cpu", "--set", 'candidates=[["segformer-tiny", 0, 2, 0.01, true]]',
-             "--set", "protocol_seeds=[0,1]", "--set", "seeds=[0,1]", "--set", "test_seeds=[7,8]",
-             "--set", "test_images=4", "--set", "images=12", "--set", "synth_steps=2", "--set",
-             'arms=["synthetic", "target", "lora:r2"]', "--set",
-             'loras=[{"name": "r2", "images": 8, "rank": 2, "steps": 2, "lr": 0.01}]']
-
-
-def test_the_target_domain_lora_arm_end_to_end_and_resumed(tmp_path, capsys):
-    """`target` scores the synthetic arm's own segmenters on target-domain renders; `lora:NAME`
-    trains one LoRA on unlabelled target renders, draws the synthetic arm's prompts and seeds
-    with it, and is paired by seed with `target`; a rerun trains nothing."""
-    import numpy as np
-    from PIL import Image
-
-    from attnseg.pipeline.train.evaluate import InferenceConfig, evaluate_model
-    from attnseg.pipeline.train.sources import open_source
-    from attnseg.pipeline.train.trainer import load_model
-
-    out = tmp_path / "inst"
-    assert main(["bench", "toy-downstream", "--out", str(out), *LORA_ARGS]) == 0
-    printed = capsys.readouterr().out
-    report = json.loads((tmp_path / "inst.json").read_text())
-    arms = report["arms"]
-    assert list(arms) == ["synthetic", "target", "lora:r2"]
-    assert [arms[a]["test_domain"] for a in arms] == ["source", "target", "target"]
-    work = tmp_path / "inst.work"
-    # target: the synthetic arm's segmenter of each seed, scored afresh on the target renders
-    for seed in (0, 1):
-        run = next(work.glob(f"train-synth-12-ce-seed{seed}-*"))
-        model = load_model(run)
-        for r, render in enumerate((7, 8)):
-            target = open_source(work / f"target-test-{render}-4", "synthetic", "train")
-            assert arms["target"]["by_render"][r]["values"][seed] == pytest.approx(
-                evaluate_model(model, target, InferenceConfig())["mIoU"])
-    source = np.asarray(Image.open(next((work / "test-7-4/JPEGImages").iterdir())))
-    target = np.asarray(Image.open(next((work / "target-test-7-4/JPEGImages").iterdir())))
-    assert not np.array_equal(source, target)
-    gain = arms["lora:r2"]["gain"]
-    assert gain["values"] == pytest.approx([a - b for a, b in zip(
-        arms["lora:r2"]["values"], arms["target"]["values"], strict=True)])
-    assert "gain" not in arms["target"] and arms["lora:r2"]["lora"]["steps"] == 2
-    # One LoRA for both seeds, trained on 8 unlabelled target renders; its images are the
-    # synthetic arm's prompts and seeds drawn by the adapted model.
-    loras = [p for p in work.glob("lora-*") if p.is_dir()]
-    assert len(loras) == 1 and arms["lora:r2"]["lora"]["images"] == 8
-    for seed in (0, 1):
-        plain = next(work.glob(f"synth-2x6-seed{seed}-*"))
-        adapted = next(work.glob(f"synth-lora-r2-*-2x6-seed{seed}-*"))
-        names = sorted(p.name for p in (plain / "JPEGImages").iterdir())
-        assert names == sorted(p.name for p in (adapted / "JPEGImages").iterdir())
-        assert any(not np.array_equal(np.asarray(Image.open(plain / "JPEGImages" / n)),
-                                      np.asarray(Image.open(adapted / "JPEGImages" / n)))
-                   for n in names)
-        assert (json.loads((plain / "manifest.jsonl").read_text().splitlines()[0])["prompt"]
-                == json.loads((adapted / "manifest.jsonl").read_text().splitlines()[0])[
-                    "prompt"])
-    assert "| lora:r2 (target) |" in printed and "LoRA `r2`: rank 2, 2 steps" in printed
-    # the protocol's one candidate x 2 seeds, then the synthetic and lora arms' 2 seeds each
-    weights = {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")}
-    assert len([p for p in weights if p.name == "model.safetensors"]) == 2 + 2 + 2
-    assert main(["bench", "toy-downstream", "--out", str(out), *LORA_ARGS]) == 0
-    assert json.loads((tmp_path / "inst.json").read_text())["arms"] == arms
-    assert {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")} == weights
