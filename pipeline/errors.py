@@ -11,6 +11,11 @@ class UserError(Exception):
     """Bad input from the user (arguments, files, models): reported without a traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a scheduler's preemption) where a command stops as Ctrl-C
+    stops it: what it holds is saved, and the CLI exits 143 (128 + SIGTERM)."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type name when it has none."""
     text = str(e).strip()

@@ -13,7 +13,7 @@ import sys
 
 from ...bench import cli as bench_cli
 from ...engines import cli as engines_cli
-from ..errors import UserError, os_error_line
+from ..errors import Terminated, UserError, os_error_line
 from . import lora, prompts, report, synth, toy, train
 
 # Each feature module exposes `register(subparsers)`; the command line is their union.
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the user's disk or permissions (full disk, read-only folder)
         print(f"attnseg: error: {os_error_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("attnseg: terminated; run the same command again to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("attnseg: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

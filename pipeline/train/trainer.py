@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..device import resolve_device
-from ..errors import UserError
+from ..errors import Terminated, UserError
 from ..files import (
     atomic_write_bytes,
     check_output_dir,
@@ -431,6 +431,7 @@ def run_training(cfg: TrainConfig) -> dict:
     val_pending = counters.pop("val_pending", False)
     committed = dict(counters)  # the counters as of `step` (a step cut short adds nothing)
     cost = _CpuCost(cfg, device, logs)
+    stop = _StopSignals()
     try:
         if val_pending and val_source is not None:
             # Interrupted while validating this step: validate it now.
@@ -449,7 +450,7 @@ def run_training(cfg: TrainConfig) -> dict:
                 counters)
             if used == 0 and counters["skipped"] >= len(dataset) and counters["images"] == 0:
                 raise UserError(f"none of the {len(dataset)} training samples could be read")
-            with _held_interrupts():  # the update, its count and its log row are one step
+            with stop.held():  # the update, its count and its log row are one step
                 if used:
                     if scaler is not None:
                         scaler.step(opt)
@@ -474,10 +475,10 @@ def run_training(cfg: TrainConfig) -> dict:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 _save_step_checkpoint(cfg, out, step, models, opt, scaler, counters)
                 saved = step
-    except KeyboardInterrupt:
-        # Ctrl-C: keep what this call trained (the checkpoint interval may be hours on a
-        # CPU); the same command resumes from it. A second Ctrl-C while it is written
-        # leaves the previous checkpoint (the write is atomic).
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`Terminated`)
+        # Keep what this call trained (the checkpoint interval may be hours on a CPU); the
+        # same command resumes from it. A second signal while it is written leaves the
+        # previous checkpoint (the write is atomic).
         if step > saved:
             logs.close()
             path = _save_step_checkpoint(cfg, out, step, models, opt, scaler, committed)
@@ -485,6 +486,7 @@ def run_training(cfg: TrainConfig) -> dict:
                   file=sys.stderr)
         raise
     finally:
+        stop.restore()
         logs.close()
         del stream
     elapsed = time.perf_counter() - t0
@@ -499,24 +501,51 @@ def run_training(cfg: TrainConfig) -> dict:
             "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off"}
 
 
-@contextmanager
-def _held_interrupts():
-    """Ctrl-C (SIGINT) inside the block is held until it ends, then raised: the block is one
-    step's optimiser update, count and log row, which the checkpoint an interrupt saves must
-    hold whole or not at all. Outside the main thread (no signal handlers there) or under a
-    handler other than Python's own, the block runs as it is."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-    held = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if held:
-        raise KeyboardInterrupt
+class _StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (`kill`, `timeout`, a scheduler's preemption) during a
+    run: raised at once as KeyboardInterrupt and `Terminated` (the run saves a checkpoint and
+    stops), except inside `held()`, whose block is one step's optimiser update, count and log
+    row, which that checkpoint must hold whole or not at all: there the first signal is raised
+    as the block ends. Only signals left at Python's defaults are taken over (a caller's own
+    handler, or a signal the shell set to be ignored, stays as it is), and only in the main
+    thread, the one that receives them."""
+
+    _DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+    def __init__(self):
+        self.holding = False
+        self.pending: int | None = None
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in self._DEFAULTS.items():
+                if signal.getsignal(signum) is default:
+                    self.previous[signum] = signal.signal(signum, self._received)
+
+    def _received(self, signum, frame) -> None:
+        if self.holding:
+            self.pending = self.pending or signum
+        else:
+            self._raise(signum)
+
+    @staticmethod
+    def _raise(signum: int):
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    @contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            self._raise(signum)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
 
 def _duration(seconds: float) -> str:
@@ -564,7 +593,7 @@ class _CpuCost:
             f"({self.cfg.batch_size * self.cfg.accum_steps} crops of {h}x{w}), so the {left} "
             "steps left take about "
             f"{_duration(per_step * left)}; a CUDA GPU is many times faster, {smaller}"
-            "fewer --steps cost less, and Ctrl-C saves a checkpoint to resume from")
+            "fewer --steps cost less, and Ctrl-C (or kill) saves a checkpoint to resume from")
 
 
 def _build_models(cfg: TrainConfig, class_names: list[str], device) -> list:

@@ -232,11 +232,9 @@ def _log_steps(run) -> list[int]:
     return [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
 
 
-def test_ctrl_c_saves_a_checkpoint_the_same_command_resumes_from(demo_data, tmp_path):
-    """SIGINT mid-run (the checkpoint interval far away) saves the last whole step; the same
-    command continues from it: log.csv counts every step once, and the resumed steps are the
-    uninterrupted run's (same losses)."""
-    run = tmp_path / "run"
+def _stopped_run(demo_data, run, signum) -> tuple[list[str], str, int]:
+    """Start a 100,000-step training run, send it `signum` after its third logged step and
+    wait for it to stop: its arguments, its stderr and the step its checkpoint holds."""
     args = ["train", "--data", str(demo_data), "--steps", "100000", "--log-every", "1",
             "--checkpoint-every", "1000", *TRAIN, "--out", str(run)]
     # A terminal's Ctrl-C reaches a foreground run. Started in the background of a shell
@@ -253,20 +251,29 @@ def test_ctrl_c_saves_a_checkpoint_the_same_command_resumes_from(demo_data, tmp_
         while not ((run / "log.csv").is_file() and len(_log_steps(run)) >= 3):
             assert proc.poll() is None and time.time() < deadline, "training ended early"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
     ckpts = sorted((run / "checkpoints").glob("step_*.safetensors"))
     assert len(ckpts) == 1, ckpts
     stopped = int(ckpts[0].stem.split("_")[1])
-    assert err.splitlines()[-2:] == [
-        f"attnseg: stopped after step {stopped} of 100000; saved checkpoint {ckpts[0]}",
-        "attnseg: interrupted; run the same command again to resume"]
+    assert err.splitlines()[-2] == (
+        f"attnseg: stopped after step {stopped} of 100000; saved checkpoint {ckpts[0]}")
     assert _log_steps(run) == list(range(1, stopped + 1))
+    return args, err, stopped
+
+
+def test_ctrl_c_saves_a_checkpoint_the_same_command_resumes_from(demo_data, tmp_path):
+    """SIGINT mid-run (the checkpoint interval far away) saves the last whole step; the same
+    command continues from it: log.csv counts every step once, and the resumed steps are the
+    uninterrupted run's (same losses)."""
+    run = tmp_path / "run"
+    args, err, stopped = _stopped_run(demo_data, run, signal.SIGINT)
+    assert err.splitlines()[-1] == "attnseg: interrupted; run the same command again to resume"
     resumed = _cli(*args, "--set", "stop_after=3")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from step {stopped}" in resumed.stdout
@@ -279,6 +286,44 @@ def test_ctrl_c_saves_a_checkpoint_the_same_command_resumes_from(demo_data, tmp_
         [r.split(",")[:4] for r in (whole / "log.csv").read_text().splitlines()]
 
 
+def test_kill_saves_a_checkpoint_as_ctrl_c_does(demo_data, tmp_path):
+    """SIGTERM (`kill`, a scheduler's preemption) stops the run as Ctrl-C does, exit 143."""
+    _, err, _ = _stopped_run(demo_data, tmp_path / "run", signal.SIGTERM)
+    assert err.splitlines()[-1] == "attnseg: terminated; run the same command again to resume"
+
+
+def test_a_signal_inside_a_step_is_raised_as_the_step_ends():
+    """Inside `held()` (one step's update, count and log row) a signal waits for the block's
+    end; outside it is raised at once; the handlers found are put back."""
+    from attnseg.pipeline.errors import Terminated
+    from attnseg.pipeline.train.trainer import _StopSignals
+
+    # Python's defaults, whatever this process was started with (an ignored SIGINT where the
+    # suite runs in the background of a script): those are what a run takes over.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+    try:
+        stop = _StopSignals()
+        for signum in previous:  # else the signals sent below would end the test process
+            assert signal.getsignal(signum) == stop._received
+        done = []
+        with pytest.raises(Terminated):
+            with stop.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run: it only noted the signal
+                done.append("the rest of the step")
+        assert done == ["the rest of the step"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_a_long_cpu_run_says_what_it_costs(demo_data, tmp_path, capsys):
     """On the CPU the default recipe can take days: after six steps (the mean of five past
     the first) the run says how long a step and the rest take, and what costs less."""
@@ -288,7 +333,7 @@ def test_a_long_cpu_run_says_what_it_costs(demo_data, tmp_path, capsys):
     note = [line for line in out.splitlines() if line.startswith("note: on the CPU a step")]
     assert len(note) == 1 and "2 crops of 64x64" in note[0] and "9999994 steps left" in note[0]
     assert "--crop 32,32 (a quarter of the pixels)" in note[0]
-    assert "Ctrl-C saves a checkpoint" in note[0]
+    assert "Ctrl-C (or kill) saves a checkpoint" in note[0]
     # A short run is not told.
     assert main(["train", "--data", str(demo_data), "--out", str(tmp_path / "short"), "--steps",
                  "4", "--device", "cpu", *TRAIN]) == 0
