@@ -82,7 +82,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    "(default: 0)")
     cli_args.add_device(p)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
-                   "(default: 1000; Ctrl-C or kill also saves one, and the same command resumes)")
+                   "(default: 1000; Ctrl-C or kill (SIGTERM) also saves one, and the same "
+                   "command resumes)")
     p.add_argument("--log-every", type=int, help="steps between log rows (default: 10)")
     cli_args.add_set(p, "loss.band_threshold=0.3 --set augment.scale_range=[0.5,2.0] --set "
                      "head_lr_mult=1", sections="loss, augment")

@@ -232,26 +232,31 @@ def _log_steps(run) -> list[int]:
     return [int(r.split(",")[0]) for r in (run / "log.csv").read_text().splitlines()[1:]]
 
 
-def _stopped_run(demo_data, run, signum) -> tuple[list[str], str, int]:
-    """Start a 100,000-step training run, send it `signum` after its third logged step and
-    wait for it to stop: its arguments, its stderr and the step its checkpoint holds."""
+def _stopped_run(demo_data, run, signum, workers: int = 0) -> tuple[list[str], str, int]:
+    """Start a 100,000-step training run with `workers` data loader processes in a process
+    group of its own, send `signum` to the group (as a terminal's Ctrl-C, `timeout` or a
+    scheduler do) after its third logged step and wait for it to stop: its arguments, its
+    stderr and the step its checkpoint holds."""
     args = ["train", "--data", str(demo_data), "--steps", "100000", "--log-every", "1",
-            "--checkpoint-every", "1000", *TRAIN, "--out", str(run)]
-    # A terminal's Ctrl-C reaches a foreground run. Started in the background of a shell
-    # without job control, this test (and so its subprocess) would inherit an ignored SIGINT:
-    # the subprocess gets Python's own handler whatever this process was started with.
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+            "--checkpoint-every", "1000", *TRAIN, "--workers", str(workers), "--out", str(run)]
+    # Python's own handlers, whatever this process was started with: in the background of
+    # a shell without job control, this test (and so its subprocess) would inherit an
+    # ignored SIGINT, which a foreground run does not have.
+    inherited = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                 signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
     try:
         proc = subprocess.Popen([sys.executable, "-m", "attnseg.pipeline.cli", *args], env=ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     finally:
-        signal.signal(signal.SIGINT, inherited)
+        for number, handler in inherited.items():
+            signal.signal(number, handler)
     try:  # a failure here must not leave a 100,000-step run behind on the machine
         deadline = time.time() + 240
         while not ((run / "log.csv").is_file() and len(_log_steps(run)) >= 3):
             assert proc.poll() is None and time.time() < deadline, "training ended early"
             time.sleep(0.05)
-        proc.send_signal(signum)
+        os.killpg(proc.pid, signum)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -287,9 +292,23 @@ def test_ctrl_c_saves_a_checkpoint_the_same_command_resumes_from(demo_data, tmp_
 
 
 def test_kill_saves_a_checkpoint_as_ctrl_c_does(demo_data, tmp_path):
-    """SIGTERM (`kill`, a scheduler's preemption) stops the run as Ctrl-C does, exit 143."""
-    _, err, _ = _stopped_run(demo_data, tmp_path / "run", signal.SIGTERM)
+    """SIGTERM to the run's process group (`timeout`, a scheduler's preemption), data loader
+    workers included, stops the run as Ctrl-C does, exit 143; the same command resumes."""
+    run = tmp_path / "run"
+    args, err, stopped = _stopped_run(demo_data, run, signal.SIGTERM, workers=2)
     assert err.splitlines()[-1] == "attnseg: terminated; run the same command again to resume"
+    assert "Traceback" not in err
+    resumed = _cli(*args, "--set", "stop_after=1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {stopped}" in resumed.stdout
+    assert _log_steps(run) == list(range(1, stopped + 2))
+
+
+def _wait_for(condition, seconds: float = 5.0) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline
+        time.sleep(0.001)
 
 
 def test_a_signal_inside_a_step_is_raised_as_the_step_ends():
@@ -304,18 +323,26 @@ def test_a_signal_inside_a_step_is_raised_as_the_step_ends():
                 signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         stop = _StopSignals()
+        stop.install()
         for signum in previous:  # else the signals sent below would end the test process
             assert signal.getsignal(signum) == stop._received
-        done = []
-        with pytest.raises(Terminated):
-            with stop.held():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)  # the handler has run: it only noted the signal
-                done.append("the rest of the step")
-        assert done == ["the rest of the step"]
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
+        for first, second, raised in ((signal.SIGTERM, signal.SIGINT, Terminated),
+                                      (signal.SIGINT, signal.SIGTERM, KeyboardInterrupt)):
+            done = []
+            with pytest.raises(KeyboardInterrupt) as e:
+                with stop.held():
+                    os.kill(os.getpid(), first)
+                    _wait_for(lambda: stop.pending is not None)  # noted, not raised
+                    os.kill(os.getpid(), second)
+                    time.sleep(0.05)
+                    done.append("the rest of the step")
+            assert type(e.value) is raised and done == ["the rest of the step"]  # the first
+            assert stop.pending is None
+        for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)):
+            with pytest.raises(KeyboardInterrupt) as e:  # outside a step: at once
+                os.kill(os.getpid(), signum)
+                time.sleep(5)
+            assert type(e.value) is raised
         stop.restore()
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
