@@ -339,12 +339,16 @@ def train_and_score(candidate: tuple, data: Path, run: Path, seed: int, tests: l
                     loss: str = "ce", scale_range: tuple[float, float] = (1.0, 1.0)
                     ) -> tuple[list[float], float]:
     """Train the candidate's segmenter on `data` (a finished run is reused, not retrained) and
-    score it on each of `tests`; returns the mIoUs and the training's seconds (as recorded by
-    the run: a reused run reports its own)."""
-    from attnseg.pipeline.files import atomic_write_bytes
+    score it on each of `tests`; returns the mIoUs and the training's seconds over every
+    process that trained it (as the run recorded them; NaN where it did not)."""
     from attnseg.pipeline.jsonfile import read_json
     from attnseg.pipeline.train.evaluate import InferenceConfig, evaluate_model
-    from attnseg.pipeline.train.trainer import load_model, run_training, train_config_from
+    from attnseg.pipeline.train.trainer import (
+        load_model,
+        read_final,
+        run_training,
+        train_config_from,
+    )
 
     name, side, steps, lr, full_res = candidate
     run = run.with_name(f"{run.name}-{_run_name(candidate)}")
@@ -358,14 +362,14 @@ def train_and_score(candidate: tuple, data: Path, run: Path, seed: int, tests: l
         batch_size=8, lr=lr, warmup_steps=steps // 10, head_lr_mult=1.0, workers=0,
         checkpoint_every=steps, log_every=steps, progress=False, seed=seed,
         loss={"name": loss}, augment=augment))
-    started = time.perf_counter()
     if not (run / "model.safetensors").is_file():
         run_training(tcfg)
-        atomic_write_bytes(run / "seconds.json",
-                           f'{{"seconds": {time.perf_counter() - started:.1f}}}\n'.encode())
-    seconds = read_json(run / "seconds.json")["seconds"] if (run / "seconds.json").is_file() \
-        else float("nan")
+    seconds = read_final(run)["seconds"]
+    if seconds is None and (run / "seconds.json").is_file():
+        # runs trained before the trainer recorded its own seconds
+        seconds = read_json(run / "seconds.json")["seconds"]
     model = load_model(run)
+    seconds = float("nan") if seconds is None else seconds
     inference = InferenceConfig(scale=(side, side)) if side else InferenceConfig()
     return [evaluate_model(model, t, inference)["mIoU"] for t in tests], seconds
 

@@ -414,7 +414,7 @@ def run_training(cfg: TrainConfig) -> dict:
     if start >= cfg.steps and (out / "model.safetensors").is_file():
         return {"out": str(out), "steps": cfg.steps, "resumed_from": start, "new_steps": 0,
                 "seconds": 0.0, "images_per_s": None, "skipped": counters["skipped"],
-                "final": _read_final(out)}
+                "final": read_final(out)}
 
     forward = [torch.compile(m) if cfg.compile else m for m in models]
     loader = _loader(cfg, dataset, start, device)
@@ -431,6 +431,10 @@ def run_training(cfg: TrainConfig) -> dict:
     val_pending = counters.pop("val_pending", False)
     committed = dict(counters)  # the counters as of `step` (a step cut short adds nothing)
     cost = _CpuCost(cfg, device, logs)
+    # Training seconds over every process of the run (kept in each checkpoint's counters),
+    # so a finished run still tells what it cost after being stopped and resumed; None for
+    # a run resumed from a checkpoint that does not have them.
+    seconds_before = counters.get("seconds", 0.0 if start == 0 else None)
     stop = _StopSignals()
     try:
         stop.install()
@@ -463,6 +467,8 @@ def run_training(cfg: TrainConfig) -> dict:
                 counters["images"] += used
                 images_this_call += used
                 elapsed = time.perf_counter() - t0
+                if seconds_before is not None:
+                    counters["seconds"] = round(seconds_before + elapsed, 3)
                 rate = images_this_call / elapsed if elapsed > 0 else 0.0
                 logs.step(step, cfg.lr * factor, loss_sum, parts, counters, rate, elapsed)
                 committed = dict(counters)
@@ -493,7 +499,8 @@ def run_training(cfg: TrainConfig) -> dict:
     elapsed = time.perf_counter() - t0
     final = None
     if step >= cfg.steps:
-        final = {"step": step, "val": _val_summary(last_val)}
+        final = {"step": step, "val": _val_summary(last_val),
+                 "seconds": counters.get("seconds")}
         save_model(out / "model.safetensors", models[0], {"run": str(out), **final})
     return {"out": str(out), "steps": cfg.steps, "resumed_from": start,
             "new_steps": step - start, "seconds": round(elapsed, 3),
@@ -754,7 +761,9 @@ def _val_summary(report: dict | None) -> dict | None:
     return {k: report[k] for k in ("mIoU", "mAcc", "aAcc", "images", "skipped")}
 
 
-def _read_final(out: Path) -> dict | None:
+def read_final(out: Path) -> dict:
+    """A finished run's last step, its last validation and its training seconds over every
+    process that trained it (None where not recorded), as its model file holds them."""
     _, meta = _read_safetensors(out / "model.safetensors")
     extra = json.loads(meta.get("extra", "{}"))
-    return {k: extra.get(k) for k in ("step", "val")}
+    return {k: extra.get(k) for k in ("step", "val", "seconds")}

@@ -53,8 +53,11 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     arms = report["arms"]
     assert list(arms) == ["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3",
                           "target", "lora:r2"]
+    # every run's cost is the trainer's own record of it
+    assert all(r["train_seconds"] > 0 for r in rows)
     for row in arms.values():
         assert len(row["values"]) == 2 and len(row["by_render"]) == 2
+        assert row["train_minutes"] > 0
         for seed in range(2):  # a seed's figure is its mean over the test renders
             assert row["values"][seed] == pytest.approx(
                 sum(r["values"][seed] for r in row["by_render"]) / 2)

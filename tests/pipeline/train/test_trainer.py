@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from attnseg.pipeline.errors import UserError
@@ -67,12 +68,20 @@ def _losses(run):
         return [(r["step"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
 
 
+def _last_seconds(run):
+    with open(run / "log.csv") as f:
+        return float(list(csv.DictReader(f))[-1]["seconds"])
+
+
 def test_resume_reproduces_an_uninterrupted_run(shapes_data, tmp_path):
     straight = run_training(_cfg(shapes_data, tmp_path / "a"))
     assert straight["new_steps"] == 6 and straight["final"]["step"] == 6
     # "Killed" after 3 steps: the newest checkpoint is step 2, so step 3 is redone.
     first = run_training(_cfg(shapes_data, tmp_path / "b", stop_after=3))
     assert first["final"] is None and not (tmp_path / "b" / "model.safetensors").exists()
+    with safe_open(str(tmp_path / "b" / "checkpoints" / "step_00000002.safetensors"),
+                   "pt") as f:
+        seconds_at_2 = json.loads(f.metadata()["counters"])["seconds"]
     # The resumed call may use another worker count: data and augmentation do not depend on
     # it.
     second = run_training(_cfg(shapes_data, tmp_path / "b", workers=1))
@@ -81,6 +90,13 @@ def test_resume_reproduces_an_uninterrupted_run(shapes_data, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    # The run's training seconds add up over the processes that trained it: the resumed
+    # run's are its checkpoint's plus the second call's (the log's seconds are per call).
+    assert straight["final"]["seconds"] == pytest.approx(_last_seconds(tmp_path / "a"),
+                                                         abs=0.01)
+    assert seconds_at_2 > 0
+    assert second["final"]["seconds"] == pytest.approx(
+        seconds_at_2 + _last_seconds(tmp_path / "b"), abs=0.01)
     # A different seed gives different weights (the comparison above can fail).
     run_training(_cfg(shapes_data, tmp_path / "c", seed=4, steps=2))
     c = load_file(str(tmp_path / "c" / "model.safetensors"))
@@ -89,7 +105,7 @@ def test_resume_reproduces_an_uninterrupted_run(shapes_data, tmp_path):
     kept = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
     assert kept == ["step_00000004.safetensors", "step_00000006.safetensors"]
     again = run_training(_cfg(shapes_data, tmp_path / "a"))
-    assert again["new_steps"] == 0
+    assert again["new_steps"] == 0 and again["final"] == straight["final"]
 
 
 def test_training_lowers_the_loss_and_loads_back(shapes_data, tmp_path):
