@@ -14,7 +14,9 @@ reaches the target domain.
 Resume: every random draw of step s (which images, crops, flips, the VAE sample, noise and
 timesteps) comes from a generator seeded by (seed, s), and the LoRA and AdamW state are
 checkpointed, so a run killed at any point and started again continues from its last
-checkpoint along the same path as an uninterrupted run. A rerun with a larger --steps trains on.
+checkpoint along the same path as an uninterrupted run. Ctrl-C and SIGTERM (`kill`, `timeout`,
+a scheduler's preemption) first save a checkpoint of the last whole step (SIGTERM: exit 143).
+A rerun with a larger --steps trains on.
 
 The probe loss is the noise-prediction loss on a fixed set (the first images, centre crops,
 fixed noise, timesteps spread over the schedule): unlike the per-step loss it is not noisy, so
@@ -27,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ from ..models.lora import LORA_WEIGHTS, require_compatible_peft
 from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..seeds import sample_seed
 from ..settings import NonNegativeFloat, PositiveFloat, PositiveInt
+from ..signals import StopSignals
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _ADAPTER = "default"  # peft's adapter name during training
@@ -463,26 +467,50 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
     # Training seconds over every process of the run (saved with each checkpoint), so a
     # finished run asked again still tells what it cost; None for runs from before.
     seconds_before = history.get("seconds", 0.0 if start == 0 else None)
+
+    def save(done: int) -> None:
+        if seconds_before is not None:
+            history["seconds"] = round(seconds_before + time.perf_counter() - t0, 3)
+        _save_checkpoint(out, done, pipe.unet, optimizer, {"step": done, "history": history},
+                         cfg.keep_checkpoints)
+
     pipe.unet.train()
-    for step in range(start, cfg.steps):
-        loss = trainer.step_loss(step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history["loss"].append(loss.item())
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            pipe.unet.eval()
-            history["probe_loss"][str(done)] = trainer.probe_loss()
-            if seconds_before is not None:
-                history["seconds"] = round(seconds_before + time.perf_counter() - t0, 3)
-            pipe.unet.train()
-            _save_checkpoint(out, done, pipe.unet, optimizer, {"step": done, "history": history},
-                             cfg.keep_checkpoints)
-        if bar is not None:
-            bar.set_postfix_str(f"loss {np.mean(history['loss'][-20:]):.4f}")
-            bar.update(1)
+    done = saved = start
+    stop = StopSignals()
+    try:
+        stop.install()
+        for step in range(start, cfg.steps):
+            loss = trainer.step_loss(step)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            with stop.held():  # the update and its loss row are one step
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                history["loss"].append(loss.item())
+                done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                pipe.unet.eval()
+                history["probe_loss"][str(done)] = trainer.probe_loss()
+                pipe.unet.train()
+                save(done)
+                saved = done
+            if bar is not None:
+                bar.set_postfix_str(f"loss {np.mean(history['loss'][-20:]):.4f}")
+                bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`Terminated`)
+        # Keep what this call trained; the same command resumes from it along the same path
+        # (each step draws from its own seed). No probe loss here: it is a checkpoint
+        # interval's, and the run's end measures its own.
+        if done > saved:
+            if bar is not None:
+                bar.close()
+                bar = None
+            save(done)
+            print(f"attnseg: stopped after step {done} of {cfg.steps}; saved checkpoint "
+                  f"{_checkpoints(out)[-1]}", file=sys.stderr)
+        raise
+    finally:
+        stop.restore()
     if bar is not None:
         bar.close()
     pipe.unet.eval()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ from ..optim_state import load_optimizer_tensors, optimizer_tensors
 from ..prompts import data_file, fill_template, load_classes
 from ..seeds import sample_seed
 from ..settings import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitFloat
+from ..signals import StopSignals
 from .world import BACKGROUND_WORDS, toy_class_words
 
 # Prefixes of training captions; they match the toy templates' words.
@@ -461,36 +463,54 @@ class ToyModelTrainer:
         window: list[float] = []
         started = time.time()
         deadline = started + cfg.time_limit_s if cfg.time_limit_s else None
-        while self.step < total:
-            if self.step < cfg.vae_steps:
-                self.vae.train()
-                loss = self._vae_step(self.step)
-                phase = "vae"
-            else:
-                if self.latents is None:
+        saved = self.step
+        stop = StopSignals()
+        try:
+            stop.install()
+            while self.step < total:
+                if self.step >= cfg.vae_steps and self.latents is None:
                     self._encode_all()
                     # A run going on from a model keeps the factor its UNet learnt with.
                     if "scaling_factor" not in self._stored_info() and self.init_card is None:
                         self._set_scaling_factor()
-                self.vae.requires_grad_(False)
-                self.unet.train()
-                self.text_encoder.train()
-                loss = self._unet_step(self.step - cfg.vae_steps)
-                phase = "unet"
-            self.step += 1
-            window.append(loss)
-            out_of_time = deadline is not None and time.time() > deadline
-            if self.step % 50 == 0 or self.step in (cfg.vae_steps, total) or out_of_time:
-                self.losses[phase].append([self.step, float(np.mean(window))])
-                window = []
+                with stop.held():  # a step's update and EMA are whole or not at all
+                    if self.step < cfg.vae_steps:
+                        self.vae.train()
+                        loss = self._vae_step(self.step)
+                        phase = "vae"
+                    else:
+                        self.vae.requires_grad_(False)
+                        self.unet.train()
+                        self.text_encoder.train()
+                        loss = self._unet_step(self.step - cfg.vae_steps)
+                        phase = "unet"
+                    self.step += 1
+                window.append(loss)
+                out_of_time = deadline is not None and time.time() > deadline
+                if self.step % 50 == 0 or self.step in (cfg.vae_steps, total) or out_of_time:
+                    self.losses[phase].append([self.step, float(np.mean(window))])
+                    window = []
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(phase=phase, loss=f"{loss:.4f}")
+                if (self.step % cfg.checkpoint_every == 0 or self.step in (cfg.vae_steps, total)
+                        or out_of_time):
+                    self.save_checkpoint()
+                    saved = self.step
+                if out_of_time:
+                    break
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`Terminated`): keep what it trained
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(phase=phase, loss=f"{loss:.4f}")
-            if (self.step % cfg.checkpoint_every == 0 or self.step in (cfg.vae_steps, total)
-                    or out_of_time):
+                bar.close()
+            if self.step > saved:
+                if window:
+                    self.losses[phase].append([self.step, float(np.mean(window))])
                 self.save_checkpoint()
-            if out_of_time:
-                break
+                print(f"attnseg: stopped after step {self.step} of {total}; saved a "
+                      f"checkpoint in {self.out}", file=sys.stderr)
+            raise
+        finally:
+            stop.restore()
         if bar is not None:
             bar.close()
         if self.latents is None:

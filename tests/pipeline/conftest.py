@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from dataclasses import replace
 
 import pytest
@@ -18,3 +19,15 @@ def trained(tmp_path_factory):
     cfg = lora_config(write_images(root / "images"), root / "lora")
     summary = train_lora(replace(cfg), progress=False)
     return cfg, summary
+
+
+@pytest.fixture
+def default_signal_handlers():
+    """SIGINT and SIGTERM at Python's defaults for the test, whatever this process was started
+    with (an ignored SIGINT where the suite runs in the background of a script): those are
+    what a training run takes over. The handlers found are put back after."""
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

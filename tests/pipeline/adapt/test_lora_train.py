@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +85,48 @@ def test_resume_follows_the_uninterrupted_run(trained, tmp_path):
     # Other settings in the same folder are refused.
     with pytest.raises(UserError, match="holds a different LoRA training run"):
         train_lora(lora_config(Path(cfg.images), out, lr=1e-3), progress=False)
+
+@pytest.mark.usefixtures("default_signal_handlers")
+@pytest.mark.parametrize("signum,where,saved", [
+    (signal.SIGTERM, "loss", 8),  # while step 9 computes its loss: steps 1-8 are whole
+    (signal.SIGINT, "update", 3),  # inside step 3's update: it ends first
+])
+def test_a_stopped_run_saves_its_last_whole_step_and_resumes(trained, tmp_path, monkeypatch,
+                                                             signum, where, saved):
+    """Ctrl-C or SIGTERM between checkpoints (6 and 12 here) saves a checkpoint of the last
+    whole step; the same command resumes from it to the uninterrupted run's LoRA and losses."""
+    from attnseg.pipeline.errors import Terminated
+
+    cfg, _ = trained
+    calls = {"loss": 0, "update": 0}
+
+    def sending(name, method):
+        def wrapped(self, *args, **kwargs):
+            calls[name] += 1
+            if name == where and calls[name] == saved + (where == "loss"):
+                os.kill(os.getpid(), signum)
+            return method(self, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(LoraTrainer, "step_loss", sending("loss", LoraTrainer.step_loss))
+    monkeypatch.setattr(torch.optim.AdamW, "step", sending("update", torch.optim.AdamW.step))
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt) as e:
+        train_lora(lora_config(Path(cfg.images), out), progress=False)
+    assert type(e.value) is (Terminated if signum == signal.SIGTERM else KeyboardInterrupt)
+    expected = {f"step-{saved:08d}"} | ({"step-00000006"} if saved > 6 else set())
+    assert {p.name for p in (out / "checkpoints").iterdir()} == expected
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run put them back
+    monkeypatch.undo()
+    resumed = train_lora(lora_config(Path(cfg.images), out), progress=False)
+    assert resumed["resumed_from"] == saved and resumed["new_steps"] == 12 - saved
+    a, b = load_file(str(Path(cfg.out) / LORA_WEIGHTS)), load_file(str(out / LORA_WEIGHTS))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    ha = json.loads((Path(cfg.out) / "history.json").read_text())
+    hb = json.loads((out / "history.json").read_text())
+    np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
+
 
 def test_lora_train_cli_end_to_end(tmp_path):
     images = write_images(tmp_path / "images", n=2)

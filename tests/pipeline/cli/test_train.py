@@ -304,53 +304,6 @@ def test_kill_saves_a_checkpoint_as_ctrl_c_does(demo_data, tmp_path):
     assert _log_steps(run) == list(range(1, stopped + 2))
 
 
-def _wait_for(condition, seconds: float = 5.0) -> None:
-    deadline = time.time() + seconds
-    while not condition():
-        assert time.time() < deadline
-        time.sleep(0.001)
-
-
-def test_a_signal_inside_a_step_is_raised_as_the_step_ends():
-    """Inside `held()` (one step's update, count and log row) a signal waits for the block's
-    end; outside it is raised at once; the handlers found are put back."""
-    from attnseg.pipeline.errors import Terminated
-    from attnseg.pipeline.train.trainer import _StopSignals
-
-    # Python's defaults, whatever this process was started with (an ignored SIGINT where the
-    # suite runs in the background of a script): those are what a run takes over.
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL),
-                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
-    try:
-        stop = _StopSignals()
-        stop.install()
-        for signum in previous:  # else the signals sent below would end the test process
-            assert signal.getsignal(signum) == stop._received
-        for first, second, raised in ((signal.SIGTERM, signal.SIGINT, Terminated),
-                                      (signal.SIGINT, signal.SIGTERM, KeyboardInterrupt)):
-            done = []
-            with pytest.raises(KeyboardInterrupt) as e:
-                with stop.held():
-                    os.kill(os.getpid(), first)
-                    _wait_for(lambda: stop.pending is not None)  # noted, not raised
-                    os.kill(os.getpid(), second)
-                    time.sleep(0.05)
-                    done.append("the rest of the step")
-            assert type(e.value) is raised and done == ["the rest of the step"]  # the first
-            assert stop.pending is None
-        for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)):
-            with pytest.raises(KeyboardInterrupt) as e:  # outside a step: at once
-                os.kill(os.getpid(), signum)
-                time.sleep(5)
-            assert type(e.value) is raised
-        stop.restore()
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def test_a_long_cpu_run_says_what_it_costs(demo_data, tmp_path, capsys):
     """On the CPU the default recipe can take days: after six steps (the mean of five past
     the first) the run says how long a step and the rest take, and what costs less."""

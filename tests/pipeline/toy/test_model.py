@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 from attnseg.pipeline.cli import main
 from attnseg.pipeline.config import get_preset
+from attnseg.pipeline.errors import Terminated
 from attnseg.pipeline.models.loading import latent_stride, load_pipeline
 from attnseg.pipeline.models.tiny import TINY_WORDS, bpe_pieces, tiny_tokenizer
 from attnseg.pipeline.toy.model import (
@@ -80,9 +82,27 @@ def test_training_captions_name_every_object():
     assert " star" in f" {a}"
 
 
-def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread):
+def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread, monkeypatch,
+                                              default_signal_handlers):
     straight = ToyModelTrainer(small_config(tmp_path / "a"))
     straight.train(progress=False)
+    # SIGTERM inside the first UNet step (step 3, between checkpoints): the step ends, its
+    # checkpoint is saved, and the run resumes from it to the same weights.
+    unet_step = ToyModelTrainer._unet_step
+
+    def killed(self, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return unet_step(self, step)
+
+    monkeypatch.setattr(ToyModelTrainer, "_unet_step", killed)
+    with pytest.raises(Terminated):
+        ToyModelTrainer(small_config(tmp_path / "d")).train(progress=False)
+    monkeypatch.undo()
+    stopped = ToyModelTrainer(small_config(tmp_path / "d"))
+    assert stopped.step == 3
+    stopped.train(progress=False)
+    for k, v in straight.unet.state_dict().items():
+        assert torch.equal(v, stopped.unet.state_dict()[k]), k
     # The same run stopped after 3 steps (2 VAE, 1 UNet) and resumed.
     ToyModelTrainer(small_config(tmp_path / "b", unet_steps=1)).train(progress=False)
     resumed = ToyModelTrainer(small_config(tmp_path / "b"))
