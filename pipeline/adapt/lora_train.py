@@ -455,8 +455,10 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         load_lora_into_adapter(pipe.unet, last / LORA_WEIGHTS)
         load_optimizer_tensors(optimizer, load_file(str(last / "optimizer.safetensors")))
         start, history = state["step"], state["history"]
-    if "0" not in history["probe_loss"]:
-        history["probe_loss"]["0"] = trainer.probe_loss()
+    if (start == 0 or start % cfg.checkpoint_every == 0) and \
+            str(start) not in history["probe_loss"]:
+        # step 0's, or an interval's probe that a stop cut short (its checkpoint was saved)
+        history["probe_loss"][str(start)] = trainer.probe_loss()
 
     bar = None
     if progress and start < cfg.steps:
@@ -501,10 +503,10 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         # Keep what this call trained; the same command resumes from it along the same path
         # (each step draws from its own seed). No probe loss here: it is a checkpoint
         # interval's, and the run's end measures its own.
+        if bar is not None:
+            bar.close()
+            bar = None
         if done > saved:
-            if bar is not None:
-                bar.close()
-                bar = None
             save(done)
             print(f"attnseg: stopped after step {done} of {cfg.steps}; saved checkpoint "
                   f"{_checkpoints(out)[-1]}", file=sys.stderr)

@@ -220,6 +220,9 @@ class ToyModelTrainer:
             weight_decay=0.0)
         self.step = 0  # steps done, VAE steps first
         self.losses: dict[str, list[list[float]]] = {"vae": [], "unet": []}
+        # the losses since the last entry of `losses` (one every 50 steps), kept in a
+        # checkpoint so a run stopped between entries resumes to the same curve
+        self.loss_window: list[float] = []
         self.images: np.ndarray | None = None
         self.objects: list[list[str]] = []
         self.latents: torch.Tensor | None = None
@@ -261,6 +264,7 @@ class ToyModelTrainer:
             self.vae.register_to_config(scaling_factor=info["scaling_factor"])
         self.step = info["step"]
         self.losses = info["losses"]
+        self.loss_window = info.get("loss_window", [])
         self.init_card = info.get("init_from")
 
     # What must match for an exported model's weights to load into this run's modules.
@@ -325,6 +329,7 @@ class ToyModelTrainer:
         tensors.update(unet_t)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         info = {"step": self.step, "config": self._config_doc(), "losses": self.losses,
+                "loss_window": self.loss_window,
                 "vae_opt": vae_groups, "unet_opt": unet_groups}
         if self.init_card is not None:
             info["init_from"] = self.init_card
@@ -460,7 +465,6 @@ class ToyModelTrainer:
         total = cfg.vae_steps + cfg.unet_steps
         self._render(progress)
         bar = _bar(progress, total, "train", "step", initial=self.step)
-        window: list[float] = []
         started = time.time()
         deadline = started + cfg.time_limit_s if cfg.time_limit_s else None
         saved = self.step
@@ -485,11 +489,12 @@ class ToyModelTrainer:
                         loss = self._unet_step(self.step - cfg.vae_steps)
                         phase = "unet"
                     self.step += 1
-                window.append(loss)
-                out_of_time = deadline is not None and time.time() > deadline
-                if self.step % 50 == 0 or self.step in (cfg.vae_steps, total) or out_of_time:
-                    self.losses[phase].append([self.step, float(np.mean(window))])
-                    window = []
+                    self.loss_window.append(loss)
+                    out_of_time = deadline is not None and time.time() > deadline
+                    if self.step % 50 == 0 or self.step in (cfg.vae_steps, total) or out_of_time:
+                        mean = float(np.mean(self.loss_window))
+                        self.losses[phase].append([self.step, mean])
+                        self.loss_window = []
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(phase=phase, loss=f"{loss:.4f}")
@@ -503,9 +508,8 @@ class ToyModelTrainer:
             if bar is not None:
                 bar.close()
             if self.step > saved:
-                if window:
-                    self.losses[phase].append([self.step, float(np.mean(window))])
-                self.save_checkpoint()
+                with stop.held():  # its two files belong together: a second signal waits
+                    self.save_checkpoint()
                 print(f"attnseg: stopped after step {self.step} of {total}; saved a "
                       f"checkpoint in {self.out}", file=sys.stderr)
             raise

@@ -90,6 +90,7 @@ def test_resume_follows_the_uninterrupted_run(trained, tmp_path):
 @pytest.mark.parametrize("signum,where,saved", [
     (signal.SIGTERM, "loss", 8),  # while step 9 computes its loss: steps 1-8 are whole
     (signal.SIGINT, "update", 3),  # inside step 3's update: it ends first
+    (signal.SIGTERM, "probe", 6),  # during step 6's probe loss: measured on resuming
 ])
 def test_a_stopped_run_saves_its_last_whole_step_and_resumes(trained, tmp_path, monkeypatch,
                                                              signum, where, saved):
@@ -98,17 +99,22 @@ def test_a_stopped_run_saves_its_last_whole_step_and_resumes(trained, tmp_path, 
     from attnseg.pipeline.errors import Terminated
 
     cfg, _ = trained
-    calls = {"loss": 0, "update": 0}
+    calls = {"loss": 0, "update": 0, "probe": 0}
+    # the call that gets the signal: step 9's loss, step 3's update, the second probe (step 6)
+    nth = {"loss": saved + 1, "update": saved, "probe": 2}[where]
 
     def sending(name, method):
         def wrapped(self, *args, **kwargs):
             calls[name] += 1
-            if name == where and calls[name] == saved + (where == "loss"):
+            if name == where and calls[name] == nth:
+                if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                    pytest.fail("the run did not take the signal over")  # else it ends pytest
                 os.kill(os.getpid(), signum)
             return method(self, *args, **kwargs)
         return wrapped
 
     monkeypatch.setattr(LoraTrainer, "step_loss", sending("loss", LoraTrainer.step_loss))
+    monkeypatch.setattr(LoraTrainer, "probe_loss", sending("probe", LoraTrainer.probe_loss))
     monkeypatch.setattr(torch.optim.AdamW, "step", sending("update", torch.optim.AdamW.step))
     out = tmp_path / "stopped"
     with pytest.raises(KeyboardInterrupt) as e:
@@ -126,6 +132,9 @@ def test_a_stopped_run_saves_its_last_whole_step_and_resumes(trained, tmp_path, 
     ha = json.loads((Path(cfg.out) / "history.json").read_text())
     hb = json.loads((out / "history.json").read_text())
     np.testing.assert_allclose(ha["loss"], hb["loss"], rtol=1e-5)
+    assert ha["probe_loss"].keys() == hb["probe_loss"].keys()
+    np.testing.assert_allclose(list(ha["probe_loss"].values()),
+                               [hb["probe_loss"][k] for k in ha["probe_loss"]], rtol=1e-5)
 
 
 def test_lora_train_cli_end_to_end(tmp_path):

@@ -91,6 +91,8 @@ def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread, monkey
     unet_step = ToyModelTrainer._unet_step
 
     def killed(self, step):
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            pytest.fail("the run did not take SIGTERM over")  # else it ends pytest
         os.kill(os.getpid(), signal.SIGTERM)
         return unet_step(self, step)
 
@@ -103,6 +105,9 @@ def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread, monkey
     stopped.train(progress=False)
     for k, v in straight.unet.state_dict().items():
         assert torch.equal(v, stopped.unet.state_dict()[k]), k
+    for k, v in straight.ema.items():
+        assert torch.equal(v, stopped.ema[k]), k
+    assert stopped.losses == straight.losses  # the loss curve too
     # The same run stopped after 3 steps (2 VAE, 1 UNet) and resumed.
     ToyModelTrainer(small_config(tmp_path / "b", unet_steps=1)).train(progress=False)
     resumed = ToyModelTrainer(small_config(tmp_path / "b"))
