@@ -51,6 +51,8 @@ from ..common import machine_info, output_base, pct, with_suffix, write_json_and
 ARM_KINDS = ("exact", "synthetic", "loss", "prompts", "crf", "images", "recipe", "target",
              "lora")
 TARGET_ARMS = ("target", "lora")  # scored on the target-domain test renders
+# trained on generated source-domain images, whose masks the exact-label segmenter judges
+JUDGED_ARMS = ("synthetic", "loss", "prompts", "crf", "images", "recipe")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"  # a recipe's or LoRA's name: it names files
 
 
@@ -335,6 +337,20 @@ def _run_name(candidate: tuple) -> str:
     return f"{name}-{side}px-{steps}s-lr{lr:g}" + ("-fr" if full_res else "")
 
 
+def _run_folder(candidate: tuple, run: Path, scale_range: tuple[float, float]) -> Path:
+    """The folder `train_and_score` trains `candidate` in for the arm's run name `run`."""
+    run = run.with_name(f"{run.name}-{_run_name(candidate)}")
+    if tuple(scale_range) != (0.5, 2.0):  # the trainer's default range is left out of the name
+        run = run.with_name(f"{run.name}-scale{scale_range[0]:g}-{scale_range[1]:g}")
+    return run
+
+
+def _inference(side: int):
+    from attnseg.pipeline.train.evaluate import InferenceConfig
+
+    return InferenceConfig(scale=(side, side)) if side else InferenceConfig()
+
+
 def train_and_score(candidate: tuple, data: Path, run: Path, seed: int, tests: list,
                     loss: str = "ce", scale_range: tuple[float, float] = (1.0, 1.0)
                     ) -> tuple[list[float], float]:
@@ -342,7 +358,7 @@ def train_and_score(candidate: tuple, data: Path, run: Path, seed: int, tests: l
     score it on each of `tests`; returns the mIoUs and the training's seconds over every
     process that trained it (as the run recorded them; NaN where it did not)."""
     from attnseg.pipeline.jsonfile import read_json
-    from attnseg.pipeline.train.evaluate import InferenceConfig, evaluate_model
+    from attnseg.pipeline.train.evaluate import evaluate_model
     from attnseg.pipeline.train.trainer import (
         load_model,
         read_final,
@@ -351,12 +367,10 @@ def train_and_score(candidate: tuple, data: Path, run: Path, seed: int, tests: l
     )
 
     name, side, steps, lr, full_res = candidate
-    run = run.with_name(f"{run.name}-{_run_name(candidate)}")
+    run = _run_folder(candidate, run, scale_range)
     augment: dict = {"crop_size": [side, side], "base_scale": [side, side]} if side else {
         "crop_size": [64, 64], "base_scale": None}
     augment["scale_range"] = list(scale_range)
-    if tuple(scale_range) != (0.5, 2.0):  # the trainer's default range is left out of the name
-        run = run.with_name(f"{run.name}-scale{scale_range[0]:g}-{scale_range[1]:g}")
     tcfg = train_config_from(dict(
         data=[str(data)], out=str(run), model=name, full_res_head=full_res, steps=steps,
         batch_size=8, lr=lr, warmup_steps=steps // 10, head_lr_mult=1.0, workers=0,
@@ -370,8 +384,33 @@ def train_and_score(candidate: tuple, data: Path, run: Path, seed: int, tests: l
         seconds = read_json(run / "seconds.json")["seconds"]
     model = load_model(run)
     seconds = float("nan") if seconds is None else seconds
-    inference = InferenceConfig(scale=(side, side)) if side else InferenceConfig()
-    return [evaluate_model(model, t, inference)["mIoU"] for t in tests], seconds
+    return [evaluate_model(model, t, _inference(side))["mIoU"] for t in tests], seconds
+
+
+def judge_training_masks(data: Path, judge: Path, side: int, work: Path) -> dict:
+    """The masks an arm trains on, scored against what the exact-label segmenter in run folder
+    `judge` sees in the generated images: mIoU over the classes, and `precision`, the mean
+    over the shapes of the share of a shape's mask that the judge calls that shape. Pixels a
+    mask leaves unsure (ignore) are not counted. Generated images have no ground truth, and
+    the judge errs too, so this is a proxy with its own bias; but it needs no training and
+    does not move with the segmenter's seed. Kept in `work/judged` (atomic write)."""
+    from attnseg.pipeline.files import atomic_write_bytes
+    from attnseg.pipeline.jsonfile import read_json
+    from attnseg.pipeline.train.evaluate import evaluate_model
+    from attnseg.pipeline.train.sources import open_source
+    from attnseg.pipeline.train.trainer import load_model
+
+    path = work / "judged" / f"{data.name}--by--{judge.name}.json"
+    if path.is_file():
+        return read_json(path)
+    result = evaluate_model(load_model(judge), open_source(data, "synthetic", "train"),
+                            _inference(side))
+    shapes = [c["acc"] for c in result["per_class"]
+              if c["name"] != "background" and c["acc"] is not None]
+    row = {"mIoU": result["mIoU"], "precision": float(np.mean(shapes))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(row) + "\n").encode())
+    return row
 
 
 def choose_protocol(cfg: ToyDownstreamConfig, work: Path, val) -> tuple[tuple, dict]:
@@ -610,6 +649,7 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     candidate, report["protocol"] = choose_protocol(cfg, work, val)
     report["pseudo_masks"] = pseudo_masks(cfg, pipe, work, val, tests) if cfg.presets else None
     arms: dict = {}
+    trained_on: dict = {}  # arm -> (data, run folder) per seed
     for arm in cfg.arms:
         per_seed, per_render, seconds = [], [], []
         domain = "target" if arm.partition(":")[0] in TARGET_ARMS else "source"
@@ -621,6 +661,8 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
             per_seed.append(float(np.mean(scores)))
             per_render.append(scores)
             seconds.append(s)
+            trained_on.setdefault(arm, []).append(
+                (data, _run_folder(candidate, run, cfg.scale_range)))
         by_render = np.asarray(per_render)  # [seed, render]
         arms[arm] = {**interval95(per_seed), "test_domain": domain,
                      "by_render": [interval95(list(col)) for col in by_render.T],
@@ -636,6 +678,14 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
                 exact.append(float(np.mean(train_and_score(
                     candidate, data, run, seed, tests, scale_range=cfg.scale_range)[0])))
             arms[arm]["exact"] = interval95(exact)
+    if "exact" in arms:  # each seed's exact-label segmenter judges that seed's training masks
+        judges = [run for _, run in trained_on["exact"]]
+        for arm, row in arms.items():
+            if arm.partition(":")[0] in JUDGED_ARMS:
+                judged = [judge_training_masks(data, judge, candidate[1], work)
+                          for (data, _), judge in zip(trained_on[arm], judges, strict=True)]
+                row["training_masks"] = {k: interval95([j[k] for j in judged])
+                                         for k in ("mIoU", "precision")}
     base_values = arms.get("synthetic", {}).get("values")
     target_values = arms.get("target", {}).get("values")
     for arm, row in arms.items():
@@ -686,6 +736,21 @@ def to_markdown(report: dict) -> str:
                      f"[{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] | {g} | {per_render} | "
                      f"{r['train_minutes']:.1f} |")
     lines.append("")
+    judged = {arm: r["training_masks"] for arm, r in report["arms"].items()
+              if "training_masks" in r}
+    if judged:
+        lines += ["### The masks each arm trains on, judged by the exact-label segmenter", "",
+                  "Each seed's training masks against what that seed's exact-label segmenter "
+                  "sees in the generated images (a proxy: generated images have no ground "
+                  "truth, and the judge errs too; unsure pixels not counted). Precision: the "
+                  "mean over the shapes of the share of a shape's mask that the judge calls "
+                  "that shape. Mean ± standard deviation over the seeds, in %.", "",
+                  "| arm | mIoU against the judge | precision of the shapes' masks |",
+                  "|---|---|---|"]
+        for arm, j in judged.items():
+            lines.append(f"| {arm} | {pct(j['mIoU']['mean'])} ± {pct(j['mIoU']['std'])} | "
+                         f"{pct(j['precision']['mean'])} ± {pct(j['precision']['std'])} |")
+        lines.append("")
     for arm, r in report["arms"].items():
         if "lora" in r:
             lora = next(x for x in cfg["loras"] if x["name"] == arm.partition(":")[2])

@@ -68,6 +68,7 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     assert "gain" not in arms["exact"] and "gain" not in arms["synthetic"]
     assert "gain" in arms["recipe:daam-bg0.3"]
     _check_recipe_arm(tmp_path / "inst.work")
+    _check_judged_masks(arms, protocol["chosen"], tmp_path / "inst.work", printed)
     _check_target_arms(arms, tmp_path / "inst.work", printed)
     assert "| loss:ignore-band |" in printed and "Rule: highest mean" in printed
     _check_pseudo_masks(report, tmp_path / "inst.work", printed)
@@ -88,6 +89,29 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*.safetensors")} == weights
     assert again["pseudo_masks"] == report["pseudo_masks"]
     assert {p: p.stat().st_mtime_ns for p in (work / "pseudo").iterdir()} == scored
+
+
+def _check_judged_masks(arms, chosen, work, printed):
+    """Each seed's exact-label segmenter scores that seed's training masks of the arms trained
+    on generated source-domain images (the loss arm trains on the synthetic arm's masks)."""
+    from attnseg.pipeline.train.evaluate import InferenceConfig, evaluate_model
+    from attnseg.pipeline.train.sources import open_source
+    from attnseg.pipeline.train.trainer import load_model
+
+    judged = [a for a in arms if "training_masks" in arms[a]]
+    assert judged == ["synthetic", "loss:ignore-band", "recipe:daam-bg0.3"]
+    masks = arms["synthetic"]["training_masks"]
+    assert arms["loss:ignore-band"]["training_masks"] == masks
+    for seed in (0, 1):
+        exact, = work.glob(f"train-exact-12-seed{seed}-*-lr{chosen['lr']:g}*")  # the judge
+        data = open_source(next(work.glob(f"synth-2x6-seed{seed}-*")), "synthetic", "train")
+        result = evaluate_model(load_model(exact), data, InferenceConfig())
+        assert masks["mIoU"]["values"][seed] == pytest.approx(result["mIoU"])
+        shapes = [c["acc"] for c in result["per_class"]
+                  if c["name"] != "background" and c["acc"] is not None]
+        assert masks["precision"]["values"][seed] == pytest.approx(sum(shapes) / len(shapes))
+    assert len(list((work / "judged").iterdir())) == 2 * 2  # synthetic's and the recipe's
+    assert "| recipe:daam-bg0.3 |" in printed.split("judged by the exact-label segmenter")[1]
 
 
 def _check_recipe_arm(work):
