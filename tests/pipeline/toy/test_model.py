@@ -82,6 +82,14 @@ def test_training_captions_name_every_object():
     assert " star" in f" {a}"
 
 
+def _assert_same_weights(a, b):
+    """The UNet and its moving average, bit for bit."""
+    for k, v in a.unet.state_dict().items():
+        assert torch.equal(v, b.unet.state_dict()[k]), k
+    for k, v in a.ema.items():
+        assert torch.equal(v, b.ema[k]), k
+
+
 def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread, monkeypatch,
                                               default_signal_handlers):
     straight = ToyModelTrainer(small_config(tmp_path / "a"))
@@ -103,20 +111,14 @@ def test_training_resumes_to_the_same_weights(tmp_path, torch_one_thread, monkey
     stopped = ToyModelTrainer(small_config(tmp_path / "d"))
     assert stopped.step == 3
     stopped.train(progress=False)
-    for k, v in straight.unet.state_dict().items():
-        assert torch.equal(v, stopped.unet.state_dict()[k]), k
-    for k, v in straight.ema.items():
-        assert torch.equal(v, stopped.ema[k]), k
+    _assert_same_weights(straight, stopped)
     assert stopped.losses == straight.losses  # the loss curve too
     # The same run stopped after 3 steps (2 VAE, 1 UNet) and resumed.
     ToyModelTrainer(small_config(tmp_path / "b", unet_steps=1)).train(progress=False)
     resumed = ToyModelTrainer(small_config(tmp_path / "b"))
     assert resumed.step == 3
     resumed.train(progress=False)
-    for k, v in straight.unet.state_dict().items():
-        assert torch.equal(v, resumed.unet.state_dict()[k]), k
-    for k, v in straight.ema.items():
-        assert torch.equal(v, resumed.ema[k]), k
+    _assert_same_weights(straight, resumed)
     assert straight.vae.config.scaling_factor == resumed.vae.config.scaling_factor
     losses = json.loads((tmp_path / "b" / "loss.json").read_text())
     assert [s for s, _ in losses["vae"]] == [2] and losses["unet"][-1][0] == 5
