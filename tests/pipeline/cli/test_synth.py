@@ -369,7 +369,12 @@ def test_preset_figures_are_the_instruments():
     instrument's result file, rounded as printed."""
     from pathlib import Path
 
-    from attnseg.pipeline.cli.synth import TOY_BEST_RECIPE, TOY_FIGURES, TOY_RESULT
+    from attnseg.pipeline.cli.synth import (
+        TOY_BEST_RECIPE,
+        TOY_DOWNSTREAM_GAINS,
+        TOY_FIGURES,
+        TOY_RESULT,
+    )
     from attnseg.pipeline.config import PRESETS, get_preset
 
     root = Path(__file__).resolve().parents[3]
@@ -392,3 +397,7 @@ def test_preset_figures_are_the_instruments():
     assert flags == f"--preset {best['preset']} " + " ".join(
         f"--set mask.{k}={v}" for k, v in best["mask"].items())
     assert not best["harvest"] and best["noise"] == report["pseudo_masks"]["noise_levels"]
+    for arm, figure in TOY_DOWNSTREAM_GAINS.items():
+        gain = report["arms"][arm]["gain"]
+        assert (round(100 * gain["mean"], 1), round(100 * gain["std"], 1)) == figure, arm
+        assert gain["ci95"][0] < 0 < gain["ci95"][1], arm  # "neither beyond its interval"
