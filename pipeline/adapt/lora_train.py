@@ -455,8 +455,7 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
         load_lora_into_adapter(pipe.unet, last / LORA_WEIGHTS)
         load_optimizer_tensors(optimizer, load_file(str(last / "optimizer.safetensors")))
         start, history = state["step"], state["history"]
-    if (start == 0 or start % cfg.checkpoint_every == 0) and \
-            str(start) not in history["probe_loss"]:
+    if start % cfg.checkpoint_every == 0 and str(start) not in history["probe_loss"]:
         # step 0's, or an interval's probe that a stop cut short (its checkpoint was saved)
         history["probe_loss"][str(start)] = trainer.probe_loss()
 
@@ -501,8 +500,8 @@ def train_lora(cfg: LoraTrainConfig, progress: bool = True) -> dict:
                 bar.update(1)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`Terminated`)
         # Keep what this call trained; the same command resumes from it along the same path
-        # (each step draws from its own seed). No probe loss here: it is a checkpoint
-        # interval's, and the run's end measures its own.
+        # (each step draws from its own seed). No probe loss here: a stop at an interval's
+        # step leaves it to the resumed run, which measures it first.
         if bar is not None:
             bar.close()
             bar = None
