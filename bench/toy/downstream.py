@@ -227,43 +227,52 @@ def ablations(cfg: ToyBenchConfig, pipe, work: Path, test, base: dict, levels) -
     return out
 
 
+def _prompt_file(cfg: ToyBenchConfig, work: Path, arm: str, per_class: int, seed: int
+                 ) -> tuple[str, str]:
+    """Prompt arm `arm`'s name (its data's and runs' folders take it) and its prompt file for a
+    seed: the toy templates with the class word only, then with the lexicon's synonyms and
+    hyponyms too, then those naming several classes per prompt; each holds at most
+    `per_class` distinct prompts per class (synth cycles through them where there are
+    fewer)."""
+    from attnseg.pipeline.adapt.prompt_augment import (
+        PromptsConfig,
+        build_prompt_set,
+        default_templates_file,
+        load_templates,
+        write_prompt_file,
+    )
+
+    templates = len(load_templates(default_templates_file("toy")))
+    lexicon, count, weights = {"templates": (False, templates, (1.0,)),
+                               "augmented": (True, per_class, (1.0,)),
+                               "several-classes": (True, per_class,
+                                                   cfg.classes_per_prompt)}[arm]
+    # Files and folders are named by the weights, so a work folder's of other weights is not
+    # taken for this one.
+    suffix = "" if weights == (1.0,) else "-" + ",".join(f"{w:g}" for w in weights)
+    file = work / f"prompts-{arm}-{count}{suffix}-seed{seed}.jsonl"
+    if not file.is_file():
+        prompt_set = build_prompt_set(PromptsConfig(
+            classes="toy", num_per_class=count, seed=seed, model=cfg.model,
+            builtin_lexicon=lexicon, classes_per_prompt=weights), at_most=True)
+        write_prompt_file(file, prompt_set.records())
+    return f"{arm}{suffix}", str(file)
+
+
 def _arm_data(cfg: ToyBenchConfig, pipe, work: Path, arm: str, per_class: int, seed: int,
               key: str, lora: str | None = None, lora_tag: str = "") -> tuple[Path, str]:
     """The synthetic data of prompt arm `arm` for a seed and model (`key`), with the LoRA
     `lora` ("DIR:SCALE", named by `lora_tag`) fused or none; and the name its segmenter runs
     take (`train-NAME-seed...`). "plain" is synth's own prompts (the main row's data: made by
-    `downstream`); the others are a prompt file: the toy templates with the class word only
-    (as many as there are; synth cycles through them), then with the lexicon's synonyms and
-    hyponyms too, then those naming several classes per prompt."""
+    `downstream`); the others are `_prompt_file`'s."""
     loras = (lora,) if lora else ()
     if arm == "plain":
         if not lora:
             return _synth_dir(work, per_class, seed, key), "synth"
         name, prompts = f"lora{lora_tag}", None
     else:
-        from attnseg.pipeline.adapt.prompt_augment import (
-            PromptsConfig,
-            build_prompt_set,
-            default_templates_file,
-            load_templates,
-            write_prompt_file,
-        )
-
-        templates = len(load_templates(default_templates_file("toy")))
-        lexicon, count, weights = {"templates": (False, templates, (1.0,)),
-                                   "augmented": (True, per_class, (1.0,)),
-                                   "several-classes": (True, per_class,
-                                                       cfg.classes_per_prompt)}[arm]
-        # Files and folders are named by the weights, so a work folder's of other weights
-        # is not taken for this one.
-        suffix = "" if weights == (1.0,) else "-" + ",".join(f"{w:g}" for w in weights)
-        file = work / f"prompts-{arm}-{count}{suffix}-seed{seed}.jsonl"
-        if not file.is_file():
-            prompt_set = build_prompt_set(PromptsConfig(
-                classes="toy", num_per_class=count, seed=seed, model=cfg.model,
-                builtin_lexicon=lexicon, classes_per_prompt=weights))
-            write_prompt_file(file, prompt_set.records())
-        name, prompts = f"{arm}{suffix}" + (f"-lora{lora_tag}" if lora else ""), str(file)
+        name, prompts = _prompt_file(cfg, work, arm, per_class, seed)
+        name += f"-lora{lora_tag}" if lora else ""
     data = _synthesise(cfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
                        per_class, seed, prompts=prompts, loras=loras)
     return data, name

@@ -8,9 +8,9 @@ data scored against exact labels with a protocol sharp enough to resolve a one-p
    if none qualifies, the smallest deviation.
 2. **Arms** (test renders): each arm trained with every entry of `seeds` and scored on every
    test render (`test_seeds`); an arm's figure per seed is its mean over the renders. Arms
-   other than `exact`, `synthetic` and `target` are paired by seed with `synthetic` (plain
-   prompts, CE, the default preset), a `lora:NAME` arm with `target`: the gain's mean and its
-   95 % t-interval over the seeds.
+   other than `exact`, `synthetic` and `target` are paired by seed with `synthetic` (the
+   `synthetic_prompts`, CE, the default preset), a `lora:NAME` arm with `target`: the gain's
+   mean and its 95 % t-interval over the seeds.
 
 3. **Pseudo-masks** (`presets`; validation and test renders): each preset as published and
    with its dense CRF switched, labelling the rendered scenes with the real-image labeller;
@@ -204,6 +204,10 @@ class ToyDownstreamConfig:
     protocol_seeds: tuple[int, ...] = (0, 1, 2)
     max_spread: NonNegativeFloat = 0.015  # mIoU as a fraction (0.015: 1.5 points)
     arms: tuple[str, ...] = ("exact",)
+    # The prompts of the arms trained on generated images (synthetic, loss, images, crf,
+    # recipe, target, lora): "plain" (synth's own, one class each) or a prompt arm; a
+    # `prompts:ARM` arm is paired with `synthetic` on these.
+    synthetic_prompts: str = "plain"
     synth_steps: PositiveInt = 20
     guidance: NonNegativeFloat = 4.0
     exact_seed: int = 2000  # render seed of the exact arm's training scenes (plus the seed)
@@ -249,6 +253,9 @@ class ToyDownstreamConfig:
             raise UserError("test_seeds must be given and must not include val_seed")
         if not self.candidates:
             raise UserError("candidates must not be empty")
+        if self.synthetic_prompts not in ("plain", *PROMPT_ARMS):
+            raise UserError(f"unknown synthetic_prompts {self.synthetic_prompts!r}; choose from "
+                            f"{['plain', *PROMPT_ARMS]}")
         for name, side, steps, lr, _ in self.candidates:
             if name not in MODEL_NAMES:
                 raise UserError(f"candidate model {name!r} unknown; choose from "
@@ -294,6 +301,8 @@ class ToyDownstreamConfig:
                 LossConfig(name=value).validate()
             if kind == "prompts" and value not in PROMPT_ARMS:
                 raise UserError(f"unknown prompt arm {value!r}; choose from {list(PROMPT_ARMS)}")
+            if kind == "prompts" and value == self.synthetic_prompts:
+                raise UserError(f"arm {arm!r} is the synthetic arm itself (synthetic_prompts)")
             if kind == "images" and not (value.isdigit() and int(value) >= 6):
                 raise UserError(f"arm {arm!r}: N must be an integer >= 6 (one per class)")
 
@@ -451,7 +460,14 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
     from attnseg.pipeline.config import get_preset
     from attnseg.pipeline.models.loading import model_fingerprint
 
-    from .downstream import _arm_data, _per_class, _rendered, _synth_dir, _synthesise
+    from .downstream import (
+        _arm_data,
+        _per_class,
+        _prompt_file,
+        _rendered,
+        _synth_dir,
+        _synthesise,
+    )
 
     bcfg = _bench_config(cfg, candidate)
     kind, _, value = arm.partition(":")
@@ -461,33 +477,47 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
                          per_class * 6, cfg.exact_seed + seed)
         return data, work / f"train-exact-{per_class * 6}-seed{seed}", "ce"
     key = model_fingerprint(pipe)
-    if kind == "target":  # the synthetic arm's segmenters, scored on the target domain
-        kind = "synthetic"
-    if kind in ("synthetic", "loss", "images"):
-        data = _synthesise(bcfg, pipe, _synth_dir(work, per_class, seed, key), per_class, seed)
-        loss = value if kind == "loss" else "ce"
-        return data, work / f"train-synth-{per_class * 6}-{loss}-seed{seed}-{key}", loss
     if kind == "prompts":
         data, name = _arm_data(bcfg, pipe, work, value, per_class, seed, key)
         return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
+    # The arms on the synthetic arm's prompts: with synth's own, folders named as before
+    # there was a choice (their work folders are reused); with a prompt arm, named by it first.
+    prompts, tag = None, ""
+    if cfg.synthetic_prompts != "plain":
+        name, prompts = _prompt_file(bcfg, work, cfg.synthetic_prompts, per_class, seed)
+        tag = f"{name}-"
+    if kind == "target":  # the synthetic arm's segmenters, scored on the target domain
+        kind = "synthetic"
+    if kind in ("synthetic", "loss", "images"):
+        loss = value if kind == "loss" else "ce"
+        if not prompts:
+            data = _synthesise(bcfg, pipe, _synth_dir(work, per_class, seed, key), per_class,
+                               seed)
+            return data, work / f"train-synth-{per_class * 6}-{loss}-seed{seed}-{key}", loss
+        # the same data and CE runs as the prompt arm's
+        data, name = _arm_data(bcfg, pipe, work, cfg.synthetic_prompts, per_class, seed, key)
+        run = f"train-{name}-{per_class * 6}-" + ("" if loss == "ce" else f"{loss}-")
+        return data, work / f"{run}seed{seed}-{key}", loss
     if kind == "recipe":  # the synthetic arm's images, the recipe's masks
         recipe = next(r for r in cfg.recipes if r.name == value)
-        name = f"recipe-{value}-{_recipe_digest(recipe, pipe.vae_scale_factor)}"
+        name = f"{tag}recipe-{value}-{_recipe_digest(recipe, pipe.vae_scale_factor)}"
         data = _synthesise(bcfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
-                           per_class, seed, preset=recipe.preset,
+                           per_class, seed, prompts=prompts, preset=recipe.preset,
                            overrides={"harvest": recipe.harvest, "mask": recipe.mask})
         return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
     if kind == "lora":
         lora = next(r for r in cfg.loras if r.name == value)
         folder, _ = train_arm_lora(cfg, lora, work, key)
-        name = f"lora-{value}-{lora.digest()}"
+        name = f"{tag}lora-{value}-{lora.digest()}"
         data = _synthesise(bcfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
-                           per_class, seed, loras=(f"{folder}:{lora.scale:g}",))
+                           per_class, seed, prompts=prompts, loras=(f"{folder}:{lora.scale:g}",))
         return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
     iterations = 0 if get_preset("attnseg").mask.crf_iterations else cfg.crf_iterations
-    data = _synthesise(bcfg, pipe, work / f"synth-crf{iterations}-{per_class}x6-seed{seed}-{key}",
-                       per_class, seed, overrides={"mask": {"crf_iterations": iterations}})
-    return data, work / f"train-crf{iterations}-{per_class * 6}-seed{seed}-{key}", "ce"
+    name = f"{tag}crf{iterations}"
+    data = _synthesise(bcfg, pipe, work / f"synth-{name}-{per_class}x6-seed{seed}-{key}",
+                       per_class, seed, prompts=prompts,
+                       overrides={"mask": {"crf_iterations": iterations}})
+    return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
 
 
 def train_arm_lora(cfg: ToyDownstreamConfig, lora: LoraArm, work: Path, key: str
@@ -701,12 +731,13 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
 
 
 def to_markdown(report: dict) -> str:
-    cfg = report["config"]
+    cfg = {"synthetic_prompts": "plain", **report["config"]}  # reports from before the choice
     lines = ["# Toy world: the downstream instrument", "",
              f"Segmenters trained on {cfg['images']} images per arm, scored on "
              f"{len(cfg['test_seeds'])} test renders (seeds "
              f"{', '.join(map(str, cfg['test_seeds']))}) of {cfg['test_images']} scenes each "
              f"against exact labels; training seeds {', '.join(map(str, cfg['seeds']))}. "
+             f"The arms on generated images draw {_PROMPTS[cfg['synthetic_prompts']]}. "
              "mIoU in %: mean over seeds of each seed's mean over the renders, its standard "
              "deviation over seeds and the 95 % t-interval of the mean. Made on this project's "
              "2-core CPU machine with the shipped toy model (no downloaded weights or data).",
@@ -820,6 +851,12 @@ def _pseudo_markdown(pm: dict, cfg: dict) -> list[str]:
               f"{', '.join(pct(x) for x in w['values'])}); both words in {pct(b['mean'])} ± "
               f"{pct(b['std'])} % of scenes.", ""]
     return lines
+
+
+_PROMPTS = {"plain": "synth's own prompts (one class each)",
+            "templates": "the toy templates with the class word (one class each)",
+            "augmented": "augmented prompts (synonyms and hyponyms; one class each)",
+            "several-classes": "augmented prompts naming one to three classes"}
 
 
 def _describe(c: dict) -> str:

@@ -309,9 +309,10 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
                     lexicon: dict[str, list[str]] | None = None,
                     captions: list[str] | None = None,
                     wordnet_lexicon: dict[str, list[str]] | None = None,
-                    tokenizer=None, classes_per_prompt: tuple[float, ...] = (1.0,)
-                    ) -> PromptSet:
-    """Build `num_per_class` distinct prompts for every class.
+                    tokenizer=None, classes_per_prompt: tuple[float, ...] = (1.0,),
+                    at_most: bool = False) -> PromptSet:
+    """Build `num_per_class` distinct prompts for every class (with `at_most`, a class that
+    has fewer keeps every one it has: synth cycles a class's prompts over its images).
 
     Candidates per class are every template filled with every word of the class (its own word,
     then lexicon and WordNet words) and every caption that mentions one of those words.
@@ -388,7 +389,7 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
         queues = [deque(groups.get(g, [])) for g in [own, *mentioned, *others]]
 
         picked = _draw_round_robin(queues, num_per_class, taken, caption_failure, cls, issues)
-        if len(picked) < num_per_class:
+        if len(picked) < num_per_class and not at_most:
             raise UserError(
                 f"class {cls.name!r} has only {len(picked)} distinct prompts, fewer than "
                 f"--num-per-class {num_per_class}: add templates, lexicon words or captions, "
@@ -506,8 +507,9 @@ class PromptsConfig:
             raise UserError("--wordnet-max must be >= 1")
 
 
-def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:
-    """The augmented prompt set a `PromptsConfig` describes (files are read, nothing written).
+def build_prompt_set(cfg, tokenizer=None, wordnet=None, at_most: bool = False) -> PromptSet:
+    """The augmented prompt set a `PromptsConfig` describes (files are read, nothing written);
+    `at_most`: `cfg.num_per_class` is a cap, not a demand (see `augment_prompts`).
 
     `tokenizer` (else the tokenizer of `cfg.model`, if set) checks every prompt; `wordnet`
     (else nltk's, when `cfg.wordnet`) supplies WordNet words. With `cfg.strict` any word or
@@ -535,7 +537,7 @@ def build_prompt_set(cfg, tokenizer=None, wordnet=None) -> PromptSet:
         tokenizer = load_tokenizer(cfg.model)
     result = augment_prompts(classes, cfg.num_per_class, cfg.seed, templates,
                              merge_lexicons(*lexicons), captions, wordnet_lexicon, tokenizer,
-                             cfg.classes_per_prompt)
+                             cfg.classes_per_prompt, at_most)
     result.issues = missing + result.issues
     if cfg.strict and result.issues:
         raise UserError(f"{len(result.issues)} word(s) or caption(s) left out (--strict); "

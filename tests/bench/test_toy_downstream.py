@@ -301,12 +301,57 @@ def test_the_best_on_validation_and_only_it_is_scored_on_the_tests(monkeypatch, 
         assert "test" not in good and {r for _, r in scored} == {"val-101-4"}
 
 
+def test_arms_on_a_prompt_arm_share_its_data_and_runs(tmp_path):
+    """With `synthetic_prompts`, every arm on generated images draws that prompt arm's prompts
+    (the crf arm the same pictures, its masks refined); the synthetic arm is the prompt arm's
+    own data and CE run, a loss arm a run of its own on them; with "plain" the folders keep
+    their names (work folders made before the choice are reused)."""
+    import numpy as np
+    from PIL import Image
+
+    from attnseg.bench.toy.instrument import ToyDownstreamConfig, _arm_runs
+    from attnseg.pipeline.jsonfile import read_json
+    from attnseg.pipeline.models.loading import load_pipeline
+
+    pipe = load_pipeline("toy", torch.device("cpu"), torch.float32)
+    cand = ("segformer-tiny", 0, 2, 0.01, False)
+    base = dict(images=12, synth_steps=1, seeds=(0, 1), test_seeds=(7,), test_images=2)
+    several = ToyDownstreamConfig(**base, synthetic_prompts="several-classes")
+    synthetic = _arm_runs(several, "synthetic", cand, pipe, tmp_path, 0)
+    assert synthetic == _arm_runs(several, "prompts:several-classes", cand, pipe, tmp_path, 0)
+    data, run, loss = _arm_runs(several, "loss:ignore-band", cand, pipe, tmp_path, 0)
+    assert data == synthetic[0] and run != synthetic[1] and loss == "ignore-band"
+    assert _arm_runs(several, "target", cand, pipe, tmp_path, 0) == synthetic
+    crf, crf_run, _ = _arm_runs(several, "crf", cand, pipe, tmp_path, 0)
+    prompts = read_json(synthetic[0] / "job.json")["prompts"]
+    assert "prompts-several-classes-2-" in prompts
+    assert read_json(crf / "job.json")["prompts"] == prompts
+    assert crf.name.startswith("synth-several-classes-") and crf_run.name.startswith(
+        "train-several-classes-")
+    names = sorted(p.name for p in (crf / "JPEGImages").iterdir())
+    assert len(names) == 12 and names == sorted(
+        p.name for p in (synthetic[0] / "JPEGImages").iterdir())
+    assert all(np.array_equal(np.asarray(Image.open(crf / "JPEGImages" / n)),
+                              np.asarray(Image.open(synthetic[0] / "JPEGImages" / n)))
+               for n in names)
+    plain = ToyDownstreamConfig(**base)
+    folders = {arm: _arm_runs(plain, arm, cand, pipe, tmp_path / "plain", 1)[:2]
+               for arm in ("synthetic", "loss:ignore-band")}
+    assert folders["synthetic"][0].name.startswith("synth-2x6-seed1-")
+    assert folders["synthetic"][1].name.startswith("train-synth-12-ce-seed1-")
+    assert folders["loss:ignore-band"][1].name.startswith("train-synth-12-ignore-band-seed1-")
+    assert read_json(folders["synthetic"][0] / "job.json")["prompts"] is None
+
+
 def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
     daam = 'presets=["daam"]'
     for settings, words in (
             (['arms=["crf:3"]'], "unknown arm"),
             (['arms=["images:2"]'], "integer >= 6"),
             (['arms=["loss:nope"]'], "loss"),
+            (['synthetic_prompts="many"'], "unknown synthetic_prompts"),
+            (['arms=["prompts:augmented"]', 'synthetic_prompts="augmented"'],
+             "the synthetic arm itself"),
             (["test_seeds=[101]"], "must not include val_seed"),
             (["seeds=[0]"], "at least two"),
             (['presets=["nope"]'], "unknown preset"),

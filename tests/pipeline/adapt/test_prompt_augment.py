@@ -160,10 +160,20 @@ def test_prompts_can_name_several_classes(tok):
         PromptsConfig(classes_per_prompt=["x", 1])  # as a config file may give it
 
 
-def test_too_few_prompts_is_an_error():
+def test_too_few_prompts_is_an_error_unless_a_cap():
+    templates = ["a {}", "the {}", "{} at noon", "a photo of {}"]
     with pytest.raises(UserError, match="class 'sky' has only 4 distinct prompts"):
-        augment_prompts(load_classes("sky,"), 5, templates=["a {}", "the {}", "{} at noon",
-                                                             "a photo of {}"])
+        augment_prompts(load_classes("sky,"), 5, templates=templates)
+    # as a cap: a class short of prompts keeps every one it has, the others exactly the cap
+    classes = load_classes("sky,cat")
+    lexicon = {"cat": ["kitten", "tabby"]}
+    capped = augment_prompts(classes, 7, templates=templates, lexicon=lexicon, at_most=True)
+    sky = [s.text for s in capped.specs()["sky"]]
+    assert sorted(sky) == sorted(fill_template(t, "sky") for t in templates)
+    assert len(capped.specs()["cat"]) == 7
+    exact = augment_prompts(classes, 4, templates=templates, lexicon=lexicon)
+    assert (augment_prompts(classes, 4, templates=templates, lexicon=lexicon, at_most=True)
+            .specs() == exact.specs())  # enough prompts: the cap changes nothing
 
 
 def test_captions_become_labelled_prompts(tmp_path, tok):
