@@ -120,10 +120,11 @@ def choose_protocol(cfg: ToyBenchConfig, pipe, work: Path, val) -> tuple[ToyBenc
 
 
 def _relabelled(cfg: ToyBenchConfig, pipe, levels, rendered: Path, folder: Path, seed: int,
-                key: str) -> Path:
+                key: str, preset="attnseg", name: str = "attnseg") -> Path:
     """The rendered scenes of `rendered` (same image files) with the real-image labeller's
-    pseudo-masks (default preset, image-level labels, latents noised to `levels`) in place of
-    their exact labels; a finished folder is reused."""
+    pseudo-masks (`preset`, a name or one resolved for this model and called `name` in the
+    job; image-level labels, latents noised to `levels`) in place of their exact labels; a
+    finished folder is reused."""
     from attnseg.pipeline.files import atomic_write_bytes
     from attnseg.pipeline.synth.writer import (
         DatasetWriter,
@@ -133,12 +134,12 @@ def _relabelled(cfg: ToyBenchConfig, pipe, levels, rendered: Path, folder: Path,
     )
 
     by_id = {c.id: c for c in load_classes("toy")}
-    job = {"model": cfg.model, "model_hash": key, "preset": "attnseg", "mask": {},
+    job = {"model": cfg.model, "model_hash": key, "preset": name, "mask": {},
            "relabelled": rendered.name, "noise_levels": list(levels), "seed": seed}
     writer = DatasetWriter(folder, job, by_id.values())
     records = sorted(read_manifest_records(rendered), key=lambda r: r["index"])
     palette = voc_palette()
-    with _labeller(pipe, "attnseg", levels, cfg, seed) as labeller:
+    with _labeller(pipe, preset, levels, cfg, seed) as labeller:
         for r in records:
             if r["index"] in writer.done:
                 continue

@@ -28,7 +28,10 @@ reliability-aware loss on the `synthetic` data), `prompts:ARM` (bench toy's prom
 On the distant target domain (scored on target-domain renders of the same test seeds):
 `target` (the `synthetic` arm's segmenters themselves) and `lora:NAME` (the `synthetic` arm's
 prompts and seeds drawn by the model with LoRA NAME fused, trained on unlabelled target
-renders), paired by seed with `target`.
+renders), paired by seed with `target`. On the exact arm's own rendered scenes, labelled by
+the real-image labeller instead of exactly (no generated images, so no image gap between
+training and test): `renders` (the default preset's masks), and, paired by seed with it,
+`renders:crf` (its dense CRF switched), `renders:recipe:NAME` and `renders:loss:NAME`.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from attnseg.pipeline.settings import NonNegativeFloat, PositiveFloat, PositiveI
 from ..common import machine_info, output_base, pct, with_suffix, write_json_and_markdown
 
 ARM_KINDS = ("exact", "synthetic", "loss", "prompts", "crf", "images", "recipe", "target",
-             "lora")
+             "lora", "renders")
 TARGET_ARMS = ("target", "lora")  # scored on the target-domain test renders
 # trained on generated source-domain images, whose masks the exact-label segmenter judges
 JUDGED_ARMS = ("synthetic", "loss", "prompts", "crf", "images", "recipe")
@@ -285,11 +288,20 @@ class ToyDownstreamConfig:
             raise UserError(f"LoRA names must differ: {lora_names}")
         for arm in self.arms:
             kind, _, value = arm.partition(":")
-            if kind not in ARM_KINDS or bool(value) != (kind in ("loss", "prompts", "images",
-                                                                 "recipe", "lora")):
+            if kind not in ARM_KINDS or (kind != "renders" and bool(value) != (
+                    kind in ("loss", "prompts", "images", "recipe", "lora"))):
                 raise UserError(f"unknown arm {arm!r}; arms are exact, synthetic, crf, "
                                 "loss:NAME, prompts:ARM, images:N, recipe:NAME, target, "
-                                "lora:NAME")
+                                "lora:NAME, renders, renders:crf, renders:loss:NAME, "
+                                "renders:recipe:NAME")
+            if kind == "renders" and value:
+                if "renders" not in self.arms:
+                    raise UserError(f"arm {arm!r} is paired with arm renders (the same scenes "
+                                    "with the default preset's masks): add it to arms")
+                kind, _, value = value.partition(":")
+                if kind not in ("crf", "loss", "recipe") or bool(value) == (kind == "crf"):
+                    raise UserError(f"unknown arm {arm!r}; the renders arms are renders, "
+                                    "renders:crf, renders:loss:NAME and renders:recipe:NAME")
             if kind == "recipe" and value not in names:
                 raise UserError(f"arm {arm!r}: no recipe named {value!r} (recipes: {names})")
             if kind == "lora" and value not in lora_names:
@@ -477,6 +489,8 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
                          per_class * 6, cfg.exact_seed + seed)
         return data, work / f"train-exact-{per_class * 6}-seed{seed}", "ce"
     key = model_fingerprint(pipe)
+    if kind == "renders":
+        return _renders_arm(cfg, bcfg, value, pipe, work, seed, key)
     if kind == "prompts":
         data, name = _arm_data(bcfg, pipe, work, value, per_class, seed, key)
         return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
@@ -518,6 +532,37 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
                        per_class, seed, prompts=prompts,
                        overrides={"mask": {"crf_iterations": iterations}})
     return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
+
+
+def _renders_arm(cfg: ToyDownstreamConfig, bcfg, value: str, pipe, work: Path, seed: int,
+                 key: str) -> tuple[Path, Path, str]:
+    """A renders arm's data (the exact arm's scenes of `seed`, labelled by the real-image
+    labeller with the default preset, its CRF switched, or a recipe; labeller seed `seed`),
+    its run folder and its loss."""
+    from attnseg.pipeline.config import get_preset
+
+    from .downstream import _per_class, _relabelled, _rendered
+
+    count = _per_class(cfg.images) * 6
+    rendered = _rendered(bcfg, work / f"exact-{count}-seed{cfg.exact_seed + seed}", count,
+                         cfg.exact_seed + seed)
+    kind, _, name = value.partition(":")
+    stride = pipe.vae_scale_factor
+    preset, tag, levels = get_preset("attnseg", stride), "attnseg", tuple(cfg.labeller_noise)
+    if kind == "crf":
+        iterations = 0 if preset.mask.crf_iterations else cfg.crf_iterations
+        preset = replace(preset, mask=replace(preset.mask, crf_iterations=iterations))
+        tag = f"attnseg-crf{iterations}"
+    elif kind == "recipe":
+        recipe = next(r for r in cfg.recipes if r.name == name)
+        levels = _recipe_noise(cfg, recipe)
+        preset, tag = recipe.resolve(stride), f"recipe-{name}-{_recipe_digest(recipe, stride)}"
+    tag += "-noise" + ",".join(f"{x:g}" for x in levels)
+    data = _relabelled(bcfg, pipe, levels, rendered,
+                       work / f"relabelled-{tag}-{count}-seed{cfg.exact_seed + seed}-{key}",
+                       seed, key, preset, tag)
+    loss = name if kind == "loss" else "ce"
+    return data, work / f"train-relabelled-{tag}-{count}-{loss}-seed{seed}-{key}", loss
 
 
 def train_arm_lora(cfg: ToyDownstreamConfig, lora: LoraArm, work: Path, key: str
@@ -716,11 +761,11 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
                           for (data, _), judge in zip(trained_on[arm], judges, strict=True)]
                 row["training_masks"] = {k: interval95([j[k] for j in judged])
                                          for k in ("mIoU", "precision")}
-    base_values = arms.get("synthetic", {}).get("values")
-    target_values = arms.get("target", {}).get("values")
+    bases = {kind: arms.get(base, {}).get("values") for kind, base in (
+        ("lora", "target"), ("renders", "renders"))}
     for arm, row in arms.items():
-        paired = target_values if arm.startswith("lora:") else base_values
-        if paired and arm not in ("exact", "synthetic", "target"):
+        paired = bases.get(arm.partition(":")[0], arms.get("synthetic", {}).get("values"))
+        if paired and arm not in ("exact", "synthetic", "target", "renders"):
             row["gain"] = interval95([v - b for v, b in zip(row["values"], paired,
                                                             strict=True)])
     report["arms"] = arms
@@ -753,8 +798,9 @@ def to_markdown(report: dict) -> str:
     lines.append("")
     lines += ["## Arms (test renders)", "",
               "Arms marked (target) are scored on target-domain renders of the same seeds; "
-              "their gain is against `target` (the synthetic arm's segmenters there), the "
-              "others' against `synthetic`.", "",
+              "their gain is against `target` (the synthetic arm's segmenters there); the "
+              "`renders:` arms' against `renders` (the exact arm's scenes with the default "
+              "preset's masks); the others' against `synthetic`.", "",
               "| arm | mIoU | std (seeds) | 95 % interval | gain [95 % interval] | "
               "per render | minutes per run |", "|---|---|---|---|---|---|---|"]
     for arm, r in report["arms"].items():

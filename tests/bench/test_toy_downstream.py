@@ -33,7 +33,8 @@ ARGS = ["--device", "cpu", "--set",
         "--set", "protocol_seeds=[0,1]", "--set", "seeds=[0,1]", "--set", "test_seeds=[7,8]",
         "--set", "test_images=4", "--set", "images=12", "--set", "synth_steps=2", "--set",
         'arms=["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3", "target", '
-        '"lora:r2"]', "--set", 'presets=["attnseg", "daam"]', "--set", "labeller_seeds=[0, 1]",
+        '"lora:r2", "renders", "renders:crf"]', "--set", 'presets=["attnseg", "daam"]',
+        "--set", "labeller_seeds=[0, 1]",
         "--set", 'recipes=[{"name": "daam-bg0.3", "preset": "daam", "mask": {"bg_const": 0.3}, '
         '"noise": [0.2]}]', "--set",
         'loras=[{"name": "r2", "images": 8, "rank": 2, "steps": 2, "lr": 0.01, "scale": 0.5}]']
@@ -52,7 +53,7 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     assert protocol["chosen"] == best["candidate"]
     arms = report["arms"]
     assert list(arms) == ["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3",
-                          "target", "lora:r2"]
+                          "target", "lora:r2", "renders", "renders:crf"]
     # every run's cost is the trainer's own record of it
     assert all(r["train_seconds"] > 0 for r in rows)
     for row in arms.values():
@@ -70,6 +71,7 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     _check_recipe_arm(tmp_path / "inst.work")
     _check_judged_masks(arms, protocol["chosen"], tmp_path / "inst.work", printed)
     _check_target_arms(arms, tmp_path / "inst.work", printed)
+    _check_renders_arms(arms, tmp_path / "inst.work", printed)
     assert "| loss:ignore-band |" in printed and "Rule: highest mean" in printed
     _check_pseudo_masks(report, tmp_path / "inst.work", printed)
     # A second run reuses every finished training run: same figures, no weights rewritten.
@@ -81,8 +83,9 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     recipe_renders = 3 if "recipe" in report["pseudo_masks"]["best_on_validation"] else 1
     assert len(scored) == 2 * 2 * 3 * 2 + recipe_renders * 2
     # protocol: 2 candidates x 2 seeds (the chosen one's are the exact arm's); synthetic,
-    # loss, recipe and lora arms: 2 seeds each (target: the synthetic arm's runs)
-    assert len([p for p in weights if p.name == "model.safetensors"]) == 2 * 2 + 4 * 2
+    # loss, recipe, lora and the two renders arms: 2 seeds each (target: the synthetic arm's
+    # runs)
+    assert len([p for p in weights if p.name == "model.safetensors"]) == 2 * 2 + 6 * 2
     assert main(["bench", "toy-downstream", "--out", str(out), *ARGS]) == 0
     again = json.loads((tmp_path / "inst.json").read_text())
     assert again["arms"] == report["arms"] and again["protocol"] == report["protocol"]
@@ -148,7 +151,8 @@ def _check_target_arms(arms, work, printed):
     from attnseg.pipeline.train.sources import open_source
     from attnseg.pipeline.train.trainer import load_model
 
-    assert [arms[a]["test_domain"] for a in arms] == ["source"] * 4 + ["target"] * 2
+    assert [arms[a]["test_domain"] for a in arms] == ["source"] * 4 + ["target"] * 2 + [
+        "source"] * 2
     for seed in (0, 1):  # target: the synthetic arm's segmenter, scored afresh
         model = load_model(next(work.glob(f"train-synth-12-ce-seed{seed}-*")))
         for r, render in enumerate((7, 8)):
@@ -181,6 +185,39 @@ def _check_target_arms(arms, work, printed):
                     (d / "manifest.jsonl").read_text().splitlines()] for d in (plain, adapted)]
         assert prompts[0] == prompts[1]
     assert "| lora:r2 (target) |" in printed and "LoRA `r2`: rank 2, 2 steps" in printed
+
+
+def _check_renders_arms(arms, work, printed):
+    """`renders` trains on the exact arm's own scenes with the real-image labeller's masks
+    (the default preset), `renders:crf` on the same scenes with its CRF switched, paired by
+    seed with `renders`."""
+    import numpy as np
+    from PIL import Image
+
+    def mask(folder, name):
+        return np.asarray(Image.open(folder / "SegmentationClass" / name))
+
+    crf = arms["renders:crf"]
+    assert crf["gain"]["values"] == pytest.approx(
+        [a - b for a, b in zip(crf["values"], arms["renders"]["values"], strict=True)])
+    assert "gain" not in arms["renders"] and "training_masks" not in crf
+    for seed in (0, 1):
+        exact = work / f"exact-12-seed{2000 + seed}"
+        default, = work.glob(f"relabelled-attnseg-noise0.1-12-seed{2000 + seed}-*")
+        refined, = work.glob(f"relabelled-attnseg-crf10-noise0.1-12-seed{2000 + seed}-*")
+        assert json.loads((refined / "job.json").read_text())["preset"] == \
+            "attnseg-crf10-noise0.1"
+        names = sorted(p.name for p in (exact / "JPEGImages").glob("*.jpg"))
+        assert len(names) == 12
+        for folder in (default, refined):
+            assert names == sorted(p.name for p in (folder / "JPEGImages").iterdir())
+            assert all((folder / "JPEGImages" / n).read_bytes() ==
+                       (exact / "JPEGImages" / n).read_bytes() for n in names)
+        masks = [n.replace(".jpg", ".png") for n in names]
+        assert any(not np.array_equal(mask(default, n), mask(exact, n)) for n in masks)
+        assert any(not np.array_equal(mask(default, n), mask(refined, n)) for n in masks)
+    assert len(list(work.glob("train-relabelled-attnseg-crf10-noise0.1-12-ce-seed*"))) == 2
+    assert "| renders:crf |" in printed and "against `renders`" in printed
 
 
 def test_a_lora_is_named_by_its_settings_and_the_model():
@@ -350,6 +387,10 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
             (['arms=["images:2"]'], "integer >= 6"),
             (['arms=["loss:nope"]'], "loss"),
             (['synthetic_prompts="many"'], "unknown synthetic_prompts"),
+            (['arms=["renders:crf"]'], "paired with arm renders"),
+            (['arms=["renders", "renders:blur"]'], "the renders arms are"),
+            (['arms=["renders", "renders:crf:3"]'], "the renders arms are"),
+            (['arms=["renders", "renders:loss"]'], "the renders arms are"),
             (['arms=["prompts:augmented"]', 'synthetic_prompts="augmented"'],
              "the synthetic arm itself"),
             (["test_seeds=[101]"], "must not include val_seed"),
