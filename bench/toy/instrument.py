@@ -798,9 +798,10 @@ def to_markdown(report: dict) -> str:
     lines.append("")
     lines += ["## Arms (test renders)", "",
               "Arms marked (target) are scored on target-domain renders of the same seeds; "
-              "their gain is against `target` (the synthetic arm's segmenters there); the "
-              "`renders:` arms' against `renders` (the exact arm's scenes with the default "
-              "preset's masks); the others' against `synthetic`.", "",
+              "their gain is against `target` (the synthetic arm's segmenters there); "
+              + ("the `renders:` arms' against `renders` (the exact arm's scenes with the "
+                 "default preset's masks); " if "renders" in report["arms"] else "")
+              + "the others' against `synthetic`.", "",
               "| arm | mIoU | std (seeds) | 95 % interval | gain [95 % interval] | "
               "per render | minutes per run |", "|---|---|---|---|---|---|---|"]
     for arm, r in report["arms"].items():

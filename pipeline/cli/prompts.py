@@ -94,7 +94,8 @@ def register(sub) -> None:
     p.add_argument("--classes-per-prompt", metavar="W1,W2,...",
                    help="weights of a template prompt naming 1, 2, ... classes, the others "
                    "drawn from the set: 0.4,0.35,0.25 names two in 35 %% and three in 25 %% "
-                   "of prompts (default: 1, one class)")
+                   "of prompts; 1 names one class (default: 0.4,0.35,0.25, the best prompt "
+                   "arm downstream in the toy world: bench/results/toy_downstream.md)")
     p.add_argument("--strict", action="store_true",
                    help="fail instead of leaving out words or captions")
     p.set_defaults(func=cmd_prompts)
@@ -129,6 +130,7 @@ def write_demo_prompts(out: str, classes: str = "voc", num_per_class: int = 2,
     write_prompt_file(path, result.records())
     replaced = [r for r in result.records() if r["source"] != "class word"]
     examples = "; ".join(f"{r['labels'][0]['class']} -> {r['prompt']!r}" for r in replaced[:3])
+    several = sum(len(r["labels"]) > 1 for r in result.records())
     line = (f"prompt augmentation: {path} ({len(replaced)} of {len(result.records())} prompts "
-            f"use a synonym or hyponym, e.g. {examples})")
+            f"use a synonym or hyponym, e.g. {examples}; {several} name several classes)")
     return str(path), line

@@ -333,6 +333,15 @@ def test_prompts_cli_end_to_end_into_synth(tmp_path):
     assert "checked against the tokenizer of model 'tiny'" in r.stdout
     records = [json.loads(x) for x in prompts.read_text().splitlines()]
     assert [r["labels"][0]["class"] for r in records] == ["dog"] * 3 + ["cat"] * 3
+    # by default a template prompt may name the other class too (the toy downstream's best
+    # prompt arm); --classes-per-prompt 1 names one class each
+    assert "prompts naming 1 class: 3, 2 classes: 3" in r.stdout
+    assert sorted(len(r["labels"]) for r in records) == [1, 1, 1, 2, 2, 2]
+    one = tmp_path / "one.jsonl"
+    assert main(["prompts", "--classes", "dog,cat,", "--num-per-class", "3", "--seed", "1",
+                 "--classes-per-prompt", "1", "--out", str(one)]) == 0
+    singles = [json.loads(x) for x in one.read_text().splitlines()]
+    assert len(singles) == 6 and all(len(r["labels"]) == 1 for r in singles)
     out = tmp_path / "ds"
     assert main(["synth", "--model", "tiny", "--classes", "dog,cat,", "--prompts", str(prompts),
                  "--num-per-class", "3", "--steps", "2", "--height", "64", "--width", "64",

@@ -129,6 +129,12 @@ def test_toy_demo_scores_against_rendered_scenes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "toy world" in (out / "report/index.html").read_text()
     _check_dataset(out, 72, set(range(1, 7)))
+    # The default prompts name one to three classes, and synth harvests a mask for each.
+    prompts = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
+    several = [p for p in prompts if len(p["labels"]) > 1]
+    assert f"; {len(several)} name several classes)" in r.stdout and len(several) > 20
+    manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sum(len(m["classes"]) > 1 for m in manifest) == len(several)
     # Scored on rendered scenes with exact labels, not on its own training images.
     report = json.loads((out / "run/eval-demo.json").read_text())
     assert report["images"] == 100 and len(report["per_class"]) == 7
@@ -217,6 +223,8 @@ def test_config_file_set_overrides_and_presets(tmp_path, capsys):
         assert f"{name}:" in listed
     assert "toy world: 48.7 ± 1.2 mIoU; 66.7 ± 1.7 with the dense CRF on" in listed
     assert "45.5 ± 2.4 mIoU; 32.4 ± 0.3 with the dense CRF off" in listed
+    assert "Default prompts (attnseg prompts, the demo): a template prompt names one to three" \
+        in listed and "95 % interval [+" in listed
     bad = tmp_path / "bad.toml"
     bad.write_text("model = [\n")
     assert main(["synth", "--config", str(bad)]) == 2
@@ -369,10 +377,13 @@ def test_preset_figures_are_the_instruments():
     instrument's result file, rounded as printed."""
     from pathlib import Path
 
+    from attnseg.bench.toy.config import ToyBenchConfig
+    from attnseg.pipeline.adapt.prompt_augment import PromptsConfig
     from attnseg.pipeline.cli.synth import (
         TOY_BEST_RECIPE,
         TOY_DOWNSTREAM_GAINS,
         TOY_FIGURES,
+        TOY_PROMPT_GAIN,
         TOY_RESULT,
     )
     from attnseg.pipeline.config import PRESETS, get_preset
@@ -401,3 +412,9 @@ def test_preset_figures_are_the_instruments():
         gain = report["arms"][arm]["gain"]
         assert (round(100 * gain["mean"], 1), round(100 * gain["std"], 1)) == figure, arm
         assert gain["ci95"][0] < 0 < gain["ci95"][1], arm  # "neither beyond its interval"
+    # the default prompts: the arm's gain, beyond its interval, at the instrument's weights
+    arm, mean, std, (lo, hi) = TOY_PROMPT_GAIN
+    gain = report["arms"][arm]["gain"]
+    assert (round(100 * gain["mean"], 1), round(100 * gain["std"], 1)) == (mean, std)
+    assert [round(100 * x, 1) for x in gain["ci95"]] == [lo, hi] and gain["ci95"][0] > 0
+    assert PromptsConfig().classes_per_prompt == ToyBenchConfig().classes_per_prompt
