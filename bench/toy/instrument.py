@@ -271,7 +271,9 @@ class ToyDownstreamConfig:
                 raise UserError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")
         if self.presets and not (self.labeller_seeds and self.labeller_noise):
             raise UserError("labeller_seeds and labeller_noise must not be empty with presets")
-        if self.presets:
+        if self.presets or any(a.partition(":")[0] == "renders" for a in self.arms):
+            if not self.labeller_noise:
+                raise UserError("labeller_noise must not be empty with presets or renders arms")
             RealImageConfig(noise_levels=tuple(self.labeller_noise)).validate()
         stride = latent_stride(self.model) if self.recipes else 8
         for recipe in self.recipes:
@@ -287,9 +289,10 @@ class ToyDownstreamConfig:
         if len(set(lora_names)) != len(lora_names):
             raise UserError(f"LoRA names must differ: {lora_names}")
         for arm in self.arms:
-            kind, _, value = arm.partition(":")
-            if kind not in ARM_KINDS or (kind != "renders" and bool(value) != (
-                    kind in ("loss", "prompts", "images", "recipe", "lora"))):
+            kind, colon, value = arm.partition(":")
+            takes_value = kind in ("loss", "prompts", "images", "recipe", "lora")
+            if kind not in ARM_KINDS or (colon and not value) or (
+                    kind != "renders" and bool(value) != takes_value):
                 raise UserError(f"unknown arm {arm!r}; arms are exact, synthetic, crf, "
                                 "loss:NAME, prompts:ARM, images:N, recipe:NAME, target, "
                                 "lora:NAME, renders, renders:crf, renders:loss:NAME, "
@@ -556,8 +559,10 @@ def _renders_arm(cfg: ToyDownstreamConfig, bcfg, value: str, pipe, work: Path, s
     elif kind == "recipe":
         recipe = next(r for r in cfg.recipes if r.name == name)
         levels = _recipe_noise(cfg, recipe)
-        preset, tag = recipe.resolve(stride), f"recipe-{name}-{_recipe_digest(recipe, stride)}"
-    tag += "-noise" + ",".join(f"{x:g}" for x in levels)
+        preset, tag = recipe.resolve(stride), f"recipe-{name}"
+    # Named by every setting of the preset: a changed default is not taken for the old one.
+    digest = hashlib.sha256(json.dumps(asdict(preset), sort_keys=True).encode()).hexdigest()
+    tag += f"-{digest[:12]}-noise" + ",".join(f"{x:g}" for x in levels)
     data = _relabelled(bcfg, pipe, levels, rendered,
                        work / f"relabelled-{tag}-{count}-seed{cfg.exact_seed + seed}-{key}",
                        seed, key, preset, tag)

@@ -188,7 +188,8 @@ class _Candidate:
 
 @dataclass
 class PromptSet:
-    """An augmented prompt set: `num_per_class` prompts per class, in class order."""
+    """An augmented prompt set: `num_per_class` prompts per class (at most that many, when
+    built as a cap), in class order."""
 
     classes: list[ClassInfo]
     prompts: dict[str, list[_Candidate]]
@@ -318,12 +319,14 @@ def augment_prompts(classes: list[ClassInfo], num_per_class: int, seed: int = 0,
     then lexicon and WordNet words) and every caption that mentions one of those words.
     Selection is deterministic given `seed` (each class draws from its own seeded generator, so
     adding a class does not change the others), balanced (exactly `num_per_class` prompts whose
-    first label is the class), de-duplicated (case and spacing ignored, across classes) and
-    spread over the class's words round-robin (own word first; captions before templates within
-    a word). With a `tokenizer`, every label word must be found by `find_word_tokens`; words and
-    captions that fail are left out and returned as `issues`, never dropped silently.
+    first label is the class, or every one it has under `at_most`), de-duplicated (case and
+    spacing ignored, across classes) and spread over the class's words round-robin (own word
+    first; captions before templates within a word). With a `tokenizer`, every label word must
+    be found by `find_word_tokens`; words and captions that fail are left out and returned as
+    `issues`, never dropped silently.
 
-    `classes_per_prompt` (weights of naming 1, 2, ... classes): a template prompt drawn to
+    `classes_per_prompt` (weights of naming 1, 2, ... classes; this function's default names
+    one, `PromptsConfig`'s, which `attnseg prompts` uses, several): a template prompt drawn to
     name k > 1 classes gets k - 1 other classes of the set, each by one of its words, in
     random order ("a photo of a star and a disc"); its first label stays the class it was
     drawn for. Images of several classes teach a segmenter to tell them apart in one image,
@@ -495,10 +498,10 @@ class PromptsConfig:
     strict: bool = False  # a word or caption that fails the tokenizer check is an error
     # Weights of a template prompt naming 1, 2, ... classes (the others drawn from the set):
     # (1.0,) names one; (0.4, 0.35, 0.25) names two in 35 % and three in 25 % of prompts. The
-    # default is the latter: a segmenter trained on such images scored higher than on
-    # one-class prompts beyond the 95 % interval, 5 seeds (bench/results/toy_downstream.md,
-    # arm prompts:several-classes; the weights are the toy world's shares of scenes holding
-    # one, two and three objects).
+    # default is the latter: a segmenter trained on such images (with the lexicon's words)
+    # scored higher than on synth's plain one-class prompts beyond the 95 % interval, 5 seeds
+    # (bench/results/toy_downstream.md, arm prompts:several-classes; the weights are the toy
+    # world's shares of scenes holding one, two and three objects).
     classes_per_prompt: tuple[NonNegativeFloat, ...] = (0.4, 0.35, 0.25)
 
     def __post_init__(self):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -203,10 +204,13 @@ def _check_renders_arms(arms, work, printed):
     assert "gain" not in arms["renders"] and "training_masks" not in crf
     for seed in (0, 1):
         exact = work / f"exact-12-seed{2000 + seed}"
-        default, = work.glob(f"relabelled-attnseg-noise0.1-12-seed{2000 + seed}-*")
-        refined, = work.glob(f"relabelled-attnseg-crf10-noise0.1-12-seed{2000 + seed}-*")
-        assert json.loads((refined / "job.json").read_text())["preset"] == \
-            "attnseg-crf10-noise0.1"
+        # named by the preset's settings (12 hex digits) and the labeller's noise
+        default, refined = (
+            next(f for f in work.glob(f"relabelled-{name}-*-noise0.1-12-seed{2000 + seed}-*")
+                 if re.fullmatch(rf"relabelled-{name}-[0-9a-f]{{12}}-noise0\.1-12-.*", f.name))
+            for name in ("attnseg", "attnseg-crf10"))
+        assert re.fullmatch(r"attnseg-crf10-[0-9a-f]{12}-noise0\.1",
+                            json.loads((refined / "job.json").read_text())["preset"])
         names = sorted(p.name for p in (exact / "JPEGImages").glob("*.jpg"))
         assert len(names) == 12
         for folder in (default, refined):
@@ -216,7 +220,7 @@ def _check_renders_arms(arms, work, printed):
         masks = [n.replace(".jpg", ".png") for n in names]
         assert any(not np.array_equal(mask(default, n), mask(exact, n)) for n in masks)
         assert any(not np.array_equal(mask(default, n), mask(refined, n)) for n in masks)
-    assert len(list(work.glob("train-relabelled-attnseg-crf10-noise0.1-12-ce-seed*"))) == 2
+    assert len(list(work.glob("train-relabelled-attnseg-crf10-*-noise0.1-12-ce-seed*"))) == 2
     assert "| renders:crf |" in printed and "against `renders`" in printed
 
 
@@ -380,6 +384,47 @@ def test_arms_on_a_prompt_arm_share_its_data_and_runs(tmp_path):
     assert read_json(folders["synthetic"][0] / "job.json")["prompts"] is None
 
 
+def test_renders_recipe_and_loss_arms(tmp_path):
+    """`renders:recipe:NAME` labels the exact arm's scenes with the recipe (its own labeller
+    noise, its folder named by its settings), `renders:loss:NAME` trains with the loss on the
+    `renders` arm's own data."""
+    import numpy as np
+    from PIL import Image
+
+    from attnseg.bench.toy.instrument import Recipe, ToyDownstreamConfig, _arm_runs
+    from attnseg.pipeline.models.loading import load_pipeline
+
+    pipe = load_pipeline("toy", torch.device("cpu"), torch.float32)
+    cand = ("segformer-tiny", 0, 2, 0.01, False)
+    recipe = Recipe(name="daam-bg0.3", preset="daam", mask={"bg_const": 0.3}, noise=(0.2,))
+    cfg = ToyDownstreamConfig(images=12, seeds=(0, 1), test_seeds=(7,), test_images=2,
+                              presets=("daam",), recipes=(recipe,))
+    default, run, loss = _arm_runs(cfg, "renders", cand, pipe, tmp_path, 1)
+    assert loss == "ce" and run.name.startswith("train-relabelled-attnseg-")
+    data, band_run, band = _arm_runs(cfg, "renders:loss:ignore-band", cand, pipe, tmp_path, 1)
+    assert data == default and band == "ignore-band" and band_run != run
+    assert band_run.name == run.name.replace("-ce-seed1-", "-ignore-band-seed1-")
+    relabelled, recipe_run, loss = _arm_runs(cfg, "renders:recipe:daam-bg0.3", cand, pipe,
+                                             tmp_path, 1)
+    assert re.fullmatch(r"relabelled-recipe-daam-bg0\.3-[0-9a-f]{12}-noise0\.2-12-seed2001-.*",
+                        relabelled.name) and loss == "ce"
+    assert recipe_run.name.startswith("train-relabelled-recipe-daam-bg0.3-")
+    exact = tmp_path / "exact-12-seed2001"
+    names = sorted(p.name for p in (exact / "JPEGImages").glob("*.jpg"))
+    assert names == sorted(p.name for p in (relabelled / "JPEGImages").iterdir())
+    masks = [n.replace(".jpg", ".png") for n in names]
+    assert any(not np.array_equal(np.asarray(Image.open(default / "SegmentationClass" / n)),
+                                  np.asarray(Image.open(relabelled / "SegmentationClass" / n)))
+               for n in masks)
+    # an edited recipe labels again, into a folder of its own
+    edited = ToyDownstreamConfig(images=12, seeds=(0, 1), test_seeds=(7,), test_images=2,
+                                 presets=("daam",), recipes=(Recipe(
+                                     name="daam-bg0.3", preset="daam", mask={"bg_const": 0.4},
+                                     noise=(0.2,)),))
+    assert _arm_runs(edited, "renders:recipe:daam-bg0.3", cand, pipe, tmp_path, 1)[0] != \
+        relabelled
+
+
 def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
     daam = 'presets=["daam"]'
     for settings, words in (
@@ -388,6 +433,13 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
             (['arms=["loss:nope"]'], "loss"),
             (['synthetic_prompts="many"'], "unknown synthetic_prompts"),
             (['arms=["renders:crf"]'], "paired with arm renders"),
+            (['arms=["renders:"]'], "unknown arm"),
+            (['arms=["synthetic:"]'], "unknown arm"),
+            (['arms=["renders", "renders:recipe:"]'], "the renders arms are"),
+            (['arms=["renders", "renders:recipe:x"]'], "no recipe named 'x'"),
+            (['arms=["renders", "renders:loss:nope"]'], "loss"),
+            (['arms=["renders"]', "labeller_noise=[]"], "labeller_noise must not be empty"),
+            (['arms=["renders"]', "labeller_noise=[1.0]"], "noise levels [1.0]"),
             (['arms=["renders", "renders:blur"]'], "the renders arms are"),
             (['arms=["renders", "renders:crf:3"]'], "the renders arms are"),
             (['arms=["renders", "renders:loss"]'], "the renders arms are"),
