@@ -59,6 +59,11 @@ JUDGED_ARMS = ("synthetic", "loss", "prompts", "crf", "images", "recipe")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"  # a recipe's or LoRA's name: it names files
 
 
+def _digest(content) -> str:
+    """12 hex digits naming JSON-able `content` (settings that name files)."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _check_name(kind: str, name: str) -> None:
     from attnseg.pipeline.errors import UserError
 
@@ -157,7 +162,7 @@ class LoraArm:
         depends on: all but the scale), so an edited LoRA is not taken for its old files."""
         content = {k: v for k, v in asdict(self).items()
                    if k != "name" and not (training_only and k == "scale")}
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+        return _digest(content)
 
 
 def check_lora_targets(loras, pipe) -> None:
@@ -561,8 +566,7 @@ def _renders_arm(cfg: ToyDownstreamConfig, bcfg, value: str, pipe, work: Path, s
         levels = _recipe_noise(cfg, recipe)
         preset, tag = recipe.resolve(stride), f"recipe-{name}"
     # Named by every setting of the preset: a changed default is not taken for the old one.
-    digest = hashlib.sha256(json.dumps(asdict(preset), sort_keys=True).encode()).hexdigest()
-    tag += f"-{digest[:12]}-noise" + ",".join(f"{x:g}" for x in levels)
+    tag += f"-{_digest(asdict(preset))}-noise" + ",".join(f"{x:g}" for x in levels)
     data = _relabelled(bcfg, pipe, levels, rendered,
                        work / f"relabelled-{tag}-{count}-seed{cfg.exact_seed + seed}-{key}",
                        seed, key, preset, tag)
@@ -625,7 +629,7 @@ def _recipe_digest(recipe: Recipe, latent_stride: int,
     an edited recipe, or after its preset changed, are not taken for its old ones."""
     content = {"preset": asdict(recipe.resolve(latent_stride)),
                "noise": list(levels) if levels is not None else None}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
+    return _digest(content)
 
 
 def _recipe_row(cfg: ToyDownstreamConfig, pipe, work: Path, recipe: Recipe, source,
