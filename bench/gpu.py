@@ -161,7 +161,10 @@ def step_parity(cfg: GpuProofConfig, cap: float) -> dict:
                 os.environ.pop("ATTNSEG_KERNEL_IMPL", None)
                 if before is not None:
                     os.environ["ATTNSEG_KERNEL_IMPL"] = before
-            labels, _ = masks_from_harvest(cap_.result, ids, preset.harvest, preset.mask)
+            # The default preset refines with the dense CRF: on a GPU, the GPU lattice.
+            rgb = (images.clamp(0, 1) * 255).permute(0, 2, 3, 1)
+            labels, _ = masks_from_harvest(cap_.result, ids, preset.harvest, preset.mask,
+                                           images=rgb)
             runs[impl or "default"] = (images, cap_.result, labels)
     a, b = runs["default"], runs["ref"]
     rel = {str(s): float((a[1].maps[s] - b[1].maps[s]).abs().max()

@@ -61,11 +61,16 @@ class WritingBenchConfig:
     progress: bool = True  # a line per timed run on stderr (`--no-progress`: none)
 
 
+# The plain variants write the default preset's masks without its dense CRF: the CRF variants
+# add psa's, so "with the CRF over without" is one CRF against none.
+PLAIN = {"mask": {"crf_iterations": 0}}
+
+
 def _generate_only(pipe, cfg: WritingBenchConfig) -> tuple[float, int]:
     """Seconds to generate the job's batches (images, labels, reliability) and drop them."""
     classes = load_classes(cfg.classes)
     samples = plan_samples(classes, default_prompts(classes), cfg.num_per_class, 0)
-    preset = SynthConfig(model=cfg.model).resolve_preset(pipe.vae_scale_factor)
+    preset = SynthConfig(model=cfg.model, overrides=PLAIN).resolve_preset(pipe.vae_scale_factor)
     synth = Synthesizer(pipe, preset, cfg.height, cfg.width, cfg.steps, cfg.guidance)
     try:
         t0 = time.perf_counter()
@@ -87,10 +92,10 @@ def run_writing_bench(cfg: WritingBenchConfig) -> dict:
                        height=cfg.height, width=cfg.width, device=cfg.device, dtype=cfg.dtype)
     pool = f"write pool ({cfg.write_workers} threads)"
     crf = {"mask": dict(CRF_PSA)}
-    variants = {"generate only": (None, {})}
+    variants = {"generate only": (None, PLAIN)}
     if cfg.inline:
-        variants["write inline"] = (0, {})
-    variants[pool] = (cfg.write_workers, {})
+        variants["write inline"] = (0, PLAIN)
+    variants[pool] = (cfg.write_workers, PLAIN)
     pairs = [("write inline", "write inline + CRF")] if cfg.inline else []
     pairs.append((pool, f"{pool} + CRF"))
     if cfg.refine:

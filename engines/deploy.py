@@ -2,7 +2,7 @@
 folder, with numpy on the host.
 
     runtime = DeployRuntime("engines/sd15-trt", runner="tensorrt",
-                            kernels="build/native/libattnseg_kernels.so")
+                            kernels="build/native/libattnseg_kernels.so", unrefined=True)
     images, labels, reliability = runtime.generate(
         ["a photo of a dog on the grass"], [[(12, "dog")]], seeds=[0], steps=30)
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -288,10 +289,13 @@ def _decide(scores: np.ndarray, ids: np.ndarray, mask: MaskConfig):
 
 
 class DeployRuntime:
-    """Generation with attention-map masks from an engine folder, without torch."""
+    """Generation with attention-map masks from an engine folder, without torch. A preset
+    that refines its masks (the default's dense CRF) is refused: the refinement runs in torch;
+    `unrefined=True` gives its masks before refinement."""
 
     def __init__(self, folder: str | Path, runner: str = "tensorrt",
-                 kernels: str | Path | None = None, preset: str = "attnseg"):
+                 kernels: str | Path | None = None, preset: str = "attnseg",
+                 unrefined: bool = False):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         check_files(self.folder, manifest)
@@ -308,6 +312,18 @@ class DeployRuntime:
                 raise UserError(f"engine {folder} holds a UNet only (SDXL); the deploy runtime "
                                 "runs Stable Diffusion 1.x/2.x engine sets")
             raise UserError(f"engine {folder} has no deploy/ files; rebuild it")
+        p = get_preset(preset)
+        if unrefined:  # the preset's masks before its refinement steps, asked for by name
+            p.mask = replace(p.mask, crf_iterations=0, min_region_box=0.0)
+        if p.mask.crf_iterations or p.mask.min_region_box:
+            raise UserError(f"deploy runtime: preset {preset!r} refines its masks (dense CRF or "
+                            "small regions), which the torch-free runtime does not do; run "
+                            "`attnseg synth --engine` for them, or pass unrefined=True for the "
+                            "preset's masks before refinement")
+        if p.mask.normalize_at != "maps":
+            raise UserError(f"deploy runtime: preset {preset!r} normalises its maps at image "
+                            "size, which the torch-free runtime does not do; run `attnseg synth "
+                            "--engine` for it")
         from transformers import CLIPTokenizer
 
         self.tokenizer = CLIPTokenizer.from_pretrained(str(deploy / "tokenizer"))
@@ -325,11 +341,6 @@ class DeployRuntime:
             else:
                 self.runners[name] = _TrtRunner(self.folder / part["plan"], part)
         self.kernels = KernelLibrary(kernels) if kernels and runner == "tensorrt" else None
-        p = get_preset(preset)
-        if p.mask.crf_iterations or p.mask.min_region_box or p.mask.normalize_at != "maps":
-            raise UserError(f"deploy runtime: preset {preset!r} refines its masks (dense CRF, "
-                            "small regions or normalising at image size), which the torch-free "
-                            "runtime does not do; run `attnseg synth --engine` for it")
         saved = manifest.get("harvest")
         self.harvest = HarvestConfig.from_record(saved) if saved else p.harvest
         self.mask = p.mask

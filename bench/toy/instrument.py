@@ -5,7 +5,8 @@ data scored against exact labels with a protocol sharp enough to resolve a one-p
    learning rate, full-resolution head) is trained on `images` exact-label renders with each
    of `protocol_seeds`; the rule, fixed before any run: among the candidates whose
    seed-to-seed standard deviation on validation is at most `max_spread`, the highest mean;
-   if none qualifies, the smallest deviation.
+   if none qualifies, the smallest deviation. With a single candidate and no protocol seeds
+   the protocol is fixed (an earlier run chose it) and nothing is trained on validation.
 2. **Arms** (test renders): each arm trained with every entry of `seeds` and scored on every
    test render (`test_seeds`); an arm's figure per seed is its mean over the renders. Arms
    other than `exact`, `synthetic` and `target` are paired by seed with `synthetic` (the
@@ -255,8 +256,12 @@ class ToyDownstreamConfig:
 
         from .config import PROMPT_ARMS
 
-        if len(self.seeds) < 2 or len(self.protocol_seeds) < 2:
-            raise UserError("seeds and protocol_seeds need at least two entries each (a spread)")
+        if len(self.seeds) < 2:
+            raise UserError("seeds needs at least two entries (a spread)")
+        if len(self.protocol_seeds) == 1 or (not self.protocol_seeds
+                                             and len(self.candidates) != 1):
+            raise UserError("protocol_seeds needs at least two entries (a spread), or none "
+                            "with a single candidate (the protocol fixed, not chosen)")
         if not self.test_seeds or self.val_seed in self.test_seeds:
             raise UserError("test_seeds must be given and must not include val_seed")
         if not self.candidates:
@@ -446,6 +451,10 @@ def choose_protocol(cfg: ToyDownstreamConfig, work: Path, val) -> tuple[tuple, d
     """The candidate the rule picks on validation (module docstring, 1) and every score."""
     from .downstream import _per_class, _rendered
 
+    if not cfg.protocol_seeds:  # a protocol chosen by an earlier run: nothing trained here
+        return cfg.candidates[0], {"rule": "fixed by the settings (no protocol seeds)",
+                                   "seeds": [], "candidates": [],
+                                   "chosen": _candidate_dict(cfg.candidates[0])}
     per_class = _per_class(cfg.images)
     rows = []
     for candidate in cfg.candidates:
@@ -726,8 +735,13 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     target_tests = [_render(work, f"target-test-{s}-{cfg.test_images}", s, first, "target")
                     for s in cfg.test_seeds] if any(
         a.partition(":")[0] in TARGET_ARMS for a in cfg.arms) else []
+    from attnseg.pipeline.config import get_preset
+
+    # The default preset's masks as they were at this run: the arms that switch its CRF read
+    # the other way once the default changes.
     report: dict = {"benchmark": "toy-downstream", "config": asdict(cfg),
-                    "machine": machine_info(device), "model": cfg.model}
+                    "machine": machine_info(device), "model": cfg.model,
+                    "default_mask": asdict(get_preset("attnseg").mask)}
     # Run for a single candidate too: its validation spread is reported, and its runs are the
     # exact arm's.
     candidate, report["protocol"] = choose_protocol(cfg, work, val)
@@ -798,18 +812,24 @@ def to_markdown(report: dict) -> str:
              ""]
     protocol = report["protocol"]
     chosen = protocol["chosen"]
-    lines += ["## Protocol (chosen on the validation render)", "",
-              f"Rule: {protocol['rule']}. Chosen: {_describe(chosen)}.", ""]
-    lines += ["| candidate | validation mIoU | std | minutes per run |", "|---|---|---|---|"]
-    for r in protocol["candidates"]:
-        lines.append(f"| {_describe(r['candidate'])} | {pct(r['mean'])} | "
-                     f"{pct(r['std'])} | {r['train_seconds'] / 60:.1f} |")
+    if protocol["candidates"]:
+        lines += ["## Protocol (chosen on the validation render)", "",
+                  f"Rule: {protocol['rule']}. Chosen: {_describe(chosen)}.", "",
+                  "| candidate | validation mIoU | std | minutes per run |",
+                  "|---|---|---|---|"]
+        for r in protocol["candidates"]:
+            lines.append(f"| {_describe(r['candidate'])} | {pct(r['mean'])} | "
+                         f"{pct(r['std'])} | {r['train_seconds'] / 60:.1f} |")
+    else:
+        lines += ["## Protocol", "", f"{_describe(chosen)}: {protocol['rule']}."]
     lines.append("")
     lines += ["## Arms (test renders)", "",
               "Arms marked (target) are scored on target-domain renders of the same seeds; "
               "their gain is against `target` (the synthetic arm's segmenters there); "
               + ("the `renders:` arms' against `renders` (the exact arm's scenes with the "
-                 "default preset's masks); " if "renders" in report["arms"] else "")
+                 "default preset's masks: its dense CRF "
+                 + _crf_words(report.get("default_mask")) + "); "
+                 if "renders" in report["arms"] else "")
               + "the others' against `synthetic`.", "",
               "| arm | mIoU | std (seeds) | 95 % interval | gain [95 % interval] | "
               "per render | minutes per run |", "|---|---|---|---|---|---|---|"]
@@ -913,6 +933,13 @@ _PROMPTS = {"plain": "synth's own prompts (one class each)",
             "templates": "the toy templates with the class word (one class each)",
             "augmented": "augmented prompts (synonyms and hyponyms; one class each)",
             "several-classes": "augmented prompts naming one to three classes"}
+
+
+def _crf_words(mask: dict | None) -> str:
+    if mask is None:  # reports from before the record
+        return "as the run's default had it"
+    n = mask["crf_iterations"]
+    return f"{n} iterations at this run" if n else "off at this run"
 
 
 def _describe(c: dict) -> str:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from attnseg.bench.toy.pseudo_masks import caption_errors, colour_threshold_labels
 from attnseg.pipeline.cli import main
+from attnseg.pipeline.config import get_preset
 
 
 def test_colour_threshold_baseline_on_a_plain_scene():
@@ -161,16 +162,17 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert r["gain"]["values"] == [v - b for v, b in zip(r["values"], d["synthetic"]["values"],
                                                           strict=True)]
     assert set(a["prompts"]) == {"templates", "augmented", "several-classes"}
-    # Mask refinement: the default preset has no CRF, so the arm synthesises with one (the
-    # job records it) on the CE row's seeds, paired with it.
+    # Mask refinement: the default preset's CRF switched (the default refines, so the arm
+    # synthesises without it; the job records it) on the CE row's seeds, paired with it.
+    crf = 0 if get_preset("attnseg").mask.crf_iterations else 1
     r = a["crf"]
-    assert r["iterations"] == 1 and len(r["values"]) == 2
+    assert r["iterations"] == crf and len(r["values"]) == 2
     assert r["gain"]["values"] == [v - b for v, b in zip(r["values"], d["synthetic"]["values"],
                                                           strict=True)]
     for seed in (0, 1):
-        job = json.loads(next(work.glob(f"synth-crf1-2x6-seed{seed}-*")).joinpath(
+        job = json.loads(next(work.glob(f"synth-crf{crf}-2x6-seed{seed}-*")).joinpath(
             "job.json").read_text())
-        assert job["mask"]["crf_iterations"] == 1 and job["preset"] == "attnseg"
+        assert job["mask"]["crf_iterations"] == crf and job["preset"] == "attnseg"
     t = a["lora"]
     assert t["lora"]["steps"] == 2 and t["lora"]["images"] == 8
     assert t["lora"]["targets"] == ["to_k", "to_v", "conv1"]
@@ -210,7 +212,8 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     assert "Domain gap in colour" in md
     fraction = 100 * a["prompts"]["several-classes"]["mean"] / d["exact_labels"]["mean"]
     assert "the prompt arms reach: templates" in md and f"several-classes {fraction:.1f} %" in md
-    assert "| mask refinement | dense CRF (1 iterations)" in md
+    assert ("| mask refinement | dense CRF (1 iterations)" if crf else
+            "| mask refinement | the default preset's masks without its CRF") in md
     assert "the model's pseudo-masks (real-image labeller)" in md
     assert "results:" in capsys.readouterr().out
     # The target rows with the several-classes prompts: without the LoRA it is the ablation
@@ -220,11 +223,11 @@ def test_bench_toy_cli_end_to_end(tmp_path, capsys, torch_one_thread):
     again = tmp_path / "toy-target"
     rc = main(["bench", "toy", "--model", "tiny", "--out", str(again), "--no-progress",
                "--set", f"work={work}", "--set", "num_images=6", "--set", "seeds=[1]",
-               "--set", "presets=[\"attnseg\"]", "--set", "noise_candidates=[[0.2]]",
-               "--set", "thresholds=[40,80]", "--set", "bg_candidates=[0.3]",
-               "--set", "layer_candidates=[]", "--set", "head_candidates=0",
-               "--set", "error_probe_draws=0", "--set", "crf_iterations=0",
-               "--set", "downstream_images=12",
+               "--set", "presets=[\"attnseg\"]", "--set", "thresholds=[40,80]",
+               "--set", "noise_candidates=[[0.2],[0.5]]",
+               "--set", "bg_candidates=[0.3]", "--set", "layer_candidates=[]",
+               "--set", "head_candidates=0", "--set", "error_probe_draws=0",
+               "--set", "crf_iterations=0", "--set", "downstream_images=12",
                "--set", "train_candidates=[[4,0.002],[2,0.008],[2,0.008,96]]",
                "--set", "synth_steps=2", "--set", "losses=[]", "--set", "prompt_arms=[]",
                "--set", "lora_images=8", "--set", "lora_steps=2",

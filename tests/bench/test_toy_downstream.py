@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from attnseg.bench.toy.instrument import interval95
 from attnseg.pipeline.cli import main
+from attnseg.pipeline.config import get_preset
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -53,6 +55,8 @@ def test_instrument_end_to_end_and_resumed(tmp_path, capsys):
     best = max(steady, key=lambda r: r["mean"]) if steady else min(rows, key=lambda r: r["std"])
     assert protocol["chosen"] == best["candidate"]
     arms = report["arms"]
+    # the default's masks as they were at the run: which way renders:crf switched the CRF
+    assert report["default_mask"] == asdict(get_preset("attnseg").mask)
     assert list(arms) == ["exact", "synthetic", "loss:ignore-band", "recipe:daam-bg0.3",
                           "target", "lora:r2", "renders", "renders:crf"]
     # every run's cost is the trainer's own record of it
@@ -202,14 +206,16 @@ def _check_renders_arms(arms, work, printed):
     assert crf["gain"]["values"] == pytest.approx(
         [a - b for a, b in zip(crf["values"], arms["renders"]["values"], strict=True)])
     assert "gain" not in arms["renders"] and "training_masks" not in crf
+    # renders:crf switches the default preset's CRF (on: 10 iterations, the config's; off: 0)
+    switched = "attnseg-crf0" if get_preset("attnseg").mask.crf_iterations else "attnseg-crf10"
     for seed in (0, 1):
         exact = work / f"exact-12-seed{2000 + seed}"
         # named by the preset's settings (12 hex digits) and the labeller's noise
         default, refined = (
             next(f for f in work.glob(f"relabelled-{name}-*-noise0.1-12-seed{2000 + seed}-*")
                  if re.fullmatch(rf"relabelled-{name}-[0-9a-f]{{12}}-noise0\.1-12-.*", f.name))
-            for name in ("attnseg", "attnseg-crf10"))
-        assert re.fullmatch(r"attnseg-crf10-[0-9a-f]{12}-noise0\.1",
+            for name in ("attnseg", switched))
+        assert re.fullmatch(rf"{switched}-[0-9a-f]{{12}}-noise0\.1",
                             json.loads((refined / "job.json").read_text())["preset"])
         names = sorted(p.name for p in (exact / "JPEGImages").glob("*.jpg"))
         assert len(names) == 12
@@ -220,8 +226,9 @@ def _check_renders_arms(arms, work, printed):
         masks = [n.replace(".jpg", ".png") for n in names]
         assert any(not np.array_equal(mask(default, n), mask(exact, n)) for n in masks)
         assert any(not np.array_equal(mask(default, n), mask(refined, n)) for n in masks)
-    assert len(list(work.glob("train-relabelled-attnseg-crf10-*-noise0.1-12-ce-seed*"))) == 2
+    assert len(list(work.glob(f"train-relabelled-{switched}-*-noise0.1-12-ce-seed*"))) == 2
     assert "| renders:crf |" in printed and "against `renders`" in printed
+    assert "default preset's masks: its dense CRF " in printed
 
 
 def test_a_lora_is_named_by_its_settings_and_the_model():
@@ -254,8 +261,10 @@ def _check_pseudo_masks(report, work, printed):
 
     pm = report["pseudo_masks"]
     recipes = pm["recipes"]
+    own = get_preset("attnseg").mask.crf_iterations  # the default's CRF, then switched
     assert [(r["preset"], r["crf_iterations"], r["published"]) for r in recipes] == [
-        ("attnseg", 0, True), ("attnseg", 10, False), ("daam", 0, True), ("daam", 10, False)]
+        ("attnseg", own, True), ("attnseg", 0 if own else 10, False), ("daam", 0, True),
+        ("daam", 10, False)]
     for r in recipes:
         assert len(r["per_render"]) == 2
         assert r["test"]["mean"] == pytest.approx(
@@ -425,6 +434,27 @@ def test_renders_recipe_and_loss_arms(tmp_path):
         relabelled
 
 
+def test_a_fixed_protocol_trains_nothing_on_validation(tmp_path):
+    """One candidate and no protocol seeds: the candidate is the protocol, no run is trained
+    on the validation render, and the arms are trained and reported as with a chosen one."""
+    out = tmp_path / "fixed"
+    assert main(["bench", "toy-downstream", "--out", str(out), "--device", "cpu",
+                 "--set", 'candidates=[["segformer-tiny", 0, 2, 0.01]]',
+                 "--set", "protocol_seeds=[]", "--set", "seeds=[0,1]",
+                 "--set", "test_seeds=[7]", "--set", "test_images=2", "--set", "images=12",
+                 "--set", 'arms=["renders", "renders:crf"]']) == 0
+    report = json.loads((tmp_path / "fixed.json").read_text())
+    assert report["protocol"]["candidates"] == [] and report["protocol"]["seeds"] == []
+    assert report["protocol"]["chosen"] == {"model": "segformer-tiny", "input_side": 0,
+                                            "steps": 2, "lr": 0.01, "full_res_head": False}
+    work = tmp_path / "fixed.work"
+    assert not list(work.glob("train-exact-*"))  # the validation runs are the exact arm's
+    assert sorted(report["arms"]) == ["renders", "renders:crf"]
+    assert len(report["arms"]["renders:crf"]["gain"]["values"]) == 2
+    md = (tmp_path / "fixed.md").read_text()
+    assert "fixed by the settings" in md and "| candidate |" not in md
+
+
 def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
     daam = 'presets=["daam"]'
     for settings, words in (
@@ -447,6 +477,9 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
              "the synthetic arm itself"),
             (["test_seeds=[101]"], "must not include val_seed"),
             (["seeds=[0]"], "at least two"),
+            (["protocol_seeds=[0]"], "protocol_seeds needs at least two"),
+            (['candidates=[["segformer-tiny", 0, 2, 0.01], ["segformer-tiny", 0, 4, 0.01]]',
+              "protocol_seeds=[]"], "or none with a single candidate"),
             (['presets=["nope"]'], "unknown preset"),
             ([daam, "labeller_noise=[1.0]"], "noise levels [1.0]"),
             (['recipes=[{"name": "a b"}]'], "recipe name"),

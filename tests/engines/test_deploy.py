@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -63,6 +64,7 @@ def test_ddim_matches_diffusers():
 def test_deploy_runtime_without_torch_matches_the_torch_path(ort_engine, tmp_path):
     folder, pipe, preset = ort_engine
     samples = _samples()
+    assert not preset.mask.crf_iterations  # the runtime does not refine (unrefined=True)
     synth = Synthesizer(pipe, preset, *SIZE, 4, 7.5)
     ref_images, ref_labels, ref_rel, _ = synth.generate_float(samples)
     latents = synth.initial_latents([s.seed for s in samples]).numpy()
@@ -74,7 +76,12 @@ def test_deploy_runtime_without_torch_matches_the_torch_path(ort_engine, tmp_pat
         sys.modules["torch"] = None  # any import of torch now fails
         import numpy as np
         from attnseg.engines.deploy import DeployRuntime
-        rt = DeployRuntime({str(folder)!r}, runner="onnxruntime")
+        try:
+            DeployRuntime({str(folder)!r}, runner="onnxruntime")
+            raise SystemExit("a refining preset was not refused")
+        except Exception as exc:
+            assert "unrefined=True" in str(exc), exc
+        rt = DeployRuntime({str(folder)!r}, runner="onnxruntime", unrefined=True)
         images, labels, rel = rt.generate({[s.spec.text for s in samples]!r}, {labels!r},
                                           latents=np.load({str(tmp_path / 'latents.npy')!r}),
                                           steps=4, guidance=7.5)
@@ -108,7 +115,8 @@ def test_tensorrt_deploy_runner_matches_the_torch_path(tmp_path):
     from attnseg.pipeline.config import get_preset
 
     pipe = build_tiny_pipeline().to("cuda")
-    preset = get_preset("attnseg")
+    base = get_preset("attnseg")
+    preset = replace(base, mask=replace(base.mask, crf_iterations=0))  # the runtime's masks
     opts = EngineOptions(backend="tensorrt", height=SIZE[0], width=SIZE[1], max_batch=2,
                          harvest=preset.harvest, trt_plugin="off")
     folder, _ = build_engines(pipe, opts, tmp_path / "trt", log=lambda m: None)
@@ -118,7 +126,8 @@ def test_tensorrt_deploy_runner_matches_the_torch_path(tmp_path):
     latents = synth.initial_latents([s.seed for s in samples]).float().cpu().numpy()
     synth.harvester.remove()
     lib = Path(__file__).resolve().parents[2] / "build/native/libattnseg_kernels.so"
-    rt = DeployRuntime(folder, runner="tensorrt", kernels=lib if lib.exists() else None)
+    rt = DeployRuntime(folder, runner="tensorrt", kernels=lib if lib.exists() else None,
+                       unrefined=True)
     _, labels, _ = rt.generate([s.spec.text for s in samples],
                                [[(c.id, w) for c, w in s.spec.labels] for s in samples],
                                latents=latents, steps=4)

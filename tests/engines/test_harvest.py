@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -218,7 +219,10 @@ def test_sdxl_unet_engine_matches_torch_path(tmp_path):
     from attnseg.pipeline.models.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
-    preset = get_preset("attnseg", pipe.vae_scale_factor)
+    base = get_preset("attnseg", pipe.vae_scale_factor)
+    # the masks before the default's dense CRF, which can turn maps 1e-7 apart into a pixel of
+    # another label: the engine's maps are what is compared
+    preset = replace(base, mask=replace(base.mask, crf_iterations=0))
     size = (64, 64)
     opts = EngineOptions(backend="onnxruntime", height=size[0], width=size[1],
                          max_batch=MAX_BATCH, max_classes=8, harvest=preset.harvest)
@@ -240,8 +244,9 @@ def test_sdxl_unet_engine_matches_torch_path(tmp_path):
         diff, reference = torch_vs_engine(pipe, preset, size, 3, guidance, _samples(2),
                                           load_engines(folder, pipe), inside=modules)
         assert diff["image_max_abs_diff"] <= 1e-4, diff
-        assert diff["label_agreement"] == 1.0, diff
-        assert diff["reliability_max_abs_diff"] <= 1, diff  # uint8 rounding of maps ~1e-7 apart
+        # maps ~1e-7 apart: a pixel at a near-tie may flip (one did at one torch thread)
+        assert diff["label_agreement"] >= 1 - 2 / 8192, diff
+        assert diff["reliability_max_abs_diff"] <= 1, diff  # uint8 rounding
         assert max(diff["map_max_rel_diff"].values()) < 1e-4, diff
         assert float(reference[3].maps[16].std()) > 0
     assert seen == [("_UNetAdapter", "CLIPTextModelWithProjection")] * 2

@@ -420,7 +420,8 @@ def test_crf_step_refines_labels_and_keeps_unsure_pixels(tiny_pipe, classes):
             images = _run(tiny_pipe, latents, 2)  # [B, 3, H, W] in [0, 1]
     finally:
         harvester.remove()
-    plain, _ = masks_from_harvest(cap.result, ids, preset.harvest, preset.mask)
+    plain, _ = masks_from_harvest(cap.result, ids, preset.harvest,
+                                  replace(preset.mask, crf_iterations=0))
     crf_mask = replace(preset.mask, crf_iterations=3, crf_max_side=32)  # refined at 32 px
     rgb = images.permute(0, 2, 3, 1) * 255
     labels, rel = masks_from_harvest(cap.result, ids, preset.harvest, crf_mask, images=rgb)
