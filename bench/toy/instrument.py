@@ -711,6 +711,7 @@ def pseudo_masks(cfg: ToyDownstreamConfig, pipe, work: Path, val, tests: list) -
 
 def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     """Run the instrument; writes OUT.json and OUT.md and returns the report."""
+    from attnseg.pipeline.config import get_preset
     from attnseg.pipeline.device import resolve_device, resolve_dtype
     from attnseg.pipeline.models.loading import model_fingerprint
 
@@ -735,8 +736,6 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     target_tests = [_render(work, f"target-test-{s}-{cfg.test_images}", s, first, "target")
                     for s in cfg.test_seeds] if any(
         a.partition(":")[0] in TARGET_ARMS for a in cfg.arms) else []
-    from attnseg.pipeline.config import get_preset
-
     # The default preset's masks as they were at this run: the arms that switch its CRF read
     # the other way once the default changes.
     report: dict = {"benchmark": "toy-downstream", "config": asdict(cfg),
