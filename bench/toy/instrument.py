@@ -33,6 +33,8 @@ renders), paired by seed with `target`. On the exact arm's own rendered scenes, 
 the real-image labeller instead of exactly (no generated images, so no image gap between
 training and test): `renders` (the default preset's masks), and, paired by seed with it,
 `renders:crf` (its dense CRF switched), `renders:recipe:NAME` and `renders:loss:NAME`.
+Each `renders` arm's training masks are also scored against the scenes' exact labels, with
+their reliability (what the reliability-aware losses weight).
 """
 
 from __future__ import annotations
@@ -447,6 +449,51 @@ def judge_training_masks(data: Path, judge: Path, side: int, work: Path) -> dict
     return row
 
 
+def compare_training_masks(data: Path, work: Path) -> dict:
+    """A renders arm's training masks (folder `data`) against the exact labels of the same
+    scenes (the folder its job.json says it relabelled): their mIoU, pixels they leave unsure
+    not counted; `labelled`, the share of pixels they label; and their reliability on those
+    pixels, which is what the reliability-aware losses act on: its mean and `below_band`, the
+    share under ignore-band's default threshold. Kept in `work/compared` (atomic write)."""
+    import torch
+
+    from attnseg.pipeline.files import atomic_write_bytes
+    from attnseg.pipeline.jsonfile import read_json
+    from attnseg.pipeline.train.evaluate import confusion_matrix, metrics_from_confusion
+    from attnseg.pipeline.train.losses import LossConfig
+    from attnseg.pipeline.train.sources import open_source
+
+    exact = data.parent / read_json(data / "job.json")["relabelled"]
+    path = work / "compared" / f"{data.name}--vs--{exact.name}.json"
+    if path.is_file():
+        return read_json(path)
+    masks, truth = open_source(data, "synthetic", "train"), open_source(exact, "auto", "train")
+    if masks.class_names != truth.class_names or len(masks) != len(truth):
+        raise ValueError(f"{data} does not relabel {exact}: classes or sizes differ")
+    n = len(truth.class_names)
+    threshold = LossConfig().band_threshold
+    hist = torch.zeros(n, n + 1, dtype=torch.int64)
+    labelled = total = below = 0
+    reliability = 0.0
+    for i in range(len(truth)):
+        mask, gold = masks.load(i), truth.load(i)
+        keep = mask.label != masks.ignore_index
+        pred = np.where(keep, mask.label, n)  # unsure: the column of no prediction, dropped
+        hist += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gold.label), n,
+                                 truth.ignore_index, extra_column=True)
+        rel = mask.reliability[keep] if mask.reliability is not None else np.ones(keep.sum())
+        labelled += int(keep.sum())
+        total += keep.size
+        reliability += float(rel.sum())
+        below += int((rel < threshold).sum())
+    row = {"mIoU": metrics_from_confusion(hist[:, :n], truth.class_names)["mIoU"],
+           "labelled": labelled / total, "reliability_mean": reliability / max(labelled, 1),
+           "below_band": below / max(labelled, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(row) + "\n").encode())
+    return row
+
+
 def choose_protocol(cfg: ToyDownstreamConfig, work: Path, val) -> tuple[tuple, dict]:
     """The candidate the rule picks on validation (module docstring, 1) and every score."""
     from .downstream import _per_class, _rendered
@@ -783,6 +830,11 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
                           for (data, _), judge in zip(trained_on[arm], judges, strict=True)]
                 row["training_masks"] = {k: interval95([j[k] for j in judged])
                                          for k in ("mIoU", "precision")}
+    for arm, row in arms.items():  # a renders arm's masks have the exact labels beside them
+        if arm.partition(":")[0] == "renders":
+            compared = [compare_training_masks(data, work) for data, _ in trained_on[arm]]
+            row["masks_vs_exact"] = {k: interval95([c[k] for c in compared])
+                                     for k in compared[0]}
     bases = {kind: arms.get(base, {}).get("values") for kind, base in (
         ("lora", "target"), ("renders", "renders"))}
     for arm, row in arms.items():
@@ -856,6 +908,21 @@ def to_markdown(report: dict) -> str:
         for arm, j in judged.items():
             lines.append(f"| {arm} | {pct(j['mIoU']['mean'])} ± {pct(j['mIoU']['std'])} | "
                          f"{pct(j['precision']['mean'])} ± {pct(j['precision']['std'])} |")
+        lines.append("")
+    compared = {arm: r["masks_vs_exact"] for arm, r in report["arms"].items()
+                if "masks_vs_exact" in r}
+    if compared:
+        lines += ["### The masks each `renders` arm trains on, against the exact labels", "",
+                  "The same scenes' exact labels score each seed's training masks (unsure "
+                  "pixels not counted); their reliability on the pixels they label is what "
+                  "the reliability-aware losses weight. Mean ± standard deviation over the "
+                  "seeds, in %.", "",
+                  "| arm | mIoU | pixels labelled | mean reliability | reliability below "
+                  "ignore-band's threshold |", "|---|---|---|---|---|"]
+        for arm, c in compared.items():
+            lines.append("| " + " | ".join([arm] + [
+                f"{pct(c[k]['mean'])} ± {pct(c[k]['std'])}"
+                for k in ("mIoU", "labelled", "reliability_mean", "below_band")]) + " |")
         lines.append("")
     for arm, r in report["arms"].items():
         if "lora" in r:

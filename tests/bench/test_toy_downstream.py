@@ -228,6 +228,9 @@ def _check_renders_arms(arms, work, printed):
         assert any(not np.array_equal(mask(default, n), mask(refined, n)) for n in masks)
     assert len(list(work.glob(f"train-relabelled-{switched}-*-noise0.1-12-ce-seed*"))) == 2
     assert "| renders:crf |" in printed and "against `renders`" in printed
+    for arm in ("renders", "renders:crf"):  # their masks against the exact labels
+        assert 0 < arms[arm]["masks_vs_exact"]["mIoU"]["mean"] < 1, arm
+    assert "### The masks each `renders` arm trains on, against the exact labels" in printed
     assert "default preset's masks: its dense CRF " in printed
 
 
@@ -400,7 +403,12 @@ def test_renders_recipe_and_loss_arms(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from attnseg.bench.toy.instrument import Recipe, ToyDownstreamConfig, _arm_runs
+    from attnseg.bench.toy.instrument import (
+        Recipe,
+        ToyDownstreamConfig,
+        _arm_runs,
+        compare_training_masks,
+    )
     from attnseg.pipeline.models.loading import load_pipeline
 
     pipe = load_pipeline("toy", torch.device("cpu"), torch.float32)
@@ -413,12 +421,28 @@ def test_renders_recipe_and_loss_arms(tmp_path):
     data, band_run, band = _arm_runs(cfg, "renders:loss:ignore-band", cand, pipe, tmp_path, 1)
     assert data == default and band == "ignore-band" and band_run != run
     assert band_run.name == run.name.replace("-ce-seed1-", "-ignore-band-seed1-")
+    # the masks against the exact labels of the same scenes, counted here pixel by pixel
+    compared = compare_training_masks(default, tmp_path)
+    exact = tmp_path / "exact-12-seed2001"
+    classes = len(json.loads((exact / "classes.json").read_text()))
+    pred, gold, rel = (np.stack([np.asarray(Image.open(p)) for p in sorted(
+        (folder / sub).glob("*.png"))]) for folder, sub in (
+        (default, "SegmentationClass"), (exact, "SegmentationClass"), (default, "Reliability")))
+    keep = pred != 255
+    valid = keep & (gold != 255)
+    ious = [((pred == c) & (gold == c) & valid).sum() / union for c in range(classes)
+            if (union := (((pred == c) | (gold == c)) & valid).sum())]
+    assert compared["mIoU"] == pytest.approx(np.mean(ious))
+    assert compared["labelled"] == pytest.approx(keep.mean()) and 0 < keep.mean() < 1
+    assert compared["reliability_mean"] == pytest.approx((rel[keep] / 255).mean(), abs=1e-6)
+    assert compared["below_band"] == pytest.approx((rel[keep] / 255 < 0.2).mean())
+    assert compare_training_masks(default, tmp_path) == compared  # kept in work/compared
+    assert len(list((tmp_path / "compared").iterdir())) == 1
     relabelled, recipe_run, loss = _arm_runs(cfg, "renders:recipe:daam-bg0.3", cand, pipe,
                                              tmp_path, 1)
     assert re.fullmatch(r"relabelled-recipe-daam-bg0\.3-[0-9a-f]{12}-noise0\.2-12-seed2001-.*",
                         relabelled.name) and loss == "ce"
     assert recipe_run.name.startswith("train-relabelled-recipe-daam-bg0.3-")
-    exact = tmp_path / "exact-12-seed2001"
     names = sorted(p.name for p in (exact / "JPEGImages").glob("*.jpg"))
     assert names == sorted(p.name for p in (relabelled / "JPEGImages").iterdir())
     masks = [n.replace(".jpg", ".png") for n in names]

@@ -224,6 +224,12 @@ def test_config_file_set_overrides_and_presets(tmp_path, capsys):
         assert f"{name}:" in listed
     assert "toy world: 66.7 ± 1.7 mIoU; 48.7 ± 1.2 with the dense CRF off" in listed
     assert "Default refinement (attnseg's dense CRF, 10 iterations)" in listed
+    from attnseg.pipeline.train.losses import LossConfig
+
+    assert f"Default loss (attnseg train --loss): {LossConfig().name}. " in listed
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert f"(default: {LossConfig().name})" in " ".join(capsys.readouterr().out.split())
     assert "45.5 ± 2.4 mIoU; 32.4 ± 0.3 with the dense CRF off" in listed
     assert "Default prompts (attnseg prompts, the demo): a template prompt names one to three" \
         in listed and "95 % interval [+" in listed
@@ -385,8 +391,10 @@ def test_preset_figures_are_the_instruments():
         TOY_BEST_RECIPE,
         TOY_DOWNSTREAM_GAINS,
         TOY_FIGURES,
+        TOY_LOSS_GAINS,
         TOY_PROMPT_GAIN,
         TOY_RENDERS_CRF_GAIN,
+        TOY_RENDERS_LOSS_RESULT,
         TOY_RENDERS_RESULT,
         TOY_RESULT,
     )
@@ -425,6 +433,21 @@ def test_preset_figures_are_the_instruments():
     assert len(gain["values"]) >= 5 and renders["default_mask"]["crf_iterations"] == 0
     assert {**renders["default_mask"], "crf_iterations": renders["config"]["crf_iterations"]} \
         == asdict(get_preset("attnseg").mask)
+    # the default loss: the losses on today's default masks, and the rule that picks it
+    from attnseg.pipeline.train.losses import LossConfig
+
+    losses = json.loads((root / TOY_RENDERS_LOSS_RESULT).with_suffix(".json").read_text())
+    assert losses["default_mask"] == asdict(get_preset("attnseg").mask)
+    assert set(losses["arms"]) == {"renders", *(f"renders:loss:{n}" for n in TOY_LOSS_GAINS)}
+    resolved = {}
+    for name, (mean, std, (lo, hi)) in TOY_LOSS_GAINS.items():
+        gain = losses["arms"][f"renders:loss:{name}"]["gain"]
+        assert len(gain["values"]) >= 5, name
+        assert (round(100 * gain["mean"], 1), round(100 * gain["std"], 1)) == (mean, std), name
+        assert [round(100 * x, 1) for x in gain["ci95"]] == [lo, hi], name
+        if gain["ci95"][0] > 0:
+            resolved[name] = gain["mean"]
+    assert LossConfig().name == max(resolved, key=resolved.get, default="ce")
     for arm, figure in TOY_DOWNSTREAM_GAINS.items():
         gain = report["arms"][arm]["gain"]
         assert (round(100 * gain["mean"], 1), round(100 * gain["std"], 1)) == figure, arm
