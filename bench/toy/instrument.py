@@ -849,6 +849,20 @@ def run_toy_downstream(cfg: ToyDownstreamConfig) -> dict:
     return report
 
 
+def _spread_table(arms: dict, key: str, columns: tuple, title: str, text: str,
+                  headers: tuple) -> list[str]:
+    """A markdown section of the arms that have `key`: each column's mean ± std over seeds."""
+    rows = {arm: r[key] for arm, r in arms.items() if key in r}
+    if not rows:
+        return []
+    lines = [title, "", text, "", "| arm | " + " | ".join(headers) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for arm, row in rows.items():
+        lines.append("| " + " | ".join([arm] + [f"{pct(row[c]['mean'])} ± {pct(row[c]['std'])}"
+                                               for c in columns]) + " |")
+    return lines + [""]
+
+
 def to_markdown(report: dict) -> str:
     cfg = {"synthetic_prompts": "plain", **report["config"]}  # reports from before the choice
     lines = ["# Toy world: the downstream instrument", "",
@@ -894,36 +908,22 @@ def to_markdown(report: dict) -> str:
                      f"[{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] | {g} | {per_render} | "
                      f"{r['train_minutes']:.1f} |")
     lines.append("")
-    judged = {arm: r["training_masks"] for arm, r in report["arms"].items()
-              if "training_masks" in r}
-    if judged:
-        lines += ["### The masks each arm trains on, judged by the exact-label segmenter", "",
-                  "Each seed's training masks against what that seed's exact-label segmenter "
-                  "sees in the generated images (a proxy: generated images have no ground "
-                  "truth, and the judge errs too; unsure pixels not counted). Precision: the "
-                  "mean over the shapes of the share of a shape's mask that the judge calls "
-                  "that shape. Mean ± standard deviation over the seeds, in %.", "",
-                  "| arm | mIoU against the judge | precision of the shapes' masks |",
-                  "|---|---|---|"]
-        for arm, j in judged.items():
-            lines.append(f"| {arm} | {pct(j['mIoU']['mean'])} ± {pct(j['mIoU']['std'])} | "
-                         f"{pct(j['precision']['mean'])} ± {pct(j['precision']['std'])} |")
-        lines.append("")
-    compared = {arm: r["masks_vs_exact"] for arm, r in report["arms"].items()
-                if "masks_vs_exact" in r}
-    if compared:
-        lines += ["### The masks each `renders` arm trains on, against the exact labels", "",
-                  "The same scenes' exact labels score each seed's training masks (unsure "
-                  "pixels not counted); their reliability on the pixels they label is what "
-                  "the reliability-aware losses weight. Mean ± standard deviation over the "
-                  "seeds, in %.", "",
-                  "| arm | mIoU | pixels labelled | mean reliability | reliability below "
-                  "ignore-band's threshold |", "|---|---|---|---|---|"]
-        for arm, c in compared.items():
-            lines.append("| " + " | ".join([arm] + [
-                f"{pct(c[k]['mean'])} ± {pct(c[k]['std'])}"
-                for k in ("mIoU", "labelled", "reliability_mean", "below_band")]) + " |")
-        lines.append("")
+    lines += _spread_table(
+        report["arms"], "training_masks", ("mIoU", "precision"),
+        "### The masks each arm trains on, judged by the exact-label segmenter",
+        "Each seed's training masks against what that seed's exact-label segmenter sees in the "
+        "generated images (a proxy: generated images have no ground truth, and the judge errs "
+        "too; unsure pixels not counted). Precision: the mean over the shapes of the share of a "
+        "shape's mask that the judge calls that shape. Mean ± standard deviation over the "
+        "seeds, in %.", ("mIoU against the judge", "precision of the shapes' masks"))
+    lines += _spread_table(
+        report["arms"], "masks_vs_exact", ("mIoU", "labelled", "reliability_mean", "below_band"),
+        "### The masks each `renders` arm trains on, against the exact labels",
+        "The same scenes' exact labels score each seed's training masks (unsure pixels not "
+        "counted); their reliability on the pixels they label is what the reliability-aware "
+        "losses weight. Mean ± standard deviation over the seeds, in %.",
+        ("mIoU", "pixels labelled", "mean reliability",
+         "reliability below ignore-band's threshold"))
     for arm, r in report["arms"].items():
         if "lora" in r:
             lora = next(x for x in cfg["loras"] if x["name"] == arm.partition(":")[2])
