@@ -240,11 +240,10 @@ class _Bench:
     def __init__(self, cfg: ThroughputConfig, pipe, device: torch.device,
                  size: tuple[int, int], engine_harvester=None):
         self.cfg, self.pipe, self.device, self.size = cfg, pipe, device, size
-        preset = get_preset(cfg.preset, pipe.vae_scale_factor)
         # The masks without the dense CRF (the default preset's among others): this measures
         # harvesting against the stock pipeline; the CRF runs on synth's write pool, beside
         # generation, measured by `attnseg bench writing --set refine=true`.
-        self.preset = replace(preset, mask=replace(preset.mask, crf_iterations=0))
+        self.preset = get_preset(cfg.preset, pipe.vae_scale_factor).without_crf()
         # An engine harvester has already put its engines in the pipeline: only `harvest`
         # runs, and the clock hooks the engine adapters.
         self.engine = engine_harvester is not None

@@ -4,7 +4,6 @@ engine folder, and their differences against the tolerance of the engine's preci
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +66,7 @@ def verify_engines(folder: Path, steps: int = 4, device: str = "auto", log=print
     preset.harvest = HarvestConfig.from_record(manifest["harvest"])
     # The engine's maps are verified: the masks before the dense CRF (the same code on both
     # paths), which can turn a rounding difference into a flipped pixel.
-    preset.mask = replace(preset.mask, crf_iterations=0)
+    preset = preset.without_crf()
     classes = load_classes("dog,cat,aeroplane")
     batch = max(1, min(key.max_batch, 2))
     samples = plan_samples(classes, default_prompts(classes), 1, 0)[:batch]

@@ -250,6 +250,11 @@ class Preset:
     steps: int | None = None
     guidance: float | None = None
 
+    def without_crf(self) -> Preset:
+        """This recipe with its dense CRF off: its masks as the maps decide them, where the
+        maps are what is compared or timed."""
+        return replace(self, mask=replace(self.mask, crf_iterations=0))
+
     def for_latent_stride(self, latent_stride: int) -> Preset:
         """This recipe for a model whose VAE downsamples by `latent_stride`. Recipes are
         written for Stable Diffusion's 8: a stride names a UNet level (8 the first, 16 the

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from attnseg.pipeline.config import get_preset
@@ -24,10 +22,9 @@ def ort_engine(tmp_path_factory):
     from attnseg.pipeline.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0)
-    base = get_preset("attnseg")
     # the masks before the default's dense CRF: the engine's maps are what is compared, and
     # the CRF can turn maps 1e-7 apart into a pixel of another label
-    preset = replace(base, mask=replace(base.mask, crf_iterations=0))
+    preset = get_preset("attnseg").without_crf()
     opts = EngineOptions(backend="onnxruntime", height=SIZE[0], width=SIZE[1],
                          max_batch=MAX_BATCH, max_classes=8, harvest=preset.harvest)
     folder = tmp_path_factory.mktemp("engines") / "ort"

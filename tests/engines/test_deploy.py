@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -115,8 +114,7 @@ def test_tensorrt_deploy_runner_matches_the_torch_path(tmp_path):
     from attnseg.pipeline.config import get_preset
 
     pipe = build_tiny_pipeline().to("cuda")
-    base = get_preset("attnseg")
-    preset = replace(base, mask=replace(base.mask, crf_iterations=0))  # the runtime's masks
+    preset = get_preset("attnseg").without_crf()  # the runtime's masks
     opts = EngineOptions(backend="tensorrt", height=SIZE[0], width=SIZE[1], max_batch=2,
                          harvest=preset.harvest, trt_plugin="off")
     folder, _ = build_engines(pipe, opts, tmp_path / "trt", log=lambda m: None)

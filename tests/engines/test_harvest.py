@@ -219,10 +219,9 @@ def test_sdxl_unet_engine_matches_torch_path(tmp_path):
     from attnseg.pipeline.models.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
-    base = get_preset("attnseg", pipe.vae_scale_factor)
     # the masks before the default's dense CRF, which can turn maps 1e-7 apart into a pixel of
     # another label: the engine's maps are what is compared
-    preset = replace(base, mask=replace(base.mask, crf_iterations=0))
+    preset = get_preset("attnseg", pipe.vae_scale_factor).without_crf()
     size = (64, 64)
     opts = EngineOptions(backend="onnxruntime", height=size[0], width=size[1],
                          max_batch=MAX_BATCH, max_classes=8, harvest=preset.harvest)
@@ -255,8 +254,6 @@ def test_sdxl_unet_engine_matches_torch_path(tmp_path):
 def test_an_engine_for_other_heads_is_refused_in_one_line(ort_engine):
     """The engine key keeps `harvest.heads` only when set, so a mismatch can be a key that
     only one side has: it is named either way round."""
-    from dataclasses import replace
-
     folder, pipe, preset = ort_engine
     engines = load_engines(folder, pipe)
     layer = "up_blocks.3.attentions.0.transformer_blocks.0.attn2"
