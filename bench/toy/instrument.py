@@ -228,7 +228,7 @@ class ToyDownstreamConfig:
     presets: tuple[str, ...] = ()
     labeller_noise: tuple[UnitFloat, ...] = (0.1,)
     labeller_seeds: tuple[int, ...] = (0,)
-    recipes: tuple[Recipe, ...] = ()  # needs `presets`
+    recipes: tuple[Recipe, ...] = ()  # needs `presets`, unless arms name each
     loras: tuple[LoraArm, ...] = ()  # the LoRAs of the `lora:NAME` arms
     device: str = "auto"
     dtype: str = "auto"
@@ -293,8 +293,10 @@ class ToyDownstreamConfig:
         names = [r.name for r in self.recipes]
         if len(set(names)) != len(names):
             raise UserError(f"recipe names must differ: {names}")
-        if self.recipes and not self.presets:
-            raise UserError("recipes are scored beside the presets: give presets too")
+        used = {a.rpartition("recipe:")[2] for a in self.arms if "recipe:" in a}
+        if not self.presets and set(names) - used:
+            raise UserError("recipes no arm names are scored beside the presets: give presets "
+                            "too")
         for lora in self.loras:
             lora.validate(self)
         lora_names = [r.name for r in self.loras]
@@ -612,17 +614,20 @@ def _renders_arm(cfg: ToyDownstreamConfig, bcfg, value: str, pipe, work: Path, s
                          cfg.exact_seed + seed)
     kind, _, name = value.partition(":")
     stride = pipe.vae_scale_factor
-    preset, tag, levels = get_preset("attnseg", stride), "attnseg", tuple(cfg.labeller_noise)
+    preset, levels = get_preset("attnseg", stride), tuple(cfg.labeller_noise)
     if kind == "crf":
         iterations = 0 if preset.mask.crf_iterations else cfg.crf_iterations
         preset = replace(preset, mask=replace(preset.mask, crf_iterations=iterations))
-        tag = f"attnseg-crf{iterations}"
     elif kind == "recipe":
         recipe = next(r for r in cfg.recipes if r.name == name)
         levels = _recipe_noise(cfg, recipe)
-        preset, tag = recipe.resolve(stride), f"recipe-{name}"
-    # Named by every setting of the preset: a changed default is not taken for the old one.
-    tag += f"-{_digest(asdict(preset))}-noise" + ",".join(f"{x:g}" for x in levels)
+        preset = recipe.resolve(stride)
+    # Named by what makes the masks (the labeller reads the preset's harvest and mask settings
+    # and the noise levels): a changed default is not taken for the old one, and the same
+    # masks under another name (a reworded preset, a default that adopts a recipe) are neither
+    # labelled nor trained on again.
+    tag = (_digest({"harvest": asdict(preset.harvest), "mask": asdict(preset.mask)})
+           + "-noise" + ",".join(f"{x:g}" for x in levels))
     data = _relabelled(bcfg, pipe, levels, rendered,
                        work / f"relabelled-{tag}-{count}-seed{cfg.exact_seed + seed}-{key}",
                        seed, key, preset, tag)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -206,17 +206,19 @@ def _check_renders_arms(arms, work, printed):
     assert crf["gain"]["values"] == pytest.approx(
         [a - b for a, b in zip(crf["values"], arms["renders"]["values"], strict=True)])
     assert "gain" not in arms["renders"] and "training_masks" not in crf
-    # renders:crf switches the default preset's CRF (on: 10 iterations, the config's; off: 0)
-    switched = "attnseg-crf0" if get_preset("attnseg").mask.crf_iterations else "attnseg-crf10"
+    # renders:crf switches the default preset's CRF (on: 10 iterations, the config's; off: 0);
+    # each folder is named by the labeller's harvest and mask settings and its noise
+    from attnseg.bench.toy.instrument import _digest
+
+    preset = get_preset("attnseg", 4)  # the toy model's latent stride
+    switched = replace(preset.mask, crf_iterations=0 if preset.mask.crf_iterations else 10)
+    tags = [_digest({"harvest": asdict(preset.harvest), "mask": asdict(mask)}) + "-noise0.1"
+            for mask in (preset.mask, switched)]
     for seed in (0, 1):
         exact = work / f"exact-12-seed{2000 + seed}"
-        # named by the preset's settings (12 hex digits) and the labeller's noise
-        default, refined = (
-            next(f for f in work.glob(f"relabelled-{name}-*-noise0.1-12-seed{2000 + seed}-*")
-                 if re.fullmatch(rf"relabelled-{name}-[0-9a-f]{{12}}-noise0\.1-12-.*", f.name))
-            for name in ("attnseg", switched))
-        assert re.fullmatch(rf"{switched}-[0-9a-f]{{12}}-noise0\.1",
-                            json.loads((refined / "job.json").read_text())["preset"])
+        default, refined = (next(work.glob(f"relabelled-{tag}-12-seed{2000 + seed}-*"))
+                            for tag in tags)
+        assert json.loads((refined / "job.json").read_text())["preset"] == tags[1]
         names = sorted(p.name for p in (exact / "JPEGImages").glob("*.jpg"))
         assert len(names) == 12
         for folder in (default, refined):
@@ -226,7 +228,7 @@ def _check_renders_arms(arms, work, printed):
         masks = [n.replace(".jpg", ".png") for n in names]
         assert any(not np.array_equal(mask(default, n), mask(exact, n)) for n in masks)
         assert any(not np.array_equal(mask(default, n), mask(refined, n)) for n in masks)
-    assert len(list(work.glob(f"train-relabelled-{switched}-*-noise0.1-12-ce-seed*"))) == 2
+    assert len(list(work.glob(f"train-relabelled-{tags[1]}-12-ce-seed*"))) == 2
     assert "| renders:crf |" in printed and "against `renders`" in printed
     for arm in ("renders", "renders:crf"):  # their masks against the exact labels
         assert 0 < arms[arm]["masks_vs_exact"]["mIoU"]["mean"] < 1, arm
@@ -416,8 +418,12 @@ def test_renders_recipe_and_loss_arms(tmp_path):
     recipe = Recipe(name="daam-bg0.3", preset="daam", mask={"bg_const": 0.3}, noise=(0.2,))
     cfg = ToyDownstreamConfig(images=12, seeds=(0, 1), test_seeds=(7,), test_images=2,
                               presets=("daam",), recipes=(recipe,))
+    # a recipe an arm names needs no presets (it is not scored beside them)
+    ToyDownstreamConfig(arms=("renders", "renders:recipe:daam-bg0.3"), recipes=(recipe,)
+                        ).validate()
     default, run, loss = _arm_runs(cfg, "renders", cand, pipe, tmp_path, 1)
-    assert loss == "ce" and run.name.startswith("train-relabelled-attnseg-")
+    assert loss == "ce" and re.fullmatch(
+        r"train-relabelled-[0-9a-f]{12}-noise0\.1-12-ce-seed1-.*", run.name)
     data, band_run, band = _arm_runs(cfg, "renders:loss:ignore-band", cand, pipe, tmp_path, 1)
     assert data == default and band == "ignore-band" and band_run != run
     assert band_run.name == run.name.replace("-ce-seed1-", "-ignore-band-seed1-")
@@ -440,9 +446,10 @@ def test_renders_recipe_and_loss_arms(tmp_path):
     assert len(list((tmp_path / "compared").iterdir())) == 1
     relabelled, recipe_run, loss = _arm_runs(cfg, "renders:recipe:daam-bg0.3", cand, pipe,
                                              tmp_path, 1)
-    assert re.fullmatch(r"relabelled-recipe-daam-bg0\.3-[0-9a-f]{12}-noise0\.2-12-seed2001-.*",
+    assert re.fullmatch(r"relabelled-[0-9a-f]{12}-noise0\.2-12-seed2001-.*",
                         relabelled.name) and loss == "ce"
-    assert recipe_run.name.startswith("train-relabelled-recipe-daam-bg0.3-")
+    assert recipe_run.name == relabelled.name.replace("relabelled-", "train-relabelled-", 1) \
+        .replace("-12-seed2001-", "-12-ce-seed1-")
     names = sorted(p.name for p in (exact / "JPEGImages").glob("*.jpg"))
     assert names == sorted(p.name for p in (relabelled / "JPEGImages").iterdir())
     masks = [n.replace(".jpg", ".png") for n in names]
@@ -456,6 +463,13 @@ def test_renders_recipe_and_loss_arms(tmp_path):
                                      noise=(0.2,)),))
     assert _arm_runs(edited, "renders:recipe:daam-bg0.3", cand, pipe, tmp_path, 1)[0] != \
         relabelled
+    # a recipe that resolves to the default's masks is the default's folder and run: folders
+    # are named by what makes the masks, not by the recipe's or preset's name
+    same = ToyDownstreamConfig(images=12, seeds=(0, 1), test_seeds=(7,), test_images=2,
+                               presets=("daam",), recipes=(Recipe(
+                                   name="as-default", preset="attnseg", mask={}),))
+    assert _arm_runs(same, "renders:recipe:as-default", cand, pipe, tmp_path, 1) == \
+        (default, run, "ce")
 
 
 def test_a_fixed_protocol_trains_nothing_on_validation(tmp_path):
