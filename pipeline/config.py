@@ -280,6 +280,9 @@ def _preset_attnseg() -> Preset:
     # The dense CRF is on: on the toy world it lifts the masks by 18 points and, on the same
     # scenes with only the masks changed, the segmenter trained on them beyond the 95 %
     # interval (pipeline/cli/synth.py's TOY_RENDERS_CRF_GAIN); MaskConfig's lighter kernel.
+    # The maps and the ignore band stay: the best recipe on validation (DAAM's maps, the CRF,
+    # no band) scores higher only by labelling the band, and its masks train no better
+    # segmenter (TOY_RENDERS_RECIPE_GAIN).
     return Preset(
         name="attnseg",
         source="attnseg default: every cross-attention layer at strides 8-32, all steps, "

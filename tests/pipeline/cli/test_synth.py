@@ -395,6 +395,8 @@ def test_preset_figures_are_the_instruments():
         TOY_PROMPT_GAIN,
         TOY_RENDERS_CRF_GAIN,
         TOY_RENDERS_LOSS_RESULT,
+        TOY_RENDERS_RECIPE_GAIN,
+        TOY_RENDERS_RECIPE_RESULT,
         TOY_RENDERS_RESULT,
         TOY_RESULT,
     )
@@ -433,6 +435,20 @@ def test_preset_figures_are_the_instruments():
     assert len(gain["values"]) >= 5 and renders["default_mask"]["crf_iterations"] == 0
     assert {**renders["default_mask"], "crf_iterations": renders["config"]["crf_iterations"]} \
         == asdict(get_preset("attnseg").mask)
+    # the best recipe against today's default's masks on the renders: not beyond its interval,
+    # so not the default
+    recipe_report = json.loads((root / TOY_RENDERS_RECIPE_RESULT).with_suffix(".json")
+                               .read_text())
+    assert recipe_report["default_mask"] == asdict(get_preset("attnseg").mask)
+    assert [(r["name"], r["preset"], r["mask"], r["harvest"], r["noise"])
+            for r in recipe_report["config"]["recipes"]] == [
+                (name, best["preset"], best["mask"], {}, [])]
+    assert recipe_report["config"]["labeller_noise"] == best["noise"]  # the recipe's, as scored
+    gain = recipe_report["arms"][f"renders:recipe:{name}"]["gain"]
+    mean, std, (lo, hi) = TOY_RENDERS_RECIPE_GAIN
+    assert len(gain["values"]) >= 5
+    assert (round(100 * gain["mean"], 1), round(100 * gain["std"], 1)) == (mean, std)
+    assert [round(100 * x, 1) for x in gain["ci95"]] == [lo, hi] and gain["ci95"][0] <= 0
     # the default loss: the losses on today's default masks, and the rule that picks it
     from attnseg.pipeline.train.losses import LossConfig
 
