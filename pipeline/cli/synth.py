@@ -316,7 +316,8 @@ TOY_RENDERS_RECIPE_GAIN = (-0.6, 2.1, (-3.3, 2.0))
 # gain, and CE when none does; a test holds these to the result file and to that rule.
 TOY_RENDERS_LOSS_RESULT = "bench/results/toy_downstream_renders_loss.md"
 TOY_LOSS_GAINS = {"reliability-weighted": (-1.2, 3.2, (-5.2, 2.7)),
-                  "ignore-band": (0.1, 1.0, (-1.1, 1.3))}
+                  "ignore-band": (0.1, 1.0, (-1.1, 1.3)),
+                  "cotrain": (-7.9, 1.1, (-9.2, -6.5))}
 # What backs the default prompts (`attnseg prompts --classes-per-prompt`'s default): the
 # instrument's arm on augmented prompts naming one to three classes against synth's plain
 # template prompts, one class each (mean, standard deviation and 95 % interval of the gain
@@ -364,8 +365,8 @@ def cmd_presets(args) -> int:
     print(f"Default loss (attnseg train --loss): {LossConfig().name}. Over CE, a segmenter "
           f"trained on the toy world's scenes labelled by the default's masks gains: {gains} "
           f"mIoU (95 % intervals, 5 seeds; {TOY_RENDERS_LOSS_RESULT}): "
-          + (f"beyond the interval for {', '.join(resolved)}." if resolved else
-             "none beyond its interval."))
+          + (f"a gain beyond the interval for {', '.join(resolved)}." if resolved else
+             "none gains beyond its interval."))
     _, mean, std, (lo, hi) = TOY_PROMPT_GAIN
     print(f"Default prompts (attnseg prompts, the demo): a template prompt names one to three "
           f"classes (--classes-per-prompt 0.4,0.35,0.25): {mean:+.1f} ± {std:.1f} mIoU "
