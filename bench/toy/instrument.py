@@ -295,8 +295,8 @@ class ToyDownstreamConfig:
             raise UserError(f"recipe names must differ: {names}")
         used = {a.rpartition("recipe:")[2] for a in self.arms if "recipe:" in a}
         if not self.presets and set(names) - used:
-            raise UserError("recipes no arm names are scored beside the presets: give presets "
-                            "too")
+            raise UserError("recipes that no arm names are scored beside the presets: give "
+                            "presets too")
         for lora in self.loras:
             lora.validate(self)
         lora_names = [r.name for r in self.loras]
@@ -600,6 +600,16 @@ def _arm_runs(cfg: ToyDownstreamConfig, arm: str, candidate: tuple, pipe, work: 
     return data, work / f"train-{name}-{per_class * 6}-seed{seed}-{key}", "ce"
 
 
+def masks_tag(preset, levels) -> str:
+    """The name of the masks the real-image labeller makes with `preset` at noise `levels`:
+    the digest of what it reads (the preset's harvest and mask settings) and the levels. A
+    changed default is not taken for the old one, and the same masks under another name (a
+    reworded preset, a default that adopts a recipe) are neither labelled nor trained on
+    again."""
+    return (_digest({"harvest": asdict(preset.harvest), "mask": asdict(preset.mask)})
+            + "-noise" + ",".join(f"{x:g}" for x in levels))
+
+
 def _renders_arm(cfg: ToyDownstreamConfig, bcfg, value: str, pipe, work: Path, seed: int,
                  key: str) -> tuple[Path, Path, str]:
     """A renders arm's data (the exact arm's scenes of `seed`, labelled by the real-image
@@ -622,12 +632,7 @@ def _renders_arm(cfg: ToyDownstreamConfig, bcfg, value: str, pipe, work: Path, s
         recipe = next(r for r in cfg.recipes if r.name == name)
         levels = _recipe_noise(cfg, recipe)
         preset = recipe.resolve(stride)
-    # Named by what makes the masks (the labeller reads the preset's harvest and mask settings
-    # and the noise levels): a changed default is not taken for the old one, and the same
-    # masks under another name (a reworded preset, a default that adopts a recipe) are neither
-    # labelled nor trained on again.
-    tag = (_digest({"harvest": asdict(preset.harvest), "mask": asdict(preset.mask)})
-           + "-noise" + ",".join(f"{x:g}" for x in levels))
+    tag = masks_tag(preset, levels)
     data = _relabelled(bcfg, pipe, levels, rendered,
                        work / f"relabelled-{tag}-{count}-seed{cfg.exact_seed + seed}-{key}",
                        seed, key, preset, tag)

@@ -208,12 +208,11 @@ def _check_renders_arms(arms, work, printed):
     assert "gain" not in arms["renders"] and "training_masks" not in crf
     # renders:crf switches the default preset's CRF (on: 10 iterations, the config's; off: 0);
     # each folder is named by the labeller's harvest and mask settings and its noise
-    from attnseg.bench.toy.instrument import _digest
+    from attnseg.bench.toy.instrument import masks_tag
 
     preset = get_preset("attnseg", 4)  # the toy model's latent stride
     switched = replace(preset.mask, crf_iterations=0 if preset.mask.crf_iterations else 10)
-    tags = [_digest({"harvest": asdict(preset.harvest), "mask": asdict(mask)}) + "-noise0.1"
-            for mask in (preset.mask, switched)]
+    tags = [masks_tag(replace(preset, mask=mask), (0.1,)) for mask in (preset.mask, switched)]
     for seed in (0, 1):
         exact = work / f"exact-12-seed{2000 + seed}"
         default, refined = (next(work.glob(f"relabelled-{tag}-12-seed{2000 + seed}-*"))
