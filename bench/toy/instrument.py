@@ -392,9 +392,10 @@ def _inference(side: int):
 def train_and_score(candidate: tuple, data: Path, run: Path, seed: int, tests: list,
                     loss: str = "ce", scale_range: tuple[float, float] = (1.0, 1.0)
                     ) -> tuple[list[float], float]:
-    """Train the candidate's segmenter on `data` (a finished run is reused, not retrained) and
-    score it on each of `tests`; returns the mIoUs and the training's seconds over every
-    process that trained it (as the run recorded them; NaN where it did not)."""
+    """Train the candidate's segmenter on `data` (a finished run of these settings is reused,
+    not retrained; a folder holding another is refused) and score it on each of `tests`;
+    returns the mIoUs and the training's seconds over every process that trained it (as the
+    run recorded them; NaN where it did not)."""
     from attnseg.pipeline.jsonfile import read_json
     from attnseg.pipeline.train.evaluate import evaluate_model
     from attnseg.pipeline.train.trainer import (
@@ -414,8 +415,9 @@ def train_and_score(candidate: tuple, data: Path, run: Path, seed: int, tests: l
         batch_size=8, lr=lr, warmup_steps=steps // 10, head_lr_mult=1.0, workers=0,
         checkpoint_every=steps, log_every=steps, progress=False, seed=seed,
         loss={"name": loss}, augment=augment))
-    if not (run / "model.safetensors").is_file():
-        run_training(tcfg)
+    # A finished run returns at once; a folder holding another run (other data or settings
+    # under this name) is refused, not scored as this one.
+    run_training(tcfg)
     seconds = read_final(run)["seconds"]
     if seconds is None and (run / "seconds.json").is_file():
         # runs trained before the trainer recorded its own seconds

@@ -492,6 +492,29 @@ def test_a_fixed_protocol_trains_nothing_on_validation(tmp_path):
     assert "fixed by the settings" in md and "| candidate |" not in md
 
 
+def test_a_run_folder_holding_another_run_is_refused(tmp_path, capsys):
+    """A finished run is reused only when it was trained with these settings: the two arms'
+    runs of a seed swapped by hand (each trained on the other's masks) are refused in one
+    line, not scored as each other."""
+    args = ["bench", "toy-downstream", "--out", str(tmp_path / "r"), "--device", "cpu",
+            "--set", 'candidates=[["segformer-tiny", 0, 2, 0.01]]', "--set", "protocol_seeds=[]",
+            "--set", "seeds=[0,1]", "--set", "test_seeds=[7]", "--set", "test_images=2",
+            "--set", "images=12", "--set", 'arms=["renders", "renders:crf"]']
+    assert main(args) == 0
+    first = json.loads((tmp_path / "r.json").read_text())["arms"]
+    runs = sorted((tmp_path / "r.work").glob("train-relabelled-*-seed0-*"))
+    assert len(runs) == 2
+    runs[0].rename(tmp_path / "swap")
+    runs[1].rename(runs[0])
+    (tmp_path / "swap").rename(runs[1])
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a different run" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["arms"] == first  # not rewritten
+
+
 def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
     daam = 'presets=["daam"]'
     for settings, words in (
