@@ -233,6 +233,7 @@ def test_config_file_set_overrides_and_presets(tmp_path, capsys):
     assert "45.5 ± 2.4 mIoU; 32.4 ± 0.3 with the dense CRF off" in listed
     assert "Default prompts (attnseg prompts, the demo): a template prompt names one to three" \
         in listed and "95 % interval [+" in listed
+    assert "Default lexicon (attnseg prompts, --no-builtin-lexicon" in listed
     bad = tmp_path / "bad.toml"
     bad.write_text("model = [\n")
     assert main(["synth", "--config", str(bad)]) == 2
@@ -388,11 +389,13 @@ def test_preset_figures_are_the_instruments():
     from attnseg.bench.toy.config import ToyBenchConfig
     from attnseg.pipeline.adapt.prompt_augment import PromptsConfig
     from attnseg.pipeline.cli.synth import (
+        TOY_AUGMENT_GAIN,
         TOY_BEST_RECIPE,
         TOY_DOWNSTREAM_GAINS,
         TOY_FIGURES,
         TOY_LOSS_GAINS,
         TOY_PROMPT_GAIN,
+        TOY_PROMPTS_RESULT,
         TOY_RENDERS_CRF_GAIN,
         TOY_RENDERS_LOSS_RESULT,
         TOY_RENDERS_RECIPE_GAIN,
@@ -474,3 +477,15 @@ def test_preset_figures_are_the_instruments():
     assert (round(100 * gain["mean"], 1), round(100 * gain["std"], 1)) == (mean, std)
     assert [round(100 * x, 1) for x in gain["ci95"]] == [lo, hi] and gain["ci95"][0] > 0
     assert PromptsConfig().classes_per_prompt == ToyBenchConfig().classes_per_prompt
+    # the built-in lexicon (on by default): the synonyms alone against plain prompts, with
+    # today's default masks, beyond the interval
+    prompts = json.loads((root / TOY_PROMPTS_RESULT).with_suffix(".json").read_text())
+    assert prompts["default_mask"] == asdict(get_preset("attnseg").mask)
+    arm, mean, std, (lo, hi) = TOY_AUGMENT_GAIN
+    assert prompts["config"]["synthetic_prompts"] == "plain"
+    assert set(prompts["arms"]) == {"synthetic", arm}
+    gain = prompts["arms"][arm]["gain"]
+    assert len(gain["values"]) >= 5
+    assert (round(100 * gain["mean"], 1), round(100 * gain["std"], 1)) == (mean, std)
+    assert [round(100 * x, 2) for x in gain["ci95"]] == [lo, hi]
+    assert PromptsConfig().builtin_lexicon == (gain["ci95"][0] > 0)
