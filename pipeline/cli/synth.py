@@ -381,7 +381,8 @@ def cmd_presets(args) -> int:
     print(f"Default lexicon (attnseg prompts, --no-builtin-lexicon to leave it out): the "
           f"synonyms and hyponyms alone, one class per prompt, {mean:+.1f} ± {std:.1f} mIoU "
           f"downstream over synth's plain prompts, 95 % interval [{lo:+.2f}, {hi:+.1f}] "
-          f"(5 seeds; {TOY_PROMPTS_RESULT}): beyond it, by a hair.")
+          f"(5 seeds; {TOY_PROMPTS_RESULT}): "
+          + ("beyond it." if lo > 0 else "not beyond it."))
     return 0
 
 
