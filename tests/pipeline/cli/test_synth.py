@@ -235,6 +235,7 @@ def test_config_file_set_overrides_and_presets(tmp_path, capsys):
         in listed and "95 % interval [+" in listed
     assert "Default lexicon (attnseg prompts, --no-builtin-lexicon" in listed
     assert "not resolved either way; on, as part of the default prompts" in listed
+    assert "Over synth's plain prompts: templates +" in listed
     bad = tmp_path / "bad.toml"
     bad.write_text("model = [\n")
     assert main(["synth", "--config", str(bad)]) == 2
@@ -497,7 +498,9 @@ def test_preset_figures_are_the_instruments():
                     for x in gain["ci95"]] == [lo, hi], arm
         return made
 
-    held(TOY_PROMPTS_RESULT, "plain", TOY_PROMPTS_GAINS)
+    prompts = held(TOY_PROMPTS_RESULT, "plain", TOY_PROMPTS_GAINS)
     lexicon = held(TOY_LEXICON_RESULT, "templates", {"prompts:augmented": TOY_LEXICON_GAIN})
+    for arm, same in (("synthetic", "prompts:templates"), ("prompts:augmented",) * 2):
+        assert lexicon["arms"][arm]["values"] == prompts["arms"][same]["values"]  # same runs
     assert PromptsConfig().builtin_lexicon == (
         lexicon["arms"]["prompts:augmented"]["gain"]["ci95"][1] >= 0)
