@@ -365,7 +365,7 @@ def cmd_presets(args) -> int:
     recipe = TOY_DOWNSTREAM_GAINS[f"recipe:{recipe_name}"]
     print(f"Default refinement (attnseg's dense CRF, 10 iterations): a segmenter trained on the "
           f"toy world's scenes labelled by the default's masks gains {mean:+.1f} ± {std:.1f} "
-          f"mIoU from the CRF, 95 % interval [{lo:+.1f}, {hi:+.1f}] (5 seeds; "
+          f"mIoU from the CRF, 95 % interval {_interval(lo, hi)} (5 seeds; "
           f"{TOY_RENDERS_RESULT}); trained on generated images, {crf[0]:+.1f} ± {crf[1]:.1f} "
           f"(not resolved; {TOY_RESULT}).")
     rgain, rgstd, (rlo, rhi) = TOY_RENDERS_RECIPE_GAIN
@@ -373,10 +373,10 @@ def cmd_presets(args) -> int:
           f"world, where unsure pixels count as wrong (it leaves none; the default's ignore "
           f"band does). A segmenter trained on the toy world's scenes labelled by it gains "
           f"{rgain:+.1f} ± {rgstd:.1f} mIoU over the default's masks, 95 % interval "
-          f"[{rlo:+.1f}, {rhi:+.1f}] (5 seeds; {TOY_RENDERS_RECIPE_RESULT}); trained on "
+          f"{_interval(rlo, rhi)} (5 seeds; {TOY_RENDERS_RECIPE_RESULT}); trained on "
           f"generated images, {recipe[0]:+.1f} ± {recipe[1]:.1f} over the default's without the "
           "CRF (not resolved): not the default.")
-    gains = "; ".join(f"{name} {mean:+.1f} ± {std:.1f} [{lo:+.1f}, {hi:+.1f}]"
+    gains = "; ".join(f"{name} {mean:+.1f} ± {std:.1f} {_interval(lo, hi)}"
                       for name, (mean, std, (lo, hi)) in TOY_LOSS_GAINS.items())
     resolved = [name for name, (_, _, (lo, _)) in TOY_LOSS_GAINS.items() if lo > 0]
     print(f"Default loss (attnseg train --loss): {LossConfig().name}. Over CE, a segmenter "
@@ -388,7 +388,7 @@ def cmd_presets(args) -> int:
     print(f"Default prompts (attnseg prompts, the demo): a template prompt names one to three "
           f"classes (--classes-per-prompt 0.4,0.35,0.25): {mean:+.1f} ± {std:.1f} mIoU "
           f"downstream over synth's plain prompts (one class each, no synonyms), 95 % "
-          f"interval [{lo:+.1f}, {hi:+.1f}] (5 seeds; {TOY_RESULT}).")
+          f"interval {_interval(lo, hi)} (5 seeds; {TOY_RESULT}).")
     mean, std, (lo, hi) = TOY_LEXICON_GAIN
     plain = "; ".join(f"{arm.partition(':')[2]} {m:+.1f} {_interval(a, b)}"
                       for arm, (m, _, (a, b)) in TOY_PROMPTS_GAINS.items())
