@@ -875,6 +875,25 @@ def _spread_table(arms: dict, key: str, columns: tuple, title: str, text: str,
     return lines + [""]
 
 
+def _bound_table(arms: dict) -> list[str]:
+    """A markdown section of the `images:N` arms: each beside the exact-label bound at its own
+    count, trained on the same seeds."""
+    rows = {arm: r for arm, r in arms.items() if "exact" in r}
+    if not rows:
+        return []
+    lines = ["### The exact-label bound at each `images:N` arm's count", "",
+             "The exact arm trained on N rendered scenes with the same seeds and protocol; the "
+             "share is the mean of the per-seed ratios.", "",
+             "| arm | mIoU | exact labels at N | std (seeds) | share of the bound | "
+             "exact labels per seed |", "|---|---|---|---|---|---|"]
+    for arm, r in rows.items():
+        exact = r["exact"]
+        share = np.mean([v / b for v, b in zip(r["values"], exact["values"], strict=True)])
+        lines.append(f"| {arm} | {pct(r['mean'])} | {pct(exact['mean'])} | {pct(exact['std'])} "
+                     f"| {pct(share)} | {', '.join(pct(v) for v in exact['values'])} |")
+    return lines + [""]
+
+
 def to_markdown(report: dict) -> str:
     cfg = {"synthetic_prompts": "plain", **report["config"]}  # reports from before the choice
     lines = ["# Toy world: the downstream instrument", "",
@@ -920,6 +939,7 @@ def to_markdown(report: dict) -> str:
                      f"[{pct(r['ci95'][0])}, {pct(r['ci95'][1])}] | {g} | {per_render} | "
                      f"{r['train_minutes']:.1f} |")
     lines.append("")
+    lines += _bound_table(report["arms"])
     lines += _spread_table(
         report["arms"], "training_masks", ("mIoU", "precision"),
         "### The masks each arm trains on, judged by the exact-label segmenter",

@@ -492,6 +492,43 @@ def test_a_fixed_protocol_trains_nothing_on_validation(tmp_path):
     assert "fixed by the settings" in md and "| candidate |" not in md
 
 
+def test_an_images_arm_has_the_bound_at_its_count_beside_it(tmp_path):
+    """`images:N` trains on N generated images (the synthetic arm's prompts, fewer per class),
+    is paired by seed with `synthetic`, and has the exact arm at N beside it: the segmenter
+    trained on N exact-label renders of the exact arm's seeds, scored on the same tests."""
+    from attnseg.pipeline.train.evaluate import InferenceConfig, evaluate_model
+    from attnseg.pipeline.train.sources import open_source
+    from attnseg.pipeline.train.trainer import load_model
+
+    out = tmp_path / "scaling"
+    assert main(["bench", "toy-downstream", "--out", str(out), "--device", "cpu",
+                 "--set", 'candidates=[["segformer-tiny", 0, 2, 0.01]]',
+                 "--set", "protocol_seeds=[]", "--set", "seeds=[0,1]", "--set", "synth_steps=1",
+                 "--set", "test_seeds=[7]", "--set", "test_images=2", "--set", "images=12",
+                 "--set", 'arms=["synthetic", "images:6"]']) == 0
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    arms, work = report["arms"], tmp_path / "scaling.work"
+    fewer = arms["images:6"]
+    assert fewer["gain"]["values"] == pytest.approx(
+        [a - b for a, b in zip(fewer["values"], arms["synthetic"]["values"], strict=True)])
+    assert "exact" not in arms["synthetic"]
+    test = open_source(work / "test-7-2", "synthetic", "train")
+    for seed in (0, 1):
+        data = next(work.glob(f"synth-1x6-seed{seed}-*"))
+        assert len(list((data / "JPEGImages").iterdir())) == 6
+        exact = work / f"exact-6-seed{2000 + seed}"
+        assert len(list((exact / "JPEGImages").glob("*.jpg"))) == 6
+        judge, = work.glob(f"train-exact-6-seed{seed}-*")
+        assert fewer["exact"]["values"][seed] == pytest.approx(
+            evaluate_model(load_model(judge), test, InferenceConfig())["mIoU"])
+    md = (tmp_path / "scaling.md").read_text()
+    bound = md.split("### The exact-label bound at each `images:N` arm's count")[1]
+    share = sum(v / b for v, b in zip(fewer["values"], fewer["exact"]["values"],
+                                      strict=True)) / 2
+    assert f"| images:6 | {100 * fewer['mean']:.1f} | {100 * fewer['exact']['mean']:.1f} |" \
+        in bound and f"| {100 * share:.1f} |" in bound
+
+
 def test_a_run_folder_holding_another_run_is_refused(tmp_path, capsys):
     """A finished run is reused only when it was trained with these settings: the two arms'
     runs of a seed swapped by hand (each trained on the other's masks) are refused in one
