@@ -332,8 +332,10 @@ class ToyDownstreamConfig:
                 raise UserError(f"unknown prompt arm {value!r}; choose from {list(PROMPT_ARMS)}")
             if kind == "prompts" and value == self.synthetic_prompts:
                 raise UserError(f"arm {arm!r} is the synthetic arm itself (synthetic_prompts)")
-            if kind == "images" and not (value.isdigit() and int(value) >= 6):
-                raise UserError(f"arm {arm!r}: N must be an integer >= 6 (one per class)")
+            if kind == "images" and not (value.isdigit() and int(value) >= 6
+                                         and int(value) % 6 == 0):
+                raise UserError(f"arm {arm!r}: N must be a multiple of 6 (the same number of "
+                                "images for each of the 6 classes), at least 6")
 
 
 def _candidate(c) -> tuple:
@@ -884,11 +886,12 @@ def _bound_table(arms: dict) -> list[str]:
     lines = ["### The exact-label bound at each `images:N` arm's count", "",
              "The exact arm trained on N rendered scenes with the same seeds and protocol; the "
              "share is the mean of the per-seed ratios.", "",
-             "| arm | mIoU | exact labels at N | std (seeds) | share of the bound | "
-             "exact labels per seed |", "|---|---|---|---|---|---|"]
+             "| arm | mIoU | exact labels at N | the bound's std (seeds) | share of the bound "
+             "(%) | exact labels per seed |", "|---|---|---|---|---|---|"]
     for arm, r in rows.items():
         exact = r["exact"]
-        share = np.mean([v / b for v, b in zip(r["values"], exact["values"], strict=True)])
+        share = (np.mean([v / b for v, b in zip(r["values"], exact["values"], strict=True)])
+                 if all(exact["values"]) else None)
         lines.append(f"| {arm} | {pct(r['mean'])} | {pct(exact['mean'])} | {pct(exact['std'])} "
                      f"| {pct(share)} | {', '.join(pct(v) for v in exact['values'])} |")
     return lines + [""]
@@ -897,7 +900,8 @@ def _bound_table(arms: dict) -> list[str]:
 def to_markdown(report: dict) -> str:
     cfg = {"synthetic_prompts": "plain", **report["config"]}  # reports from before the choice
     lines = ["# Toy world: the downstream instrument", "",
-             f"Segmenters trained on {cfg['images']} images per arm, scored on "
+             f"Segmenters trained on {cfg['images']} images per arm (an `images:N` arm: N), "
+             "scored on "
              f"{len(cfg['test_seeds'])} test renders (seeds "
              f"{', '.join(map(str, cfg['test_seeds']))}) of {cfg['test_images']} scenes each "
              f"against exact labels; training seeds {', '.join(map(str, cfg['seeds']))}. "

@@ -496,6 +496,7 @@ def test_an_images_arm_has_the_bound_at_its_count_beside_it(tmp_path):
     """`images:N` trains on N generated images (the synthetic arm's prompts, fewer per class),
     is paired by seed with `synthetic`, and has the exact arm at N beside it: the segmenter
     trained on N exact-label renders of the exact arm's seeds, scored on the same tests."""
+    from attnseg.bench.common import pct
     from attnseg.pipeline.train.evaluate import InferenceConfig, evaluate_model
     from attnseg.pipeline.train.sources import open_source
     from attnseg.pipeline.train.trainer import load_model
@@ -516,17 +517,22 @@ def test_an_images_arm_has_the_bound_at_its_count_beside_it(tmp_path):
     for seed in (0, 1):
         data = next(work.glob(f"synth-1x6-seed{seed}-*"))
         assert len(list((data / "JPEGImages").iterdir())) == 6
+        run, = work.glob(f"train-synth-6-ce-seed{seed}-*")
+        assert json.loads((run / "run.json").read_text())["config"]["data"] == [str(data)]
+        assert fewer["values"][seed] == pytest.approx(
+            evaluate_model(load_model(run), test, InferenceConfig())["mIoU"])
         exact = work / f"exact-6-seed{2000 + seed}"
         assert len(list((exact / "JPEGImages").glob("*.jpg"))) == 6
-        judge, = work.glob(f"train-exact-6-seed{seed}-*")
+        bound_run, = work.glob(f"train-exact-6-seed{seed}-*")
+        assert json.loads((bound_run / "run.json").read_text())["config"]["data"] == [str(exact)]
         assert fewer["exact"]["values"][seed] == pytest.approx(
-            evaluate_model(load_model(judge), test, InferenceConfig())["mIoU"])
+            evaluate_model(load_model(bound_run), test, InferenceConfig())["mIoU"])
     md = (tmp_path / "scaling.md").read_text()
     bound = md.split("### The exact-label bound at each `images:N` arm's count")[1]
-    share = sum(v / b for v, b in zip(fewer["values"], fewer["exact"]["values"],
-                                      strict=True)) / 2
-    assert f"| images:6 | {100 * fewer['mean']:.1f} | {100 * fewer['exact']['mean']:.1f} |" \
-        in bound and f"| {100 * share:.1f} |" in bound
+    exact = fewer["exact"]
+    share = sum(v / b for v, b in zip(fewer["values"], exact["values"], strict=True)) / 2
+    assert (f"| images:6 | {pct(fewer['mean'])} | {pct(exact['mean'])} | {pct(exact['std'])} | "
+            f"{pct(share)} | {pct(exact['values'][0])}, {pct(exact['values'][1])} |") in bound
 
 
 def test_a_run_folder_holding_another_run_is_refused(tmp_path, capsys):
@@ -556,7 +562,8 @@ def test_bad_arms_and_renders_are_one_line(tmp_path, capsys):
     daam = 'presets=["daam"]'
     for settings, words in (
             (['arms=["crf:3"]'], "unknown arm"),
-            (['arms=["images:2"]'], "integer >= 6"),
+            (['arms=["images:2"]'], "a multiple of 6"),
+            (['arms=["images:10"]'], "a multiple of 6"),
             (['arms=["loss:nope"]'], "loss"),
             (['synthetic_prompts="many"'], "unknown synthetic_prompts"),
             (['arms=["renders:crf"]'], "paired with arm renders"),
