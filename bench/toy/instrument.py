@@ -253,6 +253,7 @@ class ToyDownstreamConfig:
         from attnseg.pipeline.errors import UserError
         from attnseg.pipeline.harvest.real_images import RealImageConfig
         from attnseg.pipeline.models.loading import latent_stride
+        from attnseg.pipeline.prompts import load_classes
         from attnseg.pipeline.train.losses import LossConfig
         from attnseg.pipeline.train.segmodels import MODEL_NAMES
 
@@ -302,6 +303,7 @@ class ToyDownstreamConfig:
         lora_names = [r.name for r in self.loras]
         if len(set(lora_names)) != len(lora_names):
             raise UserError(f"LoRA names must differ: {lora_names}")
+        classes = len(load_classes("toy"))  # an images:N arm draws N // classes each
         for arm in self.arms:
             kind, colon, value = arm.partition(":")
             takes_value = kind in ("loss", "prompts", "images", "recipe", "lora")
@@ -332,10 +334,11 @@ class ToyDownstreamConfig:
                 raise UserError(f"unknown prompt arm {value!r}; choose from {list(PROMPT_ARMS)}")
             if kind == "prompts" and value == self.synthetic_prompts:
                 raise UserError(f"arm {arm!r} is the synthetic arm itself (synthetic_prompts)")
-            if kind == "images" and not (value.isdigit() and int(value) >= 6
-                                         and int(value) % 6 == 0):
-                raise UserError(f"arm {arm!r}: N must be a multiple of 6 (the same number of "
-                                "images for each of the 6 classes), at least 6")
+            if kind == "images" and not (value.isdigit() and int(value) >= classes
+                                         and int(value) % classes == 0):
+                raise UserError(f"arm {arm!r}: N must be a multiple of {classes} (the same "
+                                f"number of images for each of the {classes} classes), at "
+                                f"least {classes}")
 
 
 def _candidate(c) -> tuple:
